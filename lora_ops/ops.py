@@ -1,0 +1,157 @@
+"""The ``lora_ops::`` custom ops: schema (from the signatures), fake, autograd, and one kernel per device.
+
+Every op has a default kernel that dispatches through ``_backend.implementation``: the fast Triton/CUDA
+implementation where one loads for the tensors' device, else the PyTorch reference (``reference.py``,
+``nf4.reference_*``). ``torch.library.custom_op`` (not ``triton_op``) keeps ``torch.compile(fullgraph=True)``
+and ``opcheck`` working on machines without a GPU.
+
+Weights travel as the tensors of ``NF4Weight.tensors()``: ``weight`` is the dense (N, K) tensor when
+``absmax`` is None, else the packed NF4 bytes with their (possibly double-quantized) absmax.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from . import nf4 as _nf4
+from . import reference as _ref
+
+
+# ------------------------------------------------------------------------------------------------ NF4 ops
+
+@torch.library.custom_op("lora_ops::nf4_quantize", mutates_args=())
+def nf4_quantize(weight: Tensor, blocksize: int) -> Tuple[Tensor, Tensor]:
+    """(out, in) float weight -> (packed uint8 ((n+1)//2, 1), absmax fp32 (nblocks,))."""
+    impl = _backend.implementation("nf4_quantize", weight.device.type)
+    if impl is not None:
+        return impl(weight, blocksize)
+    return _nf4.reference_quantize_nf4(weight, blocksize)
+
+
+@nf4_quantize.register_fake
+def _(weight, blocksize):
+    n = weight.numel()
+    return (weight.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+            weight.new_empty((-(-n // blocksize),), dtype=torch.float32))
+
+
+@torch.library.custom_op("lora_ops::quantize_blockwise_8bit", mutates_args=())
+def quantize_blockwise_8bit(values: Tensor, code: Tensor, blocksize: int) -> Tuple[Tensor, Tensor]:
+    """fp32 values -> (uint8 codes, fp32 absmax per block) against the 256-entry ``code`` map."""
+    impl = _backend.implementation("quantize_blockwise_8bit", values.device.type)
+    if impl is not None:
+        return impl(values, code, blocksize)
+    return _nf4.reference_quantize_blockwise_8bit(values, code, blocksize)
+
+
+@quantize_blockwise_8bit.register_fake
+def _(values, code, blocksize):
+    n = values.numel()
+    return (values.new_empty((n,), dtype=torch.uint8), values.new_empty((-(-n // blocksize),), dtype=torch.float32))
+
+
+@torch.library.custom_op("lora_ops::nf4_dequantize", mutates_args=())
+def nf4_dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                   offset: Optional[Tensor], blocksize: int, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """Packed NF4 (+ absmax state) -> dense (rows, cols) weight of ``dtype``."""
+    impl = _backend.implementation("nf4_dequantize", packed.device.type)
+    if impl is not None:
+        return impl(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype)
+    return _nf4.reference_dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                         rows, cols, dtype)
+
+
+@nf4_dequantize.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype):
+    return packed.new_empty((rows, cols), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- LoRA ops
+
+def _mask(seed: Optional[Tensor], rows: int, cols: int, p: float, device) -> Optional[Tensor]:
+    if seed is None or p == 0.0:
+        return None
+    return _ref.dropout_mask(int(seed.item()), rows, cols, p, device)
+
+
+@torch.library.custom_op("lora_ops::lora_fwd", mutates_args=())
+def lora_fwd(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+             nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
+             lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor],
+             dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """x (M, K) -> (y (M, N), S (M, r)) with S = dropout(x) @ A^T rounded to x.dtype (saved for backward)."""
+    impl = _backend.implementation("lora_fwd", x.device.type)
+    if impl is not None:
+        return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
+                    scaling, bias, dropout_p, seed)
+    m, k = x.shape
+    w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k, x.dtype)
+    y, s = _ref.lora_forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, _mask(seed, m, k, dropout_p, x.device))
+    return y, s.contiguous()
+
+
+@lora_fwd.register_fake
+def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
+      dropout_p, seed):
+    m = x.shape[0]
+    return x.new_empty((m, lora_B.shape[0])), x.new_empty((m, lora_A.shape[0]))
+
+
+@torch.library.custom_op("lora_ops::lora_bwd", mutates_args=())
+def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+             nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
+             lora_A: Tensor, lora_B: Tensor, s: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+             need_dx: bool, need_dA: bool, need_dB: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx (M, K), dA (r, K), dB (N, r), dbias (N,)); a gradient not asked for comes back with 0 elements."""
+    impl = _backend.implementation("lora_bwd", dy.device.type)
+    if impl is not None:
+        return impl(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s,
+                    scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias)
+    m, k = x.shape
+    w = None
+    if need_dx:
+        w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k,
+                              x.dtype)
+    grads = _ref.lora_backward(dy, x, w, lora_A, lora_B, s, scaling, dropout_p,
+                               _mask(seed, m, k, dropout_p, x.device), need_dx, need_dA, need_dB, need_dbias)
+    return tuple(g.contiguous() if g is not None else dy.new_empty((0,)) for g in grads)
+
+
+@lora_bwd.register_fake
+def _(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s, scaling,
+      dropout_p, seed, need_dx, need_dA, need_dB, need_dbias):
+    empty = dy.new_empty((0,))
+    return (x.new_empty(x.shape) if need_dx else empty,
+            lora_A.new_empty(lora_A.shape) if need_dA else empty,
+            lora_B.new_empty(lora_B.shape) if need_dB else empty,
+            dy.new_empty((dy.shape[1],)) if need_dbias else empty)
+
+
+# Positions of the differentiable inputs of lora_fwd.
+_X, _A, _B, _BIAS = 0, 7, 8, 10
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
+     dropout_p, seed) = inputs
+    ctx.blocksize, ctx.scaling, ctx.dropout_p = blocksize, scaling, dropout_p
+    # Only the NF4 bytes (or the frozen dense W) and S (M x r) are kept: no dequantized copy of W and no
+    # dropout mask survive between forward and backward; the backward regenerates the mask from ``seed``.
+    ctx.save_for_backward(x, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, output[1], seed)
+
+
+def _backward(ctx, grad_y, grad_s):
+    x, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, s, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dA, dB, dbias = torch.ops.lora_ops.lora_bwd(
+        grad_y.contiguous(), x, weight, absmax, nested_absmax, nested_code, offset, ctx.blocksize, lora_A, lora_B,
+        s, ctx.scaling, ctx.dropout_p, seed, need[_X], need[_A], need[_B], need[_BIAS])
+    return (dx if need[_X] else None, None, None, None, None, None, None,
+            dA if need[_A] else None, dB if need[_B] else None, None,
+            dbias if need[_BIAS] else None, None, None)
+
+
+lora_fwd.register_autograd(_backward, setup_context=_setup_context)
