@@ -99,13 +99,20 @@ def dynamic_map(device=None) -> torch.Tensor:
 # Reference kernels (plain PyTorch, any device). Registered as the CPU kernels of the lora_ops:: NF4 ops.
 # --------------------------------------------------------------------------------------------------------
 
+def _nf4_thresholds(device=None) -> torch.Tensor:
+    """The 15 thresholds as strict-``>`` bounds: a tie-up midpoint t becomes nextafter(t, -inf), since for
+    floats ``x > nextafter(t, -inf)`` is ``x >= t``."""
+    t = torch.tensor(NF4_MIDPOINTS, dtype=torch.float32, device=device)
+    down = torch.nextafter(t, torch.full_like(t, -float("inf")))
+    tie_up = torch.tensor([i in NF4_TIES_UP for i in range(15)], device=device)
+    return torch.where(tie_up, down, t)
+
+
 def _nf4_codes_of_scaled(scaled: torch.Tensor) -> torch.Tensor:
-    """fp32 scaled values -> NF4 codes (int64). NaN compares false everywhere and gives code 0, as CUDA."""
-    codes = torch.zeros(scaled.shape, dtype=torch.int64, device=scaled.device)
-    for i, t in enumerate(NF4_MIDPOINTS):
-        above = scaled >= t if i in NF4_TIES_UP else scaled > t
-        codes += above.to(torch.int64)
-    return codes
+    """fp32 scaled values -> NF4 codes (int64): the number of thresholds below the value. NaN compares false
+    everywhere and gives code 0, as on CUDA."""
+    codes = torch.bucketize(scaled, _nf4_thresholds(scaled.device))  # count of bounds strictly below x
+    return torch.where(torch.isnan(scaled), torch.zeros_like(codes), codes)
 
 
 def reference_quantize_nf4(weight: torch.Tensor, blocksize: int):

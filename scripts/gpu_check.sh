@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One device-tool call: install (carried wheels + this project, no network), optionally write the NF4 golden
+# vectors, run the GPU tests, time benchmark presets, print a short table last. Full logs go under $OUT.
+#
+#   scripts/gpu_check.sh [--golden] [--tests "PYTEST ARGS"] [--no-tests] [--bench "layer decode ..."]
+#
+# Carry `.whl` (bitsandbytes==0.50.2 for cp312 manylinux x86_64; see README "Notes") with the call.
+set -uo pipefail
+OUT=${OUT:-/tmp/lora_ops_out}
+mkdir -p "$OUT"
+GOLDEN=0; TESTS="-m gpu"; RUN_TESTS=1; BENCH=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --golden) GOLDEN=1 ;;
+    --tests) TESTS="$2"; shift ;;
+    --no-tests) RUN_TESTS=0 ;;
+    --bench) BENCH="$2"; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+t_install=$(( $(date +%s) - t0 ))
+python3 - <<'PY' | tee "$OUT/env.txt"
+import torch, triton, lora_ops, importlib
+def v(m):
+    try: return importlib.import_module(m).__version__
+    except Exception as e: return f"unavailable ({type(e).__name__})"
+print("gpu", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
+      "| bitsandbytes", v("bitsandbytes"), "| peft", v("peft"), "| transformers", v("transformers"))
+try:
+    import lora_ops._ext as e; print("lora_ops._C: loaded from", e.origin() if hasattr(e, "origin") else "ok")
+except Exception as ex:
+    print("lora_ops._C unavailable:", ex)
+PY
+summary=()
+if [ "$GOLDEN" = 1 ]; then
+  python3 scripts/make_golden.py --out "$OUT" 2>&1 | tee "$OUT/golden.log" | tail -40
+  summary+=("golden: $(tail -1 "$OUT/golden.log")")
+fi
+if [ "$RUN_TESTS" = 1 ]; then
+  # shellcheck disable=SC2086
+  python3 -m pytest tests $TESTS -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR)|max rel|GB/s|ms " "$OUT/gpu_tests.log" | head -60
+  summary+=("pytest $TESTS (rc=$rc): $(tail -1 "$OUT/gpu_tests.log")")
+fi
+for preset in $BENCH; do
+  python3 -m benchmarks --preset "$preset" --out benchmarks/results > "$OUT/bench_$preset.log" 2>&1
+  rc=$?
+  summary+=("bench $preset (rc=$rc): $(tail -1 "$OUT/bench_$preset.log")")
+done
+if [ -n "$BENCH" ]; then
+  tar czf "$OUT/results.tar.gz" benchmarks/results 2>/dev/null
+fi
+echo
+echo "==== summary (install ${t_install}s, total $(( $(date +%s) - t0 ))s) ===="
+for s in "${summary[@]}"; do echo "$s"; done
+for preset in $BENCH; do
+  echo "---- $preset ----"; grep -A40 "^## Summary" "$OUT/bench_$preset.log" | head -40
+done
