@@ -1,0 +1,202 @@
+"""NF4 dequantization in Triton: packed bitsandbytes NF4 bytes (+ absmax, optionally double-quantized) -> dense.
+
+Bit-exact to ``lora_ops.nf4.reference_dequantize_nf4``: every output is ``(fp32(codebook[q]) * fp32(absmax[b]))``
+rounded once to the output dtype, and with double quantization
+``absmax[b] = nested_code[qa[b]] * nested_absmax[b // 256] + offset`` as a rounded product THEN a rounded sum.
+
+Design (bandwidth bound: 0.5 byte in, 2-4 bytes out per element):
+
+* One program owns ``NB`` whole quantization blocks = ``NB * blocksize / 2`` contiguous bytes, viewed as an
+  ``(NB, blocksize/2)`` tile, so each block's scale is computed once per row of the tile (the nested
+  reconstruction is three gathers per *block*, not per byte) and broadcast along the row.
+* Each byte gives two outputs, written next to each other: ``join(hi, lo).reshape`` interleaves them in
+  registers. The byte loads carry a contiguity hint of ``VEC`` bytes so that a thread's ``2*VEC`` outputs are
+  exactly one 16-byte store; with the natural 16-byte load the store would need a layout conversion through
+  shared memory (seen in the TTGIR of triton 3.6).
+* The 16-entry codebook is a register tensor and the lookup is ``tl.gather`` (lowered to a shared-memory
+  table): a per-element global gather instead becomes a load whose layout the compiler picks badly (it
+  turned the whole tile column-major with two shared-memory conversions, triton 3.6 TTGIR).
+* Programs whose tile lies fully inside the tensor run an unmasked copy of the body, so masks never break
+  vectorisation; only the last program is masked. Program bases are int64; in-tile offsets are int32.
+* ``enable_fp_fusion=False``: with Triton's default, LLVM contracts ``code * nested_absmax + offset`` into one
+  ``fma.rn.f32`` (checked in the PTX for sm_90), which rounds once instead of twice and breaks bit-exactness
+  with bitsandbytes. The flag makes LLVM emit ``mul.rn``/``add.rn`` and ptxas run with ``--fmad=false``.
+  The codebook product has no add, so nothing else changes.
+
+The codebook comes from ``lora_ops.nf4`` (``nf4_codebook``), never retyped here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_ops import nf4 as _nf4
+
+# Bytes one program dequantizes (a whole number of quantization blocks; at least one block).
+BYTES_PER_PROGRAM = 2048
+NUM_WARPS = 4
+
+
+@triton.jit
+def _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
+                      out_ptr, blk0, n_elements, n_bytes, n_blocks,
+                      HALF_BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
+                      VEC: tl.constexpr, MASKED: tl.constexpr):
+    rows = tl.arange(0, NB)
+    blk = blk0 + rows  # int64 quantization-block index of each tile row
+    byte_local = rows[:, None] * HALF_BS + tl.max_contiguous(tl.arange(0, HALF_BS), VEC)[None, :]
+    out_local = rows[:, None] * (2 * HALF_BS) + tl.max_contiguous(tl.arange(0, 2 * HALF_BS), 2 * VEC)[None, :]
+    packed_base = packed_ptr + blk0 * HALF_BS
+    out_base = out_ptr + blk0 * (2 * HALF_BS)
+    if MASKED:
+        blk_ok = blk < n_blocks
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+            scale = (tl.load(nested_code_ptr + qa)
+                     * tl.load(nested_absmax_ptr + blk // NESTED_BS, mask=blk_ok, other=0.0)
+                     + tl.load(offset_ptr))
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+        b = tl.load(packed_base + byte_local, mask=byte_local < n_bytes - blk0 * HALF_BS, other=0).to(tl.int32)
+    else:
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk).to(tl.int32)
+            scale = (tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BS)
+                     + tl.load(offset_ptr))
+        else:
+            scale = tl.load(absmax_ptr + blk)
+        b = tl.load(packed_base + byte_local).to(tl.int32)
+    codebook = tl.load(codebook_ptr + tl.arange(0, 16))
+    hi = tl.gather(codebook, (b >> 4).reshape(NB * HALF_BS), 0).reshape(NB, HALF_BS)
+    lo = tl.gather(codebook, (b & 15).reshape(NB * HALF_BS), 0).reshape(NB, HALF_BS)
+    s = scale[:, None]
+    # Element 2j sits in the high nibble: (hi, lo) interleaved is the row-major element order.
+    vals = tl.join(hi * s, lo * s).reshape(NB, 2 * HALF_BS).to(out_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(out_base + out_local, vals, mask=out_local < n_elements - blk0 * (2 * HALF_BS))
+    else:
+        tl.store(out_base + out_local, vals)
+
+
+@triton.jit
+def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
+                        out_ptr, n_elements, n_bytes, n_blocks, n_full_programs,
+                        HALF_BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
+                        VEC: tl.constexpr):
+    pid = tl.program_id(0)
+    blk0 = pid.to(tl.int64) * NB
+    if pid < n_full_programs:
+        _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
+                          out_ptr, blk0, n_elements, n_bytes, n_blocks, HALF_BS, NB, NESTED, NESTED_BS, VEC, False)
+    else:
+        _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
+                          out_ptr, blk0, n_elements, n_bytes, n_blocks, HALF_BS, NB, NESTED, NESTED_BS, VEC, True)
+
+
+_CODEBOOKS: Dict[torch.device, torch.Tensor] = {}
+
+
+def _codebook(device: torch.device) -> torch.Tensor:
+    cb = _CODEBOOKS.get(device)
+    if cb is None:
+        cb = _CODEBOOKS[device] = _nf4.nf4_codebook(device)
+    return cb
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype):
+    _nf4._check_blocksize(blocksize)
+    for name, v in (("rows", rows), ("cols", cols)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name}={v!r} must be a positive int (the logical (out, in) shape)")
+    if dtype not in _nf4.FLOAT_DTYPES:
+        raise TypeError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    n = rows * cols
+    if packed.numel() * packed.element_size() != (n + 1) // 2:
+        raise ValueError(f"packed holds {packed.numel() * packed.element_size()} bytes but a ({rows}, {cols}) "
+                         f"NF4 weight needs (n + 1) // 2 = {(n + 1) // 2}; pass the matching rows/cols")
+    nblocks = -(-n // blocksize)
+    if absmax.numel() != nblocks:
+        raise ValueError(f"absmax has {absmax.numel()} entries; ({rows}, {cols}) with blocksize={blocksize} "
+                         f"needs {nblocks}")
+    nested = [t is not None for t in (nested_absmax, nested_code, offset)]
+    if any(nested) and not all(nested):
+        missing = [k for k, h in zip(("nested_absmax", "nested_code", "offset"), nested) if not h]
+        raise ValueError(f"double quantization needs nested_absmax, nested_code and offset together (got None "
+                         f"for {missing})")
+    tensors = [packed, absmax]
+    if all(nested):
+        if absmax.dtype != torch.uint8:
+            raise TypeError(f"absmax must hold uint8 codes with double quantization, got {absmax.dtype}")
+        if nested_absmax.numel() != -(-nblocks // _nf4.NESTED_BLOCKSIZE):
+            raise ValueError(f"nested_absmax has {nested_absmax.numel()} entries, {nblocks} blocks need "
+                             f"{-(-nblocks // _nf4.NESTED_BLOCKSIZE)}")
+        if nested_code.numel() != 256 or offset.numel() != 1:
+            raise ValueError(f"nested_code must have 256 entries (has {nested_code.numel()}) and offset 1 "
+                             f"(has {offset.numel()})")
+        tensors += [nested_absmax, nested_code, offset]
+    elif not absmax.is_floating_point():
+        raise TypeError(f"absmax must be float32 without double quantization, got {absmax.dtype}")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all NF4 tensors must be on one device, got {sorted(map(str, devices))}")
+    device = packed.device
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton NF4 dequantize needs CUDA tensors (got {device}); on CPU it runs only "
+                         "under TRITON_INTERPRET=1. Use the reference (LORA_OPS_BACKEND=reference) instead")
+
+
+def _launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype,
+            bytes_per_program: int = BYTES_PER_PROGRAM, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    n = rows * cols
+    device = packed.device
+    packed = packed.reshape(-1).view(torch.uint8)
+    nested = nested_absmax is not None
+    if nested:
+        absmax = absmax.reshape(-1).contiguous()
+        nested_absmax = nested_absmax.reshape(-1).to(torch.float32).contiguous()
+        nested_code = nested_code.reshape(-1).to(torch.float32).contiguous()
+        offset = offset.reshape(1).to(torch.float32)
+    else:
+        absmax = absmax.reshape(-1).to(torch.float32).contiguous()
+        # Never read (NESTED is a constexpr False): any valid pointer will do.
+        nested_absmax = nested_code = offset = absmax
+    packed = packed.contiguous()
+    out = torch.empty((rows, cols), dtype=dtype, device=device)
+    half_bs = blocksize // 2
+    nb = max(1, bytes_per_program // half_bs)
+    n_bytes = (n + 1) // 2
+    n_blocks = -(-n // blocksize)
+    grid = (triton.cdiv(n_blocks, nb),)
+    # VEC bytes per thread give 2*VEC outputs = one 16-byte store.
+    vec = 16 // (2 * out.element_size())
+    kwargs = dict(HALF_BS=half_bs, NB=nb, NESTED=nested, NESTED_BS=_nf4.NESTED_BLOCKSIZE, VEC=vec,
+                  num_warps=num_warps, enable_fp_fusion=False)
+    args = (packed, absmax, nested_absmax, nested_code, offset, _codebook(device), out,
+            n, n_bytes, n_blocks, n // (2 * nb * half_bs))
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            _nf4_dequant_kernel[grid](*args, **kwargs)
+    else:
+        _nf4_dequant_kernel[grid](*args, **kwargs)
+    return out
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                   nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int,
+                   rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed NF4 -> (rows, cols) tensor of ``dtype``, bit-identical to ``nf4.reference_dequantize_nf4``.
+
+    packed: ((rows*cols + 1) // 2,) bytes (any shape/dtype holding them: bitsandbytes' quant_storage);
+    absmax: fp32 (nblocks,), or uint8 codes (nblocks,) with nested_absmax fp32 (ceil(nblocks/256),),
+    nested_code fp32 (256,) and offset fp32 (one element) for double quantization.
+    """
+    _check(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype)
+    return _launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype)
