@@ -1,0 +1,408 @@
+"""Drop-in LoRA layers: ``LoRALinear`` (dense frozen base) and ``QLoRALinear`` (NF4 frozen base).
+
+Both compute, through ``lora_ops.lora_linear`` (so the fused kernels run wherever they are available),
+
+    y = x @ W^T + scaling * dropout(x) @ A^T @ B^T (+ bias)
+
+with x (..., in), W (out, in) frozen, A = ``lora_A`` (r, in) and B = ``lora_B`` (out, r) the only trainable
+parameters, ``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA) and dropout on the LoRA
+branch input only, in training mode only. Initialisation is PEFT's default: A ~ kaiming-uniform(a=sqrt(5)),
+i.e. U(-1/sqrt(in), 1/sqrt(in)), and B = 0, so a fresh layer computes exactly its base layer.
+
+Names follow ``nn.Linear`` (``weight``, ``bias``, ``in_features``, ``out_features``) and PEFT (``lora_A``,
+``lora_B``, ``r``, ``lora_alpha``, ``scaling``, ``merge``/``unmerge``). PEFT stores A and B inside
+``nn.Linear`` submodules (``lora_A.default.weight``); here they are plain parameters and
+``lora_ops.save_adapter``/``load_adapter`` translate to PEFT's file keys.
+
+Compute dtype: the autocast dtype when autocast is on for x's device, else the base weight's dtype
+(``QLoRALinear``: the NF4 weight's logical dtype, bitsandbytes' ``compute_dtype``). x, A, B and the bias are
+cast to it (A and B differentiably, so fp32 adapter weights may train under bf16 compute); without autocast the
+output comes back in x's dtype, as bitsandbytes' ``Linear4bit`` does.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from numbers import Integral, Real
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import lora_linear
+from .nf4 import FLOAT_DTYPES, NF4Weight, quantize_nf4
+
+__all__ = ["LoRALinear", "QLoRALinear", "LoRALayerBase", "check_lora_hparams"]
+
+
+def check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora) -> None:
+    """Raise ValueError/TypeError naming the bad hyper-parameter and the fix."""
+    if isinstance(r, bool) or not isinstance(r, Integral):
+        raise TypeError(f"r={r!r} must be an int >= 1 (the LoRA rank)")
+    if r <= 0:
+        raise ValueError(f"r={r} must be >= 1 (the LoRA rank); use r=8 or another positive int")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, Real) or not math.isfinite(float(lora_alpha)):
+        raise ValueError(f"lora_alpha={lora_alpha!r} must be a finite real number (scaling = lora_alpha / r)")
+    if (isinstance(lora_dropout, bool) or not isinstance(lora_dropout, Real)
+            or not (0.0 <= float(lora_dropout) < 1.0)):
+        raise ValueError(f"lora_dropout={lora_dropout!r} must be in [0, 1); 1.0 would zero the adapter "
+                         "(use 0.0 for no dropout)")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora={use_rslora!r} must be a bool")
+
+
+def _is_bnb_linear4bit(module) -> bool:
+    # Checked by class name and module so that bitsandbytes is only imported when it is already loaded.
+    for cls in type(module).__mro__:
+        if cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes"):
+            return True
+    return False
+
+
+def _is_bnb_module(module) -> bool:
+    return any(cls.__module__.startswith("bitsandbytes") for cls in type(module).__mro__)
+
+
+def _compute_dtype(x: torch.Tensor, base_dtype: torch.dtype) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return base_dtype
+
+
+class LoRALayerBase(nn.Module):
+    """What ``LoRALinear`` and ``QLoRALinear`` share: the adapter, its hyper-parameters, the forward.
+
+    Subclasses provide ``_base_for(dtype)`` (the frozen weight as ``lora_linear`` takes it), ``_base_dtype``,
+    ``_add_to_base(delta)`` (W += delta, delta an fp32 (out, in) tensor) and ``_dense_base(dtype)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float,
+                 use_rslora: bool, bias: Optional[torch.Tensor], device, dtype: torch.dtype):
+        super().__init__()
+        check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = use_rslora
+        self.merged = False
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=device, dtype=dtype))
+        if bias is not None:
+            bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach())
+            bias.requires_grad_(False)
+        self.register_parameter("bias", bias)
+        self.reset_lora_parameters()
+
+    # ---------------------------------------------------------------- hyper-parameters and init
+    @property
+    def scaling(self) -> float:
+        """lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (PEFT's definition)."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+
+        A is drawn in fp32 and then rounded to its dtype, as PEFT does (its nn.Linear is created in fp32 and
+        cast to the base layer's dtype afterwards).
+        """
+        with torch.no_grad():
+            a = torch.empty(self.lora_A.shape, dtype=torch.float32, device=self.lora_A.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A.copy_(a)
+            self.lora_B.zero_()
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        dtype = _compute_dtype(x, self._base_dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"compute dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        autocast = torch.is_autocast_enabled(x.device.type)
+        x = x if x.dtype == dtype else x.to(dtype)
+        bias = None if self.bias is None else (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
+        if self.merged:
+            y = F.linear(x, self._dense_base(dtype), bias)
+        else:
+            a = self.lora_A if self.lora_A.dtype == dtype else self.lora_A.to(dtype)
+            b = self.lora_B if self.lora_B.dtype == dtype else self.lora_B.to(dtype)
+            y = lora_linear(x, self._base_for(dtype), a, b, self.scaling, bias=bias,
+                            dropout_p=self.lora_dropout, training=self.training)
+        if not autocast and y.dtype != in_dtype and in_dtype in FLOAT_DTYPES:
+            y = y.to(in_dtype)
+        return y
+
+    # ---------------------------------------------------------------- merging
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A as an fp32 (out, in) tensor (no gradient)."""
+        with torch.no_grad():
+            return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def merge(self) -> None:
+        """W <- W + scaling * B @ A; the forward then runs the base alone. A second merge() warns, no-op."""
+        if self.merged:
+            warnings.warn(f"{type(self).__name__}.merge(): already merged; nothing to do", stacklevel=2)
+            return
+        self._add_to_base(self.delta_weight(), merging=True)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W - scaling * B @ A (undoes merge() up to rounding). Unmerging an unmerged layer warns, no-op."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__}.unmerge(): not merged; nothing to do", stacklevel=2)
+            return
+        self._add_to_base(-self.delta_weight(), merging=False)
+        self.merged = False
+
+    def to_merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding W + scaling * B @ A (bias kept), in the base weight's dtype.
+
+        The sum is formed in fp32 (an NF4 base is dequantized first) and rounded once to that dtype; the
+        returned module's parameters are frozen, as the base was.
+        """
+        dtype = self._base_dtype
+        with torch.no_grad():
+            w = self._dense_base(torch.float32)
+            if not self.merged:
+                w = w + self.delta_weight()
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                            device=w.device, dtype=dtype)
+            lin.weight.copy_(w.to(dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.to(dtype))
+        lin.requires_grad_(False)
+        return lin
+
+    def _hparam_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
+                f"scaling={self.scaling:g}, bias={self.bias is not None}")
+
+
+class LoRALinear(LoRALayerBase):
+    """``nn.Linear`` + LoRA with a dense frozen base ``weight`` (out, in) (a Parameter with requires_grad=False).
+
+    Build with ``LoRALinear.from_linear(linear, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False)``,
+    which reuses the Linear's weight and bias tensors (no copy; tied weights stay tied) and freezes them.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, r: int = 8,
+                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False):
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a 2-D (out, in) tensor, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"weight.dtype={weight.dtype} is not supported; use float32, float16 or bfloat16")
+        out_f, in_f = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected (out_features={out_f},)")
+        super().__init__(in_f, out_f, r, lora_alpha, lora_dropout, use_rslora, bias, weight.device, weight.dtype)
+        weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach())
+        weight.requires_grad_(False)
+        self.weight = weight
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                    use_rslora: bool = False) -> "LoRALinear":
+        """Wrap ``linear`` (its weight and bias are reused and frozen). Bad input -> TypeError/ValueError."""
+        if isinstance(linear, LoRALayerBase):
+            raise TypeError(f"{type(linear).__name__} already carries a LoRA adapter; from_linear takes a plain "
+                            "nn.Linear (use merge_and_unload first to get one)")
+        if _is_bnb_linear4bit(linear):
+            raise TypeError("LoRALinear.from_linear got a bitsandbytes Linear4bit; use QLoRALinear.from_bnb(...) "
+                            "to keep its 4-bit bytes")
+        if not isinstance(linear, nn.Linear) or _is_bnb_module(linear):
+            raise TypeError(f"from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
+        check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        return cls(linear.weight, linear.bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                   use_rslora=use_rslora)
+
+    @property
+    def _base_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def _base_for(self, dtype):
+        return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+
+    def _dense_base(self, dtype):
+        return self._base_for(dtype)
+
+    def _add_to_base(self, delta: torch.Tensor, merging: bool) -> None:
+        # fp32 sum, one rounding: merge() then unmerge() returns W exactly for fp32 up to two roundings.
+        with torch.no_grad():
+            self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self._hparam_repr()}, dtype={self.weight.dtype}, merged={self.merged}"
+
+
+# Buffer names of the NF4 base, in NF4Weight.tensors() order. They are non-persistent: state_dict() writes
+# bitsandbytes' Linear4bit keys for them instead (see _save_to_state_dict).
+_NF4_BUFFERS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_nested_code", "weight_offset")
+
+
+class QLoRALinear(LoRALayerBase):
+    """LoRA over a frozen 4-bit NF4 base in bitsandbytes' exact format (QLoRA).
+
+    The NF4 tensors are registered buffers (``weight`` holds the packed uint8 codes, as in a bnb
+    ``Linear4bit``), so ``.to(device)`` moves them; a dtype cast (``.to(torch.bfloat16)``, ``.half()``) never
+    touches them and only changes the logical dtype the base dequantizes to. ``state_dict()`` writes the base
+    under bitsandbytes' ``Linear4bit`` keys (``weight``, ``weight.absmax``, ``weight.quant_map``, ...), so a
+    Hugging Face bnb-4bit checkpoint loads with ``load_state_dict`` and vice versa.
+    """
+
+    def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor] = None, r: int = 8,
+                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False):
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight (see lora_ops.quantize_nf4), got {type(weight).__name__}")
+        out_f, in_f = weight.out_features, weight.in_features
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected (out_features={out_f},)")
+        super().__init__(in_f, out_f, r, lora_alpha, lora_dropout, use_rslora, bias, weight.device, weight.dtype)
+        for name in _NF4_BUFFERS:
+            self.register_buffer(name, None, persistent=False)
+        self._set_nf4(weight)
+        # The dtype the base dequantizes to and the forward computes in (bitsandbytes' compute_dtype); the NF4
+        # quant state keeps the checkpoint's own dtype.
+        self.compute_dtype = weight.dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True) -> "QLoRALinear":
+        """Quantize ``linear.weight`` to NF4 (bitsandbytes-identical bytes) and wrap it; the bias is kept."""
+        if isinstance(linear, LoRALayerBase):
+            raise TypeError(f"{type(linear).__name__} already carries a LoRA adapter; from_linear takes a plain "
+                            "nn.Linear")
+        if _is_bnb_linear4bit(linear):
+            raise TypeError("QLoRALinear.from_linear got a bitsandbytes Linear4bit, which is already quantized; "
+                            "use QLoRALinear.from_bnb(linear4bit, ...) to take its bytes without re-quantizing")
+        if not isinstance(linear, nn.Linear) or _is_bnb_module(linear):
+            raise TypeError(f"from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
+        check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        w4 = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(w4, linear.bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+
+    @classmethod
+    def from_bnb(cls, linear4bit, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                 use_rslora: bool = False) -> "QLoRALinear":
+        """Wrap a bitsandbytes ``Linear4bit`` (NF4), taking its bytes and quant state as they are.
+
+        The compute dtype is the Linear4bit's ``compute_dtype`` when set, else its quant state's dtype.
+        """
+        if not _is_bnb_linear4bit(linear4bit):
+            raise TypeError(f"from_bnb needs a bitsandbytes.nn.Linear4bit, got {type(linear4bit).__name__} "
+                            "(for a torch.nn.Linear use QLoRALinear.from_linear)")
+        check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        w4 = NF4Weight.from_bnb(linear4bit.weight)
+        compute = getattr(linear4bit, "compute_dtype", None)
+        compute = compute if compute in FLOAT_DTYPES else w4.dtype
+        bias = None if linear4bit.bias is None else linear4bit.bias.detach().to(compute)
+        layer = cls(w4, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        if compute != w4.dtype:
+            layer.compute_dtype = compute
+            with torch.no_grad():
+                layer.lora_A.data = layer.lora_A.data.to(compute)
+                layer.lora_B.data = layer.lora_B.data.to(compute)
+        return layer
+
+    # ---------------------------------------------------------------- the NF4 base
+    def _set_nf4(self, w4: NF4Weight) -> None:
+        for name, t in zip(_NF4_BUFFERS, w4.tensors()):
+            self._buffers[name] = t
+        self._nf4_shape = torch.Size(w4.shape)
+        self._nf4_dtype = w4.dtype
+        self.blocksize = w4.blocksize
+
+    @property
+    def nf4_weight(self) -> NF4Weight:
+        """The frozen base as an ``NF4Weight`` view of this module's buffers (no copy)."""
+        data, absmax, nabs, ncode, offset = (self._buffers[n] for n in _NF4_BUFFERS)
+        return NF4Weight(data, absmax, self._nf4_shape, self._nf4_dtype, self.blocksize, nabs, ncode, offset)
+
+    @property
+    def double_quant(self) -> bool:
+        return self._buffers["weight_nested_absmax"] is not None
+
+    @property
+    def _base_dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def _base_for(self, dtype):
+        return self.nf4_weight  # lora_fwd dequantizes to x's dtype inside the kernel
+
+    def _dense_base(self, dtype):
+        return self.nf4_weight.dequantize(dtype)
+
+    def _add_to_base(self, delta: torch.Tensor, merging: bool) -> None:
+        if merging:
+            warnings.warn(
+                "QLoRALinear.merge() re-quantizes W + scaling*B@A to NF4, which is lossy: the merged weight carries "
+                "a fresh NF4 rounding error and unmerge() cannot restore the original bytes. For an exact merge use "
+                "lora_ops.merge_and_unload(model), which dequantizes the base to its dtype (e.g. bf16) and merges "
+                "there.", UserWarning, stacklevel=3)
+        else:
+            warnings.warn("QLoRALinear.unmerge() re-quantizes W - scaling*B@A to NF4 (lossy): the original NF4 "
+                          "bytes are not restored exactly", UserWarning, stacklevel=3)
+        w4 = self.nf4_weight
+        with torch.no_grad():
+            w = w4.dequantize(torch.float32) + delta
+            new = quantize_nf4(w, blocksize=w4.blocksize, double_quant=w4.nested)
+        self._set_nf4(NF4Weight(*new.tensors()[:2], w4.shape, w4.dtype, w4.blocksize, *new.tensors()[2:]))
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype)/.half() would cast the fp32 absmax / nested state like any float buffer, which
+        # corrupts the NF4 format. Keep those tensors' dtype (moving them only to the new device), and let the
+        # cast decide the logical dtype the base dequantizes to instead.
+        before = {n: self._buffers[n] for n in _NF4_BUFFERS if self._buffers[n] is not None}
+        super()._apply(fn, recurse)
+        for n, old in before.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self._buffers["weight"].device))
+        if isinstance(probe, torch.Tensor) and probe.dtype in FLOAT_DTYPES:
+            self.compute_dtype = probe.dtype
+        return self
+
+    # ---------------------------------------------------------------- bitsandbytes checkpoint keys
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.nf4_weight.state_dict(prefix).items():
+            destination[k] = v if keep_vars else v.detach()
+
+    def _nf4_keys(self, state_dict, prefix):
+        w = prefix + "weight"
+        return [k for k in state_dict if k == w or k.startswith(w + ".")]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        nf4_keys = self._nf4_keys(state_dict, prefix)
+        w4 = None
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+        else:
+            try:
+                w4 = NF4Weight.from_state_dict(state_dict, prefix)
+            except ValueError as e:
+                error_msgs.append(f"{prefix}weight: {e}")
+                return
+            if tuple(w4.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{prefix}weight: the checkpoint's NF4 weight has shape {tuple(w4.shape)}, this "
+                                  f"layer is ({self.out_features}, {self.in_features})")
+                return
+            known = set(NF4Weight.state_dict(w4, prefix))
+            unexpected_keys.extend(k for k in nf4_keys if k not in known)
+        rest = {k: v for k, v in state_dict.items() if k not in set(nf4_keys)}
+        n_err = len(error_msgs)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if w4 is not None and len(error_msgs) == n_err:
+            self._set_nf4(w4.to(self.lora_A.device))
+
+    def extra_repr(self) -> str:
+        return (f"{self._hparam_repr()}, base=NF4(blocksize={self.blocksize}, double_quant={self.double_quant}, "
+                f"dtype={self._nf4_dtype}), compute_dtype={self.compute_dtype}, merged={self.merged}")
