@@ -15,6 +15,10 @@ import torch
 from . import ops as _ops  # noqa: F401  (registers torch.ops.lora_ops.*)
 from .nf4 import FLOAT_DTYPES, NF4Weight
 
+# x dtypes lora_linear accepts: the NF4/kernel dtypes, plus float64, which runs on the reference path only
+# (gradcheck and float64 oracles need it; ops.py never sends it to a fast kernel).
+X_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
 # Seeds are drawn below 2**62 so that (seed >> 32) stays a non-negative 32-bit key.
 _SEED_HIGH = 1 << 62
 
@@ -40,8 +44,9 @@ def validate_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> N
     """Raise ValueError/TypeError naming the bad value and the fix; return None when all is well."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x.dtype={x.dtype} is not supported; use float32, float16 or bfloat16")
+    if x.dtype not in X_DTYPES:
+        raise TypeError(f"x.dtype={x.dtype} is not supported; use float32, float16 or bfloat16 "
+                        "(float64 runs on the PyTorch reference only)")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
     if isinstance(weight, NF4Weight):

@@ -71,6 +71,14 @@ def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols,
 
 # ----------------------------------------------------------------------------------------------- LoRA ops
 
+def _lora_impl(op: str, x: Tensor):
+    """The fast kernel for ``op`` on x's device, or None. float64 (gradcheck, float64 oracles) always runs
+    the reference: the Triton/CUDA kernels are written for bf16/fp16/fp32 only."""
+    if x.dtype == torch.float64:
+        return None
+    return _backend.implementation(op, x.device.type)
+
+
 def _mask(seed: Optional[Tensor], rows: int, cols: int, p: float, device) -> Optional[Tensor]:
     if seed is None or p == 0.0:
         return None
@@ -83,7 +91,7 @@ def lora_fwd(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax:
              lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor],
              dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """x (M, K) -> (y (M, N), S (M, r)) with S = dropout(x) @ A^T rounded to x.dtype (saved for backward)."""
-    impl = _backend.implementation("lora_fwd", x.device.type)
+    impl = _lora_impl("lora_fwd", x)
     if impl is not None:
         return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
                     scaling, bias, dropout_p, seed)
@@ -106,7 +114,7 @@ def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor], ne
              lora_A: Tensor, lora_B: Tensor, s: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
              need_dx: bool, need_dA: bool, need_dB: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx (M, K), dA (r, K), dB (N, r), dbias (N,)); a gradient not asked for comes back with 0 elements."""
-    impl = _backend.implementation("lora_bwd", dy.device.type)
+    impl = _lora_impl("lora_bwd", dy)
     if impl is not None:
         return impl(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s,
                     scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias)
@@ -123,11 +131,13 @@ def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor], ne
 @lora_bwd.register_fake
 def _(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s, scaling,
       dropout_p, seed, need_dx, need_dA, need_dB, need_dbias):
-    empty = dy.new_empty((0,))
-    return (x.new_empty(x.shape) if need_dx else empty,
-            lora_A.new_empty(lora_A.shape) if need_dA else empty,
-            lora_B.new_empty(lora_B.shape) if need_dB else empty,
-            dy.new_empty((dy.shape[1],)) if need_dbias else empty)
+    # A fresh empty per slot: the real kernel returns distinct tensors, and a fake whose outputs alias each
+    # other fails opcheck's alias check (and misinforms torch.compile's functionalization).
+    empty = lambda: dy.new_empty((0,))  # noqa: E731
+    return (x.new_empty(x.shape) if need_dx else empty(),
+            lora_A.new_empty(lora_A.shape) if need_dA else empty(),
+            lora_B.new_empty(lora_B.shape) if need_dB else empty(),
+            dy.new_empty((dy.shape[1],)) if need_dbias else empty())
 
 
 # Positions of the differentiable inputs of lora_fwd.
