@@ -1,0 +1,851 @@
+"""Fused LoRA / QLoRA forward and backward in Triton (the ``lora_ops::lora_fwd`` / ``lora_bwd`` fast path).
+
+    xd = dropout(x) = x * mask / (1 - p)          x (M, K); mask from (seed, row * K + col)
+    S  = xd @ A^T                                 (M, r), returned rounded to x.dtype (saved for backward)
+    y  = x @ W^T + s * S @ B^T (+ bias)           (M, N)
+
+    dS = s * dY @ B                               (M, r)
+    dB = s * dY^T @ S                             (N, r)
+    dbias = colsum(dY)                            (N,)
+    dX = dY @ W + (dS @ A) * mask / (1 - p)       (M, K)
+    dA = dS^T @ xd                                (r, K)
+
+W is a dense (N, K) tensor or bitsandbytes NF4 bytes (``IS_NF4``, optionally double-quantized: ``NESTED``),
+dequantized tile by tile inside the GEMM K-loop; no dequantized copy of W exists at any time.
+
+Kernels (LoRAFusion's split at S):
+
+* ``_lora_s_kernel``        S = xd @ A^T: skinny, bandwidth-bound, one pass over x (grid: M tiles x r chunks).
+* ``_lora_fwd_kernel``      y: the fp32 accumulator starts at s * S @ B^T (+ bias), then accumulates x @ W^T.
+* ``_lora_bwd_ds_kernel``   one pass over dY: dS in registers; dB and dbias reduced over M tiles by fp32
+                            atomics (fast path, not bit-reproducible).
+* ``_lora_bwd_db_kernel``   dB and dbias without atomics (grid: N tiles x r chunks x M splits, fp32 partials
+                            summed by torch): used when torch.are_deterministic_algorithms_enabled(), and
+                            whenever dS is not needed (then it is the only pass over dY anyway).
+* ``_lora_bwd_dx_kernel``   dX in one GEMM: the accumulator starts at dropout(dS @ A), then accumulates dY @ W.
+* ``_lora_bwd_da_kernel``   dA = dS^T @ xd (grid: K tiles x r chunks x M splits, fp32 partials, no atomics).
+
+Conventions: fp32 accumulators; fp32 dots with ``input_precision="ieee"`` (no tf32); int64 row/column offsets
+(rows * stride passes 2**31 at real sizes); every load/store masked with ``other=``; any strides (nothing is
+copied to make it contiguous). The rank is processed in chunks of at most 128 (``BLOCK_R``), so any r works.
+
+Dropout: ``_dropout_keep`` is the Triton twin of ``lora_ops.reference.dropout_hash31`` (uint32 arithmetic mod
+2**32; keep iff hash31 >= ``dropout_keep_threshold(p)``). The seed is a 0-d int64 device tensor that the kernels
+load themselves (no host sync); ``dropout_mask`` runs the same helper to materialise a mask for tests.
+
+NF4: element ``2j`` of the row-major flat weight sits in the high nibble of byte ``j``; the scale of flat index
+``f`` is ``absmax[f // blocksize]`` (blocks may straddle rows), or with double quantization
+``nested_code[absmax[b]] * nested_absmax[b // 256] + offset`` (a rounded product, then a rounded sum: NESTED
+kernels are compiled with ``enable_fp_fusion=False`` so LLVM does not contract them into one fma). Each value is
+``(fp32 codebook[q] * scale)`` rounded once to x.dtype, bit for bit ``nf4.reference_dequantize_nf4``. The codebook
+and the block constants come from ``lora_ops.nf4``. Addressing (``_w_tile``: which flat indices a tile covers) and
+decoding (``_nf4_scale`` / ``_nf4_decode``: bytes + scales -> values) are separate helpers, so a TMA / persistent
+mainloop can load bytes its own way and reuse the decode unchanged.
+
+Tuning: on CUDA every kernel is autotuned over a small config set pruned by M (and by shared memory for fp32),
+cached by Triton's autotuner per (M bucket = next power of two, N, K, rank chunk, variant, dtypes).
+``LORA_OPS_TRITON_AUTOTUNE=0`` skips benchmarking and takes the first config that survives pruning (the largest
+tile that fits M). Under ``TRITON_INTERPRET=1`` one small config per kernel keeps CPU tests fast.
+``LAUNCHES`` counts launches per kernel name, so tests can prove that the Triton path ran.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_ops import nf4 as _nf4
+from lora_ops import reference as _ref
+
+# Kernel name -> number of launches since import (tests read it to prove the Triton path ran).
+LAUNCHES: collections.Counter = collections.Counter()
+
+# Read at import, as triton.jit does: the decorators below already are interpreter functions or not.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# The hash multipliers and NF4 block constants, taken from their one definition (never retyped).
+_HASH_MUL1 = tl.constexpr(_ref.HASH_MUL1)
+_HASH_MUL2 = tl.constexpr(_ref.HASH_MUL2)
+_NESTED_BS = tl.constexpr(_nf4.NESTED_BLOCKSIZE)
+
+# Rank chunk: register tiles of (BLOCK_M, BLOCK_R) fp32 stay affordable up to 128; larger ranks loop/grid over
+# chunks. tl.dot needs every dimension >= 16.
+_MAX_BLOCK_R = 128
+_MIN_DOT = 16
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _mix32(h):
+    # lowbias32 on uint32 lanes: products wrap mod 2**32 exactly like reference._mul32; shifts are logical.
+    h = h ^ (h >> 16)
+    h = h * _HASH_MUL1
+    h = h ^ (h >> 15)
+    h = h * _HASH_MUL2
+    h = h ^ (h >> 16)
+    return h
+
+
+@triton.jit
+def _dropout_keep(seed, index, threshold):
+    """Keep-mask of int64 flat indices: ``reference.dropout_hash31(seed, index) >= threshold``."""
+    # int64 -> uint32 truncates, which is the reference's ``& 0xFFFFFFFF``.
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    h = _mix32(index.to(tl.uint32) ^ k0)
+    h = _mix32(h ^ (index >> 32).to(tl.uint32) ^ k1)
+    return (h >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _apply_dropout(v, rows, cols, K, seed, threshold, drop_scale):
+    """v (len(rows), len(cols)) -> v * keep / (1 - p) in fp32, keep from flat index rows * K + cols."""
+    keep = _dropout_keep(seed, rows[:, None] * K + cols[None, :], threshold)
+    return tl.where(keep, v.to(tl.float32) * drop_scale, 0.0)
+
+
+@triton.jit
+def _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blk, mask, NESTED: tl.constexpr):
+    """fp32 scale of quantization blocks ``blk`` (any shape)."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        code = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
+        nabs = tl.load(nested_absmax_ptr + blk // _NESTED_BS, mask=mask, other=0.0)
+        scale = code * nabs + offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _nf4_decode(byte, low, scale, codebook_ptr, mask):
+    """Packed bytes (int32), ``low`` (element in the low nibble), fp32 scales -> fp32 values."""
+    code = tl.where(low, byte & 15, byte >> 4)
+    return tl.load(codebook_ptr + code, mask=mask, other=0.0) * scale
+
+
+@triton.jit
+def _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook_ptr,
+            stride_wn, stride_wk, n_idx, k_idx, mask, K,
+            IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, DTYPE: tl.constexpr):
+    """W[n_idx, k_idx] (int64 index tensors broadcast to the tile shape) as ``DTYPE``; zero where masked."""
+    if IS_NF4:
+        flat = n_idx * K + k_idx
+        byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+        scale = _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, flat // BLOCKSIZE, mask, NESTED)
+        w = _nf4_decode(byte, (flat & 1) == 1, scale, codebook_ptr, mask)
+    else:
+        w = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=mask, other=0.0)
+    return w.to(DTYPE)
+
+
+@triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # GROUP_M row tiles share each column sweep, so W tiles are reused from L2.
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _lora_s_kernel(x_ptr, a_ptr, seed_ptr, s_ptr,
+                   stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+                   M, K, R, threshold, drop_scale, M_BUCKET,
+                   HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """S[m, r] = sum_k xd[m, k] * A[r, k], one (BLOCK_M, BLOCK_R) tile per program."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    dtype = x_ptr.dtype.element_ty
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = _apply_dropout(x, offs_m, offs_k, K, seed, threshold, drop_scale).to(dtype)
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, at.to(dtype), acc, input_precision="ieee")
+    tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, acc.to(s_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _lora_fwd_kernel(x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
+                     s_ptr, b_ptr, bias_ptr, y_ptr,
+                     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
+                     stride_bias, stride_ym, stride_yn,
+                     M, N, K, R, scaling, M_BUCKET,
+                     IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """y tile (BLOCK_M, BLOCK_N) = s * S @ B^T (+ bias) + x @ W^T, accumulated in fp32, rounded once."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    dtype = x_ptr.dtype.element_ty
+
+    # LoRA term first (LoRAFusion): S (rounded to x.dtype, as saved for backward) times B^T seeds the accumulator.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        r_ok = offs_r < R
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                     mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+        acc = tl.dot(s.to(dtype), bt.to(dtype), acc, input_precision="ieee")
+    acc = acc * scaling
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        # (BLOCK_K, BLOCK_N) tile of W^T.
+        wt = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook_ptr,
+                     stride_wn, stride_wk, offs_n[None, :], offs_k[:, None], n_ok[None, :] & k_ok[:, None], K,
+                     IS_NF4, NESTED, BLOCKSIZE, dtype)
+        acc = tl.dot(x, wt, acc, input_precision="ieee")
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
+                        stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+                        M, N, R, scaling, M_BUCKET,
+                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One pass over a (BLOCK_M, N) row block of dY: dS = s * dY @ B for those rows; with DO_DB / DO_DBIAS also
+    adds s * dY^T @ S and colsum(dY) of those rows into the fp32 (N, r) / (N,) buffers by atomics."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    dtype = dy_ptr.dtype.element_ty
+    if DO_DB:
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dtype)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for j in range(0, num_n):
+        # Programs start their sweep at different column tiles, so their atomics do not all hit one tile at once.
+        jn = (j + pid_m) % num_n
+        offs_n = jn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(dy, b.to(dtype), acc, input_precision="ieee")
+        if DO_DB:
+            # Reduction over M tiles by fp32 atomics: fast, but the summation order (last bits) varies run to
+            # run. The launcher uses _lora_bwd_db_kernel instead under deterministic algorithms.
+            part = tl.dot(tl.trans(dy), s, input_precision="ieee") * scaling
+            tl.atomic_add(db_acc_ptr + offs_n[:, None] * R + offs_r[None, :], part,
+                          mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+        if DO_DBIAS:
+            colsum = tl.sum(dy.to(tl.float32), axis=0)
+            tl.atomic_add(dbias_acc_ptr + offs_n, colsum, mask=n_ok & (pid_r == 0), sem="relaxed")
+    tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+             (acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
+def _lora_bwd_db_kernel(dy_ptr, s_ptr, db_ptr, dbias_ptr,
+                        stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbs, stride_dbn, stride_dbr,
+                        stride_dbias_s, stride_dbias_n,
+                        M, N, R, rows_per_split, scaling, M_BUCKET,
+                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dB[n, r] = s * sum_m dY[m, n] S[m, r] and dbias[n] = sum_m dY[m, n] over the rows of split ``pid_s``,
+    written (no atomics) to slot ``pid_s`` of db/dbias (stride_dbs / stride_dbias_s: 0 when there is one split,
+    then db/dbias are the outputs themselves)."""
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    dtype = dy_ptr.dtype.element_ty
+    m_begin = pid_s.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_begin + rows_per_split, M)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if DO_DB:
+            s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(tl.trans(dy), s.to(dtype), acc, input_precision="ieee")
+        if DO_DBIAS:
+            bias_acc += tl.sum(dy.to(tl.float32), axis=0)
+    if DO_DB:
+        tl.store(db_ptr + pid_s.to(tl.int64) * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                 (acc * scaling).to(db_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
+    if DO_DBIAS:
+        tl.store(dbias_ptr + pid_s.to(tl.int64) * stride_dbias_s + offs_n * stride_dbias_n, bias_acc.to(dbias_ptr.dtype.element_ty),
+                 mask=n_ok & (pid_r == 0))
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _lora_bwd_dx_kernel(dy_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
+                        ds_ptr, a_ptr, seed_ptr, dx_ptr,
+                        stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                        stride_dxm, stride_dxk,
+                        M, N, K, R, threshold, drop_scale, M_BUCKET,
+                        IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    """dX tile (BLOCK_M, BLOCK_K) = dropout(dS @ A) + dY @ W: the mask touches only the LoRA term, so that term
+    seeds the fp32 accumulator before the GEMM over N (BLOCK_N is the reduction tile here)."""
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    dtype = dy_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        r_ok = offs_r < R
+        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(ds.to(dtype), a.to(dtype), acc, input_precision="ieee")
+    if HAS_DROPOUT:
+        acc = _apply_dropout(acc, offs_m, offs_k, K, tl.load(seed_ptr), threshold, drop_scale)
+
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        # (BLOCK_N, BLOCK_K) tile of W.
+        w = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook_ptr,
+                    stride_wn, stride_wk, offs_n[:, None], offs_k[None, :], n_ok[:, None] & k_ok[None, :], K,
+                    IS_NF4, NESTED, BLOCKSIZE, dtype)
+        acc = tl.dot(dy, w, acc, input_precision="ieee")
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
+def _lora_bwd_da_kernel(x_ptr, ds_ptr, seed_ptr, da_ptr,
+                        stride_xm, stride_xk, stride_dsm, stride_dsr, stride_das, stride_dar, stride_dak,
+                        M, K, R, rows_per_split, threshold, drop_scale, M_BUCKET,
+                        HAS_DROPOUT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dA[r, k] = sum_m dS[m, r] * xd[m, k] over the rows of split ``pid_s``, written to slot ``pid_s`` of da
+    (stride_das = 0 with one split, then da is the output itself)."""
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    dtype = x_ptr.dtype.element_ty
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    m_begin = pid_s.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_begin + rows_per_split, M)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        dst = tl.load(ds_ptr + offs_m[None, :] * stride_dsm + offs_r[:, None] * stride_dsr,
+                      mask=m_ok[None, :] & r_ok[:, None], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = _apply_dropout(x, offs_m, offs_k, K, seed, threshold, drop_scale).to(dtype)
+        acc = tl.dot(dst.to(dtype), x, acc, input_precision="ieee")
+    tl.store(da_ptr + pid_s.to(tl.int64) * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
+             acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, out_ptr, n, threshold, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = _dropout_keep(tl.load(seed_ptr), offs, threshold)
+    tl.store(out_ptr + offs, keep.to(tl.uint8), mask=offs < n)
+
+
+# --------------------------------------------------------------------------------------- configs, tuning
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _cfg(num_warps: int, num_stages: int, **blocks) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+def _gemm_configs(out_name: str, red_name: str) -> List[triton.Config]:
+    # Largest first: with autotuning off the first survivor of pruning is used. 128x256x64 / 8 warps / 3 stages
+    # was the best plain-Triton bf16 config on the H200 (shared/ANCHORS.md); the small-M ones serve decode sizes.
+    shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+              (32, 64, 64, 4, 4), (16, 64, 64, 4, 4))
+    return [_cfg(w, s, BLOCK_M=bm, GROUP_M=8, **{out_name: bo, red_name: br}) for bm, bo, br, w, s in shapes]
+
+
+def _row_configs(other: str) -> List[triton.Config]:
+    shapes = ((128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3))
+    return [_cfg(w, s, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
+
+
+def _reduce_configs(other: str) -> List[triton.Config]:
+    # Kernels that reduce over M inside a program (dA, deterministic dB): BLOCK_M is their reduction tile.
+    shapes = ((128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4))
+    return [_cfg(w, s, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
+
+
+# Shared memory a config may plan for (the H200 has 227 KiB per block; leave room for layout conversions).
+_SMEM_BUDGET = 180 * 1024
+
+
+# NF4 weight elements a thread decodes per K step: each carries an int64 flat index, a byte and a scale in
+# registers, so larger W tiles spill.
+_NF4_ELEMS_PER_THREAD = 32
+
+
+def _make_prune(tile_dims: Tuple[str, ...], m_is_tile: bool):
+    """Drop configs whose BLOCK_M is far above M (a decode batch in a 128-row tile wastes the tile); for GEMMs
+    (tile_dims = (rows, cols, reduction) names) also those whose pipelined tiles overflow shared memory (fp32)
+    and, for NF4 weights, those whose W tile is too many elements per thread."""
+    def prune(configs, named_args, **kwargs):
+        m = int(named_args["M"])
+        elt = next(v.element_size() for k, v in named_args.items() if k.endswith("_ptr") and hasattr(v, "dtype"))
+        cap = max(_MIN_DOT, _next_pow2(m))
+        nf4 = bool(kwargs.get("IS_NF4", named_args.get("IS_NF4", False)))
+        kept = []
+        for c in configs:
+            blocks = c.kwargs
+            if m_is_tile and blocks["BLOCK_M"] > cap:
+                continue
+            if len(tile_dims) == 3:
+                a, b, red = (blocks[d] for d in tile_dims)
+                if c.num_stages * (a * red + red * b) * elt > _SMEM_BUDGET:
+                    continue
+                if nf4 and b * red > _NF4_ELEMS_PER_THREAD * 32 * c.num_warps:
+                    continue
+            kept.append(c)
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    return prune
+
+
+class _Kernel:
+    """A Triton kernel with its config set: autotuned on CUDA, one fixed config under the interpreter.
+
+    ``forced`` (a triton.Config) bypasses tuning; tests use it to check that every config computes the same.
+    """
+
+    def __init__(self, fn, name: str, configs: List[triton.Config], key: List[str], prune,
+                 interp_config: triton.Config, reset_to_zero: Optional[List[str]] = None):
+        self.fn, self.name, self.configs, self.prune = fn, name, configs, prune
+        self.interp_config = interp_config
+        self.forced: Optional[triton.Config] = None
+        self.tuned = None
+        if not _INTERPRET:
+            self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                         reset_to_zero=reset_to_zero)(fn)
+
+    def _fixed(self, args, meta) -> triton.Config:
+        named = dict(zip(self.fn.arg_names, args))
+        named.update(meta)
+        return self.prune(self.configs, named)[0]
+
+    def __call__(self, grid, *args, **meta):
+        LAUNCHES[self.name] += 1
+        if _INTERPRET:
+            cfg = self.forced or self.interp_config
+        elif self.forced is not None:
+            cfg = self.forced
+        elif os.environ.get("LORA_OPS_TRITON_AUTOTUNE", "1") in ("", "0"):
+            cfg = self._fixed(args, meta)
+        else:
+            self.tuned[grid](*args, **meta)
+            return
+        self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "IS_NF4", "NESTED", "BLOCKSIZE", "HAS_BIAS", "HAS_DROPOUT"]
+
+# Interpreter configs: few programs (the interpreter pays per program and per loop trip) but still several M, N
+# and K tiles on the CPU tests' shapes, so masks, atomics across M tiles and tile loops are all exercised.
+_S_KERNEL = _Kernel(_lora_s_kernel, "lora_s", _row_configs("BLOCK_K"), ["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"],
+                    _make_prune((), True), _cfg(4, 1, BLOCK_M=32, BLOCK_K=64))
+_FWD_KERNEL = _Kernel(_lora_fwd_kernel, "lora_fwd", _gemm_configs("BLOCK_N", "BLOCK_K"), _GEMM_KEY,
+                      _make_prune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), True),
+                      _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2))
+_DS_KERNEL = _Kernel(_lora_bwd_ds_kernel, "lora_bwd_ds", _row_configs("BLOCK_N"),
+                     ["M_BUCKET", "N", "BLOCK_R", "DO_DB", "DO_DBIAS"], _make_prune((), True),
+                     _cfg(4, 1, BLOCK_M=32, BLOCK_N=32), reset_to_zero=["db_acc_ptr", "dbias_acc_ptr"])
+_DB_KERNEL = _Kernel(_lora_bwd_db_kernel, "lora_bwd_db", _reduce_configs("BLOCK_N"),
+                     ["M_BUCKET", "N", "BLOCK_R", "DO_DB", "DO_DBIAS"], _make_prune((), False),
+                     _cfg(4, 1, BLOCK_M=32, BLOCK_N=32))
+_DX_KERNEL = _Kernel(_lora_bwd_dx_kernel, "lora_bwd_dx", _gemm_configs("BLOCK_K", "BLOCK_N"), _GEMM_KEY,
+                     _make_prune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), True),
+                     _cfg(4, 1, BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=2))
+_DA_KERNEL = _Kernel(_lora_bwd_da_kernel, "lora_bwd_da", _reduce_configs("BLOCK_K"),
+                     ["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"], _make_prune((), False),
+                     _cfg(4, 1, BLOCK_M=32, BLOCK_K=64))
+
+# Every kernel with its configs, for tests that run each config.
+KERNELS: Dict[str, _Kernel] = {k.name: k for k in (_S_KERNEL, _FWD_KERNEL, _DS_KERNEL, _DB_KERNEL, _DX_KERNEL,
+                                                    _DA_KERNEL)}
+
+
+# ------------------------------------------------------------------------------------------ launch helpers
+
+_CODEBOOKS: Dict[torch.device, torch.Tensor] = {}
+_SCRATCH: Dict[torch.device, torch.Tensor] = {}
+_SM_COUNT: Dict[int, int] = {}
+
+
+def _codebook(device: torch.device) -> torch.Tensor:
+    cb = _CODEBOOKS.get(device)
+    if cb is None:
+        cb = _CODEBOOKS[device] = _nf4.nf4_codebook(device)
+    return cb
+
+
+def _scratch(device: torch.device) -> torch.Tensor:
+    # Stands in for pointers a constexpr switch leaves unread. A private tensor, never a user's: the autotuner
+    # zeroes the atomic targets (reset_to_zero) even when a variant does not use them.
+    t = _SCRATCH.get(device)
+    if t is None:
+        t = _SCRATCH[device] = torch.zeros(16, dtype=torch.float32, device=device)
+    return t
+
+
+def _splits(m: int, tiles: int, device: torch.device) -> Tuple[int, int]:
+    """(number of M splits, rows per split) for a kernel that reduces over M and has ``tiles`` programs per
+    split: enough splits for two waves of SMs, each split at least 128 rows (one large tile). The interpreter
+    has no SMs: it takes two splits of >= 32 rows whenever M allows, so the CPU tests' shapes run the
+    partial-sums path as well as the single-split one."""
+    if device.type != "cuda":
+        splits = max(1, min(2, -(-m // 32)))
+    else:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        want = -(-2 * _SM_COUNT[idx] // max(tiles, 1))
+        splits = max(1, min(want, -(-m // 128)))
+    return splits, -(-m // splits)
+
+
+def _block_r(r: int) -> int:
+    return min(max(_MIN_DOT, _next_pow2(r)), _MAX_BLOCK_R)
+
+
+@contextlib.contextmanager
+def _on_device(device: torch.device):
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"the Triton LoRA kernels need CUDA tensors (got {device}); on CPU they run only under "
+                         "TRITON_INTERPRET=1. Use LORA_OPS_BACKEND=reference for CPU tensors")
+
+
+def _check_same(name: str, t: torch.Tensor, x: torch.Tensor, shape=None) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move it with .to({str(x.device)!r})")
+    if t.dtype not in _nf4.FLOAT_DTYPES:
+        raise TypeError(f"{name}.dtype={t.dtype} is not supported; use float32, float16 or bfloat16")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+
+
+def _check_lora(x, lora_A, lora_B, bias=None) -> Tuple[int, int, int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, K) (flatten leading dims first), got shape {tuple(x.shape)}")
+    if x.dtype not in _nf4.FLOAT_DTYPES:
+        raise TypeError(f"x.dtype={x.dtype} is not supported; use float32, float16 or bfloat16")
+    _check_device(x.device)
+    m, k = x.shape
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"lora_A and lora_B must be 2-D, got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    r = lora_A.shape[0]
+    n = lora_B.shape[0]
+    _check_same("lora_A", lora_A, x, (r, k))
+    _check_same("lora_B", lora_B, x, (n, r))
+    if r < 1:
+        raise ValueError(f"lora_A has rank {r}; the rank must be >= 1")
+    if bias is not None:
+        _check_same("bias", bias, x, (n,))
+    return m, k, n, r
+
+
+class _W:
+    """Kernel arguments of the frozen weight: dense (N, K) or NF4 bytes + scales."""
+
+    def __init__(self, weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x):
+        scratch = _scratch(x.device)
+        if absmax is None:
+            _check_same("weight", weight, x, (n, k))
+            self.ptrs = (weight, scratch, scratch, scratch, scratch, scratch)
+            self.strides = (weight.stride(0), weight.stride(1))
+            self.meta = dict(IS_NF4=False, NESTED=False, BLOCKSIZE=64)
+            self.opts = {}
+            return
+        _nf4._check_blocksize(blocksize)
+        packed = weight.reshape(-1).view(torch.uint8)  # bitsandbytes' quant_storage only reinterprets the bytes
+        numel = n * k
+        if packed.numel() != (numel + 1) // 2:
+            raise ValueError(f"the NF4 weight holds {packed.numel()} bytes but (out={n}, in={k}) needs "
+                             f"{(numel + 1) // 2}; pass the weight that matches lora_B and x")
+        nblocks = -(-numel // blocksize)
+        if absmax.numel() != nblocks:
+            raise ValueError(f"absmax has {absmax.numel()} entries; ({n}, {k}) with blocksize={blocksize} needs "
+                             f"{nblocks}")
+        nested = [t is not None for t in (nested_absmax, nested_code, offset)]
+        if any(nested) and not all(nested):
+            raise ValueError("double quantization needs nested_absmax, nested_code and offset together")
+        for name, t in (("weight", weight), ("absmax", absmax), ("nested_absmax", nested_absmax),
+                        ("nested_code", nested_code), ("offset", offset)):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"NF4 {name} is on {t.device} but x is on {x.device}; move the weight there")
+        if all(nested):
+            if absmax.dtype != torch.uint8:
+                raise TypeError(f"absmax must hold uint8 codes with double quantization, got {absmax.dtype}")
+            if nested_absmax.numel() != -(-nblocks // _nf4.NESTED_BLOCKSIZE) or nested_code.numel() != 256 \
+                    or offset.numel() != 1:
+                raise ValueError(f"nested state has nested_absmax {nested_absmax.numel()} (needs "
+                                 f"{-(-nblocks // _nf4.NESTED_BLOCKSIZE)}), nested_code {nested_code.numel()} "
+                                 f"(needs 256), offset {offset.numel()} (needs 1) entries")
+            self.ptrs = (packed, absmax.reshape(-1), nested_absmax.reshape(-1).float(),
+                         nested_code.reshape(-1).float(), offset.reshape(1).float(), _codebook(x.device))
+            # The nested scale is a rounded product then a rounded sum; fp fusion would make it one fma.
+            self.opts = dict(enable_fp_fusion=False)
+        else:
+            if not absmax.is_floating_point():
+                raise TypeError(f"absmax must be float32 without double quantization, got {absmax.dtype}")
+            self.ptrs = (packed, absmax.reshape(-1).float(), scratch, scratch, scratch, _codebook(x.device))
+            self.opts = {}
+        self.strides = (0, 0)
+        self.meta = dict(IS_NF4=True, NESTED=all(nested), BLOCKSIZE=blocksize)
+
+
+class _Dropout:
+    """Kernel arguments of the LoRA-branch dropout: the seed tensor (read on device), threshold, 1/(1-p)."""
+
+    def __init__(self, dropout_p, seed, x):
+        p = float(dropout_p)
+        if not (0.0 <= p < 1.0):
+            raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1); 1.0 would zero the adapter")
+        # As the reference: no seed means no dropout (callers pass None exactly when p == 0).
+        self.on = p > 0.0 and seed is not None
+        if self.on:
+            if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != x.device:
+                raise ValueError(f"seed must be a one-element int64 tensor on {x.device}, got {seed.dtype} "
+                                 f"{tuple(seed.shape)} on {seed.device}")
+            self.seed = seed.reshape(())
+            self.threshold = _ref.dropout_keep_threshold(p)
+            self.scale = 1.0 / (1.0 - p)
+        else:
+            self.seed, self.threshold, self.scale = _scratch(x.device), 0, 1.0
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor],
+                 nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                 offset: Optional[torch.Tensor], blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scaling: float, bias: Optional[torch.Tensor], dropout_p: float,
+                 seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (y (M, N), S (M, r)), the contract of ``lora_ops::lora_fwd``; S is rounded to x.dtype.
+
+    weight: dense (N, K) when ``absmax`` is None, else the packed NF4 bytes of an (N, K) weight with absmax
+    (fp32, or uint8 codes with nested_absmax / nested_code / offset). seed: 0-d int64 tensor or None (p == 0).
+    """
+    m, k, n, r = _check_lora(x, lora_A, lora_B, bias)
+    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x)
+    drop = _Dropout(dropout_p, seed, x)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    s = torch.empty((m, r), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y, s
+    block_r = _block_r(r)
+    m_bucket = _next_pow2(m)
+    with _on_device(x.device):
+        _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r)),
+                  x, lora_A, drop.seed, s,
+                  x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
+                  m, k, r, drop.threshold, drop.scale, m_bucket,
+                  HAS_DROPOUT=drop.on, BLOCK_R=block_r)
+        if n > 0:
+            b = bias if bias is not None else _scratch(x.device)
+            _FWD_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+                        x, *w.ptrs, s, lora_B, b, y,
+                        x.stride(0), x.stride(1), *w.strides, s.stride(0), s.stride(1),
+                        lora_B.stride(0), lora_B.stride(1), b.stride(0), y.stride(0), y.stride(1),
+                        m, n, k, r, float(scaling), m_bucket,
+                        HAS_BIAS=bias is not None, BLOCK_R=block_r, **w.meta, **w.opts)
+    return y, s
+
+
+def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor],
+                  nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                  offset: Optional[torch.Tensor], blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  s: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
+                  need_dx: bool, need_dA: bool, need_dB: bool,
+                  need_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (M, K), dA (r, K), dB (N, r), dbias (N,)), the contract of ``lora_ops::lora_bwd``; a gradient not
+    asked for comes back with 0 elements. dS (M, r) is rounded to x.dtype before the dX and dA GEMMs."""
+    m, k, n, r = _check_lora(x, lora_A, lora_B)
+    _check_same("dy", dy, x, (m, n))
+    _check_same("s", s, x, (m, r))
+    drop = _Dropout(dropout_p, seed, x)
+    dev, dt = x.device, x.dtype
+    # A custom op may not return one tensor twice: one 0-element tensor per gradient not asked for.
+    dx, dA, dB, dbias = (dy.new_empty((0,)) for _ in range(4))
+    if need_dx:
+        dx = torch.empty((m, k), dtype=dt, device=dev)
+    need_ds = need_dx or need_dA
+    if m == 0:
+        # Sums over zero rows are zero; nothing to launch.
+        return (dx, torch.zeros_like(lora_A) if need_dA else dA, torch.zeros_like(lora_B) if need_dB else dB,
+                dy.new_zeros((n,)) if need_dbias else dbias)
+    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x) if need_dx else None
+    block_r = _block_r(r)
+    r_chunks = triton.cdiv(r, block_r)
+    m_bucket = _next_pow2(m)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    # Atomics for dB/dbias only ride along the dS pass; without dS (or when determinism is asked) the
+    # atomic-free kernel does the reduction.
+    fused_db = need_ds and need_dB and not deterministic
+    fused_dbias = need_ds and need_dbias and not deterministic
+    with _on_device(dev):
+        ds = None
+        if need_ds:
+            ds = torch.empty((m, r), dtype=dt, device=dev)
+            db_acc = torch.zeros((n, r), dtype=torch.float32, device=dev) if fused_db else _scratch(dev)
+            dbias_acc = torch.zeros((n,), dtype=torch.float32, device=dev) if fused_dbias else _scratch(dev)
+            _DS_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks),
+                       dy, lora_B, s, ds, db_acc, dbias_acc,
+                       dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
+                       ds.stride(0), ds.stride(1),
+                       m, n, r, float(scaling), m_bucket,
+                       DO_DB=fused_db, DO_DBIAS=fused_dbias, BLOCK_R=block_r)
+            if fused_db:
+                dB = db_acc if dt == torch.float32 else db_acc.to(dt)
+            if fused_dbias:
+                dbias = dbias_acc if dt == torch.float32 else dbias_acc.to(dt)
+        do_db = need_dB and not fused_db
+        do_dbias = need_dbias and not fused_dbias
+        if (do_db or do_dbias) and n > 0:
+            splits, rows = _splits(m, triton.cdiv(n, 64) * r_chunks, dev)
+            if splits == 1:
+                db_out = torch.empty((1, n, r), dtype=dt, device=dev) if do_db else _scratch(dev).view(1, 1, 16)
+                dbias_out = torch.empty((1, n), dtype=dt, device=dev) if do_dbias else _scratch(dev).view(1, 16)
+            else:
+                db_out = (torch.empty((splits, n, r), dtype=torch.float32, device=dev) if do_db
+                          else _scratch(dev).view(1, 1, 16))
+                dbias_out = (torch.empty((splits, n), dtype=torch.float32, device=dev) if do_dbias
+                             else _scratch(dev).view(1, 16))
+            _DB_KERNEL(lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), r_chunks, splits),
+                       dy, s, db_out, dbias_out,
+                       dy.stride(0), dy.stride(1), s.stride(0), s.stride(1),
+                       db_out.stride(0) if splits > 1 else 0, db_out.stride(1), db_out.stride(2),
+                       dbias_out.stride(0) if splits > 1 else 0, dbias_out.stride(1),
+                       m, n, r, rows, float(scaling), m_bucket,
+                       DO_DB=do_db, DO_DBIAS=do_dbias, BLOCK_R=block_r)
+            if do_db:
+                dB = db_out[0] if splits == 1 else db_out.sum(0).to(dt)
+            if do_dbias:
+                dbias = dbias_out[0] if splits == 1 else dbias_out.sum(0).to(dt)
+        elif do_db or do_dbias:
+            dB = torch.zeros_like(lora_B) if do_db else dB
+            dbias = dy.new_zeros((n,)) if do_dbias else dbias
+        if need_dx and k > 0:
+            _DX_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),),
+                       dy, *w.ptrs, ds, lora_A, drop.seed, dx,
+                       dy.stride(0), dy.stride(1), *w.strides, ds.stride(0), ds.stride(1),
+                       lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+                       m, n, k, r, drop.threshold, drop.scale, m_bucket,
+                       HAS_DROPOUT=drop.on, BLOCK_R=block_r, **w.meta, **w.opts)
+        if need_dA:
+            if k > 0:
+                splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)
+                da_out = torch.empty((splits, r, k), dtype=dt if splits == 1 else torch.float32, device=dev)
+                _DA_KERNEL(lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), r_chunks, splits),
+                           x, ds, drop.seed, da_out,
+                           x.stride(0), x.stride(1), ds.stride(0), ds.stride(1),
+                           da_out.stride(0) if splits > 1 else 0, da_out.stride(1), da_out.stride(2),
+                           m, k, r, rows, drop.threshold, drop.scale, m_bucket,
+                           HAS_DROPOUT=drop.on, BLOCK_R=block_r)
+                dA = da_out[0] if splits == 1 else da_out.sum(0).to(dt)
+            else:
+                dA = torch.zeros_like(lora_A)
+    return dx, dA, dB, dbias
+
+
+def dropout_mask(seed: int, rows: int, cols: int, p: float, device) -> torch.Tensor:
+    """Boolean keep-mask (rows, cols) for ``seed`` computed by the kernels' own Triton hash (all True at p == 0),
+    equal bit for bit to ``lora_ops.reference.dropout_mask``."""
+    device = torch.device(device)
+    _check_device(device)
+    p = float(p)
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"p={p!r} must be in [0, 1)")
+    if p == 0.0:
+        return torch.ones(rows, cols, dtype=torch.bool, device=device)
+    n = rows * cols
+    out = torch.empty(n, dtype=torch.uint8, device=device)
+    if n > 0:
+        seed_t = torch.tensor(int(seed), dtype=torch.int64, device=device)
+        block = 1024
+        LAUNCHES["dropout_mask"] += 1
+        with _on_device(device):
+            _dropout_mask_kernel[(triton.cdiv(n, block),)](seed_t, out, n, _ref.dropout_keep_threshold(p),
+                                                            BLOCK=block)
+    return out.view(torch.bool).reshape(rows, cols)
