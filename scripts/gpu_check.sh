@@ -2,13 +2,13 @@
 # One device-tool call: install (carried wheels + this project, no network), optionally write the NF4 golden
 # vectors, run the GPU tests, time benchmark presets, print a short table last. Full logs go under $OUT.
 #
-#   scripts/gpu_check.sh [--golden] [--tests "PYTEST ARGS"] [--no-tests] [--bench "layer decode ..."]
+#   scripts/gpu_check.sh [--golden] [--tests "PYTEST ARGS (default: tests -m gpu)"] [--no-tests] [--bench "layer decode ..."]
 #
 # Carry `.whl` (bitsandbytes==0.50.2 for cp312 manylinux x86_64; see README "Notes") with the call.
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_ops_out}
 mkdir -p "$OUT"
-GOLDEN=0; TESTS="-m gpu"; RUN_TESTS=1; BENCH=""
+GOLDEN=0; TESTS="tests -m gpu"; RUN_TESTS=1; BENCH=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --golden) GOLDEN=1 ;;
@@ -41,12 +41,12 @@ except Exception as ex:
 PY
 summary=()
 if [ "$GOLDEN" = 1 ]; then
-  python3 scripts/make_golden.py --out "$OUT" 2>&1 | tee "$OUT/golden.log" | tail -40
+  python3 scripts/make_golden.py --out "$OUT" --fast 2>&1 | tee "$OUT/golden.log" | tail -40
   summary+=("golden: $(tail -1 "$OUT/golden.log")")
 fi
 if [ "$RUN_TESTS" = 1 ]; then
   # shellcheck disable=SC2086
-  python3 -m pytest tests $TESTS -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+  python3 -m pytest $TESTS -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)|max rel|GB/s|ms " "$OUT/gpu_tests.log" | head -60
   summary+=("pytest $TESTS (rc=$rc): $(tail -1 "$OUT/gpu_tests.log")")
