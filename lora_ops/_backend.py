@@ -8,10 +8,11 @@ tensors needs ``TRITON_INTERPRET=1`` (Triton's interpreter; used by the CPU test
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 
@@ -26,9 +27,28 @@ IMPLEMENTATIONS: Dict[str, Tuple[Tuple[str, str], ...]] = {
 
 _loaded: Dict[str, Optional[Callable]] = {}
 _warned = set()
+_override: Optional[str] = None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Dispatch as if ``LORA_OPS_BACKEND=name`` inside the block (the benchmarks time the reference on the GPU).
+
+    Process-wide, not thread-local: autograd runs CUDA backward ops on its own device threads, which must see it.
+    """
+    global _override
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
+        raise ValueError(f"use_backend({name!r}): the backend must be one of {BACKENDS}")
+    previous, _override = _override, name.strip().lower()
+    try:
+        yield
+    finally:
+        _override = previous
 
 
 def requested_backend() -> str:
+    if _override is not None:
+        return _override
     name = os.environ.get("LORA_OPS_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"LORA_OPS_BACKEND={name!r} is not one of {BACKENDS}; unset it or pick one of those")

@@ -1,0 +1,136 @@
+"""``python -m benchmarks``: parse the command line, run the presets, write and print the results."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .presets import DECODE_MAX_M, MODES, PRESETS, PROVIDERS, select_cases
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+MODE_HELP = {
+    "forward": "training forward (x requires grad, autograd records)",
+    "backward": "y.backward(dy, retain_graph=True) after one untimed forward",
+    "full": "forward + backward: the number the targets are set in",
+    "decode": f"forward under torch.no_grad(), eval mode, M <= {DECODE_MAX_M}",
+    "dequant": "NF4 -> dense dequantization (nf4 preset)",
+}
+
+
+def _epilog() -> str:
+    lines = ["presets (each fits one 10-minute GPU command; estimates for one H200):"]
+    for p in PRESETS.values():
+        lines.append(f"  {p.name:<8} {p.help} [{p.h200_estimate}]")
+    lines.append("\nproviders (the floor and its re-timing always run, so every ratio has its floor):")
+    for name, desc in PROVIDERS.items():
+        lines.append(f"  {name:<13} {desc}")
+    lines.append("\nmodes:")
+    for name, desc in MODE_HELP.items():
+        lines.append(f"  {name:<9} {desc}")
+    lines.append(
+        "\noutput: <out>/<gpu-slug>/results.csv (long format, merged with an existing CSV there: rows of the same\n"
+        "preset/case/provider/mode are replaced, others kept), results.md (ends with '## Summary'), PNG plots.\n"
+        "<gpu-slug> is e.g. 'h200' for an NVIDIA H200 and 'cpu' with --cpu.\n"
+        "\nexamples:\n"
+        "  python -m benchmarks --cpu                         # quick CPU run of the layer preset (~1 min)\n"
+        "  python -m benchmarks --preset layer                # GPU\n"
+        "  python -m benchmarks --preset decode nf4 --providers fused,peft_bnb --out /tmp/bench")
+    return "\n".join(lines)
+
+
+def _csv_list(kind: str, allowed: Sequence[str]):
+    def parse(text: str) -> List[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {bad or text!r}; choose from {', '.join(allowed)} "
+                                             "(comma-separated)")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time LoRA/QLoRA layer providers against the frozen bf16 floor, all in one process "
+                    "(method: shared/DESIGN.md 'Measuring speed').",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", nargs="+", default=["layer"], choices=sorted(PRESETS) + ["all"], metavar="NAME",
+                    help="one or more of %(choices)s (default: layer)")
+    ap.add_argument("--providers", type=_csv_list("provider", list(PROVIDERS)), default=None,
+                    help="comma-separated providers to time (default: each case's full list)")
+    ap.add_argument("--modes", type=_csv_list("mode", list(MODES)), default=None,
+                    help="comma-separated modes to time (default: each case's modes)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="results root; files go to OUT/<gpu-slug>/ (default: benchmarks/results)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="quick mode: small shapes, CPU tensors (fp32), time.perf_counter medians instead of "
+                         "do_bench, memory columns n/a; finishes in a minute or two")
+    ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time (default 25)")
+    ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (default 100)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler kernel/op counts")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads, recorded with the results (default: 1 with --cpu, since OpenMP "
+                         "threads waiting on a busy shared machine made the quick mode 3x slower and noisier; "
+                         "torch's default otherwise)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new case after this many seconds (the rest is recorded as skipped); "
+                         "e.g. 540 inside a 10-minute device command")
+    ap.add_argument("--list", action="store_true", help="print the selected cases and their plans, run nothing")
+    ap.add_argument("--quiet", action="store_true", help="no progress output")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    presets = list(PRESETS) if "all" in args.preset else list(dict.fromkeys(args.preset))
+    cases = select_cases(presets, args.cpu, args.providers, args.modes)
+    if not cases:
+        print(f"nothing to run: presets {presets} have no case with providers={args.providers} and "
+              f"modes={args.modes}", file=sys.stderr)
+        return 2
+    if args.list:
+        for c in cases:
+            plan = "; ".join(f"{p}: {','.join(m)}" for p, m in c.plan)
+            print(f"{c.preset:<7} {c.name:<32} {plan}")
+        return 0
+
+    from . import report
+    from .harness import Device, Settings, device_slug, run_cases
+
+    settings = Settings(cpu=args.cpu, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, profile=not args.no_profile,
+                        seed=args.seed)
+    try:
+        dev = Device(settings)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads is None and args.cpu:
+        args.threads = 1
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads {args.threads} must be >= 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    out_dir = Path(args.out) / device_slug(dev)
+    previous = report.read_csv(out_dir / "results.csv")  # fails early on a foreign CSV, before any timing
+
+    def save(rows_so_far):
+        report.write_csv(out_dir / "results.csv", report.merge_rows(previous, rows_so_far))
+
+    rows, env = run_cases(cases, settings, argv, progress=not args.quiet, on_case=save, budget_s=args.budget_s)
+    written = report.write_outputs(rows, out_dir)
+    print(report.markdown(rows, f"This run: {', '.join(presets)} on {env['gpu']}"))
+    skipped = sum(1 for r in rows if r["status"] == "skipped")
+    print(f"done in {time.time() - t0:.0f}s: {len(rows)} rows ({skipped} skipped) -> {written['csv']} "
+          f"({written['rows']} rows after merging), {written['markdown']}, "
+          f"{len(written['plots'])} plot(s)")
+    return 0

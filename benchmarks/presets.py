@@ -1,0 +1,255 @@
+"""Benchmark presets: which cases (shapes, weight kinds) and which (provider, modes) each one times.
+
+A case is one layer shape ``y (M, N) = x (M, K) @ W^T (N, K) + s * dropout(x) @ A^T (r, K) @ B^T (N, r)`` with a
+dense or NF4 ``W``, or (``kind="dequant"``) one NF4 weight to dequantize. Every preset has a GPU version (the shapes
+of shared/ANCHORS.md, sized to fit one 10-minute device command) and a CPU quick version (same structure, small
+shapes, fp32) that runs the same code paths in seconds.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+MODES = ("forward", "backward", "full", "decode", "dequant")
+LAYER_MODES = ("forward", "backward", "full", "decode")
+DECODE_MAX_M = 16
+
+# Every provider, with what it times (the --help text is built from this table).
+PROVIDERS: Dict[str, str] = {
+    "floor": "frozen dense W, no adapter (nn.Linear, weight.requires_grad=False); x requires grad",
+    "floor_repeat": "the floor timed again at the end of the case: its ratio is the run-to-run noise",
+    "full_ft": "trainable dense W (nn.Linear), no adapter",
+    "unfused": "lora_ops.lora_linear forced to the PyTorch reference backend on the device",
+    "peft": "peft LoRA on an nn.Linear (dense cases)",
+    "peft_bnb": "bitsandbytes Linear4bit (nf4, double quant) + peft LoRA (NF4 cases)",
+    "fused": "lora_ops.lora_linear with the default backend (dense W or lora_ops.NF4Weight)",
+    "copy": "nf4 preset floor: a device copy moving as many bytes (read + write) as the dequantization must",
+    "bnb": "nf4 preset: bitsandbytes.functional.dequantize_4bit",
+}
+FLOOR_PROVIDERS = ("floor", "copy")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case. ``plan`` is ((provider, (mode, ...)), ...) in run order; the floor comes first.
+
+    ``n_sets`` is how many independent weight sets (W, A, B) the timed callable rotates through; 0 means
+    "enough that their bytes exceed twice the L2 cache, at least 3" (decode: one weight would sit in L2).
+    """
+
+    preset: str
+    name: str
+    kind: str  # "layer" | "dequant"
+    M: int
+    K: int
+    N: int
+    r: int = 16
+    weight: str = "dense"  # "dense" | "nf4"
+    dropout: float = 0.0
+    dtype: str = "bfloat16"
+    n_sets: int = 1
+    floor: str = "floor"
+    plan: Tuple[Tuple[str, Tuple[str, ...]], ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.kind not in ("layer", "dequant"):
+            raise ValueError(f"Case.kind={self.kind!r} must be 'layer' or 'dequant'")
+        if self.weight not in ("dense", "nf4"):
+            raise ValueError(f"Case.weight={self.weight!r} must be 'dense' or 'nf4'")
+        if min(self.M, self.K, self.N, self.r) < 1:
+            raise ValueError(f"case {self.name!r}: M, K, N and r must be >= 1, got {self.M, self.K, self.N, self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"case {self.name!r}: dropout={self.dropout} must be in [0, 1)")
+        for provider, modes in self.plan:
+            if provider not in PROVIDERS:
+                raise ValueError(f"case {self.name!r}: unknown provider {provider!r}; known: {sorted(PROVIDERS)}")
+            for mode in modes:
+                if mode not in MODES:
+                    raise ValueError(f"case {self.name!r}: unknown mode {mode!r}; known: {MODES}")
+                if mode == "decode" and self.M > DECODE_MAX_M:
+                    raise ValueError(f"case {self.name!r}: decode needs M <= {DECODE_MAX_M}, got M={self.M}")
+
+    @property
+    def lora_alpha(self) -> int:
+        return 2 * self.r
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    @property
+    def shape(self) -> str:
+        return f"M={self.M},K={self.K},N={self.N},r={self.r}"
+
+    def providers(self) -> List[str]:
+        return [p for p, _ in self.plan]
+
+    def modes_of(self, provider: str) -> Tuple[str, ...]:
+        for p, modes in self.plan:
+            if p == provider:
+                return modes
+        return ()
+
+    def primary_mode(self) -> str:
+        """The mode the summary and the ratio plots show for this case."""
+        modes = self.modes_of(self.floor)
+        for m in ("full", "decode", "dequant"):
+            if m in modes:
+                return m
+        return modes[0] if modes else "full"
+
+    def config(self) -> Dict:
+        d = asdict(self)
+        d.pop("plan")
+        d.update(lora_alpha=self.lora_alpha, scaling=self.scaling)
+        return d
+
+    def config_json(self, **extra) -> str:
+        d = self.config()
+        d.update(extra)
+        return json.dumps(d, sort_keys=True)
+
+    def filtered(self, providers: Optional[Sequence[str]] = None, modes: Optional[Sequence[str]] = None
+                 ) -> Optional["Case"]:
+        """This case restricted to ``providers`` and ``modes``; the floor (and its re-timing) always stays, in
+        the modes the kept providers use, so every ratio has its floor from the same run. None when nothing but
+        the floor would remain."""
+        keep_p = set(providers) if providers else None
+        keep_m = set(modes) if modes else None
+        plan = []
+        for p, ms in self.plan:
+            if p in (self.floor, "floor_repeat"):
+                plan.append((p, ms))
+                continue
+            if keep_p is not None and p not in keep_p:
+                continue
+            ms = tuple(m for m in ms if keep_m is None or m in keep_m)
+            if ms:
+                plan.append((p, ms))
+        used = {m for p, ms in plan if p not in (self.floor, "floor_repeat") for m in ms}
+        if not used:
+            return None
+        plan = [(p, tuple(m for m in ms if m in used)) if p in (self.floor, "floor_repeat") else (p, ms)
+                for p, ms in plan]
+        plan = [(p, ms) for p, ms in plan if ms]
+        return replace(self, plan=tuple(plan))
+
+
+def _name(M, K, N, r, weight, dropout, with_r=True) -> str:
+    s = f"{M}x{K}->{N}"
+    if with_r:
+        s += f" r{r}"
+    s += f" {weight}"
+    if dropout:
+        s += f" drop{dropout:g}"
+    return s
+
+
+def layer_case(preset: str, M: int, K: int, N: int, r: int, weight: str, dropout: float = 0.0,
+               extra_modes: Sequence[str] = (), dtype: str = "bfloat16") -> Case:
+    """A fwd+bwd case: floor, then the LoRA providers of this weight kind, then the floor again (noise).
+
+    ``extra_modes`` (e.g. forward, backward) are timed for the fused provider and, for its ratios, the floor.
+    """
+    lora = ["unfused", "peft", "fused"] if weight == "dense" else ["unfused", "peft_bnb", "fused"]
+    if weight == "dense" and not dropout:
+        lora.insert(0, "full_ft")  # full fine-tuning has no dropout to compare
+    floor_modes = ("full",) + tuple(extra_modes)
+    plan = [("floor", floor_modes)]
+    plan += [(p, floor_modes if p == "fused" else ("full",)) for p in lora]
+    plan.append(("floor_repeat", ("full",)))
+    return Case(preset, _name(M, K, N, r, weight, dropout), "layer", M, K, N, r, weight, dropout, dtype,
+                plan=tuple(plan))
+
+
+def decode_case(preset: str, M: int, K: int, N: int, r: int, weight: str, dtype: str = "bfloat16",
+                n_sets: int = 0) -> Case:
+    lora = ["unfused", "peft", "fused"] if weight == "dense" else ["unfused", "peft_bnb", "fused"]
+    plan = [("floor", ("decode",))] + [(p, ("decode",)) for p in lora] + [("floor_repeat", ("decode",))]
+    return Case(preset, _name(M, K, N, r, weight, 0.0), "layer", M, K, N, r, weight, 0.0, dtype, n_sets,
+                plan=tuple(plan))
+
+
+def dequant_case(preset: str, N: int, K: int, dtype: str = "bfloat16") -> Case:
+    """Dequantize an (N, K) NF4 weight (blocksize 64, double quant) to ``dtype``; the floor is a copy."""
+    plan = (("copy", ("dequant",)), ("bnb", ("dequant",)), ("unfused", ("dequant",)), ("fused", ("dequant",)))
+    return Case(preset, f"dequant {N}x{K} nf4->{dtype}", "dequant", 1, K, N, 1, "nf4", 0.0, dtype,
+                floor="copy", plan=plan)
+
+
+# ------------------------------------------------------------------------------------------------- presets
+
+def _layer(cpu: bool) -> List[Case]:
+    if cpu:
+        big, shapes, dt = 512, [(256, 256), (256, 896), (896, 256)], "float32"
+        small = 128
+    else:
+        big, shapes, dt = 8192, [(4096, 4096), (4096, 14336), (14336, 4096)], "bfloat16"
+        small = 2048
+    k0, n0 = shapes[0]
+    kd, nd = shapes[1]
+    rows = [(big, k, n, 0.0) for k, n in shapes] + [(small, k0, n0, 0.0), (big, kd, nd, 0.05)]
+    return [layer_case("layer", M, k, n, 16, weight, p, ("forward", "backward"), dt)
+            for M, k, n, p in rows for weight in ("dense", "nf4")]
+
+
+def _rank(cpu: bool) -> List[Case]:
+    M, K, N, dt = (512, 256, 256, "float32") if cpu else (8192, 4096, 4096, "bfloat16")
+    return [layer_case("rank", M, K, N, r, w, 0.0, (), dt) for w in ("dense", "nf4") for r in (8, 16, 32, 64, 128)]
+
+
+def _tokens(cpu: bool) -> List[Case]:
+    if cpu:
+        Ms, K, N, dt = (64, 128, 256, 512, 1024), 256, 256, "float32"
+    else:
+        Ms, K, N, dt = (256, 512, 1024, 2048, 4096, 8192, 16384), 4096, 4096, "bfloat16"
+    return [layer_case("tokens", M, K, N, 16, w, 0.0, (), dt) for w in ("dense", "nf4") for M in Ms]
+
+
+def _decode(cpu: bool) -> List[Case]:
+    K, N, dt, n_sets = (256, 896, "float32", 3) if cpu else (4096, 14336, "bfloat16", 0)
+    return [decode_case("decode", M, K, N, 16, w, dt, n_sets) for w in ("dense", "nf4") for M in (1, 2, 4, 8, 16)]
+
+
+def _nf4(cpu: bool) -> List[Case]:
+    N, K, dt = (896, 256, "float32") if cpu else (14336, 4096, "bfloat16")
+    return [dequant_case("nf4", N, K, dt)]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    help: str
+    h200_estimate: str
+    build: object  # (cpu: bool) -> List[Case]
+
+    def cases(self, cpu: bool) -> List[Case]:
+        return self.build(cpu)
+
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in (
+    Preset("layer", "fwd+bwd at M=8192 (4096->4096, 4096->14336, 14336->4096), M=2048 4096->4096 and "
+           "4096->14336 with dropout 0.05; dense LoRA and NF4 QLoRA; r=16; fused also forward/backward",
+           "about 3-5 min", _layer),
+    Preset("rank", "fwd+bwd for r in 8,16,32,64,128 at 8192x4096->4096, dense and NF4", "about 2-3 min", _rank),
+    Preset("tokens", "fwd+bwd for M in 256..16384 at 4096->4096, dense and NF4 (plots time and memory vs M)",
+           "about 2-4 min", _tokens),
+    Preset("decode", "no-grad forward, M in 1,2,4,8,16 at 4096->14336, r=16, weights rotated past L2; "
+           "floor (bf16, no LoRA), unfused, peft / peft_bnb, fused dense and NF4", "about 1-2 min", _decode),
+    Preset("nf4", "dequantize a 14336x4096 NF4 weight to bf16: lora_ops (fused, unfused) vs bitsandbytes vs a "
+           "copy of as many bytes", "under 1 min", _nf4),
+)}
+
+
+def select_cases(presets: Sequence[str], cpu: bool, providers: Optional[Sequence[str]] = None,
+                 modes: Optional[Sequence[str]] = None) -> List[Case]:
+    out = []
+    for name in presets:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)} or 'all'")
+        for case in PRESETS[name].cases(cpu):
+            c = case.filtered(providers, modes)
+            if c is not None:
+                out.append(c)
+    return out

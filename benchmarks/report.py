@@ -1,0 +1,389 @@
+"""Results: ratios to the floor, the long-format CSV (and merging it), the markdown tables, the PNG plots.
+
+One row per (run, preset, case, provider, mode, metric). ``value`` is the median (p50) where a distribution
+exists, with ``p20``/``p80`` beside it; ``ratio_to_floor`` = value / the floor's value of the same run, case,
+mode and metric (time, eager time, peak memory). ``status`` is ok, skipped (``note`` gives the reason) or n/a
+(the metric does not exist here, e.g. device memory on the CPU).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+COLUMNS = ("run_id", "preset", "case", "shape", "provider", "mode", "metric", "value", "p20", "p80", "unit",
+           "ratio_to_floor", "status", "note", "config", "env")
+NUMERIC = ("value", "p20", "p80", "ratio_to_floor")
+RATIO_METRICS = ("time_ms", "eager_ms", "peak_extra_mib")
+MERGE_KEY = ("preset", "case", "provider", "mode")
+HIDDEN_IN_SUMMARY = ("floor_repeat",)
+FLOORS = ("floor", "copy")
+PLOT_ORDER = ("full_ft", "unfused", "peft", "peft_bnb", "bnb", "fused")
+
+
+def ratio(value: float, floor: Optional[float]) -> float:
+    """value / floor; NaN when either is missing, NaN, or the floor is not positive."""
+    if floor is None or value is None:
+        return math.nan
+    value, floor = float(value), float(floor)
+    if math.isnan(value) or math.isnan(floor) or floor <= 0.0:
+        return math.nan
+    return value / floor
+
+
+def add_ratios(rows: List[Dict], floor_provider: str = "floor") -> List[Dict]:
+    """Fill ``ratio_to_floor`` of the ratio metrics from the floor row of the same run/preset/case/mode/metric.
+
+    Rows whose floor did not run (or was skipped) get NaN: a ratio is never taken against another run's floor.
+    """
+    key = lambda r: (r["run_id"], r["preset"], r["case"], r["mode"], r["metric"])  # noqa: E731
+    floors = {key(r): r["value"] for r in rows if r["provider"] == floor_provider and r["status"] == "ok"}
+    for r in rows:
+        if r["metric"] in RATIO_METRICS and r["status"] == "ok":
+            r["ratio_to_floor"] = ratio(r["value"], floors.get(key(r)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ CSV
+
+def _num(s: str) -> float:
+    try:
+        return float(s) if s not in ("", None) else math.nan
+    except ValueError:
+        return math.nan
+
+
+def read_csv(path: Path) -> List[Dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path} is not a benchmarks CSV (missing columns {missing}); move it away or pick "
+                             "another --out")
+        rows = []
+        for r in reader:
+            row = {c: r[c] for c in COLUMNS}
+            for c in NUMERIC:
+                row[c] = _num(row[c])
+            rows.append(row)
+    return rows
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return "" if v is None else str(v)
+
+
+def write_csv(path: Path, rows: Iterable[Dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([_cell(r.get(c)) for c in COLUMNS])
+    tmp.replace(path)
+
+
+def merge_rows(old: Sequence[Dict], new: Sequence[Dict]) -> List[Dict]:
+    """Rows of ``old`` whose (preset, case, provider, mode) the new run measured are replaced by the new rows;
+    all other old rows are kept, in their order, ahead of the new ones."""
+    new_keys = {tuple(r[k] for k in MERGE_KEY) for r in new}
+    return [r for r in old if tuple(r[k] for k in MERGE_KEY) not in new_keys] + list(new)
+
+
+# -------------------------------------------------------------------------------------------- markdown
+
+def _f(v: float, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}g}"
+
+
+def _x(v: float) -> str:
+    return "–" if v is None or math.isnan(v) else f"{v:.3f}×"
+
+
+def _index(rows: Sequence[Dict]):
+    """preset -> case -> provider -> mode -> metric -> row, in order of first appearance."""
+    idx: "OrderedDict" = OrderedDict()
+    for r in rows:
+        (idx.setdefault(r["preset"], OrderedDict()).setdefault(r["case"], OrderedDict())
+         .setdefault(r["provider"], OrderedDict()).setdefault(r["mode"], {}))[r["metric"]] = r
+    return idx
+
+
+def _cfg(r: Dict) -> Dict:
+    try:
+        return json.loads(r["config"]) if r.get("config") else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _env(r: Dict) -> Dict:
+    try:
+        return json.loads(r["env"]) if r.get("env") else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def primary_mode(providers: Dict) -> str:
+    floor_modes = next((providers[p] for p in FLOORS if p in providers), {})
+    for m in ("full", "decode", "dequant"):
+        if m in floor_modes:
+            return m
+    for p in providers.values():
+        for m in p:
+            return m
+    return "full"
+
+
+def _floor_of(providers: Dict) -> str:
+    return next((p for p in FLOORS if p in providers), "floor")
+
+
+def markdown(rows: Sequence[Dict], title: str = "Benchmark results") -> str:
+    """Per preset: the runs' environment, ceilings, one table per case; then a ``## Summary`` to paste."""
+    lines = [f"# {title}", ""]
+    runs = OrderedDict()
+    for r in rows:
+        runs.setdefault(r["run_id"], r)
+    lines.append("Runs (environment of each):")
+    lines.append("")
+    for run_id, r in runs.items():
+        e = _env(r)
+        lines.append(f"- `{run_id}`: {e.get('gpu', '?')}; torch {e.get('torch', '?')} (CUDA {e.get('cuda')}), "
+                     f"triton {e.get('triton', '?')}, peft {e.get('peft', '?')}, bitsandbytes "
+                     f"{e.get('bitsandbytes', '?')}, lora_ops {e.get('lora_ops', '?')}; {e.get('date_utc', '?')}; "
+                     f"commit {e.get('git_commit', '?')}; `{e.get('command', '?')}`; CUDA graphs: "
+                     f"{'yes' if e.get('cuda_graphs') else 'no'}")
+    lines.append("")
+    idx = _index(rows)
+    for preset, cases in idx.items():
+        lines.append(f"## Preset `{preset}`")
+        lines.append("")
+        if "ceilings" in cases:
+            c = cases.pop("ceilings")["ceiling"]["-"]
+            g, cp = c.get("gemm_tflops"), c.get("copy_gbps")
+            if g and cp:
+                lines.append(f"Ceilings measured at the start of run `{g['run_id']}`: {g['shape']} GEMM "
+                             f"{_f(g['value'])} TFLOP/s; copy {_f(cp['value'])} GB/s (read + write).")
+                lines.append("")
+        impls = OrderedDict()
+        for case, providers in cases.items():
+            for p in ("fused", "unfused"):
+                for mode, metrics in providers.get(p, {}).items():
+                    cfg = _cfg(next(iter(metrics.values())))
+                    info = cfg.get("provider_info") or {}
+                    desc = ", ".join(f"{k} → {v}" for k, v in sorted(info.items()) if k != "backend")
+                    if desc:
+                        impls.setdefault(f"{p} ({cfg.get('weight', '?')} {cfg.get('kind', '')}) ran: {desc}", None)
+        for line in impls:
+            lines.append(f"- {line}")
+        if impls:
+            lines.append("")
+        for case, providers in cases.items():
+            lines += _case_table(case, providers)
+    lines += summary(rows)
+    return "\n".join(lines) + "\n"
+
+
+def _case_table(case: str, providers: Dict) -> List[str]:
+    floor = _floor_of(providers)
+    floor_run = None
+    for metrics in providers.get(floor, {}).values():
+        floor_run = next(iter(metrics.values()))["run_id"]
+        break
+    first = next(iter(next(iter(providers.values())).values()))
+    cfg = _cfg(next(iter(first.values())))
+    head = f"### {case}"
+    extra = []
+    if cfg.get("n_sets", 1) > 1:
+        extra.append(f"{cfg['n_sets']} weight sets rotated")
+    if extra:
+        head += f" ({'; '.join(extra)})"
+    out = [head, "",
+           "| provider | mode | ms p50 [p20, p80] | × floor | eager ms (× floor) | TFLOP/s (% ceil) | GB/s (% ceil) "
+           "| peak extra MiB (× floor) | workspace MiB | kernels | ops |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    skipped, other_run = [], False
+    for provider, modes in providers.items():
+        for mode, m in modes.items():
+            if "skipped" in m:
+                skipped.append(f"{provider} {mode}: {m['skipped']['note']}")
+                continue
+            t = m.get("time_ms")
+            if t is None:
+                continue
+            mark = ""
+            if floor_run is not None and t["run_id"] != floor_run:
+                mark, other_run = " †", True
+            get = lambda k: m[k]["value"] if k in m else math.nan  # noqa: E731
+            rat = lambda k: m[k]["ratio_to_floor"] if k in m else math.nan  # noqa: E731
+            out.append(
+                f"| {provider}{mark} | {mode} | {_f(t['value'])} [{_f(t['p20'])}, {_f(t['p80'])}] | "
+                f"{_x(t['ratio_to_floor'])} | {_f(get('eager_ms'))} ({_x(rat('eager_ms'))}) | "
+                f"{_f(get('tflops'))} ({_f(get('tflops_pct_ceiling'), 3)}%) | {_f(get('gbps'))} "
+                f"({_f(get('gbps_pct_ceiling'), 3)}%) | {_f(get('peak_extra_mib'))} ({_x(rat('peak_extra_mib'))}) | "
+                f"{_f(get('workspace_mib'))} | {_f(get('kernel_launches'))} | {_f(get('op_calls'))} |")
+    out.append("")
+    if other_run:
+        out += ["† timed in another run than this table's floor; its ratios are to the floor of its own run.", ""]
+    for s in skipped:
+        out.append(f"- skipped: {s}")
+    if skipped:
+        out.append("")
+    return out
+
+
+def summary(rows: Sequence[Dict]) -> List[str]:
+    """The lines to paste: per case, its primary mode (full fwd+bwd, decode or dequant), every provider."""
+    out = ["## Summary", "", "| case | provider | ms p50 | × floor (eager ×) | peak extra MiB |",
+           "|---|---|---|---|---|"]
+    noise = []
+    for preset, cases in _index(rows).items():
+        for case, providers in cases.items():
+            if case == "ceilings":
+                continue
+            mode = primary_mode(providers)
+            floor = _floor_of(providers)
+            for provider, modes in providers.items():
+                m = modes.get(mode, {})
+                if provider in HIDDEN_IN_SUMMARY:
+                    t = m.get("time_ms")
+                    if t is not None:
+                        noise.append(f"{case}: {_x(t['ratio_to_floor'])}")
+                    continue
+                if "skipped" in m:
+                    out.append(f"| {case} | {provider} | skipped | {m['skipped']['note'][:60]} | |")
+                    continue
+                t = m.get("time_ms")
+                if t is None:
+                    continue
+                e = m.get("eager_ms")
+                rt = t["ratio_to_floor"] if provider != floor else 1.0
+                eager = f" ({_x(e['ratio_to_floor'])})" if e is not None else ""
+                pk = m.get("peak_extra_mib")
+                out.append(f"| {case} | {provider} | {_f(t['value'])} | {_x(rt)}{eager} | "
+                           f"{_f(pk['value']) if pk else '–'} |")
+    out.append("")
+    if noise:
+        out.append("Noise (the floor timed again at the end of each case, × the first floor): " + "; ".join(noise)
+                   + ". A difference smaller than this is noise.")
+        out.append("")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+def plot_all(rows: Sequence[Dict], out_dir: Path) -> List[Path]:
+    """``<preset>_ratio.png`` for each preset (time ratio to the floor, primary mode, per case and provider);
+    for the tokens preset also ``tokens_time.png`` and, where memory was measured, ``tokens_memory.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for preset, cases in _index(rows).items():
+        cases = OrderedDict((c, p) for c, p in cases.items() if c != "ceilings")
+        if not cases:
+            continue
+        providers = []
+        for p in cases.values():
+            for name in p:
+                if name not in FLOORS and name not in HIDDEN_IN_SUMMARY and name not in providers:
+                    providers.append(name)
+        if not providers:
+            continue
+        providers.sort(key=lambda n: PLOT_ORDER.index(n) if n in PLOT_ORDER else len(PLOT_ORDER))
+        names = list(cases)
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) + 2), 4.5))
+        width = 0.8 / len(providers)
+        for j, prov in enumerate(providers):
+            vals = []
+            for c in names:
+                mode = primary_mode(cases[c])
+                t = cases[c].get(prov, {}).get(mode, {}).get("time_ms")
+                vals.append(t["ratio_to_floor"] if t else math.nan)
+            xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(names))]
+            ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, label=prov)
+        ax.axhline(1.0, color="k", lw=1, ls="--")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("time / floor (same run)")
+        ax.set_title(f"{preset}: ratio to the floor (lower is better)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{preset}_ratio.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        if preset == "tokens":
+            written += _plot_vs_tokens(cases, out_dir, plt)
+    return written
+
+
+def _plot_vs_tokens(cases: Dict, out_dir: Path, plt) -> List[Path]:
+    series: Dict[str, Dict[str, List]] = OrderedDict()
+    for case, providers in cases.items():
+        mode = primary_mode(providers)
+        for prov, modes in providers.items():
+            if prov in HIDDEN_IN_SUMMARY or mode not in modes:
+                continue
+            m = modes[mode]
+            t = m.get("time_ms")
+            if t is None:
+                continue
+            cfg = _cfg(t)
+            label = f"{prov} ({cfg.get('weight', '?')})"
+            s = series.setdefault(label, {"M": [], "ms": [], "mib": []})
+            s["M"].append(cfg.get("M", math.nan))
+            s["ms"].append(t["value"])
+            pk = m.get("peak_extra_mib")
+            s["mib"].append(pk["value"] if pk and pk["status"] == "ok" else math.nan)
+    written = []
+    for key, fname, ylabel in (("ms", "tokens_time.png", "ms per fwd+bwd (p50)"),
+                               ("mib", "tokens_memory.png", "peak extra MiB")):
+        if not any(not math.isnan(v) for s in series.values() for v in s[key]):
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, s in series.items():
+            pts = sorted((m, v) for m, v in zip(s["M"], s[key]) if not math.isnan(v))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                        ls="--" if "floor" in label else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"tokens: {ylabel} vs M")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_outputs(new_rows: Sequence[Dict], out_dir: Path) -> Dict[str, object]:
+    """Merge ``new_rows`` into ``out_dir/results.csv``; rewrite results.md and the plots from the merged rows."""
+    out_dir = Path(out_dir)
+    csv_path = out_dir / "results.csv"
+    merged = merge_rows(read_csv(csv_path), new_rows)
+    write_csv(csv_path, merged)
+    md_path = out_dir / "results.md"
+    md_path.write_text(markdown(merged, f"Benchmark results ({out_dir.name})"))
+    plots = plot_all(merged, out_dir)
+    return {"csv": csv_path, "markdown": md_path, "plots": plots, "rows": len(merged)}

@@ -1,0 +1,368 @@
+"""The benchmark harness (benchmarks/): CPU quick mode end to end, ratio arithmetic, CSV merging, skipped
+providers, presets, cost models, and that every provider of a case computes the same layer."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from helpers import assert_rel_close  # noqa: E402
+
+from benchmarks import harness, presets, providers, report  # noqa: E402
+from benchmarks.presets import Case, layer_case, decode_case, dequant_case  # noqa: E402
+
+FAST = dict(cpu=True, cpu_min_reps=2, cpu_max_reps=3, cpu_target_s=0.001, profile=False)
+
+
+def _png(path: Path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+def test_cpu_quick_layer_end_to_end(tmp_path):
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--cpu", "--preset", "layer", "--out", str(out),
+                           "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## Summary" in proc.stdout and "done in" in proc.stdout.splitlines()[-1]
+    d = out / "cpu"
+    with (d / "results.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == report.COLUMNS
+        raw = list(reader)
+    rows = report.read_csv(d / "results.csv")
+    assert len(rows) == len(raw) > 0
+    # Every planned (case, provider, mode) produced a timing, none was skipped.
+    planned = {(c.name, p, m) for c in presets.PRESETS["layer"].cases(cpu=True) for p, ms in c.plan for m in ms}
+    timed = {(r["case"], r["provider"], r["mode"]) for r in rows if r["metric"] == "time_ms" and r["status"] == "ok"}
+    assert planned == timed
+    assert not [r for r in rows if r["status"] == "skipped"]
+    floors = {(r["case"], r["mode"]): r["value"] for r in rows if r["metric"] == "time_ms" and r["provider"] == "floor"}
+    for r in rows:
+        if r["metric"] == "time_ms":
+            assert 0 < r["p20"] <= r["value"] <= r["p80"]
+            assert r["ratio_to_floor"] == pytest.approx(r["value"] / floors[(r["case"], r["mode"])], rel=1e-12)
+        if r["metric"] in ("peak_extra_mib", "workspace_mib", "kernel_launches"):
+            assert r["status"] == "n/a" and math.isnan(r["value"])  # no device memory / kernels on the CPU
+        if r["metric"] == "op_calls":
+            assert r["value"] >= 1
+    env = json.loads(rows[0]["env"])
+    for key in ("gpu", "torch", "triton", "peft", "bitsandbytes", "lora_ops", "date_utc", "git_commit", "command"):
+        assert env.get(key), key
+    assert "--preset layer" in env["command"] and env["cuda_graphs"] is False
+    cfg = json.loads(next(r["config"] for r in rows if r["provider"] == "fused" and r["metric"] == "time_ms"))
+    assert cfg["provider_info"]["lora_fwd"] == "reference"  # CPU tensors: the reference, and the run says so
+    assert _png(d / "layer_ratio.png")
+    md = (d / "results.md").read_text()
+    tail = md[md.index("## Summary"):]
+    assert "| case | provider | ms p50 | × floor (eager ×) | peak extra MiB |" in tail
+    assert "512x256->896 r16 nf4 drop0.05 | fused |" in tail
+
+
+def test_run_cases_records_failing_provider_as_skipped():
+    case = layer_case("t", 17, 24, 40, 3, "dense", 0.0, ("forward",), "float32")
+
+    def build_fails(case, ws):
+        raise RuntimeError("boom at build")
+
+    def build_call_fails(case, ws):
+        def forward(x):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return providers.Built(forward=forward)
+
+    rows, _ = harness.run_cases([case], harness.Settings(**FAST), progress=False,
+                                builders={"peft": build_fails, "fused": build_call_fails})
+    by = {(r["provider"], r["mode"], r["metric"]): r for r in rows if r["case"] == case.name}
+    assert by[("peft", "full", "skipped")]["status"] == "skipped"
+    assert "boom at build" in by[("peft", "full", "skipped")]["note"]
+    for mode in ("full", "forward"):
+        assert "OutOfMemoryError" in by[("fused", mode, "skipped")]["note"]
+        assert ("fused", mode, "time_ms") not in by
+    # The others ran, with ratios to this run's floor.
+    assert by[("floor", "full", "time_ms")]["ratio_to_floor"] == 1.0
+    assert by[("unfused", "full", "time_ms")]["status"] == "ok"
+    assert by[("unfused", "full", "time_ms")]["ratio_to_floor"] > 0
+
+
+def test_unsupported_mode_and_budget_are_skipped():
+    case = decode_case("t", 3, 24, 40, 3, "dense", "float32", n_sets=3)
+    no_decode = lambda case, ws: providers.Built(forward=lambda x: x)  # noqa: E731
+    rows, _ = harness.run_cases([case], harness.Settings(**FAST), progress=False, builders={"peft": no_decode})
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert [(r["provider"], r["mode"]) for r in skipped] == [("peft", "decode")]
+    assert "no decode mode" in skipped[0]["note"]
+    cfg = json.loads(next(r["config"] for r in rows if r["provider"] == "fused" and r["metric"] == "time_ms"))
+    assert cfg["n_sets"] == 3
+    rows, _ = harness.run_cases([case], harness.Settings(**FAST), progress=False, budget_s=0.0)
+    case_rows = [r for r in rows if r["case"] == case.name]
+    assert case_rows and all(r["status"] == "skipped" and "budget" in r["note"] for r in case_rows)
+
+
+def test_nf4_dequant_case_on_cpu():
+    case = dequant_case("t", 40, 72, "float32")
+    rows, _ = harness.run_cases([case], harness.Settings(**FAST), progress=False)
+    t = {r["provider"]: r for r in rows if r["metric"] == "time_ms"}
+    assert set(t) == {"copy", "bnb", "unfused", "fused"} and t["copy"]["ratio_to_floor"] == 1.0
+    g = {r["provider"]: r for r in rows if r["metric"] == "gbps"}
+    nbytes = providers.dequant_bytes(case)
+    assert g["fused"]["value"] == pytest.approx(nbytes / (t["fused"]["value"] * 1e6), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------- ratios, CSV
+
+def _row(provider, metric, value, run_id="r1", case="c", mode="full", status="ok", preset="layer"):
+    return {"run_id": run_id, "preset": preset, "case": case, "shape": "s", "provider": provider, "mode": mode,
+            "metric": metric, "value": value, "p20": math.nan, "p80": math.nan, "unit": "ms",
+            "ratio_to_floor": math.nan, "status": status, "note": "", "config": "{}", "env": "{}"}
+
+
+def test_ratio_arithmetic():
+    rows = [_row("floor", "time_ms", 2.0), _row("fused", "time_ms", 2.5), _row("peft", "time_ms", 3.1),
+            _row("floor", "peak_extra_mib", 400.0), _row("fused", "peak_extra_mib", 401.0),
+            _row("fused", "tflops", 99.0), _row("floor", "tflops", 120.0),
+            _row("fused", "time_ms", 1.0, mode="forward"),  # no forward floor in this run
+            _row("fused", "time_ms", 2.2, run_id="r2")]  # another run: never divided by r1's floor
+    report.add_ratios(rows)
+    r = [x["ratio_to_floor"] for x in rows]
+    assert r[0] == 1.0 and r[1] == 1.25 and r[2] == pytest.approx(1.55, rel=1e-15)
+    assert r[4] == pytest.approx(401.0 / 400.0, rel=1e-15)
+    assert math.isnan(r[5]) and math.isnan(r[6])  # throughput is not a ratio metric
+    assert math.isnan(r[7]) and math.isnan(r[8])
+    # A skipped floor gives no ratio; a non-positive or NaN floor neither.
+    rows = [_row("floor", "skipped", math.nan, status="skipped"), _row("fused", "time_ms", 2.5)]
+    assert math.isnan(report.add_ratios(rows)[1]["ratio_to_floor"])
+    assert math.isnan(report.ratio(1.0, 0.0)) and math.isnan(report.ratio(1.0, math.nan))
+    # The nf4 preset's floor is the copy.
+    rows = [_row("copy", "time_ms", 0.04, mode="dequant"), _row("fused", "time_ms", 0.05, mode="dequant")]
+    assert report.add_ratios(rows, "copy")[1]["ratio_to_floor"] == pytest.approx(1.25, rel=1e-15)
+
+
+def test_csv_merge_replaces_same_key_keeps_others(tmp_path):
+    old = [_row("floor", "time_ms", 1.0), _row("floor", "eager_ms", 1.1), _row("fused", "time_ms", 5.0),
+           _row("fused", "eager_ms", 5.5), _row("peft", "time_ms", 3.0),
+           _row("fused", "time_ms", 0.05, preset="decode", case="d", mode="decode")]
+    new = [_row("floor", "time_ms", 1.02, run_id="r2"), _row("fused", "time_ms", 1.5, run_id="r2"),
+           _row("fused", "time_ms", 0.5, run_id="r2", mode="forward")]
+    path = tmp_path / "results.csv"
+    report.write_csv(path, old)
+    merged = report.merge_rows(report.read_csv(path), new)
+    report.write_csv(path, merged)
+    back = report.read_csv(path)
+    got = {(r["preset"], r["provider"], r["mode"], r["metric"]): (r["run_id"], r["value"]) for r in back}
+    assert got == {
+        ("layer", "peft", "full", "time_ms"): ("r1", 3.0),  # kept
+        ("decode", "fused", "decode", "time_ms"): ("r1", 0.05),  # other preset: kept
+        ("layer", "floor", "full", "time_ms"): ("r2", 1.02),  # replaced, and its stale eager row went with it
+        ("layer", "fused", "full", "time_ms"): ("r2", 1.5),
+        ("layer", "fused", "forward", "time_ms"): ("r2", 0.5),  # new key: added
+    }
+    assert len(back) == 5
+    assert math.isnan(back[0]["p20"])  # NaN survives the round trip as an empty cell
+    with (tmp_path / "foreign.csv").open("w") as f:
+        f.write("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a benchmarks CSV"):
+        report.read_csv(tmp_path / "foreign.csv")
+
+
+def test_markdown_marks_rows_from_another_run():
+    rows = [_row("floor", "time_ms", 1.0), _row("fused", "time_ms", 1.2, run_id="r0")]
+    md = report.markdown(rows)
+    assert "| fused † | full |" in md and "another run" in md
+    assert md.rstrip().splitlines()[-1].startswith("|")  # the summary table closes the file
+
+
+# ------------------------------------------------------------------------------ providers compute the same
+
+@pytest.mark.parametrize("weight", ["dense", "nf4"])
+def test_providers_compute_the_same_layer(weight):
+    """Every LoRA provider of a case gives the same y, dx, dA, dB on the same tensors (odd shapes, r=3): the
+    benchmark compares like with like. NF4 providers quantize the same W (bnb's bytes equal lora_ops')."""
+    import lora_ops
+
+    case = layer_case("t", 19, 72, 40, 3, weight, 0.0, (), "float32")
+    data = providers.make_case_data(case, torch.device("cpu"), 1, seed=3)
+    ws = data.sets[0]
+    W = ws.W if weight == "dense" else lora_ops.quantize_nf4(ws.W).dequantize()
+    x, A, B = (t.detach().double().requires_grad_(True) for t in (data.x, ws.A, ws.B))
+    y_ref = x @ W.double().T + case.scaling * (x @ A.T) @ B.T
+    y_ref.backward(data.dy.double())
+    lora = [p for p, _ in case.plan if p not in harness.NO_LORA]
+    assert set(lora) == ({"unfused", "peft", "fused"} if weight == "dense" else {"unfused", "peft_bnb", "fused"})
+
+    def run(builder, scaling_case=case):
+        b = builder(scaling_case, ws)
+        with b.context():
+            y = b.forward(data.x)
+            y.backward(data.dy)
+        dx, data.x.grad = data.x.grad, None
+        return y, dx, b.params
+
+    for p in lora:
+        y, dx, params = run(providers.BUILDERS[p])
+        assert_rel_close(y, y_ref, torch.float32, f"{p} y")
+        assert_rel_close(dx, x.grad, torch.float32, f"{p} dx")
+        assert_rel_close(params[0].grad, A.grad, torch.float32, f"{p} dA")
+        assert_rel_close(params[1].grad, B.grad, torch.float32, f"{p} dB")
+    # Mutation control: PEFT built with another lora_alpha (scaling 2 -> 4) fails the same check.
+    import dataclasses
+
+    class Alpha4(type(case)):
+        @property
+        def lora_alpha(self):
+            return 4 * self.r
+
+    wrong = Alpha4(**{f.name: getattr(case, f.name) for f in dataclasses.fields(case)})
+    y, _, _ = run(providers.BUILDERS["peft" if weight == "dense" else "peft_bnb"], wrong)
+    with pytest.raises(AssertionError):
+        assert_rel_close(y, y_ref, torch.float32, "peft with the wrong scaling")
+    # The floor has no adapter: it must differ from the LoRA layer (else the benchmark would time nothing).
+    y, _, _ = run(providers.BUILDERS["floor"])
+    with pytest.raises(AssertionError):
+        assert_rel_close(y, y_ref, torch.float32, "floor vs LoRA")
+
+
+def test_case_data_is_random_shared_and_seeded():
+    case = layer_case("t", 5, 24, 40, 3, "dense", dtype="float32")
+    a = providers.make_case_data(case, torch.device("cpu"), 2, seed=1)
+    b = providers.make_case_data(case, torch.device("cpu"), 2, seed=1)
+    c = providers.make_case_data(case, torch.device("cpu"), 2, seed=2)
+    assert torch.equal(a.x, b.x) and torch.equal(a.sets[1].B, b.sets[1].B) and not torch.equal(a.x, c.x)
+    assert not torch.equal(a.sets[0].W, a.sets[1].W)
+    for t in (a.x, a.dy, a.sets[0].W, a.sets[0].A, a.sets[0].B):
+        assert (t != 0).all()
+    assert a.x.requires_grad and not a.x_nograd.requires_grad and torch.equal(a.x, a.x_nograd)
+
+
+# ------------------------------------------------------------------------------------ presets, models
+
+def test_gpu_presets_match_the_spec():
+    layer = presets.PRESETS["layer"].cases(cpu=False)
+    got = {(c.M, c.K, c.N, c.r, c.weight, c.dropout, c.dtype) for c in layer}
+    want = {(M, K, N, 16, w, p, "bfloat16") for (M, K, N, p) in [(8192, 4096, 4096, 0.0), (8192, 4096, 14336, 0.0),
+                                                                  (8192, 14336, 4096, 0.0), (2048, 4096, 4096, 0.0),
+                                                                  (8192, 4096, 14336, 0.05)]
+            for w in ("dense", "nf4")}
+    assert got == want and len(layer) == len(want)
+    for c in layer:
+        assert c.plan[0][0] == "floor" and c.plan[-1][0] == "floor_repeat"
+        assert c.modes_of("fused") == ("full", "forward", "backward") == c.modes_of("floor")
+        assert ("peft" in c.providers()) == (c.weight == "dense")
+        assert ("peft_bnb" in c.providers()) == (c.weight == "nf4")
+    assert {c.r for c in presets.PRESETS["rank"].cases(False)} == {8, 16, 32, 64, 128}
+    assert {c.M for c in presets.PRESETS["tokens"].cases(False)} == {256, 512, 1024, 2048, 4096, 8192, 16384}
+    dec = presets.PRESETS["decode"].cases(False)
+    assert {(c.M, c.K, c.N, c.weight) for c in dec} == {(m, 4096, 14336, w) for m in (1, 2, 4, 8, 16)
+                                                         for w in ("dense", "nf4")}
+    assert all(c.n_sets == 0 and c.primary_mode() == "decode" for c in dec)
+    (nf4,) = presets.PRESETS["nf4"].cases(False)
+    assert (nf4.N, nf4.K, nf4.floor, nf4.kind) == (14336, 4096, "copy", "dequant")
+    # The CPU quick versions have the same structure (same providers and modes per case).
+    for p in presets.PRESETS.values():
+        gpu, cpu = p.cases(False), p.cases(True)
+        assert {c.plan for c in gpu} == {c.plan for c in cpu}
+        assert all(c.dtype == "float32" for c in cpu)
+
+
+def test_case_validation_and_filtering():
+    with pytest.raises(ValueError, match="decode needs M <= 16"):
+        decode_case("t", 17, 8, 8, 1, "dense")
+    with pytest.raises(ValueError, match="unknown provider"):
+        Case("t", "x", "layer", 1, 2, 3, plan=(("nope", ("full",)),))
+    c = presets.PRESETS["layer"].cases(False)[0]
+    f = c.filtered(["fused"], ["forward"])
+    assert f.plan == (("floor", ("forward",)), ("fused", ("forward",)))
+    assert c.filtered(["peft_bnb"], None) is None  # a dense case has no peft_bnb: nothing but the floor would run
+    with pytest.raises(ValueError, match="unknown preset"):
+        presets.select_cases(["layers"], cpu=True)
+
+
+def test_layer_cost_model():
+    case = layer_case("t", 8, 16, 32, 4, "dense", dtype="bfloat16")
+    M, K, N, r = 8, 16, 32, 4
+    assert harness.layer_cost(case, "floor", "full")[0] == 4 * M * N * K
+    assert harness.layer_cost(case, "full_ft", "full")[0] == 6 * M * N * K
+    lora_f = 2 * M * K * r + 2 * M * r * N + 4 * M * N * r + 4 * M * r * K
+    assert harness.layer_cost(case, "fused", "full")[0] == 4 * M * N * K + lora_f
+    f_fwd, b_fwd = harness.layer_cost(case, "floor", "forward")
+    assert (f_fwd, b_fwd) == (2 * M * N * K, 2 * (M * K + N * K + M * N))
+    assert harness.layer_cost(case, "floor", "decode") == (f_fwd, b_fwd)
+    nf4 = layer_case("t", 8, 16, 32, 4, "nf4", dtype="bfloat16")
+    from lora_ops.nf4 import nf4_bytes
+
+    dense_b = harness.layer_cost(case, "fused", "forward")[1]
+    assert harness.layer_cost(nf4, "fused", "forward")[1] == dense_b - 2 * N * K + nf4_bytes(N, K)
+    assert harness.layer_cost(nf4, "floor", "forward")[1] == b_fwd  # the floor is always the dense layer
+
+
+def test_quantiles_slug_and_profile_counting():
+    import numpy as np
+
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 7.5]
+    assert harness.quantiles(xs, (0.5, 0.2, 0.8)) == pytest.approx(list(np.quantile(xs, [0.5, 0.2, 0.8])))
+    assert harness.slugify("NVIDIA H200") == "h200"
+    assert harness.slugify("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+
+    class E:
+        def __init__(self, name, dev):
+            self.name, self.device_type = name, f"DeviceType.{dev}"
+
+    events = [E("aten::mm", "CPU"), E("aten::t", "CPU"), E("lora_ops::lora_fwd", "CPU"),
+              E("autograd::engine::evaluate_function: MmBackward0", "CPU"), E("cudaLaunchKernel", "CPU"),
+              E("sm90_xmma_gemm_bf16", "CUDA"), E("_lora_fwd_kernel", "CUDA"), E("Memset (Device)", "CUDA")]
+    assert harness.count_profile(events, cuda=True) == (2, 3)
+    assert harness.count_profile(events[:5], cuda=False) == (None, 3)
+
+
+def test_help_documents_the_options(capsys):
+    from benchmarks.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--preset", "--providers", "--modes", "--out", "--cpu", "layer", "rank", "tokens", "decode",
+                 "nf4", "peft_bnb", "floor"):
+        assert word in text, word
+    with pytest.raises(SystemExit) as e:
+        main(["--providers", "nope"])
+    assert e.value.code == 2
+
+
+def test_use_backend_overrides_and_restores(monkeypatch):
+    from lora_ops import _backend
+
+    monkeypatch.setenv("LORA_OPS_BACKEND", "auto")
+    with _backend.use_backend("reference"):
+        assert _backend.requested_backend() == "reference"
+        with _backend.use_backend("triton"):
+            assert _backend.requested_backend() == "triton"
+        assert _backend.requested_backend() == "reference"
+    assert _backend.requested_backend() == "auto"
+    with pytest.raises(ValueError, match="must be one of"):
+        with _backend.use_backend("fast"):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_gpu_small_case_measures_memory_and_kernels(cuda):
+    case = layer_case("t", 257, 512, 768, 16, "dense", 0.0, ("forward",), "bfloat16")
+    rows, env = harness.run_cases([case], harness.Settings(cpu=False, warmup_ms=5, rep_ms=20), progress=False)
+    by = {(r["provider"], r["mode"], r["metric"]): r for r in rows}
+    assert not [r for r in rows if r["status"] == "skipped"], [r["note"] for r in rows if r["status"] == "skipped"]
+    w_mib = 512 * 768 * 2 / 2 ** 20
+    y_mib = 257 * 768 * 2 / 2 ** 20
+    assert by[("floor", "full", "peak_extra_mib")]["value"] >= w_mib + y_mib  # weights count, the output too
+    assert by[("floor", "full", "kernel_launches")]["value"] >= 2  # forward GEMM + dX GEMM
+    assert env["ceilings"]["gemm_tflops"] > 50 and env["ceilings"]["copy_gbps"] > 500
+    assert harness.slugify(env["gpu"]) != "cpu"
