@@ -73,13 +73,21 @@ _HASH_MUL1 = tl.constexpr(_ref.HASH_MUL1)
 _HASH_MUL2 = tl.constexpr(_ref.HASH_MUL2)
 _NESTED_BS = tl.constexpr(_nf4.NESTED_BLOCKSIZE)
 
-# Rank chunk: register tiles of (BLOCK_M, BLOCK_R) fp32 stay affordable up to 128; larger ranks loop/grid over
+# In-tile offsets are int32: every stride (and K, N) stays below 2**23, so (tile extent <= 256) * stride < 2**31.
+_MAX_STRIDE = 1 << 23
+
+# Rank chunk: register tiles of (BLOCK_M, BLOCK_R) fp32 stay spill-free up to 64 (ptxas -v for sm_90 at the
+# configs below); larger ranks loop (GEMMs) or add a grid axis (S, dS, dA, dB) over
 # chunks. tl.dot needs every dimension >= 16.
-_MAX_BLOCK_R = 128
+_MAX_BLOCK_R = 64
 _MIN_DOT = 16
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+#
+# Addressing: a tile's origin (m0, n0, k0) is an int64 scalar and in-tile offsets are int32 tensors, so
+# rows * stride may pass 2**31 without every lane carrying 64-bit offsets (registers). The launchers keep every
+# stride below 2**23 (``_MAX_STRIDE``), which bounds an in-tile offset by 256 * 2**23 = 2**31.
 
 @triton.jit
 def _mix32(h):
@@ -93,55 +101,85 @@ def _mix32(h):
 
 
 @triton.jit
-def _dropout_keep(seed, index, threshold):
-    """Keep-mask of int64 flat indices: ``reference.dropout_hash31(seed, index) >= threshold``."""
-    # int64 -> uint32 truncates, which is the reference's ``& 0xFFFFFFFF``.
+def _dropout_keep(seed, base, local, threshold):
+    """Keep-mask of the flat indices ``base + local`` (base: int64 scalar, local: int32 tensor in [0, 2**31)):
+    ``reference.dropout_hash31(seed, index) >= threshold``, computed on 32-bit lanes."""
+    # int64 -> uint32 truncates, which is the reference's ``& 0xFFFFFFFF``; the high word of base + local
+    # is base's high word plus the carry out of the low-word sum (local < 2**31: at most one carry).
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
-    h = _mix32(index.to(tl.uint32) ^ k0)
-    h = _mix32(h ^ (index >> 32).to(tl.uint32) ^ k1)
+    base_lo = base.to(tl.uint32)
+    lo = base_lo + local.to(tl.uint32)
+    hi = (base >> 32).to(tl.uint32) + (lo < base_lo).to(tl.uint32)
+    h = _mix32(lo ^ k0)
+    h = _mix32(h ^ hi ^ k1)
     return (h >> 1).to(tl.int32) >= threshold
 
 
 @triton.jit
-def _apply_dropout(v, rows, cols, K, seed, threshold, drop_scale):
-    """v (len(rows), len(cols)) -> v * keep / (1 - p) in fp32, keep from flat index rows * K + cols."""
-    keep = _dropout_keep(seed, rows[:, None] * K + cols[None, :], threshold)
+def _apply_dropout(v, base, local, seed, threshold, drop_scale):
+    """v * keep / (1 - p) in fp32; keep of flat index base + local (x's row * K + col)."""
+    keep = _dropout_keep(seed, base, local, threshold)
     return tl.where(keep, v.to(tl.float32) * drop_scale, 0.0)
 
 
 @triton.jit
-def _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blk, mask, NESTED: tl.constexpr):
-    """fp32 scale of quantization blocks ``blk`` (any shape)."""
+def _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blk0, blk, mask, NESTED: tl.constexpr):
+    """fp32 scale of quantization blocks ``blk0 + blk`` (blk0: int64 scalar, blk: int32 tensor)."""
     if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        q = tl.load((absmax_ptr + blk0) + blk, mask=mask, other=0).to(tl.int32)
         code = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
-        nabs = tl.load(nested_absmax_ptr + blk // _NESTED_BS, mask=mask, other=0.0)
+        g0 = blk0 // _NESTED_BS
+        g = ((blk0 % _NESTED_BS).to(tl.int32) + blk) // _NESTED_BS
+        nabs = tl.load((nested_absmax_ptr + g0) + g, mask=mask, other=0.0)
         scale = code * nabs + offset
     else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        scale = tl.load((absmax_ptr + blk0) + blk, mask=mask, other=0.0)
     return scale
 
 
 @triton.jit
-def _nf4_decode(byte, low, scale, codebook_ptr, mask):
-    """Packed bytes (int32), ``low`` (element in the low nibble), fp32 scales -> fp32 values."""
+def _nf4_decode(byte, low, scale, codebook):
+    """Packed bytes (int32), ``low`` (element in the low nibble), fp32 scales -> fp32 values (codebook[q] *
+    scale: one fp32 product). ``codebook``: the 16 fp32 code values as a register tensor."""
     code = tl.where(low, byte & 15, byte >> 4)
-    return tl.load(codebook_ptr + code, mask=mask, other=0.0) * scale
+    value = tl.gather(codebook, tl.reshape(code, [code.numel]), 0)
+    return tl.reshape(value, code.shape) * scale
 
 
 @triton.jit
-def _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook_ptr,
-            stride_wn, stride_wk, n_idx, k_idx, mask, K,
-            IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, DTYPE: tl.constexpr):
-    """W[n_idx, k_idx] (int64 index tensors broadcast to the tile shape) as ``DTYPE``; zero where masked."""
+def _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook,
+            stride_wn, stride_wk, n0, k0, rn, rk, n_ok, k_ok, K,
+            IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_TILE: tl.constexpr,
+            DTYPE: tl.constexpr):
+    """W[n0 + rn, k0 + rk] as ``DTYPE``, zero where masked. n0, k0: int64 tile origin; rn, rk (and their masks
+    n_ok, k_ok): int32 offsets shaped (1, X) / (X, 1), whose layout decides whether the tile is W or W^T;
+    K_TILE: the tile's extent along k."""
+    mask = n_ok & k_ok
     if IS_NF4:
-        flat = n_idx * K + k_idx
-        byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-        scale = _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, flat // BLOCKSIZE, mask, NESTED)
-        w = _nf4_decode(byte, (flat & 1) == 1, scale, codebook_ptr, mask)
+        # Flat index n * K + k. Tile origins are multiples of even block sizes, so flat0 is even and an
+        # element's nibble is given by the parity of its in-tile offset.
+        flat0 = n0 * K + k0
+        local = rn * K + rk
+        byte = tl.load((w_ptr + (flat0 >> 1)) + (local >> 1), mask=mask, other=0).to(tl.int32)
+        # Scales: the K_TILE elements of one weight row in this tile touch at most SPAN consecutive quantization
+        # blocks (blocks may straddle rows), so each row's SPAN scales are loaded once and selected per element
+        # instead of being gathered per element.
+        SPAN: tl.constexpr = (K_TILE + BLOCKSIZE - 2) // BLOCKSIZE + 1
+        blk0 = flat0 // BLOCKSIZE
+        rem0 = (flat0 % BLOCKSIZE).to(tl.int32)
+        line_first = (rem0 + rn * K) // BLOCKSIZE
+        line_last = (rem0 + rn * K + tl.minimum(K - k0, K_TILE).to(tl.int32) - 1) // BLOCKSIZE
+        rel = (rem0 + local) // BLOCKSIZE - line_first
+        scale = tl.zeros(local.shape, dtype=tl.float32)
+        for j in tl.static_range(SPAN):
+            s_j = _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blk0, line_first + j,
+                             n_ok & (line_first + j <= line_last), NESTED)
+            scale = tl.where(rel == j, s_j, scale)
+        w = _nf4_decode(byte, (local & 1) == 1, scale, codebook)
     else:
-        w = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=mask, other=0.0)
+        w = tl.load((w_ptr + (n0 * stride_wn + k0 * stride_wk)) + (rn * stride_wn + rk * stride_wk),
+                    mask=mask, other=0.0)
     return w.to(DTYPE)
 
 
@@ -164,29 +202,32 @@ def _lora_s_kernel(x_ptr, a_ptr, seed_ptr, s_ptr,
                    M, K, R, threshold, drop_scale, M_BUCKET,
                    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """S[m, r] = sum_k xd[m, k] * A[r, k], one (BLOCK_M, BLOCK_R) tile per program."""
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_ok = offs_m < M
-    r_ok = offs_r < R
+    m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    r0 = tl.program_id(1) * BLOCK_R
+    rm = tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M - m0
+    r_ok = rr < R - r0
     dtype = x_ptr.dtype.element_ty
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
+    x_base = x_ptr + m0 * stride_xm
+    a_base = a_ptr + r0 * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+    for k in range(0, K, BLOCK_K):
+        k0 = tl.cast(k, tl.int64)
+        k_ok = rk < K - k0
+        x = tl.load((x_base + k0 * stride_xk) + (rm[:, None] * stride_xm + rk[None, :] * stride_xk),
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = _apply_dropout(x, offs_m, offs_k, K, seed, threshold, drop_scale).to(dtype)
-        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            x = _apply_dropout(x, m0 * K + k0, rm[:, None] * K + rk[None, :], seed, threshold, drop_scale).to(dtype)
+        at = tl.load((a_base + k0 * stride_ak) + (rr[None, :] * stride_ar + rk[:, None] * stride_ak),
                      mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(x, at.to(dtype), acc, input_precision="ieee")
-    tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, acc.to(s_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & r_ok[None, :])
+    tl.store((s_ptr + (m0 * stride_sm + r0 * stride_sr)) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
+             acc.to(s_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -200,42 +241,51 @@ def _lora_fwd_kernel(x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
                      GROUP_M: tl.constexpr):
     """y tile (BLOCK_M, BLOCK_N) = s * S @ B^T (+ bias) + x @ W^T, accumulated in fp32, rounded once."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    n0 = pid_n.to(tl.int64) * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M - m0
+    n_ok = rn < N - n0
     dtype = x_ptr.dtype.element_ty
 
     # LoRA term first (LoRAFusion): S (rounded to x.dtype, as saved for backward) times B^T seeds the accumulator.
+    s_base = s_ptr + m0 * stride_sm
+    b_base = b_ptr + n0 * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        r_ok = offs_r < R
-        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        s = tl.load(s_base + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+        bt = tl.load(b_base + (rn[None, :] * stride_bn + rr[:, None] * stride_br),
                      mask=n_ok[None, :] & r_ok[:, None], other=0.0)
         acc = tl.dot(s.to(dtype), bt.to(dtype), acc, input_precision="ieee")
     acc = acc * scaling
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0)
+        bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
 
     offset = 0.0
+    codebook = tl.zeros((16,), dtype=tl.float32)
     if NESTED:
         offset = tl.load(offset_ptr)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+    if IS_NF4:
+        codebook = tl.load(codebook_ptr + tl.arange(0, 16))
+    x_base = x_ptr + m0 * stride_xm
+    for k in range(0, K, BLOCK_K):
+        k0 = tl.cast(k, tl.int64)
+        k_ok = rk < K - k0
+        x = tl.load((x_base + k0 * stride_xk) + (rm[:, None] * stride_xm + rk[None, :] * stride_xk),
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         # (BLOCK_K, BLOCK_N) tile of W^T.
-        wt = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook_ptr,
-                     stride_wn, stride_wk, offs_n[None, :], offs_k[:, None], n_ok[None, :] & k_ok[:, None], K,
-                     IS_NF4, NESTED, BLOCKSIZE, dtype)
+        wt = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook,
+                     stride_wn, stride_wk, n0, k0, rn[None, :], rk[:, None], n_ok[None, :], k_ok[:, None], K,
+                     IS_NF4, NESTED, BLOCKSIZE, BLOCK_K, dtype)
         acc = tl.dot(x, wt, acc, input_precision="ieee")
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    tl.store((y_ptr + (m0 * stride_ym + n0 * stride_yn)) + (rm[:, None] * stride_ym + rn[None, :] * stride_yn),
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -245,39 +295,42 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
                         DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One pass over a (BLOCK_M, N) row block of dY: dS = s * dY @ B for those rows; with DO_DB / DO_DBIAS also
-    adds s * dY^T @ S and colsum(dY) of those rows into the fp32 (N, r) / (N,) buffers by atomics."""
+    adds s * dY^T @ S and colsum(dY) of those rows into the fp32 (N, R) / (N,) buffers by atomics."""
     pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_ok = offs_m < M
-    r_ok = offs_r < R
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    r0 = tl.program_id(1) * BLOCK_R
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M - m0
+    r_ok = rr < R - r0
     dtype = dy_ptr.dtype.element_ty
     if DO_DB:
-        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+        s = tl.load((s_ptr + (m0 * stride_sm + r0 * stride_sr)) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dtype)
+    dy_base = dy_ptr + m0 * stride_dym
+    b_base = b_ptr + r0 * stride_br
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     num_n = tl.cdiv(N, BLOCK_N)
     for j in range(0, num_n):
         # Programs start their sweep at different column tiles, so their atomics do not all hit one tile at once.
-        jn = (j + pid_m) % num_n
-        offs_n = jn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+        n0 = ((j + pid_m) % num_n).to(tl.int64) * BLOCK_N
+        n_ok = rn < N - n0
+        dy = tl.load((dy_base + n0 * stride_dyn) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+        b = tl.load((b_base + n0 * stride_bn) + (rn[:, None] * stride_bn + rr[None, :] * stride_br),
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(dy, b.to(dtype), acc, input_precision="ieee")
         if DO_DB:
-            # Reduction over M tiles by fp32 atomics: fast, but the summation order (last bits) varies run to
-            # run. The launcher uses _lora_bwd_db_kernel instead under deterministic algorithms.
+            # Reduction over M tiles by fp32 atomics: one pass over dY, but the summation order (last bits)
+            # varies run to run. Under deterministic algorithms the launcher uses _lora_bwd_db_kernel instead.
             part = tl.dot(tl.trans(dy), s, input_precision="ieee") * scaling
-            tl.atomic_add(db_acc_ptr + offs_n[:, None] * R + offs_r[None, :], part,
+            tl.atomic_add((db_acc_ptr + (n0 * R + r0)) + (rn[:, None] * R + rr[None, :]), part,
                           mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
         if DO_DBIAS:
             colsum = tl.sum(dy.to(tl.float32), axis=0)
-            tl.atomic_add(dbias_acc_ptr + offs_n, colsum, mask=n_ok & (pid_r == 0), sem="relaxed")
-    tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+            tl.atomic_add((dbias_acc_ptr + n0) + rn, colsum, mask=n_ok & (r0 == 0), sem="relaxed")
+    tl.store((ds_ptr + (m0 * stride_dsm + r0 * stride_dsr)) + (rm[:, None] * stride_dsm + rr[None, :] * stride_dsr),
              (acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
@@ -291,35 +344,38 @@ def _lora_bwd_db_kernel(dy_ptr, s_ptr, db_ptr, dbias_ptr,
     """dB[n, r] = s * sum_m dY[m, n] S[m, r] and dbias[n] = sum_m dY[m, n] over the rows of split ``pid_s``,
     written (no atomics) to slot ``pid_s`` of db/dbias (stride_dbs / stride_dbias_s: 0 when there is one split,
     then db/dbias are the outputs themselves)."""
-    pid_n = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n_ok = offs_n < N
-    r_ok = offs_r < R
+    n0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    r0 = tl.program_id(1) * BLOCK_R
+    pid_s = tl.program_id(2).to(tl.int64)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    n_ok = rn < N - n0
+    r_ok = rr < R - r0
     dtype = dy_ptr.dtype.element_ty
-    m_begin = pid_s.to(tl.int64) * rows_per_split
+    m_begin = pid_s * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
+    dy_base = dy_ptr + n0 * stride_dyn
+    s_base = s_ptr + r0 * stride_sr
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_end
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+        m_ok = rm < m_end - m0
+        dy = tl.load((dy_base + m0 * stride_dym) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if DO_DB:
-            s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+            s = tl.load((s_base + m0 * stride_sm) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             acc = tl.dot(tl.trans(dy), s.to(dtype), acc, input_precision="ieee")
         if DO_DBIAS:
             bias_acc += tl.sum(dy.to(tl.float32), axis=0)
     if DO_DB:
-        tl.store(db_ptr + pid_s.to(tl.int64) * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+        tl.store((db_ptr + (pid_s * stride_dbs + n0 * stride_dbn + r0 * stride_dbr))
+                 + (rn[:, None] * stride_dbn + rr[None, :] * stride_dbr),
                  (acc * scaling).to(db_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
     if DO_DBIAS:
-        tl.store(dbias_ptr + pid_s.to(tl.int64) * stride_dbias_s + offs_n * stride_dbias_n, bias_acc.to(dbias_ptr.dtype.element_ty),
-                 mask=n_ok & (pid_r == 0))
+        tl.store((dbias_ptr + (pid_s * stride_dbias_s + n0 * stride_dbias_n)) + rn * stride_dbias_n,
+                 bias_acc.to(dbias_ptr.dtype.element_ty), mask=n_ok & (r0 == 0))
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -335,39 +391,49 @@ def _lora_bwd_dx_kernel(dy_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
     """dX tile (BLOCK_M, BLOCK_K) = dropout(dS @ A) + dY @ W: the mask touches only the LoRA term, so that term
     seeds the fp32 accumulator before the GEMM over N (BLOCK_N is the reduction tile here)."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    k_ok = offs_k < K
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    k0 = pid_k.to(tl.int64) * BLOCK_K
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = rm < M - m0
+    k_ok = rk < K - k0
     dtype = dy_ptr.dtype.element_ty
 
+    ds_base = ds_ptr + m0 * stride_dsm
+    a_base = a_ptr + k0 * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        r_ok = offs_r < R
-        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        ds = tl.load(ds_base + (rm[:, None] * stride_dsm + rr[None, :] * stride_dsr),
                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+        a = tl.load(a_base + (rr[:, None] * stride_ar + rk[None, :] * stride_ak),
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(ds.to(dtype), a.to(dtype), acc, input_precision="ieee")
     if HAS_DROPOUT:
-        acc = _apply_dropout(acc, offs_m, offs_k, K, tl.load(seed_ptr), threshold, drop_scale)
+        acc = _apply_dropout(acc, m0 * K + k0, rm[:, None] * K + rk[None, :], tl.load(seed_ptr), threshold,
+                             drop_scale)
 
     offset = 0.0
+    codebook = tl.zeros((16,), dtype=tl.float32)
     if NESTED:
         offset = tl.load(offset_ptr)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        n_ok = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+    if IS_NF4:
+        codebook = tl.load(codebook_ptr + tl.arange(0, 16))
+    dy_base = dy_ptr + m0 * stride_dym
+    for n in range(0, N, BLOCK_N):
+        n0 = tl.cast(n, tl.int64)
+        n_ok = rn < N - n0
+        dy = tl.load((dy_base + n0 * stride_dyn) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         # (BLOCK_N, BLOCK_K) tile of W.
-        w = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook_ptr,
-                    stride_wn, stride_wk, offs_n[:, None], offs_k[None, :], n_ok[:, None] & k_ok[None, :], K,
-                    IS_NF4, NESTED, BLOCKSIZE, dtype)
+        w = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook,
+                    stride_wn, stride_wk, n0, k0, rn[:, None], rk[None, :], n_ok[:, None], k_ok[None, :], K,
+                    IS_NF4, NESTED, BLOCKSIZE, BLOCK_K, dtype)
         acc = tl.dot(dy, w, acc, input_precision="ieee")
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & k_ok[None, :])
+    tl.store((dx_ptr + (m0 * stride_dxm + k0 * stride_dxk)) + (rm[:, None] * stride_dxm + rk[None, :] * stride_dxk),
+             acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
@@ -378,39 +444,43 @@ def _lora_bwd_da_kernel(x_ptr, ds_ptr, seed_ptr, da_ptr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dA[r, k] = sum_m dS[m, r] * xd[m, k] over the rows of split ``pid_s``, written to slot ``pid_s`` of da
     (stride_das = 0 with one split, then da is the output itself)."""
-    pid_k = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k_ok = offs_k < K
-    r_ok = offs_r < R
+    k0 = tl.program_id(0).to(tl.int64) * BLOCK_K
+    r0 = tl.program_id(1) * BLOCK_R
+    pid_s = tl.program_id(2).to(tl.int64)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    k_ok = rk < K - k0
+    r_ok = rr < R - r0
     dtype = x_ptr.dtype.element_ty
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    m_begin = pid_s.to(tl.int64) * rows_per_split
+    m_begin = pid_s * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
+    x_base = x_ptr + k0 * stride_xk
+    ds_base = ds_ptr + r0 * stride_dsr
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_end
-        dst = tl.load(ds_ptr + offs_m[None, :] * stride_dsm + offs_r[:, None] * stride_dsr,
+        m_ok = rm < m_end - m0
+        dst = tl.load((ds_base + m0 * stride_dsm) + (rm[None, :] * stride_dsm + rr[:, None] * stride_dsr),
                       mask=m_ok[None, :] & r_ok[:, None], other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load((x_base + m0 * stride_xm) + (rm[:, None] * stride_xm + rk[None, :] * stride_xk),
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = _apply_dropout(x, offs_m, offs_k, K, seed, threshold, drop_scale).to(dtype)
+            x = _apply_dropout(x, m0 * K + k0, rm[:, None] * K + rk[None, :], seed, threshold, drop_scale).to(dtype)
         acc = tl.dot(dst.to(dtype), x, acc, input_precision="ieee")
-    tl.store(da_ptr + pid_s.to(tl.int64) * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
+    tl.store((da_ptr + (pid_s * stride_das + r0 * stride_dar + k0 * stride_dak))
+             + (rr[:, None] * stride_dar + rk[None, :] * stride_dak),
              acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
 def _dropout_mask_kernel(seed_ptr, out_ptr, n, threshold, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = _dropout_keep(tl.load(seed_ptr), offs, threshold)
-    tl.store(out_ptr + offs, keep.to(tl.uint8), mask=offs < n)
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    local = tl.arange(0, BLOCK)
+    keep = _dropout_keep(tl.load(seed_ptr), base, local, threshold)
+    tl.store((out_ptr + base) + local, keep.to(tl.uint8), mask=local < n - base)
 
 
 # --------------------------------------------------------------------------------------- configs, tuning
@@ -432,13 +502,14 @@ def _gemm_configs(out_name: str, red_name: str) -> List[triton.Config]:
 
 
 def _row_configs(other: str) -> List[triton.Config]:
-    shapes = ((128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3))
+    # Kernels with one program per row block (S, dS): BLOCK_M rows, ``other`` the tile of their inner loop.
+    shapes = ((128, 64, 8, 4), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3))
     return [_cfg(w, s, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
 
 
 def _reduce_configs(other: str) -> List[triton.Config]:
     # Kernels that reduce over M inside a program (dA, deterministic dB): BLOCK_M is their reduction tile.
-    shapes = ((128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4))
+    shapes = ((128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3))
     return [_cfg(w, s, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
 
 
@@ -605,6 +676,14 @@ def _check_same(name: str, t: torch.Tensor, x: torch.Tensor, shape=None) -> None
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
 
 
+def _narrow(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` itself when all its strides are below _MAX_STRIDE, else a contiguous copy (a layout no real model
+    produces: a transposed view with more than 2**23 rows)."""
+    if t is None or all(st < _MAX_STRIDE for st in t.stride()):
+        return t
+    return t.contiguous()
+
+
 def _check_lora(x, lora_A, lora_B, bias=None) -> Tuple[int, int, int, int]:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K) (flatten leading dims first), got shape {tuple(x.shape)}")
@@ -622,6 +701,9 @@ def _check_lora(x, lora_A, lora_B, bias=None) -> Tuple[int, int, int, int]:
         raise ValueError(f"lora_A has rank {r}; the rank must be >= 1")
     if bias is not None:
         _check_same("bias", bias, x, (n,))
+    if k >= _MAX_STRIDE or n >= _MAX_STRIDE:
+        raise ValueError(f"in_features={k}, out_features={n}: the Triton kernels support up to {_MAX_STRIDE - 1} "
+                         "(int32 in-tile offsets); use LORA_OPS_BACKEND=reference for larger layers")
     return m, k, n, r
 
 
@@ -632,6 +714,7 @@ class _W:
         scratch = _scratch(x.device)
         if absmax is None:
             _check_same("weight", weight, x, (n, k))
+            weight = _narrow(weight)
             self.ptrs = (weight, scratch, scratch, scratch, scratch, scratch)
             self.strides = (weight.stride(0), weight.stride(1))
             self.meta = dict(IS_NF4=False, NESTED=False, BLOCKSIZE=64)
@@ -708,6 +791,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     (fp32, or uint8 codes with nested_absmax / nested_code / offset). seed: 0-d int64 tensor or None (p == 0).
     """
     m, k, n, r = _check_lora(x, lora_A, lora_B, bias)
+    x, lora_A, lora_B, bias = (_narrow(t) for t in (x, lora_A, lora_B, bias))
     w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x)
     drop = _Dropout(dropout_p, seed, x)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -744,6 +828,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     m, k, n, r = _check_lora(x, lora_A, lora_B)
     _check_same("dy", dy, x, (m, n))
     _check_same("s", s, x, (m, r))
+    dy, x, lora_A, lora_B, s = (_narrow(t) for t in (dy, x, lora_A, lora_B, s))
     drop = _Dropout(dropout_p, seed, x)
     dev, dt = x.device, x.dtype
     # A custom op may not return one tensor twice: one 0-element tensor per gradient not asked for.

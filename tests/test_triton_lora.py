@@ -1,0 +1,391 @@
+"""The Triton LoRA/QLoRA kernels (triton_kernels/lora.py) against the PyTorch reference.
+
+Runs on CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU), or
+on CUDA tensors when a GPU is present. Every comparison goes through ``lora_ops.lora_linear`` or
+``torch.ops.lora_ops.*`` with LORA_OPS_BACKEND=triton while the reference implementations are patched to raise,
+and checks that the kernels' launch counter moved, so no test can pass on the reference path.
+
+The oracle is ``lora_ops.reference`` in float64 on the same weights the kernel sees (the NF4 weight dequantized
+to the input dtype, exactly the values the kernel decodes) and the kernel's own dropout mask
+(``lora_ops.testing.materialize_dropout_mask``). Tolerances come only from tests/helpers.py; mutation controls
+push deliberately wrong oracles through the same assertion and expect it to fail.
+"""
+import collections
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lora_ops
+from lora_ops import nf4, ops, reference
+from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
+from helpers import assert_rel_close
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+if not torch.cuda.is_available() and not lora_ops._backend.triton_interpreter():
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+L = pytest.importorskip("lora_ops.triton_kernels.lora")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FWD_KERNELS = ("lora_s", "lora_fwd")
+BWD_KERNELS = ("lora_bwd_ds", "lora_bwd_dx", "lora_bwd_da")
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
+
+
+def _refuse(name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"reference {name} ran: the Triton path was expected")
+    return refuse
+
+
+@contextlib.contextmanager
+def kernels_only(monkeypatch, expected=(), absent=()):
+    """Inside, the reference implementations (and the ops' reference fallbacks) raise. On exit, every kernel
+    in ``expected`` has launched and none in ``absent`` has."""
+    before = collections.Counter(L.LAUNCHES)
+    with monkeypatch.context() as m:
+        for mod, name in ((reference, "lora_forward"), (reference, "lora_backward"), (reference, "dense_weight"),
+                          (ops, "_mask")):
+            m.setattr(mod, name, _refuse(name))
+        yield
+    for k in expected:
+        assert L.LAUNCHES[k] > before[k], f"Triton kernel {k} did not launch"
+    for k in absent:
+        assert L.LAUNCHES[k] == before[k], f"Triton kernel {k} launched but its work was not needed"
+
+
+def make_case(m, k, n, r, dtype, weight="dense", blocksize=64, bias=True, seed=0, lead=()):
+    """Random inputs on DEVICE. ``wd`` is the dense weight the kernel must use: W itself, or the NF4 weight
+    dequantized to ``dtype`` by the reference (the values the kernel decodes in its K-loop)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    a = torch.randn(r, k, generator=g) / k ** 0.5
+    b = torch.randn(n, r, generator=g) / r ** 0.5  # a random (not zero-initialised) B: the LoRA term matters
+    bias_t = torch.randn(n, generator=g) if bias else None
+    dy = torch.randn(*lead, m, n, generator=g)
+    if weight == "dense":
+        wk = w.to(dtype).to(DEVICE)
+        wd = wk
+    else:
+        wk = lora_ops.quantize_nf4(w.to(dtype), blocksize=blocksize, double_quant=weight == "nf4-dq").to(DEVICE)
+        wd = nf4.reference_dequantize_nf4(*wk.tensors(), blocksize, n, k, dtype)
+    dev = lambda t: None if t is None else t.to(dtype).to(DEVICE)  # noqa: E731
+    return SimpleNamespace(x=dev(x), w=wk, wd=wd, a=dev(a), b=dev(b), bias=dev(bias_t), dy=dev(dy), m=m, k=k,
+                           n=n, r=r, dtype=dtype, lead=lead, rows=m * int(torch.tensor(lead).prod()) if lead else m)
+
+
+def oracle(case, scaling, p, mask, x=None, wd=None, dy=None):
+    """float64 (y, S, dx, dA, dB, dbias) of the reference, on 2-D views."""
+    d = lambda t: None if t is None else t.detach().reshape(-1, t.shape[-1]).double()  # noqa: E731
+    x2, dy2 = d(case.x if x is None else x), d(case.dy if dy is None else dy)
+    w64 = (case.wd if wd is None else wd).double()
+    y, s = reference.lora_forward(x2, w64, d(case.a), d(case.b), scaling, d(case.bias), p, mask)
+    grads = reference.lora_backward(dy2, x2, w64, d(case.a), d(case.b), s, scaling, p, mask, True, True, True,
+                                    case.bias is not None)
+    return (y, s) + tuple(grads)
+
+
+def run_layer(case, scaling, p, monkeypatch):
+    """lora_linear forward + backward on the Triton path: (y, dx, dA, dB, dbias) as 2-D tensors, and the mask."""
+    x, a, b = (t.detach().clone().requires_grad_(True) for t in (case.x, case.a, case.b))
+    bias = case.bias.detach().clone().requires_grad_(True) if case.bias is not None else None
+    mask = None
+    if p > 0:
+        mask = materialize_dropout_mask(peek_dropout_seed(DEVICE), case.rows, case.k, p, DEVICE)
+    with kernels_only(monkeypatch, FWD_KERNELS + BWD_KERNELS):
+        y = lora_ops.lora_linear(x, case.w, a, b, scaling, bias, dropout_p=p)
+        y.backward(case.dy)
+    flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
+    return (flat(y.detach()), flat(x.grad), a.grad, b.grad, bias.grad if bias is not None else None), mask
+
+
+def assert_layer_close(got, want, dtype, what=""):
+    """The one comparison of this file: y and every gradient within REL_TOL[dtype]."""
+    for name, g, t in zip(("y", "dx", "dA", "dB", "dbias"), got, want):
+        if t is None:
+            assert g is None, f"{what}{name}: expected no gradient"
+            continue
+        assert g.dtype == dtype, f"{what}{name}: dtype {g.dtype} != {dtype}"
+        assert_rel_close(g, t, dtype, f"{what}{name}")
+
+
+def _want(o):
+    y, _s, dx, dA, dB, dbias = o
+    return (y, dx, dA, dB, dbias)
+
+
+F32, F16 = torch.float32, torch.float16
+# (M, K, N, r, dtype, weight, blocksize, dropout p, bias, leading dims)
+CASES = {
+    "dense-f32-bias": (37, 200, 70, 8, F32, "dense", 64, 0.0, True, ()),
+    "dense-f16-dropout": (37, 200, 70, 8, F16, "dense", 64, 0.25, False, ()),
+    "nf4-f32-dropout-bias": (37, 200, 70, 8, F32, "nf4", 64, 0.25, True, ()),
+    "nf4dq-f16": (37, 200, 70, 8, F16, "nf4-dq", 64, 0.0, False, ()),
+    "M1-nf4dq-f32-dropout": (1, 200, 70, 8, F32, "nf4-dq", 64, 0.1, True, ()),
+    "r1-dense-f16-dropout-bias": (37, 200, 70, 1, F16, "dense", 64, 0.1, True, ()),
+    "K129-straddle-nf4-f32": (37, 129, 70, 8, F32, "nf4", 64, 0.0, True, ()),
+    "K129-straddle-nf4dq-f16-dropout": (37, 129, 70, 8, F16, "nf4-dq", 64, 0.25, True, ()),
+    "odd-numel-bs32-nf4dq-f32": (20, 129, 33, 4, F32, "nf4-dq", 32, 0.1, False, ()),
+    "bs4096-nf4-f16": (9, 129, 70, 8, F16, "nf4", 4096, 0.0, True, ()),
+    "r80-two-rank-chunks-f32-dropout": (19, 70, 40, 80, F32, "dense", 64, 0.2, True, ()),
+    "3d-input-nf4dq-f32": (5, 129, 33, 8, F32, "nf4-dq", 64, 0.1, True, (2,)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients_match_reference(monkeypatch, name):
+    m, k, n, r, dtype, weight, bs, p, bias, lead = CASES[name]
+    case = make_case(m, k, n, r, dtype, weight, bs, bias, seed=len(name), lead=lead)
+    got, mask = run_layer(case, 2.0, p, monkeypatch)
+    assert_layer_close(got, _want(oracle(case, 2.0, p, mask)), dtype, f"{name}: ")
+
+
+def _op_args(case, p, seed):
+    wargs = case.w.tensors() if isinstance(case.w, nf4.NF4Weight) else (case.w, None, None, None, None)
+    bs = case.w.blocksize if isinstance(case.w, nf4.NF4Weight) else 0
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=DEVICE) if p > 0 else None
+    return wargs, bs, seed_t
+
+
+NEED_FLAGS = [
+    ((True, True, True, True), ("lora_bwd_ds", "lora_bwd_dx", "lora_bwd_da"), ("lora_bwd_db",)),
+    ((True, False, False, False), ("lora_bwd_ds", "lora_bwd_dx"), ("lora_bwd_da", "lora_bwd_db")),
+    ((False, True, False, False), ("lora_bwd_ds", "lora_bwd_da"), ("lora_bwd_dx", "lora_bwd_db")),
+    ((False, False, True, False), ("lora_bwd_db",), ("lora_bwd_ds", "lora_bwd_dx", "lora_bwd_da")),
+    ((False, False, False, True), ("lora_bwd_db",), ("lora_bwd_ds", "lora_bwd_dx", "lora_bwd_da")),
+    ((True, False, True, True), ("lora_bwd_ds", "lora_bwd_dx"), ("lora_bwd_da", "lora_bwd_db")),
+]
+
+
+@pytest.mark.parametrize("flags,runs,skips", NEED_FLAGS, ids=lambda v: str(v))
+def test_backward_honours_need_flags(monkeypatch, flags, runs, skips):
+    """Gradients not asked for come back with 0 elements and their kernels do not launch; the others match."""
+    case = make_case(37, 129, 70, 8, F32, "nf4-dq", 64, bias=True, seed=3)
+    p, seed = 0.25, 2 ** 33 + 17
+    wargs, bs, seed_t = _op_args(case, p, seed)
+    mask = materialize_dropout_mask(seed, 37, 129, p, DEVICE)
+    want = oracle(case, 1.5, p, mask)
+    with kernels_only(monkeypatch, FWD_KERNELS):
+        y, s = torch.ops.lora_ops.lora_fwd(case.x, *wargs, bs, case.a, case.b, 1.5, case.bias, p, seed_t)
+    assert s.shape == (37, 8) and s.dtype == F32 and s.is_contiguous()
+    assert_rel_close(y, want[0], F32, "y")
+    assert_rel_close(s, want[1], F32, "S")
+    with kernels_only(monkeypatch, runs, skips):
+        grads = torch.ops.lora_ops.lora_bwd(case.dy, case.x, *wargs, bs, case.a, case.b, s, 1.5, p, seed_t, *flags)
+    for name, g, t, need in zip(("dx", "dA", "dB", "dbias"), grads, want[2:], flags):
+        if need:
+            assert_rel_close(g, t, F32, name)
+        else:
+            assert g.numel() == 0, f"{name} was not asked for but has shape {tuple(g.shape)}"
+
+
+def test_deterministic_mode_uses_atomic_free_reduction(monkeypatch):
+    """Under torch.use_deterministic_algorithms the dB/dbias reduction runs without atomics and two runs are
+    bit-identical (deterministic mode also fills torch.empty with NaN, so an unwritten output would show)."""
+    case = make_case(70, 129, 70, 8, F32, "nf4", 64, bias=True, seed=4)
+    p = 0.1
+    wargs, bs, seed_t = _op_args(case, p, 99)
+    mask = materialize_dropout_mask(99, 70, 129, p, DEVICE)
+    want = oracle(case, 2.0, p, mask)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            with kernels_only(monkeypatch, FWD_KERNELS + BWD_KERNELS + ("lora_bwd_db",)):
+                y, s = torch.ops.lora_ops.lora_fwd(case.x, *wargs, bs, case.a, case.b, 2.0, case.bias, p, seed_t)
+                runs.append((y, s) + torch.ops.lora_ops.lora_bwd(case.dy, case.x, *wargs, bs, case.a, case.b, s,
+                                                                  2.0, p, seed_t, True, True, True, True))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), "deterministic mode gave two different results"
+    for name, g, t in zip(("y", "S", "dx", "dA", "dB", "dbias"), runs[0], want):
+        assert_rel_close(g, t, F32, name)
+
+
+def test_noncontiguous_inputs(monkeypatch):
+    """Transposed and strided views of x, W, A, B, bias and dY go through the kernels' strides."""
+    case = make_case(37, 129, 70, 8, F32, "dense", bias=True, seed=5)
+    x = case.x.t().contiguous().t()                                  # column-major x
+    w = case.w.t().contiguous().t()                                  # column-major W
+    a = torch.stack([case.a, case.a], dim=2)[:, :, 0]                # stride 2 along K
+    b = case.b.t().contiguous().t()
+    bias = torch.stack([case.bias, case.bias], dim=1)[:, 1]          # stride 2
+    dy = case.dy.t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (x, w, a, b, bias, dy))
+    p = 0.25
+    seed_t = torch.tensor(7, dtype=torch.int64, device=DEVICE)
+    mask = materialize_dropout_mask(7, 37, 129, p, DEVICE)
+    want = oracle(case, 2.0, p, mask)
+    with kernels_only(monkeypatch, FWD_KERNELS + BWD_KERNELS):
+        y, s = torch.ops.lora_ops.lora_fwd(x, w, None, None, None, None, 0, a, b, 2.0, bias, p, seed_t)
+        grads = torch.ops.lora_ops.lora_bwd(dy, x, w, None, None, None, None, 0, a, b, s, 2.0, p, seed_t,
+                                            True, True, True, True)
+    for name, g, t in zip(("y", "S", "dx", "dA", "dB", "dbias"), (y, s) + tuple(grads), want):
+        assert_rel_close(g, t, F32, name)
+
+
+def test_empty_batch_launches_nothing(monkeypatch):
+    case = make_case(0, 129, 70, 8, F32, "nf4-dq", 64, bias=True)
+    x, a, b, bias = (t.detach().clone().requires_grad_(True) for t in (case.x, case.a, case.b, case.bias))
+    before = sum(L.LAUNCHES.values())
+    with kernels_only(monkeypatch):
+        y = lora_ops.lora_linear(x, case.w, a, b, 2.0, bias, dropout_p=0.1)
+        y.sum().backward()
+    assert y.shape == (0, 70)
+    assert sum(L.LAUNCHES.values()) == before, "an empty batch launched a kernel"
+    for g in (a.grad, b.grad, bias.grad):
+        assert g is not None and not g.any()
+    assert x.grad.shape == (0, 129)
+
+
+# ------------------------------------------------------------------------------------------------- dropout
+
+@pytest.mark.parametrize("seed,rows,cols,p", [(0, 5, 7, 0.5), (2 ** 40 + 12345, 33, 129, 0.05),
+                                              (2 ** 62 - 1, 1, 1000, 0.9), (123, 17, 3, 0.0)])
+def test_dropout_mask_matches_reference_bit_for_bit(seed, rows, cols, p):
+    before = L.LAUNCHES["dropout_mask"]
+    got = L.dropout_mask(seed, rows, cols, p, DEVICE)
+    assert got.dtype == torch.bool and got.shape == (rows, cols)
+    assert torch.equal(got.cpu(), reference.dropout_mask(seed, rows, cols, p))
+    assert L.LAUNCHES["dropout_mask"] == before + (p > 0)
+    # materialize_dropout_mask (what the other tests use) runs the kernel's mask on the Triton backend.
+    assert torch.equal(materialize_dropout_mask(seed, rows, cols, p, DEVICE), got)
+
+
+@triton.jit
+def _keep_probe_kernel(seed_ptr, base_ptr, out_ptr, threshold, BLOCK: tl.constexpr):
+    # base comes from an int64 tensor, as in the kernels (an int64 tile origin): Triton's interpreter stores a
+    # plain int argument in [2**31, 2**32) as uint32 under an int64 type, which would break ``>> 32`` here only.
+    local = tl.arange(0, BLOCK)
+    keep = L._dropout_keep(tl.load(seed_ptr), tl.load(base_ptr), local, threshold)
+    tl.store(out_ptr + local, keep.to(tl.uint8))
+
+
+@pytest.mark.parametrize("base", [2 ** 32 - 37, 3 * 2 ** 32 + 5, 2 ** 45 + 2 ** 31 - 10])
+def test_dropout_hash_high_indices(base):
+    """Flat indices past 2**32 (the hash's high word and the low-word carry) without materialising 2**32
+    elements: the kernels' helper on ``base + arange(64)`` against reference.dropout_hash31."""
+    seed, p = 2 ** 50 + 99, 0.5
+    out = torch.empty(64, dtype=torch.uint8, device=DEVICE)
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=DEVICE)
+    base_t = torch.tensor(base, dtype=torch.int64, device=DEVICE)
+    _keep_probe_kernel[(1,)](seed_t, base_t, out, reference.dropout_keep_threshold(p), BLOCK=64)
+    index = base + torch.arange(64, dtype=torch.int64)
+    want = reference.dropout_hash31(seed, index) >= reference.dropout_keep_threshold(p)
+    assert torch.equal(out.cpu().bool(), want)
+    assert 0 < int(want.sum()) < 64  # the probe exercises both outcomes
+
+
+# ------------------------------------------------------------------------------------------- mutation controls
+
+def test_mutations_fail_the_same_assertion(monkeypatch):
+    """Deliberately wrong oracles (missing scaling, another dropout seed, an off-by-one NF4 block, swapped
+    nibbles, the dropout mask applied to all of dX) must fail the assertion the real tests use."""
+    case = make_case(37, 129, 70, 8, F16, "nf4", 64, bias=True, seed=8)
+    p = 0.25
+    got, mask = run_layer(case, 2.0, p, monkeypatch)
+    want = _want(oracle(case, 2.0, p, mask))
+    assert_layer_close(got, want, F16)  # the control: the right oracle passes
+
+    def must_fail(bad, what):
+        with pytest.raises(AssertionError):
+            assert_layer_close(got, bad, F16, what)
+
+    must_fail(_want(oracle(case, 1.0, p, mask)), "missing scaling: ")
+    seed = peek_dropout_seed(DEVICE)
+    other = reference.dropout_mask(seed + 1, case.rows, case.k, p, DEVICE)
+    must_fail(_want(oracle(case, 2.0, p, other)), "other dropout seed: ")
+    packed, absmax = case.w.data, case.w.absmax
+    off_by_one = nf4.reference_dequantize_nf4(packed, torch.roll(absmax, 1), None, None, None, 64, 70, 129, F16)
+    must_fail(_want(oracle(case, 2.0, p, mask, wd=off_by_one)), "off-by-one NF4 block: ")
+    swapped = ((packed >> 4) | (packed << 4)).to(torch.uint8)
+    must_fail(_want(oracle(case, 2.0, p, mask, wd=nf4.reference_dequantize_nf4(swapped, absmax, None, None, None,
+                                                                               64, 70, 129, F16))),
+              "swapped nibbles: ")
+    y, _s, dx, dA, dB, dbias = oracle(case, 2.0, p, mask)
+    dx_all_masked = dx * mask.double() / (1 - p)
+    with pytest.raises(AssertionError):
+        assert_rel_close(got[1], dx_all_masked, F16, "dx with the mask on the base term too")
+
+
+# ------------------------------------------------------------------------------------- configs, contract
+
+def test_every_config_computes_the_same(monkeypatch):
+    """Each kernel's CUDA config set (the autotuner may pick any) run through the same comparison: NF4 with
+    blocksize 32 (several blocks per tile row), dropout and bias; the dB kernel under deterministic mode."""
+    case = make_case(37, 129, 70, 8, F32, "nf4-dq", 32, bias=True, seed=9)
+    p = 0.25
+    wargs, bs, seed_t = _op_args(case, p, 5)
+    want = oracle(case, 2.0, p, materialize_dropout_mask(5, 37, 129, p, DEVICE))
+    with kernels_only(monkeypatch, FWD_KERNELS):
+        _, s = torch.ops.lora_ops.lora_fwd(case.x, *wargs, bs, case.a, case.b, 2.0, case.bias, p, seed_t)
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        for name, kernel in L.KERNELS.items():
+            torch.use_deterministic_algorithms(name == "lora_bwd_db")
+            for cfg in kernel.configs:
+                monkeypatch.setattr(kernel, "forced", cfg)
+                with kernels_only(monkeypatch, (name,)):
+                    if name in FWD_KERNELS:
+                        out = torch.ops.lora_ops.lora_fwd(case.x, *wargs, bs, case.a, case.b, 2.0, case.bias, p,
+                                                          seed_t)
+                        names = ("y", "S")
+                    else:
+                        out = torch.ops.lora_ops.lora_bwd(case.dy, case.x, *wargs, bs, case.a, case.b, s, 2.0, p,
+                                                          seed_t, True, True, True, True)
+                        names = ("dx", "dA", "dB", "dbias")
+                for what, g in zip(names, out):
+                    assert_rel_close(g, want[("y", "S", "dx", "dA", "dB", "dbias").index(what)], F32,
+                                     f"{name} {cfg}: {what}")
+            monkeypatch.setattr(kernel, "forced", None)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_opcheck_on_triton_backend(monkeypatch):
+    case = make_case(9, 129, 33, 4, F32, "nf4-dq", 64, bias=True, seed=10)
+    p = 0.25
+    wargs, bs, seed_t = _op_args(case, p, 11)
+    fwd_args = (case.x, *wargs, bs, case.a, case.b, 2.0, case.bias, p, seed_t)
+    with kernels_only(monkeypatch, FWD_KERNELS + BWD_KERNELS):
+        torch.library.opcheck(torch.ops.lora_ops.lora_fwd.default, fwd_args)
+        _, s = torch.ops.lora_ops.lora_fwd(*fwd_args)
+        for flags in ((True, True, True, True), (False, True, False, True)):
+            torch.library.opcheck(torch.ops.lora_ops.lora_bwd.default,
+                                  (case.dy, case.x, *wargs, bs, case.a, case.b, s, 2.0, p, seed_t, *flags))
+
+
+def test_launcher_rejects_bad_input(monkeypatch):
+    case = make_case(5, 40, 24, 4, F32, "nf4-dq", 32, bias=False)
+    wargs, bs, _ = _op_args(case, 0.0, 0)
+    args = lambda **kw: dict(dict(x=case.x, weight=wargs[0], absmax=wargs[1], nested_absmax=wargs[2],  # noqa: E731
+                                  nested_code=wargs[3], offset=wargs[4], blocksize=bs, lora_A=case.a,
+                                  lora_B=case.b, scaling=1.0, bias=None, dropout_p=0.1,
+                                  seed=torch.tensor(1, device=DEVICE)), **kw)
+    with pytest.raises(ValueError, match="int64"):
+        L.lora_forward(**args(seed=torch.tensor(1, dtype=torch.int32, device=DEVICE)))
+    with pytest.raises(ValueError, match="needs"):
+        L.lora_forward(**args(x=case.x[:, :-2].contiguous(), lora_A=case.a[:, :-2].contiguous()))
+    with pytest.raises(ValueError, match="blocksize"):
+        L.lora_forward(**args(blocksize=48))
+    with pytest.raises(ValueError, match="together"):
+        L.lora_forward(**args(nested_code=None))
+    with pytest.raises(ValueError, match="dropout_p"):
+        L.lora_forward(**args(dropout_p=1.0))
+    with pytest.raises(ValueError, match="lora_B"):
+        L.lora_forward(**args(lora_B=case.b[:, :-1]))
+    with pytest.raises(TypeError, match="float64"):
+        L.lora_forward(**args(x=case.x.double()))
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(L, "_INTERPRET", False)
+        with pytest.raises(ValueError, match="CUDA tensors"):
+            L.lora_forward(**args())
