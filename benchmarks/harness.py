@@ -512,6 +512,10 @@ def _mode_rows(run: Run, case: Case, provider: str, mode: str, config: Dict, t: 
     else:
         if prof[0] is None:
             rows.add("kernel_launches", math.nan, "count", status="n/a", note="no device kernels on the CPU")
+        elif prof[0] == 0 and case.kind == "layer":
+            # Every layer call launches kernels: none seen means the profiler captured no device activity.
+            rows.add("kernel_launches", math.nan, "count", status="n/a",
+                     note="torch.profiler captured no device kernels (CUPTI unavailable?)")
         else:
             rows.add("kernel_launches", prof[0], "count", note="device kernels in one call (torch.profiler)")
         rows.add("op_calls", prof[1], "count", note="dispatcher ops in one call, nested included")

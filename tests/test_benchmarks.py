@@ -58,7 +58,7 @@ def test_cpu_quick_layer_end_to_end(tmp_path):
     env = json.loads(rows[0]["env"])
     for key in ("gpu", "torch", "triton", "peft", "bitsandbytes", "lora_ops", "date_utc", "git_commit", "command"):
         assert env.get(key), key
-    assert "--preset layer" in env["command"] and env["cuda_graphs"] is False
+    assert "--preset layer" in env["command"] and env["cuda_graphs"] is False and env["cpu_threads"] == 1
     cfg = json.loads(next(r["config"] for r in rows if r["provider"] == "fused" and r["metric"] == "time_ms"))
     assert cfg["provider_info"]["lora_fwd"] == "reference"  # CPU tensors: the reference, and the run says so
     assert _png(d / "layer_ratio.png")
