@@ -5,8 +5,9 @@ Format facts (see shared/NF4.md, checked against bitsandbytes 0.50.2):
 * The (out, in) weight is flattened row-major and cut into blocks of ``blocksize`` elements; the last
   block may be partial and blocks may straddle rows.
 * ``absmax[b] = max |w|`` over block b (fp32). Each element is scaled by a reciprocal multiply
-  ``fp32(w) * (1 / absmax)`` and mapped to the NF4 code whose midpoint interval holds it (``>`` against the
-  15 fp32 midpoints, except the ties listed in ``NF4_TIES_UP``, measured on bitsandbytes' CUDA build).
+  ``fp32(w) * (1 / absmax)`` and mapped to the number of the 15 bounds ``NF4_BOUNDS`` strictly below it: the
+  fp32 midpoints, four of them moved one ulp as bitsandbytes' CUDA build has them (measured, not the source's
+  apparent rule).
 * Two codes per byte, element 2j in the high nibble; an odd count pads the last low nibble with the code
   of the padding value 0.0 (code 7, or code 0 when that block is all zeros: ``0 * inf`` is NaN on CUDA).
 * Double quantization: ``offset = mean(absmax)``, then ``absmax - offset`` is quantized in blocks of 256
@@ -40,14 +41,30 @@ def _f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
-# The 15 decision thresholds between neighbouring codes: the fp32 midpoints. They equal, bit for bit, the
-# literals of bitsandbytes' CUDA decision tree (dQuantizeNF4).
+# The 15 fp32 midpoints between neighbouring codes: the thresholds that bitsandbytes' CUDA source
+# (dQuantizeNF4, a decision tree of strict ``x > literal`` tests) spells as decimal literals.
 NF4_MIDPOINTS = tuple(_f32((_f32(a) + _f32(b)) / 2) for a, b in zip(NF4_CODEBOOK[:-1], NF4_CODEBOOK[1:]))
 
-# Midpoints where a value exactly on the threshold takes the UPPER code on bitsandbytes' CUDA build
-# (measured on the H200 with bnb 0.50.2: ties at absmax = 1 gave codes [1,1,2,...,11,13,13,15]), although
-# the source reads as a strict ``>`` everywhere. Everything else ties to the lower code.
-NF4_TIES_UP = frozenset({0, 12, 14})
+# Where bitsandbytes' CUDA build (0.50.2, CUDA 13.0, measured on the H200 with golden vectors at every
+# midpoint +-2 ulps and absmax 1, 2, 0.5, 1.7: scripts/make_golden.py) puts its strict-``>`` bound, in fp32
+# ulps from the midpoint. Four of its literals compile one ulp away from the fp32 midpoint: at 0, 12 and 14
+# the value exactly on the midpoint goes UP a code, and at 8 the value one ulp above the midpoint stays DOWN.
+NF4_BOUND_ULP_SHIFT = {0: -1, 8: +1, 12: -1, 14: -1}
+
+
+def _ulp_step(x: float, n: int) -> float:
+    """x moved by n fp32 ulps (x a nonzero fp32 value; n in -1, 0, +1)."""
+    if n == 0:
+        return x
+    bits = struct.unpack("<i", struct.pack("<f", x))[0]
+    away = (n > 0) == (x > 0)  # moving away from zero increases |bits|
+    return struct.unpack("<f", struct.pack("<i", bits + (1 if away else -1)))[0]
+
+
+# The strict bounds the CUDA build compares against: code = number of bounds strictly below the scaled value.
+NF4_BOUNDS = tuple(_ulp_step(m, NF4_BOUND_ULP_SHIFT.get(i, 0)) for i, m in enumerate(NF4_MIDPOINTS))
+# Midpoints where a value exactly on the midpoint takes the upper code (derived, kept for readers and tests).
+NF4_TIES_UP = frozenset(i for i, d in NF4_BOUND_ULP_SHIFT.items() if d < 0)
 
 # bitsandbytes.functional.create_dynamic_map(signed=True), 256 fp32 values ascending, as big-endian hex:
 # the 8-bit map used for double quantization (nested absmax).
@@ -100,12 +117,8 @@ def dynamic_map(device=None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 def _nf4_thresholds(device=None) -> torch.Tensor:
-    """The 15 thresholds as strict-``>`` bounds: a tie-up midpoint t becomes nextafter(t, -inf), since for
-    floats ``x > nextafter(t, -inf)`` is ``x >= t``."""
-    t = torch.tensor(NF4_MIDPOINTS, dtype=torch.float32, device=device)
-    down = torch.nextafter(t, torch.full_like(t, -float("inf")))
-    tie_up = torch.tensor([i in NF4_TIES_UP for i in range(15)], device=device)
-    return torch.where(tie_up, down, t)
+    """The 15 strict bounds (NF4_BOUNDS) as an fp32 tensor: what the CUDA quantize kernel is given."""
+    return torch.tensor(NF4_BOUNDS, dtype=torch.float32, device=device)
 
 
 def _nf4_codes_of_scaled(scaled: torch.Tensor) -> torch.Tensor:

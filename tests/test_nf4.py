@@ -112,13 +112,13 @@ def bnb_fields(packed, qs: QuantState, dequant=()):
     return f
 
 
-def codes_by_definition(scaled: torch.Tensor) -> torch.Tensor:
-    """NF4 codes from NF4.md's CUDA rule, in float64 arithmetic: the number of the 15 fp32 midpoints below the
-    scaled value, plus one on the midpoints in NF4_TIES_UP; NaN (0 * inf) -> code 0."""
+def codes_by_definition(scaled: torch.Tensor, bounds=None) -> torch.Tensor:
+    """NF4 codes by definition, in float64 arithmetic: the number of the 15 strict bounds below the scaled
+    value (default N.NF4_BOUNDS: the fp32 midpoints with bitsandbytes-CUDA's measured one-ulp shifts);
+    NaN (0 * inf) -> code 0."""
     s = scaled.double().reshape(-1, 1)
-    mids = torch.tensor(N.NF4_MIDPOINTS, dtype=torch.float64)
-    up = torch.tensor([i in N.NF4_TIES_UP for i in range(15)])
-    codes = (s > mids).sum(1) + ((s == mids) & up).sum(1)
+    b = torch.tensor(N.NF4_BOUNDS if bounds is None else bounds, dtype=torch.float64)
+    codes = (s > b).sum(1)
     return torch.where(torch.isnan(s[:, 0]), 0, codes)
 
 
@@ -262,16 +262,17 @@ def test_ties_fp32():
     assert n_ties >= 4 * 15 - 4, f"only {n_ties} of 60 exact ties were constructible (57 expected)"
     ours = quantize_nf4(w, 64, double_quant=False)
     want = codes_by_definition(scaled)
-    assert_nf4_equal({"packed": ours.data}, {"packed": pack_codes(want)}, "ties vs NF4.md rule")
+    assert_nf4_equal({"packed": ours.data}, {"packed": pack_codes(want)}, "ties vs the measured CUDA bounds")
     q, _ = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
     bnb_codes, our_codes = G.unpack_codes(q), G.unpack_codes(ours.data)
-    mids = torch.tensor(N.NF4_MIDPOINTS)
-    at_up_tie = torch.zeros_like(scaled.reshape(-1), dtype=torch.bool)
-    for i in N.NF4_TIES_UP:
-        at_up_tie |= scaled.reshape(-1) == mids[i]
-    assert int(at_up_tie.sum()) == len(N.NF4_TIES_UP) * len(G.TIE_ABSMAX), "a tie-up tie is missing"
-    assert torch.equal(our_codes != bnb_codes, at_up_tie), "ours and bnb-CPU differ away from the tie-up ties"
-    assert torch.equal(bnb_codes[at_up_tie], our_codes[at_up_tie] - 1)
+    # bitsandbytes-CPU bucketizes against the plain fp32 midpoints (ties down everywhere): it must differ from
+    # us exactly where the midpoints and the CUDA bounds disagree, i.e. at the four shifted thresholds.
+    by_mids = codes_by_definition(scaled, N.NF4_MIDPOINTS)
+    assert torch.equal(bnb_codes, by_mids[: bnb_codes.numel()].to(bnb_codes.dtype))
+    differ = our_codes != bnb_codes
+    expected = (want != by_mids)[: differ.numel()]
+    assert torch.equal(differ, expected)
+    assert int(differ.sum()) == len(N.NF4_BOUND_ULP_SHIFT) * len(G.TIE_ABSMAX), "a shifted-bound case is missing"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DNAME.get)
