@@ -63,5 +63,5 @@ echo
 echo "==== summary (install ${t_install}s, total $(( $(date +%s) - t0 ))s) ===="
 for s in "${summary[@]}"; do echo "$s"; done
 for preset in $BENCH; do
-  echo "---- $preset ----"; grep -A40 "^## Summary" "$OUT/bench_$preset.log" | head -40
+  echo "---- $preset ----"; grep -A80 "^## Summary" "$OUT/bench_$preset.log" | head -80
 done
