@@ -489,16 +489,33 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def _cfg(num_warps: int, num_stages: int, **blocks) -> triton.Config:
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+# Config families. Pruning keeps the family of the call: 16-bit dense, 16-bit NF4 (the W tile is decoded in
+# registers, so a BLOCK_K of 32 on the reduction keeps it spill-free), fp32 (no tensor cores: the IEEE FMA dot
+# holds both operands in registers, so tiles are small). Chosen from ptxas -v for sm_90 (registers and spills
+# of every config at BLOCK_R 16 and 64); the speed work re-tunes them on the GPU.
+_DENSE16, _NF4_16, _FP32 = "dense16", "nf4_16", "fp32"
+_ALL = frozenset((_DENSE16, _NF4_16, _FP32))
+_TAGS: Dict[int, frozenset] = {}
+
+
+def _cfg(num_warps: int, num_stages: int, tags=_ALL, **blocks) -> triton.Config:
+    c = triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+    _TAGS[id(c)] = frozenset(tags)
+    return c
 
 
 def _gemm_configs(out_name: str, red_name: str) -> List[triton.Config]:
-    # Largest first: with autotuning off the first survivor of pruning is used. 128x256x64 / 8 warps / 3 stages
-    # was the best plain-Triton bf16 config on the H200 (shared/ANCHORS.md); the small-M ones serve decode sizes.
-    shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-              (32, 64, 64, 4, 4), (16, 64, 64, 4, 4))
-    return [_cfg(w, s, BLOCK_M=bm, GROUP_M=8, **{out_name: bo, red_name: br}) for bm, bo, br, w, s in shapes]
+    # Largest first within a family: with autotuning off the first survivor of pruning is used. 128x256x64 /
+    # 8 warps / 3 stages was the best plain-Triton bf16 config on the H200 (shared/ANCHORS.md).
+    families = (
+        (_DENSE16, ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+                    (32, 64, 64, 4, 4), (16, 64, 64, 4, 4))),
+        (_NF4_16, ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3),
+                   (16, 64, 32, 4, 3))),
+        (_FP32, ((64, 64, 16, 4, 2), (32, 32, 32, 4, 2), (16, 64, 32, 4, 2))),
+    )
+    return [_cfg(w, s, (fam,), BLOCK_M=bm, GROUP_M=8, **{out_name: bo, red_name: br})
+            for fam, shapes in families for bm, bo, br, w, s in shapes]
 
 
 def _row_configs(other: str) -> List[triton.Config]:
@@ -507,43 +524,29 @@ def _row_configs(other: str) -> List[triton.Config]:
     return [_cfg(w, s, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
 
 
-def _reduce_configs(other: str) -> List[triton.Config]:
+def _reduce_configs(other: str, fp32_small: bool) -> List[triton.Config]:
     # Kernels that reduce over M inside a program (dA, deterministic dB): BLOCK_M is their reduction tile.
+    # dA's (BLOCK_R, BLOCK_K) fp32 FMA dot spills at these sizes: it gets one small fp32 config of its own.
     shapes = ((128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3))
-    return [_cfg(w, s, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
+    tags = (_DENSE16, _NF4_16) if fp32_small else _ALL
+    out = [_cfg(w, s, tags, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
+    if fp32_small:
+        out.append(_cfg(4, 2, (_FP32,), BLOCK_M=32, **{other: 32}))
+    return out
 
 
-# Shared memory a config may plan for (the H200 has 227 KiB per block; leave room for layout conversions).
-_SMEM_BUDGET = 180 * 1024
-
-
-# NF4 weight elements a thread decodes per K step: each carries an int64 flat index, a byte and a scale in
-# registers, so larger W tiles spill.
-_NF4_ELEMS_PER_THREAD = 32
-
-
-def _make_prune(tile_dims: Tuple[str, ...], m_is_tile: bool):
-    """Drop configs whose BLOCK_M is far above M (a decode batch in a 128-row tile wastes the tile); for GEMMs
-    (tile_dims = (rows, cols, reduction) names) also those whose pipelined tiles overflow shared memory (fp32)
-    and, for NF4 weights, those whose W tile is too many elements per thread."""
+def _make_prune(m_is_tile: bool):
+    """Keep the configs of the call's family (fp32 / 16-bit NF4 / 16-bit dense) and, where BLOCK_M tiles M,
+    drop those whose BLOCK_M is far above M (a decode batch in a 128-row tile wastes the tile)."""
     def prune(configs, named_args, **kwargs):
         m = int(named_args["M"])
         elt = next(v.element_size() for k, v in named_args.items() if k.endswith("_ptr") and hasattr(v, "dtype"))
-        cap = max(_MIN_DOT, _next_pow2(m))
         nf4 = bool(kwargs.get("IS_NF4", named_args.get("IS_NF4", False)))
-        kept = []
-        for c in configs:
-            blocks = c.kwargs
-            if m_is_tile and blocks["BLOCK_M"] > cap:
-                continue
-            if len(tile_dims) == 3:
-                a, b, red = (blocks[d] for d in tile_dims)
-                if c.num_stages * (a * red + red * b) * elt > _SMEM_BUDGET:
-                    continue
-                if nf4 and b * red > _NF4_ELEMS_PER_THREAD * 32 * c.num_warps:
-                    continue
-            kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+        fam = _FP32 if elt == 4 else (_NF4_16 if nf4 else _DENSE16)
+        mine = [c for c in configs if fam in _TAGS.get(id(c), _ALL)] or list(configs)
+        cap = max(_MIN_DOT, _next_pow2(m))
+        kept = [c for c in mine if not m_is_tile or c.kwargs["BLOCK_M"] <= cap]
+        return kept or [min(mine, key=lambda c: c.kwargs["BLOCK_M"])]
     return prune
 
 
@@ -587,21 +590,21 @@ _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "IS_NF4", "NESTED", "BLOCKSIZE", "
 # Interpreter configs: few programs (the interpreter pays per program and per loop trip) but still several M, N
 # and K tiles on the CPU tests' shapes, so masks, atomics across M tiles and tile loops are all exercised.
 _S_KERNEL = _Kernel(_lora_s_kernel, "lora_s", _row_configs("BLOCK_K"), ["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"],
-                    _make_prune((), True), _cfg(4, 1, BLOCK_M=32, BLOCK_K=64))
+                    _make_prune(True), _cfg(4, 1, BLOCK_M=32, BLOCK_K=64))
 _FWD_KERNEL = _Kernel(_lora_fwd_kernel, "lora_fwd", _gemm_configs("BLOCK_N", "BLOCK_K"), _GEMM_KEY,
-                      _make_prune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), True),
+                      _make_prune(True),
                       _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2))
 _DS_KERNEL = _Kernel(_lora_bwd_ds_kernel, "lora_bwd_ds", _row_configs("BLOCK_N"),
-                     ["M_BUCKET", "N", "BLOCK_R", "DO_DB", "DO_DBIAS"], _make_prune((), True),
+                     ["M_BUCKET", "N", "BLOCK_R", "DO_DB", "DO_DBIAS"], _make_prune(True),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_N=32), reset_to_zero=["db_acc_ptr", "dbias_acc_ptr"])
-_DB_KERNEL = _Kernel(_lora_bwd_db_kernel, "lora_bwd_db", _reduce_configs("BLOCK_N"),
-                     ["M_BUCKET", "N", "BLOCK_R", "DO_DB", "DO_DBIAS"], _make_prune((), False),
+_DB_KERNEL = _Kernel(_lora_bwd_db_kernel, "lora_bwd_db", _reduce_configs("BLOCK_N", False),
+                     ["M_BUCKET", "N", "BLOCK_R", "DO_DB", "DO_DBIAS"], _make_prune(False),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_N=32))
 _DX_KERNEL = _Kernel(_lora_bwd_dx_kernel, "lora_bwd_dx", _gemm_configs("BLOCK_K", "BLOCK_N"), _GEMM_KEY,
-                     _make_prune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), True),
+                     _make_prune(True),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=2))
-_DA_KERNEL = _Kernel(_lora_bwd_da_kernel, "lora_bwd_da", _reduce_configs("BLOCK_K"),
-                     ["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"], _make_prune((), False),
+_DA_KERNEL = _Kernel(_lora_bwd_da_kernel, "lora_bwd_da", _reduce_configs("BLOCK_K", True),
+                     ["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"], _make_prune(False),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_K=64))
 
 # Every kernel with its configs, for tests that run each config.
