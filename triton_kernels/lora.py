@@ -15,7 +15,8 @@ dequantized tile by tile inside the GEMM K-loop; no dequantized copy of W exists
 
 Kernels (LoRAFusion's split at S):
 
-* ``_lora_s_kernel``        S = xd @ A^T: skinny, bandwidth-bound, one pass over x (grid: M tiles x r chunks).
+* ``_lora_s_kernel``        S = xd @ A^T: skinny, bandwidth-bound, one pass over x per rank chunk (grid: M
+                            tiles x r chunks).
 * ``_lora_fwd_kernel``      y: the fp32 accumulator starts at s * S @ B^T (+ bias), then accumulates x @ W^T.
 * ``_lora_bwd_ds_kernel``   one pass over dY: dS in registers; dB and dbias reduced over M tiles by fp32
                             atomics (fast path, not bit-reproducible).
@@ -25,9 +26,12 @@ Kernels (LoRAFusion's split at S):
 * ``_lora_bwd_dx_kernel``   dX in one GEMM: the accumulator starts at dropout(dS @ A), then accumulates dY @ W.
 * ``_lora_bwd_da_kernel``   dA = dS^T @ xd (grid: K tiles x r chunks x M splits, fp32 partials, no atomics).
 
-Conventions: fp32 accumulators; fp32 dots with ``input_precision="ieee"`` (no tf32); int64 row/column offsets
-(rows * stride passes 2**31 at real sizes); every load/store masked with ``other=``; any strides (nothing is
-copied to make it contiguous). The rank is processed in chunks of at most 128 (``BLOCK_R``), so any r works.
+Conventions: fp32 accumulators; fp32 dots with ``input_precision="ieee"`` (no tf32); tile origins in int64
+(rows * stride passes 2**31 at real sizes) and in-tile offsets in int32 (registers), which holds for strides,
+K and N below 2**22 (a larger stride is copied contiguous first; larger K or N raise); every load/store masked
+with ``other=``; any strides otherwise. The rank is processed in chunks of at most 64 (``BLOCK_R``): any r works,
+and r <= 64 is one chunk. S and dS are rounded to x.dtype (S as PEFT's ``lora_A(x)``; dS so that the dX and dA
+GEMMs run on tensor cores); every other result is rounded once from its fp32 accumulator.
 
 Dropout: ``_dropout_keep`` is the Triton twin of ``lora_ops.reference.dropout_hash31`` (uint32 arithmetic mod
 2**32; keep iff hash31 >= ``dropout_keep_threshold(p)``). The seed is a 0-d int64 device tensor that the kernels
@@ -42,8 +46,9 @@ and the block constants come from ``lora_ops.nf4``. Addressing (``_w_tile``: whi
 decoding (``_nf4_scale`` / ``_nf4_decode``: bytes + scales -> values) are separate helpers, so a TMA / persistent
 mainloop can load bytes its own way and reuse the decode unchanged.
 
-Tuning: on CUDA every kernel is autotuned over a small config set pruned by M (and by shared memory for fp32),
-cached by Triton's autotuner per (M bucket = next power of two, N, K, rank chunk, variant, dtypes).
+Tuning: on CUDA every kernel is autotuned over a small config set, pruned to the call's family (16-bit dense,
+16-bit NF4, fp32) and by M, cached by Triton's autotuner per (M bucket = next power of two, N, K, rank chunk,
+variant, dtypes).
 ``LORA_OPS_TRITON_AUTOTUNE=0`` skips benchmarking and takes the first config that survives pruning (the largest
 tile that fits M). Under ``TRITON_INTERPRET=1`` one small config per kernel keeps CPU tests fast.
 ``LAUNCHES`` counts launches per kernel name, so tests can prove that the Triton path ran.
@@ -73,8 +78,9 @@ _HASH_MUL1 = tl.constexpr(_ref.HASH_MUL1)
 _HASH_MUL2 = tl.constexpr(_ref.HASH_MUL2)
 _NESTED_BS = tl.constexpr(_nf4.NESTED_BLOCKSIZE)
 
-# In-tile offsets are int32: every stride (and K, N) stays below 2**23, so (tile extent <= 256) * stride < 2**31.
-_MAX_STRIDE = 1 << 23
+# In-tile offsets are int32: with every stride (and K, N) below 2**22, an offset i * stride_a + j * stride_b over
+# tile extents <= 256 and <= 128 stays below 382 * 2**22 < 2**31.
+_MAX_STRIDE = 1 << 22
 
 # Rank chunk: register tiles of (BLOCK_M, BLOCK_R) fp32 stay spill-free up to 64 (ptxas -v for sm_90 at the
 # configs below); larger ranks loop (GEMMs) or add a grid axis (S, dS, dA, dB) over
@@ -87,7 +93,7 @@ _MIN_DOT = 16
 #
 # Addressing: a tile's origin (m0, n0, k0) is an int64 scalar and in-tile offsets are int32 tensors, so
 # rows * stride may pass 2**31 without every lane carrying 64-bit offsets (registers). The launchers keep every
-# stride below 2**23 (``_MAX_STRIDE``), which bounds an in-tile offset by 256 * 2**23 = 2**31.
+# stride, K and N below ``_MAX_STRIDE``, which keeps every in-tile offset below 2**31.
 
 @triton.jit
 def _mix32(h):
@@ -504,12 +510,14 @@ def _cfg(num_warps: int, num_stages: int, tags=_ALL, **blocks) -> triton.Config:
     return c
 
 
-def _gemm_configs(out_name: str, red_name: str) -> List[triton.Config]:
-    # Largest first within a family: with autotuning off the first survivor of pruning is used. 128x256x64 /
-    # 8 warps / 3 stages was the best plain-Triton bf16 config on the H200 (shared/ANCHORS.md).
+def _gemm_configs(out_name: str, red_name: str, wide_first: bool) -> List[triton.Config]:
+    # With autotuning off the first survivor of pruning is used: largest first, except that the dX kernel's
+    # 128x256 tile spills (240 B, ptxas) and goes second. 128x256x64 / 8 warps / 3 stages was the best
+    # plain-Triton bf16 forward config on the H200 (shared/ANCHORS.md).
+    wide, square = (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)
     families = (
-        (_DENSE16, ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-                    (32, 64, 64, 4, 4), (16, 64, 64, 4, 4))),
+        (_DENSE16, ((wide, square) if wide_first else (square, wide))
+         + ((64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4), (16, 64, 64, 4, 4))),
         (_NF4_16, ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3),
                    (16, 64, 32, 4, 3))),
         (_FP32, ((64, 64, 16, 4, 2), (32, 32, 32, 4, 2), (16, 64, 32, 4, 2))),
@@ -518,10 +526,17 @@ def _gemm_configs(out_name: str, red_name: str) -> List[triton.Config]:
             for fam, shapes in families for bm, bo, br, w, s in shapes]
 
 
-def _row_configs(other: str) -> List[triton.Config]:
+def _row_configs(other: str, fp32_small: bool) -> List[triton.Config]:
     # Kernels with one program per row block (S, dS): BLOCK_M rows, ``other`` the tile of their inner loop.
+    # dS's two fp32 FMA dots (dY @ B, dY^T @ S) spill by kilobytes at these sizes for BLOCK_R = 64: fp32 gets
+    # small tiles of its own there.
     shapes = ((128, 64, 8, 4), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3))
-    return [_cfg(w, s, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
+    tags = (_DENSE16, _NF4_16) if fp32_small else _ALL
+    out = [_cfg(w, s, tags, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
+    if fp32_small:
+        out += [_cfg(w, s, (_FP32,), BLOCK_M=bm, **{other: bo})
+                for bm, bo, w, s in ((32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2))]
+    return out
 
 
 def _reduce_configs(other: str, fp32_small: bool) -> List[triton.Config]:
@@ -589,18 +604,18 @@ _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "IS_NF4", "NESTED", "BLOCKSIZE", "
 
 # Interpreter configs: few programs (the interpreter pays per program and per loop trip) but still several M, N
 # and K tiles on the CPU tests' shapes, so masks, atomics across M tiles and tile loops are all exercised.
-_S_KERNEL = _Kernel(_lora_s_kernel, "lora_s", _row_configs("BLOCK_K"), ["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"],
-                    _make_prune(True), _cfg(4, 1, BLOCK_M=32, BLOCK_K=64))
-_FWD_KERNEL = _Kernel(_lora_fwd_kernel, "lora_fwd", _gemm_configs("BLOCK_N", "BLOCK_K"), _GEMM_KEY,
+_S_KERNEL = _Kernel(_lora_s_kernel, "lora_s", _row_configs("BLOCK_K", False),
+                    ["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"], _make_prune(True), _cfg(4, 1, BLOCK_M=32, BLOCK_K=64))
+_FWD_KERNEL = _Kernel(_lora_fwd_kernel, "lora_fwd", _gemm_configs("BLOCK_N", "BLOCK_K", True), _GEMM_KEY,
                       _make_prune(True),
                       _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2))
-_DS_KERNEL = _Kernel(_lora_bwd_ds_kernel, "lora_bwd_ds", _row_configs("BLOCK_N"),
+_DS_KERNEL = _Kernel(_lora_bwd_ds_kernel, "lora_bwd_ds", _row_configs("BLOCK_N", True),
                      ["M_BUCKET", "N", "BLOCK_R", "DO_DB", "DO_DBIAS"], _make_prune(True),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_N=32), reset_to_zero=["db_acc_ptr", "dbias_acc_ptr"])
 _DB_KERNEL = _Kernel(_lora_bwd_db_kernel, "lora_bwd_db", _reduce_configs("BLOCK_N", False),
                      ["M_BUCKET", "N", "BLOCK_R", "DO_DB", "DO_DBIAS"], _make_prune(False),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_N=32))
-_DX_KERNEL = _Kernel(_lora_bwd_dx_kernel, "lora_bwd_dx", _gemm_configs("BLOCK_K", "BLOCK_N"), _GEMM_KEY,
+_DX_KERNEL = _Kernel(_lora_bwd_dx_kernel, "lora_bwd_dx", _gemm_configs("BLOCK_K", "BLOCK_N", False), _GEMM_KEY,
                      _make_prune(True),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=2))
 _DA_KERNEL = _Kernel(_lora_bwd_da_kernel, "lora_bwd_da", _reduce_configs("BLOCK_K", True),
@@ -681,7 +696,7 @@ def _check_same(name: str, t: torch.Tensor, x: torch.Tensor, shape=None) -> None
 
 def _narrow(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``t`` itself when all its strides are below _MAX_STRIDE, else a contiguous copy (a layout no real model
-    produces: a transposed view with more than 2**23 rows)."""
+    produces: a transposed view with more than 2**22 rows)."""
     if t is None or all(st < _MAX_STRIDE for st in t.stride()):
         return t
     return t.contiguous()
