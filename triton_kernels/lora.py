@@ -278,7 +278,7 @@ def _lora_fwd_kernel(x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
     if NESTED:
         offset = tl.load(offset_ptr)
     if IS_NF4:
-        codebook = tl.load(codebook_ptr + tl.arange(0, 16))
+        codebook = tl.load(codebook_ptr + tl.arange(0, 16))  # exactly 16 entries: in bounds, no mask
     x_base = x_ptr + m0 * stride_xm
     for k in range(0, K, BLOCK_K):
         k0 = tl.cast(k, tl.int64)
@@ -426,7 +426,7 @@ def _lora_bwd_dx_kernel(dy_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
     if NESTED:
         offset = tl.load(offset_ptr)
     if IS_NF4:
-        codebook = tl.load(codebook_ptr + tl.arange(0, 16))
+        codebook = tl.load(codebook_ptr + tl.arange(0, 16))  # exactly 16 entries: in bounds, no mask
     dy_base = dy_ptr + m0 * stride_dym
     for n in range(0, N, BLOCK_N):
         n0 = tl.cast(n, tl.int64)
