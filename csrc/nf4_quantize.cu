@@ -3,8 +3,9 @@
 // No torch header here (see nf4_quantize.h). One warp owns one quantization block: the block's absmax is a
 // warp reduction, then each lane encodes element pairs (one output byte each). Quantization runs once per
 // weight, so the kernels favour obviously-exact arithmetic over speed:
-//   * every rounding step is an explicit _rn intrinsic (__fdiv_rn, __fmul_rn, __fadd_rn), so the results do
-//     not depend on --use_fast_math, -prec-div or FMA contraction;
+//   * every rounding step is explicit, so the results do not depend on --use_fast_math, -prec-div or FMA
+//     contraction: the block scale is bitsandbytes' fast-math reciprocal (rcp.approx.ftz.f32, then mul.ftz.f32),
+//     the rest _rn intrinsics;
 //   * the NF4 decision bounds and the 8-bit map come in as data (from lora_ops.nf4), never as literals.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -14,6 +15,23 @@
 #include "nf4_quantize.h"
 
 namespace {
+
+// bitsandbytes' CUDA build is compiled with fast math, so its `1.0f / absmax` is the approximate reciprocal and
+// the scale product flushes denormals. Measured on the H200 (scripts/probe_nf4_rounding.py, 2026-11-29): of
+// 5 bytes (in 3 x 29M-element fp32 weights) where an IEEE reciprocal disagreed with bitsandbytes, this pair
+// reproduced all 5; IEEE division reproduced 3. (The PyTorch reference keeps the IEEE reciprocal, as
+// bitsandbytes' CPU path does.)
+__device__ __forceinline__ float bnb_reciprocal(float m) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(m));
+  return r;
+}
+
+__device__ __forceinline__ float bnb_scale(float v, float inv) {
+  float r;
+  asm("mul.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(v), "f"(inv));
+  return r;
+}
 
 constexpr int kWarpsPerCta = 8;
 constexpr int kThreads = 32 * kWarpsPerCta;
@@ -66,15 +84,15 @@ nf4_quantize_kernel(const T* __restrict__ w, int64_t n, int blocksize, int64_t n
   const int64_t end = start + blocksize < n ? start + blocksize : n;
   const float m = block_absmax(w, start, end, lane);
   if (lane == 0) absmax[blk] = m;
-  // A reciprocal multiply, as bitsandbytes' kernel does (not x / absmax): IEEE 1/absmax, then one product.
-  const float inv = __fdiv_rn(1.0f, m);
+  // A reciprocal multiply, as bitsandbytes' kernel does (not x / absmax), with its fast-math reciprocal.
+  const float inv = bnb_reciprocal(m);
   // blocksize is even, so byte j = elements (2j, 2j+1) never straddles two blocks.
   const int64_t pend = (end + 1) / 2;
   for (int64_t p = start / 2 + lane; p < pend; p += 32) {
     const int64_t i = 2 * p;
-    const float hi = __fmul_rn(to_f32(w[i]), inv);
+    const float hi = bnb_scale(to_f32(w[i]), inv);
     // Odd n: the missing element is 0.0 scaled by this block (code 7, or 0 for an all-zero block).
-    const float lo = __fmul_rn(i + 1 < n ? to_f32(w[i + 1]) : 0.0f, inv);
+    const float lo = bnb_scale(i + 1 < n ? to_f32(w[i + 1]) : 0.0f, inv);
     packed[p] = static_cast<uint8_t>((nf4_code(hi, bounds) << 4) | nf4_code(lo, bounds));
   }
 }
@@ -121,8 +139,8 @@ quantize_8bit_kernel(const float* __restrict__ values, int64_t n, int blocksize,
   const int64_t end = start + blocksize < n ? start + blocksize : n;
   const float m = block_absmax(values, start, end, lane);
   if (lane == 0) absmax[blk] = m;
-  const float inv = __fdiv_rn(1.0f, m);
-  for (int64_t i = start + lane; i < end; i += 32) out[i] = quantize_8bit(code, __fmul_rn(values[i], inv));
+  const float inv = bnb_reciprocal(m);
+  for (int64_t i = start + lane; i < end; i += 32) out[i] = quantize_8bit(code, bnb_scale(values[i], inv));
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -154,7 +154,9 @@ def test_real_shapes(monkeypatch, case):
 def test_nf4_never_materialises_a_dense_weight(monkeypatch):
     """Peak extra memory of the fused NF4 forward and backward is their outputs plus at most 16 MiB of
     workspace (dS, the fp32 dB/dbias accumulators, dA partials): a dequantized (N, K) bf16 weight, 112 MiB
-    here, would not fit under that bound."""
+    here, would not fit under that bound. This is the in-loop decode path (forced here); from
+    NF4_DEQUANT_MIN_M rows the launchers dequantize into a per-call temporary instead (next test)."""
+    monkeypatch.setattr(_lora(), "NF4_DEQUANT_MIN_M", 1 << 62)
     m, k, n, r = 4096, 4096, 14336, 16
     inp = make_inputs(m, k, n, r, BF16, "nf4-dq", bias=True)
     w_bytes = n * k * 2
@@ -182,6 +184,33 @@ def test_nf4_never_materialises_a_dense_weight(monkeypatch):
     assert bwd_peak <= dx_bytes + workspace
 
 
+def test_nf4_dequant_temporary_is_freed(monkeypatch):
+    """From NF4_DEQUANT_MIN_M rows an NF4 weight is dequantized into a temporary for the call: the peak holds
+    at most one dense (N, K) copy, and after the forward returns nothing dense is alive (only y, S and what
+    autograd saves: x, the NF4 bytes, S)."""
+    m, k, n, r = 4096, 4096, 14336, 16
+    assert m >= _lora().NF4_DEQUANT_MIN_M
+    inp = make_inputs(m, k, n, r, BF16, "nf4-dq", bias=True)
+    w_bytes = n * k * 2
+    x, a, b, bias = (inp[key].detach().clone().requires_grad_(True) for key in ("x", "a", "b", "bias"))
+    run_layer(inp, 2.0, 0.05, monkeypatch)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with kernels_only(monkeypatch):
+        y = lora_ops.lora_linear(x, inp["w"], a, b, 2.0, bias, dropout_p=0.05)
+        torch.cuda.synchronize()
+        fwd_peak = torch.cuda.max_memory_allocated() - base
+        after = torch.cuda.memory_allocated() - base
+        y.backward(inp["dy"])
+    y_bytes, s_bytes = m * n * 2, m * r * 2
+    workspace = 16 << 20
+    print(f"\n[lora gpu] NF4 temp path {m}x{k}->{n}: peak extra fwd {fwd_peak / 2**20:.1f} MiB, alive after "
+          f"forward {after / 2**20:.1f} MiB (y+S {(y_bytes + s_bytes) / 2**20:.1f}, W temp {w_bytes / 2**20:.0f})")
+    assert fwd_peak <= y_bytes + s_bytes + w_bytes + workspace
+    assert after <= y_bytes + s_bytes + workspace, "a dense copy of W outlived the forward"
+
+
 @pytest.mark.parametrize("weight,r,kernels", [("dense", 16, ("lora_fwd", "lora_bwd_dx")), ("nf4-dq", 64, None)])
 def test_every_config_is_correct(monkeypatch, weight, r, kernels):
     """Each config the autotuner may choose (those that survive pruning for this call) gives the right answer,
@@ -191,6 +220,7 @@ def test_every_config_is_correct(monkeypatch, weight, r, kernels):
     real-shape cases, so the kernels compiled here are the ones those cases use (one compile per config); the
     interpreter test covers every config on fully odd shapes. The dense weight only changes the two GEMMs."""
     L = _lora()
+    monkeypatch.setattr(L, "NF4_DEQUANT_MIN_M", 1 << 62)  # the NF4 configs of the in-loop decode kernels
     m, k, n = 300, 1040, 2064
     inp = make_inputs(m, k, n, r, BF16, weight, bias=True)
     p, seed = 0.05, 12345

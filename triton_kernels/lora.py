@@ -64,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_ops import _backend
 from lora_ops import nf4 as _nf4
 from lora_ops import reference as _ref
 
@@ -124,9 +125,11 @@ def _dropout_keep(seed, base, local, threshold):
 
 @triton.jit
 def _apply_dropout(v, base, local, seed, threshold, drop_scale):
-    """v * keep / (1 - p) in fp32; keep of flat index base + local (x's row * K + col)."""
+    """v * keep / (1 - p) in fp32; keep of flat index base + local (x's row * K + col).
+
+    A multiply by 0, not a select: a dropped Inf/NaN gives NaN, as in torch's dropout and the reference."""
     keep = _dropout_keep(seed, base, local, threshold)
-    return tl.where(keep, v.to(tl.float32) * drop_scale, 0.0)
+    return v.to(tl.float32) * tl.where(keep, drop_scale, 0.0)
 
 
 @triton.jit
@@ -725,6 +728,15 @@ def _check_lora(x, lora_A, lora_B, bias=None) -> Tuple[int, int, int, int]:
     return m, k, n, r
 
 
+# From this many rows on, an NF4 weight is dequantized once per launcher call into a temporary (Triton's
+# bandwidth-bound dequantize, 0.043-0.07 ms for 4096x14336 on the H200) and the dense kernels run on it: at
+# training sizes the GEMM is compute-bound and decoding NF4 bytes element by element inside its K-loop made the
+# layer 17.8x the floor (H200, 2026-11-29, benchmarks/results/h200, M=8192 4096->14336) against ~1.17x dense.
+# The temporary is freed when the launcher returns: nothing dense survives between forward and backward. Below
+# this M the in-loop decode reads 4x fewer weight bytes; the crossover itself is not yet measured (speed issue).
+NF4_DEQUANT_MIN_M = 64
+
+
 class _W:
     """Kernel arguments of the frozen weight: dense (N, K) or NF4 bytes + scales."""
 
@@ -774,6 +786,13 @@ class _W:
             self.opts = {}
         self.strides = (0, 0)
         self.meta = dict(IS_NF4=True, NESTED=all(nested), BLOCKSIZE=blocksize)
+        if x.is_cuda and x.shape[0] >= NF4_DEQUANT_MIN_M and not _backend.triton_interpreter():
+            from .nf4_dequant import dequantize_nf4
+            dense = dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x.dtype)
+            self.ptrs = (dense, scratch, scratch, scratch, scratch, scratch)
+            self.strides = (dense.stride(0), dense.stride(1))
+            self.meta = dict(IS_NF4=False, NESTED=False, BLOCKSIZE=64)
+            self.opts = {}
 
 
 class _Dropout:
