@@ -64,10 +64,14 @@ def _is_bnb_module(module) -> bool:
     return any(cls.__module__.startswith("bitsandbytes") for cls in type(module).__mro__)
 
 
+def _autocast_on(device: torch.device) -> bool:
+    # torch.is_autocast_enabled raises for device types without autocast ("meta": shape-only runs).
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def _compute_dtype(x: torch.Tensor, base_dtype: torch.dtype) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
+    if _autocast_on(x.device):
+        return torch.get_autocast_dtype(x.device.type)
     return base_dtype
 
 
@@ -121,7 +125,7 @@ class LoRALayerBase(nn.Module):
         dtype = _compute_dtype(x, self._base_dtype)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"compute dtype {dtype} is not supported; use float32, float16 or bfloat16")
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = _autocast_on(x.device)
         x = x if x.dtype == dtype else x.to(dtype)
         bias = None if self.bias is None else (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
         if self.merged:
@@ -240,19 +244,30 @@ class LoRALinear(LoRALayerBase):
         return f"{self._hparam_repr()}, dtype={self.weight.dtype}, merged={self.merged}"
 
 
-# Buffer names of the NF4 base, in NF4Weight.tensors() order. They are non-persistent: state_dict() writes
-# bitsandbytes' Linear4bit keys for them instead (see _save_to_state_dict).
-_NF4_BUFFERS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_nested_code", "weight_offset")
+# Names of the NF4 base's tensors, in NF4Weight.tensors() order. They are frozen Parameters
+# (requires_grad=False), not buffers, because FSDP2's fully_shard shards Parameters only and keeps every buffer
+# whole on every rank: as buffers, the 4-bit base (the bulk of a QLoRA model's memory) would be replicated. As
+# Parameters they are sharded on dim 0 like any weight, DDP broadcasts them like buffers, and no optimizer
+# touches them (no grad). bitsandbytes' Linear4bit keeps its packed weight as a frozen Parameter (Params4bit)
+# too. state_dict() still writes bitsandbytes' Linear4bit keys for them (see _save_to_state_dict).
+_NF4_PARAMS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_nested_code", "weight_offset")
+# Stored dtypes of the NF4 state besides the packed uint8 codes; anything else means a cast corrupted it.
+_NF4_STATE_DTYPES = {"weight_nested_absmax": torch.float32, "weight_nested_code": torch.float32,
+                     "weight_offset": torch.float32}
 
 
 class QLoRALinear(LoRALayerBase):
     """LoRA over a frozen 4-bit NF4 base in bitsandbytes' exact format (QLoRA).
 
-    The NF4 tensors are registered buffers (``weight`` holds the packed uint8 codes, as in a bnb
-    ``Linear4bit``), so ``.to(device)`` moves them; a dtype cast (``.to(torch.bfloat16)``, ``.half()``) never
-    touches them and only changes the logical dtype the base dequantizes to. ``state_dict()`` writes the base
-    under bitsandbytes' ``Linear4bit`` keys (``weight``, ``weight.absmax``, ``weight.quant_map``, ...), so a
-    Hugging Face bnb-4bit checkpoint loads with ``load_state_dict`` and vice versa.
+    The NF4 tensors are frozen Parameters (``weight`` holds the packed uint8 codes, as in a bnb
+    ``Linear4bit``; ``weight_absmax``, ``weight_nested_absmax``, ``weight_nested_code`` and ``weight_offset``
+    (shape (1,)) the quant state), so ``.to(device)`` moves them and FSDP2's ``fully_shard`` shards them; a
+    dtype cast (``.to(torch.bfloat16)``, ``.half()``) never touches them and only changes the logical dtype the
+    base dequantizes to. ``state_dict()`` writes the base under bitsandbytes' ``Linear4bit`` keys (``weight``,
+    ``weight.absmax``, ``weight.quant_map``, ...), so a Hugging Face bnb-4bit checkpoint loads with
+    ``load_state_dict`` and vice versa. Under FSDP2 the state dict holds the NF4 tensors as DTensor shards
+    (torch.distributed.checkpoint saves and loads them); each QLoRALinear must be sharded without a
+    ``MixedPrecisionPolicy`` param_dtype, which would cast the fp32 quant state (the forward refuses that).
     """
 
     def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor] = None, r: int = 8,
@@ -263,8 +278,8 @@ class QLoRALinear(LoRALayerBase):
         if bias is not None and tuple(bias.shape) != (out_f,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected (out_features={out_f},)")
         super().__init__(in_f, out_f, r, lora_alpha, lora_dropout, use_rslora, bias, weight.device, weight.dtype)
-        for name in _NF4_BUFFERS:
-            self.register_buffer(name, None, persistent=False)
+        for name in _NF4_PARAMS:
+            self.register_parameter(name, None)
         self._set_nf4(weight)
         # The dtype the base dequantizes to and the forward computes in (bitsandbytes' compute_dtype); the NF4
         # quant state keeps the checkpoint's own dtype.
@@ -311,21 +326,38 @@ class QLoRALinear(LoRALayerBase):
 
     # ---------------------------------------------------------------- the NF4 base
     def _set_nf4(self, w4: NF4Weight) -> None:
-        for name, t in zip(_NF4_BUFFERS, w4.tensors()):
-            self._buffers[name] = t
+        for name, t in zip(_NF4_PARAMS, w4.tensors()):
+            if t is not None and name == "weight_offset":
+                t = t.reshape(1)  # fully_shard shards dim 0, which a 0-d tensor lacks; nf4_weight gives it back 0-d
+            self._parameters[name] = None if t is None else nn.Parameter(t, requires_grad=False)
         self._nf4_shape = torch.Size(w4.shape)
         self._nf4_dtype = w4.dtype
         self.blocksize = w4.blocksize
 
     @property
     def nf4_weight(self) -> NF4Weight:
-        """The frozen base as an ``NF4Weight`` view of this module's buffers (no copy)."""
-        data, absmax, nabs, ncode, offset = (self._buffers[n] for n in _NF4_BUFFERS)
+        """The frozen base as an ``NF4Weight`` view of this module's parameters (no copy)."""
+        return self._nf4_view(self._parameters["weight_offset"])
+
+    def _nf4_view(self, offset) -> NF4Weight:
+        data, absmax, nabs, ncode = (self._parameters[n] for n in _NF4_PARAMS[:4])
+        want = dict(_NF4_STATE_DTYPES, weight=torch.uint8,
+                    weight_absmax=torch.uint8 if nabs is not None else torch.float32)
+        for name, t in zip(_NF4_PARAMS, (data, absmax, nabs, ncode, offset)):
+            if t is not None and t.dtype != want[name]:
+                # FSDP2's MixedPrecisionPolicy(param_dtype=...) casts every floating Parameter, the fp32 quant
+                # state included; a bf16-rounded absmax would silently dequantize another weight.
+                raise TypeError(f"{name} of this QLoRALinear is {t.dtype}, but the NF4 format stores it as "
+                                f"{want[name]}: something cast the quant state (FSDP2's MixedPrecisionPolicy "
+                                "param_dtype does). Apply fully_shard(layer) to each QLoRALinear without a "
+                                "param_dtype before sharding its parent with one; the layer casts A, B and x to "
+                                "its compute dtype itself")
+        offset = None if offset is None else offset.reshape(())
         return NF4Weight(data, absmax, self._nf4_shape, self._nf4_dtype, self.blocksize, nabs, ncode, offset)
 
     @property
     def double_quant(self) -> bool:
-        return self._buffers["weight_nested_absmax"] is not None
+        return self._parameters["weight_nested_absmax"] is not None
 
     @property
     def _base_dtype(self) -> torch.dtype:
@@ -354,16 +386,17 @@ class QLoRALinear(LoRALayerBase):
         self._set_nf4(NF4Weight(*new.tensors()[:2], w4.shape, w4.dtype, w4.blocksize, *new.tensors()[2:]))
 
     def _apply(self, fn, recurse=True):
-        # nn.Module.to(dtype)/.half() would cast the fp32 absmax / nested state like any float buffer, which
+        # nn.Module.to(dtype)/.half() would cast the fp32 absmax / nested state like any float parameter, which
         # corrupts the NF4 format. Keep those tensors' dtype (moving them only to the new device), and let the
-        # cast decide the logical dtype the base dequantizes to instead.
-        before = {n: self._buffers[n] for n in _NF4_BUFFERS if self._buffers[n] is not None}
+        # cast decide the logical dtype the base dequantizes to instead. ``detach()`` keeps an alias of the old
+        # tensor: _apply may change a Parameter in place (param.data = fn(param)).
+        before = {n: self._parameters[n].detach() for n in _NF4_PARAMS if self._parameters[n] is not None}
         super()._apply(fn, recurse)
         for n, old in before.items():
-            new = self._buffers[n]
+            new = self._parameters[n]
             if new is not None and new.dtype != old.dtype:
-                self._buffers[n] = old.to(new.device)
-        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self._buffers["weight"].device))
+                self._parameters[n] = nn.Parameter(old.to(new.device), requires_grad=False)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self._parameters["weight"].device))
         if isinstance(probe, torch.Tensor) and probe.dtype in FLOAT_DTYPES:
             self.compute_dtype = probe.dtype
         return self
@@ -371,8 +404,20 @@ class QLoRALinear(LoRALayerBase):
     # ---------------------------------------------------------------- bitsandbytes checkpoint keys
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for k, v in self.nf4_weight.state_dict(prefix).items():
+        for name in _NF4_PARAMS:  # written below under bitsandbytes' keys instead of the attribute names
+            destination.pop(prefix + name, None)
+        offset = self._parameters["weight_offset"]
+        if offset is not None and self._sharded():
+            # Under FSDP2 (outside the forward) the NF4 tensors are sharded DTensors and stay so in the state dict,
+            # but the JSON quant state holds the offset's value: gather it (a collective; state_dict() runs on
+            # every rank, as torch.distributed.checkpoint requires).
+            offset = offset.full_tensor()
+        for k, v in self._nf4_view(offset).state_dict(prefix).items():
             destination[k] = v if keep_vars else v.detach()
+
+    def _sharded(self) -> bool:
+        """True when the NF4 tensors are DTensors (sharded by FSDP2's fully_shard, outside its forward)."""
+        return hasattr(self._parameters["weight"], "full_tensor")
 
     def _nf4_keys(self, state_dict, prefix):
         w = prefix + "weight"
@@ -397,11 +442,49 @@ class QLoRALinear(LoRALayerBase):
             known = set(NF4Weight.state_dict(w4, prefix))
             unexpected_keys.extend(k for k in nf4_keys if k not in known)
         rest = {k: v for k, v in state_dict.items() if k not in set(nf4_keys)}
-        n_err = len(error_msgs)
+        n_err, n_missing = len(error_msgs), len(missing_keys)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # nn.Module looks for the NF4 Parameters under their attribute names; they come from bnb's keys above.
+        ours = {prefix + n for n in _NF4_PARAMS}
+        missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k not in ours]
         if w4 is not None and len(error_msgs) == n_err:
-            self._set_nf4(w4.to(self.lora_A.device))
+            if self._sharded():
+                problem = self._copy_into_shards(w4)
+                if problem is not None:
+                    error_msgs.append(f"{prefix}weight: {problem}")
+            else:
+                self._set_nf4(w4.to(self.lora_A.device))
+
+    def _copy_into_shards(self, w4: NF4Weight) -> Optional[str]:
+        """Copy a checkpoint's NF4 tensors into this FSDP2-sharded layer in place; a problem as a message.
+
+        Replacing the Parameters would not do: fully_shard all-gathers its own shards in the next forward, so
+        the load would be silently ignored. The checkpoint's tensors must be DTensors sharded like this layer's
+        (what the sharded model's state_dict() holds and torch.distributed.checkpoint.load fills in place),
+        except the offset: one value, read from the JSON quant state, that fills the local part of its shard.
+        """
+        srcs = dict(zip(_NF4_PARAMS, w4.tensors()))
+        for name in _NF4_PARAMS[:4]:
+            p, src = self._parameters[name], srcs[name]
+            if (p is None) != (src is None):
+                return ("the checkpoint's NF4 layout (double quantization) differs from this layer's, which "
+                        "fully_shard has sharded; load such a checkpoint before calling fully_shard")
+            if p is not None and not (hasattr(src, "full_tensor") and src.placements == p.placements
+                                      and src.shape == p.shape and src.dtype == p.dtype):
+                return (f"this QLoRALinear is sharded by FSDP2's fully_shard, and the checkpoint's {name!r} is "
+                        "not a DTensor sharded like it; load a full state dict before calling fully_shard, or "
+                        "the sharded model's own state_dict() filled by torch.distributed.checkpoint.load")
+        if w4.blocksize != self.blocksize:
+            return f"the checkpoint's blocksize {w4.blocksize} differs from this sharded layer's {self.blocksize}"
+        with torch.no_grad():
+            for name in _NF4_PARAMS[:4]:
+                if srcs[name] is not None:
+                    self._parameters[name].copy_(srcs[name])
+            if srcs["weight_offset"] is not None:
+                self._parameters["weight_offset"].to_local().fill_(srcs["weight_offset"].item())
+        self._nf4_dtype = w4.dtype
+        return None
 
     def extra_repr(self) -> str:
         return (f"{self._hparam_repr()}, base=NF4(blocksize={self.blocksize}, double_quant={self.double_quant}, "

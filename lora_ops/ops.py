@@ -10,6 +10,7 @@ Weights travel as the tensors of ``NF4Weight.tensors()``: ``weight`` is the dens
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -79,6 +80,17 @@ def _lora_impl(op: str, x: Tensor):
     return _backend.implementation(op, x.device.type)
 
 
+def _no_autocast(device: torch.device):
+    """The op computes in its inputs' dtypes, as its fake promises. An ambient ``torch.autocast`` would reach
+    the torch matmuls inside the kernel (custom ops have no autocast kernel; the key falls through) and return
+    another dtype than the fake: fp32 inputs under bf16 autocast came back bf16. The layers pick the autocast
+    dtype themselves and cast x, A, B and the bias before calling the op (``modules.LoRALayerBase.forward``);
+    ``torch.library.register_autocast`` is no substitute, as it would cast the fp32 NF4 quant state too."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _mask(seed: Optional[Tensor], rows: int, cols: int, p: float, device) -> Optional[Tensor]:
     if seed is None or p == 0.0:
         return None
@@ -91,14 +103,17 @@ def lora_fwd(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax:
              lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor],
              dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """x (M, K) -> (y (M, N), S (M, r)) with S = dropout(x) @ A^T rounded to x.dtype (saved for backward)."""
-    impl = _lora_impl("lora_fwd", x)
-    if impl is not None:
-        return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
-                    scaling, bias, dropout_p, seed)
-    m, k = x.shape
-    w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k, x.dtype)
-    y, s = _ref.lora_forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, _mask(seed, m, k, dropout_p, x.device))
-    return y, s.contiguous()
+    with _no_autocast(x.device):
+        impl = _lora_impl("lora_fwd", x)
+        if impl is not None:
+            return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
+                        scaling, bias, dropout_p, seed)
+        m, k = x.shape
+        w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k,
+                              x.dtype)
+        y, s = _ref.lora_forward(x, w, lora_A, lora_B, scaling, bias, dropout_p,
+                                 _mask(seed, m, k, dropout_p, x.device))
+        return y, s.contiguous()
 
 
 @lora_fwd.register_fake
@@ -114,18 +129,19 @@ def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor], ne
              lora_A: Tensor, lora_B: Tensor, s: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
              need_dx: bool, need_dA: bool, need_dB: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx (M, K), dA (r, K), dB (N, r), dbias (N,)); a gradient not asked for comes back with 0 elements."""
-    impl = _lora_impl("lora_bwd", dy)
-    if impl is not None:
-        return impl(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s,
-                    scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias)
-    m, k = x.shape
-    w = None
-    if need_dx:
-        w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k,
-                              x.dtype)
-    grads = _ref.lora_backward(dy, x, w, lora_A, lora_B, s, scaling, dropout_p,
-                               _mask(seed, m, k, dropout_p, x.device), need_dx, need_dA, need_dB, need_dbias)
-    return tuple(g.contiguous() if g is not None else dy.new_empty((0,)) for g in grads)
+    with _no_autocast(dy.device):  # a backward run inside an autocast region must not recast it either
+        impl = _lora_impl("lora_bwd", dy)
+        if impl is not None:
+            return impl(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s,
+                        scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias)
+        m, k = x.shape
+        w = None
+        if need_dx:
+            w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k,
+                                  x.dtype)
+        grads = _ref.lora_backward(dy, x, w, lora_A, lora_B, s, scaling, dropout_p,
+                                   _mask(seed, m, k, dropout_p, x.device), need_dx, need_dA, need_dB, need_dbias)
+        return tuple(g.contiguous() if g is not None else dy.new_empty((0,)) for g in grads)
 
 
 @lora_bwd.register_fake
