@@ -23,6 +23,7 @@ IMPLEMENTATIONS: Dict[str, Tuple[Tuple[str, str], ...]] = {
     "nf4_dequantize": (("triton", "lora_ops.triton_kernels.nf4_dequant:dequantize_nf4"),),
     "lora_fwd": (("triton", "lora_ops.triton_kernels.lora:lora_forward"),),
     "lora_bwd": (("triton", "lora_ops.triton_kernels.lora:lora_backward"),),
+    "lora_decode": (("cuda", "lora_ops._ext:lora_decode"),),
 }
 
 _loaded: Dict[str, Optional[Callable]] = {}

@@ -1,7 +1,9 @@
-"""The compiled CUDA helpers (``csrc/``): NF4 quantize and the 8-bit quantize of double quantization.
+"""The compiled CUDA helpers (``csrc/``): NF4 quantize, the 8-bit quantize of double quantization, and the
+small-batch decode kernel (``lora_decode``).
 
-Importing this module makes ``torch.ops.lora_ops.nf4_quantize_cuda`` and ``quantize_blockwise_8bit_cuda``
-available, from (1) the prebuilt ``lora_ops._C`` (built by setup.py when torch has CUDA and nvcc exists), else
+Importing this module makes ``torch.ops.lora_ops.nf4_quantize_cuda``, ``quantize_blockwise_8bit_cuda`` and
+``lora_decode_cuda`` available, from (1) the prebuilt ``lora_ops._C`` (built by setup.py when torch has CUDA
+and nvcc exists), else
 (2) a JIT build with ``torch.utils.cpp_extension.load`` cached under ``~/.cache/lora_ops/<torch version>/``
 (a rerun is a cache hit; sources from ``<repo>/csrc`` or ``$LORA_OPS_CSRC``), else it raises ``ImportError``
 saying what is missing; ``_backend`` then warns once and uses the next implementation (ultimately the PyTorch
@@ -20,13 +22,13 @@ import glob
 import importlib
 import os
 import shutil
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from . import nf4 as _nf4
 
-_OPS = ("nf4_quantize_cuda", "quantize_blockwise_8bit_cuda")
+_OPS = ("nf4_quantize_cuda", "quantize_blockwise_8bit_cuda", "lora_decode_cuda")
 _origin = ""
 
 
@@ -142,3 +144,61 @@ def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor,
     values = values.reshape(-1).to(torch.float32).contiguous()
     code = code.reshape(-1).to(device=values.device, dtype=torch.float32).contiguous()
     return torch.ops.lora_ops.quantize_blockwise_8bit_cuda(values, code, blocksize)
+
+
+# ------------------------------------------------------------------------------------ small-batch decode
+
+# The kernel's limits (csrc/lora_decode.h: LORA_OPS_DECODE_MAX_M, LORA_OPS_DECODE_MAX_RANK).
+DECODE_MAX_M = 16
+DECODE_MAX_RANK = 128
+# csrc/lora_decode.h LoraOpsDecodePath: which kernel ran.
+DECODE_PATHS = {0: "general", 1: "tensor_core"}
+
+_CODEBOOK: Dict[torch.device, torch.Tensor] = {}
+
+
+def _codebook(device: torch.device) -> torch.Tensor:
+    # The 16 NF4 code values of lora_ops.nf4, as a device tensor (the kernel builds its tables from it).
+    c = _CODEBOOK.get(device)
+    if c is None:
+        c = _CODEBOOK[device] = _nf4.nf4_codebook(device).contiguous()
+    return c
+
+
+def lora_decode_with_path(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor],
+                          nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                          offset: Optional[torch.Tensor], blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                          scaling: float, bias: Optional[torch.Tensor],
+                          out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, str]:
+    """``lora_decode`` that also says which kernel ran ("tensor_core", "general" or "reference"); ``out`` (M, N)
+    of x.dtype, when given, is written in place (the tests poison it first)."""
+    m, k = x.shape
+    n, r = lora_B.shape
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out, "reference"
+    if m > DECODE_MAX_M or r > DECODE_MAX_RANK:
+        # Outside the kernel's limits (lora_linear never sends these here): the same math through torch.
+        if absmax is None:
+            w = weight
+        else:
+            w = torch.ops.lora_ops.nf4_dequantize(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k,
+                                                  x.dtype)
+        y = torch.nn.functional.linear(x, w, bias) + (x @ lora_A.t()) @ lora_B.t() * scaling
+        return out.copy_(y), "reference"
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    path = torch.ops.lora_ops.lora_decode_cuda(
+        x.contiguous(), weight.contiguous(), c(absmax), c(nested_absmax), c(nested_code), c(offset), int(blocksize),
+        lora_A.contiguous(), lora_B.contiguous(), float(scaling), c(bias), _codebook(x.device), out)
+    return out, DECODE_PATHS[path]
+
+
+def lora_decode(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor],
+                nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                offset: Optional[torch.Tensor], blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                scaling: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y (M, N) = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias) in one CUDA launch for M <= 16, r <= 128 (the
+    signature of the ``lora_ops::lora_decode`` op, whose CUDA implementation this is)."""
+    return lora_decode_with_path(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
+                                 scaling, bias)[0]

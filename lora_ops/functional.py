@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import decode as _decode
 from . import ops as _ops  # noqa: F401  (registers torch.ops.lora_ops.*)
 from .nf4 import FLOAT_DTYPES, NF4Weight
 
@@ -97,5 +98,10 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
     else:
         wargs = (weight, None, None, None, None)
         blocksize = 0
-    y, _ = torch.ops.lora_ops.lora_fwd(x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias, p, seed)
+    if _decode.use_decode(x2, lora_A, lora_B, bias, p):
+        # Inference at small M (no gradient possible, dropout off): one CUDA kernel for the whole layer instead
+        # of the training path's launches; decode.py says when (the threshold is a committed GPU measurement).
+        y = torch.ops.lora_ops.lora_decode(x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias)
+    else:
+        y, _ = torch.ops.lora_ops.lora_fwd(x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias, p, seed)
     return y.reshape(*x.shape[:-1], lora_B.shape[0])

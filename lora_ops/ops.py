@@ -181,3 +181,27 @@ def _backward(ctx, grad_y, grad_s):
 
 
 lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------------------------- small-batch decode
+
+@torch.library.custom_op("lora_ops::lora_decode", mutates_args=())
+def lora_decode(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+                nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
+                lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor]) -> Tensor:
+    """Inference forward: x (M, K) -> y (M, N) = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias); no dropout, no
+    autograd. ``lora_linear`` calls it only when no gradient can be needed and M is small (``decode.py``); on
+    CUDA it is one kernel (``csrc/lora_decode.cu``, which keeps S in fp32), elsewhere the reference forward."""
+    with _no_autocast(x.device):  # like lora_fwd: compute in the inputs' dtype, as the fake promises
+        impl = _lora_impl("lora_decode", x)
+        if impl is not None:
+            return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
+                        scaling, bias)
+        w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0],
+                              x.shape[1], x.dtype)
+        return _ref.lora_forward(x, w, lora_A, lora_B, scaling, bias)[0]
+
+
+@lora_decode.register_fake
+def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias):
+    return x.new_empty((x.shape[0], lora_B.shape[0]))
