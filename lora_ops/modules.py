@@ -65,8 +65,10 @@ def _is_bnb_module(module) -> bool:
 
 
 def _autocast_on(device: torch.device) -> bool:
-    # torch.is_autocast_enabled raises for device types without autocast ("meta": shape-only runs).
-    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+    # torch.is_autocast_enabled raises for device types without autocast ("meta": shape-only runs). Not
+    # torch.amp.is_autocast_available: torch 2.11's dynamo cannot trace it (a graph break under
+    # torch.compile(fullgraph=True), seen on the H200 2026-11-29), while a device-type test traces.
+    return device.type in ("cuda", "cpu", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device.type)
 
 
 def _compute_dtype(x: torch.Tensor, base_dtype: torch.dtype) -> torch.dtype:

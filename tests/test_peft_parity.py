@@ -230,5 +230,16 @@ def test_gpu_bf16_nf4_model_matches_peft(cuda):
     ours.to(cuda)
     pm.to(cuda)
     ids = ids_batch(7, (4, 31)).to(cuda)
+    # Two bf16 models round differently at every layer, so they are not compared with each other under the
+    # one-op tolerance (measured 2.4e-2 apart on the H200 for 2 layers x 7 projections): each is compared with
+    # the fp32 oracle (PEFT on the same dequantized weights in fp32), and ours must be no less accurate than
+    # PEFT's bf16 model (within 25%). The absolute bound is for 14 stacked bf16 layers, not one op: it catches
+    # a wrong model (relative error ~1), not rounding. Not yet run on the GPU in this form.
+    oracle = copy.deepcopy(pm).float()
     with torch.no_grad():
-        assert_rel_close(ours(input_ids=ids).logits, pm(input_ids=ids).logits, torch.bfloat16, "bf16 logits")
+        want = oracle(input_ids=ids).logits
+        ours_logits, peft_logits = ours(input_ids=ids).logits, pm(input_ids=ids).logits
+    err_ours, err_peft = rel_error(ours_logits, want), rel_error(peft_logits, want)
+    print(f"\n[peft parity gpu] bf16 NF4 logits vs fp32 oracle: ours {err_ours:.2e}, PEFT {err_peft:.2e}")
+    assert err_ours <= 1.25 * err_peft, f"ours {err_ours:.3e} less accurate than PEFT's bf16 {err_peft:.3e}"
+    assert err_ours <= 5e-2, f"ours {err_ours:.3e} vs the fp32 oracle"
