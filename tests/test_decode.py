@@ -272,7 +272,7 @@ def test_threshold_file_sets_the_dispatch(cpu_kernel, tmp_path):
 
 
 def test_threshold_default_without_file(tmp_path):
-    assert decode.load_threshold(str(tmp_path / "missing.json")) == decode.DEFAULT_THRESHOLD == 16
+    assert decode.load_threshold(str(tmp_path / "missing.json")) == decode.DEFAULT_THRESHOLD == 0
 
 
 @pytest.mark.parametrize("content", [{"threshold": 17}, {"threshold": -1}, {"threshold": 3.5}, {"threshold": True},
@@ -700,7 +700,8 @@ def test_decode_timing_gpu(cuda, monkeypatch):
         print(f"  nf4 M={m:2d} kernel by K split: " + ", ".join(parts))
     for m, target in ((1, 12.0), (16, 15.0)):
         t = timings["nf4"][m]["decode_us"]
-        print(f"  target NF4 M={m}: {t:.1f} us <= {target:.0f} us {'MET' if t <= target else 'NOT MET'}")
+        print(f"  target NF4 M={m}: {t:.1f} us ({gbs('nf4', t):.0f} GB/s) <= {target:.0f} us "
+              f"{'MET' if t <= target else 'NOT MET'}")
     threshold = decode.threshold_from_timings(timings)
     record = {"threshold": threshold, "kernel_max_m": decode.KERNEL_MAX_M,
               "rule": "largest M <= 16 such that at every measured M' <= M, for NF4 (double quant) and dense bf16 "
