@@ -124,10 +124,12 @@ def test_decode_op_cpu_matches_float64_oracle(kind):
 
 @pytest.fixture
 def cpu_kernel(monkeypatch, tmp_path):
-    """Pretend the CPU has the decode kernel (the op's CPU kernel is the reference), with no results file
-    (threshold 16) and LORA_OPS_BACKEND=auto, so the dispatch rule itself is what the tests see."""
+    """Pretend the CPU has the decode kernel (the op's CPU kernel is the reference), with a results file of
+    threshold 16 and LORA_OPS_BACKEND=auto, so the dispatch rule itself is what the tests see."""
     monkeypatch.setattr(decode, "DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(decode, "RESULTS_FILE", str(tmp_path / "absent.json"))
+    path = tmp_path / "threshold16.json"
+    path.write_text(json.dumps({"threshold": 16}))
+    monkeypatch.setattr(decode, "RESULTS_FILE", str(path))
     monkeypatch.setenv("LORA_OPS_BACKEND", "auto")
     return monkeypatch
 
