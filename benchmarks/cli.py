@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,20 @@ def _csv_list(kind: str, allowed: Sequence[str]):
     return parse
 
 
+def _number(kind, low: float, strict: bool):
+    """argparse type: a finite number >= low (> low when strict); nan/inf and negatives fail at parse time,
+    not minutes later inside do_bench."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'>' if strict else '>='} {low:g}")
+        return v
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -69,15 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpu", action="store_true",
                     help="quick mode: small shapes, CPU tensors (fp32), time.perf_counter medians instead of "
                          "do_bench, memory columns n/a; finishes in a minute or two")
-    ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time (default 25)")
-    ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (default 100)")
+    ap.add_argument("--warmup-ms", type=_number(float, 0, False), default=25.0,
+                    help="do_bench warm-up time (default 25)")
+    ap.add_argument("--rep-ms", type=_number(float, 0, True), default=100.0,
+                    help="do_bench repetition time (default 100)")
     ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler kernel/op counts")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=_number(int, 1, False), default=None,
                     help="torch CPU threads, recorded with the results (default: 1 with --cpu, since OpenMP "
                          "threads waiting on a busy shared machine made the quick mode 3x slower and noisier; "
                          "torch's default otherwise)")
-    ap.add_argument("--budget-s", type=float, default=None,
+    ap.add_argument("--budget-s", type=_number(float, 0, True), default=None,
                     help="start no new case after this many seconds (the rest is recorded as skipped); "
                          "e.g. 540 inside a 10-minute device command")
     ap.add_argument("--list", action="store_true", help="print the selected cases and their plans, run nothing")
@@ -121,6 +138,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     out_dir = Path(args.out) / device_slug(dev)
+    try:  # an unwritable --out must fail now, not after the first case has been timed
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot write results under --out {args.out}: {e}", file=sys.stderr)
+        return 2
     previous = report.read_csv(out_dir / "results.csv")  # fails early on a foreign CSV, before any timing
 
     def save(rows_so_far):

@@ -33,6 +33,8 @@ def draw_dropout_seed(device: torch.device) -> torch.Tensor:
 def _check_tensor(name: str, t, dims: int, dtype: torch.dtype, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:  # the kernels address memory through strides
+        raise TypeError(f"{name} is a {t.layout} tensor; lora_linear takes dense tensors (use {name}.to_dense())")
     if t.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
     if t.dtype != dtype:
@@ -50,10 +52,13 @@ def validate_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> N
                         "(float64 runs on the PyTorch reference only)")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
+    if x.layout != torch.strided:
+        raise TypeError(f"x is a {x.layout} tensor; lora_linear takes dense tensors (use x.to_dense())")
     if isinstance(weight, NF4Weight):
         out_f, in_f = weight.out_features, weight.in_features
         if weight.device != x.device:
             raise ValueError(f"the NF4 weight is on {weight.device} but x is on {x.device}; use weight.to(x.device)")
+        weight.check_one_device()
     elif isinstance(weight, torch.Tensor):
         _check_tensor("weight", weight, 2, x.dtype, x.device)
         out_f, in_f = weight.shape
@@ -91,7 +96,7 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
     p = float(dropout_p) if training else 0.0
     seed = draw_dropout_seed(x.device) if p > 0.0 else None
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)  # not reshape(-1, k): ambiguous when in_features == 0
     if isinstance(weight, NF4Weight):
         wargs = weight.tensors()
         blocksize = weight.blocksize

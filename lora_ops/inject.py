@@ -174,6 +174,9 @@ def _check_quantizable(name: str, module: nn.Module) -> None:
     w = module.weight
     if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}.weight has dtype {w.dtype}; NF4 quantization needs float32, float16 or bfloat16")
+    if w.device.type == "meta":
+        raise ValueError(f"{name}.weight is on the meta device (no values to quantize); load the base model's "
+                         "weights before apply_lora(..., quantize='nf4')")
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name}.weight contains NaN or Inf; NF4 cannot represent it (fix the weight first)")
 

@@ -229,6 +229,9 @@ def _check_weight(weight) -> None:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}; reshape it first")
     if weight.numel() == 0:
         raise ValueError(f"weight of shape {tuple(weight.shape)} is empty; NF4 needs at least one element")
+    if weight.device.type == "meta":
+        raise ValueError("weight is on the meta device and holds no values to quantize; materialize it first "
+                         "(load its checkpoint, or module.to_empty(device=...) and initialise it)")
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight contains NaN or Inf; NF4 cannot represent them (absmax would be non-finite); "
                          "fix the weight before quantizing")
@@ -282,11 +285,21 @@ class NF4Weight:
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
                 f"double_quant={self.nested}, device={self.device})")
 
+    def check_one_device(self) -> None:
+        """Raise ValueError unless every tensor of the weight is on ``self.device`` (a kernel handed tensors on
+        two devices may read garbage instead of failing)."""
+        names = ("data", "absmax", "nested_absmax", "nested_code", "offset")
+        bad = [f"{n} on {t.device}" for n, t in zip(names, self.tensors()) if t is not None and t.device != self.device]
+        if bad:
+            raise ValueError(f"NF4Weight tensors are on different devices (data on {self.device}, {', '.join(bad)}); "
+                             "move the whole weight with .to(device)")
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(out, in) tensor of ``dtype`` (default: the original weight dtype)."""
         dtype = self.dtype if dtype is None else dtype
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dequantize(dtype={dtype}) is not supported; use float32, float16 or bfloat16")
+        self.check_one_device()
         return torch.ops.lora_ops.nf4_dequantize(
             self.data, self.absmax, self.nested_absmax, self.nested_code, self.offset,
             self.blocksize, self.out_features, self.in_features, dtype)
@@ -326,15 +339,28 @@ class NF4Weight:
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> "NF4Weight":
         """Inverse of ``state_dict``; also reads what bitsandbytes and Hugging Face save. Validates first."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of str keys to tensors, got {type(state_dict).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix={prefix!r} must be a str such as 'model.layers.0.q_proj.' (or '')")
+
         def need(key):
             if prefix + key not in state_dict:
                 raise ValueError(f"state dict has no key {prefix + key!r}; expected bitsandbytes Linear4bit keys "
                                  f"under prefix {prefix!r} (e.g. {prefix}weight, {prefix}weight.absmax)")
-            return state_dict[prefix + key]
+            t = state_dict[prefix + key]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{prefix + key} must be a torch.Tensor, got {type(t).__name__}")
+            return t
+
+        def finite(key, t):
+            # A corrupt checkpoint must not load into a layer that silently computes NaN.
+            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{prefix}{key} contains NaN or Inf; the checkpoint is corrupt")
 
         blob = need("weight." + QUANT_STATE_KEY)
         try:
-            qs = json.loads(bytes(blob.to("cpu", torch.uint8).tolist()).decode("utf-8"))
+            qs = json.loads(bytes(blob.reshape(-1).to("cpu", torch.uint8).tolist()).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{prefix}weight.{QUANT_STATE_KEY} is not valid UTF-8 JSON ({e})") from None
         if not isinstance(qs, dict) or qs.get("quant_type") != "nf4":
@@ -347,7 +373,8 @@ class NF4Weight:
         if qs["dtype"] not in _NAME_DTYPES:
             raise ValueError(f"quant state dtype {qs['dtype']!r} is not one of {sorted(_NAME_DTYPES)}")
         shape = qs["shape"]
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
             raise ValueError(f"quant state shape {shape!r} must be [out, in] with positive ints")
         n = shape[0] * shape[1]
         nblocks = -(-n // blocksize)
@@ -364,6 +391,13 @@ class NF4Weight:
         if absmax.numel() != nblocks:
             raise ValueError(f"{prefix}weight.absmax has {absmax.numel()} entries, shape {shape} with blocksize "
                              f"{blocksize} needs {nblocks}")
+        others = [(k, need(k)) for k in ("weight.absmax", "weight.nested_absmax", "weight.nested_quant_map")
+                  if k == "weight.absmax" or prefix + k in state_dict]
+        for k, t in others:
+            if t.device != data.device:
+                raise ValueError(f"{prefix}{k} is on {t.device} but {prefix}weight is on {data.device}; move the "
+                                 "state dict to one device first")
+            finite(k, t)
         nested = "nested_blocksize" in qs or prefix + "weight.nested_absmax" in state_dict
         if not nested:
             if absmax.dtype != torch.float32:
@@ -382,7 +416,10 @@ class NF4Weight:
         if nabs.numel() != -(-nblocks // NESTED_BLOCKSIZE) or ncode.numel() != 256:
             raise ValueError(f"{prefix}weight.nested_absmax has {nabs.numel()} entries (needs "
                              f"{-(-nblocks // NESTED_BLOCKSIZE)}) or nested_quant_map has {ncode.numel()} (needs 256)")
-        offset = torch.tensor(qs["nested_offset"], dtype=torch.float32, device=data.device)
+        off = qs["nested_offset"]
+        if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
+            raise ValueError(f"quant state nested_offset={off!r} must be a finite number (the mean absmax)")
+        offset = torch.tensor(off, dtype=torch.float32, device=data.device)
         return cls(data, absmax.reshape(-1), torch.Size(shape), _NAME_DTYPES[qs["dtype"]], blocksize,
                    nabs.reshape(-1).float(), ncode.reshape(-1).float(), offset)
 
@@ -441,6 +478,11 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         return NF4Weight(packed, absmax, weight.shape, weight.dtype, blocksize)
     # bitsandbytes computes the offset with torch's mean on the weight's device; so do we, bit for bit.
     offset = absmax.mean()
+    # Block absmax values summing past fp32's max make the mean inf, and bitsandbytes then dequantizes the
+    # whole weight to NaN; refuse instead.
+    if not bool(torch.isfinite(offset)):
+        raise ValueError("the mean of the block absmax values overflows float32 (|weight| near 3.4e38), so double "
+                         "quantization cannot represent it; use double_quant=False or rescale the weight")
     code = dynamic_map(weight.device)
     qabsmax, nested_absmax = torch.ops.lora_ops.quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
     return NF4Weight(packed, qabsmax, weight.shape, weight.dtype, blocksize, nested_absmax, code, offset)
