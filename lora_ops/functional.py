@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 
 from . import decode as _decode
-from . import ops as _ops  # noqa: F401  (registers torch.ops.lora_ops.*)
+from . import ops as _ops  # registers torch.ops.lora_ops.*
 from .nf4 import FLOAT_DTYPES, NF4Weight
 
 # x dtypes lora_linear accepts: the NF4/kernel dtypes, plus float64, which runs on the reference path only
@@ -107,6 +107,9 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
         # Inference at small M (no gradient possible, dropout off): one CUDA kernel for the whole layer instead
         # of the training path's launches; decode.py says when (the threshold is a committed GPU measurement).
         y = torch.ops.lora_ops.lora_decode(x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias)
+    elif (impl := _ops.eager_impl(x2)) is not None:
+        # Eager mode on the fast kernels: same kernels and math as the op, without its dispatcher overhead.
+        y = _ops.lora_fwd_eager(impl, x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias, p, seed)
     else:
         y, _ = torch.ops.lora_ops.lora_fwd(x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias, p, seed)
     return y.reshape(*x.shape[:-1], lora_B.shape[0])

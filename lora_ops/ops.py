@@ -86,7 +86,7 @@ def _no_autocast(device: torch.device):
     another dtype than the fake: fp32 inputs under bf16 autocast came back bf16. The layers pick the autocast
     dtype themselves and cast x, A, B and the bias before calling the op (``modules.LoRALayerBase.forward``);
     ``torch.library.register_autocast`` is no substitute, as it would cast the fp32 NF4 quant state too."""
-    if torch.amp.is_autocast_available(device.type):
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -181,6 +181,65 @@ def _backward(ctx, grad_y, grad_s):
 
 
 lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------- eager fast path
+
+class _EagerLoRA(torch.autograd.Function):
+    """The op and its autograd in one ``autograd.Function`` over the same fast kernels, for eager mode.
+
+    In eager mode the custom-op machinery (schema binding, alias checks, the generated autograd node) cost
+    about 1.5 ms of host time per fwd+bwd on the H200 host (scripts/host_profile.py, 2026-11-29: 2087 us per
+    lora_linear fwd+bwd at 2048x4096->4096 against 517 us for the bare launchers), more than the layer's device
+    time below M=8192. ``lora_linear`` therefore calls the kernels through this Function when nothing needs
+    the op itself (see ``eager_impl``); torch.compile, dispatch modes (FakeTensor, functionalization, op
+    spies) and opcheck see ``lora_ops::lora_fwd`` / ``lora_bwd``, whose kernels and math are the same.
+    """
+
+    @staticmethod
+    def forward(ctx, fwd, bwd, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
+                scaling, bias, dropout_p, seed):
+        y, s = fwd(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
+                   dropout_p, seed)
+        ctx.bwd, ctx.blocksize, ctx.scaling, ctx.dropout_p = bwd, blocksize, scaling, dropout_p
+        ctx.has_bias = bias is not None
+        # As _setup_context: the NF4 bytes (or frozen W) and S (M x r), never a dense W or a mask.
+        ctx.save_for_backward(x, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, s, seed)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, s, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad  # shifted by the two launcher arguments
+        need_x, need_a, need_b, need_bias = need[2], need[9], need[10], need[12] and ctx.has_bias
+        with _no_autocast(grad_y.device):
+            dx, dA, dB, dbias = ctx.bwd(grad_y.contiguous(), x, weight, absmax, nested_absmax, nested_code, offset,
+                                        ctx.blocksize, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed,
+                                        need_x, need_a, need_b, need_bias)
+        return (None, None, dx if need_x else None, None, None, None, None, None, None,
+                dA if need_a else None, dB if need_b else None, None, dbias if need_bias else None, None, None)
+
+
+def eager_impl(x: Tensor):
+    """(fwd, bwd) fast kernels for an eager ``lora_linear`` on x, or None when the call must go through the
+    custom op: under torch.compile / tracing, inside a dispatch mode or functorch transform, on the reference
+    backend (CPU, float64, LORA_OPS_BACKEND=reference)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._are_functorch_transforms_active():
+        return None
+    fwd = _lora_impl("lora_fwd", x)
+    if fwd is None:
+        return None
+    bwd = _lora_impl("lora_bwd", x)
+    return None if bwd is None else (fwd, bwd)
+
+
+def lora_fwd_eager(impl, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling,
+                   bias, dropout_p, seed) -> Tensor:
+    """y of ``lora_ops::lora_fwd`` with its autograd, through ``_EagerLoRA`` (``impl`` from ``eager_impl``)."""
+    with _no_autocast(x.device):
+        return _EagerLoRA.apply(impl[0], impl[1], x, weight, absmax, nested_absmax, nested_code, offset, blocksize,
+                                lora_A, lora_B, scaling, bias, dropout_p, seed)
 
 
 # -------------------------------------------------------------------------------------- small-batch decode

@@ -123,15 +123,21 @@ def test_decode_op_cpu_matches_float64_oracle(kind):
 # ------------------------------------------------------------------------------------ CPU: the dispatch
 
 @pytest.fixture
-def cpu_kernel(monkeypatch, tmp_path):
-    """Pretend the CPU has the decode kernel (the op's CPU kernel is the reference), with a results file of
-    threshold 16 and LORA_OPS_BACKEND=auto, so the dispatch rule itself is what the tests see."""
-    monkeypatch.setattr(decode, "DEVICE_TYPES", ("cuda", "cpu"))
+def threshold16(monkeypatch, tmp_path):
+    """A results file of threshold 16 and LORA_OPS_BACKEND=auto: the dispatch rule itself is what a test sees,
+    not the committed measurement (which the GPU timing test is what writes)."""
     path = tmp_path / "threshold16.json"
     path.write_text(json.dumps({"threshold": 16}))
     monkeypatch.setattr(decode, "RESULTS_FILE", str(path))
     monkeypatch.setenv("LORA_OPS_BACKEND", "auto")
     return monkeypatch
+
+
+@pytest.fixture
+def cpu_kernel(threshold16):
+    """Pretend the CPU has the decode kernel (the op's CPU kernel is the reference), with threshold 16."""
+    threshold16.setattr(decode, "DEVICE_TYPES", ("cuda", "cpu"))
+    return threshold16
 
 
 def _dispatched(fn):
@@ -596,9 +602,9 @@ def test_decode_outside_kernel_limits_gpu(cuda):
 
 
 @pytest.mark.gpu
-def test_lora_linear_dispatch_cuda(cuda, monkeypatch):
+def test_lora_linear_dispatch_cuda(cuda, threshold16):
+    monkeypatch = threshold16
     _ext_or_skip()
-    monkeypatch.setenv("LORA_OPS_BACKEND", "auto")
     x, w, a, b, bias = _inputs(4, 4096, 1536, 16, dtype=torch.bfloat16, device=cuda, seed=9, leading=(2,))
     _, _, w4 = _weight("nf4_dq", w)
     ref = _oracle(x.reshape(-1, 4096), w4.tensors(), 64, a, b, 0.5, bias).reshape(2, 4, 1536)
@@ -616,7 +622,7 @@ def test_lora_linear_dispatch_cuda(cuda, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_decode_timing_gpu(cuda, monkeypatch):
+def test_decode_timing_gpu(cuda, threshold16):
     """Prints us and GB/s of weight bytes for 4096->14336, r=16, bf16 x: our decode (lora_linear under no_grad,
     and the kernel alone) vs the training path's forward (lora_ops::lora_fwd) vs a plain bf16 F.linear without
     LoRA; do_bench medians (L2 flushed by do_bench, and 4 weight copies rotated so L2 cannot serve them) and
@@ -624,8 +630,8 @@ def test_decode_timing_gpu(cuda, monkeypatch):
     <= 15 us at M=16. Writes the threshold these timings support to $OUT/decode_threshold.json (or prints it)."""
     import triton
 
+    monkeypatch = threshold16
     ext = _ext_or_skip()
-    monkeypatch.setenv("LORA_OPS_BACKEND", "auto")
     k, n, r, dt, copies = 4096, 14336, 16, torch.bfloat16, 4
     g = torch.Generator(device=cuda).manual_seed(0)
     dense = [(torch.randn(n, k, generator=g, device=cuda) * 0.02).to(dt) for _ in range(copies)]

@@ -384,3 +384,40 @@ def test_random_shape_sweep(monkeypatch):
                 assert_rel_close(g, t, BF16, f"{label} det={deterministic} {name}")
                 worst = max(worst, rel_error(g, t))
     print(f"[lora gpu] sweep: 12 shapes x 2 modes, max rel {worst:.2e} (bf16)")
+
+
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_launch_cache_respects_specialisation(monkeypatch, autotune):
+    """The launchers' cache of compiled kernels (triton_kernels/lora.py, _Kernel): repeated calls hit it, and
+    arguments that Triton specialises differently (a 16-byte-misaligned x, odd strides, another M bucket) get
+    their own kernel, each matching the oracle. A cache keyed too coarsely would launch a kernel compiled for
+    aligned pointers on a misaligned one, or a config tuned for another M."""
+    monkeypatch.setenv("LORA_OPS_TRITON_AUTOTUNE", autotune)
+    L = _lora()
+    inp = make_inputs(300, 1000, 520, 16, BF16, "dense")
+    want = oracle(inp, 2.0, 0.0, None)
+    base = dict(inp)
+
+    def _run_on_view(x, inp, monkeypatch):
+        # run_layer clones x (which makes it contiguous and aligned): here x itself is the leaf.
+        x = x.requires_grad_(True)
+        x.grad = None  # the "again" case passes the same leaf twice
+        a, b, bias = (inp[k].detach().clone().requires_grad_(True) for k in ("a", "b", "bias"))
+        with kernels_only(monkeypatch, ALL_KERNELS):
+            y = lora_ops.lora_linear(x, inp["w"], a, b, 2.0, bias)
+            y.backward(inp["dy"])
+        return y.detach(), x.grad, a.grad, b.grad, bias.grad
+
+    for label, x in (("aligned", inp["x"]), ("aligned again", inp["x"]),
+                     ("misaligned by 1 element", torch.empty(300 * 1000 + 1, dtype=BF16, device="cuda")[1:]
+                      .view(300, 1000).copy_(inp["x"])),
+                     ("row stride 1003", torch.empty(300, 1003, dtype=BF16, device="cuda")[:, :1000]
+                      .copy_(inp["x"]))):
+        entries = sum(len(k._launches) for k in L.KERNELS.values())
+        got = _run_on_view(x, base, monkeypatch)
+        check_and_report(got, want, BF16, f"launch cache, x {label} (autotune={autotune})")
+        if label == "aligned again":
+            assert sum(len(k._launches) for k in L.KERNELS.values()) == entries, "a repeated call missed the cache"
+    small = make_inputs(20, 1000, 520, 16, BF16, "dense")
+    got, _ = run_layer(small, 2.0, 0.0, monkeypatch)
+    check_and_report(got, oracle(small, 2.0, 0.0, None), BF16, f"launch cache, M=20 (autotune={autotune})")

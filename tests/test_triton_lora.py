@@ -477,3 +477,59 @@ def test_kernels_compile_for_sm90_without_spilling():
     heavy = [r for r in res if r["spill"] > 64]
     assert not heavy, "register spills: " + "; ".join(
         f"{r['kernel']} {r['dtype']} {r['weight']} {r['config']}: {r['spill']} B, {r['regs']} regs" for r in heavy)
+
+
+# ------------------------------------------------------------------------- eager fast path vs the custom op
+
+class _OpSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the lora_ops:: ops that reach the dispatcher (and runs them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("lora_ops."):
+            self.ops.append(str(func).split(".")[1])
+        return func(*args, **(kwargs or {}))
+
+
+def _layer_grads(case, p, seed, spy=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (case.x, case.a, case.b, case.bias)]
+    torch.manual_seed(seed)
+    with spy if spy is not None else contextlib.nullcontext():
+        y = lora_ops.lora_linear(leaves[0], case.w, leaves[1], leaves[2], 1.5, leaves[3], dropout_p=p)
+        y.backward(case.dy)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("weight,p", [("dense", 0.0), ("nf4-dq", 0.2)])
+def test_eager_path_equals_the_custom_op_bit_for_bit(monkeypatch, weight, p):
+    """lora_linear in eager mode runs the kernels through ops._EagerLoRA (no dispatcher); inside a dispatch
+    mode it goes through lora_ops::lora_fwd / lora_bwd. Same kernels, same seed: identical bits, and the spy
+    proves which path each call took."""
+    case = make_case(37, 129, 70, 8, F32, weight, 64, bias=True, seed=5)
+    with kernels_only(monkeypatch, FWD_KERNELS + BWD_KERNELS):
+        eager = _layer_grads(case, p, 11)
+        spy = _OpSpy()
+        via_op = _layer_grads(case, p, 11, spy)
+    assert spy.ops.count("lora_fwd") == 1 and spy.ops.count("lora_bwd") == 1, spy.ops
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dbias"), eager, via_op):
+        assert torch.equal(a, b), f"{name}: eager path and custom op differ"
+
+
+def test_eager_path_honours_needs_input_grad(monkeypatch):
+    """Frozen x and bias: the eager backward launches neither the dX kernel nor computes dbias."""
+    case = make_case(37, 129, 70, 8, F32, "dense", 64, bias=True, seed=6)
+    a, b = case.a.clone().requires_grad_(), case.b.clone().requires_grad_()
+    with kernels_only(monkeypatch, ("lora_bwd_ds", "lora_bwd_da"), ("lora_bwd_dx", "lora_bwd_db")):
+        assert ops.eager_impl(case.x) is not None
+        lora_ops.lora_linear(case.x, case.w, a, b, 1.5, case.bias).backward(case.dy)
+    assert a.grad is not None and b.grad is not None and case.bias.grad is None
+
+
+def test_eager_path_not_taken_on_reference_or_float64(monkeypatch):
+    x = torch.zeros(2, 3, device=DEVICE)
+    assert ops.eager_impl(x.double()) is None
+    monkeypatch.setenv("LORA_OPS_BACKEND", "reference")
+    assert ops.eager_impl(x) is None

@@ -63,6 +63,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton import knobs as _knobs
 
 from lora_ops import _backend
 from lora_ops import nf4 as _nf4
@@ -572,6 +573,15 @@ class _Kernel:
     """A Triton kernel with its config set: autotuned on CUDA, one fixed config under the interpreter.
 
     ``forced`` (a triton.Config) bypasses tuning; tests use it to check that every config computes the same.
+
+    Launch cache: Triton's own launch path (autotuner key, argument binding and specialisation, cache lookup)
+    cost ~100 us of host time per launch on the H200 host (scripts/host_profile.py, 2026-11-29: 517 us for the
+    five launches of a 2048x4096 fwd+bwd, against ~250 us of device time), which made every layer below
+    M=8192 host-bound. After the first launch of a given (argument specialisation, autotune key, constexprs),
+    the compiled kernel and its config are kept here and later launches call the compiled launcher directly.
+    The cache key covers everything Triton specialises on (each tensor's dtype and 16-byte alignment, each
+    integer's width, ==1 and %16) plus the values of the autotune key and the constexprs, so it never picks
+    a kernel compiled for other arguments.
     """
 
     def __init__(self, fn, name: str, configs: List[triton.Config], key: List[str], prune,
@@ -580,6 +590,9 @@ class _Kernel:
         self.interp_config = interp_config
         self.forced: Optional[triton.Config] = None
         self.tuned = None
+        self._launches: Dict[tuple, tuple] = {}
+        # Positions of integer arguments whose value (not only its specialisation) selects the config.
+        self._by_value = frozenset(i for i, a in enumerate(fn.arg_names) if a in key)
         if not _INTERPRET:
             self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
                                          reset_to_zero=reset_to_zero)(fn)
@@ -589,18 +602,60 @@ class _Kernel:
         named.update(meta)
         return self.prune(self.configs, named)[0]
 
+    def _launch_key(self, args, meta, tuning: bool) -> tuple:
+        spec = []
+        by_value = self._by_value
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                spec.append((a.dtype, a.data_ptr() % 16 == 0))
+            elif type(a) is int and i not in by_value:
+                spec.append((a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF))
+            elif type(a) is float:
+                spec.append(float)
+            else:
+                spec.append(a)
+        return (tuning, torch.cuda.current_device(), tuple(spec), tuple(meta.items()))
+
     def __call__(self, grid, *args, **meta):
         LAUNCHES[self.name] += 1
         if _INTERPRET:
             cfg = self.forced or self.interp_config
-        elif self.forced is not None:
-            cfg = self.forced
-        elif os.environ.get("LORA_OPS_TRITON_AUTOTUNE", "1") in ("", "0"):
-            cfg = self._fixed(args, meta)
-        else:
-            self.tuned[grid](*args, **meta)
+            self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-        self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if self.forced is not None:
+            cfg = self.forced
+            self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return
+        tuning = os.environ.get("LORA_OPS_TRITON_AUTOTUNE", "1") not in ("", "0")
+        key = self._launch_key(args, meta, tuning)
+        hit = self._launches.get(key)
+        if hit is not None:
+            kernel, named, tail = hit
+            g = grid(named)
+            g0, g1, g2 = g[0], (g[1] if len(g) > 1 else 1), (g[2] if len(g) > 2 else 1)
+            if g0 * g1 * g2 == 0:
+                return
+            stream = _current_stream(key[1])
+            full = args + tail
+            kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
+                       kernel.launch_metadata(g, stream, *full), _knobs.runtime.launch_enter_hook,
+                       _knobs.runtime.launch_exit_hook, *full)
+            return
+        if tuning:
+            kernel = self.tuned[grid](*args, **meta)
+            cfg = self.tuned.best_config
+        else:
+            cfg = self._fixed(args, meta)
+            kernel = self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if kernel is None or not hasattr(kernel, "run"):
+            return  # a Triton without the CompiledKernel launcher API: keep its own launch path
+        if hasattr(kernel, "result"):
+            kernel = kernel.result()
+        named = dict(meta)
+        named.update(cfg.kwargs)
+        names = self.fn.arg_names
+        if all(n in named for n in names[len(args):]):
+            self._launches[key] = (kernel, named, tuple(named[n] for n in names[len(args):]))
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "IS_NF4", "NESTED", "BLOCKSIZE", "HAS_BIAS", "HAS_DROPOUT"]
@@ -633,6 +688,17 @@ KERNELS: Dict[str, _Kernel] = {k.name: k for k in (_S_KERNEL, _FWD_KERNEL, _DS_K
 # ------------------------------------------------------------------------------------------ launch helpers
 
 _CODEBOOKS: Dict[torch.device, torch.Tensor] = {}
+
+
+def _current_stream(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+try:  # what Triton's own launch path uses (a C function: no Stream object per launch)
+    from torch._C import _cuda_getCurrentRawStream as _current_stream  # noqa: F811
+except ImportError:
+    pass
+
 _SCRATCH: Dict[torch.device, torch.Tensor] = {}
 _SM_COUNT: Dict[int, int] = {}
 

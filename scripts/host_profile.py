@@ -1,0 +1,166 @@
+"""GPU: where the host time of one lora_linear fwd+bwd goes (the M=2048 case is host-bound).
+
+Prints, per case: the eager wall time per call of a steady loop (synchronised once at the end), the time of the
+same loop with the CUDA work of each piece taken out (launchers called directly, autograd bypassed), and the
+cProfile of the loop sorted by own time.
+
+    python scripts/host_profile.py [--cases 2048x4096x4096] [--nf4] [--top 25]
+"""
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+import lora_ops
+from lora_ops.triton_kernels import lora as tk
+
+
+def _loop(fn, iters):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def run(m, k, n, r, nf4, iters, top):
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(m, k, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(n, k, device=dev, generator=g) * 0.02).to(torch.bfloat16)
+    a = (torch.randn(r, k, device=dev, generator=g) * 0.02).to(torch.bfloat16).requires_grad_()
+    b = (torch.randn(n, r, device=dev, generator=g) * 0.02).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(m, n, device=dev, generator=g, dtype=torch.bfloat16)
+    wt = lora_ops.quantize_nf4(w) if nf4 else w
+    wargs = wt.tensors() if nf4 else (w, None, None, None, None)
+    bs = wt.blocksize if nf4 else 0
+
+    def fused():
+        x.grad = a.grad = b.grad = None
+        lora_ops.lora_linear(x, wt, a, b, 2.0).backward(dy)
+
+    def floor():
+        x.grad = None
+        torch.nn.functional.linear(x, w).backward(dy)
+
+    xs = x.detach()
+    y, s = tk.lora_forward(xs, *wargs, bs, a.detach(), b.detach(), 2.0, None, 0.0, None)
+
+    def launchers():
+        tk.lora_forward(xs, *wargs, bs, a.detach(), b.detach(), 2.0, None, 0.0, None)
+        tk.lora_backward(dy, xs, *wargs, bs, a.detach(), b.detach(), s, 2.0, 0.0, None, True, True, True, False)
+
+    def ops_only():
+        torch.ops.lora_ops.lora_fwd(xs, *wargs, bs, a.detach(), b.detach(), 2.0, None, 0.0, None)
+        torch.ops.lora_ops.lora_bwd(dy, xs, *wargs, bs, a.detach(), b.detach(), s, 2.0, 0.0, None,
+                                    True, True, True, False)
+
+    tag = f"{m}x{k}->{n} r={r} {'nf4' if nf4 else 'dense'}"
+    print(f"\n==== {tag}: eager wall us per fwd+bwd ({iters} iterations) ====")
+    for name, fn in (("floor", floor), ("fused (lora_linear + autograd)", fused), ("custom ops, no autograd", ops_only),
+                     ("launchers only", launchers)):
+        print(f"  {name:34s} {_loop(fn, iters):9.1f}")
+    before = dict(tk.LAUNCHES)
+    fused()
+    torch.cuda.synchronize()
+    print("  launches per fwd+bwd:", {k2: v - before.get(k2, 0) for k2, v in tk.LAUNCHES.items()
+                                      if v - before.get(k2, 0)})
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(iters):
+        fused()
+    torch.cuda.synchronize()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
+    print(out.getvalue())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", nargs="+", default=["2048x4096x4096"])
+    ap.add_argument("--nf4", action="store_true")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+    for c in args.cases:
+        m, k, n = (int(v) for v in c.split("x"))
+        run(m, k, n, args.rank, args.nf4, args.iters, args.top)
+
+
+if __name__ == "__main__" and "--micro" not in __import__("sys").argv:
+    main()
+
+
+def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
+    """Host microseconds of the pieces of one fused fwd+bwd, each timed alone in a loop (no profiler: cProfile
+    inflates small calls several times). Device work is queued but the loops are host-bound."""
+    from lora_ops import functional, ops
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(r, k, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, r, device=dev, dtype=torch.bfloat16)
+    s = torch.empty(m, r, device=dev, dtype=torch.bfloat16)
+    args = (x, a, tk._scratch(x.device), s, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0),
+            s.stride(1), m, k, r, 0, 1.0, tk._next_pow2(m))
+    meta = dict(HAS_DROPOUT=False, BLOCK_R=16)
+    grid = lambda mm: (triton_cdiv(m, mm["BLOCK_M"]), 1)  # noqa: E731
+    tk._S_KERNEL(grid, *args, **meta)
+    key = tk._S_KERNEL._launch_key(args, meta, True)
+    kernel, named, tail = tk._S_KERNEL._launches[key]
+    g = grid(named)
+    full = args + tail
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def t(fn, it=iters):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(it):
+            fn()
+        dt = (time.perf_counter() - t0) / it * 1e6
+        torch.cuda.synchronize()
+        return dt
+
+    xr = x.clone().requires_grad_()
+    ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+    pieces = {
+        "torch.empty (M, r)": lambda: torch.empty((m, r), dtype=x.dtype, device=x.device),
+        "torch.zeros (N, r) fp32": lambda: torch.zeros((n, r), dtype=torch.float32, device=x.device),
+        "_launch_key": lambda: tk._S_KERNEL._launch_key(args, meta, True),
+        "kernel.run (compiled launcher only)": lambda: kernel.run(g[0], g[1], 1, stream, kernel.function,
+                                                                  kernel.packed_metadata, None, None, None, *full),
+        "_S_KERNEL(...) cached launch": lambda: tk._S_KERNEL(grid, *args, **meta),
+        "validate_lora_args": lambda: functional.validate_lora_args(x, w, a, b, 2.0, None, 0.0),
+        "ops.eager_impl": lambda: ops.eager_impl(x),
+        "lora_forward launcher (S + fwd)": lambda: tk.lora_forward(x, w, None, None, None, None, 0, a, b, 2.0, None,
+                                                                    0.0, None),
+        "lora_backward launcher (dS, dX, dA)": lambda: tk.lora_backward(_DY[0], x, w, None, None, None, None, 0, a,
+                                                                        b, s, 2.0, 0.0, None, True, True, True,
+                                                                        False),
+        "lora_linear fwd (eager, grad)": lambda: lora_ops.lora_linear(xr, w, ar, br, 2.0),
+    }
+    _DY[0] = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    print(f"\n==== host us per call, {m}x{k}->{n} r={r} (loops of {iters}) ====")
+    for name, fn in pieces.items():
+        print(f"  {name:40s} {t(fn):8.1f}")
+
+
+_DY = [None]
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+if __name__ == "__main__" and "--micro" in __import__("sys").argv:
+    micro()
