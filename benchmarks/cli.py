@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .presets import DECODE_MAX_M, MODES, PRESETS, PROVIDERS, select_cases
+from .presets import (DECODE_MAX_M, MODEL_DEFAULTS, MODEL_MINIMUM, MODEL_OPTIONS, MODES, PRESETS, PROVIDER_ALIASES,
+                      PROVIDERS, select_cases)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -18,6 +19,7 @@ MODE_HELP = {
     "full": "forward + backward: the number the targets are set in",
     "decode": f"forward under torch.no_grad(), eval mode, M <= {DECODE_MAX_M}",
     "dequant": "NF4 -> dense dequantization (nf4 preset)",
+    "step": "model preset: one training step (forward + causal-LM loss + backward + AdamW step)",
 }
 
 
@@ -25,9 +27,15 @@ def _epilog() -> str:
     lines = ["presets (each fits one 10-minute GPU command; estimates for one H200):"]
     for p in PRESETS.values():
         lines.append(f"  {p.name:<8} {p.help} [{p.h200_estimate}]")
-    lines.append("\nproviders (the floor and its re-timing always run, so every ratio has its floor):")
+    lines.append("\nproviders (the floor and its re-timing always run, so every ratio has its floor; in the model\n"
+                 "preset peft_bnb, the reference of its ratios, always runs):")
     for name, desc in PROVIDERS.items():
         lines.append(f"  {name:<13} {desc}")
+    lines.append("  In the model preset: fused = lora_ops LoRA (apply_lora, dense bf16 bases), fused_qlora =\n"
+                 "  lora_ops QLoRA, peft = peft LoRA, peft_bnb = bitsandbytes Linear4bit (NF4, double quant) + peft\n"
+                 "  LoRA, full_ft = every parameter trained; LoRA r=16, alpha=32 on q,k,v,o,gate,up,down, adapters\n"
+                 "  in the model dtype.\n"
+                 "  Aliases: " + ", ".join(f"{a} = {c}" for a, c in PROVIDER_ALIASES.items()))
     lines.append("\nmodes:")
     for name, desc in MODE_HELP.items():
         lines.append(f"  {name:<9} {desc}")
@@ -38,13 +46,16 @@ def _epilog() -> str:
         "\nexamples:\n"
         "  python -m benchmarks --cpu                         # quick CPU run of the layer preset (~1 min)\n"
         "  python -m benchmarks --preset layer                # GPU\n"
-        "  python -m benchmarks --preset decode nf4 --providers fused,peft_bnb --out /tmp/bench")
+        "  python -m benchmarks --preset decode nf4 --providers fused,peft_bnb --out /tmp/bench\n"
+        "  python -m benchmarks --preset model --layers 4 --seq 2048 --batch 4   # GPU, model-level training step\n"
+        "  python -m benchmarks --cpu --preset model                          # tiny decoder on the CPU (seconds)")
     return "\n".join(lines)
 
 
-def _csv_list(kind: str, allowed: Sequence[str]):
+def _csv_list(kind: str, allowed: Sequence[str], aliases: Optional[dict] = None):
     def parse(text: str) -> List[str]:
         items = [t.strip() for t in text.split(",") if t.strip()]
+        items = list(dict.fromkeys((aliases or {}).get(t, t) for t in items))
         bad = [t for t in items if t not in allowed]
         if bad or not items:
             raise argparse.ArgumentTypeError(f"unknown {kind} {bad or text!r}; choose from {', '.join(allowed)} "
@@ -75,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=["layer"], choices=sorted(PRESETS) + ["all"], metavar="NAME",
                     help="one or more of %(choices)s (default: layer)")
-    ap.add_argument("--providers", type=_csv_list("provider", list(PROVIDERS)), default=None,
+    ap.add_argument("--providers", type=_csv_list("provider", list(PROVIDERS), PROVIDER_ALIASES), default=None,
                     help="comma-separated providers to time (default: each case's full list)")
     ap.add_argument("--modes", type=_csv_list("mode", list(MODES)), default=None,
                     help="comma-separated modes to time (default: each case's modes)")
@@ -97,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-s", type=_number(float, 0, True), default=None,
                     help="start no new case after this many seconds (the rest is recorded as skipped); "
                          "e.g. 540 inside a 10-minute device command")
+    gpu_d, cpu_d = MODEL_DEFAULTS[False], MODEL_DEFAULTS[True]
+    model_help = {
+        "layers": "decoder layers of the model preset, the same for every provider",
+        "seq": "sequence length of the model preset's random token ids",
+        "batch": "batch size of the model preset (tokens per step = batch x seq)",
+        "steps": "timed training steps per provider in the model preset (tokens/s = their median)",
+        "warmup_steps": "untimed training steps before them (optimizer state, autotuning)",
+    }
+    for key in MODEL_OPTIONS:
+        ap.add_argument("--" + key.replace("_", "-"), dest=key, type=_number(int, MODEL_MINIMUM[key], False),
+                        default=None, help=f"{model_help[key]} (default {gpu_d[key]}; --cpu: {cpu_d[key]})")
     ap.add_argument("--list", action="store_true", help="print the selected cases and their plans, run nothing")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
@@ -106,7 +128,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     presets = list(PRESETS) if "all" in args.preset else list(dict.fromkeys(args.preset))
-    cases = select_cases(presets, args.cpu, args.providers, args.modes)
+    try:
+        cases = select_cases(presets, args.cpu, args.providers, args.modes,
+                             {k: getattr(args, k) for k in MODEL_OPTIONS})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not cases:
         print(f"nothing to run: presets {presets} have no case with providers={args.providers} and "
               f"modes={args.modes}", file=sys.stderr)
@@ -155,4 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"done in {time.time() - t0:.0f}s: {len(rows)} rows ({skipped} skipped) -> {written['csv']} "
           f"({written['rows']} rows after merging), {written['markdown']}, "
           f"{len(written['plots'])} plot(s)")
+    from .readme import DEFAULT_CSV
+
+    if Path(written["csv"]).resolve() == DEFAULT_CSV.resolve():
+        print("README.md's headline is generated from this CSV: run `python -m benchmarks.readme` and commit "
+              "README.md with it (CI checks that they agree)")
     return 0

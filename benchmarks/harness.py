@@ -391,6 +391,7 @@ class Run:
     run_id: str
     builders: Dict[str, Callable[[Case, WeightSet], Built]] = field(default_factory=lambda: dict(BUILDERS))
     progress: Optional[Progress] = None
+    deadline: Optional[float] = None  # time.monotonic() after which no new case (model preset: provider) starts
 
     @property
     def env_json(self) -> str:
@@ -615,6 +616,10 @@ def run_provider(run: Run, case: Case, data: CaseData, provider: str, modes: Seq
 
 def run_case(run: Run, case: Case) -> List[Dict]:
     """All providers of ``case`` on one shared set of tensors; ratios to the floor of this run."""
+    if case.kind == "model":  # presets.ModelCase: whole-model training steps (benchmarks/model.py)
+        from .model import run_model_case
+
+        return run_model_case(run, case)
     try:
         data = make_case_data(case, run.dev.device, resolve_n_sets(case, run.dev), seed=run.settings.seed)
     except Exception as e:
@@ -669,7 +674,7 @@ def run_cases(cases: Sequence[Case], settings: Settings, argv: Sequence[str] = (
     run_id = new_run_id()
     ceilings = measure_ceilings(dev)
     env = collect_env(dev, argv, ceilings, run_id)
-    run = Run(dev, settings, env, run_id)
+    run = Run(dev, settings, env, run_id, deadline=None if budget_s is None else t_start + budget_s)
     if builders is not None:
         run.builders.update(builders)
     total = sum(len(m) for c in cases for _, m in c.plan)
@@ -677,7 +682,7 @@ def run_cases(cases: Sequence[Case], settings: Settings, argv: Sequence[str] = (
     rows = ceiling_rows(run, list(dict.fromkeys(c.preset for c in cases)))
     try:
         for case in cases:
-            if budget_s is not None and time.monotonic() - t_start > budget_s:
+            if run.deadline is not None and time.monotonic() > run.deadline:
                 for p, modes in case.plan:
                     rows += _skip_rows(run, case, p, modes, f"time budget of {budget_s:g} s reached before this case")
                     run.progress.step(f"{case.name} {p} skipped (budget)", len(modes))

@@ -1,8 +1,9 @@
 """Benchmark presets: which cases (shapes, weight kinds) and which (provider, modes) each one times.
 
 A case is one layer shape ``y (M, N) = x (M, K) @ W^T (N, K) + s * dropout(x) @ A^T (r, K) @ B^T (N, r)`` with a
-dense or NF4 ``W``, or (``kind="dequant"``) one NF4 weight to dequantize. Every preset has a GPU version (the shapes
-of shared/ANCHORS.md, sized to fit one 10-minute device command) and a CPU quick version (same structure, small
+dense or NF4 ``W``, or (``kind="dequant"``) one NF4 weight to dequantize, or (``ModelCase``, preset ``model``) one
+training step of a whole Llama-3-8B-shaped decoder. Every preset has a GPU version (the shapes of
+shared/ANCHORS.md, sized to fit one 10-minute device command) and a CPU quick version (same structure, small
 shapes, fp32) that runs the same code paths in seconds.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-MODES = ("forward", "backward", "full", "decode", "dequant")
+MODES = ("forward", "backward", "full", "decode", "dequant", "step")
 LAYER_MODES = ("forward", "backward", "full", "decode")
 DECODE_MAX_M = 16
 
@@ -26,8 +27,11 @@ PROVIDERS: Dict[str, str] = {
     "fused": "lora_ops.lora_linear with the default backend (dense W or lora_ops.NF4Weight)",
     "copy": "nf4 preset floor: a device copy moving as many bytes (read + write) as the dequantization must",
     "bnb": "nf4 preset: bitsandbytes.functional.dequantize_4bit",
+    "fused_qlora": "model preset: lora_ops QLoRA (apply_lora(..., quantize='nf4'), double quant)",
 }
 FLOOR_PROVIDERS = ("floor", "copy")
+# Names the model preset's providers are also known by (issue 11); --providers accepts them.
+PROVIDER_ALIASES: Dict[str, str] = {"lora_ops": "fused", "lora_ops_qlora": "fused_qlora", "full": "full_ft"}
 
 
 @dataclass(frozen=True)
@@ -217,15 +221,153 @@ def _nf4(cpu: bool) -> List[Case]:
     return [dequant_case("nf4", N, K, dt)]
 
 
+# ----------------------------------------------------------------------------------------- model preset
+
+MODEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The model preset's providers, in run order; peft_bnb (the reference of every ratio) first.
+MODEL_PROVIDERS = ("peft_bnb", "fused_qlora", "peft", "fused", "full_ft")
+MODEL_REFERENCE = "peft_bnb"
+# Decoder shapes: Llama-3-8B (random init, never downloaded) and the CPU quick mode's tiny one: 4 query heads
+# per KV head as in Llama-3-8B, and every weight row a whole number of 64-element NF4 blocks as there
+# (bitsandbytes' CPU dequantize is wrong when blocks straddle rows, see README; 4x, not 3.5x, hidden).
+ARCHS: Dict[str, Dict[str, int]] = {
+    "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
+    "tiny": dict(hidden=64, intermediate=256, heads=4, kv_heads=1, vocab=128),
+}
+MODEL_DEFAULTS = {  # (cpu quick mode, GPU)
+    True: dict(layers=2, seq=16, batch=2, steps=3, warmup_steps=1),
+    False: dict(layers=4, seq=2048, batch=4, steps=10, warmup_steps=3),
+}
+MODEL_OPTIONS = ("layers", "seq", "batch", "steps", "warmup_steps")
+MODEL_MINIMUM = dict(layers=1, seq=2, batch=1, steps=1, warmup_steps=1)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One model-level case: per provider, build the decoder (``layers`` blocks of ``arch``), then time
+    ``steps`` training steps (forward with causal-LM loss on random token ids (batch, seq), backward, AdamW step
+    on the trainable parameters) after ``warmup_steps`` untimed ones. ``floor`` names the provider every
+    ratio is taken against (peft_bnb), as ``Case.floor`` does for the layer presets."""
+
+    preset: str
+    name: str
+    arch: str
+    layers: int
+    seq: int
+    batch: int
+    r: int = 16
+    dtype: str = "bfloat16"
+    steps: int = 10
+    warmup_steps: int = 3
+    lr: float = 1e-5
+    kind: str = "model"
+    floor: str = MODEL_REFERENCE
+    plan: Tuple[Tuple[str, Tuple[str, ...]], ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.kind != "model":
+            raise ValueError(f"ModelCase.kind={self.kind!r} must be 'model'")
+        if self.arch not in ARCHS:
+            raise ValueError(f"case {self.name!r}: unknown arch {self.arch!r}; known: {sorted(ARCHS)}")
+        for key, low in MODEL_MINIMUM.items():
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"case {self.name!r}: {key}={v!r} must be an int >= {low}")
+        if self.r < 1:
+            raise ValueError(f"case {self.name!r}: r={self.r} must be >= 1")
+        for provider, modes in self.plan:
+            if provider not in MODEL_PROVIDERS:
+                raise ValueError(f"case {self.name!r}: provider {provider!r} does not run the model preset; "
+                                 f"choose from {', '.join(MODEL_PROVIDERS)}")
+            if tuple(modes) != ("step",):
+                raise ValueError(f"case {self.name!r}: the model preset times the mode 'step' only, got {modes}")
+
+    @property
+    def dims(self) -> Dict[str, int]:
+        return ARCHS[self.arch]
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.batch
+
+    @property
+    def lora_alpha(self) -> int:
+        return 2 * self.r
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    @property
+    def shape(self) -> str:
+        d = self.dims
+        return (f"layers={self.layers},hidden={d['hidden']},intermediate={d['intermediate']},heads={d['heads']}/"
+                f"{d['kv_heads']},vocab={d['vocab']},seq={self.seq},batch={self.batch},r={self.r}")
+
+    def providers(self) -> List[str]:
+        return [p for p, _ in self.plan]
+
+    def modes_of(self, provider: str) -> Tuple[str, ...]:
+        return dict(self.plan).get(provider, ())
+
+    def primary_mode(self) -> str:
+        return "step"
+
+    def config(self) -> Dict:
+        d = asdict(self)
+        d.pop("plan")
+        d.update(self.dims, tokens=self.tokens, lora_alpha=self.lora_alpha, scaling=self.scaling,
+                 targets=list(MODEL_TARGETS), lora_dropout=0.0)
+        return d
+
+    def filtered(self, providers: Optional[Sequence[str]] = None, modes: Optional[Sequence[str]] = None
+                 ) -> Optional["ModelCase"]:
+        """Like ``Case.filtered``: the reference (peft_bnb) always stays so every ratio has its reference from
+        the same run; None when nothing else would run."""
+        if modes and "step" not in modes:
+            return None
+        keep = set(providers) if providers else None
+        plan = tuple((p, ms) for p, ms in self.plan if p == self.floor or keep is None or p in keep)
+        if not [p for p, _ in plan if p != self.floor] and keep is not None and self.floor not in keep:
+            return None
+        return replace(self, plan=plan)
+
+
+def model_case(preset: str, arch: str, dtype: str, layers: int, seq: int, batch: int, steps: int,
+               warmup_steps: int, r: int = 16) -> ModelCase:
+    label = "llama3-8b-shape" if arch == "llama3-8b" else arch
+    plan = tuple((p, ("step",)) for p in MODEL_PROVIDERS)
+    return ModelCase(preset, f"{label} L{layers} {batch}x{seq}", arch, layers, seq, batch, r, dtype, steps,
+                     warmup_steps, plan=plan)
+
+
+def _model(cpu: bool, **options) -> List[ModelCase]:
+    opts = dict(MODEL_DEFAULTS[bool(cpu)])
+    unknown = sorted(set(options) - set(MODEL_OPTIONS))
+    if unknown:
+        raise ValueError(f"the model preset has no option(s) {unknown}; known: {', '.join(MODEL_OPTIONS)}")
+    opts.update({k: v for k, v in options.items() if v is not None})
+    arch, dtype = ("tiny", "float32") if cpu else ("llama3-8b", "bfloat16")
+    return [model_case("model", arch, dtype, **opts)]
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
 @dataclass(frozen=True)
 class Preset:
     name: str
     help: str
     h200_estimate: str
-    build: object  # (cpu: bool) -> List[Case]
+    build: object  # (cpu: bool, **options) -> List[Case]
+    options: Tuple[str, ...] = ()  # keyword options of build (the model preset's --layers, --seq, ...)
 
-    def cases(self, cpu: bool) -> List[Case]:
-        return self.build(cpu)
+    def cases(self, cpu: bool, **options) -> List:
+        given = {k: v for k, v in options.items() if v is not None}
+        bad = sorted(set(given) - set(self.options))
+        if bad:
+            raise ValueError(f"preset {self.name!r} takes no option(s) {bad}"
+                             + (f"; it takes {', '.join(self.options)}" if self.options else ""))
+        return self.build(cpu, **given)
 
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
@@ -239,16 +381,27 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "floor (bf16, no LoRA), unfused, peft / peft_bnb, fused dense and NF4", "about 1-2 min", _decode),
     Preset("nf4", "dequantize a 14336x4096 NF4 weight to bf16: lora_ops (fused, unfused) vs bitsandbytes vs a "
            "copy of as many bytes", "under 1 min", _nf4),
+    Preset("model", "training steps (fwd + causal-LM loss + bwd + AdamW) of a Llama-3-8B-shaped decoder, random "
+           "init in bf16, --layers deep (default 4), --batch x --seq tokens (default 4x2048): peft_bnb, "
+           "fused_qlora, peft, fused, full_ft; tokens/s, step ms, peak memory, ratios to peft_bnb",
+           "about 1-3 min at 4 layers (first-call Triton autotuning included)", _model, MODEL_OPTIONS),
 )}
 
 
 def select_cases(presets: Sequence[str], cpu: bool, providers: Optional[Sequence[str]] = None,
-                 modes: Optional[Sequence[str]] = None) -> List[Case]:
+                 modes: Optional[Sequence[str]] = None, model_options: Optional[Dict] = None) -> List:
+    """The cases of ``presets`` restricted to ``providers``/``modes``. ``model_options`` (layers, seq, batch,
+    steps, warmup_steps; None = the default) go to the model preset and are refused when it is not selected."""
+    given = {k: v for k, v in (model_options or {}).items() if v is not None}
+    if given and "model" not in presets:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))} only apply to the model "
+                         f"preset; add --preset model (selected: {', '.join(presets)})")
     out = []
     for name in presets:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)} or 'all'")
-        for case in PRESETS[name].cases(cpu):
+        opts = {k: v for k, v in given.items() if k in PRESETS[name].options}
+        for case in PRESETS[name].cases(cpu, **opts):
             c = case.filtered(providers, modes)
             if c is not None:
                 out.append(c)

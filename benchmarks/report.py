@@ -17,11 +17,14 @@ from typing import Dict, Iterable, List, Optional, Sequence
 COLUMNS = ("run_id", "preset", "case", "shape", "provider", "mode", "metric", "value", "p20", "p80", "unit",
            "ratio_to_floor", "status", "note", "config", "env")
 NUMERIC = ("value", "p20", "p80", "ratio_to_floor")
-RATIO_METRICS = ("time_ms", "eager_ms", "peak_extra_mib")
+RATIO_METRICS = ("time_ms", "eager_ms", "peak_extra_mib", "tokens_per_s")
 MERGE_KEY = ("preset", "case", "provider", "mode")
 HIDDEN_IN_SUMMARY = ("floor_repeat",)
 FLOORS = ("floor", "copy")
-PLOT_ORDER = ("full_ft", "unfused", "peft", "peft_bnb", "bnb", "fused")
+PLOT_ORDER = ("full_ft", "unfused", "peft", "peft_bnb", "bnb", "fused", "fused_qlora")
+MODEL_PRESET = "model"
+MODEL_REFERENCE = "peft_bnb"  # the model preset's ratios are to this provider of the same run
+MODEL_TARGET = ("fused_qlora", 1.3)  # issue 11: >= 1.3x peft_bnb tokens/s at no more peak memory
 
 
 def ratio(value: float, floor: Optional[float]) -> float:
@@ -177,6 +180,10 @@ def markdown(rows: Sequence[Dict], title: str = "Benchmark results") -> str:
                 lines.append(f"Ceilings measured at the start of run `{g['run_id']}`: {g['shape']} GEMM "
                              f"{_f(g['value'])} TFLOP/s; copy {_f(cp['value'])} GB/s (read + write).")
                 lines.append("")
+        if preset == MODEL_PRESET:
+            for case, providers in cases.items():
+                lines += _model_table(case, providers)
+            continue
         impls = OrderedDict()
         for case, providers in cases.items():
             for p in ("fused", "unfused"):
@@ -244,12 +251,83 @@ def _case_table(case: str, providers: Dict) -> List[str]:
     return out
 
 
+def _model_table(case: str, providers: Dict) -> List[str]:
+    """One model case: every provider's training step, ratios to peft_bnb of the same run."""
+    first = next(iter(next(iter(providers.values())).values()))
+    cfg = _cfg(next(iter(first.values())))
+    head = f"### {case}"
+    if cfg:
+        head += (f" ({cfg.get('layers', '?')} layers, {cfg.get('batch', '?')}x{cfg.get('seq', '?')} tokens per step, "
+                 f"{cfg.get('dtype', '?')}, r={cfg.get('r', '?')}; {cfg.get('steps', '?')} timed steps after "
+                 f"{cfg.get('warmup_steps', '?')} warm-up)")
+    ref = MODEL_REFERENCE
+    out = [head, "",
+           f"| provider | tokens/s p50 [p20, p80] | × {ref} | step ms p50 [p20, p80] | peak extra MiB (× {ref}) "
+           "| model MiB | trainable params | loss first → last |",
+           "|---|---|---|---|---|---|---|---|"]
+    skipped = []
+    for provider, modes in providers.items():
+        m = modes.get("step", {})
+        if "skipped" in m:
+            skipped.append(f"{provider}: {m['skipped']['note']}")
+            continue
+        tk, t = m.get("tokens_per_s"), m.get("time_ms")
+        if tk is None or t is None:
+            continue
+        get = lambda k: m[k]["value"] if k in m else math.nan  # noqa: E731
+        pk = m.get("peak_extra_mib")
+        out.append(f"| {provider} | {_f(tk['value'])} [{_f(tk['p20'])}, {_f(tk['p80'])}] | {_x(tk['ratio_to_floor'])} "
+                   f"| {_f(t['value'])} [{_f(t['p20'])}, {_f(t['p80'])}] | {_f(get('peak_extra_mib'))} "
+                   f"({_x(pk['ratio_to_floor'] if pk else math.nan)}) | {_f(get('model_mib'))} "
+                   f"| {_f(get('trainable_params'), 6)} | {_f(get('loss_first'))} → {_f(get('loss_last'))} |")
+    out.append("")
+    for s in skipped:
+        out.append(f"- skipped: {s}")
+    if skipped:
+        out.append("")
+    return out
+
+
+def model_target_lines(rows: Sequence[Dict]) -> List[str]:
+    """Per model case, whether fused_qlora reached the target against peft_bnb of the same run."""
+    who, factor = MODEL_TARGET
+    out = []
+    cases = _index(rows).get(MODEL_PRESET, {})
+    for case, providers in cases.items():
+        if case == "ceilings":
+            continue
+        mine = providers.get(who, {}).get("step", {})
+        ref = providers.get(MODEL_REFERENCE, {}).get("step", {})
+        head = f"Target ({case}): {who} ≥ {factor:.2f}× {MODEL_REFERENCE} tokens/s at no more peak memory: "
+        if "tokens_per_s" not in mine or "tokens_per_s" not in ref:
+            why = [f"{p} skipped ({m['skipped']['note'][:120]})" for p, m in ((who, mine), (MODEL_REFERENCE, ref))
+                   if "skipped" in m]
+            out.append(head + "cannot be checked: " + ("; ".join(why) or "not measured") + ".")
+            continue
+        tr = mine["tokens_per_s"]["ratio_to_floor"]
+        mem = mine.get("peak_extra_mib", {})
+        mr = mem.get("ratio_to_floor", math.nan) if mem.get("status") == "ok" else math.nan
+        speed_ok = not math.isnan(tr) and tr >= factor
+        if math.isnan(mr):
+            verdict = ("speed met" if speed_ok else "speed not met") + ", memory not measured (no CUDA statistics)"
+        else:
+            verdict = "met" if speed_ok and mr <= 1.0 else "not met"
+        out.append(head + f"{_x(tr)} tokens/s, {_x(mr)} peak memory: **{verdict}**.")
+    return out
+
+
 def summary(rows: Sequence[Dict]) -> List[str]:
-    """The lines to paste: per case, its primary mode (full fwd+bwd, decode or dequant), every provider."""
-    out = ["## Summary", "", "| case | provider | ms p50 | × floor (eager ×) | peak extra MiB |",
-           "|---|---|---|---|---|"]
+    """The lines to paste: per case, its primary mode (full fwd+bwd, decode or dequant), every provider; then the
+    model preset's training steps (ratios to peft_bnb) and its target."""
+    out = ["## Summary", ""]
+    layer_rows = any(r["preset"] != MODEL_PRESET and r["case"] != "ceilings" for r in rows)
+    if layer_rows:
+        out += ["| case | provider | ms p50 | × floor (eager ×) | peak extra MiB |", "|---|---|---|---|---|"]
     noise = []
+    model_cases = _index(rows).get(MODEL_PRESET, {})
     for preset, cases in _index(rows).items():
+        if preset == MODEL_PRESET:
+            continue
         for case, providers in cases.items():
             if case == "ceilings":
                 continue
@@ -274,10 +352,31 @@ def summary(rows: Sequence[Dict]) -> List[str]:
                 pk = m.get("peak_extra_mib")
                 out.append(f"| {case} | {provider} | {_f(t['value'])} | {_x(rt)}{eager} | "
                            f"{_f(pk['value']) if pk else '–'} |")
-    out.append("")
+    if layer_rows:
+        out.append("")
     if noise:
         out.append("Noise (the floor timed again at the end of each case, × the first floor): " + "; ".join(noise)
                    + ". A difference smaller than this is noise.")
+        out.append("")
+    model_cases = OrderedDict((c, p) for c, p in model_cases.items() if c != "ceilings")
+    if model_cases:
+        out += ["Model training step (ratios to peft_bnb of the same run):", ""]
+        out += model_target_lines(rows)
+        ref = MODEL_REFERENCE
+        out += ["", f"| case | provider | tokens/s | × {ref} | step ms | peak extra MiB (× {ref}) |",
+                "|---|---|---|---|---|---|"]
+        for case, providers in model_cases.items():
+            for provider, modes in providers.items():
+                m = modes.get("step", {})
+                if "skipped" in m:
+                    out.append(f"| {case} | {provider} | skipped | {m['skipped']['note'][:60]} | | |")
+                    continue
+                tk, t, pk = m.get("tokens_per_s"), m.get("time_ms"), m.get("peak_extra_mib")
+                if tk is None or t is None:
+                    continue
+                out.append(f"| {case} | {provider} | {_f(tk['value'])} | {_x(tk['ratio_to_floor'])} | "
+                           f"{_f(t['value'])} | {_f(pk['value']) if pk else '–'} "
+                           f"({_x(pk['ratio_to_floor'] if pk else math.nan)}) |")
         out.append("")
     return out
 
@@ -298,6 +397,11 @@ def plot_all(rows: Sequence[Dict], out_dir: Path) -> List[Path]:
     for preset, cases in _index(rows).items():
         cases = OrderedDict((c, p) for c, p in cases.items() if c != "ceilings")
         if not cases:
+            continue
+        if preset == MODEL_PRESET:
+            path = _plot_model(cases, out_dir, plt)
+            if path is not None:
+                written.append(path)
             continue
         providers = []
         for p in cases.values():
@@ -375,6 +479,60 @@ def _plot_vs_tokens(cases: Dict, out_dir: Path, plt) -> List[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _plot_model(cases: Dict, out_dir: Path, plt) -> Optional[Path]:
+    """``model_throughput.png``: per model case and provider, tokens/s (left) and peak extra GiB (right), each
+    bar labelled with its ratio to peft_bnb of the same run."""
+    names = list(cases)
+    providers = []
+    for p in cases.values():
+        for name in p:
+            if name not in providers:
+                providers.append(name)
+    order = (MODEL_REFERENCE, "fused_qlora", "peft", "fused", "full_ft")
+    providers.sort(key=lambda n: order.index(n) if n in order else len(order))
+
+    def series(metric, scale=1.0):
+        out = {}
+        for prov in providers:
+            vals, rats = [], []
+            for c in names:
+                r = cases[c].get(prov, {}).get("step", {}).get(metric)
+                ok = r is not None and r["status"] == "ok" and not math.isnan(r["value"])
+                vals.append(r["value"] * scale if ok else math.nan)
+                rats.append(r["ratio_to_floor"] if ok else math.nan)
+            out[prov] = (vals, rats)
+        return out
+
+    panels = [("tokens_per_s", "tokens/s (higher is better)", 1.0),
+              ("peak_extra_mib", "peak extra GiB (lower is better)", 1.0 / 1024)]
+    panels = [(m, label, sc, series(m, sc)) for m, label, sc in panels]
+    panels = [p for p in panels if any(not math.isnan(v) for vals, _ in p[3].values() for v in vals)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 2.2 * len(names) + 3) * len(panels) / 1.4, 4.8),
+                             squeeze=False)
+    width = 0.8 / max(1, len(providers))
+    for ax, (metric, label, _, data) in zip(axes[0], panels):
+        for j, prov in enumerate(providers):
+            vals, rats = data[prov]
+            xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(names))]
+            bars = ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, label=prov)
+            for b, v, rt in zip(bars, vals, rats):
+                if not math.isnan(v) and not math.isnan(rt):
+                    ax.annotate(f"{rt:.2f}×", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                                va="bottom", fontsize=7)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=15, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title(f"model: {label.split(' (')[0]}, labels × {MODEL_REFERENCE}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / "model_throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_outputs(new_rows: Sequence[Dict], out_dir: Path) -> Dict[str, object]:

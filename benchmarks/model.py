@@ -1,0 +1,321 @@
+"""Model-level benchmark (preset ``model``): training steps of a whole Llama-3-8B-shaped decoder per provider.
+
+Per provider, in one process and on the same token ids:
+
+1. memory baseline = ``memory_allocated()`` before the model is built (so its weights count);
+2. build: ``LlamaForCausalLM`` from a ``LlamaConfig`` (transformers; random init created directly on the
+   device in the case dtype after ``torch.manual_seed(seed)``, so every provider starts from the same base
+   weights; nothing is downloaded), then the provider's adapter (see ``BUILDERS``);
+3. ``warmup_steps`` untimed steps, then ``reset_peak_memory_stats`` and ``steps`` timed steps; a step is
+   ``zero_grad(set_to_none=True)``, ``loss = model(input_ids=ids, labels=ids).loss`` (causal-LM loss on random
+   ids (batch, seq)), ``loss.backward()``, ``AdamW.step()`` over the trainable parameters, then a device
+   synchronize: each step is wall-clock timed (``time.perf_counter``), host time included, no CUDA graphs;
+4. rows: ``tokens_per_s`` (batch * seq / median step time), ``time_ms`` (step), ``peak_extra_mib`` (CUDA:
+   max_memory_allocated during the timed steps - baseline), ``model_mib`` (allocated after the build -
+   baseline), ``trainable_params``, ``loss_first`` / ``loss_last``; ``ratio_to_floor`` of tokens/s, step time and
+   peak memory is to peft_bnb of the same run (the case's ``floor``).
+
+Everything a provider holds is dropped and the allocator emptied before the next one is built. A provider that
+fails (OOM, missing package, bitsandbytes without its CUDA build) is recorded as ``skipped`` with the reason.
+No gradient checkpointing, no ``prepare_model_for_kbit_training``, no autocast: every provider computes in the
+model dtype, LoRA adapters included (PEFT would keep 4-bit-base adapters in fp32 and cast x up to them; they are
+cast to the model dtype here, as the layer presets do, so like is compared with like).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import report
+from .harness import MIB, Rows, Run, _reason, _skip_rows, quantiles
+from .presets import MODEL_TARGETS, ModelCase
+from .providers import DTYPES, NF4_BLOCKSIZE
+
+ModelBuilder = Callable[[ModelCase, torch.device], Tuple[nn.Module, Dict]]
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+def llama_config(case: ModelCase):
+    """The case's ``LlamaConfig``: Llama-3-8B's shape (or the tiny CPU one) at ``case.layers`` layers."""
+    from transformers import LlamaConfig
+
+    d = case.dims
+    return LlamaConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["intermediate"],
+                       num_hidden_layers=case.layers, num_attention_heads=d["heads"],
+                       num_key_value_heads=d["kv_heads"], max_position_embeddings=max(8192, case.seq),
+                       rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                       hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                       attention_dropout=0.0, use_cache=False, attn_implementation="sdpa")
+
+
+def base_model(case: ModelCase, device: torch.device, seed: int = 0) -> nn.Module:
+    """A randomly initialised LlamaForCausalLM in the case dtype, created on ``device`` (no CPU copy)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = llama_config(case)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[case.dtype])
+    return model.train()
+
+
+def expected_lora_params(case: ModelCase) -> int:
+    """Trainable parameters of r-rank adapters on the seven projections of every layer."""
+    d = case.dims
+    head_dim = d["hidden"] // d["heads"]
+    kv = d["kv_heads"] * head_dim
+    io = {"q_proj": (d["hidden"], d["hidden"]), "k_proj": (d["hidden"], kv), "v_proj": (d["hidden"], kv),
+          "o_proj": (d["hidden"], d["hidden"]), "gate_proj": (d["hidden"], d["intermediate"]),
+          "up_proj": (d["hidden"], d["intermediate"]), "down_proj": (d["intermediate"], d["hidden"])}
+    return case.layers * case.r * sum(i + o for i, o in io.values())
+
+
+def _trainable(model: nn.Module) -> List[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _check_lora(case: ModelCase, model: nn.Module, provider: str) -> None:
+    params = _trainable(model)
+    n = sum(p.numel() for p in params)
+    want = expected_lora_params(case)
+    if n != want:
+        raise RuntimeError(f"{provider}: {n} trainable parameters, expected {want} (r={case.r} adapters on "
+                           f"{', '.join(MODEL_TARGETS)} of {case.layers} layers and nothing else)")
+    dtypes = {p.dtype for p in params}
+    if dtypes != {DTYPES[case.dtype]}:
+        raise RuntimeError(f"{provider}: adapter dtypes {dtypes}, expected {case.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+def build_fused(case: ModelCase, device: torch.device, seed: int = 0, quantize: Optional[str] = None):
+    import lora_ops
+
+    model = base_model(case, device, seed)
+    lora_ops.apply_lora(model, list(MODEL_TARGETS), r=case.r, lora_alpha=case.lora_alpha, lora_dropout=0.0,
+                        quantize=quantize, blocksize=NF4_BLOCKSIZE, double_quant=True)
+    info = {"adapter": "lora_ops.apply_lora", "quantize": quantize or "none"}
+    if quantize:
+        info.update(blocksize=NF4_BLOCKSIZE, double_quant=True)
+    return model, info
+
+
+def build_fused_qlora(case: ModelCase, device: torch.device, seed: int = 0):
+    return build_fused(case, device, seed, quantize="nf4")
+
+
+def _peft(model: nn.Module, case: ModelCase) -> Tuple[nn.Module, Dict]:
+    import peft
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=case.r, lora_alpha=case.lora_alpha, lora_dropout=0.0, target_modules=list(MODEL_TARGETS),
+                     bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    dtype = DTYPES[case.dtype]
+    layer_types = set()
+    from peft.tuners.lora import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            # On a 4-bit base PEFT creates the adapter in fp32 (the packed weight has no float dtype to follow).
+            m.lora_A.to(dtype)
+            m.lora_B.to(dtype)
+            layer_types.add(f"{type(m).__module__}.{type(m).__name__}")
+    return model, {"adapter": "peft.get_peft_model", "peft": peft.__version__, "lora_layer": sorted(layer_types),
+                   "adapter_dtype": case.dtype}
+
+
+def build_peft(case: ModelCase, device: torch.device, seed: int = 0):
+    return _peft(base_model(case, device, seed), case)
+
+
+def bnb_unavailable(device: torch.device) -> Optional[str]:
+    """Why bitsandbytes cannot quantize/run 4-bit layers on ``device`` here (None when it can)."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip
+        return f"bitsandbytes is not importable: {_reason(e)}"
+    if device.type == "cuda":
+        # BNB_BACKEND says "CUDA" whenever torch sees a GPU; only a loaded CUDA library has bitsandbytes' kernels
+        # (without it some ops would fall back to slow pure-PyTorch code and peft_bnb would be timed unfairly).
+        lib = getattr(getattr(bnb, "cextension", None), "lib", None)
+        if type(lib).__name__ != "CudaBNBNativeLibrary":
+            return (f"bitsandbytes {bnb.__version__} has no CUDA library loaded here ({type(lib).__name__}); "
+                    "install its CUDA build (README: carry the wheel) to time peft_bnb")
+    try:  # the kernels themselves, on a tiny weight
+        w = torch.randn(64, 64, device=device, dtype=torch.float32)
+        q, state = bnbf.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+        bnbf.dequantize_4bit(q, state, quant_type="nf4")
+    except Exception as e:  # noqa: BLE001
+        return f"bitsandbytes {bnb.__version__} cannot run NF4 on {device.type}: {_reason(e)}"
+    return None
+
+
+def to_bnb_4bit(model: nn.Module, targets, compute_dtype: torch.dtype) -> int:
+    """Replace the targeted nn.Linear layers by bitsandbytes Linear4bit (NF4, double quant, blocksize 64),
+    quantized by bitsandbytes' own kernel on the weights' device; mark the model loaded-in-4bit as transformers
+    does, so PEFT wraps them in its bnb Linear4bit LoRA layer. Returns how many were replaced."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.Linear or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        W = mod.weight.data
+        lin = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                device="meta")
+        lin.weight = bnb.nn.Params4bit(W, requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=True,
+                                       quant_type="nf4")
+        if mod.bias is not None:
+            lin.bias = nn.Parameter(mod.bias.data, requires_grad=False)
+        lin = lin.to(W.device)  # Params4bit quantizes on its first move to a device
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+        n += 1
+    model.is_loaded_in_4bit = True
+    return n
+
+
+def build_peft_bnb(case: ModelCase, device: torch.device, seed: int = 0):
+    reason = bnb_unavailable(device)
+    if reason:
+        raise RuntimeError(reason)
+    import bitsandbytes as bnb
+
+    model = base_model(case, device, seed)
+    n = to_bnb_4bit(model, MODEL_TARGETS, DTYPES[case.dtype])
+    if n != 7 * case.layers:
+        raise RuntimeError(f"replaced {n} linear layers by Linear4bit, expected {7 * case.layers}")
+    model, info = _peft(model, case)
+    info.update(bitsandbytes=bnb.__version__, base="bitsandbytes Linear4bit nf4, double quant, blocksize 64")
+    return model, info
+
+
+def build_full_ft(case: ModelCase, device: torch.device, seed: int = 0):
+    model = base_model(case, device, seed)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, {"adapter": "none: every parameter trains"}
+
+
+BUILDERS: Dict[str, ModelBuilder] = {
+    "fused": build_fused,
+    "fused_qlora": build_fused_qlora,
+    "peft": build_peft,
+    "peft_bnb": build_peft_bnb,
+    "full_ft": build_full_ft,
+}
+LORA = ("fused", "fused_qlora", "peft", "peft_bnb")
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+def token_ids(case: ModelCase, device: torch.device, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    return torch.randint(0, case.dims["vocab"], (case.batch, case.seq), generator=gen, device=device)
+
+
+def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, ids: torch.Tensor) -> List[Dict]:
+    """Build, warm up, time; every tensor this provider made dies with this frame."""
+    dev = run.dev
+    dev.sync()
+    baseline = dev.allocated()
+    model, info = builder(case, dev.device, run.settings.seed)
+    if provider in LORA:
+        _check_lora(case, model, provider)
+    dev.sync()
+    model_bytes = dev.allocated() - baseline
+    params = _trainable(model)
+    n_trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=case.lr)
+    model.train()
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    first = float(step())
+    for _ in range(case.warmup_steps - 1):
+        step()
+    dev.sync()
+    if dev.cuda:
+        torch.cuda.reset_peak_memory_stats(dev.device)
+    samples = []
+    last = None
+    for _ in range(case.steps):
+        t0 = time.perf_counter()
+        last = step()
+        dev.sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(dev.device) - baseline if dev.cuda else None
+    last = float(last)
+    opt.zero_grad(set_to_none=True)
+
+    p50, p20, p80 = quantiles(samples)
+    tok = case.tokens
+    config = dict(case.config(), mode="step", provider_info=info, timer="time.perf_counter + synchronize per step",
+                  optimizer=f"torch.optim.AdamW(lr={case.lr:g}) over the trainable parameters",
+                  step="zero_grad(set_to_none) + forward with causal-LM loss + backward + optimizer step",
+                  gradient_checkpointing=False, cuda_graphs=False, reference=case.floor)
+    rows = Rows(run, case, provider, "step", config)
+    rows.add("tokens_per_s", tok * 1e3 / p50, "tokens/s", tok * 1e3 / p80, tok * 1e3 / p20,
+             note=f"{case.batch}x{case.seq} tokens per step / median of {case.steps} timed steps after "
+                  f"{case.warmup_steps} warm-up")
+    rows.add("time_ms", p50, "ms", p20, p80, note=f"one training step, median of {case.steps}")
+    if peak is None:
+        rows.add("peak_extra_mib", math.nan, "MiB", status="n/a", note="no device memory statistics on the CPU")
+        rows.add("model_mib", math.nan, "MiB", status="n/a", note="no device memory statistics on the CPU")
+    else:
+        rows.add("peak_extra_mib", peak / MIB, "MiB",
+                 note="max_memory_allocated during the timed steps - baseline before the model was built")
+        rows.add("model_mib", model_bytes / MIB, "MiB", note="allocated after the build - baseline (weights)")
+    rows.add("trainable_params", n_trainable, "count")
+    rows.add("loss_first", first, "nats", note="causal-LM loss of the first (warm-up) step: same base weights")
+    rows.add("loss_last", last, "nats", note="loss of the last timed step (finite: the steps trained sanely)")
+    if not (math.isfinite(first) and math.isfinite(last)):
+        raise FloatingPointError(f"{provider}: non-finite loss (first {first}, last {last})")
+    return rows.rows
+
+
+def run_model_case(run: Run, case: ModelCase, builders: Optional[Dict[str, ModelBuilder]] = None) -> List[Dict]:
+    """Every provider of ``case`` (same token ids, same base weights); ratios to peft_bnb of this run."""
+    builders = dict(BUILDERS, **(builders or {}))
+    rows: List[Dict] = []
+    try:
+        ids = token_ids(case, run.dev.device, run.settings.seed)
+    except Exception as e:  # noqa: BLE001
+        for p, modes in case.plan:
+            rows += _skip_rows(run, case, p, modes, "case setup failed: " + _reason(e))
+        return rows
+    for provider, modes in case.plan:
+        label = f"{case.name} {provider}"
+        if run.deadline is not None and time.monotonic() > run.deadline:
+            rows += _skip_rows(run, case, provider, modes, "time budget reached before this provider")
+            label += " skipped (budget)"
+        elif provider not in builders:
+            rows += _skip_rows(run, case, provider, modes, f"no model builder named {provider!r}")
+            label += " skipped"
+        else:
+            try:
+                rows += _measure(run, case, provider, builders[provider], ids)
+            except Exception as e:  # noqa: BLE001 - OOM, missing package, ...: recorded, the others still run
+                rows += _skip_rows(run, case, provider, modes, _reason(e))
+                label += " skipped"
+            finally:
+                run.dev.free()
+        if run.progress:
+            run.progress.step(label, len(modes))
+    del ids
+    run.dev.free()
+    return report.add_ratios(rows, case.floor)
+
