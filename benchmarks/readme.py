@@ -1,0 +1,432 @@
+"""``python -m benchmarks.readme``: README.md's headline numbers, generated from the committed results CSV.
+
+The block between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in README.md is rewritten from
+``benchmarks/results/h200/results.csv`` (``--csv``): layer fwd+bwd ratios to the floor, peak memory, decode,
+NF4 dequantize and the model-level training step, each with the GPU, command, date and run id that produced it
+and its plot. A preset without rows says "not yet measured". Nothing outside the markers changes; without
+markers the block is inserted before the README's first ``## `` heading.
+
+``--check`` writes nothing: it exits 1 with a unified diff when README.md's block is not what the CSV gives
+(tests/test_readme_headline.py runs it in CI), 0 when they agree.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import re
+import sys
+from collections import Counter, OrderedDict
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import report
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CSV = REPO / "benchmarks" / "results" / "h200" / "results.csv"
+DEFAULT_README = REPO / "README.md"
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+MARKS = ("†", "‡", "§", "¶", "#")
+NOT_YET = "not yet measured"
+
+LAYER_COLUMNS = (("full_ft", "full FT"), ("unfused", "torch unfused"), ("peft", "PEFT"),
+                 ("peft_bnb", "PEFT+bnb"), ("fused", "**lora_ops**"))
+DECODE_COLUMNS = (("unfused", "torch unfused"), ("peft", "PEFT"), ("peft_bnb", "PEFT+bnb"), ("fused", "**lora_ops**"))
+NF4_COLUMNS = (("bnb", "bitsandbytes"), ("unfused", "lora_ops reference"), ("fused", "**lora_ops** (Triton)"))
+MODEL_COLUMNS = (("peft_bnb", "PEFT+bnb QLoRA"), ("fused_qlora", "**lora_ops QLoRA**"), ("peft", "PEFT LoRA"),
+                 ("fused", "**lora_ops LoRA**"), ("full_ft", "full FT"))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _rel(path: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def _g(v: float, digits: int = 3) -> str:
+    """``digits`` significant digits, trailing zeros kept (2.60, 0.0435); from 1000 on, integers (2,011)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:#.{digits}g}".rstrip(".")
+
+
+def _mib(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}"
+
+
+def _x(v: float) -> str:
+    return "–" if v is None or math.isnan(v) else f"{v:.2f}×"
+
+
+def _commit(env: Dict) -> str:
+    """The short commit of a run ("" when the env has none that looks like one)."""
+    hits = re.findall(r"\b([0-9a-f]{7,40})(-dirty)?\b", str(env.get("git_commit", "")))
+    if not hits:
+        return ""
+    sha, dirty = hits[-1]
+    return sha[:7] + dirty
+
+
+def _date(env: Dict, run_id: str) -> str:
+    for text, fmt in ((env.get("date_utc", ""), None), (run_id.split("-")[0], "%Y%m%dT%H%M%SZ")):
+        try:
+            d = datetime.fromisoformat(text) if fmt is None else datetime.strptime(text, fmt)
+            return d.strftime("%Y-%m-%d %H:%M UTC")
+        except (TypeError, ValueError):
+            continue
+    return "date unknown"
+
+
+class Runs:
+    """The runs one table draws on: the main one (its floor's) unmarked, the others marked †, ‡, ..."""
+
+    def __init__(self, rows: Sequence[Dict], main: Optional[str]):
+        self.env: Dict[str, Dict] = OrderedDict()
+        for r in rows:
+            self.env.setdefault(r["run_id"], report._env(r))
+        ids = list(self.env)
+        self.main = main if main in self.env else (ids[0] if ids else None)
+        others = [i for i in ids if i != self.main]
+        self.mark = {self.main: ""}
+        self.mark.update({rid: MARKS[min(k, len(MARKS) - 1)] for k, rid in enumerate(others)})
+        self.used = set()
+
+    def tag(self, run_id: str) -> str:
+        m = self.mark.get(run_id, "?")
+        if m:
+            self.used.add(run_id)
+        return m
+
+    def describe(self, rid: str) -> str:
+        e = self.env[rid]
+        commit = _commit(e)
+        return (f"`{e.get('command', '?')}` on {e.get('gpu', '?')}, {_date(e, rid)} (run `{rid}`"
+                + (f", commit {commit}" if commit else "") + ")")
+
+    def lines(self) -> List[str]:
+        if self.main is None:
+            return []
+        out = [f"- Measured by {self.describe(self.main)}."]
+        for rid in self.env:
+            if rid in self.used:
+                out.append(f"- {self.mark[rid]} measured by {self.describe(rid)}; its ratios are to that run's own "
+                           "floor.")
+        return out
+
+
+def _main_run(cases: Dict, floor: str, mode: str) -> Optional[str]:
+    c = Counter(m[mode]["time_ms"]["run_id"] for provs in cases.values() for p, m in provs.items()
+                if p == floor and mode in m and "time_ms" in m[mode])
+    return c.most_common(1)[0][0] if c else None
+
+
+def _plot(csv_dir: str, name: str) -> str:
+    return f"- Plot: [`{name}`]({csv_dir}/{name})."
+
+
+def _absent(cols, cases: Dict, who: str = "fused", label: str = "lora_ops") -> List[str]:
+    """A line saying our provider has no rows in this table yet (so a missing column is not mistaken for a win)."""
+    if any(who in provs for provs in cases.values()):
+        return []
+    return [f"- {label}: {NOT_YET} in this preset."]
+
+
+def _cases(idx: Dict, preset: str) -> "OrderedDict[str, Dict]":
+    return OrderedDict((c, p) for c, p in idx.get(preset, {}).items() if c != "ceilings")
+
+
+def _layer_label(providers: Dict, mode: str) -> str:
+    for modes in providers.values():
+        for metrics in modes.values():
+            cfg = report._cfg(next(iter(metrics.values())))
+            if cfg.get("M"):
+                s = f"{cfg['M']} × {cfg['K']}→{cfg['N']} {cfg.get('weight', '?')}"
+                if cfg.get("dropout"):
+                    s += f", dropout {cfg['dropout']:g}"
+                if cfg.get("r", 16) != 16:
+                    s += f", r={cfg['r']}"
+                return s
+    return "?"
+
+
+def _skip_note(notes: List[str], text: str) -> str:
+    if text not in notes:
+        notes.append(text)
+    return f"skipped ({notes.index(text) + 1})"
+
+
+def _notes(notes: List[str]) -> List[str]:
+    return [f"- ({i}) skipped: {n[:200]}" for i, n in enumerate(notes, 1)]
+
+
+# -------------------------------------------------------------------------------------------- the tables
+
+def _not_yet(command: str) -> List[str]:
+    return [f"{NOT_YET.capitalize()}. On the GPU: `{command}`.", ""]
+
+
+def layer_section(idx: Dict, csv_dir: str) -> List[str]:
+    out = ["### Layer forward + backward: time ÷ the floor (lower is better)", ""]
+    cases = _cases(idx, "layer")
+    if not cases:
+        return out + _not_yet("python -m benchmarks --preset layer")
+    mode = "full"
+    runs = Runs([m[mode]["time_ms"] for p in cases.values() for m in p.values() if mode in m and "time_ms" in m[mode]],
+                _main_run(cases, "floor", mode))
+    cols = [(p, h) for p, h in LAYER_COLUMNS if any(p in provs for provs in cases.values())]
+    out.append("| M × K→N, weight | floor ms | " + " | ".join(h for _, h in cols) + " | floor again |")
+    out.append("|---|---|" + "---|" * len(cols) + "---|")
+    notes: List[str] = []
+    for case, provs in cases.items():
+        fl = provs.get("floor", {}).get(mode, {}).get("time_ms")
+        cells = [_layer_label(provs, mode), (_g(fl["value"]) + runs.tag(fl["run_id"])) if fl else "–"]
+        for p, _ in cols:
+            m = provs.get(p, {}).get(mode, {})
+            if "skipped" in m:
+                cells.append(_skip_note(notes, m["skipped"]["note"]))
+            elif "time_ms" in m:
+                cells.append(_x(m["time_ms"]["ratio_to_floor"]) + runs.tag(m["time_ms"]["run_id"]))
+            else:
+                cells.append("–")
+        rep = provs.get("floor_repeat", {}).get(mode, {}).get("time_ms")
+        cells.append(_x(rep["ratio_to_floor"]) + runs.tag(rep["run_id"]) if rep else "–")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out += ["- The floor is the frozen bf16 layer (forward GEMM + dX GEMM); \"floor again\" is the floor timed a "
+            "second time at the end of the case: a difference smaller than its distance from 1.00× is noise."]
+    out += _absent(cols, cases) + _notes(notes) + runs.lines() + [_plot(csv_dir, "layer_ratio.png"), ""]
+    return out
+
+
+def memory_section(idx: Dict) -> List[str]:
+    out = ["### Layer forward + backward: peak extra memory, MiB (× the floor)", ""]
+    cases = _cases(idx, "layer")
+    mode = "full"
+    have = [c for c, provs in cases.items() for m in provs.values()
+            if m.get(mode, {}).get("peak_extra_mib", {}).get("status") == "ok"]
+    if not have:
+        return out + _not_yet("python -m benchmarks --preset layer")
+    runs = Runs([m[mode]["peak_extra_mib"] for p in cases.values() for m in p.values()
+                 if mode in m and "peak_extra_mib" in m[mode]], _main_run(cases, "floor", mode))
+    cols = [(p, h) for p, h in LAYER_COLUMNS if any(p in provs for provs in cases.values())]
+    out.append("| M × K→N, weight | floor | " + " | ".join(h for _, h in cols) + " |")
+    out.append("|---|---|" + "---|" * len(cols))
+    for case, provs in cases.items():
+        fl = provs.get("floor", {}).get(mode, {}).get("peak_extra_mib")
+        cells = [_layer_label(provs, mode), (_mib(fl["value"]) + runs.tag(fl["run_id"])) if fl else "–"]
+        for p, _ in cols:
+            r = provs.get(p, {}).get(mode, {}).get("peak_extra_mib")
+            if r is None or r["status"] != "ok":
+                cells.append("–")
+            else:
+                cells.append(f"{_mib(r['value'])} ({_x(r['ratio_to_floor'])}){runs.tag(r['run_id'])}")
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "- Baseline taken before the layer is built, so the weights count (a bf16 4096×14336 W: 112 MiB; "
+            "its NF4 bytes: about 30 MiB)."]
+    out += runs.lines() + [""]
+    return out
+
+
+def decode_section(idx: Dict, csv_dir: str) -> List[str]:
+    out = ["### Decode (no grad, weights rotated past L2): µs per call (× the floor)", ""]
+    cases = _cases(idx, "decode")
+    if not cases:
+        return out + _not_yet("python -m benchmarks --preset decode")
+    mode = "decode"
+    runs = Runs([m[mode]["time_ms"] for p in cases.values() for m in p.values() if mode in m and "time_ms" in m[mode]],
+                _main_run(cases, "floor", mode))
+    cols = [(p, h) for p, h in DECODE_COLUMNS if any(p in provs for provs in cases.values())]
+    out.append("| M, K→N, weight | floor µs | " + " | ".join(h for _, h in cols) + " |")
+    out.append("|---|---|" + "---|" * len(cols))
+    notes: List[str] = []
+    for case, provs in cases.items():
+        fl = provs.get("floor", {}).get(mode, {}).get("time_ms")
+        label = _layer_label(provs, mode).replace(" × ", ", ", 1)
+        cells = [label, (_g(fl["value"] * 1e3) + runs.tag(fl["run_id"])) if fl else "–"]
+        for p, _ in cols:
+            m = provs.get(p, {}).get(mode, {})
+            if "skipped" in m:
+                cells.append(_skip_note(notes, m["skipped"]["note"]))
+            elif "time_ms" in m:
+                t = m["time_ms"]
+                cells.append(f"{_g(t['value'] * 1e3)} ({_x(t['ratio_to_floor'])}){runs.tag(t['run_id'])}")
+            else:
+                cells.append("–")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out += ["- The floor is the bf16 layer without LoRA."]
+    out += _absent(cols, cases) + _notes(notes) + runs.lines() + [_plot(csv_dir, "decode_ratio.png"), ""]
+    return out
+
+
+def nf4_section(idx: Dict, csv_dir: str) -> List[str]:
+    out = ["### NF4 dequantize: ms per call (× a copy of as many bytes)", ""]
+    cases = _cases(idx, "nf4")
+    if not cases:
+        return out + _not_yet("python -m benchmarks --preset nf4")
+    mode = "dequant"
+    runs = Runs([m[mode]["time_ms"] for p in cases.values() for m in p.values() if mode in m and "time_ms" in m[mode]],
+                _main_run(cases, "copy", mode))
+    cols = [(p, h) for p, h in NF4_COLUMNS if any(p in provs for provs in cases.values())]
+    out.append("| weight | copy ms | " + " | ".join(h for _, h in cols) + " |")
+    out.append("|---|---|" + "---|" * len(cols))
+    for case, provs in cases.items():
+        fl = provs.get("copy", {}).get(mode, {}).get("time_ms")
+        cfg = report._cfg(next(iter(next(iter(next(iter(provs.values())).values())).values())))
+        label = (f"{cfg['N']} × {cfg['K']} NF4 → {cfg.get('dtype', '?')}" if cfg.get("N") else case)
+        cells = [label, (_g(fl["value"]) + runs.tag(fl["run_id"])) if fl else "–"]
+        for p, _ in cols:
+            t = provs.get(p, {}).get(mode, {}).get("time_ms")
+            cells.append(f"{_g(t['value'])} ({_x(t['ratio_to_floor'])}){runs.tag(t['run_id'])}" if t else "–")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out += _absent(cols, cases) + runs.lines() + [_plot(csv_dir, "nf4_ratio.png"), ""]
+    return out
+
+
+def model_section(idx: Dict, rows: Sequence[Dict], csv_dir: str) -> List[str]:
+    out = ["### Model training step (Llama-3-8B-shaped decoder): tokens/s (× PEFT+bitsandbytes)", ""]
+    cases = _cases(idx, report.MODEL_PRESET)
+    if not cases:
+        return out + _not_yet("python -m benchmarks --preset model --layers 4 --seq 2048 --batch 4")
+    mode = "step"
+    runs = Runs([next(iter(m[mode].values())) for p in cases.values() for m in p.values() if mode in m],
+                _main_run(cases, report.MODEL_REFERENCE, mode))
+    cols = [(p, h) for p, h in MODEL_COLUMNS if any(p in provs for provs in cases.values())]
+    out.append("| layers, batch × seq | " + " | ".join(h for _, h in cols) + " |")
+    out.append("|---|" + "---|" * len(cols))
+    notes: List[str] = []
+    mem_rows, dtypes, mem_any = [], [], False
+    for case, provs in cases.items():
+        cfg = report._cfg(next(iter(next(iter(next(iter(provs.values())).values())).values())))
+        label = f"{cfg.get('layers', '?')} layers, {cfg.get('batch', '?')} × {cfg.get('seq', '?')}"
+        dtypes.append(str(cfg.get("dtype", "?")))
+        cells, mem = [label], [label]
+        for p, _ in cols:
+            m = provs.get(p, {}).get(mode, {})
+            if "skipped" in m:
+                cells.append(_skip_note(notes, m["skipped"]["note"]))
+                mem.append("–")
+                continue
+            tk, pk = m.get("tokens_per_s"), m.get("peak_extra_mib")
+            cells.append(f"{_g(tk['value'], 4)} ({_x(tk['ratio_to_floor'])}){runs.tag(tk['run_id'])}" if tk else "–")
+            mem_ok = pk is not None and pk["status"] == "ok"
+            mem_any = mem_any or mem_ok
+            mem.append(f"{_g(pk['value'] / 1024, 3)} ({_x(pk['ratio_to_floor'])})" if mem_ok else "–")
+        out.append("| " + " | ".join(cells) + " |")
+        mem_rows.append("| " + " | ".join(mem) + " |")
+    if mem_any:
+        out += ["", "Peak extra memory, GiB (× PEFT+bitsandbytes; baseline before the model is built):", "",
+                "| layers, batch × seq | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+        out += mem_rows + [""]
+    else:
+        out += ["", "Peak memory: not measured (no CUDA memory statistics in these runs).", ""]
+    out += ["- " + line.replace("**", "") for line in report.model_target_lines(rows)]
+    out += ["- One step: forward with causal-LM loss on random token ids, backward, AdamW over the trainable "
+            "parameters (LoRA r=16 on q, k, v, o, gate, up, down; full FT: every parameter), "
+            f"{'/'.join(dict.fromkeys(dtypes))}, no gradient checkpointing; tokens/s = batch × seq / the median "
+            "step time."]
+    out += _notes(notes) + runs.lines() + [_plot(csv_dir, "model_throughput.png"), ""]
+    return out
+
+
+def generate(rows: Sequence[Dict], csv_path: Path = DEFAULT_CSV) -> str:
+    """The README block (markers included) for ``rows`` read from ``csv_path``."""
+    csv_rel = _rel(csv_path)
+    csv_dir = csv_rel.rsplit("/", 1)[0] if "/" in csv_rel else "."
+    idx = report._index(rows)
+    gpus = list(OrderedDict.fromkeys(report._env(r).get("gpu", "?") for r in rows))
+    title = f"## Headline numbers ({', '.join(gpus)})" if gpus else "## Headline numbers"
+    lines = [BEGIN, title, "",
+             f"Generated by `python -m benchmarks.readme` from [`{csv_rel}`]({csv_rel}) (do not edit by hand: CI "
+             "runs `python -m benchmarks.readme --check`, which fails when this block and the CSV disagree). "
+             "Each run times all its providers in one process on the same tensors, and every ratio is to the "
+             "floor (model step: PEFT+bitsandbytes) of its own run; a cell marked † comes from another run than "
+             f"its row's floor. Full tables: [`results.md`]({csv_dir}/results.md).", ""]
+    lines += layer_section(idx, csv_dir)
+    lines += memory_section(idx)
+    lines += decode_section(idx, csv_dir)
+    lines += nf4_section(idx, csv_dir)
+    lines += model_section(idx, rows, csv_dir)
+    while lines and lines[-1] == "":
+        lines.pop()
+    return "\n".join(lines + [END])
+
+
+def splice(readme: str, block: str) -> str:
+    """``readme`` with its marked block replaced by ``block`` (or, without markers, ``block`` inserted before
+    the first ``## `` heading, else appended)."""
+    b, e = readme.find(BEGIN), readme.find(END)
+    if (b < 0) != (e < 0) or (b >= 0 and e < b):
+        raise ValueError(f"README has an unmatched {BEGIN if b >= 0 else END} marker; fix or remove it")
+    if b >= 0:
+        return readme[:b] + block + readme[e + len(END):]
+    m = re.search(r"^## ", readme, flags=re.M)
+    if m is None:
+        return readme.rstrip("\n") + "\n\n" + block + "\n"
+    return readme[:m.start()] + block + "\n\n" + readme[m.start():]
+
+
+def expected_readme(readme_path: Path = DEFAULT_README, csv_path: Path = DEFAULT_CSV) -> Tuple[str, str]:
+    """(README as it is, README as the CSV makes it)."""
+    current = Path(readme_path).read_text()
+    rows = report.read_csv(csv_path)
+    if not rows:
+        raise FileNotFoundError(f"{csv_path} has no benchmark rows (missing or empty)")
+    return current, splice(current, generate(rows, csv_path))
+
+
+def check(readme_path: Path = DEFAULT_README, csv_path: Path = DEFAULT_CSV) -> Tuple[bool, str]:
+    """(README's block is what the CSV gives, unified diff when it is not)."""
+    current, want = expected_readme(readme_path, csv_path)
+    if BEGIN not in current:
+        return False, f"{readme_path} has no {BEGIN} ... {END} block; run `python -m benchmarks.readme` to add it"
+    if current == want:
+        return True, ""
+    diff = difflib.unified_diff(current.splitlines(True), want.splitlines(True), f"{_rel(readme_path)} (now)",
+                                f"{_rel(readme_path)} (from {_rel(csv_path)})")
+    return False, "".join(diff)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.readme",
+                                 description="Rewrite README.md's headline block (between " + BEGIN + " and " + END
+                                             + ") from the committed benchmark CSV.")
+    ap.add_argument("--csv", type=Path, default=DEFAULT_CSV, help=f"results CSV (default {_rel(DEFAULT_CSV)})")
+    ap.add_argument("--readme", type=Path, default=DEFAULT_README, help="README to rewrite (default README.md)")
+    ap.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 with a diff when the README's block differs from the CSV's")
+    args = ap.parse_args(argv)
+    try:
+        if args.check:
+            ok, diff = check(args.readme, args.csv)
+            if not ok:
+                sys.stdout.write(diff if diff.endswith("\n") else diff + "\n")
+                print(f"README headline differs from {_rel(args.csv)}; run `python -m benchmarks.readme` and "
+                      "commit README.md", file=sys.stderr)
+                return 1
+            print(f"{_rel(args.readme)} headline matches {_rel(args.csv)}")
+            return 0
+        current, want = expected_readme(args.readme, args.csv)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if current == want:
+        print(f"{_rel(args.readme)} already matches {_rel(args.csv)}")
+        return 0
+    args.readme.write_text(want)
+    print(f"rewrote the headline block of {_rel(args.readme)} from {_rel(args.csv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""README.md's headline block is generated from the committed H200 CSV (``python -m benchmarks.readme``): it must
+match the CSV, ``--check`` must fail with a diff when it does not, and the generator must say "not yet measured"
+for presets without rows, leave the rest of the README alone, and link only plots that exist."""
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import readme, report  # noqa: E402
+
+
+def test_readme_matches_the_committed_csv():
+    ok, diff = readme.check()
+    assert ok, ("README.md's headline block differs from benchmarks/results/h200/results.csv; run "
+                "`python -m benchmarks.readme` and commit README.md:\n" + diff[-4000:])
+
+
+def test_check_fails_with_a_diff_and_the_writer_fixes_only_the_block(tmp_path, capsys):
+    path = tmp_path / "README.md"
+    shutil.copy(readme.DEFAULT_README, path)
+    text = path.read_text()
+    b, e = text.index(readme.BEGIN), text.index(readme.END)
+    edited = text[b:e].replace("| 8192 × 4096→14336 nf4 |", "| 8192 × 4096→14336 NF4 (edited) |", 1)
+    stale = text[:b] + edited + text[e:]
+    assert stale != text
+    path.write_text(stale + "\ntrailing text outside the block\n")
+    assert readme.main(["--check", "--readme", str(path)]) == 1
+    out = capsys.readouterr()
+    assert "-| 8192 × 4096→14336 NF4 (edited) |" in out.out and "+| 8192 × 4096→14336 nf4 |" in out.out
+    assert "run `python -m benchmarks.readme`" in out.err
+    assert readme.main(["--readme", str(path)]) == 0
+    assert path.read_text() == text + "\ntrailing text outside the block\n"
+    assert readme.main(["--check", "--readme", str(path)]) == 0
+
+
+def test_markers_inserted_before_the_first_section_and_idempotent():
+    block = readme.BEGIN + "\nX\n" + readme.END
+    doc = "# T\n\nintro\n\n## First\nbody\n"
+    once = readme.splice(doc, block)
+    assert once == "# T\n\nintro\n\n" + block + "\n\n## First\nbody\n"
+    assert readme.splice(once, block) == once
+    assert readme.splice("# T\n", block) == "# T\n\n" + block + "\n"
+    with pytest.raises(ValueError, match="unmatched"):
+        readme.splice("a " + readme.BEGIN + " b", block)
+
+
+def test_check_without_markers_says_how_to_add_them(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("# T\n\n## A\n")
+    ok, msg = readme.check(path)
+    assert not ok and "python -m benchmarks.readme" in msg
+
+
+def test_presets_without_rows_say_not_yet_measured():
+    rows = report.read_csv(readme.DEFAULT_CSV)
+    layer_only = [r for r in rows if r["preset"] == "layer"]
+    block = readme.generate(layer_only)
+    for section in ("### Decode", "### NF4 dequantize", "### Model training step"):
+        part = block[block.index(section):]
+        part = part[:part.index("\n###", 1)] if "\n###" in part[1:] else part
+        assert "Not yet measured. On the GPU: `python -m benchmarks --preset" in part, section
+    assert block.count("Not yet measured") == 3
+    assert "8192 × 4096→14336 nf4" in block and block.startswith(readme.BEGIN) and block.endswith(readme.END)
+
+
+def test_every_number_names_its_run_and_command():
+    rows = report.read_csv(readme.DEFAULT_CSV)
+    block = readme.generate(rows)
+    runs = {r["run_id"] for r in rows}
+    for rid in runs:  # every run that contributed is described with its command, GPU and date
+        line = next(l for l in block.splitlines() if f"(run `{rid}`" in l)
+        env = report._env(next(r for r in rows if r["run_id"] == rid))
+        assert f"`{env['command']}` on {env['gpu']}" in line
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", line)
+    # A cell from another run than its row's floor carries a mark, explained once below the table.
+    layer = block[block.index("### Layer forward + backward: time"):block.index("### Layer forward + backward: peak")]
+    if "†" in layer:
+        assert "† measured by" in layer
+
+
+def test_referenced_plots_exist():
+    text = readme.DEFAULT_README.read_text()
+    block = text[text.index(readme.BEGIN):text.index(readme.END)]
+    links = re.findall(r"\]\(([^)]+)\)", block)
+    assert links
+    for link in links:
+        assert (REPO / link).exists(), link
+
+
+def test_model_section_from_rows():
+    cfg = json.dumps(dict(layers=4, seq=2048, batch=4, dtype="bfloat16", r=16))
+    env = json.dumps(dict(gpu="NVIDIA H200", command="python -m benchmarks --preset model --layers 4",
+                          date_utc="2026-12-01T10:00:00+00:00", git_commit="HEAD\n0123abc"))
+    rows = []
+    for p, tok, gib in (("peft_bnb", 10000.0, 20.0), ("fused_qlora", 13600.0, 18.0), ("full_ft", 9000.0, 40.0)):
+        for metric, v in (("tokens_per_s", tok), ("time_ms", 8192e3 / tok), ("peak_extra_mib", gib * 1024)):
+            rows.append(dict(run_id="20261201T100000Z-0001", preset="model", case="llama3-8b-shape L4 4x2048",
+                             shape="s", provider=p, mode="step", metric=metric, value=v, p20=v, p80=v, unit="",
+                             ratio_to_floor=math.nan, status="ok", note="", config=cfg, env=env))
+    rows.append(dict(rows[-1], provider="peft", metric="skipped", value=math.nan, status="skipped",
+                     note="build failed: OutOfMemoryError: CUDA out of memory"))
+    report.add_ratios(rows, "peft_bnb")
+    block = readme.generate(rows)
+    model = block[block.index("### Model training step"):]
+    assert "| 4 layers, 4 × 2048 | 10,000 (1.00×) | 13,600 (1.36×) | skipped (1) | 9,000 (0.90×) |" in model
+    assert "| 4 layers, 4 × 2048 | 20.0 (1.00×) | 18.0 (0.90×) | – | 40.0 (2.00×) |" in model
+    assert "1.360× tokens/s, 0.900× peak memory: met." in model
+    assert "(1) skipped: build failed: OutOfMemoryError" in model
+    assert "2026-12-01 10:00 UTC (run `20261201T100000Z-0001`, commit 0123abc)" in model
+    assert "Not yet measured" in block.split("### Model training step")[0]  # no layer/decode/nf4 rows here
