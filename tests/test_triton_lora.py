@@ -30,6 +30,7 @@ L = pytest.importorskip("lora_ops.triton_kernels.lora")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FWD_KERNELS = ("lora_s", "lora_fwd")
+_TMA_GEMMS = ("lora_fwd", "lora_bwd_dx")
 BWD_KERNELS = ("lora_bwd_ds", "lora_bwd_dx", "lora_bwd_da")
 
 
@@ -54,10 +55,14 @@ def kernels_only(monkeypatch, expected=(), absent=()):
                           (ops, "_mask")):
             m.setattr(mod, name, _refuse(name))
         yield
+    tma = L.LAUNCHES["lora_gemm_tma"] - before["lora_gemm_tma"]
     for k in expected:
-        assert L.LAUNCHES[k] > before[k], f"Triton kernel {k} did not launch"
+        # The forward and dX GEMMs run as the TMA kernel where it applies (16-bit dense on sm_90, or opted in).
+        assert L.LAUNCHES[k] > before[k] or (k in _TMA_GEMMS and tma > 0), f"Triton kernel {k} did not launch"
     for k in absent:
         assert L.LAUNCHES[k] == before[k], f"Triton kernel {k} launched but its work was not needed"
+        if k == "lora_bwd_dx":
+            assert tma == 0, "the TMA GEMM launched in a backward that needs no dX"
 
 
 def make_case(m, k, n, r, dtype, weight="dense", blocksize=64, bias=True, seed=0, lead=()):
@@ -533,3 +538,41 @@ def test_eager_path_not_taken_on_reference_or_float64(monkeypatch):
     assert ops.eager_impl(x.double()) is None
     monkeypatch.setenv("LORA_OPS_BACKEND", "reference")
     assert ops.eager_impl(x) is None
+
+
+# ------------------------------------------------------------------------------ the TMA GEMM (16-bit dense)
+
+TMA_CASES = {
+    # name: (M, K, N, r, weight, p, bias). 16-bit, every row stride a multiple of 8 elements (TMA's 16 bytes);
+    # M and N not multiples of the tiles; r = 70 takes two rank chunks; dropout touches only the LoRA term.
+    "fwd+dx, r=5, bias": (37, 72, 56, 5, "dense", 0.0, True),
+    "M=130 (128-row tile), r=70, dropout": (130, 64, 264, 70, "dense", 0.1, False),
+    "nf4 temporary is not used on CPU: NF4 stays on the pointer kernels": (40, 64, 72, 8, "nf4-dq", 0.0, True),
+}
+
+
+@pytest.mark.parametrize("name", list(TMA_CASES))
+def test_tma_gemm_matches_reference(monkeypatch, name):
+    """The persistent TMA kernel (forward and dX GEMMs of 16-bit dense weights), opted in under the interpreter
+    with LORA_OPS_TMA=1: same oracle and tolerances as the pointer kernels, and the launch counter shows
+    which kernel ran."""
+    m, k, n, r, weight, p, bias = TMA_CASES[name]
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    case = make_case(m, k, n, r, torch.float16, weight, 64, bias, seed=7)
+    before = L.LAUNCHES["lora_gemm_tma"]
+    got, mask = run_layer(case, 1.5, p, monkeypatch)
+    assert_layer_close(got, _want(oracle(case, 1.5, p, mask)), torch.float16, f"{name}: ")
+    want_launches = 0 if weight != "dense" else 2
+    assert L.LAUNCHES["lora_gemm_tma"] - before == want_launches
+
+
+def test_tma_gemm_skipped_when_strides_break_its_rules(monkeypatch):
+    """N = 57: y's rows are 114 bytes, not a multiple of 16, so neither GEMM can use TMA (dY has that row
+    stride too); fp32 never does (TMA path is 16-bit only). Both fall back to the pointer kernels, correctly."""
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    for dtype, n in ((torch.float16, 57), (torch.float32, 64)):
+        case = make_case(33, 64, n, 4, dtype, "dense", 64, True, seed=8)
+        before = L.LAUNCHES["lora_gemm_tma"]
+        got, mask = run_layer(case, 1.5, 0.0, monkeypatch)
+        assert_layer_close(got, _want(oracle(case, 1.5, 0.0, mask)), dtype, f"{dtype} N={n}: ")
+        assert L.LAUNCHES["lora_gemm_tma"] == before

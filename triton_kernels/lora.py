@@ -298,6 +298,72 @@ def _lora_fwd_kernel(x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit(do_not_specialize=["M"])
+def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_ptr,
+                          stride_lm, stride_lr, stride_rr, stride_rn, stride_bias,
+                          M, N, K, scaling, threshold, drop_scale,
+                          TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          R_CHUNKS: tl.constexpr, R: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                          FLATTEN: tl.constexpr):
+    """The forward GEMM and the dX GEMM of 16-bit dense weights in one persistent TMA kernel:
+
+        C (M, N) = lora + A (M, K) @ op(W),   lora = dropout(scaling * L (M, R) @ Rt (R, N)) (+ bias)
+
+    forward (TRANS_W): A = x, W (N, K) so op(W) = W^T, L = S, Rt = B^T, + bias;
+    dX: A = dY, W (K, N) = the (out, in) weight itself, L = dS (already scaled), Rt = A_lora, dropout of x's
+    element (m, n) (N is x's column count here).
+
+    One program per SM walks output tiles (grouped for L2 reuse); A and W tiles come in through TMA
+    descriptors, the LoRA term (rank-R, tiny) through pointer loads and seeds the fp32 accumulator as in the
+    pointer kernels; C leaves through a TMA store, which clips the tile at M and N."""
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    dtype = c_desc.dtype
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        m0 = pid_m.to(tl.int64) * BLOCK_M
+        n0 = pid_n.to(tl.int64) * BLOCK_N
+        m_ok = rm < M - m0
+        n_ok = rn < N - n0
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in tl.static_range(R_CHUNKS):
+            rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            lt = tl.load((l_ptr + m0 * stride_lm) + (rm[:, None] * stride_lm + rr[None, :] * stride_lr),
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            rt = tl.load((r_ptr + n0 * stride_rn) + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(lt.to(dtype), rt.to(dtype), acc)
+        acc = acc * scaling
+        if HAS_DROPOUT:
+            acc = _apply_dropout(acc, m0 * N + n0, rm[:, None] * N + rn[None, :], seed, threshold, drop_scale)
+        if HAS_BIAS:
+            bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        for ki in range(k_tiles):
+            ok = ki * BLOCK_K
+            a = a_desc.load([om, ok])
+            if TRANS_W:
+                w = w_desc.load([on, ok])
+                acc = tl.dot(a, w.T, acc)
+            else:
+                w = w_desc.load([ok, on])
+                acc = tl.dot(a, w, acc)
+        c_desc.store([om, on], acc.to(dtype))
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
                         stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
@@ -602,32 +668,35 @@ class _Kernel:
         named.update(meta)
         return self.prune(self.configs, named)[0]
 
-    def _launch_key(self, args, meta, tuning: bool) -> tuple:
+    def _launch_key(self, args, meta, tuning: bool, config=None) -> tuple:
         spec = []
         by_value = self._by_value
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 spec.append((a.dtype, a.data_ptr() % 16 == 0))
+            elif type(a).__name__ == "TensorDescriptor":  # TMA: specialised on dtype and block shape
+                spec.append((a.base.dtype, tuple(a.block_shape), a.padding))
             elif type(a) is int and i not in by_value:
                 spec.append((a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF))
             elif type(a) is float:
                 spec.append(float)
             else:
                 spec.append(a)
-        return (tuning, torch.cuda.current_device(), tuple(spec), tuple(meta.items()))
+        return (tuning, torch.cuda.current_device(), tuple(spec), tuple(meta.items()), config)
 
-    def __call__(self, grid, *args, **meta):
+    def __call__(self, grid, *args, _config: Optional[tuple] = None, **meta):
+        """Launch; ``_config`` = (blocks dict, num_warps, num_stages) fixes the config of this call (the TMA
+        kernel, whose descriptors' block shapes are made for it), else autotuning / pruning picks it."""
         LAUNCHES[self.name] += 1
-        if _INTERPRET:
-            cfg = self.forced or self.interp_config
+        if _config is not None:
+            cfg = triton.Config(_config[0], num_warps=_config[1], num_stages=_config[2])
+        else:
+            cfg = self.forced or (self.interp_config if _INTERPRET else None)
+        if _INTERPRET or (cfg is not None and _config is None):
             self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-        if self.forced is not None:
-            cfg = self.forced
-            self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            return
-        tuning = os.environ.get("LORA_OPS_TRITON_AUTOTUNE", "1") not in ("", "0")
-        key = self._launch_key(args, meta, tuning)
+        tuning = _config is None and os.environ.get("LORA_OPS_TRITON_AUTOTUNE", "1") not in ("", "0")
+        key = self._launch_key(args, meta, tuning, None if _config is None else str(_config))
         hit = self._launches.get(key)
         if hit is not None:
             kernel, named, tail = hit
@@ -637,15 +706,18 @@ class _Kernel:
                 return
             stream = _current_stream(key[1])
             full = args + tail
-            kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
-                       kernel.launch_metadata(g, stream, *full), _knobs.runtime.launch_enter_hook,
-                       _knobs.runtime.launch_exit_hook, *full)
+            enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+            if enter.calls or leave.calls:  # a profiler (e.g. proton) is listening: give it what Triton gives
+                kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
+                           kernel.launch_metadata(g, stream, *full), enter, leave, *full)
+            else:
+                kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
             return
         if tuning:
             kernel = self.tuned[grid](*args, **meta)
             cfg = self.tuned.best_config
         else:
-            cfg = self._fixed(args, meta)
+            cfg = cfg or self._fixed(args, meta)
             kernel = self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if kernel is None or not hasattr(kernel, "run"):
             return  # a Triton without the CompiledKernel launcher API: keep its own launch path
@@ -679,6 +751,13 @@ _DX_KERNEL = _Kernel(_lora_bwd_dx_kernel, "lora_bwd_dx", _gemm_configs("BLOCK_K"
 _DA_KERNEL = _Kernel(_lora_bwd_da_kernel, "lora_bwd_da", _reduce_configs("BLOCK_K", True),
                      ["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"], _make_prune(False),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_K=64))
+
+# Its config comes with each call (_tma_gemm, which explains the choice); the list is only what tests iterate.
+_TMA_CONFIGS = ((128, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
+                (0, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4))
+_TMA_KERNEL = _Kernel(_lora_gemm_tma_kernel, "lora_gemm_tma",
+                      [_cfg(w, st, (_DENSE16,), **blocks) for _, blocks, w, st in _TMA_CONFIGS],
+                      ["M", "N", "K"], _make_prune(True), _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2))
 
 # Every kernel with its configs, for tests that run each config.
 KERNELS: Dict[str, _Kernel] = {k.name: k for k in (_S_KERNEL, _FWD_KERNEL, _DS_KERNEL, _DB_KERNEL, _DX_KERNEL,
@@ -727,12 +806,19 @@ def _splits(m: int, tiles: int, device: torch.device) -> Tuple[int, int]:
     if device.type != "cuda":
         splits = max(1, min(2, -(-m // 32)))
     else:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        want = -(-2 * _SM_COUNT[idx] // max(tiles, 1))
+        want = -(-2 * _sm_count(device) // max(tiles, 1))
         splits = max(1, min(want, -(-m // 128)))
     return splits, -(-m // splits)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the interpreter: 4, so persistent loops take several tiles)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 def _block_r(r: int) -> int:
@@ -881,6 +967,57 @@ class _Dropout:
             self.seed, self.threshold, self.scale = _scratch(x.device), 0, 1.0
 
 
+# TMA GEMM (``_lora_gemm_tma_kernel``): one fixed config, the best of the ANCHORS.md probe on the H200 (a
+# persistent TMA GEMM at 1.006-1.022x cuBLAS there: BM=128, BN=256, BK=64, 8 warps, 3 stages), a smaller tile
+# below 128 rows. Used for 16-bit dense weights (and the NF4 temporary) on sm_90+ when every operand meets
+# TMA's rules (16-byte aligned base and row stride, unit last stride); otherwise the pointer kernels run.
+# LORA_OPS_TMA=0 turns it off (A/B measurements); LORA_OPS_TMA_FLATTEN=0 compiles the tile loop unflattened.
+_TMA_CAPABLE: Dict[int, bool] = {}
+
+
+def _tma_usable(*tensors: torch.Tensor) -> bool:
+    if _INTERPRET:
+        usable = os.environ.get("LORA_OPS_TMA", "0") not in ("", "0")  # opt-in under the interpreter (tests)
+    else:
+        if os.environ.get("LORA_OPS_TMA", "1") in ("", "0"):
+            return False
+        idx = tensors[0].device.index if tensors[0].device.index is not None else torch.cuda.current_device()
+        if idx not in _TMA_CAPABLE:
+            _TMA_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+        usable = _TMA_CAPABLE[idx]
+    if not usable:
+        return False
+    for t in tensors:
+        if t.element_size() != 2 or t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * 2) % 16 \
+                or t.shape[0] == 0 or t.shape[1] == 0:
+            return False
+    return True
+
+
+def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, seed_args, scaling, trans_w, r, block_r):
+    """c = lora + a @ (w^T if trans_w else w) through _lora_gemm_tma_kernel (see there)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    m, n = c.shape
+    k = a.shape[1]
+    cfg_m, blocks, warps, stages = next(c_ for c_ in _TMA_CONFIGS if m >= c_[0])
+    bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
+    a_d = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
+    w_d = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk] if trans_w else [bk, bn])
+    c_d = TensorDescriptor(c, list(c.shape), list(c.stride()), [bm, bn])
+    seed, threshold, drop_scale, has_dropout = seed_args
+    b = bias if bias is not None else _scratch(c.device)
+    sms = _sm_count(c.device)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    _TMA_KERNEL(lambda meta: (max(1, min(sms, tiles)),),
+                a_d, w_d, c_d, lt, rt_ptr, b, seed,
+                lt.stride(0), lt.stride(1), stride_rr, stride_rn, b.stride(0),
+                m, n, k, float(scaling), threshold, drop_scale,
+                TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
+                R_CHUNKS=triton.cdiv(r, block_r), R=r, BLOCK_R=block_r, NUM_SMS=sms,
+                FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "1") not in ("", "0"),
+                _config=(blocks, warps, stages))
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 
 def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor],
@@ -909,7 +1046,10 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                   x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
                   m, k, r, drop.threshold, drop.scale, m_bucket,
                   HAS_DROPOUT=drop.on, BLOCK_R=block_r)
-        if n > 0:
+        if n > 0 and not w.meta["IS_NF4"] and _tma_usable(x, w.ptrs[0], y):
+            _tma_gemm(x, w.ptrs[0], y, s, lora_B, lora_B.stride(1), lora_B.stride(0), bias,
+                      (_scratch(x.device), 0, 1.0, False), scaling, True, r, block_r)
+        elif n > 0:
             b = bias if bias is not None else _scratch(x.device)
             _FWD_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
                         x, *w.ptrs, s, lora_B, b, y,
@@ -935,7 +1075,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     drop = _Dropout(dropout_p, seed, x)
     dev, dt = x.device, x.dtype
     # A custom op may not return one tensor twice: one 0-element tensor per gradient not asked for.
-    dx, dA, dB, dbias = (dy.new_empty((0,)) for _ in range(4))
+    dx, dA, dB, dbias = (None if need else dy.new_empty((0,)) for need in (need_dx, need_dA, need_dB, need_dbias))
     if need_dx:
         dx = torch.empty((m, k), dtype=dt, device=dev)
     need_ds = need_dx or need_dA
@@ -956,8 +1096,11 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         ds = None
         if need_ds:
             ds = torch.empty((m, r), dtype=dt, device=dev)
-            db_acc = torch.zeros((n, r), dtype=torch.float32, device=dev) if fused_db else _scratch(dev)
-            dbias_acc = torch.zeros((n,), dtype=torch.float32, device=dev) if fused_dbias else _scratch(dev)
+            # One zeroed fp32 buffer for both atomic targets (one allocation and one memset: host time counts).
+            acc = torch.zeros(((n * r if fused_db else 0) + (n if fused_dbias else 0),), dtype=torch.float32,
+                              device=dev) if fused_db or fused_dbias else None
+            db_acc = acc[:n * r].view(n, r) if fused_db else _scratch(dev)
+            dbias_acc = acc[n * r if fused_db else 0:] if fused_dbias else _scratch(dev)
             _DS_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks),
                        dy, lora_B, s, ds, db_acc, dbias_acc,
                        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
@@ -967,7 +1110,8 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
             if fused_db:
                 dB = db_acc if dt == torch.float32 else db_acc.to(dt)
             if fused_dbias:
-                dbias = dbias_acc if dt == torch.float32 else dbias_acc.to(dt)
+                # A copy in fp32: dB is a view of the same buffer, and op outputs may not alias each other.
+                dbias = dbias_acc.clone() if dt == torch.float32 else dbias_acc.to(dt)
         do_db = need_dB and not fused_db
         do_dbias = need_dbias and not fused_dbias
         if (do_db or do_dbias) and n > 0:
@@ -994,7 +1138,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         elif do_db or do_dbias:
             dB = torch.zeros_like(lora_B) if do_db else dB
             dbias = dy.new_zeros((n,)) if do_dbias else dbias
-        if need_dx and k > 0:
+        if need_dx and k > 0 and not w.meta["IS_NF4"] and _tma_usable(dy, w.ptrs[0], dx):
+            _tma_gemm(dy, w.ptrs[0], dx, ds, lora_A, lora_A.stride(0), lora_A.stride(1), None,
+                      (drop.seed, drop.threshold, drop.scale, drop.on), 1.0, False, r, block_r)
+        elif need_dx and k > 0:
             _DX_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),),
                        dy, *w.ptrs, ds, lora_A, drop.seed, dx,
                        dy.stride(0), dy.stride(1), *w.strides, ds.stride(0), ds.stride(1),

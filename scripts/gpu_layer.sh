@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device-tool call for the speed work: install, check the fused kernels on real shapes (TMA GEMM first; if
+# it fails, unflattened, then off), time the `layer` preset (floor, fused, PEFT, PEFT+bnb), profile host time,
+# print the summary table last. Results merge into benchmarks/results/<gpu>/ and come back as one tar under $OUT.
+#
+#   scripts/gpu_layer.sh [BUDGET_S (default 250)]
+set -uo pipefail
+OUT=${OUT:-/tmp/lora_ops_out}; mkdir -p "$OUT"
+BUDGET=${1:-250}
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+export LORA_OPS_GIT_COMMIT=${LORA_OPS_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+check() { python3 -m pytest tests/test_lora_gpu.py -k "real_shapes or launch_cache" -x -q -s -p no:cacheprovider >> "$OUT/gpu_tests.log" 2>&1; }
+mode="TMA flattened"
+if ! check; then
+  mode="TMA unflattened"; export LORA_OPS_TMA_FLATTEN=0
+  if ! check; then mode="TMA off (pointer GEMMs)"; export LORA_OPS_TMA=0; check || mode="$mode; CHECK FAILED"; fi
+fi
+grep -E "max rel|FAILED|Error" "$OUT/gpu_tests.log" | tail -30
+python3 -m benchmarks --preset layer --providers floor,fused,peft,peft_bnb --out benchmarks/results \
+  --budget-s "$BUDGET" > "$OUT/bench_layer.log" 2>&1; rc=$?
+python3 scripts/host_profile.py --cases 2048x4096x4096 8192x4096x4096 --top 5 > "$OUT/host_profile.txt" 2>&1
+tar czf "$OUT/results.tar.gz" benchmarks/results 2>/dev/null
+echo; echo "==== kernels: $mode | bench rc=$rc | commit $LORA_OPS_GIT_COMMIT ===="
+grep -E "eager wall|^  (floor|fused|custom|launchers)" "$OUT/host_profile.txt"
+grep -A60 "^## Summary" "$OUT/bench_layer.log" | head -60
