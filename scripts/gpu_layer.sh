@@ -3,7 +3,7 @@
 # it fails, unflattened, then off), time the `layer` preset (floor, fused, PEFT, PEFT+bnb), profile host time,
 # print the summary table last. Results merge into benchmarks/results/<gpu>/ and come back as one tar under $OUT.
 #
-#   scripts/gpu_layer.sh [BUDGET_S (default 250)]
+#   [MODEL_LAYERS=N MODEL_BUDGET=S] scripts/gpu_layer.sh [BUDGET_S (default 250)]
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_ops_out}; mkdir -p "$OUT"
 BUDGET=${1:-250}
@@ -23,8 +23,14 @@ fi
 grep -E "max rel|FAILED|Error" "$OUT/gpu_tests.log" | tail -30
 python3 -m benchmarks --preset layer --providers floor,fused,peft,peft_bnb --out benchmarks/results \
   --budget-s "$BUDGET" > "$OUT/bench_layer.log" 2>&1; rc=$?
-python3 scripts/host_profile.py --cases 2048x4096x4096 8192x4096x4096 --top 5 > "$OUT/host_profile.txt" 2>&1
 tar czf "$OUT/results.tar.gz" benchmarks/results 2>/dev/null
+python3 scripts/host_profile.py --cases 2048x4096x4096 8192x4096x4096 --top 5 > "$OUT/host_profile.txt" 2>&1
+if [ -n "${MODEL_LAYERS:-}" ]; then  # the model-level step (issue 11), same install
+  python3 -m benchmarks --preset model --layers "$MODEL_LAYERS" --out benchmarks/results --budget-s "${MODEL_BUDGET:-150}" \
+    > "$OUT/bench_model.log" 2>&1; echo "model preset rc=$?"
+  tar czf "$OUT/results.tar.gz" benchmarks/results 2>/dev/null
+fi
 echo; echo "==== kernels: $mode | bench rc=$rc | commit $LORA_OPS_GIT_COMMIT ===="
 grep -E "eager wall|^  (floor|fused|custom|launchers)" "$OUT/host_profile.txt"
 grep -A60 "^## Summary" "$OUT/bench_layer.log" | head -60
+[ -f "$OUT/bench_model.log" ] && tail -25 "$OUT/bench_model.log"
