@@ -973,6 +973,10 @@ class _Dropout:
 # TMA's rules (16-byte aligned base and row stride, unit last stride); otherwise the pointer kernels run.
 # LORA_OPS_TMA=0 turns it off (A/B measurements); LORA_OPS_TMA_FLATTEN=0 compiles the tile loop unflattened.
 _TMA_CAPABLE: Dict[int, bool] = {}
+# The LoRA seed is loaded in rank chunks of 16 whatever r is: its two tiles sit in shared memory beside the
+# pipeline's 3 x 48 KB and the 64 KB output tile, and chunks of 64 (r = 64) asked for 262 KB of the 227 KB an
+# H200 SM has (OutOfResources, H200 2026-11-29); chunks of 16 need 12 KB.
+_TMA_BLOCK_R = 16
 
 
 def _tma_usable(*tensors: torch.Tensor) -> bool:
@@ -1013,7 +1017,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, seed_args, scalin
                 lt.stride(0), lt.stride(1), stride_rr, stride_rn, b.stride(0),
                 m, n, k, float(scaling), threshold, drop_scale,
                 TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-                R_CHUNKS=triton.cdiv(r, block_r), R=r, BLOCK_R=block_r, NUM_SMS=sms,
+                R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r, BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
                 FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "1") not in ("", "0"),
                 _config=(blocks, warps, stages))
 
