@@ -263,8 +263,11 @@ def _version(dist: str, module: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the repository holding this package (+ "-dirty"); LORA_OPS_GIT_COMMIT where there is no .git
-    (the device machine gets a copy of the working tree without it)."""
+    """LORA_OPS_GIT_COMMIT when set (the device machine's copy of the tree can carry a stale .git: on
+    2026-11-29 it reported the session's first commit for a later tree), else HEAD of the repository holding
+    this package (+ "-dirty")."""
+    if os.environ.get("LORA_OPS_GIT_COMMIT"):
+        return os.environ["LORA_OPS_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,

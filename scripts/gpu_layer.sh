@@ -13,7 +13,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
-export LORA_OPS_GIT_COMMIT=${LORA_OPS_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# Pass LORA_OPS_GIT_COMMIT=<sha> from the calling machine: the device copy's .git can be stale.
+export LORA_OPS_GIT_COMMIT=${LORA_OPS_GIT_COMMIT:-"unknown (set LORA_OPS_GIT_COMMIT when calling)"}
 check() { python3 -m pytest tests/test_lora_gpu.py -k "real_shapes or launch_cache" -x -q -s -p no:cacheprovider >> "$OUT/gpu_tests.log" 2>&1; }
 mode="TMA flattened"
 if ! check; then

@@ -222,8 +222,7 @@ def test_every_config_is_correct(monkeypatch, weight, r, kernels):
     K and N are multiples of 16 (not of the tiles) and r, dtype, dropout and bias are those of the first two
     real-shape cases, so the kernels compiled here are the ones those cases use (one compile per config); the
     interpreter test covers every config on fully odd shapes. The dense weight only changes the two GEMMs.
-    The TMA GEMM is switched off here so that the pointer GEMMs' configs are the ones checked (the real-shape
-    cases run the TMA kernel)."""
+    The (opt-in) TMA GEMM is kept off here so that the pointer GEMMs' configs are the ones checked."""
     monkeypatch.setenv("LORA_OPS_TMA", "0")
     L = _lora()
     monkeypatch.setattr(L, "NF4_DEQUANT_MIN_M", 1 << 62)  # the NF4 configs of the in-loop decode kernels
@@ -427,3 +426,18 @@ def test_launch_cache_respects_specialisation(monkeypatch, autotune):
     small = make_inputs(20, 1000, 520, 16, BF16, "dense")
     got, _ = run_layer(small, 2.0, 0.0, monkeypatch)
     check_and_report(got, oracle(small, 2.0, 0.0, None), BF16, f"launch cache, M=20 (autotune={autotune})")
+
+
+@pytest.mark.parametrize("case", [REAL[0], REAL[1], REAL[3]], ids=["bf16-dense-dropout", "bf16-nf4dq-r64", "fp16-n14336"])
+def test_tma_gemm_real_shapes(monkeypatch, case):
+    """The persistent TMA GEMM (opt-in, LORA_OPS_TMA=1) on real shapes: forward and dX run as lora_gemm_tma
+    (the NF4 case through its dequantized temporary), every output within the same tolerances. r = 64 is the
+    case whose shared memory once overflowed (LoRA seed in rank chunks of 64)."""
+    m, k, n, r, dtype, weight, p, bias, _ = case
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    L = _lora()
+    before = L.LAUNCHES["lora_gemm_tma"]
+    inp = make_inputs(m, k, n, r, dtype, weight, bias=bias)
+    got, mask = run_layer(inp, 2.0, p, monkeypatch)
+    assert L.LAUNCHES["lora_gemm_tma"] - before == 2, "forward and dX should both have run on the TMA kernel"
+    check_and_report(got, oracle(inp, 2.0, p, mask), dtype, f"TMA M={m} {k}->{n} r={r} {dtype} {weight} p={p}")

@@ -969,9 +969,13 @@ class _Dropout:
 
 # TMA GEMM (``_lora_gemm_tma_kernel``): one fixed config, the best of the ANCHORS.md probe on the H200 (a
 # persistent TMA GEMM at 1.006-1.022x cuBLAS there: BM=128, BN=256, BK=64, 8 warps, 3 stages), a smaller tile
-# below 128 rows. Used for 16-bit dense weights (and the NF4 temporary) on sm_90+ when every operand meets
-# TMA's rules (16-byte aligned base and row stride, unit last stride); otherwise the pointer kernels run.
-# LORA_OPS_TMA=0 turns it off (A/B measurements); LORA_OPS_TMA_FLATTEN=0 compiles the tile loop unflattened.
+# below 128 rows. For 16-bit dense weights (and the NF4 temporary) on sm_90+ when every operand meets TMA's
+# rules (16-byte aligned base and row stride, unit last stride); otherwise the pointer kernels run.
+# OPT-IN (LORA_OPS_TMA=1): it is correct on the H200 (tests/test_lora_gpu.py real shapes, 2026-11-29) but as
+# first written it measured ~1.8x SLOWER than the pointer GEMMs (layer preset, 8192x4096->14336 fused 5.88 ms
+# vs 3.28 ms; docs/PERF_NOTES.md), unlike the probe without the LoRA seed: the rank-16 seed (pointer loads and
+# a small dot at each tile start of the persistent loop) is the prime suspect. LORA_OPS_TMA_FLATTEN=0 compiles
+# the tile loop unflattened.
 _TMA_CAPABLE: Dict[int, bool] = {}
 # The LoRA seed is loaded in rank chunks of 16 whatever r is: its two tiles sit in shared memory beside the
 # pipeline's 3 x 48 KB and the 64 KB output tile, and chunks of 64 (r = 64) asked for 262 KB of the 227 KB an
@@ -980,11 +984,11 @@ _TMA_BLOCK_R = 16
 
 
 def _tma_usable(*tensors: torch.Tensor) -> bool:
+    if os.environ.get("LORA_OPS_TMA", "0") in ("", "0"):  # opt-in: see _TMA_CONFIGS for the measurement
+        return False
     if _INTERPRET:
-        usable = os.environ.get("LORA_OPS_TMA", "0") not in ("", "0")  # opt-in under the interpreter (tests)
+        usable = True
     else:
-        if os.environ.get("LORA_OPS_TMA", "1") in ("", "0"):
-            return False
         idx = tensors[0].device.index if tensors[0].device.index is not None else torch.cuda.current_device()
         if idx not in _TMA_CAPABLE:
             _TMA_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
