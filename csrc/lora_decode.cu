@@ -51,11 +51,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
+#include "cuda_common.cuh"
 #include "lora_decode.h"
 
 namespace cg = cooperative_groups;
 
 namespace {
+
+using lora_ops::from_f32;
+using lora_ops::to_f32;
+using lora_ops::warp_sum;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
@@ -99,39 +106,18 @@ struct Params {
 
 // ------------------------------------------------------------------------------------------ small helpers
 
-template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 // Two values as the 32-bit register an mma operand takes: `lo` is the element of the lower k.
 template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   uint32_t u;
-  memcpy(&u, &h, 4);
-  return u;
-}
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  uint32_t u;
-  memcpy(&u, &h, 4);
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    memcpy(&u, &h, 4);
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "pack_pair: __half or __nv_bfloat16");
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    memcpy(&u, &h, 4);
+  }
   return u;
 }
 
@@ -573,12 +559,6 @@ __global__ void __launch_bounds__(kThreads, 4) lora_decode_tc_kernel(const Param
 
 // ----------------------------------------------------------------------------------------- general kernel
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;  // the same bits in every lane: each level adds the same two partial sums (commutative)
-}
-
 // W[n][k] in fp32 exactly as lora_ops.nf4.reference_dequantize_nf4 computes it before its final rounding.
 template <typename T, bool NF4>
 __device__ __forceinline__ float weight_at(const Params& p, int64_t f, const float* s_code, const float* s_ncode,
@@ -600,6 +580,29 @@ __device__ __forceinline__ float weight_at(const Params& p, int64_t f, const flo
   }
 }
 
+// One warp's dot products of the M rows of x with a row w over k in [kb, ke): lanes stride k by 32 (w_at(k) is the
+// row's fp32 value at k), fp32 fmaf, then a warp sum; store(m, sum) runs in lane m for each m < M.
+template <typename T, typename WeightAt, typename Store>
+__device__ __forceinline__ void warp_x_dot(const Params& p, int64_t kb, int64_t ke, int lane, WeightAt w_at,
+                                           Store store) {
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t K = p.K;
+  float acc[kMaxM];
+#pragma unroll
+  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.0f;
+  for (int64_t k = kb + lane; k < ke; k += 32) {
+    const float w = w_at(k);
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m)
+      if (m < p.M) acc[m] = fmaf(to_f32(ld_ro(x + m * K + k)), w, acc[m]);
+  }
+#pragma unroll
+  for (int m = 0; m < kMaxM; ++m) {
+    const float v = warp_sum(acc[m]);
+    if (m < p.M && lane == m) store(m, v);
+  }
+}
+
 template <typename T, bool NF4>
 __global__ void __launch_bounds__(kThreads) lora_decode_general_kernel(const Params p) {
   __shared__ float s_code[16];
@@ -611,7 +614,6 @@ __global__ void __launch_bounds__(kThreads) lora_decode_general_kernel(const Par
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank(), csize = cluster.num_blocks();
-  const T* x = static_cast<const T*>(p.x);
   const int64_t K = p.K;
   float offset = 0.0f;
   if constexpr (NF4) {
@@ -627,21 +629,10 @@ __global__ void __launch_bounds__(kThreads) lora_decode_general_kernel(const Par
   const int64_t kc = (K + csize - 1) / csize;
   const int64_t kb = min(K, static_cast<int64_t>(rank) * kc), ke = min(K, kb + kc);
   for (int j = warp; j < p.r; j += kWarps) {
-    float acc[kMaxM];
-#pragma unroll
-    for (int m = 0; m < kMaxM; ++m) acc[m] = 0.0f;
     const T* arow = static_cast<const T*>(p.A) + static_cast<int64_t>(j) * K;
-    for (int64_t k = kb + lane; k < ke; k += 32) {
-      const float a = to_f32(ld_ro(arow + k));
-#pragma unroll
-      for (int m = 0; m < kMaxM; ++m)
-        if (m < p.M) acc[m] = fmaf(to_f32(ld_ro(x + m * K + k)), a, acc[m]);
-    }
-#pragma unroll
-    for (int m = 0; m < kMaxM; ++m) {
-      const float v = warp_sum(acc[m]);
-      if (m < p.M && lane == m) s_part[m * p.r + j] = v;
-    }
+    warp_x_dot<T>(
+        p, kb, ke, lane, [&](int64_t k) { return to_f32(ld_ro(arow + k)); },
+        [&](int m, float v) { s_part[m * p.r + j] = v; });
   }
   __syncthreads();
   cluster_arrive();
@@ -650,20 +641,10 @@ __global__ void __launch_bounds__(kThreads) lora_decode_general_kernel(const Par
   for (int rr = 0; rr < kGeneralRowsPerWarp; ++rr) {
     const int n = row_base + rr;
     if (n >= p.N) break;
-    float acc[kMaxM];
-#pragma unroll
-    for (int m = 0; m < kMaxM; ++m) acc[m] = 0.0f;
-    for (int64_t k = lane; k < K; k += 32) {
-      const float w = weight_at<T, NF4>(p, static_cast<int64_t>(n) * K + k, s_code, s_ncode, offset);
-#pragma unroll
-      for (int m = 0; m < kMaxM; ++m)
-        if (m < p.M) acc[m] = fmaf(to_f32(ld_ro(x + m * K + k)), w, acc[m]);
-    }
-#pragma unroll
-    for (int m = 0; m < kMaxM; ++m) {
-      const float v = warp_sum(acc[m]);
-      if (m < p.M && lane == m) s_rows[warp][rr][m] = v;
-    }
+    const int64_t row = static_cast<int64_t>(n) * K;
+    warp_x_dot<T>(
+        p, 0, K, lane, [&](int64_t k) { return weight_at<T, NF4>(p, row + k, s_code, s_ncode, offset); },
+        [&](int m, float v) { s_rows[warp][rr][m] = v; });
   }
 
   cluster_wait();

@@ -12,9 +12,14 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cuda_common.cuh"
 #include "nf4_quantize.h"
 
 namespace {
+
+using lora_ops::nan_max;
+using lora_ops::to_f32;
+using lora_ops::warp_max;
 
 // bitsandbytes' CUDA build is compiled with fast math, so its `1.0f / absmax` is the approximate reciprocal and
 // the scale product flushes denormals. Measured on the H200 (scripts/probe_nf4_rounding.py, 2026-11-29): of
@@ -35,24 +40,6 @@ __device__ __forceinline__ float bnb_scale(float v, float inv) {
 
 constexpr int kWarpsPerCta = 8;
 constexpr int kThreads = 32 * kWarpsPerCta;
-
-template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// max that propagates NaN, as torch.amax (the reference) does; fmaxf would drop it.
-__device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
-
-__device__ __forceinline__ float warp_max(float m) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, off));
-  return m;
-}
 
 // absmax of [start, end) by one warp (all lanes get it). |w| in fp32, as bitsandbytes and the reference.
 template <typename T>
