@@ -31,9 +31,7 @@ from lora_ops import (LoRALinear, NF4Weight, QLoRALinear, _backend, apply_lora, 
                       quantize_nf4, save_adapter)
 from lora_ops.inject import CONFIG_NAME, WEIGHTS_NAME, lora_layers
 from lora_ops.nf4 import QUANT_STATE_KEY, reference_absmax
-from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
-
-from helpers import assert_rel_close
+from helpers import assert_rel_close, assert_unchanged, kernel_mask, run_lora, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # NaN/Inf arithmetic inside numpy (interpreter)
@@ -66,41 +64,6 @@ def oracle64(x, w, a, b, scaling, bias, mask, p, dy):
         y = y + bias
     y.backward(dy.double())
     return y.detach(), x.grad, a.grad, b.grad, None if bias is None else bias.grad
-
-
-def run_lora(backend, x, w, a, b, scaling, bias, p, dy, seed=1234):
-    """lora_linear forward + backward on ``backend`` under torch.manual_seed(seed): (y, dx, dA, dB, dbias)."""
-    x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-    bias = None if bias is None else bias.detach().clone().requires_grad_(True)
-    with _backend.use_backend(backend):
-        torch.manual_seed(seed)
-        y = lora_linear(x, w, a, b, scaling, bias=bias, dropout_p=p)
-        y.backward(dy)
-    return y.detach(), x.grad, a.grad, b.grad, None if bias is None else bias.grad
-
-
-def kernel_mask(backend, seed, rows, cols, p):
-    """The keep-mask the selected backend draws for the next lora_linear call after manual_seed(seed)."""
-    with _backend.use_backend(backend):
-        torch.manual_seed(seed)
-        s = peek_dropout_seed("cpu")
-        return materialize_dropout_mask(s, rows, cols, p, "cpu")
-
-
-def snapshot(model):
-    return ([(n, type(m)) for n, m in model.named_modules()],
-            [(n, p.requires_grad) for n, p in model.named_parameters()],
-            {k: v.clone() for k, v in model.state_dict().items()})
-
-
-def assert_unchanged(model, snap):
-    types, flags, sd = snap
-    assert [(n, type(m)) for n, m in model.named_modules()] == types, "modules were swapped"
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags, "requires_grad flags changed"
-    now = model.state_dict()
-    assert set(now) == set(sd), f"state_dict keys changed: {set(now) ^ set(sd)}"
-    for k, v in now.items():
-        assert v.dtype == sd[k].dtype and v.device == sd[k].device and torch.equal(v, sd[k]), f"{k} changed"
 
 
 # ==================================================================================================== NF4
@@ -748,7 +711,7 @@ def test_nan_inf_propagate_like_the_reference(p, weight):
     wt = w if weight == "dense" else quantize_nf4(w, 64, double_quant=True)
     wd = w if weight == "dense" else wt.dequantize(F32)
     got = {bk: run_lora(bk, x, wt, a, b, 1.5, bias, p, dy, seed=3) for bk in BACKENDS}
-    mask = kernel_mask("reference", 3, m, k, p) if p > 0 else None
+    mask = kernel_mask("reference", 3, m, k, p)
     assert mask is None or torch.equal(mask, kernel_mask("triton", 3, m, k, p))
     want = oracle64(x, wd, a, b, 1.5, bias, mask, p, dy)
     for bk in BACKENDS:

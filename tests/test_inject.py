@@ -14,7 +14,7 @@ import lora_ops
 from lora_ops import LoRALinear, QLoRALinear
 from lora_ops.inject import CONFIG_NAME, WEIGHTS_NAME, lora_layers
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, assert_unchanged, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -60,23 +60,6 @@ def randomize_adapters(model, seed=1):
         for layer in lora_layers(model).values():
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.2)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
-
-
-def snapshot(model):
-    """Everything a failed call must leave unchanged: module types, parameter flags and every tensor."""
-    return ([(n, type(m)) for n, m in model.named_modules()],
-            [(n, p.requires_grad) for n, p in model.named_parameters()],
-            {k: v.clone() for k, v in model.state_dict().items()})
-
-
-def assert_unchanged(model, snap):
-    types, flags, sd = snap
-    assert [(n, type(m)) for n, m in model.named_modules()] == types
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
-    now = model.state_dict()
-    assert set(now) == set(sd)
-    for k, v in now.items():
-        assert torch.equal(v, sd[k]), k
 
 
 def adapted(model):

@@ -30,12 +30,11 @@ import torch
 from hypothesis import HealthCheck, assume, event, example, given, note, settings, target
 from hypothesis import strategies as st
 
-from lora_ops import NF4Weight, _backend, lora_linear, quantize_nf4
+from lora_ops import NF4Weight, _backend, quantize_nf4
 from lora_ops import nf4 as N
 from lora_ops.reference import dropout_mask as reference_mask
-from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
 
-from helpers import REL_TOL, assert_rel_close, rel_error
+from helpers import REL_TOL, assert_rel_close, kernel_mask, rel_error, run_lora
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -116,24 +115,6 @@ def oracle64(x, w, a, b, scaling, bias, mask, p, dy):
 
 # Outputs with kappa above this are cancelling sums (see oracle64); the tolerance table is for the others.
 KAPPA_MAX = 2.0
-
-
-def run_lora(backend, x, w, a, b, scaling, bias, p, dy, seed):
-    x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-    bias = None if bias is None else bias.detach().clone().requires_grad_(True)
-    with _backend.use_backend(backend):
-        torch.manual_seed(seed)
-        y = lora_linear(x, w, a, b, scaling, bias=bias, dropout_p=p)
-        y.backward(dy)
-    return y.detach(), x.grad, a.grad, b.grad, None if bias is None else bias.grad
-
-
-def kernel_mask(backend, seed, rows, cols, p):
-    if p == 0.0:
-        return None
-    with _backend.use_backend(backend):
-        torch.manual_seed(seed)
-        return materialize_dropout_mask(peek_dropout_seed("cpu"), rows, cols, p, "cpu")
 
 
 def not_block_multiple(hi):
