@@ -416,7 +416,11 @@ from triton.compiler import ASTSource
 from lora_ops.triton_kernels import lora as L
 
 UNIT = {"stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_ak", "stride_yn", "stride_dyn", "stride_dsr",
-        "stride_dxk", "stride_dbr", "stride_dak", "stride_bias", "stride_dbias_n"}
+        "stride_dxk", "stride_dbr", "stride_dak", "stride_bias", "stride_dbias_n", "stride_lr", "stride_cn"}
+# The GEMM kernel's Rt is B^T in the forward (unit stride along r) and A_lora in dX (unit stride along n).
+UNIT_BY_KERNEL = {"lora_fwd": {"stride_rr"}, "lora_bwd_dx": {"stride_rn"}}
+GEMM_FLAGS = {"lora_fwd": dict(TRANS_W=True, HAS_DROPOUT=False, HAS_BIAS=True),
+              "lora_bwd_dx": dict(TRANS_W=False, HAS_DROPOUT=True, HAS_BIAS=False)}
 ptxas = get_ptxas(90).path
 res = []
 for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -427,13 +431,15 @@ for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
                 continue
             cfg = kernel.prune(kernel.configs, {"M": 8192, "x_ptr": torch.empty(1, dtype=tdt)}, IS_NF4=wk != "dense")[0]
             consts = dict(cfg.kwargs, BLOCK_R=64)
-            for name, val in (("IS_NF4", wk != "dense"), ("NESTED", wk == "nf4dq"), ("BLOCKSIZE", 64),
-                              ("HAS_BIAS", True), ("HAS_DROPOUT", True), ("DO_DB", True), ("DO_DBIAS", True)):
+            flags = dict(IS_NF4=wk != "dense", NESTED=wk == "nf4dq", BLOCKSIZE=64, HAS_BIAS=True, HAS_DROPOUT=True,
+                         DO_DB=True, DO_DBIAS=True)
+            flags.update(GEMM_FLAGS.get(kname, {}))
+            for name, val in flags.items():
                 if name in kernel.fn.arg_names:
                     consts[name] = val
             sig, attrs = {}, {}
             for i, name in enumerate(kernel.fn.arg_names):
-                if name in UNIT:
+                if name in UNIT or name in UNIT_BY_KERNEL.get(kname, ()):
                     consts[name] = 1
                 if name in consts:
                     sig[name] = "constexpr"
