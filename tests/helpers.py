@@ -39,6 +39,16 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, w
     return err
 
 
+def assert_same_nonfinite(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Same NaN positions, same +-inf positions and signs, finite parts close (fp32 table entry)."""
+    got, want = got.double(), want.double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN positions differ"
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want)), f"{what}: +inf positions differ"
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), f"{what}: -inf positions differ"
+    fin = torch.isfinite(want)
+    assert_rel_close(got[fin], want[fin], torch.float32, f"{what} finite part")
+
+
 # ------------------------------------------------------------------------ lora_linear and its dropout mask
 
 def run_lora(backend, x, w, a, b, scaling, bias, p, dy, seed=1234):

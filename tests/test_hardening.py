@@ -31,7 +31,7 @@ from lora_ops import (LoRALinear, NF4Weight, QLoRALinear, _backend, apply_lora, 
                       quantize_nf4, save_adapter)
 from lora_ops.inject import CONFIG_NAME, WEIGHTS_NAME, lora_layers
 from lora_ops.nf4 import QUANT_STATE_KEY, reference_absmax
-from helpers import assert_rel_close, assert_unchanged, kernel_mask, run_lora, snapshot
+from helpers import assert_rel_close, assert_same_nonfinite, assert_unchanged, kernel_mask, run_lora, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # NaN/Inf arithmetic inside numpy (interpreter)
@@ -690,16 +690,6 @@ def _nonfinite_case(m, k, n, r, dtype, seed):
     return x, w, a, b, bias, dy
 
 
-def _assert_same_nonfinite(got, want, what):
-    """Same NaN positions, same +-inf positions and signs, finite parts close (fp32 table entry)."""
-    got, want = got.double(), want.double()
-    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN positions differ"
-    assert torch.equal(torch.isposinf(got), torch.isposinf(want)), f"{what}: +inf positions differ"
-    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), f"{what}: -inf positions differ"
-    fin = torch.isfinite(want)
-    assert_rel_close(got[fin], want[fin], F32, f"{what} finite part")
-
-
 @pytest.mark.parametrize("p", [0.0, 0.5])
 @pytest.mark.parametrize("weight", ["dense", "nf4"])
 def test_nan_inf_propagate_like_the_reference(p, weight):
@@ -716,7 +706,7 @@ def test_nan_inf_propagate_like_the_reference(p, weight):
     want = oracle64(x, wd, a, b, 1.5, bias, mask, p, dy)
     for bk in BACKENDS:
         for name, g, t in zip(("y", "dx", "dA", "dB", "dbias"), got[bk], want):
-            _assert_same_nonfinite(g, t, f"{bk} {name}")
+            assert_same_nonfinite(g, t, f"{bk} {name}")
     assert bool(torch.isnan(got["reference"][2]).any()), "the case must actually make NaN in dA"
 
 
@@ -724,9 +714,9 @@ def test_nan_inf_mutation_control():
     """The non-finite comparison fails on a result with one NaN moved or an Inf's sign flipped."""
     want = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
     with pytest.raises(AssertionError, match="NaN positions"):
-        _assert_same_nonfinite(torch.tensor([float("nan"), 1.0, float("inf"), 2.0]), want, "moved NaN")
+        assert_same_nonfinite(torch.tensor([float("nan"), 1.0, float("inf"), 2.0]), want, "moved NaN")
     with pytest.raises(AssertionError, match=r"\+inf positions"):
-        _assert_same_nonfinite(torch.tensor([1.0, float("nan"), float("-inf"), 2.0]), want, "flipped inf")
+        assert_same_nonfinite(torch.tensor([1.0, float("nan"), float("-inf"), 2.0]), want, "flipped inf")
 
 
 def _cancelling_fp16_case(m=6, k=40, n=5, r=3, c=6.0e4):

@@ -34,7 +34,7 @@ from lora_ops import NF4Weight, _backend, quantize_nf4
 from lora_ops import nf4 as N
 from lora_ops.reference import dropout_mask as reference_mask
 
-from helpers import REL_TOL, assert_rel_close, kernel_mask, rel_error, run_lora
+from helpers import REL_TOL, assert_rel_close, assert_same_nonfinite, kernel_mask, rel_error, run_lora
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -253,15 +253,6 @@ def _nonfinite_propagation(args):
             continue
         for label, u in (("reference", r_), ("triton", t_)):
             assert_same_nonfinite(u, o_, f"{label} {name}")
-
-
-def assert_same_nonfinite(got, want, what):
-    got, want = got.double(), want.double()
-    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN positions differ"
-    assert torch.equal(torch.isposinf(got), torch.isposinf(want)), f"{what}: +inf positions differ"
-    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), f"{what}: -inf positions differ"
-    fin = torch.isfinite(want)
-    assert_rel_close(got[fin], want[fin], F32, f"{what} finite part")
 
 
 test_nonfinite_propagation, test_nonfinite_propagation_slow = property_test(
