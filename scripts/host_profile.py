@@ -17,39 +17,32 @@ import torch
 import lora_ops
 from lora_ops.triton_kernels import lora as tk
 
+from profile_layer import layer_case  # scripts/profile_layer.py (this script's folder is on sys.path)
 
-def _loop(fn, iters):
-    for _ in range(3):
+
+def _loop(fn, iters, warmup=3, host_only=False):
+    """Microseconds per call of fn over a loop of iters calls (after warmup calls and a synchronize): up to the
+    synchronize that ends the loop, or with host_only the host time of the calls alone (queued device work is
+    waited for only after the clock stops)."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
+    if not host_only:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / iters * 1e6
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters * 1e6
+    return dt
 
 
 def run(m, k, n, r, nf4, iters, top):
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(m, k, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
-    w = (torch.randn(n, k, device=dev, generator=g) * 0.02).to(torch.bfloat16)
-    a = (torch.randn(r, k, device=dev, generator=g) * 0.02).to(torch.bfloat16).requires_grad_()
-    b = (torch.randn(n, r, device=dev, generator=g) * 0.02).to(torch.bfloat16).requires_grad_()
-    dy = torch.randn(m, n, device=dev, generator=g, dtype=torch.bfloat16)
-    wt = lora_ops.quantize_nf4(w) if nf4 else w
+    case = layer_case(m, k, n, r, nf4)
+    w, a, b, dy, wt, fused, floor = case.w, case.a, case.b, case.dy, case.wt, case.fused, case.floor
     wargs = wt.tensors() if nf4 else (w, None, None, None, None)
     bs = wt.blocksize if nf4 else 0
-
-    def fused():
-        x.grad = a.grad = b.grad = None
-        lora_ops.lora_linear(x, wt, a, b, 2.0).backward(dy)
-
-    def floor():
-        x.grad = None
-        torch.nn.functional.linear(x, w).backward(dy)
-
-    xs = x.detach()
+    xs = case.x.detach()
     y, s = tk.lora_forward(xs, *wargs, bs, a.detach(), b.detach(), 2.0, None, 0.0, None)
 
     def launchers():
@@ -120,17 +113,6 @@ def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
     full = args + tail
     stream = torch.cuda.current_stream().cuda_stream
 
-    def t(fn, it=iters):
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(it):
-            fn()
-        dt = (time.perf_counter() - t0) / it * 1e6
-        torch.cuda.synchronize()
-        return dt
-
     xr = x.clone().requires_grad_()
     ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
     pieces = {
@@ -152,7 +134,7 @@ def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
     _DY[0] = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     print(f"\n==== host us per call, {m}x{k}->{n} r={r} (loops of {iters}) ====")
     for name, fn in pieces.items():
-        print(f"  {name:40s} {t(fn):8.1f}")
+        print(f"  {name:40s} {_loop(fn, iters, warmup=20, host_only=True):8.1f}")
 
 
 _DY = [None]

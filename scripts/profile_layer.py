@@ -4,6 +4,7 @@ the speed work needs to understand. Prints torch.profiler tables (device time pe
     python scripts/profile_layer.py [--cases 8192x4096x4096 2048x4096x4096] [--nf4]
 """
 import argparse
+from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -11,7 +12,11 @@ from torch.profiler import ProfilerActivity, profile
 import lora_ops
 
 
-def run(m, k, n, r=16, nf4=False, iters=5):
+def layer_case(m, k, n, r=16, nf4=False):
+    """One bf16 layer on CUDA (seed 0; W, A, B scaled by 0.02) and its two timed steps, as attributes: x (M, K),
+    w (N, K), a (r, K), b (N, r) (x, a, b require grad), dy (M, N), wt (w, or its NF4 quantization with nf4),
+    fused() (lora_linear fwd+bwd, scaling 2) and floor() (x @ W^T fwd+bwd, the frozen layer alone).
+    Also used by scripts/host_profile.py."""
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(m, k, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
@@ -29,7 +34,12 @@ def run(m, k, n, r=16, nf4=False, iters=5):
         x.grad = None
         torch.nn.functional.linear(x, w).backward(dy)
 
-    for name, fn in (("floor", floor), ("fused", fused)):
+    return SimpleNamespace(x=x, w=w, a=a, b=b, dy=dy, wt=wt, fused=fused, floor=floor)
+
+
+def run(m, k, n, r=16, nf4=False, iters=5):
+    case = layer_case(m, k, n, r, nf4)
+    for name, fn in (("floor", case.floor), ("fused", case.fused)):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
