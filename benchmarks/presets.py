@@ -34,8 +34,30 @@ FLOOR_PROVIDERS = ("floor", "copy")
 PROVIDER_ALIASES: Dict[str, str] = {"lora_ops": "fused", "lora_ops_qlora": "fused_qlora", "full": "full_ft"}
 
 
+class _Planned:
+    """What Case and ModelCase share: the adapter's lora_alpha (2 r) and scaling from the field ``r``, and lookups
+    in ``plan``, ((provider, (mode, ...)), ...)."""
+
+    @property
+    def lora_alpha(self) -> int:
+        return 2 * self.r
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def providers(self) -> List[str]:
+        return [p for p, _ in self.plan]
+
+    def modes_of(self, provider: str) -> Tuple[str, ...]:
+        for p, modes in self.plan:
+            if p == provider:
+                return modes
+        return ()
+
+
 @dataclass(frozen=True)
-class Case:
+class Case(_Planned):
     """One benchmark case. ``plan`` is ((provider, (mode, ...)), ...) in run order; the floor comes first.
 
     ``n_sets`` is how many independent weight sets (W, A, B) the timed callable rotates through; 0 means
@@ -75,25 +97,8 @@ class Case:
                     raise ValueError(f"case {self.name!r}: decode needs M <= {DECODE_MAX_M}, got M={self.M}")
 
     @property
-    def lora_alpha(self) -> int:
-        return 2 * self.r
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
-
-    @property
     def shape(self) -> str:
         return f"M={self.M},K={self.K},N={self.N},r={self.r}"
-
-    def providers(self) -> List[str]:
-        return [p for p, _ in self.plan]
-
-    def modes_of(self, provider: str) -> Tuple[str, ...]:
-        for p, modes in self.plan:
-            if p == provider:
-                return modes
-        return ()
 
     def primary_mode(self) -> str:
         """The mode the summary and the ratio plots show for this case."""
@@ -243,7 +248,7 @@ MODEL_MINIMUM = dict(layers=1, seq=2, batch=1, steps=1, warmup_steps=1)
 
 
 @dataclass(frozen=True)
-class ModelCase:
+class ModelCase(_Planned):
     """One model-level case: per provider, build the decoder (``layers`` blocks of ``arch``), then time
     ``steps`` training steps (forward with causal-LM loss on random token ids (batch, seq), backward, AdamW step
     on the trainable parameters) after ``warmup_steps`` untimed ones. ``floor`` names the provider every
@@ -291,24 +296,10 @@ class ModelCase:
         return self.seq * self.batch
 
     @property
-    def lora_alpha(self) -> int:
-        return 2 * self.r
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
-
-    @property
     def shape(self) -> str:
         d = self.dims
         return (f"layers={self.layers},hidden={d['hidden']},intermediate={d['intermediate']},heads={d['heads']}/"
                 f"{d['kv_heads']},vocab={d['vocab']},seq={self.seq},batch={self.batch},r={self.r}")
-
-    def providers(self) -> List[str]:
-        return [p for p, _ in self.plan]
-
-    def modes_of(self, provider: str) -> Tuple[str, ...]:
-        return dict(self.plan).get(provider, ())
 
     def primary_mode(self) -> str:
         return "step"
