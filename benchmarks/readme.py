@@ -129,6 +129,30 @@ def _main_run(cases: Dict, floor: str, mode: str) -> Optional[str]:
     return c.most_common(1)[0][0] if c else None
 
 
+def _runs(cases: Dict, mode: str, floor: str, metric: str = "time_ms") -> Runs:
+    """The runs a table's ``metric`` cells come from; the main one is the run of most of the floor's times."""
+    return Runs([m[mode][metric] for p in cases.values() for m in p.values() if mode in m and metric in m[mode]],
+                _main_run(cases, floor, mode))
+
+
+def _columns(cases: Dict, columns) -> List[Tuple[str, str]]:
+    """The (provider, heading) pairs of ``columns`` that some case has rows of."""
+    return [(p, h) for p, h in columns if any(p in provs for provs in cases.values())]
+
+
+def _head(*headings: str) -> List[str]:
+    """A Markdown table's heading row and its separator."""
+    return ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+
+
+def _time_cell(m: Dict, notes: List[str], runs: Runs, show) -> str:
+    """A provider's cell: its numbered skip note, show(its time_ms) with the run's mark, or – without a row."""
+    if "skipped" in m:
+        return _skip_note(notes, m["skipped"]["note"])
+    t = m.get("time_ms")
+    return "–" if t is None else show(t) + runs.tag(t["run_id"])
+
+
 def _plot(csv_dir: str, name: str) -> str:
     return f"- Plot: [`{name}`]({csv_dir}/{name})."
 
@@ -180,23 +204,15 @@ def layer_section(idx: Dict, csv_dir: str) -> List[str]:
     if not cases:
         return out + _not_yet("python -m benchmarks --preset layer")
     mode = "full"
-    runs = Runs([m[mode]["time_ms"] for p in cases.values() for m in p.values() if mode in m and "time_ms" in m[mode]],
-                _main_run(cases, "floor", mode))
-    cols = [(p, h) for p, h in LAYER_COLUMNS if any(p in provs for provs in cases.values())]
-    out.append("| M × K→N, weight | floor ms | " + " | ".join(h for _, h in cols) + " | floor again |")
-    out.append("|---|---|" + "---|" * len(cols) + "---|")
+    runs = _runs(cases, mode, "floor")
+    cols = _columns(cases, LAYER_COLUMNS)
+    out += _head("M × K→N, weight", "floor ms", *(h for _, h in cols), "floor again")
     notes: List[str] = []
     for case, provs in cases.items():
         fl = provs.get("floor", {}).get(mode, {}).get("time_ms")
         cells = [_layer_label(provs, mode), (_g(fl["value"]) + runs.tag(fl["run_id"])) if fl else "–"]
         for p, _ in cols:
-            m = provs.get(p, {}).get(mode, {})
-            if "skipped" in m:
-                cells.append(_skip_note(notes, m["skipped"]["note"]))
-            elif "time_ms" in m:
-                cells.append(_x(m["time_ms"]["ratio_to_floor"]) + runs.tag(m["time_ms"]["run_id"]))
-            else:
-                cells.append("–")
+            cells.append(_time_cell(provs.get(p, {}).get(mode, {}), notes, runs, lambda t: _x(t["ratio_to_floor"])))
         rep = provs.get("floor_repeat", {}).get(mode, {}).get("time_ms")
         cells.append(_x(rep["ratio_to_floor"]) + runs.tag(rep["run_id"]) if rep else "–")
         out.append("| " + " | ".join(cells) + " |")
@@ -215,11 +231,9 @@ def memory_section(idx: Dict) -> List[str]:
             if m.get(mode, {}).get("peak_extra_mib", {}).get("status") == "ok"]
     if not have:
         return out + _not_yet("python -m benchmarks --preset layer")
-    runs = Runs([m[mode]["peak_extra_mib"] for p in cases.values() for m in p.values()
-                 if mode in m and "peak_extra_mib" in m[mode]], _main_run(cases, "floor", mode))
-    cols = [(p, h) for p, h in LAYER_COLUMNS if any(p in provs for provs in cases.values())]
-    out.append("| M × K→N, weight | floor | " + " | ".join(h for _, h in cols) + " |")
-    out.append("|---|---|" + "---|" * len(cols))
+    runs = _runs(cases, mode, "floor", "peak_extra_mib")
+    cols = _columns(cases, LAYER_COLUMNS)
+    out += _head("M × K→N, weight", "floor", *(h for _, h in cols))
     for case, provs in cases.items():
         fl = provs.get("floor", {}).get(mode, {}).get("peak_extra_mib")
         cells = [_layer_label(provs, mode), (_mib(fl["value"]) + runs.tag(fl["run_id"])) if fl else "–"]
@@ -242,25 +256,17 @@ def decode_section(idx: Dict, csv_dir: str) -> List[str]:
     if not cases:
         return out + _not_yet("python -m benchmarks --preset decode")
     mode = "decode"
-    runs = Runs([m[mode]["time_ms"] for p in cases.values() for m in p.values() if mode in m and "time_ms" in m[mode]],
-                _main_run(cases, "floor", mode))
-    cols = [(p, h) for p, h in DECODE_COLUMNS if any(p in provs for provs in cases.values())]
-    out.append("| M, K→N, weight | floor µs | " + " | ".join(h for _, h in cols) + " |")
-    out.append("|---|---|" + "---|" * len(cols))
+    runs = _runs(cases, mode, "floor")
+    cols = _columns(cases, DECODE_COLUMNS)
+    out += _head("M, K→N, weight", "floor µs", *(h for _, h in cols))
     notes: List[str] = []
     for case, provs in cases.items():
         fl = provs.get("floor", {}).get(mode, {}).get("time_ms")
         label = _layer_label(provs, mode).replace(" × ", ", ", 1)
         cells = [label, (_g(fl["value"] * 1e3) + runs.tag(fl["run_id"])) if fl else "–"]
         for p, _ in cols:
-            m = provs.get(p, {}).get(mode, {})
-            if "skipped" in m:
-                cells.append(_skip_note(notes, m["skipped"]["note"]))
-            elif "time_ms" in m:
-                t = m["time_ms"]
-                cells.append(f"{_g(t['value'] * 1e3)} ({_x(t['ratio_to_floor'])}){runs.tag(t['run_id'])}")
-            else:
-                cells.append("–")
+            cells.append(_time_cell(provs.get(p, {}).get(mode, {}), notes, runs,
+                                    lambda t: f"{_g(t['value'] * 1e3)} ({_x(t['ratio_to_floor'])})"))
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     out += ["- The floor is the bf16 layer without LoRA."]
@@ -274,11 +280,9 @@ def nf4_section(idx: Dict, csv_dir: str) -> List[str]:
     if not cases:
         return out + _not_yet("python -m benchmarks --preset nf4")
     mode = "dequant"
-    runs = Runs([m[mode]["time_ms"] for p in cases.values() for m in p.values() if mode in m and "time_ms" in m[mode]],
-                _main_run(cases, "copy", mode))
-    cols = [(p, h) for p, h in NF4_COLUMNS if any(p in provs for provs in cases.values())]
-    out.append("| weight | copy ms | " + " | ".join(h for _, h in cols) + " |")
-    out.append("|---|---|" + "---|" * len(cols))
+    runs = _runs(cases, mode, "copy")
+    cols = _columns(cases, NF4_COLUMNS)
+    out += _head("weight", "copy ms", *(h for _, h in cols))
     for case, provs in cases.items():
         fl = provs.get("copy", {}).get(mode, {}).get("time_ms")
         cfg = report._cfg(next(iter(next(iter(next(iter(provs.values())).values())).values())))
@@ -301,9 +305,8 @@ def model_section(idx: Dict, rows: Sequence[Dict], csv_dir: str) -> List[str]:
     mode = "step"
     runs = Runs([next(iter(m[mode].values())) for p in cases.values() for m in p.values() if mode in m],
                 _main_run(cases, report.MODEL_REFERENCE, mode))
-    cols = [(p, h) for p, h in MODEL_COLUMNS if any(p in provs for provs in cases.values())]
-    out.append("| layers, batch × seq | " + " | ".join(h for _, h in cols) + " |")
-    out.append("|---|" + "---|" * len(cols))
+    cols = _columns(cases, MODEL_COLUMNS)
+    out += _head("layers, batch × seq", *(h for _, h in cols))
     notes: List[str] = []
     mem_rows, dtypes, mem_any = [], [], False
     for case, provs in cases.items():
@@ -325,9 +328,8 @@ def model_section(idx: Dict, rows: Sequence[Dict], csv_dir: str) -> List[str]:
         out.append("| " + " | ".join(cells) + " |")
         mem_rows.append("| " + " | ".join(mem) + " |")
     if mem_any:
-        out += ["", "Peak extra memory, GiB (× PEFT+bitsandbytes; baseline before the model is built):", "",
-                "| layers, batch × seq | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
-        out += mem_rows + [""]
+        out += ["", "Peak extra memory, GiB (× PEFT+bitsandbytes; baseline before the model is built):", ""]
+        out += _head("layers, batch × seq", *(h for _, h in cols)) + mem_rows + [""]
     else:
         out += ["", "Peak memory: not measured (no CUDA memory statistics in these runs).", ""]
     out += ["- " + line.replace("**", "") for line in report.model_target_lines(rows)]
