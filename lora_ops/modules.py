@@ -64,6 +64,18 @@ def _is_bnb_module(module) -> bool:
     return any(cls.__module__.startswith("bitsandbytes") for cls in type(module).__mro__)
 
 
+def _check_plain_linear(linear, on_linear4bit: str) -> None:
+    """from_linear's module check: a plain torch.nn.Linear, not a LoRA layer or a bitsandbytes module (TypeError;
+    ``on_linear4bit`` is the message for a bitsandbytes Linear4bit, which has its own way in)."""
+    if isinstance(linear, LoRALayerBase):
+        raise TypeError(f"{type(linear).__name__} already carries a LoRA adapter; from_linear takes a plain "
+                        "nn.Linear (use merge_and_unload first to get one)")
+    if _is_bnb_linear4bit(linear):
+        raise TypeError(on_linear4bit)
+    if not isinstance(linear, nn.Linear) or _is_bnb_module(linear):
+        raise TypeError(f"from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
+
+
 def _autocast_on(device: torch.device) -> bool:
     # torch.is_autocast_enabled raises for device types without autocast ("meta": shape-only runs). Not
     # torch.amp.is_autocast_available: torch 2.11's dynamo cannot trace it (a graph break under
@@ -215,14 +227,8 @@ class LoRALinear(LoRALayerBase):
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                     use_rslora: bool = False) -> "LoRALinear":
         """Wrap ``linear`` (its weight and bias are reused and frozen). Bad input -> TypeError/ValueError."""
-        if isinstance(linear, LoRALayerBase):
-            raise TypeError(f"{type(linear).__name__} already carries a LoRA adapter; from_linear takes a plain "
-                            "nn.Linear (use merge_and_unload first to get one)")
-        if _is_bnb_linear4bit(linear):
-            raise TypeError("LoRALinear.from_linear got a bitsandbytes Linear4bit; use QLoRALinear.from_bnb(...) "
-                            "to keep its 4-bit bytes")
-        if not isinstance(linear, nn.Linear) or _is_bnb_module(linear):
-            raise TypeError(f"from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
+        _check_plain_linear(linear, "LoRALinear.from_linear got a bitsandbytes Linear4bit; use "
+                                    "QLoRALinear.from_bnb(...) to keep its 4-bit bytes")
         check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
         return cls(linear.weight, linear.bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                    use_rslora=use_rslora)
@@ -291,14 +297,9 @@ class QLoRALinear(LoRALayerBase):
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                     use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True) -> "QLoRALinear":
         """Quantize ``linear.weight`` to NF4 (bitsandbytes-identical bytes) and wrap it; the bias is kept."""
-        if isinstance(linear, LoRALayerBase):
-            raise TypeError(f"{type(linear).__name__} already carries a LoRA adapter; from_linear takes a plain "
-                            "nn.Linear")
-        if _is_bnb_linear4bit(linear):
-            raise TypeError("QLoRALinear.from_linear got a bitsandbytes Linear4bit, which is already quantized; "
-                            "use QLoRALinear.from_bnb(linear4bit, ...) to take its bytes without re-quantizing")
-        if not isinstance(linear, nn.Linear) or _is_bnb_module(linear):
-            raise TypeError(f"from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
+        _check_plain_linear(linear, "QLoRALinear.from_linear got a bitsandbytes Linear4bit, which is already "
+                                    "quantized; use QLoRALinear.from_bnb(linear4bit, ...) to take its bytes without "
+                                    "re-quantizing")
         check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
         w4 = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(w4, linear.bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
