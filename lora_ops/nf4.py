@@ -128,15 +128,21 @@ def _nf4_codes_of_scaled(scaled: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(scaled), torch.zeros_like(codes), codes)
 
 
-def reference_quantize_nf4(weight: torch.Tensor, blocksize: int):
-    """(out, in) float weight -> (packed uint8 ((n+1)//2, 1), absmax fp32 (ceil(n/blocksize),))."""
-    flat = weight.reshape(-1).to(torch.float32)
+def _blocks_absmax(values: torch.Tensor, blocksize: int):
+    """(blocks, absmax, n): the n values flattened to fp32, zero-padded to (ceil(n / blocksize), blocksize), and
+    each block's max |value| (NaN propagates, as in the kernels)."""
+    flat = values.reshape(-1).to(torch.float32)
     n = flat.numel()
     nblocks = -(-n // blocksize)
     padded = torch.zeros(nblocks * blocksize, dtype=torch.float32, device=flat.device)
     padded[:n] = flat
     blocks = padded.view(nblocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)
+    return blocks, blocks.abs().amax(dim=1), n
+
+
+def reference_quantize_nf4(weight: torch.Tensor, blocksize: int):
+    """(out, in) float weight -> (packed uint8 ((n+1)//2, 1), absmax fp32 (ceil(n/blocksize),))."""
+    blocks, absmax, n = _blocks_absmax(weight, blocksize)
     # Reciprocal multiply in fp32, as the CUDA kernel does; 1/0 = inf and 0*inf = NaN -> code 0 for an
     # all-zero block (bitsandbytes' CPU path writes code 7 there instead; we follow CUDA).
     inv = torch.reciprocal(absmax)
@@ -153,15 +159,9 @@ def reference_quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, 
     A 7-step binary search over the sorted 256-entry map, then a choice between the pivot and its bracketing
     neighbour by the fp32 midpoint, with bitsandbytes' tie and NaN behaviour (NaN -> code 0).
     """
-    flat = values.reshape(-1).to(torch.float32)
-    n = flat.numel()
-    nblocks = -(-n // blocksize)
-    padded = torch.zeros(nblocks * blocksize, dtype=torch.float32, device=flat.device)
-    padded[:n] = flat
-    blocks = padded.view(nblocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)
+    blocks, absmax, n = _blocks_absmax(values, blocksize)
     x = (blocks * torch.reciprocal(absmax)[:, None]).reshape(-1)[:n]
-    code = code.to(device=flat.device, dtype=torch.float32)
+    code = code.to(device=blocks.device, dtype=torch.float32)
     pivot = torch.full_like(x, 127, dtype=torch.int64)
     lower_pivot = torch.zeros_like(pivot)
     upper_pivot = torch.full_like(pivot, 255)
