@@ -18,11 +18,12 @@ csrc/bindings.cpp owns the module's PYBIND11_MODULE; other csrc/*.cpp files add 
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib
 import os
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -115,15 +116,10 @@ def origin() -> str:
     return _origin
 
 
-_BOUNDS: Dict[torch.device, torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=None)  # one tensor per device, made on first use
 def _bounds(device: torch.device) -> torch.Tensor:
     # The 15 strict-'>' bounds of the reference (midpoints; tie-up ones one ulp lower), as a device tensor.
-    b = _BOUNDS.get(device)
-    if b is None:
-        b = _BOUNDS[device] = _nf4._nf4_thresholds(device).contiguous()
-    return b
+    return _nf4._nf4_thresholds(device).contiguous()
 
 
 def nf4_quantize(weight: torch.Tensor, blocksize: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -154,15 +150,10 @@ DECODE_MAX_RANK = 128
 # csrc/lora_decode.h LoraOpsDecodePath: which kernel ran.
 DECODE_PATHS = {0: "general", 1: "tensor_core"}
 
-_CODEBOOK: Dict[torch.device, torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=None)  # one tensor per device, made on first use
 def _codebook(device: torch.device) -> torch.Tensor:
     # The 16 NF4 code values of lora_ops.nf4, as a device tensor (the kernel builds its tables from it).
-    c = _CODEBOOK.get(device)
-    if c is None:
-        c = _CODEBOOK[device] = _nf4.nf4_codebook(device).contiguous()
-    return c
+    return _nf4.nf4_codebook(device).contiguous()
 
 
 def lora_decode_with_path(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor],
