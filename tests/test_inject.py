@@ -62,6 +62,17 @@ def randomize_adapters(model, seed=1):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
 
 
+def dequantized_copy(base, qmodel, dtype):
+    """A copy of ``base`` whose weights at qmodel's QLoRA layers are those layers' NF4 bases dequantized to
+    ``dtype``: the dense model an NF4 model must equal."""
+    dense = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, layer in lora_layers(qmodel).items():
+            assert isinstance(layer, QLoRALinear), name
+            dense.get_submodule(name).weight.copy_(layer.nf4_weight.dequantize(dtype))
+    return dense
+
+
 def adapted(model):
     return sorted(lora_layers(model))
 
@@ -173,11 +184,7 @@ def test_nf4_model_equals_model_with_dequantized_dense_weights():
     base = tiny_llama()
     qmodel = lora_ops.apply_lora(copy.deepcopy(base), LLAMA_TARGETS, r=3, lora_alpha=5, quantize="nf4")
     randomize_adapters(qmodel)
-    dense = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, layer in lora_layers(qmodel).items():
-            assert isinstance(layer, QLoRALinear)
-            dense.get_submodule(name).weight.copy_(layer.nf4_weight.dequantize(torch.float32))
+    dense = dequantized_copy(base, qmodel, torch.float32)
     lora_ops.apply_lora(dense, LLAMA_TARGETS, r=3, lora_alpha=5)
     randomize_adapters(dense)
     ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))

@@ -13,7 +13,7 @@ import lora_ops
 from lora_ops.inject import lora_layers
 
 from helpers import REL_TOL, assert_rel_close, rel_error
-from test_inject import LLAMA_TARGETS, _bnb_model, randomize_adapters, tiny_llama
+from test_inject import LLAMA_TARGETS, _bnb_model, dequantized_copy, randomize_adapters, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -167,11 +167,7 @@ def test_nf4_model_matches_peft_on_dequantized_weights():
     base = tiny_llama()
     ours = lora_ops.apply_lora(copy.deepcopy(base), LLAMA_TARGETS, r=3, lora_alpha=5, quantize="nf4")
     randomize_adapters(ours)
-    dense = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, layer in lora_layers(ours).items():
-            dense.get_submodule(name).weight.copy_(layer.nf4_weight.dequantize(torch.float32))
-    pm = peft_model(dense, LLAMA_TARGETS, 3, 5)
+    pm = peft_model(dequantized_copy(base, ours, torch.float32), LLAMA_TARGETS, 3, 5)
     copy_ours_into_peft(ours, pm)
     compare(ours, pm, ids_batch(4), "NF4 vs PEFT on dequantized")
     # Mutation control: PEFT on the original (unquantized) weights is a different model.
@@ -220,10 +216,7 @@ def test_gpu_bf16_nf4_model_matches_peft(cuda):
     base = tiny_llama().to(torch.bfloat16)
     ours = lora_ops.apply_lora(copy.deepcopy(base), LLAMA_TARGETS, r=8, lora_alpha=16, quantize="nf4")
     randomize_adapters(ours)
-    dense = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, layer in lora_layers(ours).items():
-            dense.get_submodule(name).weight.copy_(layer.nf4_weight.dequantize(torch.bfloat16))
+    dense = dequantized_copy(base, ours, torch.bfloat16)
     pm = get_peft_model(dense, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=0.0),
                         autocast_adapter_dtype=False)
     copy_ours_into_peft(ours, pm)
