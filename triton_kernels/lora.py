@@ -938,9 +938,10 @@ class _Dropout:
 # rules (16-byte aligned base and row stride, unit last stride); otherwise the pointer kernels run.
 # OPT-IN (LORA_OPS_TMA=1): it is correct on the H200 (tests/test_lora_gpu.py real shapes, 2026-11-29) but as
 # first written it measured ~1.8x SLOWER than the pointer GEMMs (layer preset, 8192x4096->14336 fused 5.88 ms
-# vs 3.28 ms; docs/PERF_NOTES.md), unlike the probe without the LoRA seed: the rank-16 seed (pointer loads and
-# a small dot at each tile start of the persistent loop) is the prime suspect. LORA_OPS_TMA_FLATTEN=0 compiles
-# the tile loop unflattened.
+# vs 3.28 ms; docs/PERF_NOTES.md), unlike the probe without the LoRA seed. That run used the flattened tile loop;
+# compiled for sm_90 since, the flattened loop with the seed in it keeps 2 TMA copies in its TTGIR (the K-loop is
+# not software-pipelined) where the unflattened one has 6 (3 stages, pipelined), so the tile loop is now
+# unflattened by default (LORA_OPS_TMA_FLATTEN=1 flattens it) - not yet timed on the GPU.
 _TMA_CAPABLE: Dict[int, bool] = {}
 # The LoRA seed is loaded in rank chunks of 16 whatever r is: its two tiles sit in shared memory beside the
 # pipeline's 3 x 48 KB and the 64 KB output tile, and chunks of 64 (r = 64) asked for 262 KB of the 227 KB an
@@ -1004,7 +1005,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
                 m, n, k, float(scaling), drop.threshold, drop.scale,
                 TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on,
                 R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r, BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
-                FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "1") not in ("", "0"),
+                FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                 _config=(blocks, warps, stages))
 
 
