@@ -597,6 +597,18 @@ def _make_prune(m_is_tile: bool):
     return prune
 
 
+# The launch cache calls CompiledKernel.run with the argument layout of triton 3.6 (checked there on the H200);
+# other Triton versions keep Triton's own launch path unless LORA_OPS_LAUNCH_CACHE=1 asks for it (=0 turns it
+# off everywhere).
+_LAUNCH_CACHE = os.environ.get("LORA_OPS_LAUNCH_CACHE",
+                               "1" if triton.__version__.split(".")[:2] == ["3", "6"] else "0") not in ("", "0")
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook has listeners (a HookChain in triton 3.6; None or a callable elsewhere)."""
+    return bool(getattr(hook, "calls", hook))
+
+
 class _Kernel:
     """A Triton kernel with its config set: autotuned on CUDA, one fixed config under the interpreter.
 
@@ -669,7 +681,7 @@ class _Kernel:
             stream = _current_stream(key[1])
             full = args + tail
             enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
-            if enter.calls or leave.calls:  # a profiler (e.g. proton) is listening: give it what Triton gives
+            if _hooked(enter) or _hooked(leave):  # a profiler (e.g. proton) listens: give it what Triton gives
                 kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
                            kernel.launch_metadata(g, stream, *full), enter, leave, *full)
             else:
@@ -681,8 +693,8 @@ class _Kernel:
         else:
             cfg = cfg or self._fixed(args, meta)
             kernel = self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if kernel is None or not hasattr(kernel, "run"):
-            return  # a Triton without the CompiledKernel launcher API: keep its own launch path
+        if not _LAUNCH_CACHE or kernel is None or not hasattr(kernel, "run"):
+            return  # keep Triton's own launch path
         if hasattr(kernel, "result"):
             kernel = kernel.result()
         named = dict(meta)
