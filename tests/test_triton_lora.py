@@ -637,3 +637,22 @@ def test_tma_gemm_mainloop_is_pipelined_for_sm90():
     for name, r in res.items():
         assert r["tma_copies"] >= 6, f"{name}: {r['tma_copies']} TMA copies in the TTGIR: mainloop not pipelined"
         assert r["shared"] <= 232448, f"{name}: {r['shared']} B of shared memory exceeds an H200 SM"
+
+
+def test_nf4_temporary_path_matches_reference(monkeypatch):
+    """The path the launchers take on CUDA from NF4_DEQUANT_MIN_M rows (the NF4 weight dequantized once into a
+    temporary by the Triton dequantize, then the dense kernels), forced here under the interpreter: every output
+    matches the oracle, and the dequantize ran once for the forward and once for the backward's dX."""
+    calls = []
+    real_launch = L._dq._launch
+
+    def spy(*args, **kwargs):
+        calls.append(args[6:8])
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(L, "_dequant_first", lambda x: True)
+    monkeypatch.setattr(L._dq, "_launch", spy)
+    case = make_case(37, 129, 70, 8, F32, "nf4-dq", 64, bias=True, seed=12)
+    got, mask = run_layer(case, 1.5, 0.2, monkeypatch)
+    assert_layer_close(got, _want(oracle(case, 1.5, 0.2, mask)), F32, "NF4 temporary: ")
+    assert calls == [(70, 129), (70, 129)], calls

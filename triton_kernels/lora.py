@@ -71,6 +71,8 @@ from lora_ops import _backend
 from lora_ops import nf4 as _nf4
 from lora_ops import reference as _ref
 
+from . import nf4_dequant as _dq
+
 # Kernel name -> number of launches since import (tests read it to prove the Triton path ran).
 LAUNCHES: collections.Counter = collections.Counter()
 
@@ -743,27 +745,14 @@ KERNELS: Dict[str, _Kernel] = {k.name: k for k in (_S_KERNEL, _FWD_KERNEL, _DS_K
 
 # ------------------------------------------------------------------------------------------ launch helpers
 
-_CODEBOOKS: Dict[torch.device, torch.Tensor] = {}
-
-
-def _current_stream(index: int) -> int:
-    return torch.cuda.current_stream(index).cuda_stream
-
-
 try:  # what Triton's own launch path uses (a C function: no Stream object per launch)
-    from torch._C import _cuda_getCurrentRawStream as _current_stream  # noqa: F811
-except ImportError:
-    pass
+    from torch._C import _cuda_getCurrentRawStream as _current_stream
+except ImportError:  # a torch without CUDA support: the launch cache never runs there
+    def _current_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
 
 _SCRATCH: Dict[torch.device, torch.Tensor] = {}
 _SM_COUNT: Dict[int, int] = {}
-
-
-def _codebook(device: torch.device) -> torch.Tensor:
-    cb = _CODEBOOKS.get(device)
-    if cb is None:
-        cb = _CODEBOOKS[device] = _nf4.nf4_codebook(device)
-    return cb
 
 
 def _scratch(device: torch.device) -> torch.Tensor:
@@ -866,62 +855,46 @@ def _check_lora(x, lora_A, lora_B, bias=None) -> Tuple[int, int, int, int]:
 NF4_DEQUANT_MIN_M = 64
 
 
+def _dequant_first(x: torch.Tensor) -> bool:
+    """Whether the launchers dequantize an NF4 weight into a temporary for x's call (see NF4_DEQUANT_MIN_M)."""
+    return x.is_cuda and x.shape[0] >= NF4_DEQUANT_MIN_M and not _backend.triton_interpreter()
+
+
 class _W:
-    """Kernel arguments of the frozen weight: dense (N, K) or NF4 bytes + scales."""
+    """Kernel arguments of the frozen weight: dense (N, K) or NF4 bytes + scales. From NF4_DEQUANT_MIN_M rows on
+    CUDA the NF4 weight is dequantized into a temporary that lives as long as this object (one launcher call)."""
 
     def __init__(self, weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x):
         scratch = _scratch(x.device)
         if absmax is None:
             _check_same("weight", weight, x, (n, k))
-            weight = _narrow(weight)
-            self.ptrs = (weight, scratch, scratch, scratch, scratch, scratch)
-            self.strides = (weight.stride(0), weight.stride(1))
-            self.meta = dict(IS_NF4=False, NESTED=False, BLOCKSIZE=64)
-            self.opts = {}
+            self._dense(_narrow(weight), scratch)
             return
-        _nf4._check_blocksize(blocksize)
+        nested = _dq.check_state(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k)
+        if weight.device != x.device:
+            raise ValueError(f"the NF4 weight is on {weight.device} but x is on {x.device}; move the weight there")
         packed = weight.reshape(-1).view(torch.uint8)  # bitsandbytes' quant_storage only reinterprets the bytes
-        numel = n * k
-        if packed.numel() != (numel + 1) // 2:
-            raise ValueError(f"the NF4 weight holds {packed.numel()} bytes but (out={n}, in={k}) needs "
-                             f"{(numel + 1) // 2}; pass the weight that matches lora_B and x")
-        nblocks = -(-numel // blocksize)
-        if absmax.numel() != nblocks:
-            raise ValueError(f"absmax has {absmax.numel()} entries; ({n}, {k}) with blocksize={blocksize} needs "
-                             f"{nblocks}")
-        nested = [t is not None for t in (nested_absmax, nested_code, offset)]
-        if any(nested) and not all(nested):
-            raise ValueError("double quantization needs nested_absmax, nested_code and offset together")
-        for name, t in (("weight", weight), ("absmax", absmax), ("nested_absmax", nested_absmax),
-                        ("nested_code", nested_code), ("offset", offset)):
-            if t is not None and t.device != x.device:
-                raise ValueError(f"NF4 {name} is on {t.device} but x is on {x.device}; move the weight there")
-        if all(nested):
-            if absmax.dtype != torch.uint8:
-                raise TypeError(f"absmax must hold uint8 codes with double quantization, got {absmax.dtype}")
-            if nested_absmax.numel() != -(-nblocks // _nf4.NESTED_BLOCKSIZE) or nested_code.numel() != 256 \
-                    or offset.numel() != 1:
-                raise ValueError(f"nested state has nested_absmax {nested_absmax.numel()} (needs "
-                                 f"{-(-nblocks // _nf4.NESTED_BLOCKSIZE)}), nested_code {nested_code.numel()} "
-                                 f"(needs 256), offset {offset.numel()} (needs 1) entries")
+        if _dequant_first(x):
+            # Checked just above: straight to the dequantize launch, not through its checking entry point.
+            self._dense(_dq._launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x.dtype),
+                        scratch)
+            return
+        if nested:
             self.ptrs = (packed, absmax.reshape(-1), nested_absmax.reshape(-1).float(),
-                         nested_code.reshape(-1).float(), offset.reshape(1).float(), _codebook(x.device))
+                         nested_code.reshape(-1).float(), offset.reshape(1).float(), _dq._codebook(x.device))
             # The nested scale is a rounded product then a rounded sum; fp fusion would make it one fma.
             self.opts = dict(enable_fp_fusion=False)
         else:
-            if not absmax.is_floating_point():
-                raise TypeError(f"absmax must be float32 without double quantization, got {absmax.dtype}")
-            self.ptrs = (packed, absmax.reshape(-1).float(), scratch, scratch, scratch, _codebook(x.device))
+            self.ptrs = (packed, absmax.reshape(-1).float(), scratch, scratch, scratch, _dq._codebook(x.device))
             self.opts = {}
         self.strides = (0, 0)
-        self.meta = dict(IS_NF4=True, NESTED=all(nested), BLOCKSIZE=blocksize)
-        if x.is_cuda and x.shape[0] >= NF4_DEQUANT_MIN_M and not _backend.triton_interpreter():
-            from .nf4_dequant import dequantize_nf4
-            dense = dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x.dtype)
-            self.ptrs = (dense, scratch, scratch, scratch, scratch, scratch)
-            self.strides = (dense.stride(0), dense.stride(1))
-            self.meta = dict(IS_NF4=False, NESTED=False, BLOCKSIZE=64)
-            self.opts = {}
+        self.meta = dict(IS_NF4=True, NESTED=nested, BLOCKSIZE=blocksize)
+
+    def _dense(self, w: torch.Tensor, scratch: torch.Tensor) -> None:
+        self.ptrs = (w, scratch, scratch, scratch, scratch, scratch)
+        self.strides = (w.stride(0), w.stride(1))
+        self.meta = dict(IS_NF4=False, NESTED=False, BLOCKSIZE=64)
+        self.opts = {}
 
 
 class _Dropout:

@@ -111,13 +111,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _check(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype):
+def check_state(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols) -> bool:
+    """Raise ValueError/TypeError unless packed NF4 bytes and their quantization state describe a (rows, cols)
+    weight, all on one device; return whether it is double-quantized. The one check of an NF4 weight's kernel
+    arguments: the dequantize and the fused LoRA launchers (triton_kernels/lora.py) both call it."""
     _nf4._check_blocksize(blocksize)
-    for name, v in (("rows", rows), ("cols", cols)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name}={v!r} must be a positive int (the logical (out, in) shape)")
-    if dtype not in _nf4.FLOAT_DTYPES:
-        raise TypeError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
     n = rows * cols
     if packed.numel() * packed.element_size() != (n + 1) // 2:
         raise ValueError(f"packed holds {packed.numel() * packed.element_size()} bytes but a ({rows}, {cols}) "
@@ -147,6 +145,16 @@ def _check(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, 
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all NF4 tensors must be on one device, got {sorted(map(str, devices))}")
+    return all(nested)
+
+
+def _check(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype):
+    for name, v in (("rows", rows), ("cols", cols)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name}={v!r} must be a positive int (the logical (out, in) shape)")
+    if dtype not in _nf4.FLOAT_DTYPES:
+        raise TypeError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    check_state(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols)
     device = packed.device
     if device.type != "cuda" and not _interpreting():
         raise ValueError(f"the Triton NF4 dequantize needs CUDA tensors (got {device}); on CPU it runs only "
