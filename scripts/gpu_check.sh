@@ -19,13 +19,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+source "$(dirname "$0")/gpu_install.sh"
 t_install=$(( $(date +%s) - t0 ))
 python3 - <<'PY' | tee "$OUT/env.txt"
 import torch, triton, lora_ops, importlib

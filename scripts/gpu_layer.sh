@@ -7,12 +7,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_ops_out}; mkdir -p "$OUT"
 BUDGET=${1:-250}
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+source "$(dirname "$0")/gpu_install.sh"
 # Pass LORA_OPS_GIT_COMMIT=<sha> from the calling machine: the device copy's .git can be stale.
 export LORA_OPS_GIT_COMMIT=${LORA_OPS_GIT_COMMIT:-"unknown (set LORA_OPS_GIT_COMMIT when calling)"}
 check() { python3 -m pytest tests/test_lora_gpu.py -k "real_shapes or launch_cache" -x -q -s -p no:cacheprovider >> "$OUT/gpu_tests.log" 2>&1; }
