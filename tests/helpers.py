@@ -5,9 +5,18 @@ Same-computation tests (kernel vs reference on the SAME weights) use ``assert_re
 tolerance of the inputs' dtype: relative Frobenius error ||out - ref|| / ||ref||. Mutation controls pass
 a deliberately wrong result through the same helper and expect it to fail.
 """
+import collections
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
-from lora_ops import _backend, lora_linear
+from lora_ops import _backend, lora_linear, ops, reference
 from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
 
 # Relative Frobenius error allowed for a result computed from inputs of this dtype, against an oracle
@@ -89,3 +98,47 @@ def assert_unchanged(model, snap):
     assert set(now) == set(sd), f"state_dict keys changed: {set(now) ^ set(sd)}"
     for k, v in now.items():
         assert v.dtype == sd[k].dtype and v.device == sd[k].device and torch.equal(v, sd[k]), f"{k} changed"
+
+
+def _refuse(name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"reference {name} ran: the Triton path was expected")
+    return refuse
+
+
+# The GEMMs that run as the TMA kernel (lora_gemm_tma) where it is enabled and applies.
+TMA_GEMMS = ("lora_fwd", "lora_bwd_dx")
+
+
+@contextlib.contextmanager
+def kernels_only(monkeypatch, expected=(), absent=()):
+    """Inside, the reference implementations (and the ops' reference fallbacks) raise, so nothing can pass on
+    the reference path. On exit, every Triton kernel in ``expected`` has launched (the forward or dX GEMM also
+    by its TMA twin) and none in ``absent`` has (a dX GEMM not asked for, not as the TMA kernel either)."""
+    from lora_ops.triton_kernels import lora as L  # needs Triton: imported only by the tests that use it
+    before = collections.Counter(L.LAUNCHES)
+    with monkeypatch.context() as m:
+        for mod, name in ((reference, "lora_forward"), (reference, "lora_backward"), (reference, "dense_weight"),
+                          (ops, "_mask")):
+            m.setattr(mod, name, _refuse(name))
+        yield
+    tma = L.LAUNCHES["lora_gemm_tma"] - before["lora_gemm_tma"]
+    for k in expected:
+        assert L.LAUNCHES[k] > before[k] or (k in TMA_GEMMS and tma > 0), f"Triton kernel {k} did not launch"
+    for k in absent:
+        assert L.LAUNCHES[k] == before[k], f"Triton kernel {k} launched but its work was not needed"
+        if k == "lora_bwd_dx":
+            assert tma == 0, "the TMA GEMM launched in a backward that needs no dX"
+
+
+def run_sm90_probe(source: str, timeout: int = 600):
+    """Run ``source`` (a script that compiles Triton kernels for sm_90 and prints one JSON line last) in a
+    subprocess without TRITON_INTERPRET (this process may run Triton's interpreter), and return that JSON.
+    Skips when this Triton has no NVIDIA backend; no GPU is needed."""
+    pytest.importorskip("triton")
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

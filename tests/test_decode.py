@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ops
 from lora_ops import _backend, decode, nf4
-from helpers import REL_TOL, assert_rel_close, rel_error
+from helpers import REL_TOL, assert_rel_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

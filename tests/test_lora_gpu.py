@@ -11,8 +11,6 @@ lead to quote. Most tests run with LORA_OPS_TRITON_AUTOTUNE=0 (the first config 
 file stays near two minutes with a cold Triton cache; test_real_shapes' first case and the config test cover
 autotuning and every config.
 """
-import collections
-import contextlib
 import os
 import random
 import time
@@ -21,9 +19,9 @@ import pytest
 import torch
 
 import lora_ops
-from lora_ops import nf4, ops, reference
+from lora_ops import nf4, reference
 from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
-from helpers import assert_rel_close, rel_error
+from helpers import assert_rel_close, kernels_only, rel_error
 
 pytestmark = pytest.mark.gpu
 
@@ -48,28 +46,6 @@ def _gpu_triton(monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def _refuse(name):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"reference {name} ran: the Triton path was expected")
-    return refuse
-
-
-@contextlib.contextmanager
-def kernels_only(monkeypatch, expected=()):
-    L = _lora()
-    before = collections.Counter(L.LAUNCHES)
-    with monkeypatch.context() as m:
-        for mod, name in ((reference, "lora_forward"), (reference, "lora_backward"), (reference, "dense_weight"),
-                          (ops, "_mask")):
-            m.setattr(mod, name, _refuse(name))
-        yield
-    tma = L.LAUNCHES["lora_gemm_tma"] - before["lora_gemm_tma"]
-    for k in expected:
-        # The forward and dX GEMMs of 16-bit dense weights (and the NF4 temporary) run as the TMA kernel.
-        assert L.LAUNCHES[k] > before[k] or (k in ("lora_fwd", "lora_bwd_dx") and tma > 0), \
-            f"Triton kernel {k} did not launch"
-
-
 ALL_KERNELS = ("lora_s", "lora_fwd", "lora_bwd_ds", "lora_bwd_dx", "lora_bwd_da")
 
 
@@ -90,8 +66,15 @@ def make_inputs(m, k, n, r, dtype, weight, blocksize=64, bias=True, gen=None, de
     return dict(x=cast(x), w=wk, wd=wd, a=cast(a), b=cast(b), bias=cast(bias_t), dy=cast(dy))
 
 
-def run_layer(inp, scaling, p, monkeypatch):
-    x, a, b = (inp[k].detach().clone().requires_grad_(True) for k in ("x", "a", "b"))
+def run_layer(inp, scaling, p, monkeypatch, x_as_is=False):
+    """lora_linear fwd+bwd on the Triton path: ((y, dx, dA, dB, dbias), mask). Leaves are clones (contiguous,
+    aligned), except x with ``x_as_is``: then inp["x"] itself, with its strides and alignment, is the leaf."""
+    a, b = (inp[k].detach().clone().requires_grad_(True) for k in ("a", "b"))
+    if x_as_is:
+        x = inp["x"].requires_grad_(True)
+        x.grad = None  # a test may pass the same leaf twice
+    else:
+        x = inp["x"].detach().clone().requires_grad_(True)
     bias = inp["bias"].detach().clone().requires_grad_(True) if inp["bias"] is not None else None
     m, k = x.shape
     mask = materialize_dropout_mask(peek_dropout_seed("cuda"), m, k, p, "cuda") if p > 0 else None
@@ -402,24 +385,13 @@ def test_launch_cache_respects_specialisation(monkeypatch, autotune):
     inp = make_inputs(300, 1000, 520, 16, BF16, "dense")
     want = oracle(inp, 2.0, 0.0, None)
     base = dict(inp)
-
-    def _run_on_view(x, inp, monkeypatch):
-        # run_layer clones x (which makes it contiguous and aligned): here x itself is the leaf.
-        x = x.requires_grad_(True)
-        x.grad = None  # the "again" case passes the same leaf twice
-        a, b, bias = (inp[k].detach().clone().requires_grad_(True) for k in ("a", "b", "bias"))
-        with kernels_only(monkeypatch, ALL_KERNELS):
-            y = lora_ops.lora_linear(x, inp["w"], a, b, 2.0, bias)
-            y.backward(inp["dy"])
-        return y.detach(), x.grad, a.grad, b.grad, bias.grad
-
     for label, x in (("aligned", inp["x"]), ("aligned again", inp["x"]),
                      ("misaligned by 1 element", torch.empty(300 * 1000 + 1, dtype=BF16, device="cuda")[1:]
                       .view(300, 1000).copy_(inp["x"])),
                      ("row stride 1003", torch.empty(300, 1003, dtype=BF16, device="cuda")[:, :1000]
                       .copy_(inp["x"]))):
         entries = sum(len(k._launches) for k in L.KERNELS.values())
-        got = _run_on_view(x, base, monkeypatch)
+        got, _ = run_layer(dict(base, x=x), 2.0, 0.0, monkeypatch, x_as_is=True)
         check_and_report(got, want, BF16, f"launch cache, x {label} (autotune={autotune})")
         if label == "aligned again":
             assert sum(len(k._launches) for k in L.KERNELS.values()) == entries, "a repeated call missed the cache"

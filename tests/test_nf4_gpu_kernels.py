@@ -10,10 +10,6 @@ extension's ImportError on a CPU-only torch. GPU (marker ``gpu``): CUDA quantize
 on CUDA, and printed timings of the 4096x14336 dequantize.
 """
 import importlib
-import importlib.util
-import json
-import os
-import subprocess
 import sys
 import warnings
 
@@ -22,6 +18,7 @@ import torch
 
 import lora_ops
 from lora_ops import _backend, nf4
+from helpers import run_sm90_probe
 
 # The originals, captured before any test monkeypatches them to prove a fast path ran.
 REF_DEQUANT = nf4.reference_dequantize_nf4
@@ -185,13 +182,7 @@ def test_triton_dequant_sm90_ptx_has_no_fma():
     mul then a rounded add (no fma.rn.f32), as launched (enable_fp_fusion=False); Triton's default fusion
     does contract it (the control), so the check can see a contraction. Also: 16-byte stores and no layout
     conversion of the tile (the design's bandwidth claims), for the default bs=64 configuration."""
-    pytest.importorskip("triton")
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _PTX_PROBE], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_sm90_probe(_PTX_PROBE, timeout=300)
     launched, fused = res["False"], res["True"]
     assert launched["fma"] == 0 and launched["mul_rn"] > 0 and launched["add_rn"] > 0, launched
     assert fused["fma"] > 0, f"control: default fp fusion should contract the absmax into an FMA: {fused}"

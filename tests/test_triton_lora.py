@@ -10,7 +10,6 @@ to the input dtype, exactly the values the kernel decodes) and the kernel's own 
 (``lora_ops.testing.materialize_dropout_mask``). Tolerances come only from tests/helpers.py; mutation controls
 push deliberately wrong oracles through the same assertion and expect it to fail.
 """
-import collections
 import contextlib
 from types import SimpleNamespace
 
@@ -20,7 +19,7 @@ import torch
 import lora_ops
 from lora_ops import nf4, ops, reference
 from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
-from helpers import assert_rel_close
+from helpers import assert_rel_close, kernels_only, run_sm90_probe
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -30,39 +29,12 @@ L = pytest.importorskip("lora_ops.triton_kernels.lora")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FWD_KERNELS = ("lora_s", "lora_fwd")
-_TMA_GEMMS = ("lora_fwd", "lora_bwd_dx")
 BWD_KERNELS = ("lora_bwd_ds", "lora_bwd_dx", "lora_bwd_da")
 
 
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
-
-
-def _refuse(name):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"reference {name} ran: the Triton path was expected")
-    return refuse
-
-
-@contextlib.contextmanager
-def kernels_only(monkeypatch, expected=(), absent=()):
-    """Inside, the reference implementations (and the ops' reference fallbacks) raise. On exit, every kernel
-    in ``expected`` has launched and none in ``absent`` has."""
-    before = collections.Counter(L.LAUNCHES)
-    with monkeypatch.context() as m:
-        for mod, name in ((reference, "lora_forward"), (reference, "lora_backward"), (reference, "dense_weight"),
-                          (ops, "_mask")):
-            m.setattr(mod, name, _refuse(name))
-        yield
-    tma = L.LAUNCHES["lora_gemm_tma"] - before["lora_gemm_tma"]
-    for k in expected:
-        # The forward and dX GEMMs run as the TMA kernel where it applies (16-bit dense on sm_90, or opted in).
-        assert L.LAUNCHES[k] > before[k] or (k in _TMA_GEMMS and tma > 0), f"Triton kernel {k} did not launch"
-    for k in absent:
-        assert L.LAUNCHES[k] == before[k], f"Triton kernel {k} launched but its work was not needed"
-        if k == "lora_bwd_dx":
-            assert tma == 0, "the TMA GEMM launched in a backward that needs no dX"
 
 
 def make_case(m, k, n, r, dtype, weight="dense", blocksize=64, bias=True, seed=0, lead=()):
@@ -471,17 +443,7 @@ print(json.dumps(res))
 
 
 def test_kernels_compile_for_sm90_without_spilling():
-    import importlib.util
-    import json
-    import os
-    import subprocess
-    import sys
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _SM90_PROBE], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_sm90_probe(_SM90_PROBE, timeout=900)
     assert len(res) == 2 * (6 + 2 * 2)
     # The configs used with autotuning off were chosen spill-free (a few bytes at most) for triton 3.6's
     # ptxas; hundreds of bytes would mean a kernel change pushed them over the register file.
@@ -622,18 +584,7 @@ def test_tma_gemm_mainloop_is_pipelined_for_sm90():
     prologue's and the loop's TMA copies of A and W (>= 6). The flattened tile loop with the LoRA seed in it
     compiled to 2 (unpipelined) and measured 1.8x slower than the pointer GEMMs on the H200 (2026-11-29); shared
     memory must also fit an H200 SM (227 KB)."""
-    import importlib.util
-    import json
-    import os
-    import subprocess
-    import sys
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _TMA_PIPELINE_PROBE], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_sm90_probe(_TMA_PIPELINE_PROBE)
     for name, r in res.items():
         assert r["tma_copies"] >= 6, f"{name}: {r['tma_copies']} TMA copies in the TTGIR: mainloop not pipelined"
         assert r["shared"] <= 232448, f"{name}: {r['shared']} B of shared memory exceeds an H200 SM"
