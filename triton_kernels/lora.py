@@ -626,16 +626,16 @@ class _Kernel:
     a kernel compiled for other arguments.
     """
 
-    def __init__(self, fn, name: str, configs: List[triton.Config], key: List[str], prune,
-                 interp_config: triton.Config, reset_to_zero: Optional[List[str]] = None):
+    def __init__(self, fn, name: str, configs: List[triton.Config], key: Optional[List[str]], prune,
+                 interp_config: Optional[triton.Config], reset_to_zero: Optional[List[str]] = None):
         self.fn, self.name, self.configs, self.prune = fn, name, configs, prune
         self.interp_config = interp_config
         self.forced: Optional[triton.Config] = None
         self.tuned = None
         self._launches: Dict[tuple, tuple] = {}
         # Positions of integer arguments whose value (not only its specialisation) selects the config.
-        self._by_value = frozenset(i for i, a in enumerate(fn.arg_names) if a in key)
-        if not _INTERPRET:
+        self._by_value = frozenset(i for i, a in enumerate(fn.arg_names) if a in (key or ()))
+        if not _INTERPRET and key is not None:  # key None: every call passes _config
             self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
                                          reset_to_zero=reset_to_zero)(fn)
 
@@ -731,12 +731,11 @@ _DA_KERNEL = _Kernel(_lora_bwd_da_kernel, "lora_bwd_da", _reduce_configs("BLOCK_
                      ["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"], _make_prune(False),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_K=64))
 
-# Its config comes with each call (_tma_gemm, which explains the choice); the list is only what tests iterate.
+# (first M it serves, blocks, num_warps, num_stages): _tma_gemm passes its choice with each call (the descriptors'
+# block shapes are made for it), so this kernel has no autotuner, pruning or interpreter config of its own.
 _TMA_CONFIGS = ((128, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
                 (0, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4))
-_TMA_KERNEL = _Kernel(_lora_gemm_tma_kernel, "lora_gemm_tma",
-                      [_cfg(w, st, (_DENSE16,), **blocks) for _, blocks, w, st in _TMA_CONFIGS],
-                      ["M", "N", "K"], _make_prune(True), _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2))
+_TMA_KERNEL = _Kernel(_lora_gemm_tma_kernel, "lora_gemm_tma", [], None, None, None)
 
 # Every kernel with its configs, for tests that run each config.
 KERNELS: Dict[str, _Kernel] = {k.name: k for k in (_S_KERNEL, _FWD_KERNEL, _DS_KERNEL, _DB_KERNEL, _DX_KERNEL,
