@@ -169,15 +169,21 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, output[1], seed)
 
 
-def _backward(ctx, grad_y, grad_s):
+def _grads(ctx, grad_y, bwd):
+    """The backward of lora_fwd through ``bwd`` (lora_bwd's signature): the op's own autograd and the eager
+    Function below share it. Gradients only where ``needs_input_grad`` asks; never for the frozen weight."""
     x, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, s, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dA, dB, dbias = torch.ops.lora_ops.lora_bwd(
-        grad_y.contiguous(), x, weight, absmax, nested_absmax, nested_code, offset, ctx.blocksize, lora_A, lora_B,
-        s, ctx.scaling, ctx.dropout_p, seed, need[_X], need[_A], need[_B], need[_BIAS])
+    dx, dA, dB, dbias = bwd(grad_y.contiguous(), x, weight, absmax, nested_absmax, nested_code, offset, ctx.blocksize,
+                            lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed, need[_X], need[_A], need[_B],
+                            need[_BIAS])
     return (dx if need[_X] else None, None, None, None, None, None, None,
             dA if need[_A] else None, dB if need[_B] else None, None,
             dbias if need[_BIAS] else None, None, None)
+
+
+def _backward(ctx, grad_y, grad_s):
+    return _grads(ctx, grad_y, torch.ops.lora_ops.lora_bwd)
 
 
 lora_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -197,27 +203,19 @@ class _EagerLoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fwd, bwd, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
-                scaling, bias, dropout_p, seed):
-        y, s = fwd(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
-                   dropout_p, seed)
-        ctx.bwd, ctx.blocksize, ctx.scaling, ctx.dropout_p = bwd, blocksize, scaling, dropout_p
-        ctx.has_bias = bias is not None
-        # As _setup_context: the NF4 bytes (or frozen W) and S (M x r), never a dense W or a mask.
-        ctx.save_for_backward(x, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, s, seed)
+    def forward(ctx, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
+                dropout_p, seed, fwd, bwd):
+        inputs = (x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
+                  dropout_p, seed)
+        y, s = fwd(*inputs)
+        _setup_context(ctx, inputs, (y, s))
+        ctx.bwd = bwd
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, s, seed = ctx.saved_tensors
-        need = ctx.needs_input_grad  # shifted by the two launcher arguments
-        need_x, need_a, need_b, need_bias = need[2], need[9], need[10], need[12] and ctx.has_bias
-        with _no_autocast(grad_y.device):
-            dx, dA, dB, dbias = ctx.bwd(grad_y.contiguous(), x, weight, absmax, nested_absmax, nested_code, offset,
-                                        ctx.blocksize, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed,
-                                        need_x, need_a, need_b, need_bias)
-        return (None, None, dx if need_x else None, None, None, None, None, None, None,
-                dA if need_a else None, dB if need_b else None, None, dbias if need_bias else None, None, None)
+        with _no_autocast(grad_y.device):  # the launcher runs directly here, not inside lora_bwd's kernel
+            return _grads(ctx, grad_y, ctx.bwd) + (None, None)
 
 
 def eager_impl(x: Tensor):
@@ -238,8 +236,8 @@ def lora_fwd_eager(impl, x, weight, absmax, nested_absmax, nested_code, offset, 
                    bias, dropout_p, seed) -> Tensor:
     """y of ``lora_ops::lora_fwd`` with its autograd, through ``_EagerLoRA`` (``impl`` from ``eager_impl``)."""
     with _no_autocast(x.device):
-        return _EagerLoRA.apply(impl[0], impl[1], x, weight, absmax, nested_absmax, nested_code, offset, blocksize,
-                                lora_A, lora_B, scaling, bias, dropout_p, seed)
+        return _EagerLoRA.apply(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
+                                scaling, bias, dropout_p, seed, impl[0], impl[1])
 
 
 # -------------------------------------------------------------------------------------- small-batch decode
