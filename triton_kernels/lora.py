@@ -786,6 +786,16 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def _split_partials(splits: int, shape: Tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Buffer of a kernel that reduces over M in ``splits`` slices: the output itself (``dtype``, slot 0) with
+    one split, fp32 partials per split otherwise (summed by ``_split_sum``)."""
+    return torch.empty((splits,) + tuple(shape), dtype=dtype if splits == 1 else torch.float32, device=device)
+
+
+def _split_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0).to(dtype)
+
+
 def _block_r(r: int) -> int:
     return min(max(_MIN_DOT, _next_pow2(r)), _MAX_BLOCK_R)
 
@@ -1083,14 +1093,8 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         do_dbias = need_dbias and not fused_dbias
         if (do_db or do_dbias) and n > 0:
             splits, rows = _splits(m, triton.cdiv(n, 64) * r_chunks, dev)
-            if splits == 1:
-                db_out = torch.empty((1, n, r), dtype=dt, device=dev) if do_db else _scratch(dev).view(1, 1, 16)
-                dbias_out = torch.empty((1, n), dtype=dt, device=dev) if do_dbias else _scratch(dev).view(1, 16)
-            else:
-                db_out = (torch.empty((splits, n, r), dtype=torch.float32, device=dev) if do_db
-                          else _scratch(dev).view(1, 1, 16))
-                dbias_out = (torch.empty((splits, n), dtype=torch.float32, device=dev) if do_dbias
-                             else _scratch(dev).view(1, 16))
+            db_out = _split_partials(splits, (n, r), dt, dev) if do_db else _scratch(dev).view(1, 1, 16)
+            dbias_out = _split_partials(splits, (n,), dt, dev) if do_dbias else _scratch(dev).view(1, 16)
             _DB_KERNEL(lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), r_chunks, splits),
                        dy, s, db_out, dbias_out,
                        dy.stride(0), dy.stride(1), s.stride(0), s.stride(1),
@@ -1099,9 +1103,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                        m, n, r, rows, float(scaling), m_bucket,
                        DO_DB=do_db, DO_DBIAS=do_dbias, BLOCK_R=block_r)
             if do_db:
-                dB = db_out[0] if splits == 1 else db_out.sum(0).to(dt)
+                dB = _split_sum(db_out, dt)
             if do_dbias:
-                dbias = dbias_out[0] if splits == 1 else dbias_out.sum(0).to(dt)
+                dbias = _split_sum(dbias_out, dt)
         elif do_db or do_dbias:
             dB = torch.zeros_like(lora_B) if do_db else dB
             dbias = dy.new_zeros((n,)) if do_dbias else dbias
@@ -1111,14 +1115,14 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         if need_dA:
             if k > 0:
                 splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)
-                da_out = torch.empty((splits, r, k), dtype=dt if splits == 1 else torch.float32, device=dev)
+                da_out = _split_partials(splits, (r, k), dt, dev)
                 _DA_KERNEL(lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), r_chunks, splits),
                            x, ds, drop.seed, da_out,
                            x.stride(0), x.stride(1), ds.stride(0), ds.stride(1),
                            da_out.stride(0) if splits > 1 else 0, da_out.stride(1), da_out.stride(2),
                            m, k, r, rows, drop.threshold, drop.scale, m_bucket,
                            HAS_DROPOUT=drop.on, BLOCK_R=block_r)
-                dA = da_out[0] if splits == 1 else da_out.sum(0).to(dt)
+                dA = _split_sum(da_out, dt)
             else:
                 dA = torch.zeros_like(lora_A)
     return dx, dA, dB, dbias
