@@ -79,6 +79,23 @@ static_assert(kSFullWords <= kTableWords, "S reuses the NF4 table's shared memor
 
 enum Format { kDense = 0, kNf4 = 1, kNf4Nested = 2 };
 
+// Diagnostics build only (scripts/decode_bench.cu compiles this file with -DLORA_OPS_DECODE_DIAG=1): the
+// environment variable LORA_OPS_DECODE_DIAG=<mask> leaves stages out so that each one's cost can be timed by
+// difference (the results are then wrong). In every other build the mask is the constant 0 and the branches
+// compile away.
+#ifndef LORA_OPS_DECODE_DIAG
+#define LORA_OPS_DECODE_DIAG 0
+#endif
+enum Diag {
+  kDiagNoS = 1,            // no S slice (S = 0); the cluster barriers stay
+  kDiagNoLoraEpilogue = 2,  // the epilogue skips scaling * S @ B^T (no B loads)
+  kDiagLoadsOnly = 4,      // the main loop loads W but does no decode or mma
+  kDiagNoMainLoop = 8,     // no main loop at all: what is left is the fixed cost
+  kDiagNoTable = 16,       // no NF4 pair table fill
+  kDiagNoPrefetch = 32,    // no bulk L2 prefetch at entry
+  kDiagNoCluster = 64,     // plain launch (each block computes all of S)
+};
+
 // Ring depth (iterations in flight per warp): the largest that compiles without spills at 128 registers
 // (ptxas -v for sm_90: double quant with two token groups spills at 6 slots, so it gets 5).
 template <int FMT, int MT>
@@ -102,7 +119,10 @@ struct Params {
   int bs_log2;    // log2(NF4 block size)
   int ksplit;     // tensor-core kernel: warps sharing one row tile (1, 2 or 4)
   float scaling;
+  int diag;       // Diag mask; always 0 outside the diagnostics build
 };
+
+__device__ __forceinline__ bool diag(const Params& p, int bit) { return LORA_OPS_DECODE_DIAG && (p.diag & bit); }
 
 // ------------------------------------------------------------------------------------------ small helpers
 
@@ -339,7 +359,10 @@ __device__ __forceinline__ void stream_tile(const Params& p, const RowPtrs& rp, 
       if (it < it_end) {
         const Slot<FMT> cur = ring[s];
         if (it + P < it_end) load_slot<T, FMT>(ring[s], p, rp, it + P);
-        compute_slot<T, FMT, MT>(cur, xr, it, acc, table, lane4, s_ncode, offset);
+        if (diag(p, kDiagLoadsOnly))  // wait for the slot's bytes, skip the work
+          acc[0][0] += __uint_as_float(reinterpret_cast<const uint32_t&>(cur) & 1u);
+        else
+          compute_slot<T, FMT, MT>(cur, xr, it, acc, table, lane4, s_ncode, offset);
       }
     }
   }
@@ -443,7 +466,7 @@ __device__ __forceinline__ void epilogue_tc(const Params& p, const float (&acc)[
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) l[mt][0] = l[mt][1] = 0.0f;
     const T* brow = B + static_cast<int64_t>(n) * p.r;
-    for (int j = 0; j < p.r; ++j) {
+    for (int j = 0; j < (diag(p, kDiagNoLoraEpilogue) ? 0 : p.r); ++j) {
       const float b = to_f32(ld_ro(brow + j));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -486,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, 4) lora_decode_tc_kernel(const Param
   const char* W = static_cast<const char*>(p.w);
 
   // (1) Start DRAM on this warp's first P iterations (one bulk L2 prefetch per row) before anything waits.
-  if (has_tile && lane < kTileN && it_begin < it_end && tile * kTileN + lane < p.N) {
+  if (has_tile && lane < kTileN && it_begin < it_end && tile * kTileN + lane < p.N && !diag(p, kDiagNoPrefetch)) {
     const int64_t row = static_cast<int64_t>(tile) * kTileN + lane;
     prefetch_l2(W + row * row_bytes + static_cast<int64_t>(it_begin) * kIterBytes,
                 static_cast<uint32_t>(min(P, it_end - it_begin) * kIterBytes));
@@ -498,20 +521,26 @@ __global__ void __launch_bounds__(kThreads, 4) lora_decode_tc_kernel(const Param
     xr.p[mt] = static_cast<const T*>(p.x) + static_cast<int64_t>(min(mt * 8 + g, p.M - 1)) * p.K + 16 * t;
 
   // (2) Tables from lora_ops.nf4's constants (device tensors; never literals here).
-  if constexpr (FMT != kDense) fill_pair_table<T>(s_union, p.codebook);
+  if constexpr (FMT != kDense)
+    if (!diag(p, kDiagNoTable)) fill_pair_table<T>(s_union, p.codebook);
   if constexpr (FMT == kNf4Nested)
     for (int i = threadIdx.x; i < 256; i += kThreads) s_ncode[i] = __ldg(p.nested_code + i);
   __syncthreads();
 
   // (3) This block's slice of S, published to the cluster (the wait comes after the main loop).
-  lora_s_slice_tc<T, MT>(p, xr, s_part, s_red, rank, csize, warp, lane);
+  if (diag(p, kDiagNoS)) {
+    for (int i = threadIdx.x; i < p.M * p.r; i += kThreads) s_part[i] = 0.0f;
+    __syncthreads();
+  } else {
+    lora_s_slice_tc<T, MT>(p, xr, s_part, s_red, rank, csize, warp, lane);
+  }
   cluster_arrive();
 
   // (4) The stream over W.
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-  if (has_tile) {
+  if (has_tile && !diag(p, kDiagNoMainLoop)) {
     // Rows past N (the last tile) read row N-1 and are never stored.
     const int64_t row0 = min(tile * kTileN + g, p.N - 1), row1 = min(tile * kTileN + g + 8, p.N - 1);
     RowPtrs rp;
@@ -714,6 +743,10 @@ int choose_path(const LoraOpsDecodeArgs* a) {
 // cluster launch be refused, the same kernel runs without clusters: each block is then a cluster of one and
 // computes all of S itself (correct, more L2 traffic).
 cudaError_t launch_clustered(void (*kernel)(Params), int blocks, const Params& p, cudaStream_t stream) {
+  if (LORA_OPS_DECODE_DIAG && (p.diag & kDiagNoCluster)) {
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
   const int padded = (blocks + kCluster - 1) / kCluster * kCluster;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(padded), 1, 1);
@@ -805,6 +838,11 @@ extern "C" cudaError_t lora_ops_lora_decode(const LoraOpsDecodeArgs* a, cudaStre
   p.bs_log2 = a->weight_format == LORA_OPS_DECODE_NF4 ? ilog2(a->blocksize) : 0;
   p.ksplit = 1;
   p.scaling = a->scaling;
+  p.diag = 0;
+  if (LORA_OPS_DECODE_DIAG) {
+    const char* d = getenv("LORA_OPS_DECODE_DIAG");
+    p.diag = d ? atoi(d) : 0;
+  }
   const bool nf4 = a->weight_format == LORA_OPS_DECODE_NF4;
   if (choose_path(a) == LORA_OPS_DECODE_PATH_TENSOR_CORE) {
     const int fmt = !nf4 ? kDense : (a->nested_absmax != nullptr ? kNf4Nested : kNf4);
