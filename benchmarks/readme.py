@@ -153,6 +153,12 @@ def _time_cell(m: Dict, notes: List[str], runs: Runs, show) -> str:
     return "–" if t is None else show(t) + runs.tag(t["run_id"])
 
 
+def _graph_us(m: Dict) -> str:
+    """' · <µs>' of a decode cell's CUDA-graph timing, or '' where it has none."""
+    g = m.get("graph_ms")
+    return f" · {_g(g['value'] * 1e3)}" if g is not None and g["status"] == "ok" else ""
+
+
 def _plot(csv_dir: str, name: str) -> str:
     return f"- Plot: [`{name}`]({csv_dir}/{name})."
 
@@ -251,7 +257,7 @@ def memory_section(idx: Dict) -> List[str]:
 
 
 def decode_section(idx: Dict, csv_dir: str) -> List[str]:
-    out = ["### Decode (no grad, weights rotated past L2): µs per call (× the floor)", ""]
+    out = ["### Decode (no grad, weights rotated past L2): µs per call (× the floor) · CUDA-graph µs", ""]
     cases = _cases(idx, "decode")
     if not cases:
         return out + _not_yet("python -m benchmarks --preset decode")
@@ -261,15 +267,20 @@ def decode_section(idx: Dict, csv_dir: str) -> List[str]:
     out += _head("M, K→N, weight", "floor µs", *(h for _, h in cols))
     notes: List[str] = []
     for case, provs in cases.items():
-        fl = provs.get("floor", {}).get(mode, {}).get("time_ms")
+        fm = provs.get("floor", {}).get(mode, {})
+        fl = fm.get("time_ms")
         label = _layer_label(provs, mode).replace(" × ", ", ", 1)
-        cells = [label, (_g(fl["value"] * 1e3) + runs.tag(fl["run_id"])) if fl else "–"]
+        cells = [label, (_g(fl["value"] * 1e3) + _graph_us(fm) + runs.tag(fl["run_id"])) if fl else "–"]
         for p, _ in cols:
-            cells.append(_time_cell(provs.get(p, {}).get(mode, {}), notes, runs,
-                                    lambda t: f"{_g(t['value'] * 1e3)} ({_x(t['ratio_to_floor'])})"))
+            m = provs.get(p, {}).get(mode, {})
+            cells.append(_time_cell(m, notes, runs,
+                                    lambda t, m=m: f"{_g(t['value'] * 1e3)} ({_x(t['ratio_to_floor'])}){_graph_us(m)}"))
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    out += ["- The floor is the bf16 layer without LoRA."]
+    out += ["- The floor is the bf16 layer without LoRA. First number: `triton.testing.do_bench` (L2 flushed before "
+            "each call by a 256 MB memset, whose dirty lines the timed call then writes back); after the dot: "
+            "`do_bench_cudagraph`, a CUDA graph of back-to-back calls rotating the weight copies (no flush, no host "
+            "time), where a provider could be captured."]
     out += _absent(cols, cases) + _notes(notes) + runs.lines() + [_plot(csv_dir, "decode_ratio.png"), ""]
     return out
 

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 COLUMNS = ("run_id", "preset", "case", "shape", "provider", "mode", "metric", "value", "p20", "p80", "unit",
            "ratio_to_floor", "status", "note", "config", "env")
 NUMERIC = ("value", "p20", "p80", "ratio_to_floor")
-RATIO_METRICS = ("time_ms", "eager_ms", "peak_extra_mib", "tokens_per_s")
+RATIO_METRICS = ("time_ms", "eager_ms", "graph_ms", "peak_extra_mib", "tokens_per_s")
 MERGE_KEY = ("preset", "case", "provider", "mode")
 HIDDEN_IN_SUMMARY = ("floor_repeat",)
 FLOORS = ("floor", "copy")
@@ -349,6 +349,9 @@ def summary(rows: Sequence[Dict]) -> List[str]:
                 e = m.get("eager_ms")
                 rt = t["ratio_to_floor"] if provider != floor else 1.0
                 eager = f" ({_x(e['ratio_to_floor'])})" if e is not None else ""
+                gr = m.get("graph_ms")
+                if gr is not None and gr["status"] == "ok":
+                    eager += f" [graph {_f(gr['value'])} ms, {_x(gr['ratio_to_floor'])}]"
                 pk = m.get("peak_extra_mib")
                 out.append(f"| {case} | {provider} | {_f(t['value'])} | {_x(rt)}{eager} | "
                            f"{_f(pk['value']) if pk else '–'} |")

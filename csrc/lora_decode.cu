@@ -92,16 +92,36 @@ enum Diag {
   kDiagLoadsOnly = 4,      // the main loop loads W but does no decode or mma
   kDiagNoMainLoop = 8,     // no main loop at all: what is left is the fixed cost
   kDiagNoTable = 16,       // no NF4 pair table fill
-  kDiagNoPrefetch = 32,    // no bulk L2 prefetch at entry
   kDiagNoCluster = 64,     // plain launch (each block computes all of S)
 };
 
-// Ring depth (iterations in flight per warp): the largest that compiles without spills at 128 registers
-// (ptxas -v for sm_90: double quant with two token groups spills at 6 slots, so it gets 5).
-template <int FMT, int MT>
-struct Depth {
-  static constexpr int value = FMT == kDense ? (MT == 1 ? 4 : 3) : FMT == kNf4 ? (MT == 1 ? 8 : 6) : (MT == 1 ? 8 : 5);
+// The W stream (tensor-core kernel). Each warp has its own ring of kStages slots in shared memory; a slot holds
+// the 16 rows of its tile over kStageRowBytes of each row, copied by cp.async.bulk (one bulk copy per row, issued
+// by lanes 0..15, completing on the slot's mbarrier). Bytes in flight then cost no registers and no per-sector
+// requests: the first version kept a ring of 32-byte-per-row register loads and streamed at a quarter of the
+// read bandwidth (H200: 20 us for 29 MB with the decode skipped, against 8.4 us for a plain read of the bytes).
+constexpr int kStageRowBytes = 128;  // per row per slot: 256 k of NF4 (4 iterations) or 64 k of 16-bit W (1)
+constexpr int kStages = 6;           // slots per warp: 6 x 2 KB in flight per warp, ~80 KB per SM
+template <typename T, int FMT>
+struct Stage {
+  static constexpr int kIterBytes = FMT == kDense ? kIterK * static_cast<int>(sizeof(T)) : kIterK / 2;  // per row
+  static constexpr int kIters = kStageRowBytes / kIterBytes;  // mma iterations per slot
+  // Row stride in the slot: 128 B rows would put the 8 rows of a fragment load in the same banks. At 160 B the
+  // 8-byte NF4 loads of a half-warp (rows g..g+3, 4 lanes each) and at 144 B the 16-byte dense loads of a
+  // quarter-warp (rows g, g+1) touch distinct banks.
+  static constexpr int kRowStride = FMT == kDense ? 144 : 160;
+  static constexpr int kBytes = kTileN * kRowStride;
 };
+// Dynamic shared memory of the tensor-core kernel: the NF4 pair table (dense: just S; S reuses the table after
+// the main loop) and the warps' rings.
+template <int FMT>
+__host__ __device__ constexpr int tc_union_bytes() {
+  return FMT == kDense ? (kSFullWords * 4 + 127) / 128 * 128 : kTableWords * 4;
+}
+template <typename T, int FMT>
+__host__ __device__ constexpr int tc_smem_bytes() {
+  return tc_union_bytes<FMT>() + kWarps * kStages * Stage<T, FMT>::kBytes;
+}
 
 struct Params {
   const void* x;
@@ -164,24 +184,47 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Streaming loads of W: read once, so they skip L1 (which keeps x) and ask L2 for the whole 256 B line pair
-// that the next iterations of the same row will want.
-__device__ __forceinline__ uint2 ld_stream_v2(const void* p) {
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
-__device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
 }
-
-// Bulk prefetch of [p, p + bytes) into L2 (sm_90; p 16-byte aligned, bytes a multiple of 16). No registers.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+// Makes the initialised barriers visible to the async proxy (the bulk copies) before the first copy.
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// This thread's arrival, announcing `bytes` that bulk copies will complete on the barrier.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+// [src, src + bytes) -> shared dst by the bulk-copy engine (16-byte aligned, bytes a multiple of 16); read once,
+// so the copy asks L2 to evict it first.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                          uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::
+          "r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ void prefetch_l2_line(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr));
 }
 
 // The split cluster barrier: arrive (release this thread's shared-memory writes) ... wait (acquire the others').
@@ -205,22 +248,9 @@ __device__ __forceinline__ uint32_t word_of(const uint4& lo, const uint4& hi, in
 
 // -------------------------------------------------------------------------------- tensor-core kernel parts
 
-template <int FMT>
-struct Slot;
-template <>
-struct Slot<kDense> {  // 16 contiguous k of rows g and g+8 (2 x 16 B each)
+// 16 contiguous k of rows g and g+8 of a 16-bit matrix (W, or A for S): 2 x 16 B each.
+struct DenseRows {
   uint4 r0lo, r0hi, r1lo, r1hi;
-};
-template <>
-struct Slot<kNf4> {  // 16 contiguous k of rows g and g+8 (8 bytes each) and the rows' fp32 absmax
-  uint2 r0, r1;
-  float s0, s1;
-};
-template <>
-struct Slot<kNf4Nested> {  // ... with the two rows' 8-bit absmax codes (q0 | q1 << 8) and their nested absmax
-  uint2 r0, r1;
-  uint32_t q;
-  float n0, n1;
 };
 
 // This lane's x: token mt*8 + g (clamped to M-1: columns of tokens >= M are computed, never stored), at k = 16t.
@@ -239,9 +269,9 @@ __device__ __forceinline__ void load_x(const XRows<T, MT>& xr, int it, uint4 (&x
   }
 }
 
-// acc += rows (g, g+8) x tokens over one iteration of dense rows (W, or A for S).
+// acc += rows (g, g+8) x tokens over one iteration of dense rows.
 template <typename T, int MT>
-__device__ __forceinline__ void mma_dense(const Slot<kDense>& s, const uint4 (&xv)[MT][2], float (&acc)[MT][4]) {
+__device__ __forceinline__ void mma_dense(const DenseRows& s, const uint4 (&xv)[MT][2], float (&acc)[MT][4]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint32_t a0 = word_of(s.r0lo, s.r0hi, 2 * i), a1 = word_of(s.r1lo, s.r1hi, 2 * i);
@@ -278,61 +308,85 @@ __device__ __forceinline__ void mma_nf4(uint2 r0, uint2 r1, const uint4 (&xv)[MT
   }
 }
 
-// Where one warp's rows are: byte pointers of this lane's chunk of rows g and g+8 at iteration 0, and (NF4) the
-// absmax index of those rows' first block.
-struct RowPtrs {
-  const char* w0;
-  const char* w1;
-  int64_t b0, b1;
+// One warp's share of the W stream: rows tile*16 .. +15 (clamped to N-1: rows past N are computed, never stored)
+// over iterations [it_begin, it_end), in slots of Stage::kIters iterations.
+template <typename T, int FMT>
+struct WarpStream {
+  const char* row_src;  // lanes 0..15: W bytes of row tile*16 + lane at iteration it_begin
+  char* ring;           // this warp's kStages slots
+  uint64_t* bars;       // their barriers
+  float* scales;        // NF4: the current slot's 16 x kIters absmax values
+  int64_t blk0, blk1;   // NF4: absmax index of the first block of the rows of this lane's scale entries
+  int it_begin, it_end, slots;
+  uint64_t policy;
 };
 
+// NF4 absmax of one slot as this lane holds it between issue and use: entries e = lane and lane + 32 of the
+// slot's 16 rows x 4 iterations (row e >> 2, iteration e & 3).
+template <int FMT>
+struct SlotScale {
+  uint32_t q0 = 0, q1 = 0;    // nested: the 8-bit codes; plain NF4: the fp32 bits
+  float n0 = 0.f, n1 = 0.f;   // nested: the nested absmax of the entries' blocks
+};
+
+// Issues slot i (of ws.slots): lane 0 announces the bytes, lanes 0..15 copy their row's piece; every lane loads the
+// absmax of its two scale entries (registers until the slot is used, kStages slots later).
 template <typename T, int FMT>
-__device__ __forceinline__ void load_slot(Slot<FMT>& s, const Params& p, const RowPtrs& rp, int it) {
-  if constexpr (FMT == kDense) {
-    const char* q0 = rp.w0 + static_cast<int64_t>(it) * kIterK * sizeof(T);
-    const char* q1 = rp.w1 + static_cast<int64_t>(it) * kIterK * sizeof(T);
-    s.r0lo = ld_stream_v4(q0);
-    s.r0hi = ld_stream_v4(q0 + 16);
-    s.r1lo = ld_stream_v4(q1);
-    s.r1hi = ld_stream_v4(q1 + 16);
-  } else {
-    s.r0 = ld_stream_v2(rp.w0 + static_cast<int64_t>(it) * (kIterK / 2));
-    s.r1 = ld_stream_v2(rp.w1 + static_cast<int64_t>(it) * (kIterK / 2));
-    // blocksize >= 64 divides K, so iteration it of a row lies in the row's block it >> log2(blocksize / 64).
-    const int64_t blk0 = rp.b0 + (it >> (p.bs_log2 - 6)), blk1 = rp.b1 + (it >> (p.bs_log2 - 6));
+__device__ __forceinline__ void issue_slot(const Params& p, const WarpStream<T, FMT>& ws, int i, int lane,
+                                           SlotScale<FMT>& sc) {
+  using S = Stage<T, FMT>;
+  const int slot = i % kStages;
+  const int it0 = ws.it_begin + i * S::kIters;
+  const int iters = min(S::kIters, ws.it_end - it0);
+  const uint32_t row_bytes = static_cast<uint32_t>(iters * S::kIterBytes);
+  if (lane == 0) mbar_arrive_expect_tx(ws.bars + slot, row_bytes * kTileN);
+  __syncwarp();
+  if (lane < kTileN)
+    bulk_copy(ws.ring + slot * S::kBytes + lane * S::kRowStride,
+              ws.row_src + static_cast<int64_t>(i) * kStageRowBytes, row_bytes, ws.bars + slot, ws.policy);
+  if constexpr (FMT != kDense) {
+    // blocksize >= 64 divides K: iteration it of a row lies in the row's block it >> (log2(blocksize) - 6).
+    const int sh = p.bs_log2 - 6;
+    const int u = lane & 3;
+    const int it = min(it0 + u, ws.it_end - 1);
+    const int64_t b0 = ws.blk0 + (it >> sh), b1 = ws.blk1 + (it >> sh);
     if constexpr (FMT == kNf4) {
-      s.s0 = __ldg(static_cast<const float*>(p.absmax) + blk0);
-      s.s1 = __ldg(static_cast<const float*>(p.absmax) + blk1);
+      sc.q0 = __float_as_uint(__ldg(static_cast<const float*>(p.absmax) + b0));
+      sc.q1 = __float_as_uint(__ldg(static_cast<const float*>(p.absmax) + b1));
     } else {
-      s.q = static_cast<uint32_t>(__ldg(static_cast<const uint8_t*>(p.absmax) + blk0)) |
-            (static_cast<uint32_t>(__ldg(static_cast<const uint8_t*>(p.absmax) + blk1)) << 8);
-      s.n0 = __ldg(p.nested_absmax + (blk0 >> 8));
-      s.n1 = __ldg(p.nested_absmax + (blk1 >> 8));
+      sc.q0 = __ldg(static_cast<const uint8_t*>(p.absmax) + b0);
+      sc.q1 = __ldg(static_cast<const uint8_t*>(p.absmax) + b1);
+      sc.n0 = __ldg(p.nested_absmax + (b0 >> 8));
+      sc.n1 = __ldg(p.nested_absmax + (b1 >> 8));
     }
   }
 }
 
+// Iteration `it` (global) of a landed slot: rows g, g+8 of this lane's 16 k, times x; NF4 scaled by the rows'
+// absmax of that iteration (factored out of the 64-k dot product, which lies in one block).
 template <typename T, int FMT, int MT>
-__device__ __forceinline__ void compute_slot(const Slot<FMT>& s, const XRows<T, MT>& xr, int it, float (&acc)[MT][4],
-                                             const uint32_t* table, uint32_t lane4, const float* s_ncode,
-                                             float offset) {
+__device__ __forceinline__ void compute_iter(const char* slot, int u, int it, const XRows<T, MT>& xr,
+                                             float (&acc)[MT][4], const uint32_t* table, const float* scales,
+                                             int g, int t) {
+  using S = Stage<T, FMT>;
   uint4 xv[MT][2];
   load_x<T, MT>(xr, it, xv);
+  const char* r0 = slot + g * S::kRowStride + u * S::kIterBytes + t * (S::kIterBytes / 4);
+  const char* r1 = r0 + 8 * S::kRowStride;
   if constexpr (FMT == kDense) {
+    DenseRows s;
+    s.r0lo = *reinterpret_cast<const uint4*>(r0);
+    s.r0hi = *reinterpret_cast<const uint4*>(r0 + 16);
+    s.r1lo = *reinterpret_cast<const uint4*>(r1);
+    s.r1hi = *reinterpret_cast<const uint4*>(r1 + 16);
     mma_dense<T, MT>(s, xv, acc);
   } else {
     float part[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.0f;
-    mma_nf4<T, MT>(s.r0, s.r1, xv, part, table, lane4);
-    float sc0, sc1;
-    if constexpr (FMT == kNf4) {
-      sc0 = s.s0;
-      sc1 = s.s1;
-    } else {  // bitsandbytes' reconstruction: product, then sum, each rounded (no FMA)
-      sc0 = __fadd_rn(__fmul_rn(s_ncode[s.q & 0xffu], s.n0), offset);
-      sc1 = __fadd_rn(__fmul_rn(s_ncode[s.q >> 8], s.n1), offset);
-    }
+    mma_nf4<T, MT>(*reinterpret_cast<const uint2*>(r0), *reinterpret_cast<const uint2*>(r1), xv, part, table,
+                   static_cast<uint32_t>(threadIdx.x & 31) << 2);
+    const float sc0 = scales[g * 4 + u], sc1 = scales[(g + 8) * 4 + u];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       acc[mt][0] = fmaf(part[mt][0], sc0, acc[mt][0]);
@@ -343,27 +397,45 @@ __device__ __forceinline__ void compute_slot(const Slot<FMT>& s, const XRows<T, 
   }
 }
 
-// Iterations [it_begin, it_end) of one row tile with P iterations of loads in flight.
-template <typename T, int FMT, int MT, int P>
-__device__ __forceinline__ void stream_tile(const Params& p, const RowPtrs& rp, const XRows<T, MT>& xr, int it_begin,
-                                            int it_end, float (&acc)[MT][4], const uint32_t* table, uint32_t lane4,
-                                            const float* s_ncode, float offset) {
-  Slot<FMT> ring[P];
+// The whole stream of one warp: slots 0..kStages-1 were issued at kernel entry (`sc` holds their absmax); each
+// landed slot is computed, then refilled with the slot kStages further on.
+template <typename T, int FMT, int MT>
+__device__ __forceinline__ void stream_tile(const Params& p, const WarpStream<T, FMT>& ws, const XRows<T, MT>& xr,
+                                            SlotScale<FMT> (&sc)[kStages], float (&acc)[MT][4],
+                                            const uint32_t* table, const float* s_ncode, float offset, int lane) {
+  using S = Stage<T, FMT>;
+  const int g = lane >> 2, t = lane & 3;
+  for (int base = 0; base < ws.slots; base += kStages) {
 #pragma unroll
-  for (int s = 0; s < P; ++s)
-    if (it_begin + s < it_end) load_slot<T, FMT>(ring[s], p, rp, it_begin + s);
-  for (int base = it_begin; base < it_end; base += P) {
-#pragma unroll
-    for (int s = 0; s < P; ++s) {
-      const int it = base + s;
-      if (it < it_end) {
-        const Slot<FMT> cur = ring[s];
-        if (it + P < it_end) load_slot<T, FMT>(ring[s], p, rp, it + P);
-        if (diag(p, kDiagLoadsOnly))  // wait for the slot's bytes, skip the work
-          acc[0][0] += __uint_as_float(reinterpret_cast<const uint32_t&>(cur) & 1u);
-        else
-          compute_slot<T, FMT, MT>(cur, xr, it, acc, table, lane4, s_ncode, offset);
+    for (int s = 0; s < kStages; ++s) {
+      const int i = base + s;
+      if (i >= ws.slots) break;
+      if constexpr (FMT != kDense) {  // this slot's absmax -> the warp's scale table (bitsandbytes' arithmetic)
+        float v0, v1;
+        if constexpr (FMT == kNf4) {
+          v0 = __uint_as_float(sc[s].q0);
+          v1 = __uint_as_float(sc[s].q1);
+        } else {  // product, then sum, each rounded (no FMA), as the reference dequantization
+          v0 = __fadd_rn(__fmul_rn(s_ncode[sc[s].q0], sc[s].n0), offset);
+          v1 = __fadd_rn(__fmul_rn(s_ncode[sc[s].q1], sc[s].n1), offset);
+        }
+        ws.scales[lane] = v0;
+        ws.scales[lane + 32] = v1;
+        __syncwarp();
       }
+      mbar_wait(ws.bars + s, static_cast<uint32_t>((base / kStages) & 1));
+      const char* slot = ws.ring + s * S::kBytes;
+      const int it0 = ws.it_begin + i * S::kIters;
+      if (diag(p, kDiagLoadsOnly)) {  // the slot has landed; skip the work
+        acc[0][0] += static_cast<float>(slot[lane] & 1);
+      } else {
+#pragma unroll
+        for (int u = 0; u < S::kIters; ++u)
+          if (it0 + u < ws.it_end)
+            compute_iter<T, FMT, MT>(slot, u, it0 + u, xr, acc, table, ws.scales, g, t);
+      }
+      __syncwarp();  // every lane is done with the slot (and the scales) before they are overwritten
+      if (i + kStages < ws.slots) issue_slot<T, FMT>(p, ws, i + kStages, lane, sc[s]);
     }
   }
 }
@@ -388,7 +460,7 @@ __device__ void lora_s_slice_tc(const Params& p, const XRows<T, MT>& xr, float* 
     const T* a1 = A + static_cast<int64_t>(j1) * p.K + 16 * t;
     for (int it = begin + warp; it < end; it += kWarps) {
       // A is reread by every cluster: default caching (L2-resident after the first cluster), unlike W.
-      Slot<kDense> s;
+      DenseRows s;
       const uint4* q0 = reinterpret_cast<const uint4*>(a0 + static_cast<int64_t>(it) * kIterK);
       const uint4* q1 = reinterpret_cast<const uint4*>(a1 + static_cast<int64_t>(it) * kIterK);
       s.r0lo = __ldg(q0);
@@ -466,6 +538,7 @@ __device__ __forceinline__ void epilogue_tc(const Params& p, const float (&acc)[
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) l[mt][0] = l[mt][1] = 0.0f;
     const T* brow = B + static_cast<int64_t>(n) * p.r;
+#pragma unroll 8
     for (int j = 0; j < (diag(p, kDiagNoLoraEpilogue) ? 0 : p.r); ++j) {
       const float b = to_f32(ld_ro(brow + j));
 #pragma unroll
@@ -486,11 +559,13 @@ __device__ __forceinline__ void epilogue_tc(const Params& p, const float (&acc)[
 }
 
 template <typename T, int FMT, int MT>
-__global__ void __launch_bounds__(kThreads, 4) lora_decode_tc_kernel(const Params p) {
-  constexpr int P = Depth<FMT, MT>::value;
-  constexpr int kUnionWords = FMT == kDense ? kSFullWords : kTableWords;
-  constexpr int kIterBytes = FMT == kDense ? kIterK * static_cast<int>(sizeof(T)) : kIterK / 2;
-  __shared__ __align__(16) uint32_t s_union[kUnionWords];  // NF4 table during the main loop, then S
+__global__ void __launch_bounds__(kThreads, 2) lora_decode_tc_kernel(const Params p) {
+  using S = Stage<T, FMT>;
+  extern __shared__ __align__(128) unsigned char dyn_smem[];
+  uint32_t* s_union = reinterpret_cast<uint32_t*>(dyn_smem);  // NF4 table during the main loop, then S
+  char* s_rings = reinterpret_cast<char*>(dyn_smem) + tc_union_bytes<FMT>();
+  __shared__ __align__(8) uint64_t s_bars[kWarps][kStages];
+  __shared__ float s_scales[kWarps][kTileN * 4];
   __shared__ __align__(16) float s_part[kMaxM * kMaxRank];  // this block's slice of S (read by the cluster)
   __shared__ __align__(16) float s_red[kWarps * 8 * 32];    // fragments of the 4 warps
   __shared__ float s_ncode[FMT == kNf4Nested ? 256 : 1];
@@ -503,16 +578,38 @@ __global__ void __launch_bounds__(kThreads, 4) lora_decode_tc_kernel(const Param
   const int ks = warp % p.ksplit;
   const bool has_tile = tile * kTileN < p.N;
   const int nit = p.K / kIterK;
-  const int it_begin = static_cast<int>(static_cast<int64_t>(nit) * ks / p.ksplit);
-  const int it_end = static_cast<int>(static_cast<int64_t>(nit) * (ks + 1) / p.ksplit);
   const int64_t row_bytes = FMT == kDense ? static_cast<int64_t>(p.K) * static_cast<int64_t>(sizeof(T)) : p.K / 2;
-  const char* W = static_cast<const char*>(p.w);
 
-  // (1) Start DRAM on this warp's first P iterations (one bulk L2 prefetch per row) before anything waits.
-  if (has_tile && lane < kTileN && it_begin < it_end && tile * kTileN + lane < p.N && !diag(p, kDiagNoPrefetch)) {
-    const int64_t row = static_cast<int64_t>(tile) * kTileN + lane;
-    prefetch_l2(W + row * row_bytes + static_cast<int64_t>(it_begin) * kIterBytes,
-                static_cast<uint32_t>(min(P, it_end - it_begin) * kIterBytes));
+  // (1) Start the W stream before anything waits: this warp's first kStages slots.
+  WarpStream<T, FMT> ws;
+  ws.it_begin = static_cast<int>(static_cast<int64_t>(nit) * ks / p.ksplit);
+  ws.it_end = static_cast<int>(static_cast<int64_t>(nit) * (ks + 1) / p.ksplit);
+  ws.slots = has_tile && !diag(p, kDiagNoMainLoop) ? (ws.it_end - ws.it_begin + S::kIters - 1) / S::kIters : 0;
+  ws.ring = s_rings + warp * kStages * S::kBytes;
+  ws.bars = s_bars[warp];
+  ws.scales = s_scales[warp];
+  ws.policy = evict_first_policy();
+  {
+    const int64_t row = min(tile * kTileN + (lane & (kTileN - 1)), p.N - 1);
+    ws.row_src = static_cast<const char*>(p.w) + row * row_bytes + static_cast<int64_t>(ws.it_begin) * S::kIterBytes;
+    const int64_t blocks_per_row = FMT == kDense ? 0 : static_cast<int64_t>(p.K) >> p.bs_log2;
+    ws.blk0 = min(tile * kTileN + g, p.N - 1) * blocks_per_row;
+    ws.blk1 = min(tile * kTileN + 8 + g, p.N - 1) * blocks_per_row;
+  }
+  if (lane == 0)
+    for (int i = 0; i < kStages; ++i) mbar_init(ws.bars + i, 1);
+  mbar_init_fence();
+  __syncwarp();
+  SlotScale<FMT> sc[kStages];
+#pragma unroll
+  for (int i = 0; i < kStages; ++i)
+    if (i < ws.slots) issue_slot<T, FMT>(p, ws, i, lane, sc[i]);
+  // B's rows of this tile and the bias, wanted by the epilogue: into L2 now (one 128 B line per lane).
+  if (has_tile && !diag(p, kDiagNoLoraEpilogue)) {
+    const int64_t b_bytes = static_cast<int64_t>(min(kTileN, p.N - tile * kTileN)) * p.r * sizeof(T);
+    const char* b_tile = static_cast<const char*>(p.B) + static_cast<int64_t>(tile) * kTileN * p.r * sizeof(T);
+    if (lane * 128 < b_bytes) prefetch_l2_line(b_tile + lane * 128);
+    if (p.bias && lane == 0) prefetch_l2_line(static_cast<const T*>(p.bias) + tile * kTileN);
   }
 
   XRows<T, MT> xr;
@@ -540,22 +637,9 @@ __global__ void __launch_bounds__(kThreads, 4) lora_decode_tc_kernel(const Param
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-  if (has_tile && !diag(p, kDiagNoMainLoop)) {
-    // Rows past N (the last tile) read row N-1 and are never stored.
-    const int64_t row0 = min(tile * kTileN + g, p.N - 1), row1 = min(tile * kTileN + g + 8, p.N - 1);
-    RowPtrs rp;
-    rp.w0 = W + row0 * row_bytes + t * (kIterBytes / 4);
-    rp.w1 = W + row1 * row_bytes + t * (kIterBytes / 4);
-    rp.b0 = rp.b1 = 0;
-    float offset = 0.0f;
-    if constexpr (FMT != kDense) {
-      const int64_t blocks_per_row = static_cast<int64_t>(p.K) >> p.bs_log2;
-      rp.b0 = row0 * blocks_per_row;
-      rp.b1 = row1 * blocks_per_row;
-    }
-    if constexpr (FMT == kNf4Nested) offset = __ldg(p.offset);
-    stream_tile<T, FMT, MT, P>(p, rp, xr, it_begin, it_end, acc, s_union, static_cast<uint32_t>(lane) << 2, s_ncode,
-                               offset);
+  if (ws.slots > 0) {
+    const float offset = FMT == kNf4Nested ? __ldg(p.offset) : 0.0f;
+    stream_tile<T, FMT, MT>(p, ws, xr, sc, acc, s_union, s_ncode, offset, lane);
   }
 
   // (5) Warps that split a tile's K add their fragments in order (ks = 0, 1, ...).
@@ -742,16 +826,16 @@ int choose_path(const LoraOpsDecodeArgs* a) {
 // Clusters of kCluster blocks (the grid padded to a multiple; padding blocks only help with S). Should a
 // cluster launch be refused, the same kernel runs without clusters: each block is then a cluster of one and
 // computes all of S itself (correct, more L2 traffic).
-cudaError_t launch_clustered(void (*kernel)(Params), int blocks, const Params& p, cudaStream_t stream) {
+cudaError_t launch_clustered(void (*kernel)(Params), int blocks, int smem, const Params& p, cudaStream_t stream) {
   if (LORA_OPS_DECODE_DIAG && (p.diag & kDiagNoCluster)) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
     return cudaGetLastError();
   }
   const int padded = (blocks + kCluster - 1) / kCluster * kCluster;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(padded), 1, 1);
   cfg.blockDim = dim3(kThreads, 1, 1);
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -762,7 +846,7 @@ cudaError_t launch_clustered(void (*kernel)(Params), int blocks, const Params& p
   cfg.numAttrs = 1;
   if (cudaLaunchKernelEx(&cfg, kernel, p) == cudaSuccess) return cudaSuccess;
   (void)cudaGetLastError();
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -774,31 +858,53 @@ int ksplit_override() {
   return (v == 1 || v == 2 || v == 4) ? v : 0;
 }
 
-template <typename T>
-cudaError_t launch_tc(const Params& p, int fmt, cudaStream_t stream) {
-  // Bytes in flight: each warp keeps P iterations of loads outstanding, so the warp count sets the total. Split
-  // a tile's K over 2 or 4 warps until there are >= 8 warps per SM (4096->14336: 896 tiles x 2 = 1792 warps,
-  // 7 MB in flight against the ~3.5 MB that bandwidth x latency asks for).
+// The tensor-core kernel for one (T, format, token groups): dynamic shared memory opted in once, and how many of its
+// blocks one SM holds (for the K split).
+template <typename T, int FMT, int MT>
+cudaError_t prepare_tc(int* blocks_per_sm) {
+  static int cached = 0;  // per instantiation and process; a benign race sets the same value
+  if (cached == 0) {
+    const int smem = tc_smem_bytes<T, FMT>();
+    cudaError_t e = cudaFuncSetAttribute(lora_decode_tc_kernel<T, FMT, MT>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    int n = 0;
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lora_decode_tc_kernel<T, FMT, MT>, kThreads, smem);
+    if (e != cudaSuccess) return e;
+    cached = n > 0 ? n : 1;
+  }
+  *blocks_per_sm = cached;
+  return cudaSuccess;
+}
+
+template <typename T, int FMT, int MT>
+cudaError_t launch_tc_as(const Params& p, cudaStream_t stream) {
+  int per_sm = 0;
+  const cudaError_t e = prepare_tc<T, FMT, MT>(&per_sm);
+  if (e != cudaSuccess) return e;
+  // Split a tile's K over 2 or 4 warps of a block while the warps still fit on the chip at once: the stream is
+  // bound by bytes in flight, which every resident warp adds to, and a second wave would only add its latency
+  // (4096->14336: 896 tiles, 1056 resident warps -> no split; 4096->4096: 256 tiles -> split 4).
   const int tiles = (p.N + kTileN - 1) / kTileN;
+  const int64_t resident_warps = static_cast<int64_t>(per_sm) * sm_count() * kWarps;
   Params q = p;
   q.ksplit = ksplit_override();
   if (q.ksplit == 0) {
     q.ksplit = 1;
-    while (q.ksplit < kWarps && static_cast<int64_t>(tiles) * q.ksplit < 8LL * sm_count()) q.ksplit *= 2;
+    while (q.ksplit < kWarps && static_cast<int64_t>(tiles) * q.ksplit * 2 <= resident_warps) q.ksplit *= 2;
   }
   const int tiles_per_block = kWarps / q.ksplit;
   const int blocks = (tiles + tiles_per_block - 1) / tiles_per_block;
+  return launch_clustered(lora_decode_tc_kernel<T, FMT, MT>, blocks, tc_smem_bytes<T, FMT>(), q, stream);
+}
+
+template <typename T>
+cudaError_t launch_tc(const Params& p, int fmt, cudaStream_t stream) {
   const bool two = p.M > 8;
   switch (fmt) {
-    case kDense:
-      return launch_clustered(two ? lora_decode_tc_kernel<T, kDense, 2> : lora_decode_tc_kernel<T, kDense, 1>, blocks,
-                              q, stream);
-    case kNf4:
-      return launch_clustered(two ? lora_decode_tc_kernel<T, kNf4, 2> : lora_decode_tc_kernel<T, kNf4, 1>, blocks, q,
-                              stream);
-    default:
-      return launch_clustered(two ? lora_decode_tc_kernel<T, kNf4Nested, 2> : lora_decode_tc_kernel<T, kNf4Nested, 1>,
-                              blocks, q, stream);
+    case kDense: return two ? launch_tc_as<T, kDense, 2>(p, stream) : launch_tc_as<T, kDense, 1>(p, stream);
+    case kNf4: return two ? launch_tc_as<T, kNf4, 2>(p, stream) : launch_tc_as<T, kNf4, 1>(p, stream);
+    default: return two ? launch_tc_as<T, kNf4Nested, 2>(p, stream) : launch_tc_as<T, kNf4Nested, 1>(p, stream);
   }
 }
 
@@ -806,8 +912,8 @@ template <typename T>
 cudaError_t launch_general(const Params& p, bool nf4, cudaStream_t stream) {
   const int rows_per_block = kWarps * kGeneralRowsPerWarp;
   const int blocks = (p.N + rows_per_block - 1) / rows_per_block;
-  return launch_clustered(nf4 ? lora_decode_general_kernel<T, true> : lora_decode_general_kernel<T, false>, blocks, p,
-                          stream);
+  return launch_clustered(nf4 ? lora_decode_general_kernel<T, true> : lora_decode_general_kernel<T, false>, blocks, 0,
+                          p, stream);
 }
 
 }  // namespace

@@ -356,7 +356,7 @@ def test_sm90_compile_has_no_spills(compiled_decode):
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills), report
 
 
-def test_sm90_ptx_tensor_cores_streaming_loads_clusters_and_exact_absmax(compiled_decode):
+def test_sm90_ptx_tensor_cores_bulk_copy_stream_clusters_and_exact_absmax(compiled_decode):
     _, ptx = compiled_decode
     funcs = _ptx_functions(ptx)
     # Template args in the mangled names: <T, FMT (0 dense, 1 NF4, 2 NF4 double quant), MT>.
@@ -367,9 +367,12 @@ def test_sm90_ptx_tensor_cores_streaming_loads_clusters_and_exact_absmax(compile
         ab = "bf16" if "bfloat16" in name else "f16"
         assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in body, name
         assert "barrier.cluster.arrive.release.aligned" in body and "barrier.cluster.wait.acquire.aligned" in body
-        assert "cp.async.bulk.prefetch.L2.global" in body, name
-        vec = "v4" if fmt == 0 else "v2"  # dense: 16 B per lane and load; NF4: 8 B (one quantization block/step)
-        assert f"ld.global.nc.L1::no_allocate.L2::256B.{vec}.u32" in body, name
+        # W streams through shared memory by bulk copies completing on mbarriers, evict-first in L2.
+        assert "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint" in body, name
+        assert "mbarrier.try_wait.parity.shared::cta.b64" in body and "fence.mbarrier_init" in body, name
+        assert "createpolicy.fractional.L2::evict_first" in body, name
+        # Fragments from the slots: dense 16 B per lane and load; NF4 8 B (one quantization block per mma step).
+        assert ("ld.shared.v4.u32" if fmt == 0 else "ld.shared.v2.u32") in body, name
         # The double-quant absmax is a rounded product then a rounded sum (never an fma); the only mul.rn /
         # add.rn of these kernels: none without double quantization (the control that the count means it).
         n_mul, n_add = body.count("mul.rn.f32"), body.count("add.rn.f32")
