@@ -509,6 +509,14 @@ def test_decode_other_blocksizes_dtypes_and_alignment_gpu(cuda):
     y2, path2 = _run(ext, x.clone(), wt, bs, a.clone(), b, 0.5, None)
     assert path2 == "tensor_core"
     assert_rel_close(y2, _ref64(x, w64, a, b, 0.5, None), torch.bfloat16, "aligned copies")
+    # B and bias reach the tensor-core kernel by bulk copies (16-byte aligned): misaligned, the general kernel.
+    x, a = x.clone(), a.clone()
+    b_off = torch.randn(n * r + 1, generator=g, device=cuda).to(torch.bfloat16)[1:].view(n, r) * 0.1
+    bias_off = torch.randn(n + 1, generator=g, device=cuda).to(torch.bfloat16)[1:]
+    for bb, bias in ((b_off, None), (b, bias_off)):
+        y, path = _run(ext, x, wt, bs, a, bb, 0.5, bias)
+        assert path == "general"
+        assert_rel_close(y, _ref64(x, w64, a, bb, 0.5, bias), torch.bfloat16, "misaligned B or bias")
 
 
 @pytest.mark.gpu
@@ -546,31 +554,32 @@ def test_decode_mutations_fail_gpu(cuda, k):
 
 
 @pytest.mark.gpu
-def test_decode_ksplit_variants_gpu(cuda, monkeypatch):
-    """Every split of a tile's K over 1, 2 or 4 warps (LORA_OPS_DECODE_KSPLIT; automatic otherwise) is right,
-    with an iteration count that does not divide evenly (K = 4160: 65 iterations)."""
+def test_decode_stream_edges_gpu(cuda):
+    """The tensor-core kernel's stream at its edges: rows that end in a partial chunk (K = 4160: 2080 NF4 bytes per
+    row = 1024 + 1024 + 32), a partial last unit of rows (N % 8), fewer units than blocks (N = 24), B rows and bias
+    whose bytes are not a multiple of 16 (r = 7, odd N: the epilogue reads the tail from global), and M across the
+    one/two token-group boundary, with and without bias."""
     ext = _ext_or_skip()
     g = torch.Generator(device=cuda).manual_seed(21)
-    for k, n, fmt in ((4160, 1029, "nf4_dq"), (4096, 2048, "nf4"), (4160, 517, "dense")):
+    for k, n, fmt, r in ((4160, 1029, "nf4_dq", 16), (4096, 24, "nf4", 7), (4160, 517, "dense", 7),
+                         (2048, 4099, "nf4_dq", 5), (14336, 136, "nf4", 16)):
         w = torch.randn(n, k, generator=g, device=cuda) * 0.02
         wt, bs, w64 = _gpu_formats(w, torch.bfloat16, fmt)
-        x = torch.randn(11, k, generator=g, device=cuda).to(torch.bfloat16)
-        a = (torch.randn(16, k, generator=g, device=cuda) / k ** 0.5).to(torch.bfloat16)
-        b = (torch.randn(n, 16, generator=g, device=cuda) * 0.1).to(torch.bfloat16)
-        ref = _ref64(x, w64, a, b, 0.5, None)
-        for split in ("1", "2", "4", "auto"):
-            if split == "auto":
-                monkeypatch.delenv("LORA_OPS_DECODE_KSPLIT", raising=False)
-            else:
-                monkeypatch.setenv("LORA_OPS_DECODE_KSPLIT", split)
-            y, path = _run(ext, x, wt, bs, a, b, 0.5, None)
+        a = (torch.randn(r, k, generator=g, device=cuda) / k ** 0.5).to(torch.bfloat16)
+        b = (torch.randn(n, r, generator=g, device=cuda) * 0.1).to(torch.bfloat16)
+        bias = (torch.randn(n, generator=g, device=cuda) * 0.1).to(torch.bfloat16)
+        for m, with_bias in ((1, True), (8, False), (9, True), (16, True)):
+            x = torch.randn(m, k, generator=g, device=cuda).to(torch.bfloat16)
+            bb = bias if with_bias else None
+            ref = _ref64(x, w64, a, b, 0.5, bb)
+            y, path = _run(ext, x, wt, bs, a, b, 0.5, bb)
             assert path == "tensor_core"
-            assert_rel_close(y, ref, torch.bfloat16, f"{fmt} K={k} N={n} ksplit={split}")
+            assert_rel_close(y, ref, torch.bfloat16, f"{fmt} K={k} N={n} r={r} M={m} bias={with_bias}")
 
 
 @pytest.mark.gpu
 def test_decode_deterministic_gpu(cuda):
-    """Bit-identical repeats: the split-K fragments and the cluster's S slices are summed in a fixed order."""
+    """Bit-identical repeats: the warps' fragments and the cluster's S slices are summed in a fixed order."""
     ext = _ext_or_skip()
     for k, n in ((4096, 4096), (4133, 1029)):
         x, w, a, b, bias = _inputs(13, k, n, 16, dtype=torch.bfloat16, device=cuda, seed=4)
@@ -698,17 +707,6 @@ def test_decode_timing_gpu(cuda, threshold16):
                 line += (f" | bf16 F.linear {row['linear_us']:6.1f} [{row['linear_eager_us']:6.1f}] us "
                          f"({gbs(kind, row['linear_us']):5.0f} GB/s)")
             print(line)
-    for m in (1, 16):  # the kernel alone by split of K over warps (automatic: 2 at this shape)
-        x = torch.randn(m, k, generator=g, device=cuda).to(dt)
-        ref = ext.lora_decode(x, *quant[0].tensors(), 64, a, b, 0.5, None)
-        parts = []
-        for split in ("1", "2", "4"):
-            monkeypatch.setenv("LORA_OPS_DECODE_KSPLIT", split)
-            assert_rel_close(ext.lora_decode(x, *quant[0].tensors(), 64, a, b, 0.5, None), ref, dt, f"split {split}")
-            t = bench_us([lambda q=q: ext.lora_decode(x, *q.tensors(), 64, a, b, 0.5, None) for q in quant])
-            parts.append(f"ksplit={split} {t:.1f} us ({gbs('nf4', t):.0f} GB/s)")
-        monkeypatch.delenv("LORA_OPS_DECODE_KSPLIT")
-        print(f"  nf4 M={m:2d} kernel by K split: " + ", ".join(parts))
     for m, target in ((1, 12.0), (16, 15.0)):
         t = timings["nf4"][m]["decode_us"]
         print(f"  target NF4 M={m}: {t:.1f} us ({gbs('nf4', t):.0f} GB/s) <= {target:.0f} us "
