@@ -51,7 +51,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <algorithm>
 #include <type_traits>
 
 #include "cuda_common.cuh"
@@ -93,43 +92,16 @@ enum Diag {
   kDiagLoadsOnly = 4,      // the main loop loads W but does no decode or mma
   kDiagNoMainLoop = 8,     // no main loop at all: what is left is the fixed cost
   kDiagNoTable = 16,       // no NF4 pair table fill
+  kDiagNoPrefetch = 32,    // no bulk L2 prefetch at entry
   kDiagNoCluster = 64,     // plain launch (each block computes all of S)
 };
 
-// The W stream (tensor-core kernel). A block owns a contiguous range of units (8 consecutive rows of W, all of K)
-// and streams them through a ring of kSlots shared-memory slots; a slot holds the unit's 8 rows over one chunk of
-// kChunkBytes per row (one cp.async.bulk per row, issued by warp 0, completing on the slot's mbarrier), and the
-// last chunk of a unit also carries the unit's rows of B and bias for its epilogue. The 4 warps split each slot's
-// k range. Why this shape (H200, 4096->14336 NF4, 29 MB): the first versions gave every warp 16 rows and read
-// them 32 B (register loads) or 128 B (bulk copies) per row at a time, so the chip read ~14k rows in small
-// interleaved pieces, and streaming alone (decode skipped) took 19-20 us against 8.4 us for a sequential read of
-// the same bytes; here each block reads kChunkBytes-long pieces of consecutive rows, and bytes in flight cost no
-// registers.
-constexpr int kUnitRows = 8;       // rows per unit: the n of mma.m16n8k16 (x is its 16-token A operand)
-constexpr int kChunkBytes = 1024;  // per row per slot: 2048 k of NF4, 512 k of 16-bit W
-constexpr int kSlots = 4;          // per block: 4 x 8 KB of W in flight
-template <typename T, int FMT>
-struct Slots {
-  static constexpr int kIterBytes = FMT == kDense ? kIterK * static_cast<int>(sizeof(T)) : kIterK / 2;  // per row
-  static constexpr int kIters = kChunkBytes / kIterBytes;  // 64-k iterations of a full chunk
-  // Row stride in a slot: rows g = 0..7 of a fragment load must fall in distinct banks. NF4 lanes load 8 B
-  // (a half-warp = rows 0..3 x 4 lanes): rows 32 B apart mod 128. Dense lanes load 16 B (a quarter-warp =
-  // rows 0..1 x 4 lanes): rows 16 B apart mod 128.
-  static constexpr int kRowStride = kChunkBytes + (FMT == kDense ? 16 : 32);
-  static constexpr int kBOffset = kUnitRows * kRowStride;                               // the unit's B rows
-  static constexpr int kBiasOffset = kBOffset + kUnitRows * kMaxRank * static_cast<int>(sizeof(T));
-  static constexpr int kBytes = kBiasOffset + 16;
-  static constexpr int kScales = kUnitRows * kIters;  // NF4: one absmax per row and iteration of a chunk
+// Ring depth (iterations in flight per warp): the largest that compiles without spills at 128 registers
+// (ptxas -v for sm_90: double quant with two token groups spills at 6 slots, so it gets 5).
+template <int FMT, int MT>
+struct Depth {
+  static constexpr int value = FMT == kDense ? (MT == 1 ? 4 : 3) : FMT == kNf4 ? (MT == 1 ? 8 : 6) : (MT == 1 ? 8 : 5);
 };
-// Dynamic shared memory of the tensor-core kernel: the NF4 pair table (dense: none) and the slots.
-template <int FMT>
-__host__ __device__ constexpr int tc_table_bytes() {
-  return FMT == kDense ? 0 : kTableWords * 4;
-}
-template <typename T, int FMT>
-__host__ __device__ constexpr int tc_smem_bytes() {
-  return tc_table_bytes<FMT>() + kSlots * Slots<T, FMT>::kBytes;
-}
 
 struct Params {
   const void* x;
@@ -145,6 +117,7 @@ struct Params {
   void* y;
   int M, N, K, r;
   int bs_log2;    // log2(NF4 block size)
+  int ksplit;     // tensor-core kernel: warps sharing one row tile (1, 2 or 4)
   float scaling;
   int diag;       // Diag mask; always 0 outside the diagnostics build
 };
@@ -191,44 +164,24 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+// Streaming loads of W: read once, so they skip L1 (which keeps x) and ask L2 for the whole 256 B line pair
+// that the next iterations of the same row will want.
+__device__ __forceinline__ uint2 ld_stream_v2(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
 }
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+__device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
 }
-// Makes the initialised barriers visible to the async proxy (the bulk copies) before the first copy.
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-// This thread's arrival, announcing `bytes` that bulk copies will complete on the barrier.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n"
-      "}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
-// [src, src + bytes) -> shared dst by the bulk-copy engine (16-byte aligned, bytes a multiple of 16); read once,
-// so the copy asks L2 to evict it first.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
-                                          uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::
-          "r"(smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(policy)
-      : "memory");
-}
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
+
+// Bulk prefetch of [p, p + bytes) into L2 (sm_90; p 16-byte aligned, bytes a multiple of 16). No registers.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 }
 
 // The split cluster barrier: arrive (release this thread's shared-memory writes) ... wait (acquire the others').
@@ -252,9 +205,22 @@ __device__ __forceinline__ uint32_t word_of(const uint4& lo, const uint4& hi, in
 
 // -------------------------------------------------------------------------------- tensor-core kernel parts
 
-// 16 contiguous k of rows g and g+8 of a 16-bit matrix (W, or A for S): 2 x 16 B each.
-struct DenseRows {
+template <int FMT>
+struct Slot;
+template <>
+struct Slot<kDense> {  // 16 contiguous k of rows g and g+8 (2 x 16 B each)
   uint4 r0lo, r0hi, r1lo, r1hi;
+};
+template <>
+struct Slot<kNf4> {  // 16 contiguous k of rows g and g+8 (8 bytes each) and the rows' fp32 absmax
+  uint2 r0, r1;
+  float s0, s1;
+};
+template <>
+struct Slot<kNf4Nested> {  // ... with the two rows' 8-bit absmax codes (q0 | q1 << 8) and their nested absmax
+  uint2 r0, r1;
+  uint32_t q;
+  float n0, n1;
 };
 
 // This lane's x: token mt*8 + g (clamped to M-1: columns of tokens >= M are computed, never stored), at k = 16t.
@@ -273,9 +239,9 @@ __device__ __forceinline__ void load_x(const XRows<T, MT>& xr, int it, uint4 (&x
   }
 }
 
-// acc += rows (g, g+8) x tokens over one iteration of dense rows.
+// acc += rows (g, g+8) x tokens over one iteration of dense rows (W, or A for S).
 template <typename T, int MT>
-__device__ __forceinline__ void mma_dense(const DenseRows& s, const uint4 (&xv)[MT][2], float (&acc)[MT][4]) {
+__device__ __forceinline__ void mma_dense(const Slot<kDense>& s, const uint4 (&xv)[MT][2], float (&acc)[MT][4]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint32_t a0 = word_of(s.r0lo, s.r0hi, 2 * i), a1 = word_of(s.r1lo, s.r1hi, 2 * i);
@@ -312,189 +278,94 @@ __device__ __forceinline__ void mma_nf4(uint2 r0, uint2 r1, const uint4 (&xv)[MT
   }
 }
 
-// A block's share of the W stream: units [u_begin, u_end), each `chunks` slots long.
-template <typename T, int FMT>
-struct BlockStream {
-  const char* w;      // W bytes
-  char* slots;        // kSlots x Slots::kBytes
-  uint64_t* bars;     // kSlots barriers
-  int64_t row_bytes;  // W bytes per row
-  int64_t blocks_per_row;
-  int u_begin, chunks, total;  // total = slots of this block
-  uint64_t policy;
+// Where one warp's rows are: byte pointers of this lane's chunk of rows g and g+8 at iteration 0, and (NF4) the
+// absmax index of those rows' first block.
+struct RowPtrs {
+  const char* w0;
+  const char* w1;
+  int64_t b0, b1;
 };
 
-// Slot j -> (unit, chunk).
-struct SlotPos {
-  int unit, chunk, iters;  // iters: 64-k iterations in this chunk
-  bool last;
-};
 template <typename T, int FMT>
-__device__ __forceinline__ SlotPos slot_pos(const Params& p, const BlockStream<T, FMT>& bs, int j) {
-  using S = Slots<T, FMT>;
-  SlotPos sp;
-  sp.unit = bs.u_begin + j / bs.chunks;
-  sp.chunk = j - (j / bs.chunks) * bs.chunks;
-  sp.last = sp.chunk == bs.chunks - 1;
-  const int64_t left = bs.row_bytes - static_cast<int64_t>(sp.chunk) * kChunkBytes;
-  sp.iters = static_cast<int>(min(left, static_cast<int64_t>(kChunkBytes)) / S::kIterBytes);
-  return sp;
-}
-
-// NF4 absmax of this thread's kScales / kThreads entries of a slot, held in registers from the slot's issue to
-// the iteration before it is used (nested: the 8-bit codes; plain: the fp32 bits).
-template <typename T, int FMT>
-struct SlotAbs {
-  uint32_t q[FMT == kDense ? 1 : Slots<T, FMT>::kScales / kThreads];
-};
-
-// Entry e of a slot's scales: row e / kIters of the unit, iteration e % kIters of the chunk (clamped to the
-// chunk and to row N-1).
-template <typename T, int FMT>
-__device__ __forceinline__ int64_t scale_block(const Params& p, const BlockStream<T, FMT>& bs, const SlotPos& sp,
-                                               int e) {
-  using S = Slots<T, FMT>;
-  const int64_t row = min(static_cast<int64_t>(sp.unit) * kUnitRows + e / S::kIters, static_cast<int64_t>(p.N - 1));
-  const int it = sp.chunk * S::kIters + min(e % S::kIters, sp.iters - 1);
-  return row * bs.blocks_per_row + (it >> (p.bs_log2 - 6));  // blocksize >= 64 divides K
-}
-
-// Bulk copies move whole 16-byte multiples: a partial last unit's B rows and bias are copied up to the last full
-// 16 bytes (a full unit's always are: 8 rows x r x 2 B, 8 x 2 B), the rest is read from global by the epilogue.
-__device__ __forceinline__ uint32_t copied_bytes(size_t bytes) { return static_cast<uint32_t>(bytes & ~size_t{15}); }
-
-// Issues slot j: thread 0 announces its bytes, threads 0..7 copy their row's chunk (rows past N copy row N-1,
-// computed and never stored), and on a unit's last chunk threads 8 and 9 copy its B rows and bias; every thread
-// loads the absmax of its scale entries.
-template <typename T, int FMT>
-__device__ __forceinline__ void issue_slot(const Params& p, const BlockStream<T, FMT>& bs, int j, SlotAbs<T, FMT>& ab) {
-  using S = Slots<T, FMT>;
-  const SlotPos sp = slot_pos(p, bs, j);
-  char* dst = bs.slots + (j % kSlots) * S::kBytes;
-  uint64_t* bar = bs.bars + (j % kSlots);
-  const uint32_t chunk = static_cast<uint32_t>(sp.iters * S::kIterBytes);
-  const int64_t row0 = static_cast<int64_t>(sp.unit) * kUnitRows;
-  const int rows = static_cast<int>(min(static_cast<int64_t>(kUnitRows), p.N - row0));
-  const uint32_t b_bytes = sp.last ? copied_bytes(rows * p.r * sizeof(T)) : 0u;
-  const uint32_t bias_bytes = sp.last && p.bias ? copied_bytes(rows * sizeof(T)) : 0u;
-  const int tid = threadIdx.x;
-  if (tid == 0) mbar_arrive_expect_tx(bar, chunk * kUnitRows + b_bytes + bias_bytes);
-  if (tid < kUnitRows) {
-    const int64_t row = min(row0 + tid, static_cast<int64_t>(p.N - 1));
-    bulk_copy(dst + tid * S::kRowStride, bs.w + row * bs.row_bytes + static_cast<int64_t>(sp.chunk) * kChunkBytes,
-              chunk, bar, bs.policy);
-  } else if (tid == kUnitRows && b_bytes) {  // B rows are contiguous: 8 * r * sizeof(T) bytes, 16-B aligned
-    bulk_copy(dst + S::kBOffset, static_cast<const T*>(p.B) + row0 * p.r, b_bytes, bar, bs.policy);
-  } else if (tid == kUnitRows + 1 && bias_bytes) {
-    bulk_copy(dst + S::kBiasOffset, static_cast<const T*>(p.bias) + row0, bias_bytes, bar, bs.policy);
-  }
-  if constexpr (FMT != kDense) {
-#pragma unroll
-    for (int i = 0; i < S::kScales / kThreads; ++i) {
-      const int64_t blk = scale_block(p, bs, sp, tid + i * kThreads);
-      ab.q[i] = FMT == kNf4 ? __float_as_uint(__ldg(static_cast<const float*>(p.absmax) + blk))
-                            : static_cast<uint32_t>(__ldg(static_cast<const uint8_t*>(p.absmax) + blk));
-    }
-  }
-}
-
-// A slot's absmax values -> the scale table (bitsandbytes' double-quant arithmetic: product, then sum, each
-// rounded; no FMA).
-template <typename T, int FMT>
-__device__ __forceinline__ void write_scales(const Params& p, const BlockStream<T, FMT>& bs, int j,
-                                             const SlotAbs<T, FMT>& ab, float* scales, const float* s_ncode,
-                                             float offset) {
-  using S = Slots<T, FMT>;
-  if constexpr (FMT != kDense) {
-    const SlotPos sp = slot_pos(p, bs, j);
-#pragma unroll
-    for (int i = 0; i < S::kScales / kThreads; ++i) {
-      const int e = threadIdx.x + i * kThreads;
-      float v;
-      if constexpr (FMT == kNf4) {
-        v = __uint_as_float(ab.q[i]);
-      } else {
-        const int64_t blk = scale_block(p, bs, sp, e);
-        v = __fadd_rn(__fmul_rn(s_ncode[ab.q[i]], __ldg(p.nested_absmax + (blk >> 8))), offset);
-      }
-      scales[e] = v;
-    }
-  }
-}
-
-// One 64-k iteration of a landed slot: acc (tokens g, g+8 x rows 2t, 2t+1 of the unit) += x . W^T. The mma's B
-// operand is W: lane (g, t) holds row g's 16 contiguous k of the iteration and feeds them to the four k-steps in
-// order; x, the A operand, takes the same permutation (its 16 contiguous k at 16t), so products stay paired.
-template <typename T, int FMT, bool TWO>
-__device__ __forceinline__ void compute_iter(const Params& p, const char* slot, int it, int it_global,
-                                             const T* x0, const T* x1, float (&acc)[4], const uint32_t* table,
-                                             const float* scales, int lane) {
-  using S = Slots<T, FMT>;
-  const int g = lane >> 2, t = lane & 3;
-  uint4 xa[2], xb[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-  const uint4* pa = reinterpret_cast<const uint4*>(x0 + static_cast<int64_t>(it_global) * kIterK);
-  xa[0] = __ldg(pa);
-  xa[1] = __ldg(pa + 1);
-  if constexpr (TWO) {
-    const uint4* pb = reinterpret_cast<const uint4*>(x1 + static_cast<int64_t>(it_global) * kIterK);
-    xb[0] = __ldg(pb);
-    xb[1] = __ldg(pb + 1);
-  }
-  const char* wrow = slot + g * S::kRowStride + it * S::kIterBytes + t * (S::kIterBytes / 4);
+__device__ __forceinline__ void load_slot(Slot<FMT>& s, const Params& p, const RowPtrs& rp, int it) {
   if constexpr (FMT == kDense) {
-    const uint4 lo = *reinterpret_cast<const uint4*>(wrow), hi = *reinterpret_cast<const uint4*>(wrow + 16);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      mma16816<T>(acc, word_of(xa[0], xa[1], 2 * i), word_of(xb[0], xb[1], 2 * i), word_of(xa[0], xa[1], 2 * i + 1),
-                  word_of(xb[0], xb[1], 2 * i + 1), word_of(lo, hi, 2 * i), word_of(lo, hi, 2 * i + 1));
+    const char* q0 = rp.w0 + static_cast<int64_t>(it) * kIterK * sizeof(T);
+    const char* q1 = rp.w1 + static_cast<int64_t>(it) * kIterK * sizeof(T);
+    s.r0lo = ld_stream_v4(q0);
+    s.r0hi = ld_stream_v4(q0 + 16);
+    s.r1lo = ld_stream_v4(q1);
+    s.r1hi = ld_stream_v4(q1 + 16);
   } else {
-    // Step i takes k = 16t + 4i .. 4i+3: bytes 2i and 2i+1 of the lane's 8 (element 2j = high nibble, which the
-    // table puts in the low half, the lower k). The absmax of the iteration's block is factored out.
-    const uint2 w = *reinterpret_cast<const uint2*>(wrow);
-    const uint32_t lane4 = static_cast<uint32_t>(lane) << 2;
-    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t wd = i < 2 ? w.x : w.y;
-      const int jb = 2 * (i & 1);
-      mma16816<T>(part, word_of(xa[0], xa[1], 2 * i), word_of(xb[0], xb[1], 2 * i), word_of(xa[0], xa[1], 2 * i + 1),
-                  word_of(xb[0], xb[1], 2 * i + 1), code_pair(table, wd, jb, lane4),
-                  code_pair(table, wd, jb + 1, lane4));
+    s.r0 = ld_stream_v2(rp.w0 + static_cast<int64_t>(it) * (kIterK / 2));
+    s.r1 = ld_stream_v2(rp.w1 + static_cast<int64_t>(it) * (kIterK / 2));
+    // blocksize >= 64 divides K, so iteration it of a row lies in the row's block it >> log2(blocksize / 64).
+    const int64_t blk0 = rp.b0 + (it >> (p.bs_log2 - 6)), blk1 = rp.b1 + (it >> (p.bs_log2 - 6));
+    if constexpr (FMT == kNf4) {
+      s.s0 = __ldg(static_cast<const float*>(p.absmax) + blk0);
+      s.s1 = __ldg(static_cast<const float*>(p.absmax) + blk1);
+    } else {
+      s.q = static_cast<uint32_t>(__ldg(static_cast<const uint8_t*>(p.absmax) + blk0)) |
+            (static_cast<uint32_t>(__ldg(static_cast<const uint8_t*>(p.absmax) + blk1)) << 8);
+      s.n0 = __ldg(p.nested_absmax + (blk0 >> 8));
+      s.n1 = __ldg(p.nested_absmax + (blk1 >> 8));
     }
-    const float sc0 = scales[(2 * t) * S::kIters + it], sc1 = scales[(2 * t + 1) * S::kIters + it];
-    acc[0] = fmaf(part[0], sc0, acc[0]);
-    acc[1] = fmaf(part[1], sc1, acc[1]);
-    acc[2] = fmaf(part[2], sc0, acc[2]);
-    acc[3] = fmaf(part[3], sc1, acc[3]);
   }
 }
 
-// A unit's outputs: the 4 warps' fragments (s_red, added in warp order) + scaling * S @ B^T + bias, in fp32,
-// rounded once. Thread (m, n) = (tid >> 3, tid & 7); only m < M and rows < N are stored.
-template <typename T>
-__device__ __forceinline__ void unit_epilogue(const Params& p, int unit, const float* s_red, const char* slot_b,
-                                              const char* slot_bias, const float* s_full, int rs) {
-  const int m = threadIdx.x >> 3, n = threadIdx.x & 7;
-  const int64_t row = static_cast<int64_t>(unit) * kUnitRows + n;
-  if (m >= p.M || row >= p.N) return;
-  // D fragment of token m, row n: lane 4 * (m & 7) + (n >> 1), element 2 * (m >> 3) + (n & 1).
-  const int idx = ((2 * (m >> 3) + (n & 1)) * 32) + 4 * (m & 7) + (n >> 1);
-  float v = 0.0f;
+template <typename T, int FMT, int MT>
+__device__ __forceinline__ void compute_slot(const Slot<FMT>& s, const XRows<T, MT>& xr, int it, float (&acc)[MT][4],
+                                             const uint32_t* table, uint32_t lane4, const float* s_ncode,
+                                             float offset) {
+  uint4 xv[MT][2];
+  load_x<T, MT>(xr, it, xv);
+  if constexpr (FMT == kDense) {
+    mma_dense<T, MT>(s, xv, acc);
+  } else {
+    float part[MT][4];
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) v += s_red[w * 128 + idx];
-  const int rows = static_cast<int>(min(static_cast<int64_t>(kUnitRows), p.N - static_cast<int64_t>(unit) * kUnitRows));
-  const int b_copied = static_cast<int>(copied_bytes(rows * p.r * sizeof(T)) / sizeof(T));
-  const int bias_copied = static_cast<int>(copied_bytes(rows * sizeof(T)) / sizeof(T));
-  const T* b_smem = reinterpret_cast<const T*>(slot_b);
-  const T* b_glob = static_cast<const T*>(p.B) + static_cast<int64_t>(unit) * kUnitRows * p.r;
-  const float* srow = s_full + m * rs;
-  float l = 0.0f;
-  if (!diag(p, kDiagNoLoraEpilogue))
-    for (int j = 0, e = n * p.r; j < p.r; ++j, ++e) l = fmaf(srow[j], to_f32(e < b_copied ? b_smem[e] : b_glob[e]), l);
-  float bias = 0.0f;
-  if (p.bias)
-    bias = to_f32(n < bias_copied ? reinterpret_cast<const T*>(slot_bias)[n] : static_cast<const T*>(p.bias)[row]);
-  static_cast<T*>(p.y)[static_cast<int64_t>(m) * p.N + row] = from_f32<T>(v + p.scaling * l + bias);
+    for (int mt = 0; mt < MT; ++mt) part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.0f;
+    mma_nf4<T, MT>(s.r0, s.r1, xv, part, table, lane4);
+    float sc0, sc1;
+    if constexpr (FMT == kNf4) {
+      sc0 = s.s0;
+      sc1 = s.s1;
+    } else {  // bitsandbytes' reconstruction: product, then sum, each rounded (no FMA)
+      sc0 = __fadd_rn(__fmul_rn(s_ncode[s.q & 0xffu], s.n0), offset);
+      sc1 = __fadd_rn(__fmul_rn(s_ncode[s.q >> 8], s.n1), offset);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      acc[mt][0] = fmaf(part[mt][0], sc0, acc[mt][0]);
+      acc[mt][1] = fmaf(part[mt][1], sc0, acc[mt][1]);
+      acc[mt][2] = fmaf(part[mt][2], sc1, acc[mt][2]);
+      acc[mt][3] = fmaf(part[mt][3], sc1, acc[mt][3]);
+    }
+  }
+}
+
+// Iterations [it_begin, it_end) of one row tile with P iterations of loads in flight.
+template <typename T, int FMT, int MT, int P>
+__device__ __forceinline__ void stream_tile(const Params& p, const RowPtrs& rp, const XRows<T, MT>& xr, int it_begin,
+                                            int it_end, float (&acc)[MT][4], const uint32_t* table, uint32_t lane4,
+                                            const float* s_ncode, float offset) {
+  Slot<FMT> ring[P];
+#pragma unroll
+  for (int s = 0; s < P; ++s)
+    if (it_begin + s < it_end) load_slot<T, FMT>(ring[s], p, rp, it_begin + s);
+  for (int base = it_begin; base < it_end; base += P) {
+#pragma unroll
+    for (int s = 0; s < P; ++s) {
+      const int it = base + s;
+      if (it < it_end) {
+        const Slot<FMT> cur = ring[s];
+        if (it + P < it_end) load_slot<T, FMT>(ring[s], p, rp, it + P);
+        if (diag(p, kDiagLoadsOnly))  // wait for the slot's bytes, skip the work
+          acc[0][0] += __uint_as_float(reinterpret_cast<const uint32_t&>(cur) & 1u);
+        else
+          compute_slot<T, FMT, MT>(cur, xr, it, acc, table, lane4, s_ncode, offset);
+      }
+    }
+  }
 }
 
 // This block's slice of S = x @ A^T: k iterations [rank * per, ...) of the cluster's split, all r, fp32, written
@@ -517,7 +388,7 @@ __device__ void lora_s_slice_tc(const Params& p, const XRows<T, MT>& xr, float* 
     const T* a1 = A + static_cast<int64_t>(j1) * p.K + 16 * t;
     for (int it = begin + warp; it < end; it += kWarps) {
       // A is reread by every cluster: default caching (L2-resident after the first cluster), unlike W.
-      DenseRows s;
+      Slot<kDense> s;
       const uint4* q0 = reinterpret_cast<const uint4*>(a0 + static_cast<int64_t>(it) * kIterK);
       const uint4* q1 = reinterpret_cast<const uint4*>(a1 + static_cast<int64_t>(it) * kIterK);
       s.r0lo = __ldg(q0);
@@ -582,45 +453,67 @@ __device__ __forceinline__ float lora_dot(const Params& p, const float* s_row, i
   return l;
 }
 
+template <typename T, int MT>
+__device__ __forceinline__ void epilogue_tc(const Params& p, const float (&acc)[MT][4], const float* s_full, int rs,
+                                            int tile, int g, int t) {
+  T* y = static_cast<T*>(p.y);
+  const T* B = static_cast<const T*>(p.B);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int n = tile * kTileN + g + 8 * h;
+    if (n >= p.N) continue;
+    float l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) l[mt][0] = l[mt][1] = 0.0f;
+    const T* brow = B + static_cast<int64_t>(n) * p.r;
+    for (int j = 0; j < (diag(p, kDiagNoLoraEpilogue) ? 0 : p.r); ++j) {
+      const float b = to_f32(ld_ro(brow + j));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) l[mt][c] = fmaf(s_full[(mt * 8 + 2 * t + c) * rs + j], b, l[mt][c]);
+    }
+    const float bias = p.bias ? to_f32(ld_ro(static_cast<const T*>(p.bias) + n)) : 0.0f;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int m = mt * 8 + 2 * t + c;
+        if (m < p.M)
+          y[static_cast<int64_t>(m) * p.N + n] = from_f32<T>(acc[mt][2 * h + c] + p.scaling * l[mt][c] + bias);
+      }
+  }
+}
+
 template <typename T, int FMT, int MT>
-__global__ void __launch_bounds__(kThreads, 2) lora_decode_tc_kernel(const Params p) {
-  using S = Slots<T, FMT>;
-  constexpr bool kTwo = MT == 2;
-  extern __shared__ __align__(128) unsigned char dyn_smem[];
-  const uint32_t* table = reinterpret_cast<const uint32_t*>(dyn_smem);
-  __shared__ __align__(8) uint64_t s_bars[kSlots];
-  __shared__ float s_scales[2][FMT == kDense ? 1 : S::kScales];  // slot j's in [j & 1]
-  __shared__ __align__(16) float s_part[kMaxM * kMaxRank];        // this block's slice of S (read by the cluster)
-  __shared__ __align__(16) float s_full[kSFullWords];             // S, summed over the cluster
-  __shared__ __align__(16) float s_red[kWarps * 8 * 32];          // fragments of the 4 warps
+__global__ void __launch_bounds__(kThreads, 4) lora_decode_tc_kernel(const Params p) {
+  constexpr int P = Depth<FMT, MT>::value;
+  constexpr int kUnionWords = FMT == kDense ? kSFullWords : kTableWords;
+  constexpr int kIterBytes = FMT == kDense ? kIterK * static_cast<int>(sizeof(T)) : kIterK / 2;
+  __shared__ __align__(16) uint32_t s_union[kUnionWords];  // NF4 table during the main loop, then S
+  __shared__ __align__(16) float s_part[kMaxM * kMaxRank];  // this block's slice of S (read by the cluster)
+  __shared__ __align__(16) float s_red[kWarps * 8 * 32];    // fragments of the 4 warps
   __shared__ float s_ncode[FMT == kNf4Nested ? 256 : 1];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank(), csize = cluster.num_blocks();
 
-  // (1) Start the W stream before anything waits: this block's first kSlots slots.
-  const int units = (p.N + kUnitRows - 1) / kUnitRows;
-  BlockStream<T, FMT> bs;
-  bs.w = static_cast<const char*>(p.w);
-  bs.slots = reinterpret_cast<char*>(dyn_smem) + tc_table_bytes<FMT>();
-  bs.bars = s_bars;
-  bs.row_bytes = FMT == kDense ? static_cast<int64_t>(p.K) * static_cast<int64_t>(sizeof(T)) : p.K / 2;
-  bs.blocks_per_row = FMT == kDense ? 0 : static_cast<int64_t>(p.K) >> p.bs_log2;
-  bs.u_begin = static_cast<int>(static_cast<int64_t>(units) * blockIdx.x / gridDim.x);
-  const int u_end = static_cast<int>(static_cast<int64_t>(units) * (blockIdx.x + 1) / gridDim.x);
-  bs.chunks = static_cast<int>((bs.row_bytes + kChunkBytes - 1) / kChunkBytes);
-  bs.total = diag(p, kDiagNoMainLoop) ? 0 : (u_end - bs.u_begin) * bs.chunks;
-  bs.policy = evict_first_policy();
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kSlots; ++i) mbar_init(s_bars + i, 1);
-    mbar_init_fence();
+  const int tile = blockIdx.x * (kWarps / p.ksplit) + warp / p.ksplit;
+  const int ks = warp % p.ksplit;
+  const bool has_tile = tile * kTileN < p.N;
+  const int nit = p.K / kIterK;
+  const int it_begin = static_cast<int>(static_cast<int64_t>(nit) * ks / p.ksplit);
+  const int it_end = static_cast<int>(static_cast<int64_t>(nit) * (ks + 1) / p.ksplit);
+  const int64_t row_bytes = FMT == kDense ? static_cast<int64_t>(p.K) * static_cast<int64_t>(sizeof(T)) : p.K / 2;
+  const char* W = static_cast<const char*>(p.w);
+
+  // (1) Start DRAM on this warp's first P iterations (one bulk L2 prefetch per row) before anything waits.
+  if (has_tile && lane < kTileN && it_begin < it_end && tile * kTileN + lane < p.N && !diag(p, kDiagNoPrefetch)) {
+    const int64_t row = static_cast<int64_t>(tile) * kTileN + lane;
+    prefetch_l2(W + row * row_bytes + static_cast<int64_t>(it_begin) * kIterBytes,
+                static_cast<uint32_t>(min(P, it_end - it_begin) * kIterBytes));
   }
-  __syncthreads();
-  SlotAbs<T, FMT> ab[kSlots];
-#pragma unroll
-  for (int i = 0; i < kSlots; ++i)
-    if (i < bs.total) issue_slot<T, FMT>(p, bs, i, ab[i]);
 
   XRows<T, MT> xr;
 #pragma unroll
@@ -629,13 +522,12 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_tc_kernel(const Param
 
   // (2) Tables from lora_ops.nf4's constants (device tensors; never literals here).
   if constexpr (FMT != kDense)
-    if (!diag(p, kDiagNoTable)) fill_pair_table<T>(reinterpret_cast<uint32_t*>(dyn_smem), p.codebook);
+    if (!diag(p, kDiagNoTable)) fill_pair_table<T>(s_union, p.codebook);
   if constexpr (FMT == kNf4Nested)
     for (int i = threadIdx.x; i < 256; i += kThreads) s_ncode[i] = __ldg(p.nested_code + i);
   __syncthreads();
 
-  // (3) S: this block's slice, then the cluster's sum (in rank order: bit-identical in every block). The first
-  // slots are in flight meanwhile, so DRAM does not wait for this.
+  // (3) This block's slice of S, published to the cluster (the wait comes after the main loop).
   if (diag(p, kDiagNoS)) {
     for (int i = threadIdx.x; i < p.M * p.r; i += kThreads) s_part[i] = 0.0f;
     __syncthreads();
@@ -643,51 +535,55 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_tc_kernel(const Param
     lora_s_slice_tc<T, MT>(p, xr, s_part, s_red, rank, csize, warp, lane);
   }
   cluster_arrive();
+
+  // (4) The stream over W.
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+  if (has_tile && !diag(p, kDiagNoMainLoop)) {
+    // Rows past N (the last tile) read row N-1 and are never stored.
+    const int64_t row0 = min(tile * kTileN + g, p.N - 1), row1 = min(tile * kTileN + g + 8, p.N - 1);
+    RowPtrs rp;
+    rp.w0 = W + row0 * row_bytes + t * (kIterBytes / 4);
+    rp.w1 = W + row1 * row_bytes + t * (kIterBytes / 4);
+    rp.b0 = rp.b1 = 0;
+    float offset = 0.0f;
+    if constexpr (FMT != kDense) {
+      const int64_t blocks_per_row = static_cast<int64_t>(p.K) >> p.bs_log2;
+      rp.b0 = row0 * blocks_per_row;
+      rp.b1 = row1 * blocks_per_row;
+    }
+    if constexpr (FMT == kNf4Nested) offset = __ldg(p.offset);
+    stream_tile<T, FMT, MT, P>(p, rp, xr, it_begin, it_end, acc, s_union, static_cast<uint32_t>(lane) << 2, s_ncode,
+                               offset);
+  }
+
+  // (5) Warps that split a tile's K add their fragments in order (ks = 0, 1, ...).
+  if (p.ksplit > 1) {
+    if (has_tile && ks != 0)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s_red[(warp * 8 + mt * 4 + c) * 32 + lane] = acc[mt][c];
+    __syncthreads();
+    if (has_tile && ks == 0)
+      for (int q = 1; q < p.ksplit; ++q)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[mt][c] += s_red[((warp + q) * 8 + mt * 4 + c) * 32 + lane];
+  }
+  __syncthreads();  // the table is dead: s_union becomes S
+
+  // (6) S from the cluster's slices, then (7) the epilogue. No block leaves while another may read its s_part.
   cluster_wait();
+  float* s_full = reinterpret_cast<float*>(s_union);
   const int rs = p.r | 1;
   gather_s(p, cluster, s_part, s_full, rs);
-  cluster_arrive();  // this block is done reading the others' slices (the matching wait is at the very end)
-  const float offset = FMT == kNf4Nested ? __ldg(p.offset) : 0.0f;
-  if (bs.total > 0) write_scales<T, FMT>(p, bs, 0, ab[0], s_scales[0], s_ncode, offset);
   __syncthreads();
-
-  // (4) The stream: slot j lands, the warps compute their quarter of its k, the unit's epilogue runs after its
-  // last chunk, and the slot is refilled with slot j + kSlots.
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int base = 0; base < bs.total; base += kSlots) {
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      const int j = base + s;
-      if (j >= bs.total) break;
-      const SlotPos sp = slot_pos(p, bs, j);
-      const char* slot = bs.slots + s * S::kBytes;
-      mbar_wait(s_bars + s, static_cast<uint32_t>((base / kSlots) & 1));
-      const int it_b = sp.iters * warp / kWarps, it_e = sp.iters * (warp + 1) / kWarps;
-      if (diag(p, kDiagLoadsOnly)) {
-        acc[0] += static_cast<float>(slot[lane] & 1);
-      } else {
-        for (int it = it_b; it < it_e; ++it)
-          compute_iter<T, FMT, kTwo>(p, slot, it, sp.chunk * S::kIters + it, xr.p[0], xr.p[MT - 1], acc, table,
-                                     s_scales[j & 1], lane);
-      }
-      if (sp.last) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          s_red[warp * 128 + c * 32 + lane] = acc[c];
-          acc[c] = 0.0f;
-        }
-      }
-      if (j + 1 < bs.total) write_scales<T, FMT>(p, bs, j + 1, ab[(s + 1) % kSlots], s_scales[(j + 1) & 1], s_ncode,
-                                                 offset);
-      __syncthreads();  // slot j (and the unit's fragments) complete; slot j + 1's scales visible
-      if (sp.last) {
-        unit_epilogue<T>(p, sp.unit, s_red, slot + S::kBOffset, slot + S::kBiasOffset, s_full, rs);
-        __syncthreads();  // the epilogue read the slot's B and bias and s_red
-      }
-      if (j + kSlots < bs.total) issue_slot<T, FMT>(p, bs, j + kSlots, ab[s]);
-    }
-  }
-  cluster_wait();  // no block leaves while another may still read its s_part
+  cluster_arrive();
+  if (has_tile && ks == 0) epilogue_tc<T, MT>(p, acc, s_full, rs, tile, g, t);
+  cluster_wait();
 }
 
 // ----------------------------------------------------------------------------------------- general kernel
@@ -837,10 +733,7 @@ bool valid_args(const LoraOpsDecodeArgs* a) {
 
 int choose_path(const LoraOpsDecodeArgs* a) {
   if (a->kind == LORA_OPS_FLOAT32 || a->K % kIterK != 0) return LORA_OPS_DECODE_PATH_GENERAL;
-  // 16-byte alignment: x and A for vector loads, W, B and bias for the bulk copies.
-  if (!aligned16(a->x) || !aligned16(a->weight) || !aligned16(a->lora_A) || !aligned16(a->lora_B) ||
-      (a->bias != nullptr && !aligned16(a->bias)))
-    return LORA_OPS_DECODE_PATH_GENERAL;
+  if (!aligned16(a->x) || !aligned16(a->weight) || !aligned16(a->lora_A)) return LORA_OPS_DECODE_PATH_GENERAL;
   if (a->weight_format == LORA_OPS_DECODE_NF4 && (a->blocksize < kIterK || a->K % a->blocksize != 0))
     return LORA_OPS_DECODE_PATH_GENERAL;
   return LORA_OPS_DECODE_PATH_TENSOR_CORE;
@@ -849,16 +742,16 @@ int choose_path(const LoraOpsDecodeArgs* a) {
 // Clusters of kCluster blocks (the grid padded to a multiple; padding blocks only help with S). Should a
 // cluster launch be refused, the same kernel runs without clusters: each block is then a cluster of one and
 // computes all of S itself (correct, more L2 traffic).
-cudaError_t launch_clustered(void (*kernel)(Params), int blocks, int smem, const Params& p, cudaStream_t stream) {
+cudaError_t launch_clustered(void (*kernel)(Params), int blocks, const Params& p, cudaStream_t stream) {
   if (LORA_OPS_DECODE_DIAG && (p.diag & kDiagNoCluster)) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   }
   const int padded = (blocks + kCluster - 1) / kCluster * kCluster;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(padded), 1, 1);
   cfg.blockDim = dim3(kThreads, 1, 1);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -869,66 +762,43 @@ cudaError_t launch_clustered(void (*kernel)(Params), int blocks, int smem, const
   cfg.numAttrs = 1;
   if (cudaLaunchKernelEx(&cfg, kernel, p) == cudaSuccess) return cudaSuccess;
   (void)cudaGetLastError();
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-// The tensor-core kernel for one (T, format, token groups): dynamic shared memory opted in once, and how many of its
-// blocks the chip holds at once in clusters of kCluster (a GPC holds whole clusters only, so this can be less than
-// blocks per SM x SMs).
-template <typename T, int FMT, int MT>
-cudaError_t prepare_tc(int* resident_blocks) {
-  static int cached = 0;  // per instantiation and process; a benign race sets the same value
-  if (cached == 0) {
-    auto kernel = lora_decode_tc_kernel<T, FMT, MT>;
-    const int smem = tc_smem_bytes<T, FMT>();
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-    int per_sm = 0;
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-    if (e != cudaSuccess) return e;
-    int n = std::max(per_sm, 1) * sm_count();
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(kCluster), 1, 1);
-    cfg.blockDim = dim3(kThreads, 1, 1);
-    cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = kCluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0)
-      n = std::min(n, clusters * kCluster);
-    else
-      (void)cudaGetLastError();
-    cached = n;
-  }
-  *resident_blocks = cached;
-  return cudaSuccess;
-}
-
-template <typename T, int FMT, int MT>
-cudaError_t launch_tc_as(const Params& p, cudaStream_t stream) {
-  int resident = 0;
-  const cudaError_t e = prepare_tc<T, FMT, MT>(&resident);
-  if (e != cudaSuccess) return e;
-  // As many blocks as the chip holds at once (a second wave would only add its latency), each streaming a
-  // contiguous range of units; never more blocks than units.
-  const int units = (p.N + kUnitRows - 1) / kUnitRows;
-  const int blocks = std::min(units, resident);
-  return launch_clustered(lora_decode_tc_kernel<T, FMT, MT>, blocks, tc_smem_bytes<T, FMT>(), p, stream);
+// LORA_OPS_DECODE_KSPLIT=1|2|4 fixes the split (a tuning knob for the timing test); anything else: automatic.
+int ksplit_override() {
+  const char* s = getenv("LORA_OPS_DECODE_KSPLIT");
+  if (s == nullptr) return 0;
+  const int v = atoi(s);
+  return (v == 1 || v == 2 || v == 4) ? v : 0;
 }
 
 template <typename T>
 cudaError_t launch_tc(const Params& p, int fmt, cudaStream_t stream) {
+  // Bytes in flight: each warp keeps P iterations of loads outstanding, so the warp count sets the total. Split
+  // a tile's K over 2 or 4 warps until there are >= 8 warps per SM (4096->14336: 896 tiles x 2 = 1792 warps,
+  // 7 MB in flight against the ~3.5 MB that bandwidth x latency asks for).
+  const int tiles = (p.N + kTileN - 1) / kTileN;
+  Params q = p;
+  q.ksplit = ksplit_override();
+  if (q.ksplit == 0) {
+    q.ksplit = 1;
+    while (q.ksplit < kWarps && static_cast<int64_t>(tiles) * q.ksplit < 8LL * sm_count()) q.ksplit *= 2;
+  }
+  const int tiles_per_block = kWarps / q.ksplit;
+  const int blocks = (tiles + tiles_per_block - 1) / tiles_per_block;
   const bool two = p.M > 8;
   switch (fmt) {
-    case kDense: return two ? launch_tc_as<T, kDense, 2>(p, stream) : launch_tc_as<T, kDense, 1>(p, stream);
-    case kNf4: return two ? launch_tc_as<T, kNf4, 2>(p, stream) : launch_tc_as<T, kNf4, 1>(p, stream);
-    default: return two ? launch_tc_as<T, kNf4Nested, 2>(p, stream) : launch_tc_as<T, kNf4Nested, 1>(p, stream);
+    case kDense:
+      return launch_clustered(two ? lora_decode_tc_kernel<T, kDense, 2> : lora_decode_tc_kernel<T, kDense, 1>, blocks,
+                              q, stream);
+    case kNf4:
+      return launch_clustered(two ? lora_decode_tc_kernel<T, kNf4, 2> : lora_decode_tc_kernel<T, kNf4, 1>, blocks, q,
+                              stream);
+    default:
+      return launch_clustered(two ? lora_decode_tc_kernel<T, kNf4Nested, 2> : lora_decode_tc_kernel<T, kNf4Nested, 1>,
+                              blocks, q, stream);
   }
 }
 
@@ -936,8 +806,8 @@ template <typename T>
 cudaError_t launch_general(const Params& p, bool nf4, cudaStream_t stream) {
   const int rows_per_block = kWarps * kGeneralRowsPerWarp;
   const int blocks = (p.N + rows_per_block - 1) / rows_per_block;
-  return launch_clustered(nf4 ? lora_decode_general_kernel<T, true> : lora_decode_general_kernel<T, false>, blocks, 0,
-                          p, stream);
+  return launch_clustered(nf4 ? lora_decode_general_kernel<T, true> : lora_decode_general_kernel<T, false>, blocks, p,
+                          stream);
 }
 
 }  // namespace
@@ -966,6 +836,7 @@ extern "C" cudaError_t lora_ops_lora_decode(const LoraOpsDecodeArgs* a, cudaStre
   p.K = static_cast<int>(a->K);
   p.r = static_cast<int>(a->r);
   p.bs_log2 = a->weight_format == LORA_OPS_DECODE_NF4 ? ilog2(a->blocksize) : 0;
+  p.ksplit = 1;
   p.scaling = a->scaling;
   p.diag = 0;
   if (LORA_OPS_DECODE_DIAG) {

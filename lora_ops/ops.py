@@ -218,12 +218,17 @@ class _EagerLoRA(torch.autograd.Function):
             return _grads(ctx, grad_y, ctx.bwd) + (None, None)
 
 
+def _op_required() -> bool:
+    """Whether a call must go through the custom op itself: under torch.compile / tracing, inside a dispatch
+    mode (FakeTensor, functionalization, op spies) or a functorch transform."""
+    return bool(torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active())
+
+
 def eager_impl(x: Tensor):
     """(fwd, bwd) fast kernels for an eager ``lora_linear`` on x, or None when the call must go through the
-    custom op: under torch.compile / tracing, inside a dispatch mode or functorch transform, on the reference
-    backend (CPU, float64, LORA_OPS_BACKEND=reference)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
-            or torch._C._are_functorch_transforms_active():
+    custom op (``_op_required``) or runs on the reference backend (CPU, float64, LORA_OPS_BACKEND=reference)."""
+    if _op_required():
         return None
     fwd = _lora_impl("lora_fwd", x)
     if fwd is None:
@@ -262,3 +267,18 @@ def lora_decode(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absm
 @lora_decode.register_fake
 def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias):
     return x.new_empty((x.shape[0], lora_B.shape[0]))
+
+
+def eager_decode_impl(x: Tensor):
+    """The decode kernel for an eager ``lora_linear`` on x, or None when the call must go through
+    ``lora_ops::lora_decode`` (``_op_required``, or no kernel for x). The Python custom op's dispatch costs
+    tens of microseconds of host time per call, as much as the kernel itself at decode sizes; the decode path
+    has no autograd, so the eager call is just the kernel (same arguments, same result)."""
+    return None if _op_required() else _lora_impl("lora_decode", x)
+
+
+def lora_decode_eager(impl, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling,
+                      bias) -> Tensor:
+    """``lora_ops::lora_decode`` through its kernel ``impl`` (from ``eager_decode_impl``)."""
+    with _no_autocast(x.device):
+        return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias)

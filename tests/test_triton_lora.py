@@ -534,6 +534,29 @@ def test_tma_gemm_matches_reference(monkeypatch, name):
     assert L.LAUNCHES["lora_gemm_tma"] - before == want_launches
 
 
+def test_tma_default_runs_only_on_the_shapes_it_measured_faster(monkeypatch):
+    """LORA_OPS_TMA unset ("auto"): the TMA GEMM for M >= 4096 and N*K >= 2^25 (8192 x 4096->14336 on the
+    H200), not for 8192 x 4096->4096 nor small M; "1" wherever TMA applies, "0" never, anything else an error."""
+    monkeypatch.setattr(L, "_INTERPRET", True)  # sm_90+ assumed; meta tensors: shapes and strides only
+
+    def usable(m, k, n):
+        a, w, c = (torch.empty(s, dtype=torch.bfloat16, device="meta") for s in ((m, k), (n, k), (m, n)))
+        return L._tma_usable(a, w, c)
+
+    monkeypatch.delenv("LORA_OPS_TMA", raising=False)
+    assert usable(8192, 4096, 14336) and usable(8192, 14336, 4096)
+    assert not usable(8192, 4096, 4096) and not usable(2048, 4096, 14336)
+    monkeypatch.setenv("LORA_OPS_TMA", "auto")
+    assert usable(8192, 4096, 14336) and not usable(8192, 4096, 4096)
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    assert usable(8192, 4096, 4096) and usable(64, 64, 64)
+    monkeypatch.setenv("LORA_OPS_TMA", "0")
+    assert not usable(8192, 4096, 14336)
+    monkeypatch.setenv("LORA_OPS_TMA", "yes")
+    with pytest.raises(ValueError, match="LORA_OPS_TMA='yes'"):
+        usable(8192, 4096, 14336)
+
+
 def test_tma_gemm_skipped_when_strides_break_its_rules(monkeypatch):
     """N = 57: y's rows are 114 bytes, not a multiple of 16, so neither GEMM can use TMA (dY has that row
     stride too); fp32 never does (TMA path is 16-bit only). Both fall back to the pointer kernels, correctly."""

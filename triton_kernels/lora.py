@@ -20,7 +20,7 @@ Kernels (LoRAFusion's split at S):
 * ``_lora_gemm_kernel``     the forward GEMM (TRANS_W) and the dX GEMM in one kernel: y's fp32 accumulator
                             starts at s * S @ B^T (+ bias), then accumulates x @ W^T; dX's starts at
                             dropout(dS @ A), then accumulates dY @ W. ``_lora_gemm_tma_kernel`` is its persistent
-                            TMA twin for 16-bit dense weights (opt-in, LORA_OPS_TMA=1).
+                            TMA twin for 16-bit dense weights (by default where it measured faster; LORA_OPS_TMA).
 * ``_lora_bwd_ds_kernel``   one pass over dY: dS in registers; dB and dbias reduced over M tiles by fp32
                             atomics (fast path, not bit-reproducible).
 * ``_lora_bwd_db_kernel``   dB and dbias without atomics (grid: N tiles x r chunks x M splits, fp32 partials
@@ -930,22 +930,41 @@ class _Dropout:
 # persistent TMA GEMM at 1.006-1.022x cuBLAS there: BM=128, BN=256, BK=64, 8 warps, 3 stages), a smaller tile
 # below 128 rows. For 16-bit dense weights (and the NF4 temporary) on sm_90+ when every operand meets TMA's
 # rules (16-byte aligned base and row stride, unit last stride); otherwise the pointer kernels run.
-# OPT-IN (LORA_OPS_TMA=1): it is correct on the H200 (tests/test_lora_gpu.py real shapes, 2026-11-29) but as
-# first written it measured ~1.8x SLOWER than the pointer GEMMs (layer preset, 8192x4096->14336 fused 5.88 ms
-# vs 3.28 ms; docs/PERF_NOTES.md), unlike the probe without the LoRA seed. That run used the flattened tile loop;
-# compiled for sm_90 since, the flattened loop with the seed in it keeps 2 TMA copies in its TTGIR (the K-loop is
-# not software-pipelined) where the unflattened one has 6 (3 stages, pipelined), so the tile loop is now
-# unflattened by default (LORA_OPS_TMA_FLATTEN=1 flattens it) - not yet timed on the GPU.
+# As first written it measured ~1.8x SLOWER than the pointer GEMMs (layer preset, 8192x4096->14336 fused 5.88 ms
+# vs 3.28 ms; docs/PERF_NOTES.md): the flattened tile loop with the LoRA seed in it keeps 2 TMA copies in its
+# TTGIR (the K-loop is not software-pipelined) where the unflattened one has 6 (3 stages, pipelined), so the tile
+# loop is unflattened (LORA_OPS_TMA_FLATTEN=1 flattens it). Unflattened, the layer preset on the H200
+# (2026-11-29, floor + fused, LORA_OPS_TMA=1 vs 0 in one call; benchmarks/results/h200/logs/s3_call1_*):
+# 8192 x 4096->14336 dense 1.093x vs 1.205x the floor, NF4 1.091x vs 1.125x; 8192 x 14336->4096 dense 1.084x
+# vs 1.159x, NF4 1.075x vs 1.098x; but 8192 x 4096->4096 dense 1.967x vs 1.724x. So by default (LORA_OPS_TMA
+# unset) it runs where it measured faster: M >= _TMA_MIN_M and N*K >= _TMA_MIN_NK; LORA_OPS_TMA=1 everywhere it
+# applies, 0 nowhere.
 _TMA_CAPABLE: Dict[int, bool] = {}
 # The LoRA seed is loaded in rank chunks of 16 whatever r is: its two tiles sit in shared memory beside the
 # pipeline's 3 x 48 KB and the 64 KB output tile, and chunks of 64 (r = 64) asked for 262 KB of the 227 KB an
 # H200 SM has (OutOfResources, H200 2026-11-29); chunks of 16 need 12 KB.
 _TMA_BLOCK_R = 16
+_TMA_MIN_M, _TMA_MIN_NK = 4096, 1 << 25
 
 
-def _tma_usable(*tensors: torch.Tensor) -> bool:
-    if os.environ.get("LORA_OPS_TMA", "0") in ("", "0"):  # opt-in: see _TMA_CONFIGS for the measurement
+def _tma_mode() -> str:
+    """LORA_OPS_TMA: "1" on wherever TMA applies, "0" off, unset / "" / "auto" on for the shapes it measured
+    faster on (see above)."""
+    v = os.environ.get("LORA_OPS_TMA", "auto").strip().lower()
+    if v in ("", "auto"):
+        return "auto"
+    if v in ("0", "1"):
+        return v
+    raise ValueError(f"LORA_OPS_TMA={v!r}: use 1 (on), 0 (off) or auto (unset: on for the measured-faster shapes)")
+
+
+def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether c = a @ op(w) runs on the TMA GEMM: by LORA_OPS_TMA (``_tma_mode``), an sm_90+ device and TMA's
+    operand rules."""
+    mode = _tma_mode()
+    if mode == "0" or (mode == "auto" and (c.shape[0] < _TMA_MIN_M or c.shape[1] * a.shape[1] < _TMA_MIN_NK)):
         return False
+    tensors = (a, w, c)
     if _INTERPRET:
         usable = True
     else:
