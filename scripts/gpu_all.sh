@@ -2,7 +2,8 @@
 # The full H200 run in one device-tool call (issue 11): install, the decode GPU tests, then the
 # benchmark presets in priority order, each with a time budget so the call stays inside its 10 minutes (cases
 # past a budget are recorded as skipped). Results merge into benchmarks/results/<gpu>/ and come back as one tar;
-# the decode timing test's threshold file comes back as $OUT/decode_threshold.json. Summary last.
+# the decode timing test's threshold file comes back as $OUT/decode_threshold.json, the logs as
+# $OUT/logs.tar.gz (the tool returns at most 8 files). Summary last.
 #
 #   LORA_OPS_GIT_COMMIT=<sha> scripts/gpu_all.sh [PRESETS (default "decode rank tokens layer model")]
 #
@@ -34,3 +35,5 @@ for preset in $PRESETS; do
   echo "---- $preset ----"
   grep -A60 "^## Summary" "$OUT/bench_$preset.log" | grep -E "fused|floor \||peft_bnb|tokens/s|target" | head -30
 done
+# The device tool returns at most 8 files: the logs travel as one archive.
+(cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log)
