@@ -40,6 +40,12 @@
 // S stays fp32 (not rounded to x.dtype as PEFT does); the epilogue adds scaling * S @ B^T and bias in fp32
 // and rounds y once.
 //
+// Measured (H200, 2026-11-29, scripts/decode_bench.cu; docs/PERF_NOTES.md log item 10): 4096->14336 NF4 at M=1
+// takes 27-29 us in a CUDA graph against 8.3 us for a plain read of its 29 MB. With the decode skipped the stream
+// alone takes ~12.7 us (about 2.3 TB/s, not the ~4 TB/s the bytes in flight above were sized for), and the
+// decode/mma adds ~9 us that does not overlap it. Two bulk-copy (cp.async.bulk + mbarrier) designs measured
+// slower (36.6 and 52.6 us), so this register-ring kernel stays.
+//
 // General kernel (anything else: fp32, odd K, blocks straddling rows, misaligned pointers): CUDA cores, one
 // warp per output row at a time, per-element NF4 decode with the reference's exact fp32 dequantization;
 // S through the same cluster scheme. Correct for every shape; not tuned.
