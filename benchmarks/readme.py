@@ -204,11 +204,19 @@ def _not_yet(command: str) -> List[str]:
     return [f"{NOT_YET.capitalize()}. On the GPU: `{command}`.", ""]
 
 
-def layer_section(idx: Dict, csv_dir: str) -> List[str]:
-    out = ["### Layer forward + backward: time ÷ the floor (lower is better)", ""]
-    cases = _cases(idx, "layer")
+# The presets of layer fwd+bwd cases shown as "time ÷ the floor" tables: (preset, title, plot file).
+SWEEPS = (("layer", "Layer forward + backward: time ÷ the floor (lower is better)", "layer_ratio.png"),
+          ("rank", "Rank sweep, 8192 × 4096→4096 forward + backward: time ÷ the floor", "rank_ratio.png"),
+          ("tokens", "Tokens sweep, M × 4096→4096 forward + backward: time ÷ the floor", "tokens_ratio.png"))
+
+
+def layer_section(idx: Dict, csv_dir: str, preset: str = "layer", title: str = SWEEPS[0][1],
+                  plot: str = SWEEPS[0][2]) -> List[str]:
+    """A table of layer fwd+bwd cases of ``preset``: floor ms, each provider's ratio to it, the floor's repeat."""
+    out = [f"### {title}", ""]
+    cases = _cases(idx, preset)
     if not cases:
-        return out + _not_yet("python -m benchmarks --preset layer")
+        return out + _not_yet(f"python -m benchmarks --preset {preset}")
     mode = "full"
     runs = _runs(cases, mode, "floor")
     cols = _columns(cases, LAYER_COLUMNS)
@@ -225,7 +233,7 @@ def layer_section(idx: Dict, csv_dir: str) -> List[str]:
     out.append("")
     out += ["- The floor is the frozen bf16 layer (forward GEMM + dX GEMM); \"floor again\" is the floor timed a "
             "second time at the end of the case: a difference smaller than its distance from 1.00× is noise."]
-    out += _absent(cols, cases) + _notes(notes) + runs.lines() + [_plot(csv_dir, "layer_ratio.png"), ""]
+    out += _absent(cols, cases) + _notes(notes) + runs.lines() + [_plot(csv_dir, plot), ""]
     return out
 
 
@@ -367,6 +375,8 @@ def generate(rows: Sequence[Dict], csv_path: Path = DEFAULT_CSV) -> str:
              f"its row's floor. Full tables: [`results.md`]({csv_dir}/results.md).", ""]
     lines += layer_section(idx, csv_dir)
     lines += memory_section(idx)
+    for preset, title, plot in SWEEPS[1:]:
+        lines += layer_section(idx, csv_dir, preset, title, plot)
     lines += decode_section(idx, csv_dir)
     lines += nf4_section(idx, csv_dir)
     lines += model_section(idx, rows, csv_dir)
