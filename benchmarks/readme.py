@@ -153,6 +153,24 @@ def _time_cell(m: Dict, notes: List[str], runs: Runs, show) -> str:
     return "–" if t is None else show(t) + runs.tag(t["run_id"])
 
 
+def _time_table(cases: Dict, mode: str, floor: str, cols, runs: Runs, notes: List[str], label, floor_cell,
+                cell, extra=None) -> List[str]:
+    """The body rows of a time table: per case label(case, providers), the floor's cell floor_cell(its mode
+    metrics, its time_ms), each column's _time_cell through cell(mode metrics) -> show(time_ms), then extra(providers)
+    cells if given."""
+    out = []
+    for case, provs in cases.items():
+        fm = provs.get(floor, {}).get(mode, {})
+        fl = fm.get("time_ms")
+        cells = [label(case, provs), (floor_cell(fm, fl) + runs.tag(fl["run_id"])) if fl else "–"]
+        for p, _ in cols:
+            m = provs.get(p, {}).get(mode, {})
+            cells.append(_time_cell(m, notes, runs, cell(m)))
+        cells += extra(provs) if extra else []
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def _graph_us(m: Dict) -> str:
     """' · <µs>' of a decode cell's CUDA-graph timing, or '' where it has none."""
     g = m.get("graph_ms")
@@ -222,14 +240,13 @@ def layer_section(idx: Dict, csv_dir: str, preset: str = "layer", title: str = S
     cols = _columns(cases, LAYER_COLUMNS)
     out += _head("M × K→N, weight", "floor ms", *(h for _, h in cols), "floor again")
     notes: List[str] = []
-    for case, provs in cases.items():
-        fl = provs.get("floor", {}).get(mode, {}).get("time_ms")
-        cells = [_layer_label(provs, mode), (_g(fl["value"]) + runs.tag(fl["run_id"])) if fl else "–"]
-        for p, _ in cols:
-            cells.append(_time_cell(provs.get(p, {}).get(mode, {}), notes, runs, lambda t: _x(t["ratio_to_floor"])))
+
+    def again(provs):
         rep = provs.get("floor_repeat", {}).get(mode, {}).get("time_ms")
-        cells.append(_x(rep["ratio_to_floor"]) + runs.tag(rep["run_id"]) if rep else "–")
-        out.append("| " + " | ".join(cells) + " |")
+        return [_x(rep["ratio_to_floor"]) + runs.tag(rep["run_id"]) if rep else "–"]
+
+    out += _time_table(cases, mode, "floor", cols, runs, notes, lambda c, provs: _layer_label(provs, mode),
+                       lambda fm, fl: _g(fl["value"]), lambda m: lambda t: _x(t["ratio_to_floor"]), again)
     out.append("")
     out += ["- The floor is the frozen bf16 layer (forward GEMM + dX GEMM); \"floor again\" is the floor timed a "
             "second time at the end of the case: a difference smaller than its distance from 1.00× is noise."]
@@ -274,16 +291,10 @@ def decode_section(idx: Dict, csv_dir: str) -> List[str]:
     cols = _columns(cases, DECODE_COLUMNS)
     out += _head("M, K→N, weight", "floor µs", *(h for _, h in cols))
     notes: List[str] = []
-    for case, provs in cases.items():
-        fm = provs.get("floor", {}).get(mode, {})
-        fl = fm.get("time_ms")
-        label = _layer_label(provs, mode).replace(" × ", ", ", 1)
-        cells = [label, (_g(fl["value"] * 1e3) + _graph_us(fm) + runs.tag(fl["run_id"])) if fl else "–"]
-        for p, _ in cols:
-            m = provs.get(p, {}).get(mode, {})
-            cells.append(_time_cell(m, notes, runs,
-                                    lambda t, m=m: f"{_g(t['value'] * 1e3)} ({_x(t['ratio_to_floor'])}){_graph_us(m)}"))
-        out.append("| " + " | ".join(cells) + " |")
+    out += _time_table(cases, mode, "floor", cols, runs, notes,
+                       lambda c, provs: _layer_label(provs, mode).replace(" × ", ", ", 1),
+                       lambda fm, fl: _g(fl["value"] * 1e3) + _graph_us(fm),
+                       lambda m: lambda t: f"{_g(t['value'] * 1e3)} ({_x(t['ratio_to_floor'])}){_graph_us(m)}")
     out.append("")
     out += ["- The floor is the bf16 layer without LoRA. First number: `triton.testing.do_bench` (L2 flushed before "
             "each call by a 256 MB memset, whose dirty lines the timed call then writes back); after the dot: "
@@ -302,17 +313,16 @@ def nf4_section(idx: Dict, csv_dir: str) -> List[str]:
     runs = _runs(cases, mode, "copy")
     cols = _columns(cases, NF4_COLUMNS)
     out += _head("weight", "copy ms", *(h for _, h in cols))
-    for case, provs in cases.items():
-        fl = provs.get("copy", {}).get(mode, {}).get("time_ms")
+
+    def label(case, provs):
         cfg = report._cfg(next(iter(next(iter(next(iter(provs.values())).values())).values())))
-        label = (f"{cfg['N']} × {cfg['K']} NF4 → {cfg.get('dtype', '?')}" if cfg.get("N") else case)
-        cells = [label, (_g(fl["value"]) + runs.tag(fl["run_id"])) if fl else "–"]
-        for p, _ in cols:
-            t = provs.get(p, {}).get(mode, {}).get("time_ms")
-            cells.append(f"{_g(t['value'])} ({_x(t['ratio_to_floor'])}){runs.tag(t['run_id'])}" if t else "–")
-        out.append("| " + " | ".join(cells) + " |")
+        return f"{cfg['N']} × {cfg['K']} NF4 → {cfg.get('dtype', '?')}" if cfg.get("N") else case
+
+    notes: List[str] = []
+    out += _time_table(cases, mode, "copy", cols, runs, notes, label, lambda fm, fl: _g(fl["value"]),
+                       lambda m: lambda t: f"{_g(t['value'])} ({_x(t['ratio_to_floor'])})")
     out.append("")
-    out += _absent(cols, cases) + runs.lines() + [_plot(csv_dir, "nf4_ratio.png"), ""]
+    out += _absent(cols, cases) + _notes(notes) + runs.lines() + [_plot(csv_dir, "nf4_ratio.png"), ""]
     return out
 
 
