@@ -14,6 +14,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from .presets import MODEL_PROVIDERS, MODEL_REFERENCE  # the model preset's providers; its ratios are to the reference
+
 COLUMNS = ("run_id", "preset", "case", "shape", "provider", "mode", "metric", "value", "p20", "p80", "unit",
            "ratio_to_floor", "status", "note", "config", "env")
 NUMERIC = ("value", "p20", "p80", "ratio_to_floor")
@@ -23,7 +25,6 @@ HIDDEN_IN_SUMMARY = ("floor_repeat",)
 FLOORS = ("floor", "copy")
 PLOT_ORDER = ("full_ft", "unfused", "peft", "peft_bnb", "bnb", "fused", "fused_qlora")
 MODEL_PRESET = "model"
-MODEL_REFERENCE = "peft_bnb"  # the model preset's ratios are to this provider of the same run
 MODEL_TARGET = ("fused_qlora", 1.3)  # issue 11: >= 1.3x peft_bnb tokens/s at no more peak memory
 
 
@@ -493,7 +494,7 @@ def _plot_model(cases: Dict, out_dir: Path, plt) -> Optional[Path]:
         for name in p:
             if name not in providers:
                 providers.append(name)
-    order = (MODEL_REFERENCE, "fused_qlora", "peft", "fused", "full_ft")
+    order = MODEL_PROVIDERS
     providers.sort(key=lambda n: order.index(n) if n in order else len(order))
 
     def series(metric, scale=1.0):
