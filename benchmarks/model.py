@@ -33,7 +33,7 @@ from torch import nn
 from . import report
 from .harness import MIB, Rows, Run, _reason, _skip_rows, quantiles
 from .presets import MODEL_TARGETS, ModelCase
-from .providers import DTYPES, NF4_BLOCKSIZE
+from .providers import DTYPES, NF4_BLOCKSIZE, bnb_linear4bit
 
 ModelBuilder = Callable[[ModelCase, torch.device], Tuple[nn.Module, Dict]]
 
@@ -161,21 +161,11 @@ def to_bnb_4bit(model: nn.Module, targets, compute_dtype: torch.dtype) -> int:
     """Replace the targeted nn.Linear layers by bitsandbytes Linear4bit (NF4, double quant, blocksize 64),
     quantized by bitsandbytes' own kernel on the weights' device; mark the model loaded-in-4bit as transformers
     does, so PEFT wraps them in its bnb Linear4bit LoRA layer. Returns how many were replaced."""
-    import bitsandbytes as bnb
-
     n = 0
     for name, mod in list(model.named_modules()):
         if type(mod) is not nn.Linear or name.rsplit(".", 1)[-1] not in targets:
             continue
-        W = mod.weight.data
-        lin = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                device="meta")
-        lin.weight = bnb.nn.Params4bit(W, requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=True,
-                                       quant_type="nf4")
-        if mod.bias is not None:
-            lin.bias = nn.Parameter(mod.bias.data, requires_grad=False)
-        lin = lin.to(W.device)  # Params4bit quantizes on its first move to a device
+        lin = bnb_linear4bit(mod.weight, compute_dtype, mod.bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, lin)
         n += 1

@@ -215,14 +215,18 @@ def build_peft(case: Case, ws: WeightSet) -> Built:
     return _peft_layer(_frozen_linear(ws.W), case, ws)
 
 
-def _bnb_linear4bit(case: Case, W: Tensor) -> nn.Module:
+def bnb_linear4bit(W: Tensor, compute_dtype: torch.dtype, bias: Optional[Tensor] = None) -> nn.Module:
+    """A bitsandbytes Linear4bit (NF4, double quant, blocksize 64) holding W (out, in), quantized by bitsandbytes'
+    own kernel on W's device (Params4bit quantizes on its first move to a device; W itself is left as it is);
+    the bias, if any, frozen. The layer presets' peft_bnb and the model preset's build both use it."""
     import bitsandbytes as bnb
 
-    lin = bnb.nn.Linear4bit(case.K, case.N, bias=False, compute_dtype=DTYPES[case.dtype], compress_statistics=True,
-                            quant_type="nf4", device="meta")
-    # Params4bit quantizes when moved to a device: bitsandbytes' own kernel, from the case's W.
+    lin = bnb.nn.Linear4bit(W.shape[1], W.shape[0], bias=bias is not None, compute_dtype=compute_dtype,
+                            compress_statistics=True, quant_type="nf4", device="meta")
     lin.weight = bnb.nn.Params4bit(W.detach().clone(), requires_grad=False, blocksize=NF4_BLOCKSIZE,
                                    compress_statistics=True, quant_type="nf4")
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     return lin.to(W.device)
 
 
@@ -230,7 +234,7 @@ def build_peft_bnb(case: Case, ws: WeightSet) -> Built:
     _need(case, "layer")
     if case.weight != "nf4":
         raise ValueError("peft_bnb runs NF4 cases; dense cases use peft")
-    built = _peft_layer(_bnb_linear4bit(case, ws.W), case, ws)
+    built = _peft_layer(bnb_linear4bit(ws.W, DTYPES[case.dtype]), case, ws)
     import bitsandbytes as bnb
 
     built.info["bitsandbytes"] = bnb.__version__
