@@ -5,6 +5,7 @@ same loop with the CUDA work of each piece taken out (launchers called directly,
 cProfile of the loop sorted by own time.
 
     python scripts/host_profile.py [--cases 2048x4096x4096] [--nf4] [--top 25]
+    python scripts/host_profile.py --micro        # host us of each piece of one fwd+bwd, timed alone
 """
 import argparse
 import cProfile
@@ -13,6 +14,7 @@ import pstats
 import time
 
 import torch
+import triton
 
 import lora_ops
 from lora_ops.triton_kernels import lora as tk
@@ -75,23 +77,6 @@ def run(m, k, n, r, nf4, iters, top):
     print(out.getvalue())
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", nargs="+", default=["2048x4096x4096"])
-    ap.add_argument("--nf4", action="store_true")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--top", type=int, default=30)
-    args = ap.parse_args()
-    for c in args.cases:
-        m, k, n = (int(v) for v in c.split("x"))
-        run(m, k, n, args.rank, args.nf4, args.iters, args.top)
-
-
-if __name__ == "__main__" and "--micro" not in __import__("sys").argv:
-    main()
-
-
 def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
     """Host microseconds of the pieces of one fused fwd+bwd, each timed alone in a loop (no profiler: cProfile
     inflates small calls several times). Device work is queued but the loops are host-bound."""
@@ -105,7 +90,7 @@ def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
     args = (x, a, tk._scratch(x.device), s, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0),
             s.stride(1), m, k, r, 0, 1.0, tk._next_pow2(m))
     meta = dict(HAS_DROPOUT=False, BLOCK_R=16)
-    grid = lambda mm: (triton_cdiv(m, mm["BLOCK_M"]), 1)  # noqa: E731
+    grid = lambda mm: (triton.cdiv(m, mm["BLOCK_M"]), 1)  # noqa: E731
     tk._S_KERNEL(grid, *args, **meta)
     key = tk._S_KERNEL._launch_key(args, meta, True)
     kernel, named, tail = tk._S_KERNEL._launches[key]
@@ -115,6 +100,7 @@ def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
 
     xr = x.clone().requires_grad_()
     ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     pieces = {
         "torch.empty (M, r)": lambda: torch.empty((m, r), dtype=x.dtype, device=x.device),
         "torch.zeros (N, r) fp32": lambda: torch.zeros((n, r), dtype=torch.float32, device=x.device),
@@ -126,23 +112,32 @@ def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
         "ops.eager_impl": lambda: ops.eager_impl(x),
         "lora_forward launcher (S + fwd)": lambda: tk.lora_forward(x, w, None, None, None, None, 0, a, b, 2.0, None,
                                                                     0.0, None),
-        "lora_backward launcher (dS, dX, dA)": lambda: tk.lora_backward(_DY[0], x, w, None, None, None, None, 0, a,
+        "lora_backward launcher (dS, dX, dA)": lambda: tk.lora_backward(dy, x, w, None, None, None, None, 0, a,
                                                                         b, s, 2.0, 0.0, None, True, True, True,
                                                                         False),
         "lora_linear fwd (eager, grad)": lambda: lora_ops.lora_linear(xr, w, ar, br, 2.0),
     }
-    _DY[0] = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     print(f"\n==== host us per call, {m}x{k}->{n} r={r} (loops of {iters}) ====")
     for name, fn in pieces.items():
         print(f"  {name:40s} {_loop(fn, iters, warmup=20, host_only=True):8.1f}")
 
 
-_DY = [None]
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", nargs="+", default=["2048x4096x4096"])
+    ap.add_argument("--nf4", action="store_true")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--micro", action="store_true", help="time each host-side piece alone instead (2048x4096->4096)")
+    args = ap.parse_args()
+    if args.micro:
+        micro()
+        return
+    for c in args.cases:
+        m, k, n = (int(v) for v in c.split("x"))
+        run(m, k, n, args.rank, args.nf4, args.iters, args.top)
 
 
-def triton_cdiv(a, b):
-    return -(-a // b)
-
-
-if __name__ == "__main__" and "--micro" in __import__("sys").argv:
-    micro()
+if __name__ == "__main__":
+    main()

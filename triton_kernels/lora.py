@@ -964,17 +964,16 @@ def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> bool:
     mode = _tma_mode()
     if mode == "0" or (mode == "auto" and (c.shape[0] < _TMA_MIN_M or c.shape[1] * a.shape[1] < _TMA_MIN_NK)):
         return False
-    tensors = (a, w, c)
     if _INTERPRET:
         usable = True
     else:
-        idx = tensors[0].device.index if tensors[0].device.index is not None else torch.cuda.current_device()
+        idx = a.device.index if a.device.index is not None else torch.cuda.current_device()
         if idx not in _TMA_CAPABLE:
             _TMA_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
         usable = _TMA_CAPABLE[idx]
     if not usable:
         return False
-    for t in tensors:
+    for t in (a, w, c):
         if t.element_size() != 2 or t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * 2) % 16 \
                 or t.shape[0] == 0 or t.shape[1] == 0:
             return False
@@ -1004,7 +1003,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, n = c.shape
     k = a.shape[1]
-    cfg_m, blocks, warps, stages = next(c_ for c_ in _TMA_CONFIGS if m >= c_[0])
+    _, blocks, warps, stages = next(c_ for c_ in _TMA_CONFIGS if m >= c_[0])
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
     a_d = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
     w_d = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk] if trans_w else [bk, bn])
