@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_ops import _backend, lora_linear, ops, reference
 from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
@@ -142,3 +143,18 @@ def run_sm90_probe(source: str, timeout: int = 600):
     proc = subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class OpSpy(TorchDispatchMode):
+    """Records the lora_ops:: ops that reach the dispatcher (and runs them). Being a dispatch mode it also makes
+    lora_linear take the custom ops instead of its eager fast paths (lora_ops.ops._op_required)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("lora_ops."):
+            self.ops.append(name.split(".")[1])
+        return func(*args, **(kwargs or {}))

@@ -24,27 +24,12 @@ import time
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ops
 from lora_ops import _backend, decode, nf4
-from helpers import REL_TOL, assert_rel_close
+from helpers import REL_TOL, OpSpy, assert_rel_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class OpSpy(TorchDispatchMode):
-    """Records the lora_ops:: ops that reach the dispatcher (and runs them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if name.startswith("lora_ops."):
-            self.ops.append(name.split(".")[1])
-        return func(*args, **(kwargs or {}))
 
 
 def _inputs(m, k, n, r, dtype=torch.float32, device="cpu", seed=0, leading=()):

@@ -19,7 +19,7 @@ import torch
 import lora_ops
 from lora_ops import nf4, ops, reference
 from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
-from helpers import assert_rel_close, kernels_only, run_sm90_probe
+from helpers import OpSpy, assert_rel_close, kernels_only, run_sm90_probe
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -454,19 +454,6 @@ def test_kernels_compile_for_sm90_without_spilling():
 
 # ------------------------------------------------------------------------- eager fast path vs the custom op
 
-class _OpSpy(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the lora_ops:: ops that reach the dispatcher (and runs them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith("lora_ops."):
-            self.ops.append(str(func).split(".")[1])
-        return func(*args, **(kwargs or {}))
-
-
 def _layer_grads(case, p, seed, spy=None):
     leaves = [t.detach().clone().requires_grad_() for t in (case.x, case.a, case.b, case.bias)]
     torch.manual_seed(seed)
@@ -484,7 +471,7 @@ def test_eager_path_equals_the_custom_op_bit_for_bit(monkeypatch, weight, p):
     case = make_case(37, 129, 70, 8, F32, weight, 64, bias=True, seed=5)
     with kernels_only(monkeypatch, FWD_KERNELS + BWD_KERNELS):
         eager = _layer_grads(case, p, 11)
-        spy = _OpSpy()
+        spy = OpSpy()
         via_op = _layer_grads(case, p, 11, spy)
     assert spy.ops.count("lora_fwd") == 1 and spy.ops.count("lora_bwd") == 1, spy.ops
     for name, a, b in zip(("y", "dx", "dA", "dB", "dbias"), eager, via_op):
