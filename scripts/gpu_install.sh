@@ -1,4 +1,4 @@
-# Sourced by the device-tool scripts (gpu_check.sh, gpu_layer.sh): carried wheels (.whl/, e.g. bitsandbytes)
+# Sourced by the device-tool scripts (gpu_check.sh, gpu_layer.sh, gpu_all.sh): carried wheels (.whl/, e.g. bitsandbytes)
 # into /tmp/site on PYTHONPATH, then this project in editable mode (builds lora_ops._C); the log goes to
 # $OUT/install.log. No network is needed.
 export PYTHONUNBUFFERED=1

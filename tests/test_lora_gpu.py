@@ -205,7 +205,7 @@ def test_every_config_is_correct(monkeypatch, weight, r, kernels):
     K and N are multiples of 16 (not of the tiles) and r, dtype, dropout and bias are those of the first two
     real-shape cases, so the kernels compiled here are the ones those cases use (one compile per config); the
     interpreter test covers every config on fully odd shapes. The dense weight only changes the two GEMMs.
-    The (opt-in) TMA GEMM is kept off here so that the pointer GEMMs' configs are the ones checked."""
+    The TMA GEMM (on by default for M >= 4096, N*K >= 2^25) is kept off here so the pointer GEMMs' configs run."""
     monkeypatch.setenv("LORA_OPS_TMA", "0")
     L = _lora()
     monkeypatch.setattr(L, "NF4_DEQUANT_MIN_M", 1 << 62)  # the NF4 configs of the in-loop decode kernels
@@ -402,7 +402,7 @@ def test_launch_cache_respects_specialisation(monkeypatch, autotune):
 
 @pytest.mark.parametrize("case", [REAL[0], REAL[1], REAL[3]], ids=["bf16-dense-dropout", "bf16-nf4dq-r64", "fp16-n14336"])
 def test_tma_gemm_real_shapes(monkeypatch, case):
-    """The persistent TMA GEMM (opt-in, LORA_OPS_TMA=1) on real shapes: forward and dX run as lora_gemm_tma
+    """The persistent TMA GEMM (forced on with LORA_OPS_TMA=1, whatever the shape) on real shapes: forward and dX run as lora_gemm_tma
     (the NF4 case through its dequantized temporary), every output within the same tolerances. r = 64 is the
     case whose shared memory once overflowed (LoRA seed in rank chunks of 64)."""
     m, k, n, r, dtype, weight, p, bias, _ = case
