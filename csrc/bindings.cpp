@@ -87,8 +87,12 @@ TORCH_LIBRARY_IMPL(lora_ops, CUDA, m) {
   m.impl("quantize_blockwise_8bit_cuda", &quantize_blockwise_8bit_cuda);
 }
 
+void lora_ops_register_launch(pybind11::module_& m);  // csrc/lora_launch.cpp
+
 // A Python module so that both `import lora_ops._C` (setup.py) and torch.utils.cpp_extension.load (the JIT
-// build in _ext.py) can load the library; the ops register themselves when it loads.
+// build in _ext.py) can load the library; the ops register themselves when it loads, and the module carries the
+// launch path's functions (launch_*).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lora_ops CUDA helpers (registers torch.ops.lora_ops.*_cuda)";
+  m.doc() = "lora_ops CUDA helpers (registers torch.ops.lora_ops.*_cuda) and the fused layer's launch path";
+  lora_ops_register_launch(m);
 }

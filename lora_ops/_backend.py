@@ -21,8 +21,9 @@ IMPLEMENTATIONS: Dict[str, Tuple[Tuple[str, str], ...]] = {
     "nf4_quantize": (("cuda", "lora_ops._ext:nf4_quantize"),),
     "quantize_blockwise_8bit": (("cuda", "lora_ops._ext:quantize_blockwise_8bit"),),
     "nf4_dequantize": (("triton", "lora_ops.triton_kernels.nf4_dequant:dequantize_nf4"),),
-    "lora_fwd": (("triton", "lora_ops.triton_kernels.lora:lora_forward"),),
-    "lora_bwd": (("triton", "lora_ops.triton_kernels.lora:lora_backward"),),
+    # The Triton kernels, launched from C++ where the extension is built (lora_ops._launch), else from Python.
+    "lora_fwd": (("triton", "lora_ops._launch:lora_forward"),),
+    "lora_bwd": (("triton", "lora_ops._launch:lora_backward"),),
     "lora_decode": (("cuda", "lora_ops._ext:lora_decode"),),
 }
 
@@ -64,7 +65,10 @@ def _load(target: str) -> Optional[Callable]:
     if target not in _loaded:
         mod, fn = target.split(":")
         try:
-            _loaded[target] = getattr(importlib.import_module(mod), fn)
+            impl = getattr(importlib.import_module(mod), fn)
+            for needed in getattr(impl, "requires", ()):  # modules the implementation imports when it runs
+                importlib.import_module(needed)
+            _loaded[target] = impl
         except Exception as e:  # ImportError, a failed JIT build, a missing driver ...
             _loaded[target] = None
             if target not in _warned:

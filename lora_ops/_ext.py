@@ -31,6 +31,7 @@ from . import nf4 as _nf4
 
 _OPS = ("nf4_quantize_cuda", "quantize_blockwise_8bit_cuda", "lora_decode_cuda")
 _origin = ""
+_module = None  # the loaded Python module (pybind11 functions: the launch path of csrc/lora_launch.cpp)
 
 
 def _registered() -> bool:
@@ -77,19 +78,20 @@ def _jit_build() -> str:
     directory = build_dir()
     os.makedirs(directory, exist_ok=True)
     # cpp_extension.load hashes the sources and flags: an unchanged rerun only loads the cached library.
-    cpp_extension.load(name="lora_ops_C", sources=sources, extra_cflags=list(CXX_FLAGS),
+    global _module
+    _module = cpp_extension.load(name="lora_ops_C", sources=sources, extra_cflags=list(CXX_FLAGS),
                        extra_cuda_cflags=list(NVCC_FLAGS), extra_include_paths=[src], build_directory=directory,
                        is_python_module=True, verbose=False)
     return f"JIT build in {directory}"
 
 
 def _load() -> str:
-    if _registered():  # loaded earlier in this process (e.g. through the other route)
-        return "already registered"
+    global _module
     first_error = None
     try:
         mod = importlib.import_module("lora_ops._C")
         if _registered():
+            _module = mod
             return f"prebuilt {mod.__file__}"
         first_error = f"lora_ops._C ({mod.__file__}) does not register {_OPS}"
     except ModuleNotFoundError as e:  # not built: a CPU install, LORA_OPS_NO_EXT=1, or no nvcc at install time
@@ -114,6 +116,11 @@ _origin = _load()
 def origin() -> str:
     """Where the loaded extension came from (prebuilt module path or the JIT cache)."""
     return _origin
+
+
+def module():
+    """The loaded extension as a Python module (its pybind11 functions: ``launch_*``)."""
+    return _module
 
 
 @functools.lru_cache(maxsize=None)  # one tensor per device, made on first use

@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import _launch
 from . import decode as _decode
 from . import ops as _ops  # registers torch.ops.lora_ops.*
 from .nf4 import FLOAT_DTYPES, NF4Weight
@@ -92,6 +93,12 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
 
     Differentiable in x, lora_A, lora_B and bias; never in the frozen weight.
     """
+    if isinstance(x, torch.Tensor) and x.is_cuda:
+        # Eager training and prefill on CUDA: one call into C++ (checks, kernels, autograd); None when the call
+        # needs the general path below (bad input, for its message; decode; torch.compile; another backend).
+        y = _launch.linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
+        if y is not None:
+            return y
     validate_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     p = float(dropout_p) if training else 0.0
     seed = draw_dropout_seed(x.device) if p > 0.0 else None

@@ -57,9 +57,9 @@ tile that fits M). Under ``TRITON_INTERPRET=1`` one small config per kernel keep
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -72,9 +72,19 @@ from lora_ops import nf4 as _nf4
 from lora_ops import reference as _ref
 
 from . import nf4_dequant as _dq
+from . import records as _rec
 
-# Kernel name -> number of launches since import (tests read it to prove the Triton path ran).
-LAUNCHES: collections.Counter = collections.Counter()
+
+# Kernel name -> launches since import, Python launchers and C++ launch path together (records.py).
+LAUNCHES = _rec.LAUNCHES
+recording = _rec.recording
+
+
+def _forget_launch_plans() -> None:
+    launch = sys.modules.get("lora_ops._launch")  # not imported: no plans to forget
+    if launch is not None:
+        launch.forget_plans()
+
 
 # Read at import, as triton.jit does: the decorators below already are interpreter functions or not.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -630,7 +640,7 @@ class _Kernel:
                  interp_config: Optional[triton.Config], reset_to_zero: Optional[List[str]] = None):
         self.fn, self.name, self.configs, self.prune = fn, name, configs, prune
         self.interp_config = interp_config
-        self.forced: Optional[triton.Config] = None
+        self._forced: Optional[triton.Config] = None
         self.tuned = None
         self._launches: Dict[tuple, tuple] = {}
         # Positions of integer arguments whose value (not only its specialisation) selects the config.
@@ -660,16 +670,27 @@ class _Kernel:
                 spec.append(a)
         return (tuning, torch.cuda.current_device(), tuple(spec), tuple(meta.items()), config)
 
+    @property
+    def forced(self) -> Optional[triton.Config]:
+        return self._forced
+
+    @forced.setter
+    def forced(self, config: Optional[triton.Config]) -> None:
+        # The C++ launch path keeps the configs it was shown: a new forced config must be shown to it again.
+        self._forced = config
+        _forget_launch_plans()
+
     def __call__(self, grid, *args, _config: Optional[tuple] = None, **meta):
         """Launch; ``_config`` = (blocks dict, num_warps, num_stages) fixes the config of this call (the TMA
         kernel, whose descriptors' block shapes are made for it), else autotuning / pruning picks it."""
-        LAUNCHES[self.name] += 1
+        LAUNCHES.bump(self.name)
         if _config is not None:
             cfg = triton.Config(_config[0], num_warps=_config[1], num_stages=_config[2])
         else:
             cfg = self.forced or (self.interp_config if _INTERPRET else None)
         if _INTERPRET or (cfg is not None and _config is None):
-            self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            kernel = self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            self._record(grid, args, meta, cfg, kernel)
             return
         tuning = _config is None and os.environ.get("LORA_OPS_TRITON_AUTOTUNE", "1") not in ("", "0")
         key = self._launch_key(args, meta, tuning, None if _config is None else str(_config))
@@ -678,6 +699,8 @@ class _Kernel:
             kernel, named, tail = hit
             g = grid(named)
             g0, g1, g2 = g[0], (g[1] if len(g) > 1 else 1), (g[2] if len(g) > 2 else 1)
+            if _rec.RECORDS is not None:
+                _rec.RECORDS.append(_rec.Record(self.name, self.fn, (g0, g1, g2), args, named, kernel))
             if g0 * g1 * g2 == 0:
                 return
             stream = _current_stream(key[1])
@@ -695,15 +718,23 @@ class _Kernel:
         else:
             cfg = cfg or self._fixed(args, meta)
             kernel = self.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if not _LAUNCH_CACHE or kernel is None or not hasattr(kernel, "run"):
-            return  # keep Triton's own launch path
         if hasattr(kernel, "result"):
             kernel = kernel.result()
+        self._record(grid, args, meta, cfg, kernel)
+        if not _LAUNCH_CACHE or kernel is None or not hasattr(kernel, "run"):
+            return  # keep Triton's own launch path
         named = dict(meta)
         named.update(cfg.kwargs)
         names = self.fn.arg_names
         if all(n in named for n in names[len(args):]):
             self._launches[key] = (kernel, named, tuple(named[n] for n in names[len(args):]))
+
+    def _record(self, grid, args, meta, cfg, kernel) -> None:
+        if _rec.RECORDS is not None:
+            named = dict(meta)
+            named.update(cfg.kwargs)
+            named.setdefault("num_warps", cfg.num_warps)
+            _rec.record(self.name, self.fn, grid, args, named, kernel)
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "TRANS_W", "IS_NF4", "NESTED", "BLOCKSIZE", "HAS_BIAS",
@@ -1161,7 +1192,7 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, device) -> torch.Ten
     if n > 0:
         seed_t = torch.tensor(int(seed), dtype=torch.int64, device=device)
         block = 1024
-        LAUNCHES["dropout_mask"] += 1
+        LAUNCHES.bump("dropout_mask")
         with _on_device(device):
             _dropout_mask_kernel[(triton.cdiv(n, block),)](seed_t, out, n, _ref.dropout_keep_threshold(p),
                                                             BLOCK=block)

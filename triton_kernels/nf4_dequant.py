@@ -36,6 +36,8 @@ import triton.language as tl
 
 from lora_ops import nf4 as _nf4
 
+from . import records as _rec
+
 # Bytes one program dequantizes (a whole number of quantization blocks; at least one block).
 BYTES_PER_PROGRAM = 2048
 NUM_WARPS = 4
@@ -191,9 +193,11 @@ def _launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
             n, n_bytes, n_blocks, n // (2 * nb * half_bs))
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
-            _nf4_dequant_kernel[grid](*args, **kwargs)
+            kernel = _nf4_dequant_kernel[grid](*args, **kwargs)
     else:
-        _nf4_dequant_kernel[grid](*args, **kwargs)
+        kernel = _nf4_dequant_kernel[grid](*args, **kwargs)
+    _rec.LAUNCHES.bump("nf4_dequant")
+    _rec.record("nf4_dequant", _nf4_dequant_kernel, grid, args, kwargs, kernel)
     return out
 
 

@@ -1,0 +1,1361 @@
+// The eager launch path of the fused LoRA layer: forward and backward each cross from Python into C++ once.
+//
+//   y  = x @ W^T + s * dropout(x) @ A^T @ B^T (+ bias)          x (M, K), W (N, K) dense or NF4, A (r, K), B (N, r)
+//
+// The kernels are the Triton kernels of lora_ops/triton_kernels (compiled by Triton's JIT, autotuned there). What
+// lives here is everything the Python launchers do per call once a kernel is compiled: checks, output allocation,
+// argument lists, grids, and the launch itself (cuLaunchKernel on the compiled function handle, ~2 us instead of
+// Triton's Python launcher at ~10-30 us), plus a torch::autograd::Function so the whole fwd+bwd needs no Python.
+//
+// Plans. A call's plan key holds what selects kernels and configs (device, dtype, M bucket, N, K, r, NF4 layout,
+// bias, dropout, gradients asked for, the launcher settings of the environment). A plan holds, per kernel, the
+// compiled variants registered from Python (lora_ops/_launch.py): function handle, launch resources, and the
+// Triton specialisation of every argument (pointer alignment, integer width, == 1, % 16). A call builds its launch
+// list, matches every argument against a verified variant, and launches; anything unmatched is a miss. On a miss
+// the Python launchers run the call (compiling and tuning as needed) while recording their launches; the records
+// become variants, and they are only used after this file's own launch list for that same call (a dry run) equals
+// the recorded one argument by argument. So this file mirrors triton_kernels/lora.py (lora_forward, lora_backward,
+// _W, _Dropout, _lora_gemm, _tma_gemm, _splits) and nf4_dequant.py (_launch), and a mismatch can only ever send a
+// plan back to Python, never launch a kernel with arguments Python would not have given it.
+//
+// Built into lora_ops._C with LORA_OPS_LAUNCH_CUDA defined. Without it (a CPU build for the tests) only the dry
+// run exists: it checks the mirrored argument lists against the Triton interpreter's records.
+
+#include <torch/extension.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#ifdef LORA_OPS_LAUNCH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+#endif
+
+namespace py = pybind11;
+
+namespace lora_launch {
+
+// ------------------------------------------------------------------------------------------------ kernels
+
+enum Kernel : int { K_DQ = 0, K_S, K_FWD, K_DX, K_TMA, K_DS, K_DB, K_DA, NUM_KERNELS };
+// The names of triton_kernels/lora.py (_Kernel.name) and nf4_dequant.py: the records and the launch counters use them.
+const char* const kKernelNames[NUM_KERNELS] = {"nf4_dequant", "lora_s", "lora_fwd", "lora_bwd_dx",
+                                               "lora_gemm_tma", "lora_bwd_ds", "lora_bwd_db", "lora_bwd_da"};
+
+int kernel_id(const std::string& name) {
+  for (int i = 0; i < NUM_KERNELS; ++i)
+    if (name == kKernelNames[i]) return i;
+  TORCH_CHECK(false, "lora_ops launch: unknown kernel name '", name, "'");
+}
+
+// Settings the Python launchers read from module constants; lora_ops/_launch.py sets them once.
+struct Settings {
+  int64_t max_stride = 1 << 22;   // lora.py _MAX_STRIDE
+  int64_t min_dot = 16;           // _MIN_DOT
+  int64_t max_block_r = 64;       // _MAX_BLOCK_R
+  int64_t dequant_min_m = 64;     // NF4_DEQUANT_MIN_M
+  int64_t tma_min_m = 4096;       // _TMA_MIN_M
+  int64_t tma_min_nk = 1 << 25;   // _TMA_MIN_NK
+  int64_t tma_block_r = 16;       // _TMA_BLOCK_R
+  int64_t tma_small_m = 128;      // _TMA_CONFIGS: the first M of the large tile
+  int64_t nested_blocksize = 256; // nf4.NESTED_BLOCKSIZE
+  int64_t dq_bytes_per_program = 2048;  // nf4_dequant.BYTES_PER_PROGRAM
+  std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
+};
+Settings g_settings;
+
+// --------------------------------------------------------------------------------------------- arguments
+
+// One kernel argument as a Python launcher passes it: a tensor's address, an int, a float, or a TMA descriptor
+// (index into the launch's descriptor table).
+struct Arg {
+  char t;  // 'P' pointer, 'I' int, 'F' float, 'T' descriptor
+  int64_t i;
+  double f;
+};
+
+struct Desc {  // triton.tools.tensor_descriptor.TensorDescriptor(base, shape, strides, block_shape), 2-D
+  uint64_t ptr;
+  int64_t shape[2];
+  int64_t strides[2];
+  int64_t block[2];
+};
+
+constexpr int kMaxArgs = 40;
+
+// Triton's specialisation of one argument: the code of its type in the compiled signature ('P' pointer, 'i' i32,
+// 'l' i64, 'u' u64, 'f' fp32, 'c' the int 1 folded into a constexpr, 'T' TMA descriptor), whether it is divisible
+// by 16 (pointers: 16-byte aligned), and whether the kernel specialises it at all (do_not_specialize).
+struct ArgSpec {
+  char code;
+  bool div16;
+  bool specialize;
+};
+
+struct Variant {
+  std::vector<ArgSpec> spec;
+  uint64_t function = 0;  // CUfunction of the compiled kernel on the plan's device
+  int num_warps = 4;
+  int shared = 0;
+  int64_t block_m = 0, block_n = 0, block_k = 0, nb = 0;  // the config's tiles (grids, descriptors)
+  std::vector<std::array<int64_t, 5>> tma;                  // per descriptor: swizzle, elem_size, elem_type, box0, box1
+  bool verified = false;
+};
+
+struct Launch {
+  int kernel;
+  int64_t grid[3];
+  int nargs = 0;
+  Arg args[kMaxArgs];
+  int ndesc = 0;
+  Desc descs[3];
+  const Variant* variant = nullptr;
+  int64_t want_block_m = 0;  // the tiles this launch was built for (checked against the variant)
+  bool trans_w = false;      // the TMA GEMM: forward (W^T) or dX (W)
+
+  void ptr(const at::Tensor& t) { args[nargs++] = Arg{'P', static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())), 0.0}; }
+  void ptr_raw(uint64_t p) { args[nargs++] = Arg{'P', static_cast<int64_t>(p), 0.0}; }
+  void i(int64_t v) { args[nargs++] = Arg{'I', v, 0.0}; }
+  void f(double v) { args[nargs++] = Arg{'F', 0, v}; }
+  void desc(const at::Tensor& t, int64_t b0, int64_t b1) {
+    Desc& d = descs[ndesc];
+    d.ptr = reinterpret_cast<uintptr_t>(t.data_ptr());
+    d.shape[0] = t.size(0);
+    d.shape[1] = t.size(1);
+    d.strides[0] = t.stride(0);
+    d.strides[1] = t.stride(1);
+    d.block[0] = b0;
+    d.block[1] = b1;
+    args[nargs++] = Arg{'T', ndesc++, 0.0};
+  }
+};
+
+char int_code(int64_t v) { return (v >= INT32_MIN && v <= INT32_MAX) ? 'i' : 'l'; }
+
+bool arg_matches(const Arg& a, const ArgSpec& s) {
+  switch (a.t) {
+    case 'P':
+      return s.code == 'P' && s.div16 == (a.i % 16 == 0);
+    case 'I':
+      if (!s.specialize) return s.code == int_code(a.i);
+      if (a.i == 1) return s.code == 'c';
+      return s.code == int_code(a.i) && s.div16 == (a.i % 16 == 0);
+    case 'F':
+      return s.code == 'f';
+    case 'T':
+      return s.code == 'T';
+  }
+  return false;
+}
+
+bool variant_matches(const Launch& l, const Variant& v, bool any) {
+  if ((!v.verified && !any) || static_cast<int>(v.spec.size()) != l.nargs) return false;
+  for (int i = 0; i < l.nargs; ++i)
+    if (!arg_matches(l.args[i], v.spec[i])) return false;
+  return true;
+}
+
+// ------------------------------------------------------------------------------------------------- plans
+
+struct PlanKey {
+  std::array<int64_t, 10> v{};
+  bool operator==(const PlanKey& o) const { return v == o.v; }
+};
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& k) const {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t x : k.v) {
+      h ^= static_cast<uint64_t>(x);
+      h *= 1099511628211ull;
+    }
+    return static_cast<size_t>(h);
+  }
+};
+
+struct Plan {
+  std::vector<Variant> variants[NUM_KERNELS];
+  bool disabled = false;  // its launch list once differed from Python's: this key stays on the Python launchers
+};
+
+std::mutex g_mutex;  // plans are read on autograd's device threads and written from Python
+std::vector<PlanKey> g_plan_keys;
+std::vector<Plan> g_plans;
+std::unordered_map<PlanKey, int64_t, PlanKeyHash> g_plan_index;
+int64_t g_launches[NUM_KERNELS] = {};
+// lora_ops._launch._fallback(phase, plan, *args): the Python launchers + registration. Never destroyed: a Python
+// object must not be released after the interpreter has finalized.
+py::object* g_fallback = new py::object();
+
+int64_t plan_id(const PlanKey& key) {
+  auto it = g_plan_index.find(key);
+  if (it != g_plan_index.end()) return it->second;
+  int64_t id = static_cast<int64_t>(g_plans.size());
+  g_plans.emplace_back();
+  g_plan_keys.push_back(key);
+  g_plan_index.emplace(key, id);
+  return id;
+}
+
+// ------------------------------------------------------------------------------------------ environment
+
+enum Tma : int64_t { TMA_OFF = 0, TMA_ON = 1, TMA_AUTO = 2, TMA_BAD = 3 };
+
+bool env_flag(const char* name, bool dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return v == nullptr ? dflt : false;
+  return !(v[0] == '0' && v[1] == '\0');
+}
+
+int64_t tma_mode() {
+  const char* v = std::getenv("LORA_OPS_TMA");
+  if (v == nullptr) return TMA_AUTO;
+  std::string s(v);
+  s.erase(0, s.find_first_not_of(" \t"));
+  s.erase(s.find_last_not_of(" \t") + 1);
+  std::transform(s.begin(), s.end(), s.begin(), ::tolower);
+  if (s.empty() || s == "auto") return TMA_AUTO;
+  if (s == "0") return TMA_OFF;
+  if (s == "1") return TMA_ON;
+  return TMA_BAD;  // the Python launcher raises its message for it
+}
+
+int64_t settings_bits() {
+  int64_t mode = tma_mode();
+  int64_t flatten = env_flag("LORA_OPS_TMA_FLATTEN", false) ? 1 : 0;
+  int64_t tune = env_flag("LORA_OPS_TRITON_AUTOTUNE", true) ? 1 : 0;
+  return mode | (flatten << 2) | (tune << 3);
+}
+
+bool launch_path_enabled() {
+  const char* v = std::getenv("LORA_OPS_LAUNCH");
+  return v == nullptr || std::strcmp(v, "python") != 0;
+}
+
+// --------------------------------------------------------------------------------------------- devices
+
+struct DeviceTensors {
+  at::Tensor scratch;   // lora.py _scratch(device): stands in for pointers a constexpr switch leaves unread
+  at::Tensor codebook;  // nf4_dequant._codebook(device): the 16 fp32 NF4 values
+  int sms = 0;
+  int major = 0;
+};
+// Key: device index, -1 for the CPU (interpreter dry runs). Never destroyed: CUDA tensors must not be freed after
+// the CUDA allocator has shut down at exit.
+std::unordered_map<int, DeviceTensors>& g_devices = *new std::unordered_map<int, DeviceTensors>();
+
+int dev_key(const at::Tensor& t) { return t.is_cuda() ? t.get_device() : -1; }
+
+const DeviceTensors* device_tensors(int dev) {
+  auto it = g_devices.find(dev);
+  return it == g_devices.end() ? nullptr : &it->second;
+}
+
+// ------------------------------------------------------------------------------------------------- calls
+
+// The validated inputs of one forward or backward, in the layout of lora_ops::lora_fwd / lora_bwd.
+struct Call {
+  at::Tensor x, w, absmax, nested_absmax, nested_code, offset, A, B, bias, seed;
+  at::Tensor dy, s;  // backward only
+  int64_t blocksize = 0;
+  double scaling = 1.0, p = 0.0;
+  int64_t m = 0, k = 0, n = 0, r = 0;
+  bool nf4 = false, nested = false;
+  bool drop = false;  // dropout on: p > 0 with a seed (the launchers' _Dropout)
+  bool ok = false;    // passed check_call
+  bool need_dx = false, need_dA = false, need_dB = false, need_dbias = false;
+  int dev = -1;
+  const DeviceTensors* dt = nullptr;
+};
+
+int64_t next_pow2(int64_t n) {
+  if (n <= 1) return 1;
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t block_r_of(int64_t r) {
+  return std::min(std::max(g_settings.min_dot, next_pow2(r)), g_settings.max_block_r);
+}
+bool float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+bool strides_ok(const at::Tensor& t) {
+  for (int64_t st : t.strides())
+    if (st >= g_settings.max_stride || st < 0) return false;
+  return true;
+}
+
+bool same(const at::Tensor& t, const at::Tensor& x) {
+  return t.defined() && t.layout() == at::kStrided && t.device() == x.device() && t.scalar_type() == x.scalar_type()
+         && strides_ok(t);
+}
+
+// Checks everything the Python launchers check, and everything this file assumes. False means "not this path":
+// the caller falls back to Python, which raises the precise error for bad input or handles the rare layout.
+bool check_call(Call& c, bool backward) {
+  const at::Tensor& x = c.x;
+  if (!x.defined() || x.layout() != at::kStrided || x.dim() != 2 || !float_dtype(x.scalar_type()) || !strides_ok(x))
+    return false;
+  c.m = x.size(0);
+  c.k = x.size(1);
+  if (!c.A.defined() || !c.B.defined() || c.A.dim() != 2 || c.B.dim() != 2) return false;
+  c.r = c.A.size(0);
+  c.n = c.B.size(0);
+  if (c.m == 0 || c.k == 0 || c.n == 0 || c.r < 1) return false;
+  if (c.k >= g_settings.max_stride || c.n >= g_settings.max_stride) return false;
+  if (!same(c.A, x) || !same(c.B, x) || c.A.size(1) != c.k || c.B.size(1) != c.r) return false;
+  if (c.bias.defined() && (!same(c.bias, x) || c.bias.dim() != 1 || c.bias.size(0) != c.n)) return false;
+  if (!std::isfinite(c.scaling) || !(c.p >= 0.0 && c.p < 1.0)) return false;
+  if (c.seed.defined()
+      && (c.seed.numel() != 1 || c.seed.scalar_type() != at::kLong || c.seed.device() != x.device()))
+    return false;
+  c.drop = c.p > 0.0 && c.seed.defined();
+  c.nf4 = c.absmax.defined();
+  if (c.nf4) {
+    const int64_t nel = c.n * c.k;
+    if (!c.w.defined() || !c.w.is_contiguous() || c.w.device() != x.device()) return false;
+    if (c.w.numel() * static_cast<int64_t>(c.w.element_size()) != (nel + 1) / 2) return false;
+    const auto& bs = g_settings.blocksizes;
+    if (std::find(bs.begin(), bs.end(), c.blocksize) == bs.end()) return false;
+    const int64_t nblocks = cdiv(nel, c.blocksize);
+    if (c.absmax.numel() != nblocks || !c.absmax.is_contiguous() || c.absmax.device() != x.device()) return false;
+    c.nested = c.nested_absmax.defined();
+    if (c.nested != c.nested_code.defined() || c.nested != c.offset.defined()) return false;
+    if (c.nested) {
+      if (c.absmax.scalar_type() != at::kByte) return false;
+      for (const at::Tensor* t : {&c.nested_absmax, &c.nested_code, &c.offset})
+        if (t->scalar_type() != at::kFloat || !t->is_contiguous() || t->device() != x.device()) return false;
+      if (c.nested_absmax.numel() != cdiv(nblocks, g_settings.nested_blocksize) || c.nested_code.numel() != 256
+          || c.offset.numel() != 1)
+        return false;
+    } else if (c.absmax.scalar_type() != at::kFloat) {
+      return false;
+    }
+  } else {
+    if (!same(c.w, x) || c.w.dim() != 2 || c.w.size(0) != c.n || c.w.size(1) != c.k) return false;
+  }
+  if (backward) {
+    if (!same(c.dy, x) || c.dy.dim() != 2 || c.dy.size(0) != c.m || c.dy.size(1) != c.n) return false;
+    if (!same(c.s, x) || c.s.dim() != 2 || c.s.size(0) != c.m || c.s.size(1) != c.r) return false;
+  }
+  c.dev = dev_key(x);
+  c.dt = device_tensors(c.dev);
+  c.ok = c.dt != nullptr;
+  return c.ok;
+}
+
+PlanKey make_key(const Call& c, bool backward, bool deterministic) {
+  PlanKey key;
+  int64_t flags = (c.nf4 ? 1 : 0) | (c.nested ? 2 : 0) | (c.bias.defined() ? 4 : 0) | (c.drop ? 8 : 0)
+                  | (c.m >= g_settings.dequant_min_m ? 16 : 0) | (c.m >= g_settings.tma_small_m ? 32 : 0)
+                  | (c.m >= g_settings.tma_min_m ? 64 : 0);
+  if (backward)
+    flags |= (c.need_dx ? 128 : 0) | (c.need_dA ? 256 : 0) | (c.need_dB ? 512 : 0) | (c.need_dbias ? 1024 : 0)
+             | (deterministic ? 2048 : 0);
+  key.v = {backward ? 1 : 0, c.dev, static_cast<int64_t>(c.x.scalar_type()), next_pow2(c.m), c.n, c.k, c.r,
+           c.blocksize, flags, settings_bits()};
+  return key;
+}
+
+// ------------------------------------------------------------------------------------------ launch lists
+
+// What one forward or backward does, in order: kernel launches plus the few tensor ops between them.
+struct Work {
+  std::vector<Launch> launches;
+  std::vector<at::Tensor> keep;  // temporaries the launches read or write (dequantized W, fp32 buffers)
+};
+
+struct Dropout {
+  bool on;
+  uint64_t seed_ptr;
+  int64_t threshold;
+  double scale;
+};
+
+Dropout make_dropout(const Call& c, bool on) {
+  if (on && c.drop)
+    return Dropout{true, reinterpret_cast<uintptr_t>(c.seed.data_ptr()),
+                   std::min<int64_t>(static_cast<int64_t>(c.p * 2147483648.0), 2147483647), 1.0 / (1.0 - c.p)};
+  return Dropout{false, reinterpret_cast<uintptr_t>(c.dt->scratch.data_ptr()), 0, 1.0};
+}
+
+// The frozen weight as the GEMMs take it (lora.py _W): dense (N, K), or NF4 bytes decoded in the K-loop, or NF4
+// dequantized once into a temporary (from dequant_min_m rows on CUDA).
+struct WArgs {
+  bool nf4_inloop = false;
+  at::Tensor dense;  // the dense weight or the temporary
+  uint64_t ptrs[6];
+  int64_t strides[2];
+};
+
+WArgs weight_args(const Call& c, Work& work) {
+  WArgs w;
+  const uint64_t scratch = reinterpret_cast<uintptr_t>(c.dt->scratch.data_ptr());
+  auto addr = [](const at::Tensor& t) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); };
+  if (c.nf4 && c.x.is_cuda() && c.m >= g_settings.dequant_min_m) {
+    // nf4_dequant._launch: one program per NB whole quantization blocks.
+    const int64_t nel = c.n * c.k;
+    const int64_t half_bs = c.blocksize / 2;
+    const int64_t nb = std::max<int64_t>(1, g_settings.dq_bytes_per_program / half_bs);
+    at::Tensor out = at::empty({c.n, c.k}, c.x.options());
+    Launch l;
+    l.kernel = K_DQ;
+    l.ptr(c.w);
+    l.ptr(c.absmax);
+    const at::Tensor& na = c.nested ? c.nested_absmax : c.absmax;
+    const at::Tensor& nc = c.nested ? c.nested_code : c.absmax;
+    const at::Tensor& of = c.nested ? c.offset : c.absmax;
+    l.ptr(na);
+    l.ptr(nc);
+    l.ptr(of);
+    l.ptr(c.dt->codebook);
+    l.ptr(out);
+    const int64_t nblocks = cdiv(nel, c.blocksize);
+    l.i(nel);
+    l.i((nel + 1) / 2);
+    l.i(nblocks);
+    l.i(nel / (2 * nb * half_bs));
+    l.grid[0] = cdiv(nblocks, nb);
+    l.grid[1] = l.grid[2] = 1;
+    l.want_block_m = nb;
+    work.launches.push_back(l);
+    work.keep.push_back(out);
+    w.dense = out;
+  } else if (c.nf4) {
+    w.nf4_inloop = true;
+    w.ptrs[0] = addr(c.w);
+    w.ptrs[1] = addr(c.absmax);
+    w.ptrs[2] = c.nested ? addr(c.nested_absmax) : scratch;
+    w.ptrs[3] = c.nested ? addr(c.nested_code) : scratch;
+    w.ptrs[4] = c.nested ? addr(c.offset) : scratch;
+    w.ptrs[5] = addr(c.dt->codebook);
+    w.strides[0] = w.strides[1] = 0;
+    return w;
+  } else {
+    w.dense = c.w;
+  }
+  w.ptrs[0] = addr(w.dense);
+  for (int i = 1; i < 6; ++i) w.ptrs[i] = scratch;
+  w.strides[0] = w.dense.stride(0);
+  w.strides[1] = w.dense.stride(1);
+  return w;
+}
+
+bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const at::Tensor& out) {
+  const int64_t mode = tma_mode();
+  if (mode == TMA_OFF) return false;
+  if (mode == TMA_AUTO && (out.size(0) < g_settings.tma_min_m || out.size(1) * a.size(1) < g_settings.tma_min_nk))
+    return false;
+  if (c.x.is_cuda() && c.dt->major < 9) return false;
+  for (const at::Tensor* t : {&a, &w, &out}) {
+    if (t->element_size() != 2 || t->stride(1) != 1 || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16
+        || (t->stride(0) * 2) % 16 || t->size(0) == 0 || t->size(1) == 0)
+      return false;
+  }
+  return true;
+}
+
+// lora.py _lora_gemm: out (M, N') = dropout(scaling * lt @ Rt) (+ bias) + a @ op(W); the forward (trans_w) or dX.
+void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, const WArgs& w, const at::Tensor& out,
+          const at::Tensor& lt, const at::Tensor& rt, int64_t stride_rr, int64_t stride_rn, const at::Tensor* bias,
+          const Dropout& drop, double scaling, bool trans_w, int64_t m_bucket) {
+  const int64_t m = out.size(0), n = out.size(1);
+  const at::Tensor& scratch = c.dt->scratch;
+  const at::Tensor& b = bias != nullptr ? *bias : scratch;
+  Launch l;
+  if (!w.nf4_inloop && tma_usable(c, a, w.dense, out)) {
+    // lora.py _tma_gemm: one persistent program per SM; the descriptors' tiles are the variant's config.
+    l.kernel = K_TMA;
+    l.trans_w = trans_w;
+    l.want_block_m = m >= g_settings.tma_small_m ? 1 : 0;  // which of _TMA_CONFIGS (checked against the variant)
+    l.grid[1] = l.grid[2] = 1;
+    l.grid[0] = -1;  // set from the variant's tiles
+    l.desc(a, 0, 0);
+    l.desc(w.dense, 0, 0);
+    l.desc(out, 0, 0);
+    l.ptr(lt);
+    l.ptr(rt);
+    l.ptr(b);
+    l.ptr_raw(drop.seed_ptr);
+    l.i(lt.stride(0));
+    l.i(lt.stride(1));
+    l.i(stride_rr);
+    l.i(stride_rn);
+    l.i(b.stride(0));
+    l.i(m);
+    l.i(n);
+    l.i(a.size(1));
+    l.f(scaling);
+    l.i(drop.threshold);
+    l.f(drop.scale);
+    work.launches.push_back(l);
+    return;
+  }
+  l.kernel = pointer_kernel;
+  l.grid[0] = -1;  // cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N) of the variant's config
+  l.grid[1] = l.grid[2] = 1;
+  l.ptr(a);
+  for (int i = 0; i < 6; ++i) l.ptr_raw(w.ptrs[i]);
+  l.ptr(lt);
+  l.ptr(rt);
+  l.ptr(b);
+  l.ptr_raw(drop.seed_ptr);
+  l.ptr(out);
+  l.i(a.stride(0));
+  l.i(a.stride(1));
+  l.i(w.strides[0]);
+  l.i(w.strides[1]);
+  l.i(lt.stride(0));
+  l.i(lt.stride(1));
+  l.i(stride_rr);
+  l.i(stride_rn);
+  l.i(b.stride(0));
+  l.i(out.stride(0));
+  l.i(out.stride(1));
+  l.i(m);
+  l.i(n);
+  l.i(a.size(1));
+  l.i(c.r);
+  l.f(scaling);
+  l.i(drop.threshold);
+  l.f(drop.scale);
+  l.i(m_bucket);
+  work.launches.push_back(l);
+}
+
+// lora.py _splits: M splits of a reduction over M with `tiles` programs per split.
+std::pair<int64_t, int64_t> splits_of(const Call& c, int64_t tiles) {
+  int64_t splits;
+  if (!c.x.is_cuda()) {
+    splits = std::max<int64_t>(1, std::min<int64_t>(2, cdiv(c.m, 32)));
+  } else {
+    const int64_t want = cdiv(2 * static_cast<int64_t>(c.dt->sms), std::max<int64_t>(tiles, 1));
+    splits = std::max<int64_t>(1, std::min(want, cdiv(c.m, 128)));
+  }
+  return {splits, cdiv(c.m, splits)};
+}
+
+at::Tensor split_partials(int64_t splits, at::IntArrayRef shape, const at::TensorOptions& opts) {
+  std::vector<int64_t> full{splits};
+  full.insert(full.end(), shape.begin(), shape.end());
+  return at::empty(full, splits == 1 ? opts : opts.dtype(at::kFloat));
+}
+
+// ------------------------------------------------------------------------------------------------- forward
+
+struct FwdOut {
+  at::Tensor y, s;
+};
+
+FwdOut build_forward(const Call& c, Work& work) {
+  WArgs w = weight_args(c, work);
+  const Dropout drop = make_dropout(c, true);
+  FwdOut o;
+  o.y = at::empty({c.m, c.n}, c.x.options());
+  o.s = at::empty({c.m, c.r}, c.x.options());
+  const int64_t block_r = block_r_of(c.r);
+  const int64_t m_bucket = next_pow2(c.m);
+  Launch l;  // lora.py lora_forward: S = dropout(x) @ A^T
+  l.kernel = K_S;
+  l.grid[0] = -1;  // cdiv(m, BLOCK_M)
+  l.grid[1] = cdiv(c.r, block_r);
+  l.grid[2] = 1;
+  l.ptr(c.x);
+  l.ptr(c.A);
+  l.ptr_raw(drop.seed_ptr);
+  l.ptr(o.s);
+  l.i(c.x.stride(0));
+  l.i(c.x.stride(1));
+  l.i(c.A.stride(0));
+  l.i(c.A.stride(1));
+  l.i(o.s.stride(0));
+  l.i(o.s.stride(1));
+  l.i(c.m);
+  l.i(c.k);
+  l.i(c.r);
+  l.i(drop.threshold);
+  l.f(drop.scale);
+  l.i(m_bucket);
+  work.launches.push_back(l);
+  const Dropout off = make_dropout(c, false);
+  gemm(c, work, K_FWD, c.x, w, o.y, o.s, c.B, c.B.stride(1), c.B.stride(0), c.bias.defined() ? &c.bias : nullptr,
+       off, c.scaling, true, m_bucket);
+  return o;
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+
+// The tensor ops between the backward's launches (casts and split sums), run after its launches.
+struct BwdOut {
+  at::Tensor dx, dA, dB, dbias;
+  at::Tensor acc, db_acc, dbias_acc;  // fp32 atomic targets (one zeroed buffer)
+  at::Tensor db_parts, dbias_parts, da_parts;
+  bool fused_db = false, fused_dbias = false;
+};
+
+BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
+  BwdOut o;
+  const auto opts = c.x.options();
+  const Dropout drop = make_dropout(c, true);
+  if (c.need_dx) o.dx = at::empty({c.m, c.k}, opts);
+  const bool need_ds = c.need_dx || c.need_dA;
+  WArgs w;
+  if (c.need_dx) w = weight_args(c, work);
+  const int64_t block_r = block_r_of(c.r);
+  const int64_t r_chunks = cdiv(c.r, block_r);
+  const int64_t m_bucket = next_pow2(c.m);
+  o.fused_db = need_ds && c.need_dB && !deterministic;
+  o.fused_dbias = need_ds && c.need_dbias && !deterministic;
+  const at::Tensor& scratch = c.dt->scratch;
+  at::Tensor ds;
+  if (need_ds) {
+    ds = at::empty({c.m, c.r}, opts);
+    if (o.fused_db || o.fused_dbias) {
+      const int64_t size = (o.fused_db ? c.n * c.r : 0) + (o.fused_dbias ? c.n : 0);
+      o.acc = at::empty({size}, opts.dtype(at::kFloat));  // zeroed before the launches
+      work.keep.push_back(o.acc);
+      if (o.fused_db) o.db_acc = o.acc.narrow(0, 0, c.n * c.r).view({c.n, c.r});
+      if (o.fused_dbias) o.dbias_acc = o.acc.narrow(0, o.fused_db ? c.n * c.r : 0, c.n);
+    }
+    Launch l;
+    l.kernel = K_DS;
+    l.grid[0] = -1;  // cdiv(m, BLOCK_M)
+    l.grid[1] = r_chunks;
+    l.grid[2] = 1;
+    l.ptr(c.dy);
+    l.ptr(c.B);
+    l.ptr(c.s);
+    l.ptr(ds);
+    l.ptr(o.fused_db ? o.db_acc : scratch);
+    l.ptr(o.fused_dbias ? o.dbias_acc : scratch);
+    l.i(c.dy.stride(0));
+    l.i(c.dy.stride(1));
+    l.i(c.B.stride(0));
+    l.i(c.B.stride(1));
+    l.i(c.s.stride(0));
+    l.i(c.s.stride(1));
+    l.i(ds.stride(0));
+    l.i(ds.stride(1));
+    l.i(c.m);
+    l.i(c.n);
+    l.i(c.r);
+    l.f(c.scaling);
+    l.i(m_bucket);
+    work.launches.push_back(l);
+  }
+  const bool do_db = c.need_dB && !o.fused_db;
+  const bool do_dbias = c.need_dbias && !o.fused_dbias;
+  if (do_db || do_dbias) {
+    auto [splits, rows] = splits_of(c, cdiv(c.n, 64) * r_chunks);
+    at::Tensor db_out = do_db ? split_partials(splits, {c.n, c.r}, opts) : scratch.view({1, 1, 16});
+    at::Tensor dbias_out = do_dbias ? split_partials(splits, {c.n}, opts) : scratch.view({1, 16});
+    if (do_db) o.db_parts = db_out;
+    if (do_dbias) o.dbias_parts = dbias_out;
+    Launch l;
+    l.kernel = K_DB;
+    l.grid[0] = -1;  // cdiv(n, BLOCK_N)
+    l.grid[1] = r_chunks;
+    l.grid[2] = splits;
+    l.ptr(c.dy);
+    l.ptr(c.s);
+    l.ptr(db_out);
+    l.ptr(dbias_out);
+    l.i(c.dy.stride(0));
+    l.i(c.dy.stride(1));
+    l.i(c.s.stride(0));
+    l.i(c.s.stride(1));
+    l.i(splits > 1 ? db_out.stride(0) : 0);
+    l.i(db_out.stride(1));
+    l.i(db_out.stride(2));
+    l.i(splits > 1 ? dbias_out.stride(0) : 0);
+    l.i(dbias_out.stride(1));
+    l.i(c.m);
+    l.i(c.n);
+    l.i(c.r);
+    l.i(rows);
+    l.f(c.scaling);
+    l.i(m_bucket);
+    work.launches.push_back(l);
+  }
+  if (c.need_dx)
+    gemm(c, work, K_DX, c.dy, w, o.dx, ds, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop, 1.0, false, m_bucket);
+  if (c.need_dA) {
+    auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);
+    at::Tensor da_out = split_partials(splits, {c.r, c.k}, opts);
+    o.da_parts = da_out;
+    Launch l;
+    l.kernel = K_DA;
+    l.grid[0] = -1;  // cdiv(k, BLOCK_K)
+    l.grid[1] = r_chunks;
+    l.grid[2] = splits;
+    l.ptr(c.x);
+    l.ptr(ds);
+    l.ptr_raw(drop.seed_ptr);
+    l.ptr(da_out);
+    l.i(c.x.stride(0));
+    l.i(c.x.stride(1));
+    l.i(ds.stride(0));
+    l.i(ds.stride(1));
+    l.i(splits > 1 ? da_out.stride(0) : 0);
+    l.i(da_out.stride(1));
+    l.i(da_out.stride(2));
+    l.i(c.m);
+    l.i(c.k);
+    l.i(c.r);
+    l.i(rows);
+    l.i(drop.threshold);
+    l.f(drop.scale);
+    l.i(m_bucket);
+    work.launches.push_back(l);
+  }
+  work.keep.push_back(ds);
+  return o;
+}
+
+at::Tensor split_sum(const at::Tensor& parts, at::ScalarType dtype) {
+  return parts.size(0) == 1 ? parts.select(0, 0) : parts.sum(0).to(dtype);
+}
+
+void finish_backward(const Call& c, BwdOut& o) {
+  const at::ScalarType dt = c.x.scalar_type();
+  if (o.fused_db) o.dB = dt == at::kFloat ? o.db_acc : o.db_acc.to(dt);
+  // A copy in fp32: dB is a view of the same buffer, and the op's outputs may not alias each other.
+  if (o.fused_dbias) o.dbias = dt == at::kFloat ? o.dbias_acc.clone() : o.dbias_acc.to(dt);
+  if (o.db_parts.defined()) o.dB = split_sum(o.db_parts, dt);
+  if (o.dbias_parts.defined()) o.dbias = split_sum(o.dbias_parts, dt);
+  if (o.da_parts.defined()) o.dA = split_sum(o.da_parts, dt);
+}
+
+// ---------------------------------------------------------------------------------- matching and launching
+
+// Fills in each launch's variant and its config-dependent grid; false on the first launch without a match.
+bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
+  for (Launch& l : work.launches) {
+    const Variant* found = nullptr;
+    for (const Variant& v : plan.variants[l.kernel]) {
+      if (l.kernel == K_TMA && (v.block_m >= g_settings.tma_small_m ? 1 : 0) != l.want_block_m) continue;
+      if (l.kernel == K_DQ && v.nb != l.want_block_m) continue;
+      if (variant_matches(l, v, any)) {
+        found = &v;
+        break;
+      }
+    }
+    if (found == nullptr) return false;
+    l.variant = found;
+    const int64_t m = c.m;
+    switch (l.kernel) {
+      case K_S:
+      case K_DS:
+        l.grid[0] = cdiv(m, found->block_m);
+        break;
+      case K_FWD:
+        l.grid[0] = cdiv(m, found->block_m) * cdiv(c.n, found->block_n);
+        break;
+      case K_DX:
+        l.grid[0] = cdiv(m, found->block_m) * cdiv(c.k, found->block_n);
+        break;
+      case K_DB:
+        l.grid[0] = cdiv(c.n, found->block_n);
+        break;
+      case K_DA:
+        l.grid[0] = cdiv(c.k, found->block_k);
+        break;
+      case K_TMA: {
+        // The descriptors' tiles: a [BM, BK], W [BN, BK] (forward) or [BK, BN] (dX), out [BM, BN].
+        const bool trans_w = l.trans_w;
+        const int64_t bm = found->block_m, bn = found->block_n, bk = found->block_k;
+        l.descs[0].block[0] = bm;
+        l.descs[0].block[1] = bk;
+        l.descs[1].block[0] = trans_w ? bn : bk;
+        l.descs[1].block[1] = trans_w ? bk : bn;
+        l.descs[2].block[0] = bm;
+        l.descs[2].block[1] = bn;
+        const int64_t tiles = cdiv(l.descs[2].shape[0], bm) * cdiv(l.descs[2].shape[1], bn);
+        const int64_t sms = c.x.is_cuda() ? c.dt->sms : 4;
+        l.grid[0] = std::max<int64_t>(1, std::min(sms, tiles));
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  return true;
+}
+
+#ifdef LORA_OPS_LAUNCH_CUDA
+
+struct Driver {
+  using LaunchFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                CUstream, void**, void**);
+  using EncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  using ErrorFn = CUresult (*)(CUresult, const char**);
+  LaunchFn launch = nullptr;
+  EncodeFn encode = nullptr;
+  ErrorFn error = nullptr;
+};
+
+const Driver& driver() {
+  // The driver API through libcuda.so.1, as Triton's own launcher loads it (no link-time dependency on libcuda).
+  static Driver d = [] {
+    Driver out;
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    TORCH_CHECK(lib != nullptr, "lora_ops launch: cannot open libcuda.so.1 (", dlerror(), ")");
+    out.launch = reinterpret_cast<Driver::LaunchFn>(dlsym(lib, "cuLaunchKernel"));
+    out.encode = reinterpret_cast<Driver::EncodeFn>(dlsym(lib, "cuTensorMapEncodeTiled"));
+    out.error = reinterpret_cast<Driver::ErrorFn>(dlsym(lib, "cuGetErrorString"));
+    TORCH_CHECK(out.launch != nullptr && out.error != nullptr, "lora_ops launch: libcuda.so.1 lacks cuLaunchKernel");
+    return out;
+  }();
+  return d;
+}
+
+void check_cu(CUresult res, const char* what, const Launch& l) {
+  if (res == CUDA_SUCCESS) return;
+  const char* msg = nullptr;
+  driver().error(res, &msg);
+  TORCH_CHECK(false, "lora_ops launch: ", what, " failed for kernel ", kKernelNames[l.kernel], ": ",
+              msg ? msg : "unknown CUDA error");
+}
+
+void launch_one(const Launch& l, CUstream stream) {
+  if (l.grid[0] * l.grid[1] * l.grid[2] == 0) return;
+  const Variant& v = *l.variant;
+  alignas(64) CUtensorMap maps[3];
+  uint64_t words[kMaxArgs * 3];  // scalar storage, one 8-byte word per scalar (ints and floats fit)
+  void* params[kMaxArgs * 3 + 2];
+  int np = 0, nw = 0;
+  int ntma = 0;
+  for (int i = 0; i < l.nargs; ++i) {
+    const Arg& a = l.args[i];
+    const char code = v.spec[i].code;
+    if (code == 'c') continue;
+    uint64_t* word = &words[nw++];
+    switch (code) {
+      case 'P':
+      case 'l':
+      case 'u':
+        *word = static_cast<uint64_t>(a.i);
+        params[np++] = word;
+        break;
+      case 'i': {
+        int32_t x = static_cast<int32_t>(a.i);
+        std::memcpy(word, &x, sizeof(x));
+        params[np++] = word;
+        break;
+      }
+      case 'f': {
+        float x = static_cast<float>(a.f);
+        std::memcpy(word, &x, sizeof(x));
+        params[np++] = word;
+        break;
+      }
+      case 'T': {
+        const Desc& d = l.descs[a.i];
+        const auto& meta = v.tma[ntma];
+        TORCH_CHECK(driver().encode != nullptr, "lora_ops launch: libcuda.so.1 lacks cuTensorMapEncodeTiled");
+        const int64_t esize = meta[1];
+        cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.shape[1]), static_cast<cuuint64_t>(d.shape[0])};
+        cuuint64_t gstrides[1] = {static_cast<cuuint64_t>(d.strides[0] * esize)};
+        cuuint32_t box[2] = {static_cast<cuuint32_t>(meta[4]), static_cast<cuuint32_t>(meta[3])};
+        cuuint32_t estrides[2] = {1, 1};
+        check_cu(driver().encode(&maps[ntma], static_cast<CUtensorMapDataType>(meta[2]), 2,
+                                 reinterpret_cast<void*>(d.ptr), dims, gstrides, box, estrides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, static_cast<CUtensorMapSwizzle>(meta[0]),
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+                 "cuTensorMapEncodeTiled", l);
+        params[np++] = &maps[ntma++];
+        --nw;
+        for (int j = 0; j < 2; ++j) {
+          int32_t s = static_cast<int32_t>(d.shape[j]);
+          uint64_t* sw = &words[nw++];
+          std::memcpy(sw, &s, sizeof(s));
+          params[np++] = sw;
+        }
+        for (int j = 0; j < 2; ++j) {
+          uint64_t* sw = &words[nw++];
+          *sw = static_cast<uint64_t>(d.strides[j]);
+          params[np++] = sw;
+        }
+        break;
+      }
+    }
+  }
+  uint64_t global_scratch = 0, profile_scratch = 0;
+  params[np++] = &global_scratch;
+  params[np++] = &profile_scratch;
+  check_cu(driver().launch(reinterpret_cast<CUfunction>(v.function), static_cast<unsigned>(l.grid[0]),
+                           static_cast<unsigned>(l.grid[1]), static_cast<unsigned>(l.grid[2]),
+                           static_cast<unsigned>(32 * v.num_warps), 1, 1, static_cast<unsigned>(v.shared), stream,
+                           params, nullptr),
+           "cuLaunchKernel", l);
+}
+
+void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(c.dev);
+  if (zero_first.defined())
+    C10_CUDA_CHECK(cudaMemsetAsync(zero_first.data_ptr(), 0, zero_first.nbytes(), stream.stream()));
+  for (const Launch& l : work.launches) {
+    launch_one(l, stream.stream());
+    ++g_launches[l.kernel];
+  }
+}
+
+#else
+
+void run_launches(const Call&, Work&, const at::Tensor&) {
+  TORCH_CHECK(false, "lora_ops launch: this build has no CUDA (dry runs only)");
+}
+
+#endif
+
+// ---------------------------------------------------------------------------------------------- running
+
+constexpr int64_t UNSUPPORTED = -1;
+
+// Runs (or, dry, only builds) one forward. Returns true with outputs set, or false with `status` = the plan id to
+// register on a miss, or UNSUPPORTED.
+bool forward(const Call& c, bool dry, FwdOut& out, Work& work, int64_t& status) {
+  status = UNSUPPORTED;
+  if (!c.ok || !launch_path_enabled() || (tma_mode() == TMA_BAD)) return false;
+  const PlanKey key = make_key(c, false, false);
+#ifdef LORA_OPS_LAUNCH_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (c.x.is_cuda()) guard.emplace(c.x.device());
+#endif
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const int64_t id = plan_id(key);
+  const Plan& plan = g_plans[id];
+  if (plan.disabled && !dry) return false;
+  out = build_forward(c, work);
+  if (dry) {
+    status = id;
+    return true;
+  }
+  if (!resolve(plan, c, work)) {
+    status = id;
+    return false;
+  }
+  run_launches(c, work, at::Tensor());
+  return true;
+}
+
+bool backward(const Call& c, bool dry, BwdOut& out, Work& work, int64_t& status) {
+  status = UNSUPPORTED;
+  if (!c.ok || !launch_path_enabled() || (tma_mode() == TMA_BAD)) return false;
+  const bool det = at::globalContext().deterministicAlgorithms();
+  const PlanKey key = make_key(c, true, det);
+#ifdef LORA_OPS_LAUNCH_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (c.x.is_cuda()) guard.emplace(c.x.device());
+#endif
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const int64_t id = plan_id(key);
+  const Plan& plan = g_plans[id];
+  if (plan.disabled && !dry) return false;
+  out = build_backward(c, work, det);
+  if (dry) {
+    status = id;
+    return true;
+  }
+  if (!resolve(plan, c, work)) {
+    status = id;
+    return false;
+  }
+  run_launches(c, work, out.acc);
+  finish_backward(c, out);
+  return true;
+}
+
+// ----------------------------------------------------------------------------------- Python-facing calls
+
+at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+Call make_call(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+               const std::optional<at::Tensor>& offset, int64_t blocksize, const at::Tensor& A, const at::Tensor& B,
+               double scaling, const std::optional<at::Tensor>& bias, double p,
+               const std::optional<at::Tensor>& seed) {
+  Call c;
+  c.x = x;
+  c.w = w;
+  c.absmax = opt(absmax);
+  c.nested_absmax = opt(nested_absmax);
+  c.nested_code = opt(nested_code);
+  c.offset = opt(offset);
+  c.blocksize = blocksize;
+  c.A = A;
+  c.B = B;
+  c.scaling = scaling;
+  c.bias = opt(bias);
+  c.p = p;
+  c.seed = opt(seed);
+  return c;
+}
+
+py::object describe(const Work& work) {
+  // The dry run's launch list for lora_ops/_launch.py to compare with the Python launchers' records.
+  py::list out;
+  for (const Launch& l : work.launches) {
+    py::list args;
+    for (int i = 0; i < l.nargs; ++i) {
+      const Arg& a = l.args[i];
+      switch (a.t) {
+        case 'P':
+          args.append(py::make_tuple("P", static_cast<uint64_t>(a.i)));
+          break;
+        case 'I':
+          args.append(py::int_(a.i));
+          break;
+        case 'F':
+          args.append(py::float_(a.f));
+          break;
+        case 'T': {
+          const Desc& d = l.descs[a.i];
+          args.append(py::make_tuple("T", d.ptr, d.shape[0], d.shape[1], d.strides[0], d.strides[1], d.block[0],
+                                     d.block[1]));
+          break;
+        }
+      }
+    }
+    out.append(py::make_tuple(kKernelNames[l.kernel], py::make_tuple(l.grid[0], l.grid[1], l.grid[2]), args));
+  }
+  return out;
+}
+
+// fwd(x, ...) -> (y, s) | plan id (int >= 0: a miss, register) | -1 (not this path). dry: the launch list.
+py::object fwd_entry(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                     const std::optional<at::Tensor>& offset, int64_t blocksize, const at::Tensor& A,
+                     const at::Tensor& B, double scaling, const std::optional<at::Tensor>& bias, double p,
+                     const std::optional<at::Tensor>& seed, bool dry) {
+  Call c = make_call(x, w, absmax, nested_absmax, nested_code, offset, blocksize, A, B, scaling, bias, p, seed);
+  if (!check_call(c, false)) return py::int_(UNSUPPORTED);
+  FwdOut o;
+  Work work;
+  int64_t status;
+  if (!forward(c, dry, o, work, status)) return py::int_(status);
+  if (dry) {
+    // Tiles are per variant; a dry run reports them where a registered variant matches (else the grid is -1).
+    std::lock_guard<std::mutex> lock(g_mutex);
+    resolve(g_plans[status], c, work, true);
+    return py::make_tuple(status, describe(work));
+  }
+  return py::make_tuple(o.y, o.s);
+}
+
+py::object bwd_entry(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                     const std::optional<at::Tensor>& absmax, const std::optional<at::Tensor>& nested_absmax,
+                     const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                     int64_t blocksize, const at::Tensor& A, const at::Tensor& B, const at::Tensor& s, double scaling,
+                     double p, const std::optional<at::Tensor>& seed, bool need_dx, bool need_dA, bool need_dB,
+                     bool need_dbias, bool dry) {
+  Call c = make_call(x, w, absmax, nested_absmax, nested_code, offset, blocksize, A, B, scaling, std::nullopt, p,
+                     seed);
+  c.dy = dy;
+  c.s = s;
+  c.need_dx = need_dx;
+  c.need_dA = need_dA;
+  c.need_dB = need_dB;
+  c.need_dbias = need_dbias;
+  if (!(need_dx || need_dA || need_dB || need_dbias) || !check_call(c, true)) return py::int_(UNSUPPORTED);
+  BwdOut o;
+  Work work;
+  int64_t status;
+  if (!backward(c, dry, o, work, status)) return py::int_(status);
+  if (dry) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    resolve(g_plans[status], c, work, true);
+    return py::make_tuple(status, describe(work));
+  }
+  return py::make_tuple(o.dx, o.dA, o.dB, o.dbias);
+}
+
+// ------------------------------------------------------------------------------------------- registration
+
+void add_variants(int64_t id, const py::list& records) {
+  // records: [(kernel name, [(code, div16, specialize), ...], function, num_warps, shared,
+  //            (BLOCK_M, BLOCK_N, BLOCK_K, NB), [(swizzle, elem_size, elem_type, box0, box1), ...]), ...]
+  std::lock_guard<std::mutex> lock(g_mutex);
+  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(g_plans.size()), "lora_ops launch: no plan ", id);
+  Plan& plan = g_plans[id];
+  for (const py::handle& h : records) {
+    const py::tuple rec = h.cast<py::tuple>();
+    Variant v;
+    const int kernel = kernel_id(rec[0].cast<std::string>());
+    for (const py::handle& s : rec[1].cast<py::list>()) {
+      const py::tuple t = s.cast<py::tuple>();
+      const std::string code = t[0].cast<std::string>();
+      TORCH_CHECK(code.size() == 1 && std::string("PilufcT").find(code[0]) != std::string::npos,
+                  "lora_ops launch: bad argument code '", code, "'");
+      v.spec.push_back(ArgSpec{code[0], t[1].cast<bool>(), t[2].cast<bool>()});
+    }
+    TORCH_CHECK(static_cast<int>(v.spec.size()) <= kMaxArgs, "lora_ops launch: too many arguments");
+    v.function = rec[2].cast<uint64_t>();
+    v.num_warps = rec[3].cast<int>();
+    v.shared = rec[4].cast<int>();
+    const py::tuple blocks = rec[5].cast<py::tuple>();
+    v.block_m = blocks[0].cast<int64_t>();
+    v.block_n = blocks[1].cast<int64_t>();
+    v.block_k = blocks[2].cast<int64_t>();
+    v.nb = blocks[3].cast<int64_t>();
+    for (const py::handle& m : rec[6].cast<py::list>()) {
+      const py::tuple t = m.cast<py::tuple>();
+      v.tma.push_back({t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3].cast<int64_t>(),
+                       t[4].cast<int64_t>()});
+    }
+    auto& list = plan.variants[kernel];
+    bool dup = false;
+    for (const Variant& o : list) {
+      bool eq = o.function == v.function && o.spec.size() == v.spec.size() && o.block_m == v.block_m
+                && o.block_n == v.block_n && o.block_k == v.block_k && o.nb == v.nb;
+      for (size_t i = 0; eq && i < v.spec.size(); ++i)
+        eq = o.spec[i].code == v.spec[i].code && o.spec[i].div16 == v.spec[i].div16;
+      dup = dup || eq;
+    }
+    if (!dup) list.push_back(std::move(v));
+  }
+}
+
+// After the dry-run comparison: verified variants are used from now on; a failed comparison sends the plan
+// back to the Python launchers for good (and drops its unverified variants).
+void set_verified(int64_t id, bool ok) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(g_plans.size()), "lora_ops launch: no plan ", id);
+  Plan& plan = g_plans[id];
+  for (auto& list : plan.variants) {
+    if (ok) {
+      for (Variant& v : list) v.verified = true;
+    } else {
+      list.erase(std::remove_if(list.begin(), list.end(), [](const Variant& v) { return !v.verified; }), list.end());
+    }
+  }
+  if (!ok) plan.disabled = true;
+}
+
+void clear_plans() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_plans.clear();
+  g_plan_keys.clear();
+  g_plan_index.clear();
+}
+
+py::dict stats() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  py::dict launches;
+  for (int i = 0; i < NUM_KERNELS; ++i) launches[py::str(kKernelNames[i])] = g_launches[i];
+  int64_t disabled = 0, variants = 0;
+  for (const Plan& p : g_plans) {
+    disabled += p.disabled ? 1 : 0;
+    for (const auto& list : p.variants) variants += static_cast<int64_t>(list.size());
+  }
+  py::dict out;
+  out["launches"] = launches;
+  out["plans"] = static_cast<int64_t>(g_plans.size());
+  out["disabled"] = disabled;
+  out["variants"] = variants;
+  return out;
+}
+
+void configure(const py::dict& s) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto get = [&](const char* name, int64_t& dst) {
+    if (s.contains(name)) dst = s[name].cast<int64_t>();
+  };
+  get("max_stride", g_settings.max_stride);
+  get("min_dot", g_settings.min_dot);
+  get("max_block_r", g_settings.max_block_r);
+  get("dequant_min_m", g_settings.dequant_min_m);
+  get("tma_min_m", g_settings.tma_min_m);
+  get("tma_min_nk", g_settings.tma_min_nk);
+  get("tma_block_r", g_settings.tma_block_r);
+  get("tma_small_m", g_settings.tma_small_m);
+  get("nested_blocksize", g_settings.nested_blocksize);
+  get("dq_bytes_per_program", g_settings.dq_bytes_per_program);
+  if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
+}
+
+void set_device(int dev, const at::Tensor& scratch, const at::Tensor& codebook, int sms, int major) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  DeviceTensors& d = g_devices[dev];
+  d.scratch = scratch;
+  d.codebook = codebook;
+  d.sms = sms;
+  d.major = major;
+}
+
+void set_fallback(py::object fn) { *g_fallback = std::move(fn); }
+
+// ---------------------------------------------------------------------------------------------- autograd
+
+// Runs one forward; a miss or an unsupported call goes to the Python launchers (which register what they ran).
+FwdOut forward_or_fallback(const Call& c) {
+  FwdOut o;
+  Work work;
+  int64_t status;
+  if (forward(c, false, o, work, status)) return o;
+  py::gil_scoped_acquire gil;
+  py::tuple res = (*g_fallback)(0, status, c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.blocksize,
+                             c.A, c.B, c.scaling, c.bias, c.p, c.seed);
+  o.y = res[0].cast<at::Tensor>();
+  o.s = res[1].cast<at::Tensor>();
+  return o;
+}
+
+BwdOut backward_or_fallback(const Call& c) {
+  BwdOut o;
+  Work work;
+  int64_t status;
+  if (backward(c, false, o, work, status)) return o;
+  py::gil_scoped_acquire gil;
+  py::tuple res = (*g_fallback)(1, status, c.dy, c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset,
+                             c.blocksize, c.A, c.B, c.s, c.scaling, c.p, c.seed, c.need_dx, c.need_dA, c.need_dB,
+                             c.need_dbias);
+  auto get = [&](int i) {
+    py::object t = res[i];
+    return t.is_none() ? at::Tensor() : t.cast<at::Tensor>();
+  };
+  o.dx = get(0);
+  o.dA = get(1);
+  o.dB = get(2);
+  o.dbias = get(3);
+  return o;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// lora_ops::lora_fwd with its autograd, in C++. The forward takes the op's arguments in the op's order; backward
+// returns one gradient slot per argument (x 0, lora_A 7, lora_B 8, bias 10). needs_input_grad counts only the
+// tensor arguments that are present, so their edge indices are worked out in forward. Only x (flattened), the
+// weight's tensors, A, B, S and the seed are saved: no dequantized W and no dropout mask survive between forward
+// and backward; the backward regenerates the mask from the seed.
+struct LoRAFunction : public torch::autograd::Function<LoRAFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const std::optional<at::Tensor>& absmax, const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                            int64_t blocksize, const at::Tensor& A, const at::Tensor& B, double scaling,
+                            const std::optional<at::Tensor>& bias, double p, const std::optional<at::Tensor>& seed) {
+    const int64_t k = x.size(-1);
+    Call c = make_call(x.dim() == 2 ? x : x.reshape({-1, k}), w, absmax, nested_absmax, nested_code, offset,
+                       blocksize, A, B, scaling, bias, p, seed);
+    check_call(c, false);
+    FwdOut o = forward_or_fallback(c);
+    ctx->save_for_backward({c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.A, c.B, o.s, c.seed});
+    int64_t edge = 2;  // x, w
+    for (const auto* t : {&absmax, &nested_absmax, &nested_code, &offset}) edge += (t->has_value() && (*t)->defined());
+    ctx->saved_data["edge_A"] = edge;
+    ctx->saved_data["edge_bias"] = bias.has_value() && bias->defined() ? edge + 2 : int64_t(-1);
+    ctx->saved_data["blocksize"] = blocksize;
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    const int64_t n = B.size(0);
+    if (x.dim() == 2) return o.y;
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = n;
+    return o.y.view(sizes);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t edge_A = ctx->saved_data["edge_A"].toInt();
+    const int64_t edge_bias = ctx->saved_data["edge_bias"].toInt();
+    Call c;
+    c.x = saved[0];
+    c.w = saved[1];
+    c.absmax = saved[2];
+    c.nested_absmax = saved[3];
+    c.nested_code = saved[4];
+    c.offset = saved[5];
+    c.A = saved[6];
+    c.B = saved[7];
+    c.s = saved[8];
+    c.seed = saved[9];
+    c.blocksize = ctx->saved_data["blocksize"].toInt();
+    c.scaling = ctx->saved_data["scaling"].toDouble();
+    c.p = ctx->saved_data["p"].toDouble();
+    c.need_dx = ctx->needs_input_grad(0);
+    c.need_dA = ctx->needs_input_grad(edge_A);
+    c.need_dB = ctx->needs_input_grad(edge_A + 1);
+    c.need_dbias = edge_bias >= 0 && ctx->needs_input_grad(edge_bias);
+    variable_list out(13);
+    if (!(c.need_dx || c.need_dA || c.need_dB || c.need_dbias)) return out;
+    const std::vector<int64_t> x_sizes = ctx->saved_data["x_sizes"].toIntVector();
+    at::Tensor dy = grads[0];
+    if (dy.dim() != 2) dy = dy.reshape({-1, dy.size(-1)});
+    c.dy = dy.contiguous();
+    check_call(c, true);
+    BwdOut o = backward_or_fallback(c);
+    if (c.need_dx) out[0] = x_sizes.size() == 2 ? o.dx : o.dx.view(x_sizes);
+    if (c.need_dA) out[7] = o.dA;
+    if (c.need_dB) out[8] = o.dB;
+    if (c.need_dbias) out[10] = o.dbias;
+    return out;
+  }
+};
+
+// lora_linear's eager entry: y (..., N) with autograd, or None when the general path must take the call (bad
+// input, for its error message; the decode path; a layout this file does not cover). The dropout seed is drawn
+// here, after the checks, from the default generator of x's device, exactly as lora_linear draws it.
+py::object linear_entry(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+                        const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                        const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t w_rows, int64_t w_cols,
+                        const at::Tensor& A, const at::Tensor& B, double scaling,
+                        const std::optional<at::Tensor>& bias, double p, int64_t decode_max_m) {
+  if (!launch_path_enabled() || !x.is_cuda() || x.dim() < 2 || x.layout() != at::kStrided) return py::none();
+  if (x.dim() > 2 && !x.is_contiguous()) return py::none();
+  const int64_t k = x.size(-1);
+  if (k == 0) return py::none();
+  const int64_t m = x.numel() / k;
+  const bool grad = at::GradMode::is_enabled()
+                    && (x.requires_grad() || A.requires_grad() || B.requires_grad()
+                        || (bias.has_value() && bias->requires_grad()));
+  if (!grad && p == 0.0 && m >= 1 && m <= decode_max_m && A.dim() == 2 && A.size(0) <= 128) return py::none();
+  Call c = make_call(x.dim() == 2 ? x : x.view({-1, k}), w, absmax, nested_absmax, nested_code, offset, blocksize,
+                     A, B, scaling, bias, p, std::nullopt);
+  if (!check_call(c, false)) return py::none();
+  if (c.nf4 && (w_rows != c.n || w_cols != c.k)) return py::none();
+  if (!c.nf4 && w.requires_grad()) return py::none();  // a trainable base: the general path says why not
+  std::optional<at::Tensor> seed;
+  if (p > 0.0)
+    seed = at::randint(0, int64_t(1) << 62, {}, at::TensorOptions().device(x.device()).dtype(at::kLong));
+  return py::cast(LoRAFunction::apply(x, w, absmax, nested_absmax, nested_code, offset, blocksize, A, B, scaling, bias,
+                                      p, seed));
+}
+
+}  // namespace lora_launch
+
+// Called from bindings.cpp's module init (and from the CPU test module's).
+void lora_ops_register_launch(py::module_& m) {
+  using namespace lora_launch;
+  m.def("launch_fwd", &fwd_entry, "forward launch (or plan id on a miss, -1 unsupported); dry: the launch list");
+  m.def("launch_bwd", &bwd_entry, "backward launch (or plan id on a miss, -1 unsupported); dry: the launch list");
+  m.def("launch_linear", &linear_entry, "lora_linear's eager entry: y with autograd, or None");
+  m.def("launch_add_variants", &add_variants);
+  m.def("launch_set_verified", &set_verified);
+  m.def("launch_clear", &clear_plans);
+  m.def("launch_stats", &stats);
+  m.def("launch_configure", &configure);
+  m.def("launch_set_device", &set_device);
+  m.def("launch_set_fallback", &set_fallback);
+#ifdef LORA_OPS_LAUNCH_CUDA
+  m.attr("launch_has_cuda") = true;
+#else
+  m.attr("launch_has_cuda") = false;
+#endif
+}

@@ -1,0 +1,159 @@
+"""The C++ launch path (csrc/lora_launch.cpp) builds exactly the launches the Python launchers make.
+
+On CPU the extension cannot launch anything, but a CPU build of the same file can do its dry run: the list of
+kernel launches (kernel, grid, every argument) it would make for a call. These tests run the Python launchers
+under Triton's interpreter inside ``records.recording()``, register the records with the dry-run build and
+require its launch list to equal them (``lora_ops._launch._register``, strict), for the forward and every
+backward variant: dense and NF4 (plain and double-quantized), bias, dropout, ranks over one chunk, deterministic
+mode, strided inputs, the TMA GEMM. On the GPU the same comparison guards every new configuration at run time
+(tests/test_lora_gpu.py runs with LORA_OPS_LAUNCH_STRICT=1).
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+import lora_ops
+from lora_ops import _launch
+
+pytest.importorskip("triton")
+if torch.cuda.is_available() or not lora_ops._backend.triton_interpreter():
+    pytest.skip("the dry-run build is for CPU machines (the GPU tests check the real one)", allow_module_level=True)
+L = pytest.importorskip("lora_ops.triton_kernels.lora")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+@pytest.fixture(scope="module")
+def dry():
+    if shutil.which("ninja") is None:
+        pytest.skip("ninja is needed to build the dry-run module (pip install ninja)")
+    from torch.utils import cpp_extension
+
+    build = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora_ops",
+                         "launch_dry-" + torch.__version__.replace("+", "_"))
+    os.makedirs(build, exist_ok=True)
+    mod = cpp_extension.load(name="lora_ops_launch_dry",
+                             sources=[os.path.join(ROOT, "csrc", "lora_launch.cpp"),
+                                      os.path.join(HERE, "cpp", "launch_dry_module.cpp")],
+                             extra_cflags=["-O1"], build_directory=build, verbose=False)
+    assert not mod.launch_has_cuda
+    saved = (_launch._module, _launch._state)
+    _launch.use_module(mod)
+    _launch._ensure_device(torch.device("cpu"))
+    yield mod
+    _launch._module, _launch._state = saved
+    _launch._devices.clear()
+
+
+@pytest.fixture(autouse=True)
+def _strict(monkeypatch):
+    monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
+    monkeypatch.delenv("LORA_OPS_TMA", raising=False)
+
+
+def _inputs(m, k, n, r, dtype, weight="dense", bias=True, p=0.0, seed=0, x_t=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    if x_t:  # a transposed view: strides (1, m)
+        x = torch.randn(k, m, generator=g).to(dtype).t()
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    if weight == "dense":
+        wargs, bs = (w, None, None, None, None), 0
+    else:
+        w4 = lora_ops.quantize_nf4(w, blocksize=64, double_quant=weight == "nf4-dq")
+        wargs, bs = w4.tensors(), w4.blocksize
+    a = (torch.randn(r, k, generator=g) / k ** 0.5).to(dtype)
+    b = (torch.randn(n, r, generator=g) / r ** 0.5).to(dtype)
+    bias_t = torch.randn(n, generator=g).to(dtype) if bias else None
+    seed_t = torch.tensor(12345, dtype=torch.int64) if p > 0 else None
+    fwd = (x, *wargs, bs, a, b, 1.5, bias_t, p, seed_t)
+    return fwd, torch.randn(m, n, generator=g).to(dtype)
+
+
+def _check(dry, phase, args):
+    res = (dry.launch_fwd if phase == 0 else dry.launch_bwd)(*args, True)
+    assert type(res) is tuple, f"the dry run refused the call ({res})"
+    launcher = L.lora_forward if phase == 0 else L.lora_backward
+    with L.recording() as records:
+        out = launcher(*args)
+    assert records, "the Python launcher recorded no launch"
+    assert _launch._register(dry, phase, res[0], args, list(records))  # strict: raises with the differences
+    return out
+
+
+CASES = [
+    dict(m=70, k=96, n=80, r=8, dtype=torch.float32),
+    dict(m=70, k=96, n=80, r=8, dtype=torch.float16, bias=False),
+    dict(m=33, k=64, n=48, r=16, dtype=torch.float16, p=0.25),
+    dict(m=40, k=64, n=64, r=80, dtype=torch.float32, p=0.1),  # two rank chunks
+    dict(m=70, k=128, n=64, r=8, dtype=torch.float16, weight="nf4"),
+    dict(m=70, k=128, n=64, r=8, dtype=torch.float32, weight="nf4-dq", p=0.1),
+    dict(m=48, k=64, n=32, r=4, dtype=torch.float32, x_t=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_forward_and_backward_launch_lists_equal_python(dry, case):
+    fwd, dy = _inputs(**case)
+    y, s = _check(dry, 0, fwd)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd
+    for need in [(True, True, True, bias is not None), (True, False, False, False), (False, True, True, False),
+                 (False, False, True, bias is not None)]:
+        _check(dry, 1, (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p, seed, *need))
+
+
+def test_deterministic_backward(dry):
+    fwd, dy = _inputs(m=70, k=64, n=64, r=8, dtype=torch.float32, bias=True)
+    y, s = _check(dry, 0, fwd)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check(dry, 1, (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p, seed, True, True, True, True))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_tma_gemm_launch_lists(dry, monkeypatch):
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    fwd, dy = _inputs(m=64, k=64, n=64, r=16, dtype=torch.float16, bias=True, p=0.1)
+    y, s = _check(dry, 0, fwd)
+    assert any(r[0] == "lora_gemm_tma" for r in dry.launch_fwd(*fwd, True)[1])
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd
+    _check(dry, 1, (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p, seed, True, True, True, True))
+
+
+def test_comparison_catches_a_changed_argument(dry):
+    """The check that guards every launch can fail: one changed int, one swapped input pointer, one grid."""
+    fwd, _ = _inputs(m=70, k=96, n=80, r=8, dtype=torch.float32)
+    plan, launches = dry.launch_fwd(*fwd, True)
+    with L.recording() as records:
+        L.lora_forward(*fwd)
+    records = list(records)
+    inputs = _launch._inputs(0, fwd)
+    _launch._register(dry, 0, plan, fwd, records)  # registers the variants, so the grids are known
+    plan, launches = dry.launch_fwd(*fwd, True)
+    assert _launch.compare(launches, records, inputs) == []
+    bad_int = [list(l) for l in launches]
+    bad_int[0][2] = list(bad_int[0][2])
+    bad_int[0][2][4] += 1  # x.stride(0) of the S kernel
+    assert _launch.compare(bad_int, records, inputs)
+    bad_ptr = [list(l) for l in launches]
+    bad_ptr[0][2] = list(bad_ptr[0][2])
+    bad_ptr[0][2][0], bad_ptr[0][2][1] = bad_ptr[0][2][1], bad_ptr[0][2][0]  # x and A swapped
+    assert _launch.compare(bad_ptr, records, inputs)
+    bad_grid = [list(l) for l in launches]
+    bad_grid[1][1] = (bad_grid[1][1][0] + 1, 1, 1)
+    assert _launch.compare(bad_grid, records, inputs)
+    assert _launch.compare(launches[:1], records, inputs)
+
+
+def test_unsupported_calls_are_refused(dry):
+    fwd, _ = _inputs(m=8, k=32, n=16, r=4, dtype=torch.float32)
+    x = fwd[0]
+    assert dry.launch_fwd(x[:0], *fwd[1:], True) == -1  # an empty batch stays on the Python launchers
+    assert dry.launch_fwd(x.double(), *fwd[1:], True) == -1  # float64: reference only
+    bad_a = torch.zeros(4, 31)
+    assert dry.launch_fwd(x, *fwd[1:7], bad_a, *fwd[8:], True) == -1  # wrong shape: Python raises the error
