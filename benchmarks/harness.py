@@ -11,6 +11,9 @@ Per (case, provider, mode), outside any timed region unless stated:
    ``time.perf_counter`` around each call, median and p20/p80 of the samples.
 3. eager: a plain Python loop of n calls (gradients set to None inside the loop), synchronize, wall clock / n.
    It shows the host time that do_bench's queued L2 flushes hide. No CUDA graphs anywhere.
+   The ``host`` mode (host preset) is fwd+bwd timed only this way, at a shape whose GPU work is a few
+   microseconds: loops of ``host_calls`` calls with one synchronize at the end, median of ``host_loops`` loops,
+   as microseconds per call (``host_us``): the host cost of one training call of the layer.
 4. profile: one call under ``torch.profiler``: device kernels launched and dispatcher ops called.
 
 Where a case has several weight sets the timed callable rotates through them (decode: so L2 cannot serve the
@@ -45,7 +48,7 @@ from .providers import BUILDERS, DTYPES, Built, CaseData, WeightSet, dequant_byt
 
 MIB = float(1 << 20)
 QUANTILES = (0.5, 0.2, 0.8)
-TRAIN_MODES = ("forward", "backward", "full")
+TRAIN_MODES = ("forward", "backward", "full", "host")
 NO_LORA = ("floor", "floor_repeat", "full_ft")
 
 
@@ -126,6 +129,8 @@ class Settings:
     cpu_max_reps: int = 40
     profile: bool = True
     seed: int = 0
+    host_calls: int = 200  # host mode: calls per loop (one synchronize at its end)
+    host_loops: int = 7  # host mode: loops, median taken
 
 
 @dataclass
@@ -166,8 +171,11 @@ class Device:
         if self.cuda:
             torch.cuda.empty_cache()
 
-    def time(self, fn: Callable, grads: Sequence[torch.Tensor], graph: bool = False) -> Timing:
-        """do_bench (CUDA) or perf_counter (CPU) timing of fn; with ``graph`` on CUDA also a CUDA-graph timing."""
+    def time(self, fn: Callable, grads: Sequence[torch.Tensor], graph: bool = False, host: bool = False) -> Timing:
+        """do_bench (CUDA) or perf_counter (CPU) timing of fn; with ``graph`` on CUDA also a CUDA-graph timing;
+        ``host``: the host mode's loops instead."""
+        if host:
+            return self._time_host(fn, grads)
         if not self.cuda:
             return self._time_cpu(fn, grads)
         t = self._time_cuda(fn, grads)
@@ -205,6 +213,27 @@ class Device:
         self.sync()
         eager = (time.perf_counter() - t0) * 1e3 / n
         return Timing(p50, p20, p80, max(1, int(self.s.rep_ms / max(p50, 1e-3))), eager, n, "triton.do_bench")
+
+    def _time_host(self, fn, grads) -> Timing:
+        """ms per call of loops of ``host_calls`` calls, each loop synchronized once at its end (p50/p20/p80
+        over ``host_loops`` loops)."""
+        # The CPU quick mode computes on the host itself: a few short loops show the same structure.
+        calls, loops = (self.s.host_calls, self.s.host_loops) if self.cuda else (10, 3)
+        for _ in range(min(20, calls)):
+            _clear(grads)
+            fn()
+        self.sync()
+        per_call = []
+        for _ in range(loops):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                _clear(grads)
+                fn()
+            self.sync()
+            per_call.append((time.perf_counter() - t0) * 1e3 / calls)
+        p50, p20, p80 = quantiles(per_call)
+        return Timing(p50, p20, p80, loops, p50, calls * loops,
+                      f"perf_counter, loops of {calls} calls, one synchronize per loop")
 
     def _time_cpu(self, fn, grads) -> Timing:
         _clear(grads)
@@ -454,7 +483,7 @@ def make_calls(data: CaseData, builts: Sequence[Built], mode: str) -> Tuple[Call
             b.module.train(mode != "decode")
         if mode == "forward":
             f = (lambda b=b: b.forward(data.x))
-        elif mode == "full":
+        elif mode in ("full", "host"):
             f = (lambda b=b: b.forward(data.x).backward(data.dy))
         elif mode == "backward":
             with b.context():
@@ -513,9 +542,12 @@ def _skip_rows(run: Run, case: Case, provider: str, modes: Sequence[str], reason
 
 def _mode_rows(run: Run, case: Case, provider: str, mode: str, config: Dict, t: Timing,
                mem: Optional[Tuple[int, int]], prof: Optional[Tuple[Optional[int], int]]) -> List[Dict]:
+    rows = Rows(run, case, provider, mode, config)
+    if mode == "host":
+        rows.add("host_us", t.p50 * 1e3, "us", t.p20 * 1e3, t.p80 * 1e3, note=f"{t.timer}, median of {t.n} loops")
+        return rows.rows
     ceil = run.env["ceilings"]
     flops, nbytes = case_cost(case, provider, mode)
-    rows = Rows(run, case, provider, mode, config)
     rows.add("time_ms", t.p50, "ms", t.p20, t.p80, note=f"{t.timer}, median of ~{t.n}")
     rows.add("eager_ms", t.eager_ms, "ms", note=f"steady loop of {t.eager_n} calls, no CUDA graphs")
     if t.graph_note:
@@ -572,8 +604,8 @@ def _timed_calls(dev: Device, data: CaseData, built: Sequence[Built], mode: str,
                  ) -> Tuple[Timing, Optional[Tuple[Optional[int], int]]]:
     fn, grads, keep = make_calls(data, built, mode)
     try:
-        t = dev.time(fn, grads, graph=mode == "decode")
-        prof = dev.profile(fn, grads) if profile else None
+        t = dev.time(fn, grads, graph=mode == "decode", host=mode == "host")
+        prof = dev.profile(fn, grads) if profile and mode != "host" else None
     finally:
         del fn
         keep.clear()

@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-MODES = ("forward", "backward", "full", "decode", "dequant", "step")
-LAYER_MODES = ("forward", "backward", "full", "decode")
+MODES = ("forward", "backward", "full", "decode", "dequant", "step", "host")
+LAYER_MODES = ("forward", "backward", "full", "decode", "host")
 DECODE_MAX_M = 16
 
 # Every provider, with what it times (the --help text is built from this table).
@@ -103,7 +103,7 @@ class Case(_Planned):
     def primary_mode(self) -> str:
         """The mode the summary and the ratio plots show for this case."""
         modes = self.modes_of(self.floor)
-        for m in ("full", "decode", "dequant"):
+        for m in ("full", "decode", "dequant", "host"):
             if m in modes:
                 return m
         return modes[0] if modes else "full"
@@ -219,6 +219,21 @@ def _tokens(cpu: bool) -> List[Case]:
 def _decode(cpu: bool) -> List[Case]:
     K, N, dt, n_sets = (256, 896, "float32", 3) if cpu else (4096, 14336, "bfloat16", 0)
     return [decode_case("decode", M, K, N, 16, w, dt, n_sets) for w in ("dense", "nf4") for M in (1, 2, 4, 8, 16)]
+
+
+# The host preset's shape: GPU work of a few microseconds per fwd+bwd, so the wall time per call is host time.
+HOST_SHAPE = (64, 1024, 1024)
+
+
+def _host(cpu: bool) -> List[Case]:
+    M, K, N = HOST_SHAPE
+    dt = "float32" if cpu else "bfloat16"
+    out = []
+    for w in ("dense", "nf4"):
+        peer = "peft" if w == "dense" else "peft_bnb"
+        plan = (("floor", ("host",)), (peer, ("host",)), ("fused", ("host",)), ("floor_repeat", ("host",)))
+        out.append(Case("host", _name(M, K, N, 16, w, 0.0), "layer", M, K, N, 16, w, 0.0, dt, plan=plan))
+    return out
 
 
 def _nf4(cpu: bool) -> List[Case]:
@@ -367,6 +382,9 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "about 2-4 min", _tokens),
     Preset("decode", "no-grad forward, M in 1,2,4,8,16 at 4096->14336, r=16, weights rotated past L2; "
            "floor (bf16, no LoRA), unfused, peft / peft_bnb, fused dense and NF4", "about 1-2 min", _decode),
+    Preset("host", "host cost per eager fwd+bwd at M=64, 1024->1024 (GPU work of a few us): wall time per call "
+           "of loops of 200 calls with one synchronize each, median of 7 loops; floor, fused and peft / peft_bnb, "
+           "dense and NF4 (metric host_us)", "under 1 min", _host),
     Preset("nf4", "dequantize a 14336x4096 NF4 weight to bf16: lora_ops (fused, unfused) vs bitsandbytes vs a "
            "copy of as many bytes", "under 1 min", _nf4),
     Preset("model", "training steps (fwd + causal-LM loss + bwd + AdamW) of a Llama-3-8B-shaped decoder, random "

@@ -80,7 +80,7 @@ class Built:
     info: Dict = field(default_factory=dict)
 
     def supports(self, mode: str) -> bool:
-        if mode in ("forward", "backward", "full"):
+        if mode in ("forward", "backward", "full", "host"):
             return self.forward is not None
         if mode == "decode":
             return self.decode is not None

@@ -19,7 +19,7 @@ from .presets import MODEL_PROVIDERS, MODEL_REFERENCE  # the model preset's prov
 COLUMNS = ("run_id", "preset", "case", "shape", "provider", "mode", "metric", "value", "p20", "p80", "unit",
            "ratio_to_floor", "status", "note", "config", "env")
 NUMERIC = ("value", "p20", "p80", "ratio_to_floor")
-RATIO_METRICS = ("time_ms", "eager_ms", "graph_ms", "peak_extra_mib", "tokens_per_s")
+RATIO_METRICS = ("time_ms", "eager_ms", "graph_ms", "peak_extra_mib", "tokens_per_s", "host_us")
 MERGE_KEY = ("preset", "case", "provider", "mode")
 HIDDEN_IN_SUMMARY = ("floor_repeat",)
 FLOORS = ("floor", "copy")
@@ -229,6 +229,11 @@ def _case_table(case: str, providers: Dict) -> List[str]:
                 skipped.append(f"{provider} {mode}: {m['skipped']['note']}")
                 continue
             t = m.get("time_ms")
+            h = m.get("host_us")
+            if t is None and h is not None:
+                out.append(f"| {provider} | host | host {_f(h['value'])} us per call [{_f(h['p20'])}, {_f(h['p80'])}] "
+                           f"| {_x(h['ratio_to_floor'])} | | | | | | | |")
+                continue
             if t is None:
                 continue
             mark = ""
@@ -345,6 +350,11 @@ def summary(rows: Sequence[Dict]) -> List[str]:
                     out.append(f"| {case} | {provider} | skipped | {m['skipped']['note'][:60]} | |")
                     continue
                 t = m.get("time_ms")
+                h = m.get("host_us")
+                if t is None and h is not None:  # the host preset: microseconds of host time per call
+                    rh = h["ratio_to_floor"] if provider != floor else 1.0
+                    out.append(f"| {case} | {provider} | host {_f(h['value'])} us | {_x(rh)} | – |")
+                    continue
                 if t is None:
                     continue
                 e = m.get("eager_ms")

@@ -1,0 +1,150 @@
+"""The C++ launch path on the GPU (marker ``gpu``): same results as the Python launchers, used in steady state,
+capturable in a CUDA graph, and under torch.compile(mode="reduce-overhead").
+
+Every test runs with LORA_OPS_LAUNCH_STRICT=1: a configuration whose C++ launch list differs from the Python
+launchers' raises instead of quietly staying on Python. "Same results" is bit for bit for y, dx and dA (the same
+kernels with the same arguments); dB and dbias are reduced with fp32 atomics in a run-dependent order, so they
+are compared with the dtype's tolerance.
+"""
+import pytest
+import torch
+
+import lora_ops
+from lora_ops import _launch
+from helpers import assert_rel_close
+
+pytestmark = pytest.mark.gpu
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.fixture(autouse=True)
+def _strict(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
+    monkeypatch.setenv("LORA_OPS_TRITON_AUTOTUNE", "0")
+    monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
+    monkeypatch.delenv("LORA_OPS_BACKEND", raising=False)
+    if _launch.module() is None:
+        pytest.fail("the C++ launch path did not load (lora_ops._C built without launch_linear?)")
+
+
+def _inputs(m, k, n, r, dtype, weight, bias, lead=(), seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    w = (rnd(n, k) / k ** 0.5).to(dtype)
+    if weight != "dense":
+        w = lora_ops.quantize_nf4(w, blocksize=64, double_quant=weight == "nf4-dq")
+    return dict(x=rnd(*lead, m, k).to(dtype), w=w, a=(rnd(r, k) / k ** 0.5).to(dtype),
+                b=(rnd(n, r) / r ** 0.5).to(dtype), bias=rnd(n).to(dtype) if bias else None,
+                dy=rnd(*lead, m, n).to(dtype))
+
+
+def _run(inp, p, frozen_a=False, seed=1234):
+    x = inp["x"].detach().clone().requires_grad_(True)
+    a = inp["a"].detach().clone().requires_grad_(not frozen_a)
+    b = inp["b"].detach().clone().requires_grad_(True)
+    bias = None if inp["bias"] is None else inp["bias"].detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = lora_ops.lora_linear(x, inp["w"], a, b, 1.5, bias, dropout_p=p)
+    y.backward(inp["dy"])
+    return (y.detach(), x.grad, a.grad, b.grad, None if bias is None else bias.grad)
+
+
+def _python_launchers(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setenv("LORA_OPS_LAUNCH", "python")
+        return fn()
+
+
+CASES = [  # (M, K, N, r, dtype, weight, bias, dropout p, leading dims)
+    (256, 512, 384, 16, BF16, "dense", True, 0.0, ()),
+    (100, 512, 384, 8, F16, "dense", False, 0.1, ()),
+    (96, 256, 512, 80, F32, "dense", True, 0.05, ()),
+    (200, 512, 256, 16, BF16, "nf4", True, 0.0, ()),
+    (64, 512, 256, 16, BF16, "nf4-dq", False, 0.1, (2,)),
+    (40, 512, 256, 16, F16, "nf4-dq", True, 0.0, ()),  # below the dequantize threshold: NF4 decoded in the K-loop
+    (4096, 4096, 8192, 16, BF16, "dense", True, 0.0, ()),  # the TMA GEMMs
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}-r{c[3]}-{str(c[4])[6:]}-{c[5]}"
+                         f"{'-bias' if c[6] else ''}-p{c[7]}{'-3d' if c[8] else ''}")
+def test_cpp_path_equals_python_launchers(monkeypatch, case):
+    m, k, n, r, dtype, weight, bias, p, lead = case
+    inp = _inputs(m, k, n, r, dtype, weight, bias, lead)
+    want = _python_launchers(monkeypatch, lambda: _run(inp, p))
+    _run(inp, p)  # the first call of this configuration registers it
+    from lora_ops.triton_kernels import records
+    before = dict(_launch.launch_counts())
+    py_before = sum(records.LAUNCHES._py.values())
+    got = _run(inp, p)
+    after = _launch.launch_counts()
+    assert sum(after.values()) > sum(before.values()), "the C++ side launched nothing"
+    assert sum(records.LAUNCHES._py.values()) == py_before, "a Python launcher ran in steady state"
+    for name, g, w in zip(("y", "dx", "dA"), got[:3], want[:3]):
+        assert torch.equal(g, w), f"{name} differs from the Python launchers' result"
+    for name, g, w in zip(("dB", "dbias"), got[3:], want[3:]):
+        if w is not None:
+            assert_rel_close(g, w, dtype, name)
+
+
+def test_needs_input_grad_is_honoured():
+    inp = _inputs(128, 256, 256, 8, BF16, "nf4", True)
+    for _ in range(2):
+        x = inp["x"].detach().clone()  # no grad for x
+        a = inp["a"].detach().clone()  # frozen A
+        b = inp["b"].detach().clone().requires_grad_(True)
+        y = lora_ops.lora_linear(x, inp["w"], a, b, 1.5, inp["bias"])
+        y.backward(inp["dy"])
+        assert x.grad is None and a.grad is None and b.grad is not None
+
+
+def test_cuda_graph_capture_replays_the_layer():
+    inp = _inputs(512, 1024, 1024, 16, BF16, "nf4-dq", True)
+    layer = lora_ops.QLoRALinear.from_linear(torch.nn.Linear(1024, 1024, device="cuda", dtype=BF16), r=16,
+                                             lora_alpha=32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = inp["x"].detach().clone().requires_grad_(True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm-up: compile, register, allocate
+            layer(x).backward(inp["dy"])
+    torch.cuda.current_stream().wait_stream(s)
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+        y.backward(inp["dy"])
+    x2 = torch.randn_like(x)
+    x.data.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    xe = x2.detach().clone().requires_grad_(True)
+    for t in (layer.lora_A, layer.lora_B):
+        t.grad = None
+    ye = layer(xe)
+    ye.backward(inp["dy"])
+    assert torch.equal(y, ye)
+    assert torch.equal(x.grad, xe.grad)
+
+
+def test_compile_reduce_overhead_matches_eager():
+    inp = _inputs(256, 512, 512, 16, BF16, "dense", False)
+    layer = lora_ops.LoRALinear.from_linear(torch.nn.Linear(512, 512, device="cuda", dtype=BF16), r=16, lora_alpha=32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    for _ in range(4):
+        x = inp["x"].detach().clone().requires_grad_(True)
+        y = compiled(x)
+        y.backward(inp["dy"])
+    xe = inp["x"].detach().clone().requires_grad_(True)
+    ye = layer(xe)
+    ye.backward(inp["dy"])
+    assert_rel_close(y, ye, BF16, "y")
+    assert_rel_close(x.grad, xe.grad, BF16, "dx")
