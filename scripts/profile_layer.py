@@ -1,7 +1,8 @@
-"""GPU: per-kernel device time of one lora_linear fwd+bwd (the fused path) next to the floor, for the cases
-the speed work needs to understand. Prints torch.profiler tables (device time per kernel, averaged).
+"""GPU: device time of one lora_linear fwd+bwd (the fused path) next to the floor, for the cases the speed work
+needs to understand: the fwd+bwd replayed from a CUDA graph (device time only, no host), then the device time
+per kernel (torch.profiler, averaged over a few eager calls).
 
-    python scripts/profile_layer.py [--cases 8192x4096x4096 2048x4096x4096] [--nf4]
+    python scripts/profile_layer.py [--cases 8192x4096x4096 2048x4096x4096] [--nf4 | --both] [--no-tables]
 """
 import argparse
 from types import SimpleNamespace
@@ -37,8 +38,42 @@ def layer_case(m, k, n, r=16, nf4=False):
     return SimpleNamespace(x=x, w=w, a=a, b=b, dy=dy, wt=wt, fused=fused, floor=floor)
 
 
-def run(m, k, n, r=16, nf4=False, iters=5):
+def graph_ms(fn, grads, replays=50):
+    """Device ms per call of fn replayed from one CUDA graph (captured after warm-up; no host time)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    for t in grads:
+        t.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(replays):
+            g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return sorted(times)[len(times) // 2]
+
+
+def run(m, k, n, r=16, nf4=False, iters=5, tables=True):
     case = layer_case(m, k, n, r, nf4)
+    tag = f"{m}x{k}->{n} r={r} {'nf4' if nf4 else 'dense'}"
+    fl = graph_ms(case.floor, [case.x])
+    fu = graph_ms(case.fused, [case.x, case.a, case.b])
+    print(f"\n==== {tag}: CUDA-graph replay, device ms per fwd+bwd: floor {fl:.4f}, fused {fu:.4f} "
+          f"({fu / fl:.3f}x) ====")
+    if not tables:
+        return
     for name, fn in (("floor", case.floor), ("fused", case.fused)):
         for _ in range(3):
             fn()
@@ -47,18 +82,26 @@ def run(m, k, n, r=16, nf4=False, iters=5):
             for _ in range(iters):
                 fn()
             torch.cuda.synchronize()
-        print(f"\n==== {name} {m}x{k}->{n} r={r} {'nf4' if nf4 else 'dense'} ({iters} iterations) ====")
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+        rows = [(e.key, e.count // iters, e.self_device_time_total / iters) for e in prof.key_averages()
+                if e.self_device_time_total > 0]
+        rows.sort(key=lambda t: -t[2])
+        total = sum(t[2] for t in rows)
+        print(f"  {name}: {total:.1f} us of kernels per fwd+bwd")
+        for key, count, us in rows[:10]:
+            print(f"    {us:9.1f} us  x{count}  {key[:90]}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="+", default=["8192x4096x4096", "2048x4096x4096"])
-    ap.add_argument("--nf4", action="store_true")
+    ap.add_argument("--nf4", action="store_true", help="NF4 weights (default dense)")
+    ap.add_argument("--both", action="store_true", help="dense and NF4")
+    ap.add_argument("--no-tables", action="store_true", help="graph timings only")
     args = ap.parse_args()
     for c in args.cases:
         m, k, n = (int(v) for v in c.split("x"))
-        run(m, k, n, nf4=args.nf4)
+        for nf4 in ((False, True) if args.both else (args.nf4,)):
+            run(m, k, n, nf4=nf4, tables=not args.no_tables)
 
 
 if __name__ == "__main__":
