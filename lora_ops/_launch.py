@@ -42,16 +42,36 @@ def _strict() -> bool:
     return os.environ.get("LORA_OPS_LAUNCH_STRICT", "0") not in ("", "0")
 
 
-def _configure(mod) -> None:
+_sent: Optional[dict] = None  # the launcher settings the C++ side holds
+
+
+def _settings() -> dict:
+    """The Python launchers' constants the C++ side mirrors (read again on every miss: tests change some)."""
     from . import nf4 as _nf4
     from .triton_kernels import lora as L
     from .triton_kernels import nf4_dequant as DQ
 
-    mod.launch_configure(dict(
-        max_stride=L._MAX_STRIDE, min_dot=L._MIN_DOT, max_block_r=L._MAX_BLOCK_R,
-        dequant_min_m=L.NF4_DEQUANT_MIN_M, tma_min_m=L._TMA_MIN_M, tma_min_nk=L._TMA_MIN_NK,
-        tma_block_r=L._TMA_BLOCK_R, tma_small_m=L._TMA_CONFIGS[0][0], nested_blocksize=_nf4.NESTED_BLOCKSIZE,
-        dq_bytes_per_program=DQ.BYTES_PER_PROGRAM, blocksizes=list(_nf4.VALID_BLOCKSIZES)))
+    return dict(max_stride=L._MAX_STRIDE, min_dot=L._MIN_DOT, max_block_r=L._MAX_BLOCK_R,
+                dequant_min_m=L.NF4_DEQUANT_MIN_M, tma_min_m=L._TMA_MIN_M, tma_min_nk=L._TMA_MIN_NK,
+                tma_block_r=L._TMA_BLOCK_R, tma_small_m=L._TMA_CONFIGS[0][0], nested_blocksize=_nf4.NESTED_BLOCKSIZE,
+                dq_bytes_per_program=DQ.BYTES_PER_PROGRAM, blocksizes=list(_nf4.VALID_BLOCKSIZES))
+
+
+def _sync_settings(mod) -> None:
+    """Send the launchers' settings if they changed since last sent; plans made under others are dropped."""
+    global _sent
+    now = _settings()
+    if now != _sent:
+        if _sent is not None:
+            mod.launch_clear()
+        mod.launch_configure(now)
+        _sent = now
+
+
+def _configure(mod) -> None:
+    global _sent
+    _sent = None
+    _sync_settings(mod)
     mod.launch_set_fallback(_fallback)
 
 
@@ -206,6 +226,12 @@ def _python_launch(phase: int, plan: int, args: tuple):
         plan = res[0] if type(res) is tuple else -1
     if plan < 0 or mod is None:
         return launcher(*args)
+    if _settings() != _sent:  # the plan id was computed under other settings: ask again
+        _sync_settings(mod)
+        res = (mod.launch_fwd if phase == 0 else mod.launch_bwd)(*args, True)
+        if type(res) is not tuple:
+            return launcher(*args)
+        plan = res[0]
     with L.recording() as records:
         out = launcher(*args)
     _register(mod, phase, plan, args, list(records))
