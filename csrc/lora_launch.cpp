@@ -1200,6 +1200,23 @@ void set_device(int dev, const at::Tensor& scratch, const at::Tensor& codebook, 
 
 void set_fallback(py::object fn) { *g_fallback = std::move(fn); }
 
+// A copy of `values` on device `dev` in memory of its own (cudaMalloc, never freed), outside PyTorch's caching
+// allocator: the per-device tensors every launch reads (scratch, codebook) must not come from a CUDA-graph
+// memory pool, which is where they would land if first made inside torch.compile's cudagraph warm-up.
+at::Tensor persistent(int dev, const at::Tensor& values) {
+#ifdef LORA_OPS_LAUNCH_CUDA
+  if (dev >= 0) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(dev));
+    const at::Tensor host = values.contiguous().cpu();
+    void* ptr = nullptr;
+    C10_CUDA_CHECK(cudaMalloc(&ptr, host.nbytes()));
+    C10_CUDA_CHECK(cudaMemcpy(ptr, host.data_ptr(), host.nbytes(), cudaMemcpyHostToDevice));
+    return at::from_blob(ptr, host.sizes(), host.options().device(at::Device(at::kCUDA, dev)));
+  }
+#endif
+  return values.clone();
+}
+
 // ---------------------------------------------------------------------------------------------- autograd
 
 // Runs one forward; a miss or an unsupported call goes to the Python launchers (which register what they ran).
@@ -1353,6 +1370,7 @@ void lora_ops_register_launch(py::module_& m) {
   m.def("launch_configure", &configure);
   m.def("launch_set_device", &set_device);
   m.def("launch_set_fallback", &set_fallback);
+  m.def("launch_persistent", &persistent);
 #ifdef LORA_OPS_LAUNCH_CUDA
   m.attr("launch_has_cuda") = true;
 #else

@@ -82,7 +82,9 @@ def module():
         with _lock:
             if _state == "new":
                 _state = "unavailable"
-                if torch.cuda.is_available() and _backend.implementation("lora_fwd", "cuda") is not None:
+                # Whether the Triton kernels load, whatever backend is asked for right now (that is per call).
+                triton_ok = _backend._load(_backend.IMPLEMENTATIONS["lora_fwd"][0][1]) is not None
+                if torch.cuda.is_available() and triton_ok:
                     try:
                         from . import _ext
                         mod = _ext.module()
@@ -127,6 +129,12 @@ def _ensure_device(device: torch.device) -> bool:
         device = torch.device("cuda", index)
     if _devices.get(index):
         return False
+    from . import nf4 as _nf4
+    # Made here, in memory of their own, unless a launcher made them already (see csrc persistent()).
+    if device not in L._SCRATCH:
+        L._SCRATCH[device] = _module.launch_persistent(index, torch.zeros(16, dtype=torch.float32))
+    if device not in DQ._CODEBOOKS:
+        DQ._CODEBOOKS[device] = _module.launch_persistent(index, _nf4.nf4_codebook("cpu").float())
     major = torch.cuda.get_device_capability(index)[0] if device.type == "cuda" else 9
     _module.launch_set_device(index, L._scratch(device), DQ._codebook(device), L._sm_count(device), major)
     _devices[index] = True
