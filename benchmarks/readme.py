@@ -370,6 +370,41 @@ def model_section(idx: Dict, rows: Sequence[Dict], csv_dir: str) -> List[str]:
     return out
 
 
+HOST_COLUMNS = (("peft", "PEFT LoRA"), ("peft_bnb", "PEFT+bnb QLoRA"), ("fused", "**lora_ops**"))
+
+
+def host_section(idx: Dict, csv_dir: str) -> List[str]:
+    """Host µs per eager fwd+bwd (host preset): the floor's, then each provider's (× the floor)."""
+    out = ["### Host cost: µs per eager forward + backward (× the frozen layer's)", ""]
+    cases = _cases(idx, "host")
+    if not cases:
+        return out + _not_yet("python -m benchmarks --preset host")
+    mode, metric = "host", "host_us"
+    runs = Runs([m[mode][metric] for p in cases.values() for m in p.values() if mode in m and metric in m[mode]],
+                None)
+    cols = _columns(cases, HOST_COLUMNS)
+    out += _head("M × K→N, weight", "frozen layer µs", *(h for _, h in cols), "floor again")
+    notes: List[str] = []
+    for case, provs in cases.items():
+        fl = provs.get("floor", {}).get(mode, {}).get(metric)
+        cells = [_layer_label(provs, mode), _g(fl["value"]) + runs.tag(fl["run_id"]) if fl else "–"]
+        for p, _ in cols:
+            m = provs.get(p, {}).get(mode, {})
+            h = m.get(metric)
+            if "skipped" in m:
+                cells.append(_skip_note(notes, m["skipped"]["note"]))
+            else:
+                cells.append("–" if h is None else f"{_g(h['value'])} ({_x(h['ratio_to_floor'])}){runs.tag(h['run_id'])}")
+        rep = provs.get("floor_repeat", {}).get(mode, {}).get(metric)
+        cells.append(_x(rep["ratio_to_floor"]) if rep else "–")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out += ["- Wall time per call of loops of eager fwd+bwd calls with one synchronize per loop, median of the "
+            "loops, at a shape whose GPU work is a few µs: what one training call of the layer costs the host."]
+    out += _absent(cols, cases) + _notes(notes) + runs.lines() + [_plot(csv_dir, "host_ratio.png"), ""]
+    return out
+
+
 def generate(rows: Sequence[Dict], csv_path: Path = DEFAULT_CSV) -> str:
     """The README block (markers included) for ``rows`` read from ``csv_path``."""
     csv_rel = _rel(csv_path)
@@ -387,6 +422,7 @@ def generate(rows: Sequence[Dict], csv_path: Path = DEFAULT_CSV) -> str:
     lines += memory_section(idx)
     for preset, title, plot in SWEEPS[1:]:
         lines += layer_section(idx, csv_dir, preset, title, plot)
+    lines += host_section(idx, csv_dir)
     lines += decode_section(idx, csv_dir)
     lines += nf4_section(idx, csv_dir)
     lines += model_section(idx, rows, csv_dir)
