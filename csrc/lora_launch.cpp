@@ -51,7 +51,7 @@ namespace lora_launch {
 // ------------------------------------------------------------------------------------------------ kernels
 
 enum Kernel : int { K_DQ = 0, K_S, K_FWD, K_DX, K_TMA, K_DS, K_DB, K_DA, NUM_KERNELS };
-// The names of triton_kernels/lora.py (_Kernel.name) and nf4_dequant.py: the records and the launch counters use them.
+// The names of triton_kernels/lora_tuning.py (_Kernel.name) and nf4_dequant.py: records and launch counts use them.
 const char* const kKernelNames[NUM_KERNELS] = {"nf4_dequant", "lora_s", "lora_fwd", "lora_bwd_dx",
                                                "lora_gemm_tma", "lora_bwd_ds", "lora_bwd_db", "lora_bwd_da"};
 
@@ -61,16 +61,16 @@ int kernel_id(const std::string& name) {
   TORCH_CHECK(false, "lora_ops launch: unknown kernel name '", name, "'");
 }
 
-// Settings the Python launchers read from module constants; lora_ops/_launch.py sets them once.
+// Settings the Python launchers read from module constants; lora_ops/_launch.py sends them (again on a change).
 struct Settings {
-  int64_t max_stride = 1 << 22;   // lora.py _MAX_STRIDE
-  int64_t min_dot = 16;           // _MIN_DOT
-  int64_t max_block_r = 64;       // _MAX_BLOCK_R
+  int64_t max_stride = 1 << 22;   // lora_kernels.py MAX_STRIDE
+  int64_t min_dot = 16;           // MIN_DOT
+  int64_t max_block_r = 64;       // MAX_BLOCK_R
   int64_t dequant_min_m = 64;     // NF4_DEQUANT_MIN_M
   int64_t tma_min_m = 4096;       // _TMA_MIN_M
   int64_t tma_min_nk = 1 << 25;   // _TMA_MIN_NK
   int64_t tma_block_r = 16;       // _TMA_BLOCK_R
-  int64_t tma_small_m = 128;      // _TMA_CONFIGS: the first M of the large tile
+  int64_t tma_small_m = 128;      // lora_tuning.py _TMA_CONFIGS: the first M of the large tile
   int64_t nested_blocksize = 256; // nf4.NESTED_BLOCKSIZE
   int64_t dq_bytes_per_program = 2048;  // nf4_dequant.BYTES_PER_PROGRAM
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES

@@ -33,6 +33,11 @@ def _lora():
     return lora
 
 
+def _tuning():
+    from lora_ops.triton_kernels import lora_tuning
+    return lora_tuning
+
+
 @pytest.fixture(autouse=True)
 def _gpu_triton(monkeypatch):
     if not torch.cuda.is_available():
@@ -226,7 +231,7 @@ def test_every_config_is_correct(monkeypatch, weight, r, kernels):
     prev = torch.are_deterministic_algorithms_enabled()
     checked = 0
     try:
-        for name, kernel in L.KERNELS.items():
+        for name, kernel in _tuning().KERNELS.items():
             if kernels is not None and name not in kernels:
                 continue
             torch.use_deterministic_algorithms(name == "lora_bwd_db")
@@ -376,7 +381,7 @@ def test_random_shape_sweep(monkeypatch):
 
 @pytest.mark.parametrize("autotune", ["0", "1"])
 def test_launch_cache_respects_specialisation(monkeypatch, autotune):
-    """The launchers' cache of compiled kernels (triton_kernels/lora.py, _Kernel): repeated calls hit it, and
+    """The launchers' cache of compiled kernels (triton_kernels/lora_tuning.py, _Kernel): repeated calls hit it, and
     arguments that Triton specialises differently (a 16-byte-misaligned x, odd strides, another M bucket) get
     their own kernel, each matching the oracle. A cache keyed too coarsely would launch a kernel compiled for
     aligned pointers on a misaligned one, or a config tuned for another M."""
@@ -390,11 +395,12 @@ def test_launch_cache_respects_specialisation(monkeypatch, autotune):
                       .view(300, 1000).copy_(inp["x"])),
                      ("row stride 1003", torch.empty(300, 1003, dtype=BF16, device="cuda")[:, :1000]
                       .copy_(inp["x"]))):
-        entries = sum(len(k._launches) for k in L.KERNELS.values())
+        entries = sum(len(k._launches) for k in _tuning().KERNELS.values())
         got, _ = run_layer(dict(base, x=x), 2.0, 0.0, monkeypatch, x_as_is=True)
         check_and_report(got, want, BF16, f"launch cache, x {label} (autotune={autotune})")
         if label == "aligned again":
-            assert sum(len(k._launches) for k in L.KERNELS.values()) == entries, "a repeated call missed the cache"
+            now = sum(len(k._launches) for k in _tuning().KERNELS.values())
+            assert now == entries, "a repeated call missed the cache"
     small = make_inputs(20, 1000, 520, 16, BF16, "dense")
     got, _ = run_layer(small, 2.0, 0.0, monkeypatch)
     check_and_report(got, oracle(small, 2.0, 0.0, None), BF16, f"launch cache, M=20 (autotune={autotune})")

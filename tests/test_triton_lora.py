@@ -26,6 +26,8 @@ import triton.language as tl  # noqa: E402
 if not torch.cuda.is_available() and not lora_ops._backend.triton_interpreter():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 L = pytest.importorskip("lora_ops.triton_kernels.lora")
+from lora_ops.triton_kernels import lora_kernels as LK  # noqa: E402
+from lora_ops.triton_kernels import lora_tuning as LT  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FWD_KERNELS = ("lora_s", "lora_fwd")
@@ -243,7 +245,7 @@ def _keep_probe_kernel(seed_ptr, base_ptr, out_ptr, threshold, BLOCK: tl.constex
     # base comes from an int64 tensor, as in the kernels (an int64 tile origin): Triton's interpreter stores a
     # plain int argument in [2**31, 2**32) as uint32 under an int64 type, which would break ``>> 32`` here only.
     local = tl.arange(0, BLOCK)
-    keep = L._dropout_keep(tl.load(seed_ptr), tl.load(base_ptr), local, threshold)
+    keep = LK._dropout_keep(tl.load(seed_ptr), tl.load(base_ptr), local, threshold)
     tl.store(out_ptr + local, keep.to(tl.uint8))
 
 
@@ -307,7 +309,7 @@ def test_every_config_computes_the_same(monkeypatch):
         _, s = torch.ops.lora_ops.lora_fwd(case.x, *wargs, bs, case.a, case.b, 2.0, case.bias, p, seed_t)
     prev = torch.are_deterministic_algorithms_enabled()
     try:
-        for name, kernel in L.KERNELS.items():
+        for name, kernel in LT.KERNELS.items():
             torch.use_deterministic_algorithms(name == "lora_bwd_db")
             # The interpreter runs every config of every family; a GPU only those the autotuner may pick for
             # this call (another family's tile can exceed fp32's shared-memory budget).
@@ -385,7 +387,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
-from lora_ops.triton_kernels import lora as L
+from lora_ops.triton_kernels import lora_tuning as LT
 
 UNIT = {"stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_ak", "stride_yn", "stride_dyn", "stride_dsr",
         "stride_dxk", "stride_dbr", "stride_dak", "stride_bias", "stride_dbias_n", "stride_lr", "stride_cn"}
@@ -397,7 +399,7 @@ ptxas = get_ptxas(90).path
 res = []
 for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
     for wk in ("dense", "nf4", "nf4dq"):
-        for kname, kernel in L.KERNELS.items():
+        for kname, kernel in LT.KERNELS.items():
             gemm = kname in ("lora_fwd", "lora_bwd_dx")
             if wk != "dense" and not gemm:
                 continue
@@ -562,6 +564,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_ops.triton_kernels import lora as L
+from lora_ops.triton_kernels import lora_kernels as LK
 out = {}
 for trans in (True, False):
     blocks, warps, stages = L._TMA_CONFIGS[0][1], L._TMA_CONFIGS[0][2], L._TMA_CONFIGS[0][3]
@@ -571,7 +574,7 @@ for trans in (True, False):
                   stride_lr=1, stride_bias=1, **blocks)
     consts["stride_rr" if trans else "stride_rn"] = 1
     sig = {}
-    for name in L._lora_gemm_tma_kernel.arg_names:
+    for name in LK._lora_gemm_tma_kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_desc"):
@@ -581,7 +584,7 @@ for trans in (True, False):
             sig[name] = "*i64" if name == "seed_ptr" else "*bf16"
         else:
             sig[name] = "fp32" if name in ("scaling", "drop_scale") else "i32"
-    ck = triton.compile(ASTSource(L._lora_gemm_tma_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+    ck = triton.compile(ASTSource(LK._lora_gemm_tma_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                         options=dict(num_warps=warps, num_stages=stages))
     out["fwd" if trans else "dx"] = dict(tma_copies=ck.asm["ttgir"].count("async_tma_copy_global_to_local"),
                                          shared=ck.metadata.shared)

@@ -1,0 +1,504 @@
+"""The Triton kernels of the fused LoRA / QLoRA forward and backward (``lora_ops::lora_fwd`` / ``lora_bwd``).
+
+    xd = dropout(x) = x * mask / (1 - p)          x (M, K); mask from (seed, row * K + col)
+    S  = xd @ A^T                                 (M, r), returned rounded to x.dtype (saved for backward)
+    y  = x @ W^T + s * S @ B^T (+ bias)           (M, N)
+
+    dS = s * dY @ B                               (M, r)
+    dB = s * dY^T @ S                             (N, r)
+    dbias = colsum(dY)                            (N,)
+    dX = dY @ W + (dS @ A) * mask / (1 - p)       (M, K)
+    dA = dS^T @ xd                                (r, K)
+
+W is a dense (N, K) tensor or bitsandbytes NF4 bytes (``IS_NF4``, optionally double-quantized: ``NESTED``),
+decoded tile by tile inside the GEMM K-loop (the launchers dequantize into a temporary first from a few
+dozen rows on, see ``lora.NF4_DEQUANT_MIN_M``).
+
+Kernels (LoRAFusion's split at S):
+
+* ``_lora_s_kernel``        S = xd @ A^T: skinny, bandwidth-bound, one pass over x per rank chunk (grid: M
+                            tiles x r chunks).
+* ``_lora_gemm_kernel``     the forward GEMM (TRANS_W) and the dX GEMM in one kernel: y's fp32 accumulator
+                            starts at s * S @ B^T (+ bias), then accumulates x @ W^T; dX's starts at
+                            dropout(dS @ A), then accumulates dY @ W. ``_lora_gemm_tma_kernel`` is its persistent
+                            TMA twin for 16-bit dense weights (by default where it measured faster; LORA_OPS_TMA).
+* ``_lora_bwd_ds_kernel``   one pass over dY: dS in registers; dB and dbias reduced over M tiles by fp32
+                            atomics (fast path, not bit-reproducible).
+* ``_lora_bwd_db_kernel``   dB and dbias without atomics (grid: N tiles x r chunks x M splits, fp32 partials
+                            summed by torch): used when torch.are_deterministic_algorithms_enabled(), and
+                            whenever dS is not needed (then it is the only pass over dY anyway).
+* ``_lora_bwd_da_kernel``   dA = dS^T @ xd (grid: K tiles x r chunks x M splits, fp32 partials, no atomics).
+
+Conventions: fp32 accumulators; fp32 dots with ``input_precision="ieee"`` (no tf32); tile origins in int64
+(rows * stride passes 2**31 at real sizes) and in-tile offsets in int32 (registers), which holds for strides,
+K and N below 2**22 (a larger stride is copied contiguous first; larger K or N raise); every load/store masked
+with ``other=``; any strides otherwise. The rank is processed in chunks of at most 64 (``BLOCK_R``): any r works,
+and r <= 64 is one chunk. S and dS are rounded to x.dtype (S as PEFT's ``lora_A(x)``; dS so that the dX and dA
+GEMMs run on tensor cores); every other result is rounded once from its fp32 accumulator.
+
+Dropout: ``_dropout_keep`` is the Triton twin of ``lora_ops.reference.dropout_hash31`` (uint32 arithmetic mod
+2**32; keep iff hash31 >= ``dropout_keep_threshold(p)``). The seed is a 0-d int64 device tensor that the kernels
+load themselves (no host sync); ``dropout_mask`` runs the same helper to materialise a mask for tests.
+
+NF4: element ``2j`` of the row-major flat weight sits in the high nibble of byte ``j``; the scale of flat index
+``f`` is ``absmax[f // blocksize]`` (blocks may straddle rows), or with double quantization
+``nested_code[absmax[b]] * nested_absmax[b // 256] + offset`` (a rounded product, then a rounded sum: NESTED
+kernels are compiled with ``enable_fp_fusion=False`` so LLVM does not contract them into one fma). Each value is
+``(fp32 codebook[q] * scale)`` rounded once to x.dtype, bit for bit ``nf4.reference_dequantize_nf4``. The codebook
+and the block constants come from ``lora_ops.nf4``. Addressing (``_w_tile``: which flat indices a tile covers) and
+decoding (``_nf4_scale`` / ``_nf4_decode``: bytes + scales -> values) are separate helpers, so a TMA / persistent
+mainloop can load bytes its own way and reuse the decode unchanged.
+
+Configs, autotuning and the launch wrapper live in ``lora_tuning.py``; the launchers (allocation, grids,
+the NF4 temporary, the TMA policy) in ``lora.py``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lora_ops import nf4 as _nf4
+from lora_ops import reference as _ref
+
+# The hash multipliers and NF4 block constants, taken from their one definition (never retyped).
+_HASH_MUL1 = tl.constexpr(_ref.HASH_MUL1)
+_HASH_MUL2 = tl.constexpr(_ref.HASH_MUL2)
+_NESTED_BS = tl.constexpr(_nf4.NESTED_BLOCKSIZE)
+
+# In-tile offsets are int32: with every stride (and K, N) below 2**22, an offset i * stride_a + j * stride_b over
+# tile extents <= 256 and <= 128 stays below 382 * 2**22 < 2**31.
+MAX_STRIDE = 1 << 22
+
+# Rank chunk: register tiles of (BLOCK_M, BLOCK_R) fp32 stay spill-free up to 64 (ptxas -v for sm_90 at the
+# configs of lora_tuning.py); larger ranks loop (GEMMs) or add a grid axis (S, dS, dA, dB) over chunks.
+# tl.dot needs every dimension >= 16.
+MAX_BLOCK_R = 64
+MIN_DOT = 16
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+#
+# Addressing: a tile's origin (m0, n0, k0) is an int64 scalar and in-tile offsets are int32 tensors, so
+# rows * stride may pass 2**31 without every lane carrying 64-bit offsets (registers). The launchers keep every
+# stride, K and N below ``_MAX_STRIDE``, which keeps every in-tile offset below 2**31.
+
+@triton.jit
+def _mix32(h):
+    # lowbias32 on uint32 lanes: products wrap mod 2**32 exactly like reference._mul32; shifts are logical.
+    h = h ^ (h >> 16)
+    h = h * _HASH_MUL1
+    h = h ^ (h >> 15)
+    h = h * _HASH_MUL2
+    h = h ^ (h >> 16)
+    return h
+
+
+@triton.jit
+def _dropout_keep(seed, base, local, threshold):
+    """Keep-mask of the flat indices ``base + local`` (base: int64 scalar, local: int32 tensor in [0, 2**31)):
+    ``reference.dropout_hash31(seed, index) >= threshold``, computed on 32-bit lanes."""
+    # int64 -> uint32 truncates, which is the reference's ``& 0xFFFFFFFF``; the high word of base + local
+    # is base's high word plus the carry out of the low-word sum (local < 2**31: at most one carry).
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    base_lo = base.to(tl.uint32)
+    lo = base_lo + local.to(tl.uint32)
+    hi = (base >> 32).to(tl.uint32) + (lo < base_lo).to(tl.uint32)
+    h = _mix32(lo ^ k0)
+    h = _mix32(h ^ hi ^ k1)
+    return (h >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _apply_dropout(v, base, local, seed, threshold, drop_scale):
+    """v * keep / (1 - p) in fp32; keep of flat index base + local (x's row * K + col).
+
+    A multiply by 0, not a select: a dropped Inf/NaN gives NaN, as in torch's dropout and the reference."""
+    keep = _dropout_keep(seed, base, local, threshold)
+    return v.to(tl.float32) * tl.where(keep, drop_scale, 0.0)
+
+
+@triton.jit
+def _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blk0, blk, mask, NESTED: tl.constexpr):
+    """fp32 scale of quantization blocks ``blk0 + blk`` (blk0: int64 scalar, blk: int32 tensor)."""
+    if NESTED:
+        q = tl.load((absmax_ptr + blk0) + blk, mask=mask, other=0).to(tl.int32)
+        code = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
+        g0 = blk0 // _NESTED_BS
+        g = ((blk0 % _NESTED_BS).to(tl.int32) + blk) // _NESTED_BS
+        nabs = tl.load((nested_absmax_ptr + g0) + g, mask=mask, other=0.0)
+        scale = code * nabs + offset
+    else:
+        scale = tl.load((absmax_ptr + blk0) + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _nf4_decode(byte, low, scale, codebook):
+    """Packed bytes (int32), ``low`` (element in the low nibble), fp32 scales -> fp32 values (codebook[q] *
+    scale: one fp32 product). ``codebook``: the 16 fp32 code values as a register tensor."""
+    code = tl.where(low, byte & 15, byte >> 4)
+    value = tl.gather(codebook, tl.reshape(code, [code.numel]), 0)
+    return tl.reshape(value, code.shape) * scale
+
+
+@triton.jit
+def _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook,
+            stride_wn, stride_wk, n0, k0, rn, rk, n_ok, k_ok, K,
+            IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_TILE: tl.constexpr,
+            DTYPE: tl.constexpr):
+    """W[n0 + rn, k0 + rk] as ``DTYPE``, zero where masked. n0, k0: int64 tile origin; rn, rk (and their masks
+    n_ok, k_ok): int32 offsets shaped (1, X) / (X, 1), whose layout decides whether the tile is W or W^T;
+    K_TILE: the tile's extent along k."""
+    mask = n_ok & k_ok
+    if IS_NF4:
+        # Flat index n * K + k. Tile origins are multiples of even block sizes, so flat0 is even and an
+        # element's nibble is given by the parity of its in-tile offset.
+        flat0 = n0 * K + k0
+        local = rn * K + rk
+        byte = tl.load((w_ptr + (flat0 >> 1)) + (local >> 1), mask=mask, other=0).to(tl.int32)
+        # Scales: the K_TILE elements of one weight row in this tile touch at most SPAN consecutive quantization
+        # blocks (blocks may straddle rows), so each row's SPAN scales are loaded once and selected per element
+        # instead of being gathered per element.
+        SPAN: tl.constexpr = (K_TILE + BLOCKSIZE - 2) // BLOCKSIZE + 1
+        blk0 = flat0 // BLOCKSIZE
+        rem0 = (flat0 % BLOCKSIZE).to(tl.int32)
+        line_first = (rem0 + rn * K) // BLOCKSIZE
+        line_last = (rem0 + rn * K + tl.minimum(K - k0, K_TILE).to(tl.int32) - 1) // BLOCKSIZE
+        rel = (rem0 + local) // BLOCKSIZE - line_first
+        scale = tl.zeros(local.shape, dtype=tl.float32)
+        for j in tl.static_range(SPAN):
+            s_j = _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blk0, line_first + j,
+                             n_ok & (line_first + j <= line_last), NESTED)
+            scale = tl.where(rel == j, s_j, scale)
+        w = _nf4_decode(byte, (local & 1) == 1, scale, codebook)
+    else:
+        w = tl.load((w_ptr + (n0 * stride_wn + k0 * stride_wk)) + (rn * stride_wn + rk * stride_wk),
+                    mask=mask, other=0.0)
+    return w.to(DTYPE)
+
+
+@triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # GROUP_M row tiles share each column sweep, so W tiles are reused from L2.
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _lora_s_kernel(x_ptr, a_ptr, seed_ptr, s_ptr,
+                   stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+                   M, K, R, threshold, drop_scale, M_BUCKET,
+                   HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """S[m, r] = sum_k xd[m, k] * A[r, k], one (BLOCK_M, BLOCK_R) tile per program."""
+    m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    r0 = tl.program_id(1) * BLOCK_R
+    rm = tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M - m0
+    r_ok = rr < R - r0
+    dtype = x_ptr.dtype.element_ty
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    x_base = x_ptr + m0 * stride_xm
+    a_base = a_ptr + r0 * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k0 = tl.cast(k, tl.int64)
+        k_ok = rk < K - k0
+        x = tl.load((x_base + k0 * stride_xk) + (rm[:, None] * stride_xm + rk[None, :] * stride_xk),
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = _apply_dropout(x, m0 * K + k0, rm[:, None] * K + rk[None, :], seed, threshold, drop_scale).to(dtype)
+        at = tl.load((a_base + k0 * stride_ak) + (rr[None, :] * stride_ar + rk[:, None] * stride_ak),
+                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, at.to(dtype), acc, input_precision="ieee")
+    tl.store((s_ptr + (m0 * stride_sm + r0 * stride_sr)) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
+             acc.to(s_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
+                      l_ptr, r_ptr, bias_ptr, seed_ptr, c_ptr,
+                      stride_am, stride_ak, stride_wn, stride_wk, stride_lm, stride_lr, stride_rr, stride_rn,
+                      stride_bias, stride_cm, stride_cn,
+                      M, N, K, R, scaling, threshold, drop_scale, M_BUCKET,
+                      TRANS_W: tl.constexpr, IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    """The forward GEMM and the dX GEMM (pointer loads; dense or NF4 W decoded tile by tile):
+
+        C tile (BLOCK_M, BLOCK_N) = lora + A (M, K) @ op(W),  lora = dropout(scaling * L (M, R) @ Rt (R, N)) (+ bias)
+
+    forward (TRANS_W): A = x, W stored (N, K) so op(W) = W^T, L = S, Rt = B^T, + bias;
+    dX: A = dY, W stored (K, N) (the (out, in) weight itself), L = dS (already scaled: scaling = 1), Rt = A_lora,
+    dropout of x's element (m, n) (N is x's column count here). The LoRA term (LoRAFusion) seeds the fp32
+    accumulator before the GEMM over K; the result is rounded once."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    n0 = pid_n.to(tl.int64) * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M - m0
+    n_ok = rn < N - n0
+    dtype = a_ptr.dtype.element_ty
+
+    # LoRA term first (S / dS rounded to the input dtype, as saved or as PEFT would feed it).
+    l_base = l_ptr + m0 * stride_lm
+    r_base = r_ptr + n0 * stride_rn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        lt = tl.load(l_base + (rm[:, None] * stride_lm + rr[None, :] * stride_lr),
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        rt = tl.load(r_base + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(lt.to(dtype), rt.to(dtype), acc, input_precision="ieee")
+    if TRANS_W:
+        acc = acc * scaling
+    if HAS_DROPOUT:
+        acc = _apply_dropout(acc, m0 * N + n0, rm[:, None] * N + rn[None, :], tl.load(seed_ptr), threshold,
+                             drop_scale)
+    if HAS_BIAS:
+        bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    offset = 0.0
+    codebook = tl.zeros((16,), dtype=tl.float32)
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    if IS_NF4:
+        codebook = tl.load(codebook_ptr + tl.arange(0, 16))  # exactly 16 entries: in bounds, no mask
+    a_base = a_ptr + m0 * stride_am
+    for k in range(0, K, BLOCK_K):
+        k0 = tl.cast(k, tl.int64)
+        k_ok = rk < K - k0
+        a = tl.load((a_base + k0 * stride_ak) + (rm[:, None] * stride_am + rk[None, :] * stride_ak),
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        # (BLOCK_K, BLOCK_N) tile of op(W). _w_tile addresses W as stored (row origin, column origin, offsets
+        # shaped so the tile comes out as op(W), the stored column count, the tile's extent along the columns).
+        if TRANS_W:
+            wt = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook,
+                         stride_wn, stride_wk, n0, k0, rn[None, :], rk[:, None], n_ok[None, :], k_ok[:, None], K,
+                         IS_NF4, NESTED, BLOCKSIZE, BLOCK_K, dtype)
+        else:
+            wt = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook,
+                         stride_wn, stride_wk, k0, n0, rk[:, None], rn[None, :], k_ok[:, None], n_ok[None, :], N,
+                         IS_NF4, NESTED, BLOCKSIZE, BLOCK_N, dtype)
+        acc = tl.dot(a, wt, acc, input_precision="ieee")
+    tl.store((c_ptr + (m0 * stride_cm + n0 * stride_cn)) + (rm[:, None] * stride_cm + rn[None, :] * stride_cn),
+             acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_ptr,
+                          stride_lm, stride_lr, stride_rr, stride_rn, stride_bias,
+                          M, N, K, scaling, threshold, drop_scale,
+                          TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          R_CHUNKS: tl.constexpr, R: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                          FLATTEN: tl.constexpr):
+    """The forward GEMM and the dX GEMM of 16-bit dense weights in one persistent TMA kernel:
+
+        C (M, N) = lora + A (M, K) @ op(W),   lora = dropout(scaling * L (M, R) @ Rt (R, N)) (+ bias)
+
+    forward (TRANS_W): A = x, W (N, K) so op(W) = W^T, L = S, Rt = B^T, + bias;
+    dX: A = dY, W (K, N) = the (out, in) weight itself, L = dS (already scaled), Rt = A_lora, dropout of x's
+    element (m, n) (N is x's column count here).
+
+    One program per SM walks output tiles (grouped for L2 reuse); A and W tiles come in through TMA
+    descriptors, the LoRA term (rank-R, tiny) through pointer loads and seeds the fp32 accumulator as in the
+    pointer kernels; C leaves through a TMA store, which clips the tile at M and N."""
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    dtype = c_desc.dtype
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        m0 = pid_m.to(tl.int64) * BLOCK_M
+        n0 = pid_n.to(tl.int64) * BLOCK_N
+        m_ok = rm < M - m0
+        n_ok = rn < N - n0
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in tl.static_range(R_CHUNKS):
+            rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            lt = tl.load((l_ptr + m0 * stride_lm) + (rm[:, None] * stride_lm + rr[None, :] * stride_lr),
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            rt = tl.load((r_ptr + n0 * stride_rn) + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(lt.to(dtype), rt.to(dtype), acc)
+        acc = acc * scaling
+        if HAS_DROPOUT:
+            acc = _apply_dropout(acc, m0 * N + n0, rm[:, None] * N + rn[None, :], seed, threshold, drop_scale)
+        if HAS_BIAS:
+            bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        for ki in range(k_tiles):
+            ok = ki * BLOCK_K
+            a = a_desc.load([om, ok])
+            if TRANS_W:
+                w = w_desc.load([on, ok])
+                acc = tl.dot(a, w.T, acc)
+            else:
+                w = w_desc.load([ok, on])
+                acc = tl.dot(a, w, acc)
+        c_desc.store([om, on], acc.to(dtype))
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
+                        stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+                        M, N, R, scaling, M_BUCKET,
+                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One pass over a (BLOCK_M, N) row block of dY: dS = s * dY @ B for those rows; with DO_DB / DO_DBIAS also
+    adds s * dY^T @ S and colsum(dY) of those rows into the fp32 (N, R) / (N,) buffers by atomics."""
+    pid_m = tl.program_id(0)
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    r0 = tl.program_id(1) * BLOCK_R
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M - m0
+    r_ok = rr < R - r0
+    dtype = dy_ptr.dtype.element_ty
+    if DO_DB:
+        s = tl.load((s_ptr + (m0 * stride_sm + r0 * stride_sr)) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dtype)
+    dy_base = dy_ptr + m0 * stride_dym
+    b_base = b_ptr + r0 * stride_br
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for j in range(0, num_n):
+        # Programs start their sweep at different column tiles, so their atomics do not all hit one tile at once.
+        n0 = ((j + pid_m) % num_n).to(tl.int64) * BLOCK_N
+        n_ok = rn < N - n0
+        dy = tl.load((dy_base + n0 * stride_dyn) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load((b_base + n0 * stride_bn) + (rn[:, None] * stride_bn + rr[None, :] * stride_br),
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(dy, b.to(dtype), acc, input_precision="ieee")
+        if DO_DB:
+            # Reduction over M tiles by fp32 atomics: one pass over dY, but the summation order (last bits)
+            # varies run to run. Under deterministic algorithms the launcher uses _lora_bwd_db_kernel instead.
+            part = tl.dot(tl.trans(dy), s, input_precision="ieee") * scaling
+            tl.atomic_add((db_acc_ptr + (n0 * R + r0)) + (rn[:, None] * R + rr[None, :]), part,
+                          mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+        if DO_DBIAS:
+            colsum = tl.sum(dy.to(tl.float32), axis=0)
+            tl.atomic_add((dbias_acc_ptr + n0) + rn, colsum, mask=n_ok & (r0 == 0), sem="relaxed")
+    tl.store((ds_ptr + (m0 * stride_dsm + r0 * stride_dsr)) + (rm[:, None] * stride_dsm + rr[None, :] * stride_dsr),
+             (acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
+def _lora_bwd_db_kernel(dy_ptr, s_ptr, db_ptr, dbias_ptr,
+                        stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbs, stride_dbn, stride_dbr,
+                        stride_dbias_s, stride_dbias_n,
+                        M, N, R, rows_per_split, scaling, M_BUCKET,
+                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dB[n, r] = s * sum_m dY[m, n] S[m, r] and dbias[n] = sum_m dY[m, n] over the rows of split ``pid_s``,
+    written (no atomics) to slot ``pid_s`` of db/dbias (stride_dbs / stride_dbias_s: 0 when there is one split,
+    then db/dbias are the outputs themselves)."""
+    n0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    r0 = tl.program_id(1) * BLOCK_R
+    pid_s = tl.program_id(2).to(tl.int64)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    n_ok = rn < N - n0
+    r_ok = rr < R - r0
+    dtype = dy_ptr.dtype.element_ty
+    m_begin = pid_s * rows_per_split
+    m_end = tl.minimum(m_begin + rows_per_split, M)
+    dy_base = dy_ptr + n0 * stride_dyn
+    s_base = s_ptr + r0 * stride_sr
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        m_ok = rm < m_end - m0
+        dy = tl.load((dy_base + m0 * stride_dym) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if DO_DB:
+            s = tl.load((s_base + m0 * stride_sm) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(tl.trans(dy), s.to(dtype), acc, input_precision="ieee")
+        if DO_DBIAS:
+            bias_acc += tl.sum(dy.to(tl.float32), axis=0)
+    if DO_DB:
+        tl.store((db_ptr + (pid_s * stride_dbs + n0 * stride_dbn + r0 * stride_dbr))
+                 + (rn[:, None] * stride_dbn + rr[None, :] * stride_dbr),
+                 (acc * scaling).to(db_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
+    if DO_DBIAS:
+        tl.store((dbias_ptr + (pid_s * stride_dbias_s + n0 * stride_dbias_n)) + rn * stride_dbias_n,
+                 bias_acc.to(dbias_ptr.dtype.element_ty), mask=n_ok & (r0 == 0))
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
+def _lora_bwd_da_kernel(x_ptr, ds_ptr, seed_ptr, da_ptr,
+                        stride_xm, stride_xk, stride_dsm, stride_dsr, stride_das, stride_dar, stride_dak,
+                        M, K, R, rows_per_split, threshold, drop_scale, M_BUCKET,
+                        HAS_DROPOUT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dA[r, k] = sum_m dS[m, r] * xd[m, k] over the rows of split ``pid_s``, written to slot ``pid_s`` of da
+    (stride_das = 0 with one split, then da is the output itself)."""
+    k0 = tl.program_id(0).to(tl.int64) * BLOCK_K
+    r0 = tl.program_id(1) * BLOCK_R
+    pid_s = tl.program_id(2).to(tl.int64)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    k_ok = rk < K - k0
+    r_ok = rr < R - r0
+    dtype = x_ptr.dtype.element_ty
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    m_begin = pid_s * rows_per_split
+    m_end = tl.minimum(m_begin + rows_per_split, M)
+    x_base = x_ptr + k0 * stride_xk
+    ds_base = ds_ptr + r0 * stride_dsr
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        m_ok = rm < m_end - m0
+        dst = tl.load((ds_base + m0 * stride_dsm) + (rm[None, :] * stride_dsm + rr[:, None] * stride_dsr),
+                      mask=m_ok[None, :] & r_ok[:, None], other=0.0)
+        x = tl.load((x_base + m0 * stride_xm) + (rm[:, None] * stride_xm + rk[None, :] * stride_xk),
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = _apply_dropout(x, m0 * K + k0, rm[:, None] * K + rk[None, :], seed, threshold, drop_scale).to(dtype)
+        acc = tl.dot(dst.to(dtype), x, acc, input_precision="ieee")
+    tl.store((da_ptr + (pid_s * stride_das + r0 * stride_dar + k0 * stride_dak))
+             + (rr[:, None] * stride_dar + rk[None, :] * stride_dak),
+             acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, out_ptr, n, threshold, BLOCK: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    local = tl.arange(0, BLOCK)
+    keep = _dropout_keep(tl.load(seed_ptr), base, local, threshold)
+    tl.store((out_ptr + base) + local, keep.to(tl.uint8), mask=local < n - base)
