@@ -1,5 +1,11 @@
 """Which implementation runs an op: ``LORA_OPS_BACKEND=auto|triton|cuda|reference`` and what is installed.
 
+The one place that decides: ``implementation`` (which kernel, if any, for an op and device), ``lora_impl`` (the
+same for the LoRA ops, float64 always on the reference), ``op_required`` (whether a call must go through the
+custom op itself instead of an eager fast path: compiling, dispatch modes, functorch) and ``eager_impl`` /
+``eager_decode_impl`` (the kernels an eager call may use directly). ``lora_ops._launch`` (the C++ launch path),
+``ops`` and ``decode`` ask here.
+
 Each op lists its fast implementations by backend as ``"module:function"`` strings (loaded lazily, so
 ``import lora_ops`` never needs Triton or the compiled extension). ``auto`` picks, on CUDA tensors, the
 first implementation of the op's preference order that loads; on CPU tensors, the reference. A forced
@@ -13,6 +19,8 @@ import importlib
 import os
 import warnings
 from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 
@@ -106,3 +114,38 @@ def implementation(op: str, device_type: str) -> Optional[Callable]:
         if fn is not None:
             return fn
     return None
+
+
+def lora_impl(op: str, x: torch.Tensor) -> Optional[Callable]:
+    """The fast kernel of a LoRA op (lora_fwd, lora_bwd, lora_decode) on x's device, or None. float64 (gradcheck,
+    float64 oracles) always runs the reference: the Triton/CUDA kernels are written for bf16/fp16/fp32 only."""
+    if x.dtype == torch.float64:
+        return None
+    return implementation(op, x.device.type)
+
+
+def op_required() -> bool:
+    """Whether a call must go through the custom op itself: under torch.compile / tracing, inside a dispatch
+    mode (FakeTensor, functionalization, op spies) or a functorch transform."""
+    return bool(torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active())
+
+
+def eager_impl(x: torch.Tensor) -> Optional[Tuple[Callable, Callable]]:
+    """(fwd, bwd) fast kernels for an eager ``lora_linear`` on x, or None when the call must go through the
+    custom op (``op_required``) or runs on the reference backend (CPU, float64, LORA_OPS_BACKEND=reference)."""
+    if op_required():
+        return None
+    fwd = lora_impl("lora_fwd", x)
+    if fwd is None:
+        return None
+    bwd = lora_impl("lora_bwd", x)
+    return None if bwd is None else (fwd, bwd)
+
+
+def eager_decode_impl(x: torch.Tensor) -> Optional[Callable]:
+    """The decode kernel for an eager ``lora_linear`` on x, or None when the call must go through
+    ``lora_ops::lora_decode`` (``op_required``, or no kernel for x). The Python custom op's dispatch costs
+    tens of microseconds of host time per call, as much as the kernel itself at decode sizes; the decode path
+    has no autograd, so the eager call is just the kernel (same arguments, same result)."""
+    return None if op_required() else lora_impl("lora_decode", x)

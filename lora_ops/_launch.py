@@ -149,10 +149,9 @@ def linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
     mod = _module if _state == "ready" else module()
     if mod is None:
         return None
-    from . import ops as _ops
     from .nf4 import NF4Weight
 
-    if _ops._op_required():
+    if _backend.op_required():
         return None
     backend = _backend.requested_backend()
     if backend == "reference":

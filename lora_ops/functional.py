@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _launch
+from . import _backend, _launch
 from . import decode as _decode
 from . import ops as _ops  # registers torch.ops.lora_ops.*
 from .nf4 import FLOAT_DTYPES, NF4Weight
@@ -113,11 +113,11 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
     if _decode.use_decode(x2, lora_A, lora_B, bias, p):
         # Inference at small M (no gradient possible, dropout off): one CUDA kernel for the whole layer instead
         # of the training path's launches; decode.py says when (the threshold is a committed GPU measurement).
-        if (impl := _ops.eager_decode_impl(x2)) is not None:  # eager: the kernel without the op's dispatch
+        if (impl := _backend.eager_decode_impl(x2)) is not None:  # eager: the kernel without the op's dispatch
             y = _ops.lora_decode_eager(impl, x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias)
         else:
             y = torch.ops.lora_ops.lora_decode(x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias)
-    elif (impl := _ops.eager_impl(x2)) is not None:
+    elif (impl := _backend.eager_impl(x2)) is not None:
         # Eager mode on the fast kernels: same kernels and math as the op, without its dispatcher overhead.
         y = _ops.lora_fwd_eager(impl, x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias, p, seed)
     else:

@@ -72,14 +72,6 @@ def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols,
 
 # ----------------------------------------------------------------------------------------------- LoRA ops
 
-def _lora_impl(op: str, x: Tensor):
-    """The fast kernel for ``op`` on x's device, or None. float64 (gradcheck, float64 oracles) always runs
-    the reference: the Triton/CUDA kernels are written for bf16/fp16/fp32 only."""
-    if x.dtype == torch.float64:
-        return None
-    return _backend.implementation(op, x.device.type)
-
-
 def _no_autocast(device: torch.device):
     """The op computes in its inputs' dtypes, as its fake promises. An ambient ``torch.autocast`` would reach
     the torch matmuls inside the kernel (custom ops have no autocast kernel; the key falls through) and return
@@ -104,7 +96,7 @@ def lora_fwd(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax:
              dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """x (M, K) -> (y (M, N), S (M, r)) with S = dropout(x) @ A^T rounded to x.dtype (saved for backward)."""
     with _no_autocast(x.device):
-        impl = _lora_impl("lora_fwd", x)
+        impl = _backend.lora_impl("lora_fwd", x)
         if impl is not None:
             return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
                         scaling, bias, dropout_p, seed)
@@ -130,7 +122,7 @@ def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor], ne
              need_dx: bool, need_dA: bool, need_dB: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx (M, K), dA (r, K), dB (N, r), dbias (N,)); a gradient not asked for comes back with 0 elements."""
     with _no_autocast(dy.device):  # a backward run inside an autocast region must not recast it either
-        impl = _lora_impl("lora_bwd", dy)
+        impl = _backend.lora_impl("lora_bwd", dy)
         if impl is not None:
             return impl(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s,
                         scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias)
@@ -198,7 +190,7 @@ class _EagerLoRA(torch.autograd.Function):
     about 1.5 ms of host time per fwd+bwd on the H200 host (scripts/host_profile.py, 2026-11-29: 2087 us per
     lora_linear fwd+bwd at 2048x4096->4096 against 517 us for the bare launchers), more than the layer's device
     time below M=8192. ``lora_linear`` therefore calls the kernels through this Function when nothing needs
-    the op itself (see ``eager_impl``); torch.compile, dispatch modes (FakeTensor, functionalization, op
+    the op itself (see ``_backend.eager_impl``); torch.compile, dispatch modes (FakeTensor, functionalization, op
     spies) and opcheck see ``lora_ops::lora_fwd`` / ``lora_bwd``, whose kernels and math are the same.
     """
 
@@ -218,28 +210,9 @@ class _EagerLoRA(torch.autograd.Function):
             return _grads(ctx, grad_y, ctx.bwd) + (None, None)
 
 
-def _op_required() -> bool:
-    """Whether a call must go through the custom op itself: under torch.compile / tracing, inside a dispatch
-    mode (FakeTensor, functionalization, op spies) or a functorch transform."""
-    return bool(torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-                or torch._C._are_functorch_transforms_active())
-
-
-def eager_impl(x: Tensor):
-    """(fwd, bwd) fast kernels for an eager ``lora_linear`` on x, or None when the call must go through the
-    custom op (``_op_required``) or runs on the reference backend (CPU, float64, LORA_OPS_BACKEND=reference)."""
-    if _op_required():
-        return None
-    fwd = _lora_impl("lora_fwd", x)
-    if fwd is None:
-        return None
-    bwd = _lora_impl("lora_bwd", x)
-    return None if bwd is None else (fwd, bwd)
-
-
 def lora_fwd_eager(impl, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling,
                    bias, dropout_p, seed) -> Tensor:
-    """y of ``lora_ops::lora_fwd`` with its autograd, through ``_EagerLoRA`` (``impl`` from ``eager_impl``)."""
+    """y of ``lora_ops::lora_fwd`` with its autograd, through ``_EagerLoRA`` (``impl``: ``_backend.eager_impl``)."""
     with _no_autocast(x.device):
         return _EagerLoRA.apply(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
                                 scaling, bias, dropout_p, seed, impl[0], impl[1])
@@ -255,7 +228,7 @@ def lora_decode(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absm
     autograd. ``lora_linear`` calls it only when no gradient can be needed and M is small (``decode.py``); on
     CUDA it is one kernel (``csrc/lora_decode.cu``, which keeps S in fp32), elsewhere the reference forward."""
     with _no_autocast(x.device):  # like lora_fwd: compute in the inputs' dtype, as the fake promises
-        impl = _lora_impl("lora_decode", x)
+        impl = _backend.lora_impl("lora_decode", x)
         if impl is not None:
             return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
                         scaling, bias)
@@ -269,16 +242,8 @@ def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, 
     return x.new_empty((x.shape[0], lora_B.shape[0]))
 
 
-def eager_decode_impl(x: Tensor):
-    """The decode kernel for an eager ``lora_linear`` on x, or None when the call must go through
-    ``lora_ops::lora_decode`` (``_op_required``, or no kernel for x). The Python custom op's dispatch costs
-    tens of microseconds of host time per call, as much as the kernel itself at decode sizes; the decode path
-    has no autograd, so the eager call is just the kernel (same arguments, same result)."""
-    return None if _op_required() else _lora_impl("lora_decode", x)
-
-
 def lora_decode_eager(impl, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling,
                       bias) -> Tensor:
-    """``lora_ops::lora_decode`` through its kernel ``impl`` (from ``eager_decode_impl``)."""
+    """``lora_ops::lora_decode`` through its kernel ``impl`` (from ``_backend.eager_decode_impl``)."""
     with _no_autocast(x.device):
         return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias)

@@ -80,7 +80,7 @@ def run(m, k, n, r, nf4, iters, top):
 def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
     """Host microseconds of the pieces of one fused fwd+bwd, each timed alone in a loop (no profiler: cProfile
     inflates small calls several times). Device work is queued but the loops are host-bound."""
-    from lora_ops import functional, ops
+    from lora_ops import _backend, functional
     dev = "cuda"
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
@@ -109,7 +109,7 @@ def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
                                                                   kernel.packed_metadata, None, None, None, *full),
         "_S_KERNEL(...) cached launch": lambda: tk._S_KERNEL(grid, *args, **meta),
         "validate_lora_args": lambda: functional.validate_lora_args(x, w, a, b, 2.0, None, 0.0),
-        "ops.eager_impl": lambda: ops.eager_impl(x),
+        "_backend.eager_impl": lambda: _backend.eager_impl(x),
         "lora_forward launcher (S + fwd)": lambda: tk.lora_forward(x, w, None, None, None, None, 0, a, b, 2.0, None,
                                                                     0.0, None),
         "lora_backward launcher (dS, dX, dA)": lambda: tk.lora_backward(dy, x, w, None, None, None, None, 0, a,

@@ -147,7 +147,7 @@ def run_sm90_probe(source: str, timeout: int = 600):
 
 class OpSpy(TorchDispatchMode):
     """Records the lora_ops:: ops that reach the dispatcher (and runs them). Being a dispatch mode it also makes
-    lora_linear take the custom ops instead of its eager fast paths (lora_ops.ops._op_required)."""
+    lora_linear take the custom ops instead of its eager fast paths (lora_ops._backend.op_required)."""
 
     def __init__(self):
         super().__init__()

@@ -206,7 +206,7 @@ def test_dispatch_float64_rank_and_device(cpu_kernel):
 def test_eager_decode_runs_the_kernel_without_the_op(cpu_kernel):
     """In eager mode lora_linear calls the decode kernel directly (the op's dispatch costs as much host time as
     the kernel takes); under a dispatch mode (here the spy) the op runs, with the same result."""
-    from lora_ops import ops as _ops, reference
+    from lora_ops import reference
     x, w, a, b, bias = _inputs(3, 67, 9, 3)
     calls = []
 
@@ -216,8 +216,8 @@ def test_eager_decode_runs_the_kernel_without_the_op(cpu_kernel):
                                    x.shape[1], x.dtype)
         return reference.lora_forward(x, w, lora_a, lora_b, scaling, bias)[0]
 
-    real = _ops._lora_impl
-    cpu_kernel.setattr(_ops, "_lora_impl", lambda op, t: kernel if op == "lora_decode" else real(op, t))
+    real = _backend.lora_impl
+    cpu_kernel.setattr(_backend, "lora_impl", lambda op, t: kernel if op == "lora_decode" else real(op, t))
     with torch.no_grad():
         y = lora_ops.lora_linear(x, w, a, b, 0.5, bias)
     assert len(calls) == 1 and calls[0][0].shape == (3, 67)
