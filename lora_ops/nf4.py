@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 
 # Code -> value, ascending; the code is the rank. Exactly bitsandbytes' get_4bit_type("nf4") in fp32.
 NF4_CODEBOOK = (
@@ -197,16 +198,31 @@ def reference_absmax(absmax, nested_absmax, nested_code, offset, blocksize_unuse
     return prod + offset.to(torch.float32)
 
 
+_BYTE_PAIRS: Dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_pairs(device) -> torch.Tensor:
+    """(256, 2) fp32: the code values of every byte's two nibbles, high nibble first (element 2j is the high
+    nibble of byte j). A byte-wide lookup halves the gathers and never widens the codes to int64 per element."""
+    device = torch.device(device)
+    table = _BYTE_PAIRS.get(device)
+    if table is None:
+        cb = nf4_codebook(device)
+        b = torch.arange(256, device=device)
+        table = _BYTE_PAIRS[device] = torch.stack((cb[b >> 4], cb[b & 15]), dim=1).contiguous()
+    return table
+
+
 def reference_dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset,
                              blocksize: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """Packed NF4 -> (rows, cols) tensor of ``dtype``: fp32(code value) * fp32(absmax), rounded once."""
     n = rows * cols
     flat = packed.reshape(-1).view(torch.uint8)
-    codes = torch.stack(((flat >> 4), (flat & 0xF)), dim=1).reshape(-1)[:n].long()
-    values = nf4_codebook(flat.device)[codes]
+    values = torch.index_select(_byte_pairs(flat.device), 0, flat.int()).reshape(-1)
     scale = reference_absmax(absmax, nested_absmax, nested_code, offset)
-    block = torch.arange(n, device=flat.device) // blocksize
-    return (values * scale[block]).to(dtype).reshape(rows, cols)
+    total = scale.numel() * blocksize  # whole blocks: the last one may be partial (zero-padded here, cut below)
+    values = F.pad(values, (0, total - values.numel())) if values.numel() < total else values[:total]
+    return (values.view(-1, blocksize) * scale[:, None]).reshape(-1)[:n].to(dtype).reshape(rows, cols)
 
 
 # --------------------------------------------------------------------------------------------------------
