@@ -1,22 +1,26 @@
-"""GPU: does a LoRALinear train under torch.compile(mode="reduce-overhead")? Tries the plain loop with the C++
-launch path, with LORA_OPS_LAUNCH=python, and a frozen nn.Linear, printing which ones run.
+"""GPU: does a LoRALinear train under torch.compile(mode="reduce-overhead")? Runs a few training steps of a
+LoRALinear (gradients set to None before each step, as zero_grad(set_to_none=True) does, and, to compare, left to
+accumulate) and of a frozen nn.Linear, printing which ones run. Set LORA_OPS_LAUNCH=python to compare with the
+Python launchers.
 
-    python scripts/compile_probe.py
+    python scripts/compile_probe.py [lora] [lora_accumulate] [frozen]
 """
 import os
 import sys
-import traceback
 
 import torch
 
 import lora_ops
 
 
-def loop(make, mode="reduce-overhead", steps=5):
+def loop(make, mode="reduce-overhead", steps=5, accumulate=False):
     layer = make()
     compiled = torch.compile(layer, mode=mode)
     dy = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     for i in range(steps):
+        if not accumulate:
+            for p in layer.parameters():
+                p.grad = None
         x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         try:
             y = compiled(x)
@@ -39,10 +43,10 @@ def frozen():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["lora", "frozen"]
+    which = sys.argv[1:] or ["lora", "lora_accumulate", "frozen"]
     for name in which:
         torch._dynamo.reset()
         print(f"{name} reduce-overhead (LORA_OPS_LAUNCH={os.environ.get('LORA_OPS_LAUNCH', '')}):",
-              loop(lora if name == "lora" else frozen), flush=True)
+              loop(frozen if name == "frozen" else lora, accumulate=name == "lora_accumulate"), flush=True)
     torch._dynamo.reset()
     print("lora default mode:", loop(lora, mode="default"), flush=True)
