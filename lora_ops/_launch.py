@@ -93,7 +93,10 @@ def module():
                     if mod is not None and hasattr(mod, "launch_linear") and mod.launch_has_cuda:
                         _configure(mod)
                         from . import decode as _decode
-                        _decode_max = _decode.decode_threshold() if _decode.kernel_available("cuda") else 0
+                        # Whether the decode kernel loads, whatever backend is asked for now (linear() applies
+                        # the backend per call).
+                        decode_ok = _backend._load(_backend.IMPLEMENTATIONS["lora_decode"][0][1]) is not None
+                        _decode_max = _decode.decode_threshold() if decode_ok else 0
                         _module, _state = mod, "ready"
     return _module
 
@@ -169,11 +172,13 @@ def linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
             and (bias is None or isinstance(bias, torch.Tensor))):
         return None
     p = float(dropout_p) if training else 0.0
+    # Calls the decode path takes (decode.use_decode) come back as None; forcing triton turns that path off.
+    decode_max = 0 if backend == "triton" else _decode_max
     y = mod.launch_linear(x, w, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, lora_A, lora_B,
-                          float(scaling), bias, p, 0 if backend == "triton" else _decode_max)
+                          float(scaling), bias, p, decode_max)
     if y is None and x.is_cuda and _ensure_device(x.device):
         y = mod.launch_linear(x, w, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, lora_A, lora_B,
-                              float(scaling), bias, p, 0 if backend == "triton" else _decode_max)
+                              float(scaling), bias, p, decode_max)
     return y
 
 
