@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .presets import (DECODE_MAX_M, MODEL_DEFAULTS, MODEL_MINIMUM, MODEL_OPTIONS, MODES, PRESETS, PROVIDER_ALIASES,
-                      PROVIDERS, select_cases)
+from .presets import (ARCHS, DECODE_MAX_M, MODEL_DEFAULTS, MODEL_MINIMUM, MODEL_OPTIONS, MODEL_RUNS, MODES, PRESETS,
+                      PROVIDER_ALIASES, PROVIDERS, select_cases)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -28,13 +28,17 @@ def _epilog() -> str:
     for p in PRESETS.values():
         lines.append(f"  {p.name:<8} {p.help} [{p.h200_estimate}]")
     lines.append("\nproviders (the floor and its re-timing always run, so every ratio has its floor; in the model\n"
-                 "preset peft_bnb, the reference of its ratios, always runs):")
+                 "preset the floor and peft_bnb, the references of its ratios, always run):")
     for name, desc in PROVIDERS.items():
         lines.append(f"  {name:<13} {desc}")
-    lines.append("  In the model preset: fused = lora_ops LoRA (apply_lora, dense bf16 bases), fused_qlora =\n"
-                 "  lora_ops QLoRA, peft = peft LoRA, peft_bnb = bitsandbytes Linear4bit (NF4, double quant) + peft\n"
-                 "  LoRA, full_ft = every parameter trained; LoRA r=16, alpha=32 on q,k,v,o,gate,up,down, adapters\n"
-                 "  in the model dtype.\n"
+    lines.append("  In the model preset: floor = the bf16 model with every parameter frozen and no adapter\n"
+                 "  (forward + backward through every layer, no optimizer: the least a step costs), fused = lora_ops\n"
+                 "  LoRA (apply_lora, dense bf16 bases), fused_qlora = lora_ops QLoRA, peft = peft LoRA, peft_bnb =\n"
+                 "  bitsandbytes Linear4bit (NF4, double quant) + peft LoRA, full_ft = every parameter trained\n"
+                 "  (skipped when it does not fit); LoRA r=16, alpha=32 on q,k,v,o,gate,up,down, adapters in the\n"
+                 "  model dtype; gradient checkpointing applied the same way to every provider of a case.\n"
+                 "  Ratios: ratio_to_floor (CSV) = step time and peak memory / the floor's; the tables add tokens/s\n"
+                 "  and peak memory x peft_bnb.\n"
                  "  Aliases: " + ", ".join(f"{a} = {c}" for a, c in PROVIDER_ALIASES.items()))
     lines.append("\nmodes:")
     for name, desc in MODE_HELP.items():
@@ -47,8 +51,9 @@ def _epilog() -> str:
         "  python -m benchmarks --cpu                         # quick CPU run of the layer preset (~1 min)\n"
         "  python -m benchmarks --preset layer                # GPU\n"
         "  python -m benchmarks --preset decode nf4 --providers fused,peft_bnb --out /tmp/bench\n"
-        "  python -m benchmarks --preset model --layers 4 --seq 2048 --batch 4   # GPU, model-level training step\n"
-        "  python -m benchmarks --cpu --preset model                          # tiny decoder on the CPU (seconds)")
+        "  python -m benchmarks --preset model --budget-s 420 # GPU: 16 layers, 1x2048 and 4x2048 ckpt, 1x2048 no-ckpt\n"
+        "  python -m benchmarks --preset model --layers 4 --batch 4 --checkpointing off   # one smaller GPU case\n"
+        "  python -m benchmarks --cpu --preset model          # tiny decoder on the CPU, the same three cases (seconds)")
     return "\n".join(lines)
 
 
@@ -76,6 +81,16 @@ def _number(kind, low: float, strict: bool):
             raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'>' if strict else '>='} {low:g}")
         return v
     return parse
+
+
+def _on_off(text: str) -> bool:
+    """argparse type of --checkpointing: on / off (also true/false, yes/no, 1/0)."""
+    t = text.strip().lower()
+    if t in ("on", "true", "yes", "1"):
+        return True
+    if t in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not on or off (e.g. --checkpointing off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,19 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
                          "threads waiting on a busy shared machine made the quick mode 3x slower and noisier; "
                          "torch's default otherwise)")
     ap.add_argument("--budget-s", type=_number(float, 0, True), default=None,
-                    help="start no new case after this many seconds (the rest is recorded as skipped); "
-                         "e.g. 540 inside a 10-minute device command")
+                    help="start no new case (model preset: no new provider) after this many seconds (the rest is "
+                         "recorded as skipped); e.g. 540 inside a 10-minute device command, 420 for the model "
+                         "preset alone (its last provider may still run ~1 min past it)")
     gpu_d, cpu_d = MODEL_DEFAULTS[False], MODEL_DEFAULTS[True]
+
+    def runs(cpu: bool) -> str:
+        return ", ".join(f"{b}x{'ckpt' if c else 'no-ckpt'}" for b, c in MODEL_RUNS[cpu])
+
     model_help = {
-        "layers": "decoder layers of the model preset, the same for every provider",
-        "seq": "sequence length of the model preset's random token ids",
-        "batch": "batch size of the model preset (tokens per step = batch x seq)",
-        "steps": "timed training steps per provider in the model preset (tokens/s = their median)",
-        "warmup_steps": "untimed training steps before them (optimizer state, autotuning)",
+        "layers": f"decoder layers of the model preset, the same for every provider (default {gpu_d['layers']}; "
+                  f"--cpu: {cpu_d['layers']})",
+        "seq": f"sequence length of the model preset's random token ids (default {gpu_d['seq']}; --cpu: "
+               f"{cpu_d['seq']})",
+        "batch": f"batch size of every model case (tokens per step = batch x seq); default: the cases' own, "
+                 f"batch x checkpointing {runs(False)} (--cpu: {runs(True)}); with --batch, each checkpointing "
+                 "setting once at that batch",
+        "steps": f"timed training steps per provider in the model preset (tokens/s = their median; default "
+                 f"{gpu_d['steps']}; --cpu: {cpu_d['steps']})",
+        "warmup_steps": f"untimed training steps before them (optimizer state, autotuning; default "
+                        f"{gpu_d['warmup_steps']}; --cpu: {cpu_d['warmup_steps']})",
+        "vocab": f"vocabulary of the model preset (default {ARCHS['llama3-8b']['vocab']}; 128256 is Llama-3's; "
+                 f"--cpu: {ARCHS['tiny']['vocab']}); the case name says it when it is not the default",
+        "checkpointing": "on: only the model cases with gradient checkpointing (transformers' "
+                         "gradient_checkpointing_enable, use_reentrant=False, the same for every provider); off: "
+                         "only those without (default: both)",
     }
     for key in MODEL_OPTIONS:
-        ap.add_argument("--" + key.replace("_", "-"), dest=key, type=_number(int, MODEL_MINIMUM[key], False),
-                        default=None, help=f"{model_help[key]} (default {gpu_d[key]}; --cpu: {cpu_d[key]})")
+        kind = _on_off if key == "checkpointing" else _number(int, MODEL_MINIMUM[key], False)
+        ap.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None,
+                        metavar="on|off" if key == "checkpointing" else None, help=model_help[key])
     ap.add_argument("--list", action="store_true", help="print the selected cases and their plans, run nothing")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap

@@ -5,21 +5,30 @@ Per provider, in one process and on the same token ids:
 1. memory baseline = ``memory_allocated()`` before the model is built (so its weights count);
 2. build: ``LlamaForCausalLM`` from a ``LlamaConfig`` (transformers; random init created directly on the
    device in the case dtype after ``torch.manual_seed(seed)``, so every provider starts from the same base
-   weights; nothing is downloaded), then the provider's adapter (see ``BUILDERS``);
+   weights; nothing is downloaded); peft_bnb then swaps the seven projections for bitsandbytes ``Linear4bit``
+   (NF4, double quant), as loading a checkpoint with ``load_in_4bit`` does; then ``prepare_for_training`` (the
+   same for every provider: gradient checkpointing when the case has it, the input embeddings' output requiring
+   grad), then the provider's adapter (see ``BUILDERS``);
 3. ``warmup_steps`` untimed steps, then ``reset_peak_memory_stats`` and ``steps`` timed steps; a step is
    ``zero_grad(set_to_none=True)``, ``loss = model(input_ids=ids, labels=ids).loss`` (causal-LM loss on random
-   ids (batch, seq)), ``loss.backward()``, ``AdamW.step()`` over the trainable parameters, then a device
-   synchronize: each step is wall-clock timed (``time.perf_counter``), host time included, no CUDA graphs;
+   ids (batch, seq)), ``loss.backward()``, ``AdamW.step()`` over the trainable parameters (the floor has none:
+   no optimizer), then a device synchronize: each step is wall-clock timed (``time.perf_counter``), host time
+   included, no CUDA graphs;
 4. rows: ``tokens_per_s`` (batch * seq / median step time), ``time_ms`` (step), ``peak_extra_mib`` (CUDA:
    max_memory_allocated during the timed steps - baseline), ``model_mib`` (allocated after the build -
-   baseline), ``trainable_params``, ``loss_first`` / ``loss_last``; ``ratio_to_floor`` of tokens/s, step time and
-   peak memory is to peft_bnb of the same run (the case's ``floor``).
+   baseline), ``trainable_params``, ``loss_first`` / ``loss_last``. ``ratio_to_floor`` of tokens/s, step time
+   and peak memory is to the ``floor`` provider of the same run (the case's ``floor``): the same bf16 model with
+   no adapter and every parameter frozen, whose backward still runs through every layer (to the embeddings'
+   output), with checkpointing when the case has it: the least a step of this model can cost. The report adds
+   the ratios to peft_bnb of the same run (the case's ``reference``) from the values.
 
 Everything a provider holds is dropped and the allocator emptied before the next one is built. A provider that
 fails (OOM, missing package, bitsandbytes without its CUDA build) is recorded as ``skipped`` with the reason.
-No gradient checkpointing, no ``prepare_model_for_kbit_training``, no autocast: every provider computes in the
-model dtype, LoRA adapters included (PEFT would keep 4-bit-base adapters in fp32 and cast x up to them; they are
-cast to the model dtype here, as the layer presets do, so like is compared with like).
+No autocast: every provider computes in the model dtype, LoRA adapters included. peft_bnb gets what
+``peft.prepare_model_for_kbit_training`` does except its fp32 upcast of the non-quantized parameters (norms,
+embeddings, lm_head): that upcast would run the residual stream in fp32 for that provider alone; and PEFT would
+keep 4-bit-base adapters in fp32 and cast x up to them, while here they are cast to the model dtype, as the
+layer presets do, so like is compared with like.
 """
 from __future__ import annotations
 
@@ -64,6 +73,34 @@ def base_model(case: ModelCase, device: torch.device, seed: int = 0) -> nn.Modul
     return model.train()
 
 
+# The gradient checkpointing current transformers/PEFT recipes ask for (transformers' own default too).
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+
+
+def prepare_for_training(model: nn.Module, case: ModelCase) -> Dict:
+    """What every provider's model gets before its adapter, as PEFT/transformers training recipes set it up.
+
+    With ``case.checkpointing``: ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=
+    {"use_reentrant": False})`` (every decoder layer recomputes its forward in the backward; transformers also
+    makes the input embeddings' output require grad there). Without: ``model.enable_input_require_grads()``, so
+    that in every case the backward runs from the loss through every layer down to the embeddings' output, for
+    the frozen floor too, and every provider computes the same chain of input gradients. Returns what was done.
+    """
+    if case.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
+    else:
+        model.enable_input_require_grads()
+    return {"gradient_checkpointing": (f"gradient_checkpointing_enable({CHECKPOINTING_KWARGS})"
+                                       if case.checkpointing else False),
+            "input_require_grads": True}
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself (under PEFT's wrappers for the PEFT providers)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def expected_lora_params(case: ModelCase) -> int:
     """Trainable parameters of r-rank adapters on the seven projections of every layer."""
     d = case.dims
@@ -79,27 +116,52 @@ def _trainable(model: nn.Module) -> List[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _check_lora(case: ModelCase, model: nn.Module, provider: str) -> None:
+def check_model(case: ModelCase, model: nn.Module, provider: str) -> None:
+    """Refuse a built model that is not the case's: the wrong trainable parameters (LoRA providers: r-rank
+    adapters on the seven projections of every layer in the model dtype, nothing else; floor: nothing; full_ft:
+    everything) or gradient checkpointing not as the case says."""
     params = _trainable(model)
     n = sum(p.numel() for p in params)
-    want = expected_lora_params(case)
-    if n != want:
-        raise RuntimeError(f"{provider}: {n} trainable parameters, expected {want} (r={case.r} adapters on "
-                           f"{', '.join(MODEL_TARGETS)} of {case.layers} layers and nothing else)")
-    dtypes = {p.dtype for p in params}
-    if dtypes != {DTYPES[case.dtype]}:
-        raise RuntimeError(f"{provider}: adapter dtypes {dtypes}, expected {case.dtype}")
+    if provider in LORA:
+        want = expected_lora_params(case)
+        if n != want:
+            raise RuntimeError(f"{provider}: {n} trainable parameters, expected {want} (r={case.r} adapters on "
+                               f"{', '.join(MODEL_TARGETS)} of {case.layers} layers and nothing else)")
+        dtypes = {p.dtype for p in params}
+        if dtypes != {DTYPES[case.dtype]}:
+            raise RuntimeError(f"{provider}: adapter dtypes {dtypes}, expected {case.dtype}")
+    elif provider == "floor" and n:
+        raise RuntimeError(f"floor: {n} trainable parameters, expected none (every parameter frozen)")
+    elif provider == "full_ft" and n != sum(p.numel() for p in model.parameters()):
+        raise RuntimeError("full_ft: some parameters are frozen, expected every parameter to train")
+    on = bool(getattr(hf_model(model), "is_gradient_checkpointing", False))
+    if on != case.checkpointing:
+        raise RuntimeError(f"{provider}: gradient checkpointing is {'on' if on else 'off'}, the case "
+                           f"{case.name!r} has it {'on' if case.checkpointing else 'off'}")
 
 
 # ---------------------------------------------------------------------------------------------- builders
 
+def prepared_model(case: ModelCase, device: torch.device, seed: int = 0) -> Tuple[nn.Module, Dict]:
+    model = base_model(case, device, seed)
+    return model, prepare_for_training(model, case)
+
+
+def build_floor(case: ModelCase, device: torch.device, seed: int = 0):
+    model, info = prepared_model(case, device, seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    info.update(adapter="none: every parameter frozen, no optimizer; the backward reaches the embeddings' output")
+    return model, info
+
+
 def build_fused(case: ModelCase, device: torch.device, seed: int = 0, quantize: Optional[str] = None):
     import lora_ops
 
-    model = base_model(case, device, seed)
+    model, info = prepared_model(case, device, seed)
     lora_ops.apply_lora(model, list(MODEL_TARGETS), r=case.r, lora_alpha=case.lora_alpha, lora_dropout=0.0,
                         quantize=quantize, blocksize=NF4_BLOCKSIZE, double_quant=True)
-    info = {"adapter": "lora_ops.apply_lora", "quantize": quantize or "none"}
+    info.update(adapter="lora_ops.apply_lora", quantize=quantize or "none")
     if quantize:
         info.update(blocksize=NF4_BLOCKSIZE, double_quant=True)
     return model, info
@@ -131,7 +193,9 @@ def _peft(model: nn.Module, case: ModelCase) -> Tuple[nn.Module, Dict]:
 
 
 def build_peft(case: ModelCase, device: torch.device, seed: int = 0):
-    return _peft(base_model(case, device, seed), case)
+    model, info = prepared_model(case, device, seed)
+    model, more = _peft(model, case)
+    return model, dict(info, **more)
 
 
 def bnb_unavailable(device: torch.device) -> Optional[str]:
@@ -183,23 +247,27 @@ def build_peft_bnb(case: ModelCase, device: torch.device, seed: int = 0):
     n = to_bnb_4bit(model, MODEL_TARGETS, DTYPES[case.dtype])
     if n != 7 * case.layers:
         raise RuntimeError(f"replaced {n} linear layers by Linear4bit, expected {7 * case.layers}")
-    model, info = _peft(model, case)
-    info.update(bitsandbytes=bnb.__version__, base="bitsandbytes Linear4bit nf4, double quant, blocksize 64")
+    info = prepare_for_training(model, case)  # on the 4-bit model, as prepare_model_for_kbit_training runs
+    model, more = _peft(model, case)
+    info.update(more, bitsandbytes=bnb.__version__, base="bitsandbytes Linear4bit nf4, double quant, blocksize 64",
+                prepare="prepare_model_for_kbit_training's checkpointing and input grads, not its fp32 upcast")
     return model, info
 
 
 def build_full_ft(case: ModelCase, device: torch.device, seed: int = 0):
-    model = base_model(case, device, seed)
+    model, info = prepared_model(case, device, seed)
     for p in model.parameters():
         p.requires_grad_(True)
-    return model, {"adapter": "none: every parameter trains"}
+    info.update(adapter="none: every parameter trains")
+    return model, info
 
 
 BUILDERS: Dict[str, ModelBuilder] = {
-    "fused": build_fused,
+    "floor": build_floor,
+    "peft_bnb": build_peft_bnb,
     "fused_qlora": build_fused_qlora,
     "peft": build_peft,
-    "peft_bnb": build_peft_bnb,
+    "fused": build_fused,
     "full_ft": build_full_ft,
 }
 LORA = ("fused", "fused_qlora", "peft", "peft_bnb")
@@ -218,20 +286,22 @@ def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, id
     dev.sync()
     baseline = dev.allocated()
     model, info = builder(case, dev.device, run.settings.seed)
-    if provider in LORA:
-        _check_lora(case, model, provider)
+    check_model(case, model, provider)
     dev.sync()
     model_bytes = dev.allocated() - baseline
     params = _trainable(model)
     n_trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=case.lr)
+    # The floor trains nothing: its step is forward + backward (AdamW refuses an empty parameter list).
+    opt = torch.optim.AdamW(params, lr=case.lr) if params else None
     model.train()
 
     def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
         return loss.detach()
 
     first = float(step())
@@ -249,14 +319,17 @@ def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, id
         samples.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(dev.device) - baseline if dev.cuda else None
     last = float(last)
-    opt.zero_grad(set_to_none=True)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
 
     p50, p20, p80 = quantiles(samples)
     tok = case.tokens
     config = dict(case.config(), mode="step", provider_info=info, timer="time.perf_counter + synchronize per step",
-                  optimizer=f"torch.optim.AdamW(lr={case.lr:g}) over the trainable parameters",
+                  optimizer=(f"torch.optim.AdamW(lr={case.lr:g}) over the trainable parameters" if opt is not None
+                             else "none (no trainable parameter)"),
                   step="zero_grad(set_to_none) + forward with causal-LM loss + backward + optimizer step",
-                  gradient_checkpointing=False, cuda_graphs=False, reference=case.floor)
+                  gradient_checkpointing=info.get("gradient_checkpointing", False),
+                  input_require_grads=info.get("input_require_grads", False), cuda_graphs=False)
     rows = Rows(run, case, provider, "step", config)
     rows.add("tokens_per_s", tok * 1e3 / p50, "tokens/s", tok * 1e3 / p80, tok * 1e3 / p20,
              note=f"{case.batch}x{case.seq} tokens per step / median of {case.steps} timed steps after "
@@ -278,7 +351,8 @@ def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, id
 
 
 def run_model_case(run: Run, case: ModelCase, builders: Optional[Dict[str, ModelBuilder]] = None) -> List[Dict]:
-    """Every provider of ``case`` (same token ids, same base weights); ratios to peft_bnb of this run."""
+    """Every provider of ``case`` (same token ids, same base weights); ``ratio_to_floor`` to the case's floor (the
+    frozen base) of this run."""
     builders = dict(BUILDERS, **(builders or {}))
     rows: List[Dict] = []
     try:

@@ -2,7 +2,7 @@
 
 A case is one layer shape ``y (M, N) = x (M, K) @ W^T (N, K) + s * dropout(x) @ A^T (r, K) @ B^T (N, r)`` with a
 dense or NF4 ``W``, or (``kind="dequant"``) one NF4 weight to dequantize, or (``ModelCase``, preset ``model``) one
-training step of a whole Llama-3-8B-shaped decoder. Every preset has a GPU version (the shapes of
+training step of a whole Llama-3-8B-shaped decoder, with or without gradient checkpointing. Every preset has a GPU version (the shapes of
 shared/ANCHORS.md, sized to fit one 10-minute device command) and a CPU quick version (same structure, small
 shapes, fp32) that runs the same code paths in seconds.
 """
@@ -18,7 +18,8 @@ DECODE_MAX_M = 16
 
 # Every provider, with what it times (the --help text is built from this table).
 PROVIDERS: Dict[str, str] = {
-    "floor": "frozen dense W, no adapter (nn.Linear, weight.requires_grad=False); x requires grad",
+    "floor": "frozen dense W, no adapter (nn.Linear, weight.requires_grad=False); x requires grad (model preset: "
+             "the bf16 model, every parameter frozen, no adapter; the input embeddings' output requires grad)",
     "floor_repeat": "the floor timed again at the end of the case: its ratio is the run-to-run noise",
     "full_ft": "trainable dense W (nn.Linear), no adapter",
     "unfused": "lora_ops.lora_linear forced to the PyTorch reference backend on the device",
@@ -244,30 +245,38 @@ def _nf4(cpu: bool) -> List[Case]:
 # ----------------------------------------------------------------------------------------- model preset
 
 MODEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The model preset's providers, in run order; peft_bnb (the reference of every ratio) first.
-MODEL_PROVIDERS = ("peft_bnb", "fused_qlora", "peft", "fused", "full_ft")
-MODEL_REFERENCE = "peft_bnb"
-# Decoder shapes: Llama-3-8B (random init, never downloaded) and the CPU quick mode's tiny one: 4 query heads
-# per KV head as in Llama-3-8B, and every weight row a whole number of 64-element NF4 blocks as there
-# (bitsandbytes' CPU dequantize is wrong when blocks straddle rows, see README; 4x, not 3.5x, hidden).
+# The model preset's providers, in run order: the frozen-base floor and peft_bnb (the two references of every
+# ratio) first, full fine-tuning (the one most likely to run out of memory) last.
+MODEL_PROVIDERS = ("floor", "peft_bnb", "fused_qlora", "peft", "fused", "full_ft")
+MODEL_FLOOR = "floor"  # ratio_to_floor of model rows: step time and peak memory ÷ this provider's, same run
+MODEL_REFERENCE = "peft_bnb"  # the report's "× peft_bnb" columns: tokens/s and peak memory ÷ this provider's
+# Decoder shapes: Llama-3-8B's layers (random init, never downloaded) with a 32000-token vocabulary by default
+# (--vocab 128256 gives Llama-3's own), and the CPU quick mode's tiny one: 4 query heads per KV head as in
+# Llama-3-8B, and every weight row a whole number of 64-element NF4 blocks as there (bitsandbytes' CPU
+# dequantize is wrong when blocks straddle rows, see README; 4x, not 3.5x, hidden).
 ARCHS: Dict[str, Dict[str, int]] = {
-    "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
+    "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000),
     "tiny": dict(hidden=64, intermediate=256, heads=4, kv_heads=1, vocab=128),
 }
 MODEL_DEFAULTS = {  # (cpu quick mode, GPU)
-    True: dict(layers=2, seq=16, batch=2, steps=3, warmup_steps=1),
-    False: dict(layers=4, seq=2048, batch=4, steps=10, warmup_steps=3),
+    True: dict(layers=2, seq=16, steps=3, warmup_steps=1),
+    False: dict(layers=16, seq=2048, steps=10, warmup_steps=3),
 }
-MODEL_OPTIONS = ("layers", "seq", "batch", "steps", "warmup_steps")
-MODEL_MINIMUM = dict(layers=1, seq=2, batch=1, steps=1, warmup_steps=1)
+# The (batch, gradient checkpointing) of the preset's cases, in run order: single-GPU QLoRA runs at a small and a
+# larger batch with checkpointing (how they fit in memory), and the small batch without it.
+MODEL_RUNS = {True: ((1, True), (2, True), (1, False)), False: ((1, True), (4, True), (1, False))}
+MODEL_OPTIONS = ("layers", "seq", "batch", "steps", "warmup_steps", "vocab", "checkpointing")
+MODEL_MINIMUM = dict(layers=1, seq=2, batch=1, steps=1, warmup_steps=1, vocab=2)
 
 
 @dataclass(frozen=True)
 class ModelCase(_Planned):
-    """One model-level case: per provider, build the decoder (``layers`` blocks of ``arch``), then time
-    ``steps`` training steps (forward with causal-LM loss on random token ids (batch, seq), backward, AdamW step
-    on the trainable parameters) after ``warmup_steps`` untimed ones. ``floor`` names the provider every
-    ratio is taken against (peft_bnb), as ``Case.floor`` does for the layer presets."""
+    """One model-level case: per provider, build the decoder (``layers`` blocks of ``arch``, a ``vocab``-token
+    vocabulary, 0 = the arch's), then time ``steps`` training steps (forward with causal-LM loss on random token
+    ids (batch, seq), backward, AdamW step on the trainable parameters) after ``warmup_steps`` untimed ones, with
+    transformers' gradient checkpointing on every decoder layer when ``checkpointing``. ``floor`` names the
+    provider ``ratio_to_floor`` is taken against (the frozen base); ``reference`` the second reference the report
+    shows ratios to (PEFT + bitsandbytes)."""
 
     preset: str
     name: str
@@ -280,8 +289,11 @@ class ModelCase(_Planned):
     steps: int = 10
     warmup_steps: int = 3
     lr: float = 1e-5
+    checkpointing: bool = False
+    vocab: int = 0
     kind: str = "model"
-    floor: str = MODEL_REFERENCE
+    floor: str = MODEL_FLOOR
+    reference: str = MODEL_REFERENCE
     plan: Tuple[Tuple[str, Tuple[str, ...]], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
@@ -291,10 +303,21 @@ class ModelCase(_Planned):
             raise ValueError(f"case {self.name!r}: unknown arch {self.arch!r}; known: {sorted(ARCHS)}")
         for key, low in MODEL_MINIMUM.items():
             v = getattr(self, key)
+            if key == "vocab" and v == 0:
+                continue  # the arch's own vocabulary
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"case {self.name!r}: {key}={v!r} must be an int >= {low}")
+                raise ValueError(f"case {self.name!r}: {key}={v!r} must be an int >= {low}"
+                                 + (" (or 0 for the arch's own)" if key == "vocab" else ""))
         if self.r < 1:
             raise ValueError(f"case {self.name!r}: r={self.r} must be >= 1")
+        if not isinstance(self.checkpointing, bool):
+            raise ValueError(f"case {self.name!r}: checkpointing={self.checkpointing!r} must be True or False")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"case {self.name!r}: dtype={self.dtype!r} must be float32, float16 or bfloat16")
+        for ref in (self.floor, self.reference):
+            if ref not in MODEL_PROVIDERS:
+                raise ValueError(f"case {self.name!r}: reference provider {ref!r} is not a model provider; choose "
+                                 f"from {', '.join(MODEL_PROVIDERS)}")
         for provider, modes in self.plan:
             if provider not in MODEL_PROVIDERS:
                 raise ValueError(f"case {self.name!r}: provider {provider!r} does not run the model preset; "
@@ -304,7 +327,7 @@ class ModelCase(_Planned):
 
     @property
     def dims(self) -> Dict[str, int]:
-        return ARCHS[self.arch]
+        return dict(ARCHS[self.arch], **({"vocab": self.vocab} if self.vocab else {}))
 
     @property
     def tokens(self) -> int:
@@ -314,7 +337,8 @@ class ModelCase(_Planned):
     def shape(self) -> str:
         d = self.dims
         return (f"layers={self.layers},hidden={d['hidden']},intermediate={d['intermediate']},heads={d['heads']}/"
-                f"{d['kv_heads']},vocab={d['vocab']},seq={self.seq},batch={self.batch},r={self.r}")
+                f"{d['kv_heads']},vocab={d['vocab']},seq={self.seq},batch={self.batch},r={self.r},"
+                f"checkpointing={'on' if self.checkpointing else 'off'}")
 
     def primary_mode(self) -> str:
         return "step"
@@ -328,30 +352,52 @@ class ModelCase(_Planned):
 
     def filtered(self, providers: Optional[Sequence[str]] = None, modes: Optional[Sequence[str]] = None
                  ) -> Optional["ModelCase"]:
-        """Like ``Case.filtered``: the reference (peft_bnb) always stays so every ratio has its reference from
-        the same run; None when nothing else would run."""
+        """Like ``Case.filtered``: the floor and the reference (peft_bnb) always stay, so every ratio has both
+        from the same run; None when none of ``providers`` runs in this case."""
         if modes and "step" not in modes:
             return None
         keep = set(providers) if providers else None
-        plan = tuple((p, ms) for p, ms in self.plan if p == self.floor or keep is None or p in keep)
-        if not [p for p, _ in plan if p != self.floor] and keep is not None and self.floor not in keep:
+        always = (self.floor, self.reference)
+        plan = tuple((p, ms) for p, ms in self.plan if p in always or keep is None or p in keep)
+        if keep is not None and not any(p in keep for p, _ in plan):
             return None
         return replace(self, plan=plan)
 
 
 def model_case(preset: str, arch: str, dtype: str, layers: int, seq: int, batch: int, steps: int,
-               warmup_steps: int, r: int = 16) -> ModelCase:
+               warmup_steps: int, r: int = 16, checkpointing: bool = False, vocab: int = 0) -> ModelCase:
+    """A case of every model provider. Its name says the depth, batch x seq, whether gradient checkpointing is
+    on ("ckpt" / "no-ckpt") and, when it is not the arch's own, the vocabulary: rows of different settings never
+    replace each other in a merged CSV."""
     label = "llama3-8b-shape" if arch == "llama3-8b" else arch
+    name = f"{label} L{layers} {batch}x{seq} {'ckpt' if checkpointing else 'no-ckpt'}"
+    if vocab and vocab != ARCHS.get(arch, {}).get("vocab"):
+        name += f" vocab{vocab}"
     plan = tuple((p, ("step",)) for p in MODEL_PROVIDERS)
-    return ModelCase(preset, f"{label} L{layers} {batch}x{seq}", arch, layers, seq, batch, r, dtype, steps,
-                     warmup_steps, plan=plan)
+    return ModelCase(preset, name, arch, layers, seq, batch, r, dtype, steps, warmup_steps,
+                     checkpointing=checkpointing, vocab=vocab, plan=plan)
+
+
+def model_runs(cpu: bool, batch: Optional[int] = None, checkpointing: Optional[bool] = None
+               ) -> List[Tuple[int, bool]]:
+    """The (batch, checkpointing) pairs of the preset: ``MODEL_RUNS`` restricted to ``checkpointing`` when given,
+    with every batch replaced by ``batch`` when given (duplicates dropped): ``--batch 4`` runs 4 x seq with and
+    without checkpointing, ``--checkpointing off`` the small batch without it."""
+    runs = [(b, c) for b, c in MODEL_RUNS[bool(cpu)] if checkpointing is None or c == checkpointing]
+    if not runs:  # a checkpointing setting the defaults lack: the small batch with it
+        runs = [(MODEL_RUNS[bool(cpu)][0][0], bool(checkpointing))]
+    if batch is not None:
+        runs = [(batch, c) for _, c in runs]
+    return list(dict.fromkeys(runs))
 
 
 def _model(cpu: bool, **options) -> List[ModelCase]:
     opts = dict(MODEL_DEFAULTS[bool(cpu)])  # Preset.cases has refused options other than MODEL_OPTIONS
     opts.update({k: v for k, v in options.items() if v is not None})
+    batch, ckpt, vocab = opts.pop("batch", None), opts.pop("checkpointing", None), opts.pop("vocab", 0)
     arch, dtype = ("tiny", "float32") if cpu else ("llama3-8b", "bfloat16")
-    return [model_case("model", arch, dtype, **opts)]
+    return [model_case("model", arch, dtype, checkpointing=c, vocab=vocab, batch=b, **opts)
+            for b, c in model_runs(cpu, batch, ckpt)]
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -387,17 +433,22 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "dense and NF4 (metric host_us)", "under 1 min", _host),
     Preset("nf4", "dequantize a 14336x4096 NF4 weight to bf16: lora_ops (fused, unfused) vs bitsandbytes vs a "
            "copy of as many bytes", "under 1 min", _nf4),
-    Preset("model", "training steps (fwd + causal-LM loss + bwd + AdamW) of a Llama-3-8B-shaped decoder, random "
-           "init in bf16, --layers deep (default 4), --batch x --seq tokens (default 4x2048): peft_bnb, "
-           "fused_qlora, peft, fused, full_ft; tokens/s, step ms, peak memory, ratios to peft_bnb",
-           "about 1-3 min at 4 layers (first-call Triton autotuning included)", _model, MODEL_OPTIONS),
+    Preset("model", "training steps (fwd + causal-LM loss + bwd + AdamW on the adapters) of a Llama-3-8B-shaped "
+           "decoder (hidden 4096, intermediate 14336, 32/8 heads, vocab 32000 or --vocab), random init in bf16, "
+           "--layers deep (default 16), LoRA r=16 alpha=32 on q,k,v,o,gate,up,down: 1x2048 and 4x2048 tokens with "
+           "gradient checkpointing, 1x2048 without (--batch, --checkpointing on|off pick among them); 3 warm-up + "
+           "10 timed steps per provider; floor (frozen base), peft_bnb, fused_qlora, peft, fused, full_ft (skipped "
+           "when it does not fit); tokens/s, step ms, peak memory, ratios to the floor and to peft_bnb",
+           "a guess, not measured: about 4-6 min for the three cases at 16 layers, first-call Triton autotuning "
+           "included; run it alone in a 10-minute command with --budget-s 420", _model, MODEL_OPTIONS),
 )}
 
 
 def select_cases(presets: Sequence[str], cpu: bool, providers: Optional[Sequence[str]] = None,
                  modes: Optional[Sequence[str]] = None, model_options: Optional[Dict] = None) -> List:
     """The cases of ``presets`` restricted to ``providers``/``modes``. ``model_options`` (layers, seq, batch,
-    steps, warmup_steps; None = the default) go to the model preset and are refused when it is not selected."""
+    steps, warmup_steps, vocab, checkpointing; None = the default) go to the model preset and are refused when it
+    is not selected."""
     given = {k: v for k, v in (model_options or {}).items() if v is not None}
     if given and "model" not in presets:
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))} only apply to the model "

@@ -35,7 +35,7 @@ LAYER_COLUMNS = (("full_ft", "full FT"), ("unfused", "torch unfused"), ("peft", 
                  ("peft_bnb", "PEFT+bnb"), ("fused", "**lora_ops**"))
 DECODE_COLUMNS = (("unfused", "torch unfused"), ("peft", "PEFT"), ("peft_bnb", "PEFT+bnb"), ("fused", "**lora_ops**"))
 NF4_COLUMNS = (("bnb", "bitsandbytes"), ("unfused", "lora_ops reference"), ("fused", "**lora_ops** (Triton)"))
-MODEL_COLUMNS = (("peft_bnb", "PEFT+bnb QLoRA"), ("fused_qlora", "**lora_ops QLoRA**"), ("peft", "PEFT LoRA"),
+MODEL_COLUMNS = (("floor", "frozen-base floor"), ("peft_bnb", "PEFT+bnb QLoRA"), ("fused_qlora", "**lora_ops QLoRA**"), ("peft", "PEFT LoRA"),
                  ("fused", "**lora_ops LoRA**"), ("full_ft", "full FT"))
 
 
@@ -326,22 +326,43 @@ def nf4_section(idx: Dict, csv_dir: str) -> List[str]:
     return out
 
 
+def _has_floor(cases: Dict) -> bool:
+    """Whether some model case has rows of the frozen-base floor (runs before the floor provider existed have
+    none; their tables read as they did then: ratios to PEFT+bitsandbytes only)."""
+    return any(report.MODEL_FLOOR in provs for provs in cases.values())
+
+
+def _model_label(cfg: Dict) -> str:
+    label = f"{cfg.get('layers', '?')} layers, {cfg.get('batch', '?')} × {cfg.get('seq', '?')}"
+    ckpt = report.model_checkpointing(cfg)
+    if ckpt is not None:  # rows that record the setting (and the vocabulary with it)
+        label += f", vocab {cfg.get('vocab', '?')}, " + ("checkpointing" if ckpt else "no checkpointing")
+    return label
+
+
 def model_section(idx: Dict, rows: Sequence[Dict], csv_dir: str) -> List[str]:
-    out = ["### Model training step (Llama-3-8B-shaped decoder): tokens/s (× PEFT+bitsandbytes)", ""]
+    """Tokens/s (× PEFT+bitsandbytes, and the step ÷ the frozen-base floor's where the floor ran), peak memory
+    (the same two ratios), the targets, how a step is run, the runs and the plot."""
     cases = _cases(idx, report.MODEL_PRESET)
+    floor = _has_floor(cases)
+    title = "### Model training step (Llama-3-8B-shaped decoder): tokens/s (× PEFT+bitsandbytes)"
+    if floor:
+        title += " · step time ÷ the frozen-base floor's"
+    out = [title, ""]
     if not cases:
-        return out + _not_yet("python -m benchmarks --preset model --layers 4 --seq 2048 --batch 4")
-    mode = "step"
+        return out + _not_yet("python -m benchmarks --preset model --budget-s 420")
+    mode, ref, fl = "step", report.MODEL_REFERENCE, report.MODEL_FLOOR
     runs = Runs([next(iter(m[mode].values())) for p in cases.values() for m in p.values() if mode in m],
-                _main_run(cases, report.MODEL_REFERENCE, mode))
+                _main_run(cases, ref, mode))
     cols = _columns(cases, MODEL_COLUMNS)
     out += _head("layers, batch × seq", *(h for _, h in cols))
     notes: List[str] = []
-    mem_rows, dtypes, mem_any = [], [], False
+    mem_rows, dtypes, mem_any, ckpts = [], [], False, set()
     for case, provs in cases.items():
         cfg = report._cfg(next(iter(next(iter(next(iter(provs.values())).values())).values())))
-        label = f"{cfg.get('layers', '?')} layers, {cfg.get('batch', '?')} × {cfg.get('seq', '?')}"
+        label = _model_label(cfg)
         dtypes.append(str(cfg.get("dtype", "?")))
+        ckpts.add(report.model_checkpointing(cfg))
         cells, mem = [label], [label]
         for p, _ in cols:
             m = provs.get(p, {}).get(mode, {})
@@ -350,22 +371,38 @@ def model_section(idx: Dict, rows: Sequence[Dict], csv_dir: str) -> List[str]:
                 mem.append("–")
                 continue
             tk, pk = m.get("tokens_per_s"), m.get("peak_extra_mib")
-            cells.append(f"{_g(tk['value'], 4)} ({_x(tk['ratio_to_floor'])}){runs.tag(tk['run_id'])}" if tk else "–")
+            to_floor = fl in provs and p != fl
+            step = f" · {_x(report.model_ratio(provs, p, 'time_ms', fl))}" if to_floor else ""
+            cells.append(f"{_g(tk['value'], 4)} ({_x(report.model_ratio(provs, p, 'tokens_per_s', ref))}){step}"
+                         f"{runs.tag(tk['run_id'])}" if tk else "–")
             mem_ok = pk is not None and pk["status"] == "ok"
             mem_any = mem_any or mem_ok
-            mem.append(f"{_g(pk['value'] / 1024, 3)} ({_x(pk['ratio_to_floor'])})" if mem_ok else "–")
+            mf = f" · {_x(report.model_ratio(provs, p, 'peak_extra_mib', fl))}" if to_floor else ""
+            mem.append(f"{_g(pk['value'] / 1024, 3)} ({_x(report.model_ratio(provs, p, 'peak_extra_mib', ref))}){mf}"
+                       if mem_ok else "–")
         out.append("| " + " | ".join(cells) + " |")
         mem_rows.append("| " + " | ".join(mem) + " |")
     if mem_any:
-        out += ["", "Peak extra memory, GiB (× PEFT+bitsandbytes; baseline before the model is built):", ""]
+        out += ["", "Peak extra memory, GiB (× PEFT+bitsandbytes" + ("; after the dot: × the frozen-base floor"
+                                                                     if floor else "")
+                + "; baseline before the model is built):", ""]
         out += _head("layers, batch × seq", *(h for _, h in cols)) + mem_rows + [""]
     else:
         out += ["", "Peak memory: not measured (no CUDA memory statistics in these runs).", ""]
     out += ["- " + line.replace("**", "") for line in report.model_target_lines(rows)]
+    if ckpts == {None}:
+        ckpt_text = "no gradient checkpointing"
+    else:
+        ckpt_text = ("gradient checkpointing as each row says (transformers' gradient_checkpointing_enable with "
+                     "use_reentrant=False, applied the same way to every provider)")
     out += ["- One step: forward with causal-LM loss on random token ids, backward, AdamW over the trainable "
             "parameters (LoRA r=16 on q, k, v, o, gate, up, down; full FT: every parameter), "
-            f"{'/'.join(dict.fromkeys(dtypes))}, no gradient checkpointing; tokens/s = batch × seq / the median "
-            "step time."]
+            f"{'/'.join(dict.fromkeys(dtypes))}, {ckpt_text}; tokens/s = batch × seq / the median step time."]
+    if floor:
+        out += ["- The frozen-base floor is the same model (dense, in its dtype) with no adapter and every parameter "
+                "frozen: forward and backward through every layer to the input embeddings, no optimizer step. "
+                "\"· x×\" after a provider's tokens/s is its step time ÷ the floor's, after its memory its peak ÷ "
+                "the floor's."]
     out += _notes(notes) + runs.lines() + [_plot(csv_dir, "model_throughput.png"), ""]
     return out
 
@@ -410,13 +447,15 @@ def generate(rows: Sequence[Dict], csv_path: Path = DEFAULT_CSV) -> str:
     csv_rel = _rel(csv_path)
     csv_dir = csv_rel.rsplit("/", 1)[0] if "/" in csv_rel else "."
     idx = report._index(rows)
+    model_refs = ("model step: PEFT+bitsandbytes and the frozen-base floor"
+                  if _has_floor(_cases(idx, report.MODEL_PRESET)) else "model step: PEFT+bitsandbytes")
     gpus = list(OrderedDict.fromkeys(report._env(r).get("gpu", "?") for r in rows))
     title = f"## Headline numbers ({', '.join(gpus)})" if gpus else "## Headline numbers"
     lines = [BEGIN, title, "",
              f"Generated by `python -m benchmarks.readme` from [`{csv_rel}`]({csv_rel}) (do not edit by hand: CI "
              "runs `python -m benchmarks.readme --check`, which fails when this block and the CSV disagree). "
              "Each run times all its providers in one process on the same tensors, and every ratio is to the "
-             "floor (model step: PEFT+bitsandbytes) of its own run; a cell marked † comes from another run than "
+             f"floor ({model_refs}) of its own run; a cell marked † comes from another run than "
              f"its row's floor. Full tables: [`results.md`]({csv_dir}/results.md).", ""]
     lines += layer_section(idx, csv_dir)
     lines += memory_section(idx)

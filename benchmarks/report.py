@@ -12,9 +12,9 @@ import json
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .presets import MODEL_PROVIDERS, MODEL_REFERENCE  # the model preset's providers; its ratios are to the reference
+from .presets import MODEL_FLOOR, MODEL_PROVIDERS, MODEL_REFERENCE  # the model preset's providers and references
 
 COLUMNS = ("run_id", "preset", "case", "shape", "provider", "mode", "metric", "value", "p20", "p80", "unit",
            "ratio_to_floor", "status", "note", "config", "env")
@@ -26,6 +26,13 @@ FLOORS = ("floor", "copy")
 PLOT_ORDER = ("full_ft", "unfused", "peft", "peft_bnb", "bnb", "fused", "fused_qlora")
 MODEL_PRESET = "model"
 MODEL_TARGET = ("fused_qlora", 1.3)  # issue 11: >= 1.3x peft_bnb tokens/s at no more peak memory
+# Issue 20: lora_ops QLoRA's step in the runs users make, at 16 Llama-8B-shaped layers with a 32000-token
+# vocabulary, by (batch, seq, gradient checkpointing): (min tokens/s x peft_bnb, max step time / the floor's).
+# Peak extra memory at most peft_bnb's, and with checkpointing at most MODEL_CKPT_MEMORY x the floor's. Other
+# model cases are checked against MODEL_TARGET.
+MODEL_TARGET_SHAPE = dict(layers=16, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000)
+MODEL_STEP_TARGETS = {(1, 2048, True): (2.0, 1.35), (4, 2048, True): (1.6, 1.07), (1, 2048, False): (1.5, 1.2)}
+MODEL_CKPT_MEMORY = 1.05
 
 
 def ratio(value: float, floor: Optional[float]) -> float:
@@ -257,20 +264,45 @@ def _case_table(case: str, providers: Dict) -> List[str]:
     return out
 
 
+def _step(providers: Dict, provider: str) -> Dict:
+    return providers.get(provider, {}).get("step", {})
+
+
+def model_ratio(providers: Dict, provider: str, metric: str, ref: str) -> float:
+    """A model case's ``metric`` of ``provider`` / that of ``ref``, both measured (status ok) in the same run;
+    NaN otherwise. ``providers`` is one case of ``_index``: provider -> mode -> metric -> row. The report takes
+    both ratios of model rows (to the floor and to peft_bnb) from the values, so rows recorded when
+    ``ratio_to_floor`` was taken against peft_bnb read the same way."""
+    a, b = _step(providers, provider).get(metric), _step(providers, ref).get(metric)
+    if a is None or b is None or a["status"] != "ok" or b["status"] != "ok" or a["run_id"] != b["run_id"]:
+        return math.nan
+    return ratio(a["value"], b["value"])
+
+
+def model_checkpointing(cfg: Dict) -> Optional[bool]:
+    """Whether a model row's run had gradient checkpointing; None for rows that do not say."""
+    if "checkpointing" in cfg:
+        return bool(cfg["checkpointing"])
+    return None
+
+
 def _model_table(case: str, providers: Dict) -> List[str]:
-    """One model case: every provider's training step, ratios to peft_bnb of the same run."""
+    """One model case: every provider's training step; tokens/s and peak memory × peft_bnb, step time and peak
+    memory ÷ the floor (the frozen-base step), both of the same run."""
     first = next(iter(next(iter(providers.values())).values()))
     cfg = _cfg(next(iter(first.values())))
     head = f"### {case}"
     if cfg:
+        ckpt = model_checkpointing(cfg)
+        ck = "" if ckpt is None else ("gradient checkpointing, " if ckpt else "no gradient checkpointing, ")
         head += (f" ({cfg.get('layers', '?')} layers, {cfg.get('batch', '?')}x{cfg.get('seq', '?')} tokens per step, "
-                 f"{cfg.get('dtype', '?')}, r={cfg.get('r', '?')}; {cfg.get('steps', '?')} timed steps after "
+                 f"{ck}{cfg.get('dtype', '?')}, r={cfg.get('r', '?')}; {cfg.get('steps', '?')} timed steps after "
                  f"{cfg.get('warmup_steps', '?')} warm-up)")
-    ref = MODEL_REFERENCE
+    ref, fl = MODEL_REFERENCE, MODEL_FLOOR
     out = [head, "",
-           f"| provider | tokens/s p50 [p20, p80] | × {ref} | step ms p50 [p20, p80] | peak extra MiB (× {ref}) "
-           "| model MiB | trainable params | loss first → last |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"| provider | tokens/s p50 [p20, p80] | × {ref} | step ms p50 [p20, p80] | ÷ {fl} | peak extra MiB "
+           f"| × {ref} | × {fl} | model MiB | trainable params | loss first → last |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     skipped = []
     for provider, modes in providers.items():
         m = modes.get("step", {})
@@ -281,11 +313,12 @@ def _model_table(case: str, providers: Dict) -> List[str]:
         if tk is None or t is None:
             continue
         get = lambda k: m[k]["value"] if k in m else math.nan  # noqa: E731
-        pk = m.get("peak_extra_mib")
-        out.append(f"| {provider} | {_f(tk['value'])} [{_f(tk['p20'])}, {_f(tk['p80'])}] | {_x(tk['ratio_to_floor'])} "
-                   f"| {_f(t['value'])} [{_f(t['p20'])}, {_f(t['p80'])}] | {_f(get('peak_extra_mib'))} "
-                   f"({_x(pk['ratio_to_floor'] if pk else math.nan)}) | {_f(get('model_mib'))} "
-                   f"| {_f(get('trainable_params'), 6)} | {_f(get('loss_first'))} → {_f(get('loss_last'))} |")
+        rat = lambda k, r: model_ratio(providers, provider, k, r)  # noqa: E731
+        out.append(f"| {provider} | {_f(tk['value'])} [{_f(tk['p20'])}, {_f(tk['p80'])}] "
+                   f"| {_x(rat('tokens_per_s', ref))} | {_f(t['value'])} [{_f(t['p20'])}, {_f(t['p80'])}] "
+                   f"| {_x(rat('time_ms', fl))} | {_f(get('peak_extra_mib'))} | {_x(rat('peak_extra_mib', ref))} "
+                   f"| {_x(rat('peak_extra_mib', fl))} | {_f(get('model_mib'))} | {_f(get('trainable_params'), 6)} "
+                   f"| {_f(get('loss_first'))} → {_f(get('loss_last'))} |")
     out.append("")
     for s in skipped:
         out.append(f"- skipped: {s}")
@@ -294,37 +327,83 @@ def _model_table(case: str, providers: Dict) -> List[str]:
     return out
 
 
+def model_step_target(cfg: Dict) -> Optional[Tuple[float, float]]:
+    """Issue 20's (min tokens/s × peft_bnb, max step ÷ floor) for a model case's config, None when the case is
+    not one of its runs (then MODEL_TARGET applies)."""
+    if any(cfg.get(k) != v for k, v in MODEL_TARGET_SHAPE.items()):
+        return None
+    return MODEL_STEP_TARGETS.get((cfg.get("batch"), cfg.get("seq"), model_checkpointing(cfg)))
+
+
+def _judge(checks: Sequence[Tuple[float, bool]]) -> str:
+    """'met', 'not met' (some measured check fails) or 'unknown' (none fails, some not measured);
+    checks are (value, value passes)."""
+    if any(not math.isnan(v) and not ok for v, ok in checks):
+        return "not met"
+    return "unknown" if any(math.isnan(v) for v, _ in checks) else "met"
+
+
 def model_target_lines(rows: Sequence[Dict]) -> List[str]:
-    """Per model case, whether fused_qlora reached the target against peft_bnb of the same run."""
+    """Per model case, whether fused_qlora reached its target: issue 20's for the 16-layer runs it names (tokens/s
+    × peft_bnb, step ÷ the floor's, peak memory), issue 11's for the others; all ratios within one run."""
     who, factor = MODEL_TARGET
+    ref, fl = MODEL_REFERENCE, MODEL_FLOOR
     out = []
     cases = _index(rows).get(MODEL_PRESET, {})
     for case, providers in cases.items():
         if case == "ceilings":
             continue
-        mine = providers.get(who, {}).get("step", {})
-        ref = providers.get(MODEL_REFERENCE, {}).get("step", {})
-        head = f"Target ({case}): {who} ≥ {factor:.2f}× {MODEL_REFERENCE} tokens/s at no more peak memory: "
-        if "tokens_per_s" not in mine or "tokens_per_s" not in ref:
-            why = [f"{p} skipped ({m['skipped']['note'][:120]})" for p, m in ((who, mine), (MODEL_REFERENCE, ref))
-                   if "skipped" in m]
+        mine, refm, floor = _step(providers, who), _step(providers, ref), _step(providers, fl)
+        cfg = _cfg(next(iter(mine.values()))) if mine else {}
+        target = model_step_target(cfg)
+        if target is None:
+            head = f"Target ({case}): {who} ≥ {factor:.2f}× {ref} tokens/s at no more peak memory: "
+            needed = ((who, mine), (ref, refm))
+        else:
+            ckpt = model_checkpointing(cfg)
+            head = (f"Target ({case}): {who} ≥ {target[0]:.2f}× {ref} tokens/s and step ≤ {target[1]:.2f}× the "
+                    f"{fl}'s, peak extra memory ≤ {ref}'s" + (f" and ≤ {MODEL_CKPT_MEMORY:.2f}× the {fl}'s"
+                                                              if ckpt else "") + ": ")
+            needed = ((who, mine), (ref, refm), (fl, floor))
+        if any("tokens_per_s" not in m for _, m in needed):
+            why = [f"{p} skipped ({m['skipped']['note'][:120]})" for p, m in needed if "skipped" in m]
             out.append(head + "cannot be checked: " + ("; ".join(why) or "not measured") + ".")
             continue
-        tr = mine["tokens_per_s"]["ratio_to_floor"]
-        mem = mine.get("peak_extra_mib", {})
-        mr = mem.get("ratio_to_floor", math.nan) if mem.get("status") == "ok" else math.nan
-        speed_ok = not math.isnan(tr) and tr >= factor
-        if math.isnan(mr):
-            verdict = ("speed met" if speed_ok else "speed not met") + ", memory not measured (no CUDA statistics)"
+        tr = model_ratio(providers, who, "tokens_per_s", ref)
+        mr = model_ratio(providers, who, "peak_extra_mib", ref)
+        ft = model_ratio(providers, who, "time_ms", fl)
+        if target is None:
+            speed_ok = not math.isnan(tr) and tr >= factor
+            if math.isnan(mr):
+                verdict = ("speed met" if speed_ok else "speed not met") + ", memory not measured (no CUDA statistics)"
+            else:
+                verdict = "met" if speed_ok and mr <= 1.0 else "not met"
+            floor_part = "" if math.isnan(ft) else f"; step {_x(ft)} the {fl}'s"
+            out.append(head + f"{_x(tr)} tokens/s, {_x(mr)} peak memory{floor_part}: **{verdict}**.")
+            continue
+        mf = model_ratio(providers, who, "peak_extra_mib", fl)
+        speed = _judge([(tr, tr >= target[0]), (ft, ft <= target[1])])
+        mem_checks = [(mr, mr <= 1.0)] + ([(mf, mf <= MODEL_CKPT_MEMORY)] if ckpt else [])
+        memory = _judge(mem_checks)
+        if speed == memory == "met":
+            verdict = "met"
+        elif "unknown" not in (speed, memory):
+            verdict = "not met"
         else:
-            verdict = "met" if speed_ok and mr <= 1.0 else "not met"
-        out.append(head + f"{_x(tr)} tokens/s, {_x(mr)} peak memory: **{verdict}**.")
+            no_stats = mine.get("peak_extra_mib", {}).get("status") == "n/a"
+            unknown = {"speed": "not checkable (a reference step was not measured)",
+                       "memory": "not measured (no CUDA statistics)" if no_stats
+                       else "not checkable (a reference's memory was not measured)"}
+            verdict = ", ".join(f"{k} {unknown[k] if v == 'unknown' else v}"
+                                for k, v in (("speed", speed), ("memory", memory)))
+        mem = f"peak memory {_x(mr)} {ref}'s" + (f", {_x(mf)} the {fl}'s" if ckpt else "")
+        out.append(head + f"{_x(tr)} tokens/s, step {_x(ft)} the {fl}'s, {mem}: **{verdict}**.")
     return out
 
 
 def summary(rows: Sequence[Dict]) -> List[str]:
     """The lines to paste: per case, its primary mode (full fwd+bwd, decode or dequant), every provider; then the
-    model preset's training steps (ratios to peft_bnb) and its target."""
+    model preset's training steps (ratios to peft_bnb and to the frozen-base floor) and its targets."""
     out = ["## Summary", ""]
     layer_rows = any(r["preset"] != MODEL_PRESET and r["case"] != "ceilings" for r in rows)
     if layer_rows:
@@ -374,23 +453,25 @@ def summary(rows: Sequence[Dict]) -> List[str]:
         out.append("")
     model_cases = OrderedDict((c, p) for c, p in model_cases.items() if c != "ceilings")
     if model_cases:
-        out += ["Model training step (ratios to peft_bnb of the same run):", ""]
+        ref, fl = MODEL_REFERENCE, MODEL_FLOOR
+        out += [f"Model training step (tokens/s and peak memory × {ref}, step time and peak memory ÷ the {fl}: the "
+                "frozen-base step; both of the same run):", ""]
         out += model_target_lines(rows)
-        ref = MODEL_REFERENCE
-        out += ["", f"| case | provider | tokens/s | × {ref} | step ms | peak extra MiB (× {ref}) |",
-                "|---|---|---|---|---|---|"]
+        out += ["", f"| case | provider | tokens/s | × {ref} | step ms | ÷ {fl} | peak extra MiB (× {ref}, × {fl}) |",
+                "|---|---|---|---|---|---|---|"]
         for case, providers in model_cases.items():
             for provider, modes in providers.items():
                 m = modes.get("step", {})
                 if "skipped" in m:
-                    out.append(f"| {case} | {provider} | skipped | {m['skipped']['note'][:60]} | | |")
+                    out.append(f"| {case} | {provider} | skipped | {m['skipped']['note'][:60]} | | | |")
                     continue
                 tk, t, pk = m.get("tokens_per_s"), m.get("time_ms"), m.get("peak_extra_mib")
                 if tk is None or t is None:
                     continue
-                out.append(f"| {case} | {provider} | {_f(tk['value'])} | {_x(tk['ratio_to_floor'])} | "
-                           f"{_f(t['value'])} | {_f(pk['value']) if pk else '–'} "
-                           f"({_x(pk['ratio_to_floor'] if pk else math.nan)}) |")
+                rat = lambda k, r: _x(model_ratio(providers, provider, k, r))  # noqa: E731
+                out.append(f"| {case} | {provider} | {_f(tk['value'])} | {rat('tokens_per_s', ref)} | "
+                           f"{_f(t['value'])} | {rat('time_ms', fl)} | {_f(pk['value']) if pk else '–'} "
+                           f"({rat('peak_extra_mib', ref)}, {rat('peak_extra_mib', fl)}) |")
         out.append("")
     return out
 
@@ -496,8 +577,9 @@ def _plot_vs_tokens(cases: Dict, out_dir: Path, plt) -> List[Path]:
 
 
 def _plot_model(cases: Dict, out_dir: Path, plt) -> Optional[Path]:
-    """``model_throughput.png``: per model case and provider, tokens/s (left) and peak extra GiB (right), each
-    bar labelled with its ratio to peft_bnb of the same run."""
+    """``model_throughput.png``: per model case and provider, tokens/s (bars labelled × peft_bnb), step time ÷ the
+    floor's (with fused_qlora's target bound where issue 20 sets one) and peak extra GiB (labelled × peft_bnb),
+    every ratio within one run. Panels without a measured value (memory on the CPU) are left out."""
     names = list(cases)
     providers = []
     for p in cases.values():
@@ -507,40 +589,53 @@ def _plot_model(cases: Dict, out_dir: Path, plt) -> Optional[Path]:
     order = MODEL_PROVIDERS
     providers.sort(key=lambda n: order.index(n) if n in order else len(order))
 
-    def series(metric, scale=1.0):
+    def series(metric, ref, scale=1.0, as_ratio=False):
         out = {}
         for prov in providers:
             vals, rats = [], []
             for c in names:
                 r = cases[c].get(prov, {}).get("step", {}).get(metric)
                 ok = r is not None and r["status"] == "ok" and not math.isnan(r["value"])
-                vals.append(r["value"] * scale if ok else math.nan)
-                rats.append(r["ratio_to_floor"] if ok else math.nan)
+                rt = model_ratio(cases[c], prov, metric, ref) if ok else math.nan
+                vals.append(rt if as_ratio else (r["value"] * scale if ok else math.nan))
+                rats.append(math.nan if as_ratio else rt)
             out[prov] = (vals, rats)
         return out
 
-    panels = [("tokens_per_s", "tokens/s (higher is better)", 1.0),
-              ("peak_extra_mib", "peak extra GiB (lower is better)", 1.0 / 1024)]
-    panels = [(m, label, sc, series(m, sc)) for m, label, sc in panels]
-    panels = [p for p in panels if any(not math.isnan(v) for vals, _ in p[3].values() for v in vals)]
+    panels = [("tokens/s (higher is better)", f"labels × {MODEL_REFERENCE}", series("tokens_per_s", MODEL_REFERENCE)),
+              (f"step time ÷ the {MODEL_FLOOR}'s (lower is better)", f"{MODEL_FLOOR}: frozen base; ─ target",
+               {p: v for p, v in series("time_ms", MODEL_FLOOR, as_ratio=True).items() if p != MODEL_FLOOR}),
+              ("peak extra GiB (lower is better)", f"labels × {MODEL_REFERENCE}",
+               series("peak_extra_mib", MODEL_REFERENCE, 1.0 / 1024))]
+    panels = [p for p in panels if any(not math.isnan(v) for vals, _ in p[2].values() for v in vals)]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 2.2 * len(names) + 3) * len(panels) / 1.4, 4.8),
                              squeeze=False)
-    width = 0.8 / max(1, len(providers))
-    for ax, (metric, label, _, data) in zip(axes[0], panels):
-        for j, prov in enumerate(providers):
+    for ax, (label, subtitle, data) in zip(axes[0], panels):
+        provs = list(data)
+        width = 0.8 / max(1, len(provs))
+        for j, prov in enumerate(provs):
             vals, rats = data[prov]
-            xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(names))]
-            bars = ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, label=prov)
+            xs = [i + (j - (len(provs) - 1) / 2) * width for i in range(len(names))]
+            bars = ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, label=prov,
+                          color=f"C{providers.index(prov)}")
             for b, v, rt in zip(bars, vals, rats):
                 if not math.isnan(v) and not math.isnan(rt):
                     ax.annotate(f"{rt:.2f}×", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                                 va="bottom", fontsize=7)
+            if label.startswith("step time") and prov == MODEL_TARGET[0]:
+                for x, c in zip(xs, names):
+                    first = next(iter(_step(cases[c], prov).values()), None)
+                    target = model_step_target(_cfg(first)) if first else None
+                    if target is not None:
+                        ax.plot([x - width / 2, x + width / 2], [target[1]] * 2, color="k", lw=2)
+        if label.startswith("step time"):
+            ax.axhline(1.0, color="k", lw=1, ls="--")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=15, ha="right", fontsize=8)
         ax.set_ylabel(label)
-        ax.set_title(f"model: {label.split(' (')[0]}, labels × {MODEL_REFERENCE}", fontsize=9)
+        ax.set_title(f"model: {label.split(' (')[0]}; {subtitle}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(out_dir) / "model_throughput.png"
