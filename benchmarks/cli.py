@@ -51,9 +51,9 @@ def _epilog() -> str:
         "  python -m benchmarks --cpu                         # quick CPU run of the layer preset (~1 min)\n"
         "  python -m benchmarks --preset layer                # GPU\n"
         "  python -m benchmarks --preset decode nf4 --providers fused,peft_bnb --out /tmp/bench\n"
-        "  python -m benchmarks --preset model --budget-s 420 # GPU: 16 layers, 1x2048 and 4x2048 ckpt, 1x2048 no-ckpt\n"
+        "  python -m benchmarks --preset model --budget-s 420  # GPU: 16 layers, 1x2048, 4x2048 ckpt, 1x2048 no-ckpt\n"
         "  python -m benchmarks --preset model --layers 4 --batch 4 --checkpointing off   # one smaller GPU case\n"
-        "  python -m benchmarks --cpu --preset model          # tiny decoder on the CPU, the same three cases (seconds)")
+        "  python -m benchmarks --cpu --preset model           # tiny decoder on the CPU, the same three cases")
     return "\n".join(lines)
 
 

@@ -35,8 +35,8 @@ LAYER_COLUMNS = (("full_ft", "full FT"), ("unfused", "torch unfused"), ("peft", 
                  ("peft_bnb", "PEFT+bnb"), ("fused", "**lora_ops**"))
 DECODE_COLUMNS = (("unfused", "torch unfused"), ("peft", "PEFT"), ("peft_bnb", "PEFT+bnb"), ("fused", "**lora_ops**"))
 NF4_COLUMNS = (("bnb", "bitsandbytes"), ("unfused", "lora_ops reference"), ("fused", "**lora_ops** (Triton)"))
-MODEL_COLUMNS = (("floor", "frozen-base floor"), ("peft_bnb", "PEFT+bnb QLoRA"), ("fused_qlora", "**lora_ops QLoRA**"), ("peft", "PEFT LoRA"),
-                 ("fused", "**lora_ops LoRA**"), ("full_ft", "full FT"))
+MODEL_COLUMNS = (("floor", "frozen-base floor"), ("peft_bnb", "PEFT+bnb QLoRA"), ("fused_qlora", "**lora_ops QLoRA**"),
+                 ("peft", "PEFT LoRA"), ("fused", "**lora_ops LoRA**"), ("full_ft", "full FT"))
 
 
 # ------------------------------------------------------------------------------------------------ helpers

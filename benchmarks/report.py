@@ -457,8 +457,8 @@ def summary(rows: Sequence[Dict]) -> List[str]:
         out += [f"Model training step (tokens/s and peak memory × {ref}, step time and peak memory ÷ the {fl}: the "
                 "frozen-base step; both of the same run):", ""]
         out += model_target_lines(rows)
-        out += ["", f"| case | provider | tokens/s | × {ref} | step ms | ÷ {fl} | peak extra MiB (× {ref}, × {fl}) |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["", f"| case | provider | tokens/s | × {ref} | step ms | ÷ {fl} | peak extra MiB (× {ref}, × {fl}) "
+                "|", "|---|---|---|---|---|---|---|"]
         for case, providers in model_cases.items():
             for provider, modes in providers.items():
                 m = modes.get("step", {})
