@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lora_ops
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -18,6 +20,7 @@ if str(REPO) not in sys.path:
 from benchmarks import harness, model, presets, report  # noqa: E402
 from benchmarks.cli import main  # noqa: E402
 from benchmarks.presets import ModelCase, select_cases  # noqa: E402
+from helpers import kernels_only  # noqa: E402
 
 FAST = dict(cpu=True, cpu_min_reps=2, cpu_max_reps=3, cpu_target_s=0.001, profile=False)
 LORA = ("fused", "fused_qlora", "peft", "peft_bnb")
@@ -163,6 +166,25 @@ def test_lora_ops_model_with_checkpointing_matches_without(provider):
         assert g_on[n].abs().max() > 0, n
     for emb in (emb_on, emb_off):  # every provider's backward runs down to the input embeddings' output
         assert emb.requires_grad and emb.grad is not None and emb.grad.abs().max() > 0
+
+
+@pytest.mark.skipif(not lora_ops._backend.triton_interpreter(),
+                    reason="runs lora_ops' Triton kernels on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, "
+                           "set by tests/conftest.py without a GPU)")
+def test_lora_ops_triton_kernels_with_checkpointing_match_without(monkeypatch):
+    """The same on lora_ops' Triton path (the kernels the GPU runs; here in Triton's interpreter): with the
+    reference implementations made to raise, the checkpointed QLoRA model recomputes its layers through the
+    kernels and gets the loss and gradients it gets without checkpointing."""
+    monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
+    on, off = _model_case(True), _model_case(False)
+    ids = model.token_ids(on, torch.device("cpu"))
+    with kernels_only(monkeypatch, ("lora_fwd", "lora_bwd_dx", "lora_bwd_da")):
+        loss_on, g_on, calls_on, _, _ = _loss_and_grads(model.build_fused_qlora, on, ids)
+        loss_off, g_off, calls_off, _, _ = _loss_and_grads(model.build_fused_qlora, off, ids)
+    assert (calls_on, calls_off) == (2, 1)
+    assert torch.equal(loss_on, loss_off) and set(g_on) == set(g_off) and len(g_on) == 2 * 7 * on.layers
+    for n in g_on:
+        assert torch.allclose(g_on[n], g_off[n], rtol=1e-6, atol=1e-9), n
 
 
 def test_check_model_refuses_a_model_that_is_not_the_case():
