@@ -4,6 +4,10 @@ One row per (run, preset, case, provider, mode, metric). ``value`` is the median
 exists, with ``p20``/``p80`` beside it; ``ratio_to_floor`` = value / the floor's value of the same run, case,
 mode and metric (time, eager time, peak memory). ``status`` is ok, skipped (``note`` gives the reason) or n/a
 (the metric does not exist here, e.g. device memory on the CPU).
+
+Model preset: the floor is the frozen-base training step (provider ``floor``); the tables and target lines also
+show tokens/s and peak memory × peft_bnb. Both ratios are taken from the values of rows of the same run
+(``model_ratio``), so rows recorded when ``ratio_to_floor`` of model rows was to peft_bnb read the same way.
 """
 from __future__ import annotations
 
