@@ -17,10 +17,10 @@ Per provider, in one process and on the same token ids:
 4. rows: ``tokens_per_s`` (batch * seq / median step time), ``time_ms`` (step), ``peak_extra_mib`` (CUDA:
    max_memory_allocated during the timed steps - baseline), ``model_mib`` (allocated after the build -
    baseline), ``trainable_params``, ``loss_first`` / ``loss_last``. ``ratio_to_floor`` of tokens/s, step time
-   and peak memory is to the ``floor`` provider of the same run (the case's ``floor``): the same bf16 model with
-   no adapter and every parameter frozen, whose backward still runs through every layer (to the embeddings'
-   output), with checkpointing when the case has it: the least a step of this model can cost. The report adds
-   the ratios to peft_bnb of the same run (the case's ``reference``) from the values.
+   and peak memory is to the ``floor`` provider of the same run (the case's ``floor``): the same dense model (in
+   the case dtype) with no adapter and every parameter frozen, whose backward still runs through every layer
+   (to the embeddings' output), with checkpointing when the case has it: the least a step of this model can
+   cost. The report adds the ratios to peft_bnb of the same run (the case's ``reference``) from the values.
 
 Everything a provider holds is dropped and the allocator emptied before the next one is built. A provider that
 fails (OOM, missing package, bitsandbytes without its CUDA build) is recorded as ``skipped`` with the reason.
