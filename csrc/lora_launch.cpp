@@ -69,7 +69,6 @@ struct Settings {
   int64_t dequant_min_m = 64;     // NF4_DEQUANT_MIN_M
   int64_t tma_min_m = 4096;       // _TMA_MIN_M
   int64_t tma_min_nk = 1 << 25;   // _TMA_MIN_NK
-  int64_t tma_block_r = 16;       // _TMA_BLOCK_R
   int64_t tma_small_m = 128;      // lora_tuning.py _TMA_CONFIGS: the first M of the large tile
   int64_t nested_blocksize = 256; // nf4.NESTED_BLOCKSIZE
   int64_t dq_bytes_per_program = 2048;  // nf4_dequant.BYTES_PER_PROGRAM
@@ -123,10 +122,10 @@ struct Launch {
   int ndesc = 0;
   Desc descs[3];
   const Variant* variant = nullptr;
-  int64_t want_block_m = 0;  // the tiles this launch was built for (checked against the variant)
+  int64_t want_config = 0;   // which config a variant must have: the TMA tile (0 small, 1 large), dequantize NB
   bool trans_w = false;      // the TMA GEMM: forward (W^T) or dX (W)
 
-  void ptr(const at::Tensor& t) { args[nargs++] = Arg{'P', static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())), 0.0}; }
+  void ptr(const at::Tensor& t) { ptr_raw(reinterpret_cast<uintptr_t>(t.data_ptr())); }
   void ptr_raw(uint64_t p) { args[nargs++] = Arg{'P', static_cast<int64_t>(p), 0.0}; }
   void i(int64_t v) { args[nargs++] = Arg{'I', v, 0.0}; }
   void f(double v) { args[nargs++] = Arg{'F', 0, v}; }
@@ -191,7 +190,6 @@ struct Plan {
 };
 
 std::mutex g_mutex;  // plans are read on autograd's device threads and written from Python
-std::vector<PlanKey> g_plan_keys;
 std::vector<Plan> g_plans;
 std::unordered_map<PlanKey, int64_t, PlanKeyHash> g_plan_index;
 int64_t g_launches[NUM_KERNELS] = {};
@@ -204,7 +202,6 @@ int64_t plan_id(const PlanKey& key) {
   if (it != g_plan_index.end()) return it->second;
   int64_t id = static_cast<int64_t>(g_plans.size());
   g_plans.emplace_back();
-  g_plan_keys.push_back(key);
   g_plan_index.emplace(key, id);
   return id;
 }
@@ -430,7 +427,7 @@ WArgs weight_args(const Call& c, Work& work) {
     l.i(nel / (2 * nb * half_bs));
     l.grid[0] = cdiv(nblocks, nb);
     l.grid[1] = l.grid[2] = 1;
-    l.want_block_m = nb;
+    l.want_config = nb;
     work.launches.push_back(l);
     work.keep.push_back(out);
     w.dense = out;
@@ -480,7 +477,7 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
     // lora.py _tma_gemm: one persistent program per SM; the descriptors' tiles are the variant's config.
     l.kernel = K_TMA;
     l.trans_w = trans_w;
-    l.want_block_m = m >= g_settings.tma_small_m ? 1 : 0;  // which of _TMA_CONFIGS (checked against the variant)
+    l.want_config = m >= g_settings.tma_small_m ? 1 : 0;  // which of _TMA_CONFIGS (checked against the variant)
     l.grid[1] = l.grid[2] = 1;
     l.grid[0] = -1;  // set from the variant's tiles
     l.desc(a, 0, 0);
@@ -746,8 +743,8 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
   for (Launch& l : work.launches) {
     const Variant* found = nullptr;
     for (const Variant& v : plan.variants[l.kernel]) {
-      if (l.kernel == K_TMA && (v.block_m >= g_settings.tma_small_m ? 1 : 0) != l.want_block_m) continue;
-      if (l.kernel == K_DQ && v.nb != l.want_block_m) continue;
+      if (l.kernel == K_TMA && (v.block_m >= g_settings.tma_small_m ? 1 : 0) != l.want_config) continue;
+      if (l.kernel == K_DQ && v.nb != l.want_config) continue;
       if (variant_matches(l, v, any)) {
         found = &v;
         break;
@@ -927,12 +924,14 @@ void run_launches(const Call&, Work&, const at::Tensor&) {
 
 constexpr int64_t UNSUPPORTED = -1;
 
-// Runs (or, dry, only builds) one forward. Returns true with outputs set, or false with `status` = the plan id to
-// register on a miss, or UNSUPPORTED.
-bool forward(const Call& c, bool dry, FwdOut& out, Work& work, int64_t& status) {
+// Runs one forward (`bwd` null) or backward, or with `dry` only builds its launch list (tiles resolved against any
+// registered variant, verified or not, so the list can be compared with Python's records). Returns true with the
+// outputs set, or false with `status` = the plan id to register on a miss, or UNSUPPORTED.
+bool run(const Call& c, bool dry, FwdOut* fwd, BwdOut* bwd, Work& work, int64_t& status) {
   status = UNSUPPORTED;
   if (!c.ok || !launch_path_enabled() || (tma_mode() == TMA_BAD)) return false;
-  const PlanKey key = make_key(c, false, false);
+  const bool det = bwd != nullptr && at::globalContext().deterministicAlgorithms();
+  const PlanKey key = make_key(c, bwd != nullptr, det);
 #ifdef LORA_OPS_LAUNCH_CUDA
   std::optional<c10::cuda::CUDAGuard> guard;
   if (c.x.is_cuda()) guard.emplace(c.x.device());
@@ -941,43 +940,18 @@ bool forward(const Call& c, bool dry, FwdOut& out, Work& work, int64_t& status) 
   const int64_t id = plan_id(key);
   const Plan& plan = g_plans[id];
   if (plan.disabled && !dry) return false;
-  out = build_forward(c, work);
+  if (bwd != nullptr)
+    *bwd = build_backward(c, work, det);
+  else
+    *fwd = build_forward(c, work);
+  status = id;
   if (dry) {
-    status = id;
+    resolve(plan, c, work, true);
     return true;
   }
-  if (!resolve(plan, c, work)) {
-    status = id;
-    return false;
-  }
-  run_launches(c, work, at::Tensor());
-  return true;
-}
-
-bool backward(const Call& c, bool dry, BwdOut& out, Work& work, int64_t& status) {
-  status = UNSUPPORTED;
-  if (!c.ok || !launch_path_enabled() || (tma_mode() == TMA_BAD)) return false;
-  const bool det = at::globalContext().deterministicAlgorithms();
-  const PlanKey key = make_key(c, true, det);
-#ifdef LORA_OPS_LAUNCH_CUDA
-  std::optional<c10::cuda::CUDAGuard> guard;
-  if (c.x.is_cuda()) guard.emplace(c.x.device());
-#endif
-  std::lock_guard<std::mutex> lock(g_mutex);
-  const int64_t id = plan_id(key);
-  const Plan& plan = g_plans[id];
-  if (plan.disabled && !dry) return false;
-  out = build_backward(c, work, det);
-  if (dry) {
-    status = id;
-    return true;
-  }
-  if (!resolve(plan, c, work)) {
-    status = id;
-    return false;
-  }
-  run_launches(c, work, out.acc);
-  finish_backward(c, out);
+  if (!resolve(plan, c, work)) return false;
+  run_launches(c, work, bwd != nullptr ? bwd->acc : at::Tensor());
+  if (bwd != nullptr) finish_backward(c, *bwd);
   return true;
 }
 
@@ -1048,13 +1022,8 @@ py::object fwd_entry(const at::Tensor& x, const at::Tensor& w, const std::option
   FwdOut o;
   Work work;
   int64_t status;
-  if (!forward(c, dry, o, work, status)) return py::int_(status);
-  if (dry) {
-    // Tiles are per variant; a dry run reports them where a registered variant matches (else the grid is -1).
-    std::lock_guard<std::mutex> lock(g_mutex);
-    resolve(g_plans[status], c, work, true);
-    return py::make_tuple(status, describe(work));
-  }
+  if (!run(c, dry, &o, nullptr, work, status)) return py::int_(status);
+  if (dry) return py::make_tuple(status, describe(work));  // grids are -1 where no registered variant matched
   return py::make_tuple(o.y, o.s);
 }
 
@@ -1076,12 +1045,8 @@ py::object bwd_entry(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   BwdOut o;
   Work work;
   int64_t status;
-  if (!backward(c, dry, o, work, status)) return py::int_(status);
-  if (dry) {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    resolve(g_plans[status], c, work, true);
-    return py::make_tuple(status, describe(work));
-  }
+  if (!run(c, dry, nullptr, &o, work, status)) return py::int_(status);
+  if (dry) return py::make_tuple(status, describe(work));
   return py::make_tuple(o.dx, o.dA, o.dB, o.dbias);
 }
 
@@ -1150,7 +1115,6 @@ void set_verified(int64_t id, bool ok) {
 void clear_plans() {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_plans.clear();
-  g_plan_keys.clear();
   g_plan_index.clear();
 }
 
@@ -1182,7 +1146,6 @@ void configure(const py::dict& s) {
   get("dequant_min_m", g_settings.dequant_min_m);
   get("tma_min_m", g_settings.tma_min_m);
   get("tma_min_nk", g_settings.tma_min_nk);
-  get("tma_block_r", g_settings.tma_block_r);
   get("tma_small_m", g_settings.tma_small_m);
   get("nested_blocksize", g_settings.nested_blocksize);
   get("dq_bytes_per_program", g_settings.dq_bytes_per_program);
@@ -1224,7 +1187,7 @@ FwdOut forward_or_fallback(const Call& c) {
   FwdOut o;
   Work work;
   int64_t status;
-  if (forward(c, false, o, work, status)) return o;
+  if (run(c, false, &o, nullptr, work, status)) return o;
   py::gil_scoped_acquire gil;
   py::tuple res = (*g_fallback)(0, status, c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.blocksize,
                              c.A, c.B, c.scaling, c.bias, c.p, c.seed);
@@ -1237,7 +1200,7 @@ BwdOut backward_or_fallback(const Call& c) {
   BwdOut o;
   Work work;
   int64_t status;
-  if (backward(c, false, o, work, status)) return o;
+  if (run(c, false, nullptr, &o, work, status)) return o;
   py::gil_scoped_acquire gil;
   py::tuple res = (*g_fallback)(1, status, c.dy, c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset,
                              c.blocksize, c.A, c.B, c.s, c.scaling, c.p, c.seed, c.need_dx, c.need_dA, c.need_dB,

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import _backend
+from .nf4 import NF4Weight
 
 _lock = threading.Lock()
 _module = None  # lora_ops._C (or the JIT-built module) once loaded and configured
@@ -53,7 +54,7 @@ def _settings() -> dict:
 
     return dict(max_stride=L._MAX_STRIDE, min_dot=L._MIN_DOT, max_block_r=L._MAX_BLOCK_R,
                 dequant_min_m=L.NF4_DEQUANT_MIN_M, tma_min_m=L._TMA_MIN_M, tma_min_nk=L._TMA_MIN_NK,
-                tma_block_r=L._TMA_BLOCK_R, tma_small_m=L._TMA_CONFIGS[0][0], nested_blocksize=_nf4.NESTED_BLOCKSIZE,
+                tma_small_m=L._TMA_CONFIGS[0][0], nested_blocksize=_nf4.NESTED_BLOCKSIZE,
                 dq_bytes_per_program=DQ.BYTES_PER_PROGRAM, blocksizes=list(_nf4.VALID_BLOCKSIZES))
 
 
@@ -123,16 +124,16 @@ def forget_plans() -> None:
 def _ensure_device(device: torch.device) -> bool:
     """Hand the C++ side the per-device tensors the Python launchers use (scratch, NF4 codebook) and the SM
     count; True when this call did it (so a call the C++ side refused for lack of them may be retried)."""
+    index = device.index if device.type == "cuda" else -1
+    if index is None:
+        index = torch.cuda.current_device()
+        device = torch.device("cuda", index)
+    if _devices.get(index):  # the common case, first: linear() asks on every call it hands back
+        return False
+    from . import nf4 as _nf4
     from .triton_kernels import lora as L
     from .triton_kernels import nf4_dequant as DQ
 
-    index = device.index if device.type == "cuda" else -1
-    if device.type == "cuda" and index is None:
-        index = torch.cuda.current_device()
-        device = torch.device("cuda", index)
-    if _devices.get(index):
-        return False
-    from . import nf4 as _nf4
     # Made here, in memory of their own, unless a launcher made them already (see csrc persistent()).
     if device not in L._SCRATCH:
         L._SCRATCH[device] = _module.launch_persistent(index, torch.zeros(16, dtype=torch.float32))
@@ -152,8 +153,6 @@ def linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
     mod = _module if _state == "ready" else module()
     if mod is None:
         return None
-    from .nf4 import NF4Weight
-
     if _backend.op_required():
         return None
     backend = _backend.requested_backend()
@@ -225,6 +224,10 @@ def _fallback(phase: int, plan: int, *args):
 
 # -------------------------------------------------------------------------------------------- registration
 
+def _entry(mod, phase: int):
+    return mod.launch_fwd if phase == 0 else mod.launch_bwd
+
+
 def _python_launch(phase: int, plan: int, args: tuple):
     """Run one forward (phase 0) or backward (1) on the Python launchers; on a miss (``plan`` >= 0) record the
     launches and register them with the C++ side."""
@@ -233,17 +236,18 @@ def _python_launch(phase: int, plan: int, args: tuple):
     launcher = L.lora_forward if phase == 0 else L.lora_backward
     x = args[0] if phase == 0 else args[1]
     mod = _module
-    if plan < 0 and mod is not None and x.is_cuda and _ensure_device(x.device):
-        res = (mod.launch_fwd if phase == 0 else mod.launch_bwd)(*args, True)
-        plan = res[0] if type(res) is tuple else -1
-    if plan < 0 or mod is None:
+    if mod is None or not x.is_cuda:
         return launcher(*args)
-    if _settings() != _sent:  # the plan id was computed under other settings: ask again
+    # The C++ side answered without this device's tensors, or under settings since changed: ask it again.
+    fresh = _ensure_device(x.device)
+    if _settings() != _sent:
         _sync_settings(mod)
-        res = (mod.launch_fwd if phase == 0 else mod.launch_bwd)(*args, True)
-        if type(res) is not tuple:
-            return launcher(*args)
-        plan = res[0]
+        fresh = True
+    if fresh:
+        res = _entry(mod, phase)(*args, True)
+        plan = res[0] if type(res) is tuple else -1
+    if plan < 0:
+        return launcher(*args)
     with L.recording() as records:
         out = launcher(*args)
     _register(mod, phase, plan, args, list(records))
@@ -257,7 +261,7 @@ def _register(mod, phase: int, plan: int, args: tuple, records: List) -> bool:
         if v is not None:
             variants.append(v)
     mod.launch_add_variants(plan, variants)
-    dry = (mod.launch_fwd if phase == 0 else mod.launch_bwd)(*args, True)
+    dry = _entry(mod, phase)(*args, True)
     if type(dry) is not tuple:
         problems.append("the C++ side refused the call it had asked to register")
     else:
@@ -326,7 +330,8 @@ def _variant(rec, problems: List[str]):
     blocks = tuple(int(named.get(k, 0)) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NB"))
     kernel = rec.kernel
     if kernel is None:  # the interpreter: nothing to launch, only argument lists to compare
-        tma = [(0, a.base.element_size(), 0, *a.block_shape) for a in rec.args if type(a).__name__ == "TensorDescriptor"]
+        tma = [(0, a.base.element_size(), 0, *a.block_shape) for a in rec.args
+               if type(a).__name__ == "TensorDescriptor"]
         return (rec.name, specs, 0, int(named.get("num_warps", 4)), 0, blocks, tma)
     md = kernel.metadata
     compiled = list(kernel.src.signature.values())[:len(rec.args)]
