@@ -4,7 +4,7 @@ Providers (floor, floor_repeat, full_ft, unfused, peft, peft_bnb, fused; copy an
 timed on the same tensors per case, in one process, and reported as ratios to the floor of the same run, with
 achieved TFLOP/s and GB/s against ceilings measured at the start, peak extra memory, kernel launches and op
 calls. Results: one long-format CSV, a markdown table and PNG plots under ``benchmarks/results/<gpu-slug>/``.
-The method follows shared/DESIGN.md "Measuring speed". The ``model`` preset (benchmarks/model.py) times whole
+The method is described in benchmarks/harness.py. The ``model`` preset (benchmarks/model.py) times whole
 training steps of a Llama-3-8B-shaped decoder instead, as tokens/s and peak memory with ratios to PEFT +
 bitsandbytes. ``python -m benchmarks.readme`` regenerates README.md's headline block from the H200 CSV.
 """

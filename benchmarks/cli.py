@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Time LoRA/QLoRA layer providers against the frozen bf16 floor, all in one process "
-                    "(method: shared/DESIGN.md 'Measuring speed').",
+                    "(method: the docstring of benchmarks/harness.py).",
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=["layer"], choices=sorted(PRESETS) + ["all"], metavar="NAME",
                     help="one or more of %(choices)s (default: layer)")

@@ -1,6 +1,6 @@
 """NF4 exactly as bitsandbytes' CUDA path stores it: the one definition in this package.
 
-Format facts (see shared/NF4.md, checked against bitsandbytes 0.50.2):
+Format facts (checked against bitsandbytes 0.50.2):
 
 * The (out, in) weight is flattened row-major and cut into blocks of ``blocksize`` elements; the last
   block may be partial and blocks may straddle rows.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles every csrc/*.cu for sm_90 with this machine's nvcc (ptxas runs, so register/encoding errors show),
 # into a temporary directory that is removed afterwards. No GPU and no torch needed: the .cu files are
-# torch-free by design (DESIGN.md, "csrc that compiles without a GPU"). Exits non-zero on the first failure.
+# torch-free by design, so they compile without a GPU or torch. Exits non-zero on the first failure.
 #   scripts/compile_csrc.sh            (NVCC=/path/to/nvcc to pick another compiler)
 set -euo pipefail
 cd "$(dirname "$0")/.."

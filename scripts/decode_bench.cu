@@ -223,7 +223,7 @@ int main(int argc, char** argv) {
 
   printf("decode_bench on %s (%d SMs, L2 %d MB): N=%d K=%d r=%d, %d rotated weight copies\n", prop.name,
          prop.multiProcessorCount, prop.l2CacheSize >> 20, N, K, r, copies);
-  // Copy bandwidth in this process (read + write bytes / time), the ceiling DESIGN.md reports against.
+  // Copy bandwidth in this process (read + write bytes / time), the ceiling the decode timings are reported against.
   {
     void *src, *dst;
     const size_t cb = 256u << 20;

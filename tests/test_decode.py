@@ -634,7 +634,7 @@ def test_decode_timing_gpu(cuda, threshold16):
     """Prints us and GB/s of weight bytes for 4096->14336, r=16, bf16 x: our decode (lora_linear under no_grad,
     and the kernel alone) vs the training path's forward (lora_ops::lora_fwd) vs a plain bf16 F.linear without
     LoRA; do_bench medians (L2 flushed by do_bench, and 4 weight copies rotated so L2 cannot serve them) and
-    an eager steady loop (host time included, no CUDA graphs). Targets (ANCHORS.md): NF4 <= 12 us at M=1 and
+    an eager steady loop (host time included, no CUDA graphs). Targets (issue 8): NF4 <= 12 us at M=1 and
     <= 15 us at M=16. Writes the threshold these timings support to $OUT/decode_threshold.json (or prints it)."""
     import triton
 

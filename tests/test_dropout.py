@@ -1,4 +1,4 @@
-"""The dropout contract of lora_linear (DESIGN.md "Dropout RNG"): the seed comes from torch's generator at
+"""The dropout contract of lora_linear (lora_ops/functional.py, draw_dropout_seed): the seed comes from torch's generator at
 forward time, the backward regenerates the forward's mask from it, the mask is never stored at M x K, and
 checkpointing / manual_seed reproduce it."""
 import math

@@ -1,6 +1,6 @@
 """NF4 (lora_ops/nf4.py) against bitsandbytes 0.50.2 on CPU, in CI.
 
-What bitsandbytes-on-CPU can and cannot vouch for (shared/NF4.md):
+What bitsandbytes-on-CPU can and cannot vouch for (the format: lora_ops/nf4.py's docstring):
 
 * single quantization: its CPU ``quantize_4bit`` (the pure-PyTorch "default" backend) rounds like CUDA except
   at exact midpoint ties (ties to the lower code everywhere; CUDA sends three of them up) and in all-zero
@@ -177,7 +177,7 @@ def test_single_quant_matches_bnb(shape, blocksize, dtype):
 def test_odd_count_pads_with_code_7():
     w = make_weight((3, 5), torch.float32, 1)
     last = int(quantize_nf4(w, 64, double_quant=False).data[-1, 0])
-    assert last & 0xF == 7, f"pad nibble {last & 0xF}, NF4.md: odd counts pad the low nibble with code 7"
+    assert last & 0xF == 7, f"pad nibble {last & 0xF}, odd counts pad the low nibble with code 7"
 
 
 def test_bnb_dequantize_compiled_path():
@@ -248,7 +248,7 @@ def test_all_zero_blocks_follow_cuda(builder, dtype):
 
 def test_ties_fp32():
     """Values exactly on each of the 15 midpoints and k = -2..2 fp32 ulps away, absmax 1, 2, 0.5, 1.7.
-    Ours follows NF4.md's CUDA rule (ties down except NF4_TIES_UP); bnb-CPU ties down everywhere, so the two
+    Ours follows bitsandbytes-CUDA's rule (ties down except NF4_TIES_UP); bnb-CPU ties down everywhere, so the two
     differ exactly at k = 0 on the NF4_TIES_UP midpoints and nowhere else."""
     blocks = G.fp32_tie_blocks()
     w = G.blocks_to_weight([v for v, _ in blocks], 64, torch.float32)

@@ -377,7 +377,7 @@ def test_opcheck_nf4_ops_cuda(cuda, monkeypatch):
 def test_dequant_timing_4096x14336(cuda):
     """Prints ms and GB/s of the Triton dequantize (4096x14336 -> bf16) next to a device copy of the same
     output bytes and bitsandbytes' dequantize_4bit (all triton.testing.do_bench medians), plus a small sweep
-    of program sizes. Target (ANCHORS.md): <= 0.040 ms. Each sweep result is checked bit-equal."""
+    of program sizes. Target: <= 0.040 ms. Each sweep result is checked bit-equal."""
     import triton
 
     from lora_ops.triton_kernels import nf4_dequant as K

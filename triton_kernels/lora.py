@@ -221,7 +221,7 @@ class _Dropout:
             self.seed, self.threshold, self.scale = _scratch(x.device), 0, 1.0
 
 
-# TMA GEMM (``_lora_gemm_tma_kernel``): one fixed config, the best of the ANCHORS.md probe on the H200 (a
+# TMA GEMM (``_lora_gemm_tma_kernel``): one fixed config, the best of a persistent-TMA GEMM probe on the H200 (a
 # persistent TMA GEMM at 1.006-1.022x cuBLAS there: BM=128, BN=256, BK=64, 8 warps, 3 stages), a smaller tile
 # below 128 rows. For 16-bit dense weights (and the NF4 temporary) on sm_90+ when every operand meets TMA's
 # rules (16-byte aligned base and row stride, unit last stride); otherwise the pointer kernels run.

@@ -62,7 +62,7 @@ def _cfg(num_warps: int, num_stages: int, tags=_ALL, **blocks) -> triton.Config:
 def _gemm_configs(out_name: str, red_name: str, wide_first: bool) -> List[triton.Config]:
     # With autotuning off the first survivor of pruning is used: largest first, except that the dX kernel's
     # 128x256 tile spills (240 B, ptxas) and goes second. 128x256x64 / 8 warps / 3 stages was the best
-    # plain-Triton bf16 forward config on the H200 (shared/ANCHORS.md).
+    # plain-Triton bf16 forward config of a GEMM probe on the H200.
     wide, square = (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)
     families = (
         (_DENSE16, ((wide, square) if wide_first else (square, wide))
