@@ -72,6 +72,9 @@ struct Settings {
   int64_t tma_small_m = 128;      // lora_tuning.py _TMA_CONFIGS: the first M of the large tile
   int64_t nested_blocksize = 256; // nf4.NESTED_BLOCKSIZE
   int64_t dq_bytes_per_program = 2048;  // nf4_dequant.BYTES_PER_PROGRAM
+  int64_t split_unit = 256;             // lora.py _SPLIT_UNIT
+  int64_t split_unit_interp = 64;       // _SPLIT_UNIT_INTERP
+  int64_t max_inner_splits = 16;        // _MAX_INNER_SPLITS
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -465,15 +468,21 @@ bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const a
   return true;
 }
 
-// lora.py _lora_gemm: out (M, N') = dropout(scaling * lt @ Rt) (+ bias) + a @ op(W); the forward (trans_w) or dX.
+// lora.py _use_tma: whether out = a @ op(W) runs on the TMA GEMM.
+bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tensor& out) {
+  return !w.nf4_inloop && out.size(1) > 0 && tma_usable(c, a, w.dense, out);
+}
+
+// lora.py _lora_gemm: out (M, N') = dropout(scaling * L @ Rt) (+ bias) + a @ op(W); the forward (trans_w) or dX.
+// l: L (M, r), or (splits, M, r) fp32 partials the kernel sums; l_out (optional) receives the rounded L.
 void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, const WArgs& w, const at::Tensor& out,
           const at::Tensor& lt, const at::Tensor& rt, int64_t stride_rr, int64_t stride_rn, const at::Tensor* bias,
-          const Dropout& drop, double scaling, bool trans_w, int64_t m_bucket) {
+          const Dropout& drop, double scaling, bool trans_w, int64_t m_bucket, bool tma, const at::Tensor* l_out) {
   const int64_t m = out.size(0), n = out.size(1);
   const at::Tensor& scratch = c.dt->scratch;
   const at::Tensor& b = bias != nullptr ? *bias : scratch;
   Launch l;
-  if (!w.nf4_inloop && tma_usable(c, a, w.dense, out)) {
+  if (tma) {
     // lora.py _tma_gemm: one persistent program per SM; the descriptors' tiles are the variant's config.
     l.kernel = K_TMA;
     l.trans_w = trans_w;
@@ -501,6 +510,8 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
     work.launches.push_back(l);
     return;
   }
+  const bool sliced = lt.dim() == 3;
+  const at::Tensor& lo = l_out != nullptr ? *l_out : scratch;
   l.kernel = pointer_kernel;
   l.grid[0] = -1;  // cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N) of the variant's config
   l.grid[1] = l.grid[2] = 1;
@@ -511,21 +522,26 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
   l.ptr(b);
   l.ptr_raw(drop.seed_ptr);
   l.ptr(out);
+  l.ptr(lo);
   l.i(a.stride(0));
   l.i(a.stride(1));
   l.i(w.strides[0]);
   l.i(w.strides[1]);
-  l.i(lt.stride(0));
-  l.i(lt.stride(1));
+  l.i(sliced ? lt.stride(0) : 0);
+  l.i(lt.stride(-2));
+  l.i(lt.stride(-1));
   l.i(stride_rr);
   l.i(stride_rn);
   l.i(b.stride(0));
   l.i(out.stride(0));
   l.i(out.stride(1));
+  l.i(l_out != nullptr ? lo.stride(0) : 0);
+  l.i(l_out != nullptr ? lo.stride(1) : 0);
   l.i(m);
   l.i(n);
   l.i(a.size(1));
   l.i(c.r);
+  l.i(sliced ? lt.size(0) : 1);
   l.f(scaling);
   l.i(drop.threshold);
   l.f(drop.scale);
@@ -551,6 +567,22 @@ at::Tensor split_partials(int64_t splits, at::IntArrayRef shape, const at::Tenso
   return at::empty(full, splits == 1 ? opts : opts.dtype(at::kFloat));
 }
 
+// lora.py _inner_splits: (splits, columns per split) of the S (over K) or dS (over N) pass.
+std::pair<int64_t, int64_t> inner_splits_of(const Call& c, int64_t cols, int64_t r_chunks) {
+  int64_t unit, want;
+  if (!c.x.is_cuda()) {
+    unit = g_settings.split_unit_interp;
+    want = 2;
+  } else {
+    unit = g_settings.split_unit;
+    want = cdiv(2 * static_cast<int64_t>(c.dt->sms), std::max<int64_t>(1, cdiv(c.m, 64) * r_chunks));
+  }
+  want = std::max<int64_t>(1, std::min({want, g_settings.max_inner_splits, cols / unit}));
+  if (want == 1) return {1, cols};
+  const int64_t per = cdiv(cdiv(cols, want), unit) * unit;
+  return {cdiv(cols, per), per};
+}
+
 // ------------------------------------------------------------------------------------------------- forward
 
 struct FwdOut {
@@ -564,32 +596,41 @@ FwdOut build_forward(const Call& c, Work& work) {
   o.y = at::empty({c.m, c.n}, c.x.options());
   o.s = at::empty({c.m, c.r}, c.x.options());
   const int64_t block_r = block_r_of(c.r);
+  const int64_t r_chunks = cdiv(c.r, block_r);
   const int64_t m_bucket = next_pow2(c.m);
+  const bool tma = use_tma(c, c.x, w, o.y);
+  // S in K slices (fp32 partials the forward GEMM sums and stores rounded) unless the GEMM cannot take them.
+  auto [splits, cols] = (c.n == 0 || tma) ? std::pair<int64_t, int64_t>{1, c.k} : inner_splits_of(c, c.k, r_chunks);
+  at::Tensor s_part = splits == 1 ? o.s : at::empty({splits, c.m, c.r}, c.x.options().dtype(at::kFloat));
+  if (splits > 1) work.keep.push_back(s_part);
   Launch l;  // lora.py lora_forward: S = dropout(x) @ A^T
   l.kernel = K_S;
   l.grid[0] = -1;  // cdiv(m, BLOCK_M)
-  l.grid[1] = cdiv(c.r, block_r);
-  l.grid[2] = 1;
+  l.grid[1] = r_chunks;
+  l.grid[2] = splits;
   l.ptr(c.x);
   l.ptr(c.A);
   l.ptr_raw(drop.seed_ptr);
-  l.ptr(o.s);
+  l.ptr(s_part);
   l.i(c.x.stride(0));
   l.i(c.x.stride(1));
   l.i(c.A.stride(0));
   l.i(c.A.stride(1));
-  l.i(o.s.stride(0));
-  l.i(o.s.stride(1));
+  l.i(splits > 1 ? s_part.stride(0) : 0);
+  l.i(s_part.stride(-2));
+  l.i(s_part.stride(-1));
   l.i(c.m);
   l.i(c.k);
   l.i(c.r);
+  l.i(cols);
   l.i(drop.threshold);
   l.f(drop.scale);
   l.i(m_bucket);
   work.launches.push_back(l);
   const Dropout off = make_dropout(c, false);
-  gemm(c, work, K_FWD, c.x, w, o.y, o.s, c.B, c.B.stride(1), c.B.stride(0), c.bias.defined() ? &c.bias : nullptr,
-       off, c.scaling, true, m_bucket);
+  if (c.n > 0)
+    gemm(c, work, K_FWD, c.x, w, o.y, s_part, c.B, c.B.stride(1), c.B.stride(0),
+         c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma, splits > 1 ? &o.s : nullptr);
   return o;
 }
 
@@ -617,9 +658,16 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   o.fused_db = need_ds && c.need_dB && !deterministic;
   o.fused_dbias = need_ds && c.need_dbias && !deterministic;
   const at::Tensor& scratch = c.dt->scratch;
-  at::Tensor ds;
+  const bool tma_dx = c.need_dx && use_tma(c, c.dy, w, o.dx);
+  // dS in N slices (fp32 partials the dX GEMM sums; it stores dS rounded for the dA kernel) when the dX pointer
+  // GEMM runs; else in one slice, dS itself.
+  const bool dx_sums = c.need_dx && c.k > 0 && !tma_dx;
+  auto [splits_ds, cols_ds] = dx_sums ? inner_splits_of(c, c.n, r_chunks) : std::pair<int64_t, int64_t>{1, c.n};
+  at::Tensor ds, ds_part;
   if (need_ds) {
     ds = at::empty({c.m, c.r}, opts);
+    ds_part = splits_ds == 1 ? ds : at::empty({splits_ds, c.m, c.r}, opts.dtype(at::kFloat));
+    if (splits_ds > 1) work.keep.push_back(ds_part);
     if (o.fused_db || o.fused_dbias) {
       const int64_t size = (o.fused_db ? c.n * c.r : 0) + (o.fused_dbias ? c.n : 0);
       o.acc = at::empty({size}, opts.dtype(at::kFloat));  // zeroed before the launches
@@ -631,11 +679,11 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.kernel = K_DS;
     l.grid[0] = -1;  // cdiv(m, BLOCK_M)
     l.grid[1] = r_chunks;
-    l.grid[2] = 1;
+    l.grid[2] = splits_ds;
     l.ptr(c.dy);
     l.ptr(c.B);
     l.ptr(c.s);
-    l.ptr(ds);
+    l.ptr(ds_part);
     l.ptr(o.fused_db ? o.db_acc : scratch);
     l.ptr(o.fused_dbias ? o.dbias_acc : scratch);
     l.i(c.dy.stride(0));
@@ -644,11 +692,13 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.i(c.B.stride(1));
     l.i(c.s.stride(0));
     l.i(c.s.stride(1));
-    l.i(ds.stride(0));
-    l.i(ds.stride(1));
+    l.i(splits_ds > 1 ? ds_part.stride(0) : 0);
+    l.i(ds_part.stride(-2));
+    l.i(ds_part.stride(-1));
     l.i(c.m);
     l.i(c.n);
     l.i(c.r);
+    l.i(cols_ds);
     l.f(c.scaling);
     l.i(m_bucket);
     work.launches.push_back(l);
@@ -687,8 +737,9 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.i(m_bucket);
     work.launches.push_back(l);
   }
-  if (c.need_dx)
-    gemm(c, work, K_DX, c.dy, w, o.dx, ds, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop, 1.0, false, m_bucket);
+  if (c.need_dx && c.k > 0)
+    gemm(c, work, K_DX, c.dy, w, o.dx, ds_part, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop, 1.0, false,
+         m_bucket, tma_dx, splits_ds > 1 && c.need_dA ? &ds : nullptr);
   if (c.need_dA) {
     auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);
     at::Tensor da_out = split_partials(splits, {c.r, c.k}, opts);
@@ -1149,6 +1200,9 @@ void configure(const py::dict& s) {
   get("tma_small_m", g_settings.tma_small_m);
   get("nested_blocksize", g_settings.nested_blocksize);
   get("dq_bytes_per_program", g_settings.dq_bytes_per_program);
+  get("split_unit", g_settings.split_unit);
+  get("split_unit_interp", g_settings.split_unit_interp);
+  get("max_inner_splits", g_settings.max_inner_splits);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

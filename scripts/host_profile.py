@@ -87,8 +87,8 @@ def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
     a = torch.randn(r, k, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, r, device=dev, dtype=torch.bfloat16)
     s = torch.empty(m, r, device=dev, dtype=torch.bfloat16)
-    args = (x, a, tk._scratch(x.device), s, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0),
-            s.stride(1), m, k, r, 0, 1.0, tk._next_pow2(m))
+    args = (x, a, tk._scratch(x.device), s, x.stride(0), x.stride(1), a.stride(0), a.stride(1), 0, s.stride(0),
+            s.stride(1), m, k, r, k, 0, 1.0, tk._next_pow2(m))  # one K slice: S itself
     meta = dict(HAS_DROPOUT=False, BLOCK_R=16)
     grid = lambda mm: (triton.cdiv(m, mm["BLOCK_M"]), 1)  # noqa: E731
     tk._S_KERNEL(grid, *args, **meta)

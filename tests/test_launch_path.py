@@ -92,6 +92,9 @@ CASES = [
     dict(m=70, k=128, n=64, r=8, dtype=torch.float16, weight="nf4"),
     dict(m=70, k=128, n=64, r=8, dtype=torch.float32, weight="nf4-dq", p=0.1),
     dict(m=48, k=64, n=32, r=4, dtype=torch.float32, x_t=True),
+    # K and N of two or more split units: S and dS in fp32 slices, summed and stored rounded by the GEMMs.
+    dict(m=37, k=200, n=136, r=8, dtype=torch.float32, p=0.2),
+    dict(m=21, k=136, n=200, r=80, dtype=torch.float16, weight="nf4-dq"),
 ]
 
 
@@ -118,7 +121,8 @@ def test_deterministic_backward(dry):
 
 def test_tma_gemm_launch_lists(dry, monkeypatch):
     monkeypatch.setenv("LORA_OPS_TMA", "1")
-    fwd, dy = _inputs(m=64, k=64, n=64, r=16, dtype=torch.float16, bias=True, p=0.1)
+    # K and N of two split units: the TMA GEMM takes S and dS in one slice, so neither pass splits.
+    fwd, dy = _inputs(m=64, k=128, n=128, r=16, dtype=torch.float16, bias=True, p=0.1)
     y, s = _check(dry, 0, fwd)
     assert any(r[0] == "lora_gemm_tma" for r in dry.launch_fwd(*fwd, True)[1])
     x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd

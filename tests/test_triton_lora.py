@@ -115,6 +115,9 @@ CASES = {
     "bs4096-nf4-f16": (9, 129, 70, 8, F16, "nf4", 4096, 0.0, True, ()),
     "r80-two-rank-chunks-f32-dropout": (19, 70, 40, 80, F32, "dense", 64, 0.2, True, ()),
     "3d-input-nf4dq-f32": (5, 129, 33, 8, F32, "nf4-dq", 64, 0.1, True, (2,)),
+    # K and N of two or more split units (64 under the interpreter): S and dS in slices summed by the GEMMs.
+    "split-S-dS-dense-f32-dropout-bias": (37, 200, 136, 8, F32, "dense", 64, 0.2, True, ()),
+    "split-S-dS-nf4dq-f16-r80": (21, 136, 200, 80, F16, "nf4-dq", 64, 0.0, True, ()),
 }
 
 
@@ -124,6 +127,33 @@ def test_forward_and_gradients_match_reference(monkeypatch, name):
     case = make_case(m, k, n, r, dtype, weight, bs, bias, seed=len(name), lead=lead)
     got, mask = run_layer(case, 2.0, p, monkeypatch)
     assert_layer_close(got, _want(oracle(case, 2.0, p, mask)), dtype, f"{name}: ")
+
+
+@pytest.mark.parametrize("dtype,p", [(F32, 0.2), (F16, 0.0)])
+def test_split_reductions_equal_one_slice(monkeypatch, dtype, p):
+    """S over K slices and dS over N slices (summed in slice order by the GEMMs, which store the rounded S / dS)
+    give what one slice gives, within the rounding of the fp32 sums' order; and the slices really run."""
+    from lora_ops.triton_kernels import lora as L
+    from lora_ops.triton_kernels import records
+    case = make_case(37, 200, 136, 8, dtype, "dense", 64, True, seed=7)
+    seed_t = torch.tensor(11, dtype=torch.int64, device=DEVICE) if p > 0 else None
+
+    def run():
+        with records.recording() as recs:
+            y, s = L.lora_forward(case.x, case.w, None, None, None, None, 0, case.a, case.b, 2.0, case.bias, p,
+                                  seed_t)
+            grads = L.lora_backward(case.dy, case.x, case.w, None, None, None, None, 0, case.a, case.b, s, 2.0, p,
+                                    seed_t, True, True, True, True)
+        return (y, s) + tuple(grads), {r.name: r.grid for r in recs}
+
+    split, grids = run()
+    assert grids["lora_s"][2] == 2 and grids["lora_bwd_ds"][2] == 2, grids
+    monkeypatch.setattr(L, "_inner_splits", lambda m, cols, r_chunks, device: (1, cols))
+    whole, grids1 = run()
+    assert grids1["lora_s"][2] == 1 and grids1["lora_bwd_ds"][2] == 1, grids1
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == F32 else dict(rtol=2e-3, atol=2e-3)
+    for name, a, b in zip(("y", "S", "dx", "dA", "dB", "dbias"), split, whole):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}", **tol)
 
 
 def _op_args(case, p, seed):
@@ -390,7 +420,8 @@ from triton.compiler import ASTSource
 from lora_ops.triton_kernels import lora_tuning as LT
 
 UNIT = {"stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_ak", "stride_yn", "stride_dyn", "stride_dsr",
-        "stride_dxk", "stride_dbr", "stride_dak", "stride_bias", "stride_dbias_n", "stride_lr", "stride_cn"}
+        "stride_dxk", "stride_dbr", "stride_dak", "stride_bias", "stride_dbias_n", "stride_lr", "stride_cn",
+        "stride_lor"}
 # The GEMM kernel's Rt is B^T in the forward (unit stride along r) and A_lora in dX (unit stride along n).
 UNIT_BY_KERNEL = {"lora_fwd": {"stride_rr"}, "lora_bwd_dx": {"stride_rn"}}
 GEMM_FLAGS = {"lora_fwd": dict(TRANS_W=True, HAS_DROPOUT=False, HAS_BIAS=True),
@@ -406,11 +437,14 @@ for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             cfg = kernel.prune(kernel.configs, {"M": 8192, "x_ptr": torch.empty(1, dtype=tdt)}, IS_NF4=wk != "dense")[0]
             consts = dict(cfg.kwargs, BLOCK_R=64)
             flags = dict(IS_NF4=wk != "dense", NESTED=wk == "nf4dq", BLOCKSIZE=64, HAS_BIAS=True, HAS_DROPOUT=True,
-                         DO_DB=True, DO_DBIAS=True)
+                         DO_DB=True, DO_DBIAS=True, WRITE_L=True)
             flags.update(GEMM_FLAGS.get(kname, {}))
             for name, val in flags.items():
                 if name in kernel.fn.arg_names:
                     consts[name] = val
+            missing = [p.name for p in kernel.fn.params if p.is_constexpr and p.name not in consts
+                       and p.name not in flags]
+            assert not missing, f"{kname}: no probe value for constexpr {missing}"
             sig, attrs = {}, {}
             for i, name in enumerate(kernel.fn.arg_names):
                 if name in UNIT or name in UNIT_BY_KERNEL.get(kname, ()):

@@ -10,6 +10,9 @@ Per call they check the arguments, allocate the outputs, pick the variant and la
   it (by default on the shapes it measured faster on), else as the pointer kernel.
 * dB / dbias ride along the dS pass with fp32 atomics, or (deterministic mode, or no dS needed) come from the
   atomic-free reduction; reductions over M split into enough slices for two waves of SMs.
+* The skinny S and dS passes split their inner dimension (K, N) the same way at small M; the GEMM that reads S
+  (dS) sums the fp32 slices in a fixed order and stores the rounded S (dS) once, so no extra launch and no
+  atomics: results stay run-to-run identical.
 
 On CUDA with the extension built these launchers run only a configuration's first call: they record their
 launches (``records.recording``) and the C++ launch path (``lora_ops._launch``, ``csrc/lora_launch.cpp``) makes
@@ -69,6 +72,29 @@ def _splits(m: int, tiles: int, device: torch.device) -> Tuple[int, int]:
         want = -(-2 * _sm_count(device) // max(tiles, 1))
         splits = max(1, min(want, -(-m // 128)))
     return splits, -(-m // splits)
+
+
+# Split reductions along the inner dimension of the skinny kernels (S over K, dS over N): columns per split are a
+# multiple of this (256 on CUDA: a few BLOCK_K / BLOCK_N trips each), at most _MAX_INNER_SPLITS slices.
+_SPLIT_UNIT, _SPLIT_UNIT_INTERP, _MAX_INNER_SPLITS = 256, 64, 16
+
+
+def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device) -> Tuple[int, int]:
+    """(splits, columns per split) of a skinny kernel's inner dimension: S = xd @ A^T and dS = dY @ B have only
+    cdiv(M, BLOCK_M) x r_chunks programs, a fraction of the SMs below a few thousand rows, each looping over all of
+    K (N). Splitting that loop gives enough programs for two waves of SMs (counted at 64 rows per program); the
+    fp32 partials are summed by the GEMM that reads S (dS). The interpreter takes two splits whenever the
+    dimension has two units, so the CPU tests run the partials path as well as the single-split one."""
+    if device.type != "cuda":
+        unit, want = _SPLIT_UNIT_INTERP, 2
+    else:
+        unit = _SPLIT_UNIT
+        want = -(-2 * _sm_count(device) // max(1, -(-m // 64) * r_chunks))
+    want = max(1, min(want, _MAX_INNER_SPLITS, cols // unit))
+    if want == 1:
+        return 1, cols
+    per = triton.cdiv(triton.cdiv(cols, want), unit) * unit
+    return triton.cdiv(cols, per), per
 
 
 def _sm_count(device: torch.device) -> int:
@@ -275,22 +301,36 @@ def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> bool:
     return True
 
 
-def _lora_gemm(kernel, a, w, c, lt, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket):
-    """c (M, N) = dropout(scaling * lt (M, r) @ Rt (r, N)) (+ bias) + a (M, K) @ op(W): the forward
+def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor) -> bool:
+    """Whether c = a @ op(W) runs on the TMA GEMM (dense 16-bit weights only; see _tma_usable)."""
+    return not w.meta["IS_NF4"] and c.shape[1] > 0 and _tma_usable(a, w.ptrs[0], c)
+
+
+def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket,
+               tma, l_out=None):
+    """c (M, N) = dropout(scaling * L (M, r) @ Rt (r, N)) (+ bias) + a (M, K) @ op(W): the forward
     (trans_w, W (N, K): op(W) = W^T, Rt = B^T) or the dX GEMM (W (K, N) itself, Rt = A_lora). ``w``: a _W;
-    Rt is addressed through ``rt`` with (stride_rr, stride_rn). The TMA kernel where it is enabled and applies,
-    else the pointer kernel ``kernel`` (_FWD_KERNEL / _DX_KERNEL: their own configs and counters)."""
+    Rt is addressed through ``rt`` with (stride_rr, stride_rn). ``l``: L (M, r), or (splits, M, r) fp32 partials
+    that the kernel sums and rounds (then ``l_out``, if given, receives that rounded L). The TMA kernel when
+    ``tma`` (one slice only), else the pointer kernel ``kernel`` (_FWD_KERNEL / _DX_KERNEL: their own configs and
+    counters)."""
     m, n = c.shape
-    if not w.meta["IS_NF4"] and _tma_usable(a, w.ptrs[0], c):
-        _tma_gemm(a, w.ptrs[0], c, lt, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r)
+    if tma:  # the launchers give the TMA GEMM L in one slice
+        _tma_gemm(a, w.ptrs[0], c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r)
         return
-    b = bias if bias is not None else _scratch(c.device)
+    scratch = _scratch(c.device)
+    b = bias if bias is not None else scratch
+    stride_ls, stride_lm, stride_lr = l.stride() if l.dim() == 3 else (0,) + l.stride()
+    lo = l_out if l_out is not None else scratch
+    stride_lo = (l_out.stride(0), l_out.stride(1)) if l_out is not None else (0, 0)
     kernel(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
-           a, *w.ptrs, lt, rt, b, drop.seed, c,
-           a.stride(0), a.stride(1), *w.strides, lt.stride(0), lt.stride(1), stride_rr, stride_rn, b.stride(0),
-           c.stride(0), c.stride(1),
-           m, n, a.shape[1], r, float(scaling), drop.threshold, drop.scale, m_bucket,
-           TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, BLOCK_R=block_r, **w.meta, **w.opts)
+           a, *w.ptrs, l, rt, b, drop.seed, c, lo,
+           a.stride(0), a.stride(1), *w.strides, stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0),
+           c.stride(0), c.stride(1), *stride_lo,
+           m, n, a.shape[1], r, l.shape[0] if l.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale,
+           m_bucket,
+           TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
+           BLOCK_R=block_r, **w.meta, **w.opts)
 
 
 def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, trans_w, r):
@@ -337,16 +377,23 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     if m == 0:
         return y, s
     block_r = _block_r(r)
+    r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
+    tma = _use_tma(x, w, y)
+    # S in K slices (fp32 partials the forward GEMM sums, then stores S rounded) unless the GEMM cannot take them.
+    splits, cols = (1, k) if n == 0 or tma else _inner_splits(m, k, r_chunks, x.device)
+    s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     with _on_device(x.device):
-        _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r)),
-                  x, lora_A, drop.seed, s,
-                  x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
-                  m, k, r, drop.threshold, drop.scale, m_bucket,
+        _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits),
+                  x, lora_A, drop.seed, s_part,
+                  x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+                  s_part.stride(0) if splits > 1 else 0, s_part.stride(-2), s_part.stride(-1),
+                  m, k, r, cols, drop.threshold, drop.scale, m_bucket,
                   HAS_DROPOUT=drop.on, BLOCK_R=block_r)
         if n > 0:
-            _lora_gemm(_FWD_KERNEL, x, w, y, s, lora_B, lora_B.stride(1), lora_B.stride(0), bias,
-                       _Dropout(0.0, None, x), scaling, True, r, block_r, m_bucket)
+            _lora_gemm(_FWD_KERNEL, x, w, y, s_part, lora_B, lora_B.stride(1), lora_B.stride(0), bias,
+                       _Dropout(0.0, None, x), scaling, True, r, block_r, m_bucket, tma,
+                       s if splits > 1 else None)
     return y, s
 
 
@@ -382,20 +429,26 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     # atomic-free kernel does the reduction.
     fused_db = need_ds and need_dB and not deterministic
     fused_dbias = need_ds and need_dbias and not deterministic
+    tma_dx = need_dx and _use_tma(dy, w, dx)
+    # dS in N slices (fp32 partials that the dX GEMM sums; it stores dS rounded for the dA kernel) when the dX
+    # pointer GEMM runs; else in one slice, dS itself.
+    dx_sums = need_dx and k > 0 and not tma_dx
+    splits_ds, cols_ds = _inner_splits(m, n, r_chunks, dev) if dx_sums else (1, n)
     with _on_device(dev):
-        ds = None
+        ds = ds_part = None
         if need_ds:
             ds = torch.empty((m, r), dtype=dt, device=dev)
+            ds_part = ds if splits_ds == 1 else torch.empty((splits_ds, m, r), dtype=torch.float32, device=dev)
             # One zeroed fp32 buffer for both atomic targets (one allocation and one memset: host time counts).
             acc = torch.zeros(((n * r if fused_db else 0) + (n if fused_dbias else 0),), dtype=torch.float32,
                               device=dev) if fused_db or fused_dbias else None
             db_acc = acc[:n * r].view(n, r) if fused_db else _scratch(dev)
             dbias_acc = acc[n * r if fused_db else 0:] if fused_dbias else _scratch(dev)
-            _DS_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks),
-                       dy, lora_B, s, ds, db_acc, dbias_acc,
+            _DS_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits_ds),
+                       dy, lora_B, s, ds_part, db_acc, dbias_acc,
                        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
-                       ds.stride(0), ds.stride(1),
-                       m, n, r, float(scaling), m_bucket,
+                       ds_part.stride(0) if splits_ds > 1 else 0, ds_part.stride(-2), ds_part.stride(-1),
+                       m, n, r, cols_ds, float(scaling), m_bucket,
                        DO_DB=fused_db, DO_DBIAS=fused_dbias, BLOCK_R=block_r)
             if fused_db:
                 dB = db_acc if dt == torch.float32 else db_acc.to(dt)
@@ -423,8 +476,8 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
             dB = torch.zeros_like(lora_B) if do_db else dB
             dbias = dy.new_zeros((n,)) if do_dbias else dbias
         if need_dx and k > 0:
-            _lora_gemm(_DX_KERNEL, dy, w, dx, ds, lora_A, lora_A.stride(0), lora_A.stride(1), None, drop, 1.0, False,
-                       r, block_r, m_bucket)
+            _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part, lora_A, lora_A.stride(0), lora_A.stride(1), None, drop, 1.0,
+                       False, r, block_r, m_bucket, tma_dx, ds if splits_ds > 1 and need_dA else None)
         if need_dA:
             if k > 0:
                 splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)

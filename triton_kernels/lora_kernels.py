@@ -17,12 +17,15 @@ dozen rows on, see ``lora.NF4_DEQUANT_MIN_M``).
 Kernels (LoRAFusion's split at S):
 
 * ``_lora_s_kernel``        S = xd @ A^T: skinny, bandwidth-bound, one pass over x per rank chunk (grid: M
-                            tiles x r chunks).
+                            tiles x r chunks x K splits; with several K splits it writes fp32 partials).
 * ``_lora_gemm_kernel``     the forward GEMM (TRANS_W) and the dX GEMM in one kernel: y's fp32 accumulator
                             starts at s * S @ B^T (+ bias), then accumulates x @ W^T; dX's starts at
-                            dropout(dS @ A), then accumulates dY @ W. ``_lora_gemm_tma_kernel`` is its persistent
-                            TMA twin for 16-bit dense weights (by default where it measured faster; LORA_OPS_TMA).
-* ``_lora_bwd_ds_kernel``   one pass over dY: dS in registers; dB and dbias reduced over M tiles by fp32
+                            dropout(dS @ A), then accumulates dY @ W. It sums S / dS partials in a fixed order
+                            and stores the rounded S / dS once (WRITE_L). ``_lora_gemm_tma_kernel`` is its
+                            persistent TMA twin for 16-bit dense weights (by default where it measured faster;
+                            LORA_OPS_TMA), which takes S / dS in one slice.
+* ``_lora_bwd_ds_kernel``   one pass over dY (grid: M tiles x r chunks x N splits): dS in registers (fp32
+                            partials per N split); dB and dbias reduced over M tiles by fp32
                             atomics (fast path, not bit-reproducible).
 * ``_lora_bwd_db_kernel``   dB and dbias without atomics (grid: N tiles x r chunks x M splits, fp32 partials
                             summed by torch): used when torch.are_deterministic_algorithms_enabled(), and
@@ -191,14 +194,17 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------- kernels
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "cols_per_split"])
 def _lora_s_kernel(x_ptr, a_ptr, seed_ptr, s_ptr,
-                   stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-                   M, K, R, threshold, drop_scale, M_BUCKET,
+                   stride_xm, stride_xk, stride_ar, stride_ak, stride_ss, stride_sm, stride_sr,
+                   M, K, R, cols_per_split, threshold, drop_scale, M_BUCKET,
                    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """S[m, r] = sum_k xd[m, k] * A[r, k], one (BLOCK_M, BLOCK_R) tile per program."""
+    """S[m, r] = sum_k xd[m, k] * A[r, k] over the columns of split ``pid_s``, one (BLOCK_M, BLOCK_R) tile per
+    program, written to slot ``pid_s`` of s (fp32 partials that the forward GEMM sums; with one split,
+    stride_ss = 0 and s is S itself in x.dtype). Splitting K gives a skinny M enough programs to fill the GPU."""
     m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     r0 = tl.program_id(1) * BLOCK_R
+    pid_s = tl.program_id(2).to(tl.int64)
     rm = tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
@@ -208,12 +214,14 @@ def _lora_s_kernel(x_ptr, a_ptr, seed_ptr, s_ptr,
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
+    k_begin = tl.program_id(2) * cols_per_split  # int32: K < 2**22
+    k_end = tl.minimum(k_begin + cols_per_split, K)
     x_base = x_ptr + m0 * stride_xm
     a_base = a_ptr + r0 * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    for k in range(k_begin, k_end, BLOCK_K):
         k0 = tl.cast(k, tl.int64)
-        k_ok = rk < K - k0
+        k_ok = rk < k_end - k0
         x = tl.load((x_base + k0 * stride_xk) + (rm[:, None] * stride_xm + rk[None, :] * stride_xk),
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
@@ -221,18 +229,19 @@ def _lora_s_kernel(x_ptr, a_ptr, seed_ptr, s_ptr,
         at = tl.load((a_base + k0 * stride_ak) + (rr[None, :] * stride_ar + rk[:, None] * stride_ak),
                      mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(x, at.to(dtype), acc, input_precision="ieee")
-    tl.store((s_ptr + (m0 * stride_sm + r0 * stride_sr)) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
+    tl.store((s_ptr + (pid_s * stride_ss + m0 * stride_sm + r0 * stride_sr))
+             + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
              acc.to(s_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
-                      l_ptr, r_ptr, bias_ptr, seed_ptr, c_ptr,
-                      stride_am, stride_ak, stride_wn, stride_wk, stride_lm, stride_lr, stride_rr, stride_rn,
-                      stride_bias, stride_cm, stride_cn,
-                      M, N, K, R, scaling, threshold, drop_scale, M_BUCKET,
+                      l_ptr, r_ptr, bias_ptr, seed_ptr, c_ptr, lo_ptr,
+                      stride_am, stride_ak, stride_wn, stride_wk, stride_ls, stride_lm, stride_lr, stride_rr,
+                      stride_rn, stride_bias, stride_cm, stride_cn, stride_lom, stride_lor,
+                      M, N, K, R, L_SPLITS, scaling, threshold, drop_scale, M_BUCKET,
                       TRANS_W: tl.constexpr, IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_L: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                       GROUP_M: tl.constexpr):
     """The forward GEMM and the dX GEMM (pointer loads; dense or NF4 W decoded tile by tile):
@@ -242,7 +251,12 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     forward (TRANS_W): A = x, W stored (N, K) so op(W) = W^T, L = S, Rt = B^T, + bias;
     dX: A = dY, W stored (K, N) (the (out, in) weight itself), L = dS (already scaled: scaling = 1), Rt = A_lora,
     dropout of x's element (m, n) (N is x's column count here). The LoRA term (LoRAFusion) seeds the fp32
-    accumulator before the GEMM over K; the result is rounded once."""
+    accumulator before the GEMM over K; the result is rounded once.
+
+    L arrives as ``L_SPLITS`` slices ``stride_ls`` apart: fp32 partial sums over a split reduction (the S and dS
+    kernels split K / N to fill the GPU at small M), summed here in slice order and rounded to A's dtype; one
+    slice is L itself. With WRITE_L the programs of the first column tile store that rounded L (M, R) to lo_ptr
+    (S saved for backward, dS for the dA kernel)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     n0 = pid_n.to(tl.int64) * BLOCK_N
@@ -260,11 +274,20 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < R
-        lt = tl.load(l_base + (rm[:, None] * stride_lm + rr[None, :] * stride_lr),
-                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        l_mask = m_ok[:, None] & r_ok[None, :]
+        l_off = rm[:, None] * stride_lm + rr[None, :] * stride_lr
+        lt = tl.load(l_base + l_off, mask=l_mask, other=0.0).to(tl.float32)
+        l_slice = l_base
+        for _ in range(1, L_SPLITS):
+            l_slice += stride_ls  # 64-bit pointer arithmetic
+            lt += tl.load(l_slice + l_off, mask=l_mask, other=0.0).to(tl.float32)
+        lt = lt.to(dtype)
+        if WRITE_L:
+            tl.store((lo_ptr + m0 * stride_lom) + (rm[:, None] * stride_lom + rr[None, :] * stride_lor), lt,
+                     mask=l_mask & (pid_n == 0))
         rt = tl.load(r_base + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(lt.to(dtype), rt.to(dtype), acc, input_precision="ieee")
+        acc = tl.dot(lt, rt.to(dtype), acc, input_precision="ieee")
     if TRANS_W:
         acc = acc * scaling
     if HAS_DROPOUT:
@@ -367,17 +390,21 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         c_desc.store([om, on], acc.to(dtype))
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "cols_per_split"])
 def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
-                        stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
-                        M, N, R, scaling, M_BUCKET,
+                        stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dss, stride_dsm,
+                        stride_dsr,
+                        M, N, R, cols_per_split, scaling, M_BUCKET,
                         DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One pass over a (BLOCK_M, N) row block of dY: dS = s * dY @ B for those rows; with DO_DB / DO_DBIAS also
-    adds s * dY^T @ S and colsum(dY) of those rows into the fp32 (N, R) / (N,) buffers by atomics."""
+    """One pass over the (BLOCK_M, cols) block of dY that split ``pid_s`` covers: dS = s * dY @ B of those rows
+    and columns into slot ``pid_s`` of ds (fp32 partials that the dX GEMM sums; one split: stride_dss = 0 and ds
+    is dS itself in dY's dtype); with DO_DB / DO_DBIAS also adds s * dY^T @ S and colsum(dY) of the block into the
+    fp32 (N, R) / (N,) buffers by atomics."""
     pid_m = tl.program_id(0)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     r0 = tl.program_id(1) * BLOCK_R
+    pid_s = tl.program_id(2)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
@@ -390,11 +417,13 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
     dy_base = dy_ptr + m0 * stride_dym
     b_base = b_ptr + r0 * stride_br
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    num_n = tl.cdiv(N, BLOCK_N)
+    n_begin = pid_s * cols_per_split  # int32: N < 2**22
+    n_end = tl.minimum(n_begin + cols_per_split, N)
+    num_n = tl.cdiv(n_end - n_begin, BLOCK_N)
     for j in range(0, num_n):
         # Programs start their sweep at different column tiles, so their atomics do not all hit one tile at once.
-        n0 = ((j + pid_m) % num_n).to(tl.int64) * BLOCK_N
-        n_ok = rn < N - n0
+        n0 = (n_begin + ((j + pid_m) % num_n) * BLOCK_N).to(tl.int64)
+        n_ok = rn < n_end - n0
         dy = tl.load((dy_base + n0 * stride_dyn) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         b = tl.load((b_base + n0 * stride_bn) + (rn[:, None] * stride_bn + rr[None, :] * stride_br),
@@ -409,7 +438,8 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
         if DO_DBIAS:
             colsum = tl.sum(dy.to(tl.float32), axis=0)
             tl.atomic_add((dbias_acc_ptr + n0) + rn, colsum, mask=n_ok & (r0 == 0), sem="relaxed")
-    tl.store((ds_ptr + (m0 * stride_dsm + r0 * stride_dsr)) + (rm[:, None] * stride_dsm + rr[None, :] * stride_dsr),
+    tl.store((ds_ptr + (pid_s.to(tl.int64) * stride_dss + m0 * stride_dsm + r0 * stride_dsr))
+             + (rm[:, None] * stride_dsm + rr[None, :] * stride_dsr),
              (acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
