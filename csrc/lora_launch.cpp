@@ -75,6 +75,7 @@ struct Settings {
   int64_t split_unit = 256;             // lora.py _SPLIT_UNIT
   int64_t split_unit_interp = 64;       // _SPLIT_UNIT_INTERP
   int64_t max_inner_splits = 16;        // _MAX_INNER_SPLITS
+  int64_t split_max_m = 512;            // _SPLIT_MAX_M
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -573,6 +574,8 @@ std::pair<int64_t, int64_t> inner_splits_of(const Call& c, int64_t cols, int64_t
   if (!c.x.is_cuda()) {
     unit = g_settings.split_unit_interp;
     want = 2;
+  } else if (c.m > g_settings.split_max_m) {
+    return {1, cols};
   } else {
     unit = g_settings.split_unit;
     want = cdiv(2 * static_cast<int64_t>(c.dt->sms), std::max<int64_t>(1, cdiv(c.m, 64) * r_chunks));
@@ -1203,6 +1206,7 @@ void configure(const py::dict& s) {
   get("split_unit", g_settings.split_unit);
   get("split_unit_interp", g_settings.split_unit_interp);
   get("max_inner_splits", g_settings.max_inner_splits);
+  get("split_max_m", g_settings.split_max_m);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

@@ -75,8 +75,12 @@ def _splits(m: int, tiles: int, device: torch.device) -> Tuple[int, int]:
 
 
 # Split reductions along the inner dimension of the skinny kernels (S over K, dS over N): columns per split are a
-# multiple of this (256 on CUDA: a few BLOCK_K / BLOCK_N trips each), at most _MAX_INNER_SPLITS slices.
-_SPLIT_UNIT, _SPLIT_UNIT_INTERP, _MAX_INNER_SPLITS = 256, 64, 16
+# multiple of this (256 on CUDA: a few BLOCK_K / BLOCK_N trips each), at most _MAX_INNER_SPLITS slices, and on
+# CUDA only up to _SPLIT_MAX_M rows. Measured on the H200 (scripts/profile_layer.py, CUDA-graph replay of one
+# 4096->4096 fwd+bwd, docs/PERF_NOTES.md): at M=256 the slices took S from 12 to 3.7 us and dS/dB from 20 to
+# 5.4 us (layer 3.08x -> 2.51x the floor, NF4 4.07x -> 3.24x); at M=2048 S stayed at 13 us, dS/dB rose (its dB
+# atomics crowd onto the few column tiles of a slice) and the layer went 1.40x -> 1.54x, at 8192 1.19x -> 1.38x.
+_SPLIT_UNIT, _SPLIT_UNIT_INTERP, _MAX_INNER_SPLITS, _SPLIT_MAX_M = 256, 64, 16, 512
 
 
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device) -> Tuple[int, int]:
@@ -87,6 +91,8 @@ def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device) -> Tup
     dimension has two units, so the CPU tests run the partials path as well as the single-split one."""
     if device.type != "cuda":
         unit, want = _SPLIT_UNIT_INTERP, 2
+    elif m > _SPLIT_MAX_M:
+        return 1, cols
     else:
         unit = _SPLIT_UNIT
         want = -(-2 * _sm_count(device) // max(1, -(-m // 64) * r_chunks))
