@@ -13,10 +13,13 @@ backward, so ``lora_linear`` takes it only when nothing can need a gradient:
 * M (the rows of x after flattening the leading dims) is 1 .. ``decode_threshold()``.
 
 The threshold is the largest M at which the decode kernel measured faster than the training path's forward on
-the GPU, committed as ``benchmarks/results/h200/decode_threshold.json`` (written by the GPU timing test in
-``tests/test_decode.py``; key ``"threshold"``, an int in 0..16, 0 disabling the decode path). The file measured on
-the H200 is used on every GPU. Without that file the decode path is off (threshold 0): a kernel joins the
-default path only after it was checked and measured on the GPU.
+the GPU. The GPU timing test in ``tests/test_decode.py`` writes it as ``decode_threshold.json`` (key
+``"threshold"``, an int in 0..16, 0 disabling the decode path); the package reads the copy it ships,
+``lora_ops/data/decode_threshold.json`` (package data, so an installed wheel has it too), and
+``benchmarks/results/h200/decode_threshold.json`` keeps the same file beside the other H200 results (a test
+checks that the two are identical). The file measured on the H200 is used on every GPU. Without that file the
+decode path is off (threshold 0): a kernel joins the default path only after it was checked and measured on the
+GPU.
 """
 from __future__ import annotations
 
@@ -33,11 +36,10 @@ from . import _backend
 KERNEL_MAX_M = 16
 KERNEL_MAX_RANK = 128
 # Without a measured results file the decode path is OFF (threshold 0): the kernel is chosen by ``auto`` only
-# once the GPU test has checked it against the reference and measured it faster (it writes the file; the
-# committed one is from the H200, 2026-11-29).
+# once the GPU test has checked it against the reference and measured it faster (it writes the file).
 DEFAULT_THRESHOLD = 0
-RESULTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
-                            "h200", "decode_threshold.json")
+# Inside the package, so that a wheel installed anywhere reads the same measurement as a checkout.
+RESULTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "decode_threshold.json")
 # Device types with a decode kernel (tests add "cpu" to exercise the dispatch with the op's CPU reference).
 DEVICE_TYPES = ("cuda",)
 

@@ -10,7 +10,8 @@ GPU (marker ``gpu``): the kernel against a float64 reference on float64 upcasts 
 bf16 and fp16 x), outputs poisoned with NaN before each launch; other block sizes, fp32 and misaligned inputs
 (the general kernel); mutation controls; determinism; opcheck on CUDA; the dispatch on CUDA; a printed timing
 table (ours vs the training path vs bf16 F.linear) that also measures the dispatch threshold and writes it to
-``$OUT/decode_threshold.json`` (commit it as benchmarks/results/h200/decode_threshold.json).
+``$OUT/decode_threshold.json`` (commit it as lora_ops/data/decode_threshold.json, the file the package reads, and
+as benchmarks/results/h200/decode_threshold.json beside the other H200 results).
 """
 import datetime
 import itertools
@@ -312,13 +313,20 @@ def test_threshold_from_timings_rule():
 
 
 def test_committed_threshold_matches_dispatch():
-    """benchmarks/results/h200/decode_threshold.json (the GPU measurement): the dispatch uses its threshold, and
-    the threshold is what its own timings support."""
-    path = os.path.join(REPO, "benchmarks", "results", "h200", "decode_threshold.json")
-    assert decode.RESULTS_FILE == path
+    """lora_ops/data/decode_threshold.json (the GPU measurement, shipped inside the package): the dispatch uses its
+    threshold, the threshold is what its own timings support, and it is the same file as the one kept with the
+    H200 results."""
+    path = os.path.join(os.path.dirname(os.path.abspath(decode.__file__)), "data", "decode_threshold.json")
+    assert os.path.abspath(decode.RESULTS_FILE) == path
     if not os.path.exists(path):
         pytest.skip("no committed decode_threshold.json yet: run the GPU timing test of this file and commit "
-                    "$OUT/decode_threshold.json as benchmarks/results/h200/decode_threshold.json")
+                    "$OUT/decode_threshold.json as lora_ops/data/decode_threshold.json")
+    results_copy = os.path.join(REPO, "benchmarks", "results", "h200", "decode_threshold.json")
+    if os.path.exists(results_copy):
+        with open(path, "rb") as f, open(results_copy, "rb") as g:
+            assert f.read() == g.read(), ("lora_ops/data/decode_threshold.json differs from "
+                                          "benchmarks/results/h200/decode_threshold.json: copy the newer measurement "
+                                          "over the other")
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     assert decode.decode_threshold() == data["threshold"]
@@ -743,7 +751,7 @@ def test_decode_timing_gpu(cuda, threshold16):
         with open(os.path.join(out_dir, "decode_threshold.json"), "w", encoding="utf-8") as f:
             f.write(text + "\n")
         print(f"  dispatch threshold {threshold}: wrote {out_dir}/decode_threshold.json "
-              "(commit it as benchmarks/results/h200/decode_threshold.json)")
+              "(commit it as lora_ops/data/decode_threshold.json and benchmarks/results/h200/decode_threshold.json)")
     else:
         print(f"  dispatch threshold {threshold} ($OUT unset; the record follows)\n{text}")
     assert decode.threshold_from_timings(record["timings_us"]) == threshold
