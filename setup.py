@@ -7,8 +7,12 @@ import shutil
 
 from setuptools import setup
 
-PACKAGES = ["lora_ops", "lora_ops.triton_kernels"]
+# lora_ops.data holds the data the library reads at run time (lora_ops/decode.py reads it), so that an installed
+# wheel has it; listed as a package (of data only) because setuptools treats a package's subdirectory so.
+PACKAGES = ["lora_ops", "lora_ops.data", "lora_ops.triton_kernels"]
 PACKAGE_DIR = {"lora_ops": "lora_ops", "lora_ops.triton_kernels": "triton_kernels"}
+PACKAGE_DATA = {"lora_ops.data": ["*.json"]}
+LICENSE = "Apache-2.0"
 
 
 def _extension():
@@ -27,13 +31,28 @@ def _extension():
     if not sources:
         return [], {}
     sources = [os.path.relpath(s, here) for s in sources]
-    from lora_build_flags import NVCC_FLAGS, CXX_FLAGS  # noqa: E402  (one list of flags for setup and the JIT)
-    ext = CUDAExtension("lora_ops._C", sources, extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
+    from lora_build_flags import CXX_FLAGS, build_nvcc_flags  # noqa: E402  (one module of flags for setup and the JIT)
+    nvcc_flags = build_nvcc_flags(nvcc)
+    archs = [f.split("code=")[1] for f in nvcc_flags if f.startswith("-gencode")]
+    print("lora_ops._C: building for " + (", ".join(archs) if archs else
+                                          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}"))
+    ext = CUDAExtension("lora_ops._C", sources, extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags})
     return [ext], {"build_ext": BuildExtension}
+
+
+def _license():
+    # The SPDX expression as PEP 639 metadata (License-Expression) where setuptools knows it (>= 77); older
+    # setuptools (61-76) rejects a string `project.license` in pyproject.toml, so it is set here, where both work
+    # (pyproject.toml lists "license" as dynamic).
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": LICENSE} if major >= 77 else {"license": LICENSE}
 
 
 if __name__ == "__main__":
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_ops"))
     ext_modules, cmdclass = _extension()
-    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules,
+          cmdclass=cmdclass, **_license())

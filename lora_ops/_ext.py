@@ -56,7 +56,7 @@ def build_dir() -> str:
 def _jit_build() -> str:
     from torch.utils import cpp_extension
 
-    from .lora_build_flags import CXX_FLAGS, NVCC_FLAGS
+    from .lora_build_flags import CXX_FLAGS, MIN_ARCH, build_nvcc_flags, nvcc_archs
 
     problems: List[str] = []
     if torch.version.cuda is None:
@@ -75,12 +75,23 @@ def _jit_build() -> str:
     if problems:
         raise ImportError("lora_ops._C is not built and cannot be JIT-built: " + "; ".join(problems)
                           + ". The NF4 quantize falls back to the PyTorch reference (same bytes, slower).")
+    # The JIT build is for this machine: the visible GPUs' architectures (a setup.py build targets every
+    # architecture nvcc supports from MIN_ARCH up; TORCH_CUDA_ARCH_LIST overrides both).
+    archs = sorted({10 * major + minor for major, minor in
+                    (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))})
+    if archs and max(archs) < MIN_ARCH and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        raise ImportError(f"lora_ops._C needs a GPU of compute capability {MIN_ARCH // 10}.{MIN_ARCH % 10} or newer "
+                          f"(this machine's: {', '.join(f'{a // 10}.{a % 10}' for a in archs)}); the NF4 quantize "
+                          "falls back to the PyTorch reference (same bytes) and the Triton kernels run as usual")
+    # A GPU newer than the toolkit gets the build's default (every supported arch, PTX of the newest).
+    supported = nvcc_archs(nvcc)
+    nvcc_flags = build_nvcc_flags(nvcc, [a for a in archs if a >= MIN_ARCH and a in supported] or None)
     directory = build_dir()
     os.makedirs(directory, exist_ok=True)
     # cpp_extension.load hashes the sources and flags: an unchanged rerun only loads the cached library.
     global _module
     _module = cpp_extension.load(name="lora_ops_C", sources=sources, extra_cflags=list(CXX_FLAGS),
-                       extra_cuda_cflags=list(NVCC_FLAGS), extra_include_paths=[src], build_directory=directory,
+                       extra_cuda_cflags=nvcc_flags, extra_include_paths=[src], build_directory=directory,
                        is_python_module=True, verbose=False)
     return f"JIT build in {directory}"
 
