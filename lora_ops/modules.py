@@ -76,6 +76,25 @@ def _check_plain_linear(linear, on_linear4bit: str) -> None:
         raise TypeError(f"from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
 
 
+def _layer_given_to_constructor(cls_name: str, weight) -> Optional[str]:
+    """The TypeError message when a constructor that takes a weight tensor got a whole layer (None otherwise):
+    layers go through the classmethods, which reuse (from_linear) or keep (from_bnb) their tensors."""
+    if not isinstance(weight, nn.Module):
+        return None
+    got = type(weight).__name__
+    if _is_bnb_linear4bit(weight):
+        return (f"{cls_name}(...) takes a weight, not a layer; for a bitsandbytes {got} use "
+                f"QLoRALinear.from_bnb(layer, r=..., lora_alpha=...), which keeps its 4-bit bytes")
+    if isinstance(weight, nn.Linear) and not _is_bnb_module(weight):
+        return (f"{cls_name}(...) takes a weight, not a layer; for a torch.nn.Linear use "
+                f"{cls_name}.from_linear(layer, r=..., lora_alpha=...)"
+                + (", which quantizes its weight to NF4" if cls_name == "QLoRALinear" else
+                   ", which reuses its weight and bias"))
+    return (f"{cls_name}(...) takes a weight, not a layer ({got}); build it from a torch.nn.Linear with "
+            f"{cls_name}.from_linear(...)" + (" or from a bitsandbytes Linear4bit with QLoRALinear.from_bnb(...)"
+                                              if cls_name == "QLoRALinear" else ""))
+
+
 def _autocast_on(device: torch.device) -> bool:
     # torch.is_autocast_enabled raises for device types without autocast ("meta": shape-only runs). Not
     # torch.amp.is_autocast_available: torch 2.11's dynamo cannot trace it (a graph break under
@@ -210,7 +229,8 @@ class LoRALinear(LoRALayerBase):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, r: int = 8,
                  lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False):
         if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a 2-D (out, in) tensor, got {type(weight).__name__}")
+            raise TypeError(_layer_given_to_constructor("LoRALinear", weight)
+                            or f"weight must be a 2-D (out, in) tensor, got {type(weight).__name__}")
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
         if weight.dtype not in FLOAT_DTYPES:
@@ -281,7 +301,10 @@ class QLoRALinear(LoRALayerBase):
     def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor] = None, r: int = 8,
                  lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False):
         if not isinstance(weight, NF4Weight):
-            raise TypeError(f"weight must be an NF4Weight (see lora_ops.quantize_nf4), got {type(weight).__name__}")
+            raise TypeError(_layer_given_to_constructor("QLoRALinear", weight)
+                            or f"weight must be an NF4Weight (see lora_ops.quantize_nf4), got {type(weight).__name__}"
+                            + ("; for a dense weight tensor use QLoRALinear.from_linear(nn.Linear) or "
+                               "lora_ops.quantize_nf4(weight) first" if isinstance(weight, torch.Tensor) else ""))
         out_f, in_f = weight.out_features, weight.in_features
         if bias is not None and tuple(bias.shape) != (out_f,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected (out_features={out_f},)")
