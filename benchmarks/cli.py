@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="results root; files go to OUT/<gpu-slug>/ (default: benchmarks/results)")
     ap.add_argument("--cpu", action="store_true",
                     help="quick mode: small shapes, CPU tensors (fp32), time.perf_counter medians instead of "
-                         "do_bench, memory columns n/a; finishes in a minute or two")
+                         "do_bench, memory columns n/a; finishes in a minute or two. lora_ops runs its PyTorch "
+                         "reference path on the CPU (the fused kernels need a CUDA GPU): its rows are labelled "
+                         "'fused (reference path)'")
     ap.add_argument("--warmup-ms", type=_number(float, 0, False), default=25.0,
                     help="do_bench warm-up time (default 25)")
     ap.add_argument("--rep-ms", type=_number(float, 0, True), default=100.0,
@@ -186,6 +188,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.cpu and not args.quiet:
+        print("CPU quick mode: lora_ops' rows run its PyTorch reference path (the fused kernels need a CUDA GPU); "
+              "they are labelled 'fused (reference path)'", file=sys.stderr)
     if args.threads is None and args.cpu:
         args.threads = 1
     if args.threads is not None:

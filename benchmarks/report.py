@@ -215,6 +215,16 @@ def markdown(rows: Sequence[Dict], title: str = "Benchmark results") -> str:
     return "\n".join(lines) + "\n"
 
 
+def provider_label(provider: str, row: Dict) -> str:
+    """``provider`` as a table shows it: lora_ops' providers are marked "(reference path)" where their run
+    dispatched to the PyTorch reference (the CPU quick mode), so a CPU row is not read as a kernel timing."""
+    if provider in ("fused", "fused_qlora"):
+        info = _cfg(row).get("provider_info") or {}
+        if info.get("lora_fwd") == "reference":
+            return f"{provider} (reference path)"
+    return provider
+
+
 def _case_table(case: str, providers: Dict) -> List[str]:
     floor = _floor_of(providers)
     floor_run = None
@@ -253,7 +263,7 @@ def _case_table(case: str, providers: Dict) -> List[str]:
             get = lambda k: m[k]["value"] if k in m else math.nan  # noqa: E731
             rat = lambda k: m[k]["ratio_to_floor"] if k in m else math.nan  # noqa: E731
             out.append(
-                f"| {provider}{mark} | {mode} | {_f(t['value'])} [{_f(t['p20'])}, {_f(t['p80'])}] | "
+                f"| {provider_label(provider, t)}{mark} | {mode} | {_f(t['value'])} [{_f(t['p20'])}, {_f(t['p80'])}] | "
                 f"{_x(t['ratio_to_floor'])} | {_f(get('eager_ms'))} ({_x(rat('eager_ms'))}) | "
                 f"{_f(get('tflops'))} ({_f(get('tflops_pct_ceiling'), 3)}%) | {_f(get('gbps'))} "
                 f"({_f(get('gbps_pct_ceiling'), 3)}%) | {_f(get('peak_extra_mib'))} ({_x(rat('peak_extra_mib'))}) | "
@@ -447,7 +457,7 @@ def summary(rows: Sequence[Dict]) -> List[str]:
                 if gr is not None and gr["status"] == "ok":
                     eager += f" [graph {_f(gr['value'])} ms, {_x(gr['ratio_to_floor'])}]"
                 pk = m.get("peak_extra_mib")
-                out.append(f"| {case} | {provider} | {_f(t['value'])} | {_x(rt)}{eager} | "
+                out.append(f"| {case} | {provider_label(provider, t)} | {_f(t['value'])} | {_x(rt)}{eager} | "
                            f"{_f(pk['value']) if pk else '–'} |")
     if layer_rows:
         out.append("")
