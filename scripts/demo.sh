@@ -22,7 +22,7 @@ bash scripts/setup_venv.sh "$VENV"
 echo "== NF4 quantize, byte comparison with bitsandbytes, one QLoRA forward/backward"
 "$PY" examples/nf4_demo.py
 
-echo "== benchmark harness, CPU quick mode (about two minutes)"
+echo "== benchmark harness, CPU quick mode (a minute or two)"
 out=benchmarks/results
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

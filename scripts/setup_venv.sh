@@ -10,14 +10,20 @@ if [ "${FRESH:-0}" = 1 ]; then rm -rf "$VENV"; fi
 if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
 PY="$VENV/bin/python"
 
-# pip quietly, minus the notice about the machine's unreachable extra index; pip's exit status is kept.
+# pip quietly: on failure all of pip's output and its exit status; on success only its ERROR lines (pip reports
+# dependency conflicts that way and still exits 0), not the build backend's notices.
 pip_q() {
   local log rc=0
   log=$(mktemp)
   "$PY" -m pip install -q "$@" >"$log" 2>&1 || rc=$?
-  grep -v '^WARNING: Location' "$log" || true
+  if [ "$rc" != 0 ]; then
+    grep -v '^WARNING: Location' "$log" >&2 || true
+    rm -f "$log"
+    echo "setup_venv.sh: pip install $* failed (exit $rc)" >&2
+    exit "$rc"
+  fi
+  grep '^ERROR' "$log" >&2 || true
   rm -f "$log"
-  if [ "$rc" != 0 ]; then echo "setup_venv.sh: pip install $* failed (exit $rc)" >&2; exit "$rc"; fi
 }
 
 pip_q --upgrade pip
