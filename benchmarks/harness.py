@@ -313,9 +313,8 @@ def _version(dist: str, module: str) -> str:
 
 
 def git_commit() -> str:
-    """LORA_OPS_GIT_COMMIT when set (the device machine's copy of the tree can carry a stale .git: on
-    2026-11-29 it reported the session's first commit for a later tree), else HEAD of the repository holding
-    this package (+ "-dirty")."""
+    """LORA_OPS_GIT_COMMIT when set (a copy of the tree on a GPU machine can carry a stale .git, whose HEAD is
+    then an older commit than the code that ran), else HEAD of the repository holding this package (+ "-dirty")."""
     if os.environ.get("LORA_OPS_GIT_COMMIT"):
         return os.environ["LORA_OPS_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ PROVIDERS: Dict[str, str] = {
     "fused_qlora": "model preset: lora_ops QLoRA (apply_lora(..., quantize='nf4'), double quant)",
 }
 FLOOR_PROVIDERS = ("floor", "copy")
-# Names the model preset's providers are also known by (issue 11); --providers accepts them.
+# Other names of the model preset's providers; --providers accepts them.
 PROVIDER_ALIASES: Dict[str, str] = {"lora_ops": "fused", "lora_ops_qlora": "fused_qlora", "full": "full_ft"}
 
 

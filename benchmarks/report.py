@@ -29,8 +29,9 @@ HIDDEN_IN_SUMMARY = ("floor_repeat",)
 FLOORS = ("floor", "copy")
 PLOT_ORDER = ("full_ft", "unfused", "peft", "peft_bnb", "bnb", "fused", "fused_qlora")
 MODEL_PRESET = "model"
-MODEL_TARGET = ("fused_qlora", 1.3)  # issue 11: >= 1.3x peft_bnb tokens/s at no more peak memory
-# Issue 20: lora_ops QLoRA's step in the runs users make, at 16 Llama-8B-shaped layers with a 32000-token
+# The general model target: lora_ops QLoRA >= 1.3x peft_bnb tokens/s at no more peak memory.
+MODEL_TARGET = ("fused_qlora", 1.3)
+# The targets of the runs users make: lora_ops QLoRA's step at 16 Llama-8B-shaped layers with a 32000-token
 # vocabulary, by (batch, seq, gradient checkpointing): (min tokens/s x peft_bnb, max step time / the floor's).
 # Peak extra memory at most peft_bnb's, and with checkpointing at most MODEL_CKPT_MEMORY x the floor's. Other
 # model cases are checked against MODEL_TARGET.
@@ -342,8 +343,8 @@ def _model_table(case: str, providers: Dict) -> List[str]:
 
 
 def model_step_target(cfg: Dict) -> Optional[Tuple[float, float]]:
-    """Issue 20's (min tokens/s × peft_bnb, max step ÷ floor) for a model case's config, None when the case is
-    not one of its runs (then MODEL_TARGET applies)."""
+    """The (min tokens/s × peft_bnb, max step ÷ floor) of MODEL_STEP_TARGETS for a model case's config, None when
+    the case is not one of those runs (then MODEL_TARGET applies)."""
     if any(cfg.get(k) != v for k, v in MODEL_TARGET_SHAPE.items()):
         return None
     return MODEL_STEP_TARGETS.get((cfg.get("batch"), cfg.get("seq"), model_checkpointing(cfg)))
@@ -358,8 +359,9 @@ def _judge(checks: Sequence[Tuple[float, bool]]) -> str:
 
 
 def model_target_lines(rows: Sequence[Dict]) -> List[str]:
-    """Per model case, whether fused_qlora reached its target: issue 20's for the 16-layer runs it names (tokens/s
-    × peft_bnb, step ÷ the floor's, peak memory), issue 11's for the others; all ratios within one run."""
+    """Per model case, whether fused_qlora reached its target: MODEL_STEP_TARGETS for the 16-layer runs they name
+    (tokens/s × peft_bnb, step ÷ the floor's, peak memory), MODEL_TARGET for the others; all ratios within one
+    run."""
     who, factor = MODEL_TARGET
     ref, fl = MODEL_REFERENCE, MODEL_FLOOR
     out = []
@@ -592,8 +594,8 @@ def _plot_vs_tokens(cases: Dict, out_dir: Path, plt) -> List[Path]:
 
 def _plot_model(cases: Dict, out_dir: Path, plt) -> Optional[Path]:
     """``model_throughput.png``: per model case and provider, tokens/s (bars labelled × peft_bnb), step time ÷ the
-    floor's (with fused_qlora's target bound where issue 20 sets one) and peak extra GiB (labelled × peft_bnb),
-    every ratio within one run. Panels without a measured value (memory on the CPU) are left out."""
+    floor's (with fused_qlora's target bound where MODEL_STEP_TARGETS sets one) and peak extra GiB (labelled ×
+    peft_bnb), every ratio within one run. Panels without a measured value (memory on the CPU) are left out."""
     names = list(cases)
     providers = []
     for p in cases.values():

@@ -98,7 +98,7 @@ def _layer_given_to_constructor(cls_name: str, weight) -> Optional[str]:
 def _autocast_on(device: torch.device) -> bool:
     # torch.is_autocast_enabled raises for device types without autocast ("meta": shape-only runs). Not
     # torch.amp.is_autocast_available: torch 2.11's dynamo cannot trace it (a graph break under
-    # torch.compile(fullgraph=True), seen on the H200 2026-11-29), while a device-type test traces.
+    # torch.compile(fullgraph=True), seen on the H200), while a device-type test traces.
     return device.type in ("cuda", "cpu", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device.type)
 
 
