@@ -1,6 +1,7 @@
-"""README.md's headline block is generated from the committed H200 CSV (``python -m benchmarks.readme``): it must
-match the CSV, ``--check`` must fail with a diff when it does not, and the generator must say "not yet measured"
-for presets without rows, leave the rest of the README alone, and link only plots that exist."""
+"""The benchmark numbers users read are generated from the committed H200 CSV (``python -m benchmarks.readme``):
+README.md's small headline table and docs/BENCHMARKS.md's full tables must match the CSV, ``--check`` must fail
+with a diff when either does not, and the generator must say "not yet measured" for presets without rows, leave
+the rest of each file alone, keep the headline small, and link only files that exist."""
 import json
 import math
 import re
@@ -17,28 +18,71 @@ if str(REPO) not in sys.path:
 from benchmarks import readme, report  # noqa: E402
 
 
-def test_readme_matches_the_committed_csv():
+def test_readme_and_doc_match_the_committed_csv():
     ok, diff = readme.check()
-    assert ok, ("README.md's headline block differs from benchmarks/results/h200/results.csv; run "
-                "`python -m benchmarks.readme` and commit README.md:\n" + diff[-4000:])
+    assert ok, ("README.md's headline or docs/BENCHMARKS.md's tables differ from benchmarks/results/h200/results.csv;"
+                " run `python -m benchmarks.readme` and commit both:\n" + diff[-4000:])
 
 
-def test_check_fails_with_a_diff_and_the_writer_fixes_only_the_block(tmp_path, capsys):
-    path = tmp_path / "README.md"
+def _copies(tmp_path):
+    """README.md and docs/BENCHMARKS.md copied into tmp_path (same layout), with the committed text of each."""
+    (tmp_path / "docs").mkdir()
+    path, doc = tmp_path / "README.md", tmp_path / "docs" / "BENCHMARKS.md"
     shutil.copy(readme.DEFAULT_README, path)
+    shutil.copy(readme.DEFAULT_DOC, doc)
+    return path, doc
+
+
+def test_check_fails_on_a_stale_headline_and_the_writer_fixes_only_its_block(tmp_path, capsys):
+    path, doc = _copies(tmp_path)
+    assert readme.main(["--readme", str(path), "--doc", str(doc)]) == 0  # the doc's links, as seen from tmp_path
+    capsys.readouterr()
     text = path.read_text()
+    b, e = text.index(readme.HEAD_BEGIN), text.index(readme.HEAD_END)
+    row = next(l for l in text[b:e].splitlines() if l.startswith("| ") and not l.startswith("| case |"))
+    edited = text[b:e].replace(row, row + " edited |", 1)
+    path.write_text(text[:b] + edited + text[e:] + "\ntrailing text outside the block\n")
+    assert readme.main(["--check", "--readme", str(path), "--doc", str(doc)]) == 1
+    out = capsys.readouterr()
+    assert f"-{row} edited |" in out.out and f"+{row}\n" in out.out
+    assert "run `python -m benchmarks.readme`" in out.err
+    assert readme.main(["--readme", str(path), "--doc", str(doc)]) == 0
+    assert path.read_text() == text + "\ntrailing text outside the block\n"
+    assert readme.main(["--check", "--readme", str(path), "--doc", str(doc)]) == 0
+
+
+def test_check_fails_on_stale_doc_tables_and_the_writer_fixes_only_their_block(tmp_path, capsys):
+    path, doc = _copies(tmp_path)
+    text = doc.read_text()
     b, e = text.index(readme.BEGIN), text.index(readme.END)
     edited = text[b:e].replace("| 8192 × 4096→14336 nf4 |", "| 8192 × 4096→14336 NF4 (edited) |", 1)
-    stale = text[:b] + edited + text[e:]
-    assert stale != text
-    path.write_text(stale + "\ntrailing text outside the block\n")
-    assert readme.main(["--check", "--readme", str(path)]) == 1
+    assert edited != text[b:e]
+    doc.write_text(text[:b] + edited + text[e:] + "\ntrailing text outside the block\n")
+    assert readme.main(["--check", "--readme", str(path), "--doc", str(doc)]) == 1
     out = capsys.readouterr()
     assert "-| 8192 × 4096→14336 NF4 (edited) |" in out.out and "+| 8192 × 4096→14336 nf4 |" in out.out
-    assert "run `python -m benchmarks.readme`" in out.err
-    assert readme.main(["--readme", str(path)]) == 0
-    assert path.read_text() == text + "\ntrailing text outside the block\n"
-    assert readme.main(["--check", "--readme", str(path)]) == 0
+    assert readme.main(["--readme", str(path), "--doc", str(doc)]) == 0
+    fixed = doc.read_text()
+    rows = report.read_csv(readme.DEFAULT_CSV)
+    assert fixed == text[:b] + readme.generate(rows, readme.DEFAULT_CSV, doc.parent) + text[e + len(readme.END):] \
+        + "\ntrailing text outside the block\n"
+    assert readme.main(["--check", "--readme", str(path), "--doc", str(doc)]) == 0
+
+
+def test_headline_is_small_and_says_what_it_compares():
+    rows = report.read_csv(readme.DEFAULT_CSV)
+    block = readme.headline(rows)
+    table = [l for l in block.splitlines() if l.startswith("| ") and not l.startswith("| case |")]
+    assert 1 <= len(table) <= readme.HEADLINE_MAX_ROWS <= 8
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1].startswith(("PEFT:", "PEFT+bitsandbytes:")), line
+        assert re.fullmatch(r"\*\*\d+\.\d\d× (the tokens/s|faster|the memory)\*\*", cells[3]), line
+        assert re.fullmatch(r"[0-9a-f]{7}(-dirty)?", cells[4]), line  # the commit the row was measured at
+    # Rows whose two providers did not run in one run are left out, not mixed.
+    split = [dict(r, run_id=r["run_id"] + "-other") if r["provider"] == "peft_bnb" else r for r in rows]
+    assert "PEFT+bitsandbytes:" not in readme.headline(split)
+    assert "not yet measured" in readme.headline([])
 
 
 def test_markers_inserted_before_the_first_section_and_idempotent():
@@ -55,8 +99,10 @@ def test_markers_inserted_before_the_first_section_and_idempotent():
 def test_check_without_markers_says_how_to_add_them(tmp_path):
     path = tmp_path / "README.md"
     path.write_text("# T\n\n## A\n")
-    ok, msg = readme.check(path)
-    assert not ok and "python -m benchmarks.readme" in msg
+    ok, msg = readme.check(path, doc_path=None)
+    assert not ok and "python -m benchmarks.readme" in msg and readme.HEAD_BEGIN in msg
+    ok, msg = readme.check(readme.DEFAULT_README, doc_path=path)
+    assert not ok and readme.BEGIN in msg
 
 
 def test_presets_without_rows_say_not_yet_measured():
@@ -88,13 +134,15 @@ def test_every_number_names_its_run_and_command():
         assert "† measured by" in layer
 
 
-def test_referenced_plots_exist():
-    text = readme.DEFAULT_README.read_text()
-    block = text[text.index(readme.BEGIN):text.index(readme.END)]
-    links = re.findall(r"\]\(([^)]+)\)", block)
-    assert links
-    for link in links:
-        assert (REPO / link).exists(), link
+def test_referenced_files_exist():
+    for path, begin, end in ((readme.DEFAULT_DOC, readme.BEGIN, readme.END),
+                             (readme.DEFAULT_README, readme.HEAD_BEGIN, readme.HEAD_END)):
+        text = path.read_text()
+        block = text[text.index(begin):text.index(end)]
+        links = re.findall(r"\]\(([^)]+)\)", block)
+        assert links, path
+        for link in links:
+            assert (path.parent / link).exists(), (path, link)
 
 
 def test_model_section_from_rows():
