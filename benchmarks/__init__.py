@@ -6,7 +6,8 @@ achieved TFLOP/s and GB/s against ceilings measured at the start, peak extra mem
 calls. Results: one long-format CSV, a markdown table and PNG plots under ``benchmarks/results/<gpu-slug>/``.
 The method is described in benchmarks/harness.py. The ``model`` preset (benchmarks/model.py) times whole
 training steps of a Llama-3-8B-shaped decoder instead, as tokens/s and peak memory with ratios to PEFT +
-bitsandbytes. ``python -m benchmarks.readme`` regenerates README.md's headline block from the H200 CSV.
+bitsandbytes. ``python -m benchmarks.readme`` regenerates README.md's headline table and docs/BENCHMARKS.md's
+tables from the H200 CSV.
 """
 from .harness import Settings, run_cases
 from .presets import PRESETS, PROVIDERS, Case, select_cases

@@ -222,6 +222,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .readme import DEFAULT_CSV
 
     if Path(written["csv"]).resolve() == DEFAULT_CSV.resolve():
-        print("README.md's headline is generated from this CSV: run `python -m benchmarks.readme` and commit "
-              "README.md with it (CI checks that they agree)")
+        print("README.md's headline and docs/BENCHMARKS.md are generated from this CSV: run "
+              "`python -m benchmarks.readme` and commit both with it (CI checks that they agree)")
     return 0

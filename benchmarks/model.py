@@ -211,7 +211,7 @@ def bnb_unavailable(device: torch.device) -> Optional[str]:
         lib = getattr(getattr(bnb, "cextension", None), "lib", None)
         if type(lib).__name__ != "CudaBNBNativeLibrary":
             return (f"bitsandbytes {bnb.__version__} has no CUDA library loaded here ({type(lib).__name__}); "
-                    "install its CUDA build (README: carry the wheel) to time peft_bnb")
+                    "install its CUDA build (docs/DESIGN.md: carry the wheel) to time peft_bnb")
     try:  # the kernels themselves, on a tiny weight
         w = torch.randn(64, 64, device=device, dtype=torch.float32)
         q, state = bnbf.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")

@@ -253,7 +253,7 @@ MODEL_REFERENCE = "peft_bnb"  # the report's "× peft_bnb" columns: tokens/s and
 # Decoder shapes: Llama-3-8B's layers (random init, never downloaded) with a 32000-token vocabulary by default
 # (--vocab 128256 gives Llama-3's own), and the CPU quick mode's tiny one: 4 query heads per KV head as in
 # Llama-3-8B, and every weight row a whole number of 64-element NF4 blocks as there (bitsandbytes' CPU
-# dequantize is wrong when blocks straddle rows, see README; 4x, not 3.5x, hidden).
+# dequantize is wrong when blocks straddle rows, see docs/DESIGN.md; 4x, not 3.5x, hidden).
 ARCHS: Dict[str, Dict[str, int]] = {
     "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000),
     "tiny": dict(hidden=64, intermediate=256, heads=4, kv_heads=1, vocab=128),
