@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -76,6 +77,8 @@ struct Settings {
   int64_t split_unit_interp = 64;       // _SPLIT_UNIT_INTERP
   int64_t max_inner_splits = 16;        // _MAX_INNER_SPLITS
   int64_t split_max_m = 512;            // _SPLIT_MAX_M
+  int64_t nf4_chunk_bytes = 32 << 20;   // NF4_CHUNK_BYTES
+  int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -128,6 +131,7 @@ struct Launch {
   const Variant* variant = nullptr;
   int64_t want_config = 0;   // which config a variant must have: the TMA tile (0 small, 1 large), dequantize NB
   bool trans_w = false;      // the TMA GEMM: forward (W^T) or dX (W)
+  int64_t gemm_n = 0;        // the pointer GEMMs: their output's column count (a chunk's, when W is chunked)
 
   void ptr(const at::Tensor& t) { ptr_raw(reinterpret_cast<uintptr_t>(t.data_ptr())); }
   void ptr_raw(uint64_t p) { args[nargs++] = Arg{'P', static_cast<int64_t>(p), 0.0}; }
@@ -394,65 +398,141 @@ Dropout make_dropout(const Call& c, bool on) {
 }
 
 // The frozen weight as the GEMMs take it (lora.py _W): dense (N, K), or NF4 bytes decoded in the K-loop, or NF4
-// dequantized once into a temporary (from dequant_min_m rows on CUDA).
+// dequantized into a temporary (from dequant_min_m rows on CUDA): whole, or chunk by chunk past nf4_chunk_bytes
+// (`chunks`: ranges of W's rows for the forward, columns for dX; `block` makes one).
 struct WArgs {
   bool nf4_inloop = false;
   at::Tensor dense;  // the dense weight or the temporary
   uint64_t ptrs[6];
   int64_t strides[2];
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  bool rows = true;     // chunks along W's rows (else columns)
+  at::Tensor workspace; // one chunk's temporary, reused by every chunk (launches run in stream order)
 };
 
-WArgs weight_args(const Call& c, Work& work) {
+uint64_t addr_of(const at::Tensor& t) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); }
+
+// nf4_dequant._launch: W[r0:r1, c0:c1] into `out` (contiguous), one program per NB whole quantization blocks.
+void dequant(const Call& c, Work& work, const at::Tensor& out, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  const int64_t half_bs = c.blocksize / 2;
+  int64_t nb = std::max<int64_t>(1, g_settings.dq_bytes_per_program / half_bs);
+  const int64_t n = (r1 - r0) * (c1 - c0);
+  int64_t win, row_blocks, col0_blocks, n_blocks, n_bytes, out_blocks;
+  if (c0 != 0 || c1 != c.k) {
+    win = (c1 - c0) / c.blocksize;
+    row_blocks = c.k / c.blocksize;
+    col0_blocks = c0 / c.blocksize;
+    nb = std::gcd(nb, win);
+    n_blocks = cdiv(c.n * c.k, c.blocksize);
+    n_bytes = (c.n * c.k + 1) / 2;
+    out_blocks = c.n * win;
+  } else {
+    col0_blocks = r0 * c.k / c.blocksize;
+    out_blocks = cdiv(n, c.blocksize);
+    win = row_blocks = std::max<int64_t>(1, out_blocks);
+    n_blocks = col0_blocks + out_blocks;
+    n_bytes = (r1 * c.k + 1) / 2;
+  }
+  Launch l;
+  l.kernel = K_DQ;
+  l.ptr(c.w);
+  l.ptr(c.absmax);
+  const at::Tensor& na = c.nested ? c.nested_absmax : c.absmax;
+  const at::Tensor& nc = c.nested ? c.nested_code : c.absmax;
+  const at::Tensor& of = c.nested ? c.offset : c.absmax;
+  l.ptr(na);
+  l.ptr(nc);
+  l.ptr(of);
+  l.ptr(c.dt->codebook);
+  l.ptr(out);
+  l.i(n);
+  l.i(n_bytes);
+  l.i(n_blocks);
+  l.i(n / (2 * nb * half_bs));
+  l.i(win);
+  l.i(row_blocks);
+  l.i(col0_blocks);
+  l.grid[0] = cdiv(out_blocks, nb);
+  l.grid[1] = l.grid[2] = 1;
+  l.want_config = nb;
+  work.launches.push_back(l);
+}
+
+// lora.py _nf4_chunks: ranges of W's rows (or columns) whose dense copies stay within nf4_chunk_bytes.
+std::vector<std::pair<int64_t, int64_t>> nf4_chunks(const Call& c, bool rows) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  const int64_t elt = c.x.element_size();
+  if (c.n * c.k * elt <= g_settings.nf4_chunk_bytes) return out;
+  int64_t unit, extent, line;
+  if (rows) {
+    unit = std::lcm<int64_t>(8, c.blocksize / std::gcd(c.k, c.blocksize));
+    extent = c.n;
+    line = c.k;
+  } else {
+    if (c.k % c.blocksize) return out;
+    unit = std::lcm<int64_t>(8, c.blocksize);
+    extent = c.k;
+    line = c.n;
+  }
+  const int64_t most = std::max(unit, g_settings.nf4_chunk_bytes / (line * elt) / unit * unit);
+  const int64_t size = cdiv(cdiv(extent, cdiv(extent, most)), unit) * unit;
+  if (size >= extent) return out;
+  for (int64_t lo = 0; lo < extent; lo += size) out.emplace_back(lo, std::min(lo + size, extent));
+  return out;
+}
+
+void set_dense(const Call& c, WArgs& w, const at::Tensor& dense) {
+  const uint64_t scratch = addr_of(c.dt->scratch);
+  w.dense = dense;
+  w.ptrs[0] = addr_of(dense);
+  for (int i = 1; i < 6; ++i) w.ptrs[i] = scratch;
+  w.strides[0] = dense.stride(0);
+  w.strides[1] = dense.stride(1);
+}
+
+WArgs weight_args(const Call& c, Work& work, bool rows) {
   WArgs w;
-  const uint64_t scratch = reinterpret_cast<uintptr_t>(c.dt->scratch.data_ptr());
-  auto addr = [](const at::Tensor& t) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); };
-  if (c.nf4 && c.x.is_cuda() && c.m >= g_settings.dequant_min_m) {
-    // nf4_dequant._launch: one program per NB whole quantization blocks.
-    const int64_t nel = c.n * c.k;
-    const int64_t half_bs = c.blocksize / 2;
-    const int64_t nb = std::max<int64_t>(1, g_settings.dq_bytes_per_program / half_bs);
+  const uint64_t scratch = addr_of(c.dt->scratch);
+  if (c.nf4 && c.m >= g_settings.dequant_min_m && (c.x.is_cuda() || g_settings.dequant_on_cpu)) {
+    w.chunks = nf4_chunks(c, rows);
+    w.rows = rows;
+    if (!w.chunks.empty()) {
+      int64_t most = 0;
+      for (const auto& ch : w.chunks) most = std::max(most, ch.second - ch.first);
+      w.workspace = at::empty({most * (rows ? c.k : c.n)}, c.x.options());
+      work.keep.push_back(w.workspace);
+      return w;
+    }
     at::Tensor out = at::empty({c.n, c.k}, c.x.options());
-    Launch l;
-    l.kernel = K_DQ;
-    l.ptr(c.w);
-    l.ptr(c.absmax);
-    const at::Tensor& na = c.nested ? c.nested_absmax : c.absmax;
-    const at::Tensor& nc = c.nested ? c.nested_code : c.absmax;
-    const at::Tensor& of = c.nested ? c.offset : c.absmax;
-    l.ptr(na);
-    l.ptr(nc);
-    l.ptr(of);
-    l.ptr(c.dt->codebook);
-    l.ptr(out);
-    const int64_t nblocks = cdiv(nel, c.blocksize);
-    l.i(nel);
-    l.i((nel + 1) / 2);
-    l.i(nblocks);
-    l.i(nel / (2 * nb * half_bs));
-    l.grid[0] = cdiv(nblocks, nb);
-    l.grid[1] = l.grid[2] = 1;
-    l.want_config = nb;
-    work.launches.push_back(l);
+    dequant(c, work, out, 0, c.n, 0, c.k);
     work.keep.push_back(out);
-    w.dense = out;
+    set_dense(c, w, out);
   } else if (c.nf4) {
     w.nf4_inloop = true;
-    w.ptrs[0] = addr(c.w);
-    w.ptrs[1] = addr(c.absmax);
-    w.ptrs[2] = c.nested ? addr(c.nested_absmax) : scratch;
-    w.ptrs[3] = c.nested ? addr(c.nested_code) : scratch;
-    w.ptrs[4] = c.nested ? addr(c.offset) : scratch;
-    w.ptrs[5] = addr(c.dt->codebook);
+    w.ptrs[0] = addr_of(c.w);
+    w.ptrs[1] = addr_of(c.absmax);
+    w.ptrs[2] = c.nested ? addr_of(c.nested_absmax) : scratch;
+    w.ptrs[3] = c.nested ? addr_of(c.nested_code) : scratch;
+    w.ptrs[4] = c.nested ? addr_of(c.offset) : scratch;
+    w.ptrs[5] = addr_of(c.dt->codebook);
     w.strides[0] = w.strides[1] = 0;
-    return w;
   } else {
-    w.dense = c.w;
+    set_dense(c, w, c.w);
   }
-  w.ptrs[0] = addr(w.dense);
-  for (int i = 1; i < 6; ++i) w.ptrs[i] = scratch;
-  w.strides[0] = w.dense.stride(0);
-  w.strides[1] = w.dense.stride(1);
   return w;
+}
+
+// _W.block: chunk (lo, hi) dequantized into the workspace, as its own dense WArgs.
+WArgs weight_block(const Call& c, Work& work, const WArgs& w, int64_t lo, int64_t hi) {
+  WArgs b;
+  const int64_t r = w.rows ? hi - lo : c.n, cols = w.rows ? c.k : hi - lo;
+  at::Tensor out = w.workspace.narrow(0, 0, r * cols).view({r, cols});
+  if (w.rows)
+    dequant(c, work, out, lo, hi, 0, c.k);
+  else
+    dequant(c, work, out, 0, c.n, lo, hi);
+  set_dense(c, b, out);
+  return b;
 }
 
 bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const at::Tensor& out) {
@@ -471,15 +551,18 @@ bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const a
 
 // lora.py _use_tma: whether out = a @ op(W) runs on the TMA GEMM.
 bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tensor& out) {
-  return !w.nf4_inloop && out.size(1) > 0 && tma_usable(c, a, w.dense, out);
+  return !w.nf4_inloop && w.chunks.empty() && out.size(1) > 0 && tma_usable(c, a, w.dense, out);
 }
 
 // lora.py _lora_gemm: out (M, N') = dropout(scaling * L @ Rt) (+ bias) + a @ op(W); the forward (trans_w) or dX.
 // l: L (M, r), or (splits, M, r) fp32 partials the kernel sums; l_out (optional) receives the rounded L.
+// drop_ld / drop_c0: x's column count and the window's first column when out is a column window of dX.
 void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, const WArgs& w, const at::Tensor& out,
           const at::Tensor& lt, const at::Tensor& rt, int64_t stride_rr, int64_t stride_rn, const at::Tensor* bias,
-          const Dropout& drop, double scaling, bool trans_w, int64_t m_bucket, bool tma, const at::Tensor* l_out) {
+          const Dropout& drop, double scaling, bool trans_w, int64_t m_bucket, bool tma, const at::Tensor* l_out,
+          int64_t drop_ld = -1, int64_t drop_c0 = 0) {
   const int64_t m = out.size(0), n = out.size(1);
+  if (drop_ld < 0) drop_ld = n;
   const at::Tensor& scratch = c.dt->scratch;
   const at::Tensor& b = bias != nullptr ? *bias : scratch;
   Launch l;
@@ -508,12 +591,15 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
     l.f(scaling);
     l.i(drop.threshold);
     l.f(drop.scale);
+    l.i(drop_ld);
+    l.i(drop_c0);
     work.launches.push_back(l);
     return;
   }
   const bool sliced = lt.dim() == 3;
   const at::Tensor& lo = l_out != nullptr ? *l_out : scratch;
   l.kernel = pointer_kernel;
+  l.gemm_n = n;
   l.grid[0] = -1;  // cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N) of the variant's config
   l.grid[1] = l.grid[2] = 1;
   l.ptr(a);
@@ -546,6 +632,8 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
   l.f(scaling);
   l.i(drop.threshold);
   l.f(drop.scale);
+  l.i(drop_ld);
+  l.i(drop_c0);
   l.i(m_bucket);
   work.launches.push_back(l);
 }
@@ -593,7 +681,7 @@ struct FwdOut {
 };
 
 FwdOut build_forward(const Call& c, Work& work) {
-  WArgs w = weight_args(c, work);
+  WArgs w = weight_args(c, work, true);
   const Dropout drop = make_dropout(c, true);
   FwdOut o;
   o.y = at::empty({c.m, c.n}, c.x.options());
@@ -603,7 +691,8 @@ FwdOut build_forward(const Call& c, Work& work) {
   const int64_t m_bucket = next_pow2(c.m);
   const bool tma = use_tma(c, c.x, w, o.y);
   // S in K slices (fp32 partials the forward GEMM sums and stores rounded) unless the GEMM cannot take them.
-  auto [splits, cols] = (c.n == 0 || tma) ? std::pair<int64_t, int64_t>{1, c.k} : inner_splits_of(c, c.k, r_chunks);
+  auto [splits, cols] = (c.n == 0 || tma || !w.chunks.empty()) ? std::pair<int64_t, int64_t>{1, c.k}
+                                                                 : inner_splits_of(c, c.k, r_chunks);
   at::Tensor s_part = splits == 1 ? o.s : at::empty({splits, c.m, c.r}, c.x.options().dtype(at::kFloat));
   if (splits > 1) work.keep.push_back(s_part);
   Launch l;  // lora.py lora_forward: S = dropout(x) @ A^T
@@ -631,9 +720,20 @@ FwdOut build_forward(const Call& c, Work& work) {
   l.i(m_bucket);
   work.launches.push_back(l);
   const Dropout off = make_dropout(c, false);
-  if (c.n > 0)
+  if (!w.chunks.empty()) {
+    // y's columns n0:n1 from W's rows n0:n1, each chunk dequantized into the one workspace.
+    for (const auto& [n0, n1] : w.chunks) {
+      const WArgs wc = weight_block(c, work, w, n0, n1);
+      const at::Tensor yc = o.y.narrow(1, n0, n1 - n0);
+      const at::Tensor bc = c.B.narrow(0, n0, n1 - n0);
+      const at::Tensor biasc = c.bias.defined() ? c.bias.narrow(0, n0, n1 - n0) : at::Tensor();
+      gemm(c, work, K_FWD, c.x, wc, yc, o.s, bc, bc.stride(1), bc.stride(0), c.bias.defined() ? &biasc : nullptr,
+           off, c.scaling, true, m_bucket, use_tma(c, c.x, wc, yc), nullptr);
+    }
+  } else if (c.n > 0) {
     gemm(c, work, K_FWD, c.x, w, o.y, s_part, c.B, c.B.stride(1), c.B.stride(0),
          c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma, splits > 1 ? &o.s : nullptr);
+  }
   return o;
 }
 
@@ -654,7 +754,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   if (c.need_dx) o.dx = at::empty({c.m, c.k}, opts);
   const bool need_ds = c.need_dx || c.need_dA;
   WArgs w;
-  if (c.need_dx) w = weight_args(c, work);
+  if (c.need_dx) w = weight_args(c, work, false);
   const int64_t block_r = block_r_of(c.r);
   const int64_t r_chunks = cdiv(c.r, block_r);
   const int64_t m_bucket = next_pow2(c.m);
@@ -664,7 +764,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const bool tma_dx = c.need_dx && use_tma(c, c.dy, w, o.dx);
   // dS in N slices (fp32 partials the dX GEMM sums; it stores dS rounded for the dA kernel) when the dX pointer
   // GEMM runs; else in one slice, dS itself.
-  const bool dx_sums = c.need_dx && c.k > 0 && !tma_dx;
+  const bool dx_sums = c.need_dx && c.k > 0 && !tma_dx && w.chunks.empty();
   auto [splits_ds, cols_ds] = dx_sums ? inner_splits_of(c, c.n, r_chunks) : std::pair<int64_t, int64_t>{1, c.n};
   at::Tensor ds, ds_part;
   if (need_ds) {
@@ -740,9 +840,19 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.i(m_bucket);
     work.launches.push_back(l);
   }
-  if (c.need_dx && c.k > 0)
+  if (c.need_dx && c.k > 0 && !w.chunks.empty()) {
+    // dX's columns k0:k1 from W's columns k0:k1, each chunk dequantized into the one workspace.
+    for (const auto& [k0, k1] : w.chunks) {
+      const WArgs wc = weight_block(c, work, w, k0, k1);
+      const at::Tensor dxc = o.dx.narrow(1, k0, k1 - k0);
+      const at::Tensor ac = c.A.narrow(1, k0, k1 - k0);
+      gemm(c, work, K_DX, c.dy, wc, dxc, ds, ac, ac.stride(0), ac.stride(1), nullptr, drop, 1.0, false, m_bucket,
+           use_tma(c, c.dy, wc, dxc), nullptr, c.k, k0);
+    }
+  } else if (c.need_dx && c.k > 0) {
     gemm(c, work, K_DX, c.dy, w, o.dx, ds_part, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop, 1.0, false,
          m_bucket, tma_dx, splits_ds > 1 && c.need_dA ? &ds : nullptr);
+  }
   if (c.need_dA) {
     auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);
     at::Tensor da_out = split_partials(splits, {c.r, c.k}, opts);
@@ -813,10 +923,8 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
         l.grid[0] = cdiv(m, found->block_m);
         break;
       case K_FWD:
-        l.grid[0] = cdiv(m, found->block_m) * cdiv(c.n, found->block_n);
-        break;
       case K_DX:
-        l.grid[0] = cdiv(m, found->block_m) * cdiv(c.k, found->block_n);
+        l.grid[0] = cdiv(m, found->block_m) * cdiv(l.gemm_n, found->block_n);
         break;
       case K_DB:
         l.grid[0] = cdiv(c.n, found->block_n);
@@ -1207,6 +1315,8 @@ void configure(const py::dict& s) {
   get("split_unit_interp", g_settings.split_unit_interp);
   get("max_inner_splits", g_settings.max_inner_splits);
   get("split_max_m", g_settings.split_max_m);
+  get("nf4_chunk_bytes", g_settings.nf4_chunk_bytes);
+  get("dequant_on_cpu", g_settings.dequant_on_cpu);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

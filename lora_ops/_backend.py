@@ -100,6 +100,14 @@ def implementation(op: str, device_type: str) -> Optional[Callable]:
                     if fn is None:
                         raise RuntimeError(f"LORA_OPS_BACKEND=triton but {target} failed to load; see the warning")
                     return fn
+        interpreted = want == "triton" and triton_interpreter()
+        if want != "auto" and not interpreted and (want, device_type) not in _warned:
+            # The user asked for GPU kernels; say once what runs instead of silently using the reference.
+            _warned.add((want, device_type))
+            hint = " (Triton runs on CPU tensors only under TRITON_INTERPRET=1)" if want == "triton" else ""
+            warnings.warn(f"lora_ops: LORA_OPS_BACKEND={want} has no kernels for {device_type} tensors{hint}; "
+                          f"running the PyTorch reference path instead. Move the tensors to CUDA, or set "
+                          "LORA_OPS_BACKEND=reference (or auto) to silence this", stacklevel=3)
         return None
     if want in ("triton", "cuda"):
         forced = [t for b, t in choices if b == want]

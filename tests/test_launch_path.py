@@ -161,3 +161,29 @@ def test_unsupported_calls_are_refused(dry):
     assert dry.launch_fwd(x.double(), *fwd[1:], True) == -1  # float64: reference only
     bad_a = torch.zeros(4, 31)
     assert dry.launch_fwd(x, *fwd[1:7], bad_a, *fwd[8:], True) == -1  # wrong shape: Python raises the error
+
+
+@pytest.mark.parametrize("weight,p", [("nf4", 0.2), ("nf4-dq", 0.0)])
+def test_nf4_temporary_and_its_chunks(dry, monkeypatch, weight, p):
+    """The NF4 temporary path (on CUDA from NF4_DEQUANT_MIN_M rows; switched on here for CPU tensors) whole and,
+    past NF4_CHUNK_BYTES, chunk by chunk: W's row ranges for the forward, column windows for dX (dropout indexed
+    by x's full rows), each dequantize followed by its GEMM."""
+    try:
+        monkeypatch.setattr(L, "_DEQUANT_ON_CPU", True)
+        for bound, chunked in ((L.NF4_CHUNK_BYTES, False), (40 * 256 * 4, True)):
+            monkeypatch.setattr(L, "NF4_CHUNK_BYTES", bound)
+            _launch._sync_settings(dry)
+            fwd, dy = _inputs(m=70, k=256, n=136, r=8, dtype=torch.float32, weight=weight, p=p)
+            y, s = _check(dry, 0, fwd)
+            names = [r[0] for r in dry.launch_fwd(*fwd, True)[1]]
+            assert names.count("nf4_dequant") == (4 if chunked else 1), names
+            assert names.count("lora_fwd") == names.count("nf4_dequant"), names
+            x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+            for need in [(True, True, True, True), (True, False, False, False)]:
+                bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, *need)
+                _check(dry, 1, bargs)
+                names = [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+                assert names.count("lora_bwd_dx") == (4 if chunked else 1), names
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)

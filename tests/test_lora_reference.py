@@ -3,10 +3,13 @@
 The oracle below is plain ``F.linear`` in float64 differentiated by autograd: it shares no code with
 ``lora_ops.reference`` (whose hand-written backward is what is under test).
 """
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import lora_ops
 from lora_ops import lora_linear, quantize_nf4
 from helpers import assert_rel_close
 
@@ -277,3 +280,24 @@ def test_control_half_tolerance_rejects_garbage():
     no_adapter = run_op(x, w, a, torch.zeros_like(b), 2.0, bb)
     with pytest.raises(AssertionError, match="relative error"):
         assert_matches(no_adapter, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_forced_gpu_backend_on_cpu_warns_once_and_runs_the_reference(monkeypatch, backend):
+    """LORA_OPS_BACKEND=cuda|triton with CPU tensors (and no Triton interpreter) cannot give GPU kernels: one
+    warning names what runs instead, and the result is the reference's."""
+    from lora_ops import _backend
+    monkeypatch.setenv("LORA_OPS_BACKEND", backend)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+    a, b = torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
+    with pytest.warns(UserWarning, match=f"LORA_OPS_BACKEND={backend} has no kernels for cpu tensors"):
+        y = lora_ops.lora_linear(x, w, a, b, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y2 = lora_ops.lora_linear(x, w, a, b, 0.5)
+    want = x @ w.T + 0.5 * (x @ a.T) @ b.T
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(y2, want)

@@ -638,6 +638,49 @@ def test_tma_gemm_mainloop_is_pipelined_for_sm90():
         assert r["shared"] <= 232448, f"{name}: {r['shared']} B of shared memory exceeds an H200 SM"
 
 
+@pytest.mark.parametrize("weight,dtype,p,tma", [("nf4-dq", F32, 0.2, "0"), ("nf4", F16, 0.1, "1")])
+def test_nf4_chunked_temporary_matches_reference(monkeypatch, weight, dtype, p, tma):
+    """Past NF4_CHUNK_BYTES the temporary is made chunk by chunk: W's rows for the forward GEMM (y's columns),
+    W's columns for the dX GEMM (dX's columns, dropout indexed by x's full rows), pointer and TMA GEMMs alike.
+    Every output matches the oracle and the chunks tile W exactly."""
+    calls = []
+    real_launch = L._dq._launch
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("row_range"), kwargs.get("col_range")))
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setenv("LORA_OPS_TMA", tma)
+    monkeypatch.setattr(L, "_dequant_first", lambda x: True)
+    monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 40 * 256 * 4)
+    monkeypatch.setattr(L._dq, "_launch", spy)
+    case = make_case(37, 256, 136, 8, dtype, weight, 64, bias=True, seed=21)
+    got, mask = run_layer(case, 1.5, p, monkeypatch)
+    assert_layer_close(got, _want(oracle(case, 1.5, p, mask)), dtype, "NF4 chunked temporary: ")
+    rows = [r for r, c in calls if r is not None]
+    cols = [c for r, c in calls if c is not None]
+    assert len(rows) + len(cols) == len(calls), calls
+    assert rows[0][0] == 0 and rows[-1][1] == 136 and all(a[1] == b[0] for a, b in zip(rows, rows[1:])), rows
+    assert cols[0][0] == 0 and cols[-1][1] == 256 and all(a[1] == b[0] for a, b in zip(cols, cols[1:])), cols
+    assert len(rows) > 1 and len(cols) > 1
+
+
+def test_nf4_chunks_plan():
+    """The chunk plan: None while the dense copy fits, near-equal chunks on 8-element (and, for rows, block)
+    boundaries within the bound otherwise, and no column chunks when blocks straddle rows."""
+    bound, elt = L.NF4_CHUNK_BYTES, 2
+    assert L._nf4_chunks(4096, 4096, 64, elt, "rows") is None  # exactly 32 MiB
+    rows = L._nf4_chunks(14336, 4096, 64, elt, "rows")
+    cols = L._nf4_chunks(14336, 4096, 64, elt, "cols")
+    assert rows == [(i * 3584, (i + 1) * 3584) for i in range(4)], rows
+    assert cols == [(i * 1024, (i + 1) * 1024) for i in range(4)], cols
+    for plan, line in ((rows, 4096), (cols, 14336)):
+        assert all((hi - lo) * line * elt <= bound for lo, hi in plan)
+    assert L._nf4_chunks(14336, 4100, 64, elt, "cols") is None  # 4100 % 64: blocks straddle rows
+    odd = L._nf4_chunks(14336, 4100, 64, elt, "rows")
+    assert all(lo * 4100 % 64 == 0 and lo % 8 == 0 for lo, _ in odd) and odd[-1][1] == 14336
+
+
 def test_nf4_temporary_path_matches_reference(monkeypatch):
     """The path the launchers take on CUDA from NF4_DEQUANT_MIN_M rows (the NF4 weight dequantized once into a
     temporary by the Triton dequantize, then the dense kernels), forced here under the interpreter: every output

@@ -21,6 +21,7 @@ the same launches from then on; ``LAUNCHES`` counts both.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Dict, Optional, Tuple
 
@@ -78,8 +79,9 @@ def _splits(m: int, tiles: int, device: torch.device) -> Tuple[int, int]:
 # multiple of this (256 on CUDA: a few BLOCK_K / BLOCK_N trips each), at most _MAX_INNER_SPLITS slices, and on
 # CUDA only up to _SPLIT_MAX_M rows. Measured on the H200 (scripts/profile_layer.py, CUDA-graph replay of one
 # 4096->4096 fwd+bwd, docs/PERF_NOTES.md): at M=256 the slices took S from 12 to 3.7 us and dS/dB from 20 to
-# 5.4 us (layer 3.08x -> 2.51x the floor, NF4 4.07x -> 3.24x); at M=2048 S stayed at 13 us, dS/dB rose (its dB
-# atomics crowd onto the few column tiles of a slice) and the layer went 1.40x -> 1.54x, at 8192 1.19x -> 1.38x.
+# 5.4 us (layer 3.08x -> 2.51x the floor, NF4 4.07x -> 3.24x); at M=2048 S stayed at 13 us, dS/dB rose to 23.5
+# us and the GEMMs that sum the slices slowed, so the layer went 1.40x -> 1.54x (8192: 1.19x -> 1.38x). Why the
+# larger M lost is not yet profiled (one guess: the dB atomics of a slice's few column tiles collide).
 _SPLIT_UNIT, _SPLIT_UNIT_INTERP, _MAX_INNER_SPLITS, _SPLIT_MAX_M = 256, 64, 16, 512
 
 
@@ -189,19 +191,48 @@ def _check_lora(x, lora_A, lora_B, bias=None) -> Tuple[int, int, int, int]:
 # The temporary is freed when the launcher returns: nothing dense survives between forward and backward. Below
 # this M the in-loop decode reads 4x fewer weight bytes; the crossover itself is not yet measured (speed issue).
 NF4_DEQUANT_MIN_M = 64
+# The interpreter tests switch the temporary path on for CPU tensors (and the C++ launch path's dry run with it).
+_DEQUANT_ON_CPU = False
+# The temporary is bounded: a weight whose dense copy would pass this many bytes is dequantized in chunks, rows
+# of W for the forward GEMM (y's columns), columns of W for the dX GEMM (dX's columns), each chunk's GEMM right
+# after its dequantize, so one chunk is alive at a time: 32 MiB instead of 112 MiB at 4096x14336 bf16.
+NF4_CHUNK_BYTES = 32 << 20
 
 
 def _dequant_first(x: torch.Tensor) -> bool:
     """Whether the launchers dequantize an NF4 weight into a temporary for x's call (see NF4_DEQUANT_MIN_M)."""
-    return x.is_cuda and x.shape[0] >= NF4_DEQUANT_MIN_M and not _backend.triton_interpreter()
+    return x.shape[0] >= NF4_DEQUANT_MIN_M and (x.is_cuda and not _backend.triton_interpreter() or _DEQUANT_ON_CPU)
+
+
+def _nf4_chunks(n: int, k: int, blocksize: int, elt: int, along: str) -> Optional[list]:
+    """[(lo, hi), ...] ranges of W's rows (``along="rows"``) or columns (``"cols"``) whose dense copies stay
+    within NF4_CHUNK_BYTES, in near-equal chunks; None when the whole weight fits (or, for columns, when blocks
+    straddle rows: then the whole weight is dequantized). Row chunks start on a quantization block and every
+    chunk on a multiple of 8 elements (16-byte aligned views of y / dX for the TMA GEMM)."""
+    if n * k * elt <= NF4_CHUNK_BYTES:
+        return None
+    if along == "rows":
+        unit, extent, line = math.lcm(8, blocksize // math.gcd(k, blocksize)), n, k
+    else:
+        if k % blocksize:
+            return None
+        unit, extent, line = math.lcm(8, blocksize), k, n
+    most = max(unit, NF4_CHUNK_BYTES // (line * elt) // unit * unit)
+    size = triton.cdiv(triton.cdiv(extent, triton.cdiv(extent, most)), unit) * unit
+    if size >= extent:
+        return None
+    return [(lo, min(lo + size, extent)) for lo in range(0, extent, size)]
 
 
 class _W:
     """Kernel arguments of the frozen weight: dense (N, K) or NF4 bytes + scales. From NF4_DEQUANT_MIN_M rows on
-    CUDA the NF4 weight is dequantized into a temporary that lives as long as this object (one launcher call)."""
+    CUDA the NF4 weight is dequantized into a temporary that lives as long as this object (one launcher call),
+    or, past NF4_CHUNK_BYTES, chunk by chunk (``chunks`` set; ``block`` dequantizes one) along ``along``."""
 
-    def __init__(self, weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x):
-        scratch = _scratch(x.device)
+    chunks: Optional[list] = None
+
+    def __init__(self, weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, along="rows"):
+        scratch = self.scratch = _scratch(x.device)
         if absmax is None:
             _check_same("weight", weight, x, (n, k))
             self._dense(_narrow(weight), scratch)
@@ -212,8 +243,10 @@ class _W:
         packed = weight.reshape(-1).view(torch.uint8)  # bitsandbytes' quant_storage only reinterprets the bytes
         if _dequant_first(x):
             # Checked just above: straight to the dequantize launch, not through its checking entry point.
-            self._dense(_dq._launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x.dtype),
-                        scratch)
+            self.state = (packed, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x.dtype)
+            self.chunks, self.along = _nf4_chunks(n, k, blocksize, x.element_size(), along), along
+            if self.chunks is None:
+                self._dense(_dq._launch(*self.state), scratch)
             return
         if nested:
             self.ptrs = (packed, absmax.reshape(-1), nested_absmax.reshape(-1).float(),
@@ -231,6 +264,13 @@ class _W:
         self.strides = (w.stride(0), w.stride(1))
         self.meta = dict(IS_NF4=False, NESTED=False, BLOCKSIZE=64)
         self.opts = {}
+
+    def block(self, lo: int, hi: int) -> "_W":
+        """The dense temporary of chunk (lo, hi) of ``chunks`` as its own _W (rows or columns of W)."""
+        rng = dict(row_range=(lo, hi)) if self.along == "rows" else dict(col_range=(lo, hi))
+        w = _W.__new__(_W)
+        w._dense(_dq._launch(*self.state, **rng), self.scratch)
+        return w
 
 
 class _Dropout:
@@ -313,16 +353,18 @@ def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor) -> bool:
 
 
 def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket,
-               tma, l_out=None):
+               tma, l_out=None, drop_cols=None):
     """c (M, N) = dropout(scaling * L (M, r) @ Rt (r, N)) (+ bias) + a (M, K) @ op(W): the forward
     (trans_w, W (N, K): op(W) = W^T, Rt = B^T) or the dX GEMM (W (K, N) itself, Rt = A_lora). ``w``: a _W;
     Rt is addressed through ``rt`` with (stride_rr, stride_rn). ``l``: L (M, r), or (splits, M, r) fp32 partials
-    that the kernel sums and rounds (then ``l_out``, if given, receives that rounded L). The TMA kernel when
-    ``tma`` (one slice only), else the pointer kernel ``kernel`` (_FWD_KERNEL / _DX_KERNEL: their own configs and
-    counters)."""
+    that the kernel sums and rounds (then ``l_out``, if given, receives that rounded L). ``drop_cols`` = (x's
+    column count, first column) when c is a column window of dX (dropout indexes x's elements). The TMA kernel
+    when ``tma`` (one slice only), else the pointer kernel ``kernel`` (_FWD_KERNEL / _DX_KERNEL: their own
+    configs and counters)."""
     m, n = c.shape
+    drop_ld, drop_c0 = drop_cols or (n, 0)
     if tma:  # the launchers give the TMA GEMM L in one slice
-        _tma_gemm(a, w.ptrs[0], c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r)
+        _tma_gemm(a, w.ptrs[0], c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0)
         return
     scratch = _scratch(c.device)
     b = bias if bias is not None else scratch
@@ -334,12 +376,12 @@ def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling
            a.stride(0), a.stride(1), *w.strides, stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0),
            c.stride(0), c.stride(1), *stride_lo,
            m, n, a.shape[1], r, l.shape[0] if l.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale,
-           m_bucket,
+           drop_ld, drop_c0, m_bucket,
            TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
            BLOCK_R=block_r, **w.meta, **w.opts)
 
 
-def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, trans_w, r):
+def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0):
     """c = lora + a @ (w^T if trans_w else w) through _lora_gemm_tma_kernel (see there)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, n = c.shape
@@ -355,7 +397,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     _TMA_KERNEL(lambda meta: (max(1, min(sms, tiles)),),
                 a_d, w_d, c_d, lt, rt_ptr, b, drop.seed,
                 lt.stride(0), lt.stride(1), stride_rr, stride_rn, b.stride(0),
-                m, n, k, float(scaling), drop.threshold, drop.scale,
+                m, n, k, float(scaling), drop.threshold, drop.scale, drop_ld, drop_c0,
                 TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on,
                 R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r, BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
                 FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
@@ -385,9 +427,9 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     block_r = _block_r(r)
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
-    tma = _use_tma(x, w, y)
+    tma = w.chunks is None and _use_tma(x, w, y)
     # S in K slices (fp32 partials the forward GEMM sums, then stores S rounded) unless the GEMM cannot take them.
-    splits, cols = (1, k) if n == 0 or tma else _inner_splits(m, k, r_chunks, x.device)
+    splits, cols = (1, k) if n == 0 or tma or w.chunks else _inner_splits(m, k, r_chunks, x.device)
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     with _on_device(x.device):
         _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits),
@@ -396,10 +438,18 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                   s_part.stride(0) if splits > 1 else 0, s_part.stride(-2), s_part.stride(-1),
                   m, k, r, cols, drop.threshold, drop.scale, m_bucket,
                   HAS_DROPOUT=drop.on, BLOCK_R=block_r)
-        if n > 0:
-            _lora_gemm(_FWD_KERNEL, x, w, y, s_part, lora_B, lora_B.stride(1), lora_B.stride(0), bias,
-                       _Dropout(0.0, None, x), scaling, True, r, block_r, m_bucket, tma,
-                       s if splits > 1 else None)
+        no_drop = _Dropout(0.0, None, x)
+        if w.chunks:
+            # y's columns n0:n1 from W's rows n0:n1; each temporary is freed before the next is made.
+            for n0, n1 in w.chunks:
+                wc, yc = w.block(n0, n1), y[:, n0:n1]
+                _lora_gemm(_FWD_KERNEL, x, wc, yc, s, lora_B[n0:n1], lora_B.stride(1), lora_B.stride(0),
+                           None if bias is None else bias[n0:n1], no_drop, scaling, True, r, block_r, m_bucket,
+                           _use_tma(x, wc, yc))
+                del wc
+        elif n > 0:
+            _lora_gemm(_FWD_KERNEL, x, w, y, s_part, lora_B, lora_B.stride(1), lora_B.stride(0), bias, no_drop,
+                       scaling, True, r, block_r, m_bucket, tma, s if splits > 1 else None)
     return y, s
 
 
@@ -426,7 +476,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         # Sums over zero rows are zero; nothing to launch.
         return (dx, torch.zeros_like(lora_A) if need_dA else dA, torch.zeros_like(lora_B) if need_dB else dB,
                 dy.new_zeros((n,)) if need_dbias else dbias)
-    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x) if need_dx else None
+    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, "cols") if need_dx else None
     block_r = _block_r(r)
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
@@ -435,10 +485,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     # atomic-free kernel does the reduction.
     fused_db = need_ds and need_dB and not deterministic
     fused_dbias = need_ds and need_dbias and not deterministic
-    tma_dx = need_dx and _use_tma(dy, w, dx)
-    # dS in N slices (fp32 partials that the dX GEMM sums; it stores dS rounded for the dA kernel) when the dX
+    tma_dx = need_dx and w.chunks is None and _use_tma(dy, w, dx)
+    # dS in N slices (fp32 partials that the dX GEMM sums; it stores dS rounded for the dA kernel) when one dX
     # pointer GEMM runs; else in one slice, dS itself.
-    dx_sums = need_dx and k > 0 and not tma_dx
+    dx_sums = need_dx and k > 0 and not tma_dx and w.chunks is None
     splits_ds, cols_ds = _inner_splits(m, n, r_chunks, dev) if dx_sums else (1, n)
     with _on_device(dev):
         ds = ds_part = None
@@ -481,7 +531,14 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         elif do_db or do_dbias:
             dB = torch.zeros_like(lora_B) if do_db else dB
             dbias = dy.new_zeros((n,)) if do_dbias else dbias
-        if need_dx and k > 0:
+        if need_dx and k > 0 and w.chunks:
+            # dX's columns k0:k1 from W's columns k0:k1; each temporary is freed before the next is made.
+            for k0, k1 in w.chunks:
+                wc, dxc = w.block(k0, k1), dx[:, k0:k1]
+                _lora_gemm(_DX_KERNEL, dy, wc, dxc, ds, lora_A[:, k0:k1], lora_A.stride(0), lora_A.stride(1), None,
+                           drop, 1.0, False, r, block_r, m_bucket, _use_tma(dy, wc, dxc), drop_cols=(k, k0))
+                del wc
+        elif need_dx and k > 0:
             _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part, lora_A, lora_A.stride(0), lora_A.stride(1), None, drop, 1.0,
                        False, r, block_r, m_bucket, tma_dx, ds if splits_ds > 1 and need_dA else None)
         if need_dA:

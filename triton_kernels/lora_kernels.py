@@ -234,12 +234,12 @@ def _lora_s_kernel(x_ptr, a_ptr, seed_ptr, s_ptr,
              acc.to(s_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "drop_c0"])
 def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
                       l_ptr, r_ptr, bias_ptr, seed_ptr, c_ptr, lo_ptr,
                       stride_am, stride_ak, stride_wn, stride_wk, stride_ls, stride_lm, stride_lr, stride_rr,
                       stride_rn, stride_bias, stride_cm, stride_cn, stride_lom, stride_lor,
-                      M, N, K, R, L_SPLITS, scaling, threshold, drop_scale, M_BUCKET,
+                      M, N, K, R, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0, M_BUCKET,
                       TRANS_W: tl.constexpr, IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_L: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -250,8 +250,9 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
 
     forward (TRANS_W): A = x, W stored (N, K) so op(W) = W^T, L = S, Rt = B^T, + bias;
     dX: A = dY, W stored (K, N) (the (out, in) weight itself), L = dS (already scaled: scaling = 1), Rt = A_lora,
-    dropout of x's element (m, n) (N is x's column count here). The LoRA term (LoRAFusion) seeds the fp32
-    accumulator before the GEMM over K; the result is rounded once.
+    dropout of x's element (m, drop_c0 + n), x's rows being drop_ld long (N and 0, unless C is a column window
+    of dX). The LoRA term (LoRAFusion) seeds the fp32 accumulator before the GEMM over K; the result is rounded
+    once.
 
     L arrives as ``L_SPLITS`` slices ``stride_ls`` apart: fp32 partial sums over a split reduction (the S and dS
     kernels split K / N to fill the GPU at small M), summed here in slice order and rounded to A's dtype; one
@@ -291,8 +292,8 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     if TRANS_W:
         acc = acc * scaling
     if HAS_DROPOUT:
-        acc = _apply_dropout(acc, m0 * N + n0, rm[:, None] * N + rn[None, :], tl.load(seed_ptr), threshold,
-                             drop_scale)
+        acc = _apply_dropout(acc, m0 * drop_ld + drop_c0 + n0, rm[:, None] * drop_ld + rn[None, :],
+                             tl.load(seed_ptr), threshold, drop_scale)
     if HAS_BIAS:
         bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -324,10 +325,10 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
              acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "drop_c0"])
 def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_ptr,
                           stride_lm, stride_lr, stride_rr, stride_rn, stride_bias,
-                          M, N, K, scaling, threshold, drop_scale,
+                          M, N, K, scaling, threshold, drop_scale, drop_ld, drop_c0,
                           TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           R_CHUNKS: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -339,7 +340,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
 
     forward (TRANS_W): A = x, W (N, K) so op(W) = W^T, L = S, Rt = B^T, + bias;
     dX: A = dY, W (K, N) = the (out, in) weight itself, L = dS (already scaled), Rt = A_lora, dropout of x's
-    element (m, n) (N is x's column count here).
+    element (m, drop_c0 + n) in rows of drop_ld (as the pointer kernel).
 
     One program per SM walks output tiles (grouped for L2 reuse); A and W tiles come in through TMA
     descriptors, the LoRA term (rank-R, tiny) through pointer loads and seeds the fp32 accumulator as in the
@@ -372,7 +373,8 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
             acc = tl.dot(lt.to(dtype), rt.to(dtype), acc)
         acc = acc * scaling
         if HAS_DROPOUT:
-            acc = _apply_dropout(acc, m0 * N + n0, rm[:, None] * N + rn[None, :], seed, threshold, drop_scale)
+            acc = _apply_dropout(acc, m0 * drop_ld + drop_c0 + n0, rm[:, None] * drop_ld + rn[None, :], seed,
+                                 threshold, drop_scale)
         if HAS_BIAS:
             bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
             acc += bias.to(tl.float32)[None, :]

@@ -27,8 +27,9 @@ The codebook comes from ``lora_ops.nf4`` (``nf4_codebook``), never retyped here.
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -45,15 +46,18 @@ NUM_WARPS = 4
 
 @triton.jit
 def _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
-                      out_ptr, blk0, n_elements, n_bytes, n_blocks,
+                      out_ptr, blk0, out_blk0, n_elements, n_bytes, n_blocks,
                       HALF_BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
                       VEC: tl.constexpr, MASKED: tl.constexpr):
+    # Blocks blk0 .. blk0 + NB of the packed weight go to output blocks out_blk0 .. (the same unless a column
+    # window is dequantized). The masks (MASKED: the last program of a whole-weight dequantize, where the two
+    # are equal) bound blocks, bytes and elements.
     rows = tl.arange(0, NB)
     blk = blk0 + rows  # int64 quantization-block index of each tile row
     byte_local = rows[:, None] * HALF_BS + tl.max_contiguous(tl.arange(0, HALF_BS), VEC)[None, :]
     out_local = rows[:, None] * (2 * HALF_BS) + tl.max_contiguous(tl.arange(0, 2 * HALF_BS), 2 * VEC)[None, :]
     packed_base = packed_ptr + blk0 * HALF_BS
-    out_base = out_ptr + blk0 * (2 * HALF_BS)
+    out_base = out_ptr + out_blk0 * (2 * HALF_BS)
     if MASKED:
         blk_ok = blk < n_blocks
         if NESTED:
@@ -79,24 +83,31 @@ def _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
     # Element 2j sits in the high nibble: (hi, lo) interleaved is the row-major element order.
     vals = tl.join(hi * s, lo * s).reshape(NB, 2 * HALF_BS).to(out_ptr.dtype.element_ty)
     if MASKED:
-        tl.store(out_base + out_local, vals, mask=out_local < n_elements - blk0 * (2 * HALF_BS))
+        tl.store(out_base + out_local, vals, mask=out_local < n_elements - out_blk0 * (2 * HALF_BS))
     else:
         tl.store(out_base + out_local, vals)
 
 
 @triton.jit
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
-                        out_ptr, n_elements, n_bytes, n_blocks, n_full_programs,
+                        out_ptr, n_elements, n_bytes, n_blocks, n_full_programs, win_blocks, row_blocks, col0_blocks,
                         HALF_BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
                         VEC: tl.constexpr):
+    """Output block ``o`` (NB per program) is block ``(o // win_blocks) * row_blocks + col0_blocks + o %
+    win_blocks`` of the packed weight: the whole weight with win_blocks = row_blocks = n_blocks and col0_blocks =
+    0, or a column window of whole blocks (win_blocks per row out of row_blocks, from col0_blocks; NB divides
+    win_blocks, so a program's blocks are consecutive in one row)."""
     pid = tl.program_id(0)
-    blk0 = pid.to(tl.int64) * NB
+    out_blk0 = pid.to(tl.int64) * NB
+    blk0 = (out_blk0 // win_blocks) * row_blocks + col0_blocks + out_blk0 % win_blocks
     if pid < n_full_programs:
         _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
-                          out_ptr, blk0, n_elements, n_bytes, n_blocks, HALF_BS, NB, NESTED, NESTED_BS, VEC, False)
+                          out_ptr, blk0, out_blk0, n_elements, n_bytes, n_blocks, HALF_BS, NB, NESTED, NESTED_BS,
+                          VEC, False)
     else:
         _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
-                          out_ptr, blk0, n_elements, n_bytes, n_blocks, HALF_BS, NB, NESTED, NESTED_BS, VEC, True)
+                          out_ptr, blk0, out_blk0, n_elements, n_bytes, n_blocks, HALF_BS, NB, NESTED, NESTED_BS,
+                          VEC, True)
 
 
 _CODEBOOKS: Dict[torch.device, torch.Tensor] = {}
@@ -164,8 +175,14 @@ def _check(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, 
 
 
 def _launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype,
-            bytes_per_program: int = BYTES_PER_PROGRAM, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    n = rows * cols
+            bytes_per_program: int = BYTES_PER_PROGRAM, num_warps: int = NUM_WARPS,
+            row_range: Optional[Tuple[int, int]] = None, col_range: Optional[Tuple[int, int]] = None
+            ) -> torch.Tensor:
+    """The dense ``W[r0:r1, c0:c1]`` of a (rows, cols) NF4 weight, contiguous. A row range must start on a
+    quantization-block boundary (r0 * cols % blocksize == 0); a column window needs whole blocks in every row
+    (cols, c0 and c1 - c0 multiples of blocksize) and all rows. The checks are the callers' (lora.py)."""
+    r0, r1 = row_range or (0, rows)
+    c0, c1 = col_range or (0, cols)
     device = packed.device
     packed = packed.reshape(-1).view(torch.uint8)
     nested = nested_absmax is not None
@@ -179,18 +196,29 @@ def _launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
         # Never read (NESTED is a constexpr False): any valid pointer will do.
         nested_absmax = nested_code = offset = absmax
     packed = packed.contiguous()
-    out = torch.empty((rows, cols), dtype=dtype, device=device)
+    out = torch.empty((r1 - r0, c1 - c0), dtype=dtype, device=device)
     half_bs = blocksize // 2
     nb = max(1, bytes_per_program // half_bs)
-    n_bytes = (n + 1) // 2
-    n_blocks = -(-n // blocksize)
-    grid = (triton.cdiv(n_blocks, nb),)
+    n = out.numel()
+    if (c0, c1) != (0, cols):
+        # Column window: win whole blocks of every row; NB divides win so no program crosses a row.
+        win, row_blocks, col0_blocks = (c1 - c0) // blocksize, cols // blocksize, c0 // blocksize
+        nb = math.gcd(nb, win)
+        n_blocks, n_bytes = -(-(rows * cols) // blocksize), (rows * cols + 1) // 2
+        out_blocks = rows * win
+    else:
+        # Rows r0 .. r1: one run of consecutive blocks from r0 * cols / blocksize (masks bound it at r1).
+        col0_blocks = r0 * cols // blocksize
+        out_blocks = -(-n // blocksize)
+        win = row_blocks = max(1, out_blocks)
+        n_blocks, n_bytes = col0_blocks + out_blocks, (r1 * cols + 1) // 2
+    grid = (triton.cdiv(out_blocks, nb),)
     # VEC bytes per thread give 2*VEC outputs = one 16-byte store.
     vec = 16 // (2 * out.element_size())
     kwargs = dict(HALF_BS=half_bs, NB=nb, NESTED=nested, NESTED_BS=_nf4.NESTED_BLOCKSIZE, VEC=vec,
                   num_warps=num_warps, enable_fp_fusion=False)
     args = (packed, absmax, nested_absmax, nested_code, offset, _codebook(device), out,
-            n, n_bytes, n_blocks, n // (2 * nb * half_bs))
+            n, n_bytes, n_blocks, n // (2 * nb * half_bs), win, row_blocks, col0_blocks)
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
             kernel = _nf4_dequant_kernel[grid](*args, **kwargs)
