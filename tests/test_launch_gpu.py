@@ -93,6 +93,36 @@ def test_cpp_path_equals_python_launchers(monkeypatch, case):
             assert_rel_close(g, w, dtype, name)
 
 
+@pytest.mark.parametrize("weight,p", [("nf4", 0.1), ("nf4-dq", 0.0)])
+def test_nf4_chunks_equal_the_whole_temporary(monkeypatch, weight, p):
+    """Past NF4_CHUNK_BYTES the weight is dequantized in chunks (3 row ranges for the forward, 4 column windows
+    for dX here): the same tiles over the same K-loops, so y, dx and dA equal the whole temporary's bit for bit,
+    from the Python launchers and from the C++ path alike."""
+    from lora_ops.triton_kernels import lora as L
+    from lora_ops.triton_kernels import records
+    inp = _inputs(256, 1024, 768, 16, BF16, weight, True)
+    whole = _run(inp, p)
+    mod = _launch.module()
+    try:
+        monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 512 * 1024)
+        _launch._sync_settings(mod)
+        before = records.LAUNCHES["nf4_dequant"]
+        want = _python_launchers(monkeypatch, lambda: _run(inp, p))
+        assert records.LAUNCHES["nf4_dequant"] - before == 3 + 4
+        _run(inp, p)  # the first call of this configuration registers it
+        before = records.LAUNCHES["nf4_dequant"]
+        got = _run(inp, p)
+        assert records.LAUNCHES["nf4_dequant"] - before == 3 + 4
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(mod)
+    for name, g, w, h in zip(("y", "dx", "dA"), got[:3], want[:3], whole[:3]):
+        assert torch.equal(w, h), f"{name}: chunked Python launchers differ from the whole temporary"
+        assert torch.equal(g, w), f"{name}: the C++ path differs from the Python launchers"
+    for name, g, w in zip(("dB", "dbias"), got[3:], whole[3:]):
+        assert_rel_close(g, w, BF16, name)
+
+
 def test_needs_input_grad_is_honoured():
     inp = _inputs(128, 256, 256, 8, BF16, "nf4", True)
     for _ in range(2):
