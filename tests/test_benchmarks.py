@@ -65,7 +65,7 @@ def test_cpu_quick_layer_end_to_end(tmp_path):
     md = (d / "results.md").read_text()
     tail = md[md.index("## Summary"):]
     assert "| case | provider | ms p50 | × floor (eager ×) | peak extra MiB |" in tail
-    assert "512x256->896 r16 nf4 drop0.05 | fused |" in tail
+    assert "512x256->896 r16 nf4 drop0.05 | fused (reference path) |" in tail  # CPU rows say what ran
 
 
 def test_run_cases_records_failing_provider_as_skipped():
