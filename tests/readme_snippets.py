@@ -4,7 +4,8 @@ directory (the snippets write files there: run it from a temporary directory).
     python tests/readme_snippets.py [README.md] [--installed]
 
 ``--installed`` first checks that ``lora_ops`` is imported from an installed package (site-packages), not from
-a checkout: CI uses it to prove that a wheel works outside the repository. Exits non-zero, naming the block and
+a checkout, and that its run-time data came with it: CI uses it to prove that a wheel works outside the
+repository. Exits non-zero, naming the block and
 its first line in the README, when a block raises.
 """
 from __future__ import annotations
@@ -45,6 +46,13 @@ def _check_installed() -> str:
         raise SystemExit(f"lora_ops was imported from {where}, not from an installed package")
     if (where.parent.parent / "setup.py").exists():
         raise SystemExit(f"lora_ops at {where} sits in a checkout, not an installed package")
+    from lora_ops import decode
+
+    # The data lora_ops reads at run time came with the package: the measured decode threshold, not the
+    # "file missing" default that silently turns the decode path off.
+    data = Path(decode.RESULTS_FILE).resolve()
+    if where.parent not in data.parents or not data.exists() or decode.decode_threshold() == 0:
+        raise SystemExit(f"the installed lora_ops lacks its decode threshold file ({data})")
     return str(where.parent)
 
 
