@@ -24,7 +24,7 @@ MODE_HELP = {
 
 
 def _epilog() -> str:
-    lines = ["presets (each fits one 10-minute GPU command; estimates for one H200):"]
+    lines = ["presets (each runs in under ten minutes; estimates for one H200):"]
     for p in PRESETS.values():
         lines.append(f"  {p.name:<8} {p.help} [{p.h200_estimate}]")
     lines.append("\nproviders (the floor and its re-timing always run, so every ratio has its floor; in the model\n"
@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "torch's default otherwise)")
     ap.add_argument("--budget-s", type=_number(float, 0, True), default=None,
                     help="start no new case (model preset: no new provider) after this many seconds (the rest is "
-                         "recorded as skipped); e.g. 540 inside a 10-minute device command, 420 for the model "
-                         "preset alone (its last provider may still run ~1 min past it)")
+                         "recorded as skipped); e.g. 540 to finish within ten minutes, 420 for the model preset alone "
+                         "(its last provider may still run ~1 min past it)")
     gpu_d, cpu_d = MODEL_DEFAULTS[False], MODEL_DEFAULTS[True]
 
     def runs(cpu: bool) -> str:

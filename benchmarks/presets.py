@@ -3,7 +3,7 @@
 A case is one layer shape ``y (M, N) = x (M, K) @ W^T (N, K) + s * dropout(x) @ A^T (r, K) @ B^T (N, r)`` with a
 dense or NF4 ``W``, or (``kind="dequant"``) one NF4 weight to dequantize, or (``ModelCase``, preset ``model``) one
 training step of a whole Llama-3-8B-shaped decoder, with or without gradient checkpointing. Every preset has a GPU
-version (Llama-8B-class training shapes, sized to fit one 10-minute device command) and a CPU quick version
+version (Llama-8B-class training shapes, each preset sized to run in under ten minutes) and a CPU quick version
 (same structure, small shapes, fp32) that runs the same code paths in seconds.
 """
 from __future__ import annotations
