@@ -161,7 +161,8 @@ from triton.compiler import ASTSource
 from lora_ops.triton_kernels import nf4_dequant as K
 sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
        "offset_ptr": "*fp32", "codebook_ptr": "*fp32", "out_ptr": "*bf16", "n_elements": "i64", "n_bytes": "i64",
-       "n_blocks": "i64", "n_full_programs": "i32", "HALF_BS": "constexpr", "NB": "constexpr",
+       "n_blocks": "i64", "n_full_programs": "i32", "win_blocks": "i64", "row_blocks": "i64", "col0_blocks": "i64",
+       "HALF_BS": "constexpr", "NB": "constexpr",
        "NESTED": "constexpr", "NESTED_BS": "constexpr", "VEC": "constexpr"}
 consts = {"HALF_BS": 32, "NB": K.BYTES_PER_PROGRAM // 32, "NESTED": True, "NESTED_BS": 256, "VEC": 4}
 attrs = {(i,): [["tt.divisibility", 16]] for i in range(10)}
