@@ -97,10 +97,11 @@ def test_cpp_path_equals_python_launchers(monkeypatch, case):
 def test_nf4_chunks_equal_the_whole_temporary(monkeypatch, weight, p):
     """Past NF4_CHUNK_BYTES the weight is dequantized in chunks (3 row ranges for the forward, 4 column windows
     for dX here): the same tiles over the same K-loops, so y, dx and dA equal the whole temporary's bit for bit,
-    from the Python launchers and from the C++ path alike."""
+    from the Python launchers and from the C++ path alike. M is above _SPLIT_MAX_M: a chunked weight takes S and
+    dS in one slice, which at smaller M would round differently from the whole weight's sliced S and dS."""
     from lora_ops.triton_kernels import lora as L
     from lora_ops.triton_kernels import records
-    inp = _inputs(256, 1024, 768, 16, BF16, weight, True)
+    inp = _inputs(L._SPLIT_MAX_M + 128, 1024, 768, 16, BF16, weight, True)
     whole = _run(inp, p)
     mod = _launch.module()
     try:
