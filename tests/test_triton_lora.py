@@ -11,6 +11,7 @@ to the input dtype, exactly the values the kernel decodes) and the kernel's own 
 push deliberately wrong oracles through the same assertion and expect it to fail.
 """
 import contextlib
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -698,3 +699,21 @@ def test_nf4_temporary_path_matches_reference(monkeypatch):
     got, mask = run_layer(case, 1.5, 0.2, monkeypatch)
     assert_layer_close(got, _want(oracle(case, 1.5, 0.2, mask)), F32, "NF4 temporary: ")
     assert calls == [(70, 129), (70, 129)], calls
+
+
+@pytest.mark.parametrize("name,value,ok", [("LORA_OPS_NF4_CHUNK_MIB", "8", True), ("LORA_OPS_NF4_CHUNK_MIB", "0", False),
+                                           ("LORA_OPS_SPLIT_MAX_M", "0", True), ("LORA_OPS_SPLIT_MAX_M", "x", False)])
+def test_launcher_settings_from_the_environment(name, value, ok):
+    """The chunk bound and the split limit come from the environment at import; a bad value names itself."""
+    import subprocess
+    import sys
+    code = ("from lora_ops.triton_kernels import lora as L; "
+            "print(L.NF4_CHUNK_BYTES >> 20, L._SPLIT_MAX_M)")
+    env = dict(os.environ, **{name: value})
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        chunk, split = map(int, proc.stdout.split())
+        assert (chunk if name.endswith("MIB") else split) == int(value)
+    else:
+        assert proc.returncode != 0 and f"{name}={value!r} must be an integer" in proc.stderr

@@ -82,7 +82,25 @@ def _splits(m: int, tiles: int, device: torch.device) -> Tuple[int, int]:
 # 5.4 us (layer 3.08x -> 2.51x the floor, NF4 4.07x -> 3.24x); at M=2048 S stayed at 13 us, dS/dB rose to 23.5
 # us and the GEMMs that sum the slices slowed, so the layer went 1.40x -> 1.54x (8192: 1.19x -> 1.38x). Why the
 # larger M lost is not yet profiled (one guess: the dB atomics of a slice's few column tiles collide).
-_SPLIT_UNIT, _SPLIT_UNIT_INTERP, _MAX_INNER_SPLITS, _SPLIT_MAX_M = 256, 64, 16, 512
+_SPLIT_UNIT, _SPLIT_UNIT_INTERP, _MAX_INNER_SPLITS = 256, 64, 16
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    """An integer launcher setting from the environment (read at import, as the kernels' other settings)."""
+    v = os.environ.get(name, "").strip()
+    if not v:
+        return default
+    try:
+        n = int(v)
+    except ValueError:
+        n = minimum - 1
+    if n < minimum:
+        raise ValueError(f"{name}={v!r} must be an integer >= {minimum}; unset it for the default ({default})")
+    return n
+
+
+# LORA_OPS_SPLIT_MAX_M: the largest M whose S / dS passes split (0: never), for A/B runs on the GPU.
+_SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 512, 0)
 
 
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device) -> Tuple[int, int]:
@@ -195,8 +213,11 @@ NF4_DEQUANT_MIN_M = 64
 _DEQUANT_ON_CPU = False
 # The temporary is bounded: a weight whose dense copy would pass this many bytes is dequantized in chunks, rows
 # of W for the forward GEMM (y's columns), columns of W for the dX GEMM (dX's columns), each chunk's GEMM right
-# after its dequantize, so one chunk is alive at a time: 32 MiB instead of 112 MiB at 4096x14336 bf16.
-NF4_CHUNK_BYTES = 32 << 20
+# after its dequantize, so one chunk is alive at a time: 32 MiB instead of 112 MiB at 4096x14336 bf16. Measured
+# on the H200 (layer preset, docs/PERF_NOTES.md): the layer's peak extra memory 433 -> 349 MiB at 8192 x
+# 4096->14336, but its time 1.44x the floor (do_bench; the chunk GEMMs fall below the TMA GEMM's size threshold
+# and run as pointer GEMMs), where the whole temporary has measured ~1.09x; LORA_OPS_NF4_CHUNK_MIB moves the bound.
+NF4_CHUNK_BYTES = _env_int("LORA_OPS_NF4_CHUNK_MIB", 32, 1) << 20  # LORA_OPS_NF4_CHUNK_MIB: the bound in MiB
 
 
 def _dequant_first(x: torch.Tensor) -> bool:
