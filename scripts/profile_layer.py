@@ -8,6 +8,7 @@ import argparse
 from types import SimpleNamespace
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import lora_ops
@@ -82,8 +83,10 @@ def run(m, k, n, r=16, nf4=False, iters=5, tables=True):
             for _ in range(iters):
                 fn()
             torch.cuda.synchronize()
+        # Kernel events only: a CPU op's self device time repeats its kernels' (aten::mm over its cuBLAS kernel,
+        # the C++ autograd node over the Triton kernels it launches).
         rows = [(e.key, e.count // iters, e.self_device_time_total / iters) for e in prof.key_averages()
-                if e.self_device_time_total > 0]
+                if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA]
         rows.sort(key=lambda t: -t[2])
         total = sum(t[2] for t in rows)
         print(f"  {name}: {total:.1f} us of kernels per fwd+bwd")
