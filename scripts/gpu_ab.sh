@@ -7,7 +7,7 @@
 #   CASES="256x4096x4096 2048x4096x4096" scripts/gpu_ab.sh "LORA_OPS_SPLIT_MAX_M=0" "LORA_OPS_SPLIT_MAX_M=4096"
 #
 # CASES: M x K x N list (default the chunked NF4 layers and 2048 x 4096->4096); PROFILE_ARGS (default
-# "--both --no-tables"). Carry `.whl` (bitsandbytes, see README) if the install needs it.
+# "--both --no-tables"). Carry `.whl` (bitsandbytes, see docs/DESIGN.md "Running on a GPU machine").
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_ops_out}; mkdir -p "$OUT"
 CASES=${CASES:-"8192x4096x14336 8192x14336x4096 2048x4096x4096"}

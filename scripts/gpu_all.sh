@@ -12,7 +12,7 @@
 # six providers) takes most of a call by itself, so it is not in the default list: it gets the time left in the
 # call minus a reserve for its last provider and the outputs (MODEL_RESERVE_S, default 90 s) as --budget-s.
 #
-# Carry `.whl` (bitsandbytes, see README "Notes").
+# Carry `.whl` (bitsandbytes, see docs/DESIGN.md "Running on a GPU machine").
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_ops_out}; mkdir -p "$OUT"
 PRESETS=${1:-"decode rank tokens layer"}

@@ -4,7 +4,7 @@
 #
 #   scripts/gpu_check.sh [--golden] [--tests "PYTEST ARGS (default: tests -m gpu)"] [--no-tests] [--bench "layer decode ..."]
 #
-# Carry `.whl` (bitsandbytes==0.50.2 for cp312 manylinux x86_64; see README "Notes") with the call.
+# Carry `.whl` (bitsandbytes==0.50.2 for cp312 manylinux x86_64; see docs/DESIGN.md "Running on a GPU machine") with the call.
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_ops_out}
 mkdir -p "$OUT"

@@ -408,7 +408,7 @@ def test_gpu_preset_cases():
                                        "llama3-8b-shape L16 1x2048 no-ckpt"]
     for c in cases:
         assert (c.arch, c.layers, c.seq, c.dtype, c.r, c.lora_alpha) == ("llama3-8b", 16, 2048, "bfloat16", 16, 32)
-        assert (c.warmup_steps, c.steps) == (3, 10)  # inside one 10-minute device command with the other cases
+        assert (c.warmup_steps, c.steps) == (3, 10)  # all three cases fit in one ten-minute run
         assert c.providers() == ["floor", "peft_bnb", "fused_qlora", "peft", "fused", "full_ft"]
         cfg = model.llama_config(c)
         assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,

@@ -249,7 +249,7 @@ def _bnb_on_cuda_or_skip():
                              quant_type="nf4")
     except Exception as e:  # noqa: BLE001 - a bitsandbytes without its CUDA build: the reason is the skip
         pytest.skip(f"bitsandbytes {bnb.__version__} cannot run NF4 on CUDA here ({type(e).__name__}: {e}); "
-                    "carry its CUDA wheel (README)")
+                    "install its CUDA build (docs/DESIGN.md, Running on a GPU machine)")
 
 
 def bf16_parity(device: torch.device, checkpointing: bool) -> None:

@@ -322,7 +322,7 @@ class _Dropout:
 # vs 3.28 ms; docs/PERF_NOTES.md): the flattened tile loop with the LoRA seed in it keeps 2 TMA copies in its
 # TTGIR (the K-loop is not software-pipelined) where the unflattened one has 6 (3 stages, pipelined), so the tile
 # loop is unflattened (LORA_OPS_TMA_FLATTEN=1 flattens it). Unflattened, the layer preset on the H200
-# (2026-11-29, floor + fused, LORA_OPS_TMA=1 vs 0 in one call; benchmarks/results/h200/logs/s3_call1_*):
+# (floor + fused, LORA_OPS_TMA=1 vs 0 in one call; docs/PERF_NOTES.md item 9):
 # 8192 x 4096->14336 dense 1.093x vs 1.205x the floor, NF4 1.091x vs 1.125x; 8192 x 14336->4096 dense 1.084x
 # vs 1.159x, NF4 1.075x vs 1.098x; but 8192 x 4096->4096 dense 1.967x vs 1.724x. So by default (LORA_OPS_TMA
 # unset) it runs where it measured faster: M >= _TMA_MIN_M and N*K >= _TMA_MIN_NK; LORA_OPS_TMA=1 everywhere it
