@@ -62,6 +62,16 @@
 #include "cuda_common.cuh"
 #include "lora_decode.h"
 
+// Thread-block clusters, the split cluster barrier and the bulk L2 prefetch are sm_90 instructions. For older
+// architectures (sm_80/86/89 in a multi-architecture build) the kernels compile to a trap and the host entry
+// refuses the call (lora_ops_lora_decode: cudaErrorNotSupported), so lora_linear keeps the training path there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define LORA_OPS_DECODE_SM90 0
+#pragma nv_diag_suppress 177  // the helpers only the sm_90 kernels call are unused here
+#else
+#define LORA_OPS_DECODE_SM90 1
+#endif
+
 namespace cg = cooperative_groups;
 
 namespace {
@@ -186,6 +196,7 @@ __device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
 }
 
 // Bulk prefetch of [p, p + bytes) into L2 (sm_90; p 16-byte aligned, bytes a multiple of 16). No registers.
+#if LORA_OPS_DECODE_SM90
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 }
@@ -195,6 +206,7 @@ __device__ __forceinline__ void cluster_arrive() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
 }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+#endif
 
 template <typename T>
 __device__ __forceinline__ T ld_ro(const T* p) { return __ldg(p); }
@@ -436,6 +448,7 @@ __device__ __forceinline__ void fill_pair_table(uint32_t* table, const float* __
 }
 static_assert(kThreads == 128 && kTableWords / 4 / kThreads == 16, "fill_pair_table's index arithmetic");
 
+#if LORA_OPS_DECODE_SM90
 // S = sum over the cluster's blocks of their slices, in rank order (bit-identical in every block), into s_full
 // with row stride rs.
 __device__ __forceinline__ void gather_s(const Params& p, const cg::cluster_group& cluster, float* s_part,
@@ -449,6 +462,7 @@ __device__ __forceinline__ void gather_s(const Params& p, const cg::cluster_grou
     s_full[m * rs + (idx - m * p.r)] = v;
   }
 }
+#endif
 
 // y[m][n] = acc + scaling * (S[m] . B[n]) + bias[n], in fp32, rounded once; only m < M, n < N.
 template <typename T>
@@ -493,6 +507,7 @@ __device__ __forceinline__ void epilogue_tc(const Params& p, const float (&acc)[
 
 template <typename T, int FMT, int MT>
 __global__ void __launch_bounds__(kThreads, 4) lora_decode_tc_kernel(const Params p) {
+#if LORA_OPS_DECODE_SM90
   constexpr int P = Depth<FMT, MT>::value;
   constexpr int kUnionWords = FMT == kDense ? kSFullWords : kTableWords;
   constexpr int kIterBytes = FMT == kDense ? kIterK * static_cast<int>(sizeof(T)) : kIterK / 2;
@@ -590,6 +605,9 @@ __global__ void __launch_bounds__(kThreads, 4) lora_decode_tc_kernel(const Param
   cluster_arrive();
   if (has_tile && ks == 0) epilogue_tc<T, MT>(p, acc, s_full, rs, tile, g, t);
   cluster_wait();
+#else
+  __trap();  // not launched: the host refuses sm < 90 (see LORA_OPS_DECODE_SM90)
+#endif
 }
 
 // ----------------------------------------------------------------------------------------- general kernel
@@ -640,6 +658,7 @@ __device__ __forceinline__ void warp_x_dot(const Params& p, int64_t kb, int64_t 
 
 template <typename T, bool NF4>
 __global__ void __launch_bounds__(kThreads) lora_decode_general_kernel(const Params p) {
+#if LORA_OPS_DECODE_SM90
   __shared__ float s_code[16];
   __shared__ float s_ncode[256];
   __shared__ float s_part[kMaxM * kMaxRank];
@@ -697,6 +716,9 @@ __global__ void __launch_bounds__(kThreads) lora_decode_general_kernel(const Par
     }
   }
   cluster_wait();
+#else
+  __trap();  // not launched: the host refuses sm < 90 (see LORA_OPS_DECODE_SM90)
+#endif
 }
 
 // ----------------------------------------------------------------------------------------------- launch
@@ -823,8 +845,21 @@ extern "C" int lora_ops_lora_decode_path(const LoraOpsDecodeArgs* args) {
   return choose_path(args);
 }
 
+// Whether the current device has the sm_90 instructions the kernels use (clusters, bulk prefetch).
+bool device_has_sm90() {
+  static int cache[64] = {0};  // per device: 0 unknown, 1 yes, 2 no; a benign race fills it with the same value
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev >= 0 && dev < 64 && cache[dev] != 0) return cache[dev] == 1;
+  int major = 0;
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+  if (dev >= 0 && dev < 64) cache[dev] = yes ? 1 : 2;
+  return yes;
+}
+
 extern "C" cudaError_t lora_ops_lora_decode(const LoraOpsDecodeArgs* a, cudaStream_t stream) {
   if (!valid_args(a)) return cudaErrorInvalidValue;
+  if (!device_has_sm90()) return cudaErrorNotSupported;
   Params p;
   p.x = a->x;
   p.w = a->weight;

@@ -114,6 +114,8 @@ int64_t lora_decode_cuda(const at::Tensor& x, const at::Tensor& weight, const st
   TORCH_CHECK(path >= 0, kOp, ": arguments outside the kernel's limits (see csrc/lora_decode.h)");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = lora_ops_lora_decode(&a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err != cudaErrorNotSupported, kOp, ": the decode kernel needs an sm_90+ GPU (thread-block clusters); "
+              "lora_linear uses the training path on ", x.device(), " (set LORA_OPS_BACKEND=triton to skip decode)");
   TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA error: ", cudaGetErrorString(err));
   return path;
 }

@@ -10,6 +10,7 @@ backward, so ``lora_linear`` takes it only when nothing can need a gradient:
 * ``torch.is_grad_enabled()`` is False, or none of x, lora_A, lora_B, bias requires grad (decided here, in
   Python: inside a custom op ``requires_grad`` is not reliable);
 * the LoRA dropout is off (p == 0 or not training), x is not float64 (reference-only), r <= 128;
+* the GPU is sm_90 or newer (the kernel uses thread-block clusters);
 * M (the rows of x after flattening the leading dims) is 1 .. ``decode_threshold()``.
 
 The threshold is the largest M at which the decode kernel measured faster than the training path's forward on
@@ -80,6 +81,18 @@ def kernel_available(device_type: str) -> bool:
     return device_type != "cuda" or _backend.implementation("lora_decode", "cuda") is not None
 
 
+@torch.compiler.assume_constant_result
+def device_has_kernel(index: int) -> bool:
+    """Whether CUDA device ``index`` can run the decode kernel: it uses sm_90 instructions (thread-block
+    clusters), so older GPUs keep the training path (the extension refuses the call there too)."""
+    if index not in _capable:
+        _capable[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _capable[index]
+
+
+_capable: Dict[int, bool] = {}
+
+
 def use_decode(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor],
                dropout_p: float) -> bool:
     """True when ``lora_linear`` should call ``lora_ops::lora_decode`` for the flattened x2 (M, K); see the
@@ -91,7 +104,10 @@ def use_decode(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bia
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, lora_A, lora_B, bias)):
         return False
-    return kernel_available(x2.device.type)
+    if not kernel_available(x2.device.type):
+        return False
+    return not x2.is_cuda or device_has_kernel(x2.device.index if x2.device.index is not None
+                                               else torch.cuda.current_device())
 
 
 def threshold_from_timings(timings) -> int:

@@ -12,11 +12,12 @@ import subprocess
 from typing import Iterable, List, Optional, Sequence
 
 BASE_NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
-# csrc/lora_decode.cu uses thread-block clusters and bulk L2 prefetch (sm_90 instructions) without an
-# architecture guard, so nvcc rejects it for sm_80/86/89. Lowering this floor to 80 needs those guarded first.
-MIN_ARCH = 90
-# When nvcc cannot be asked (``--list-gpu-code`` is missing or fails), build for the floor alone.
-FALLBACK_ARCHS = (90,)
+# Ampere (sm_80/86) and Ada (sm_89) up. csrc/lora_decode.cu's thread-block clusters and bulk L2 prefetch are
+# sm_90 instructions: below sm_90 its kernels compile to a trap behind LORA_OPS_DECODE_SM90 and are never
+# launched (the host entry and lora_ops.decode check the device), so those GPUs keep the training path.
+MIN_ARCH = 80
+# When nvcc cannot be asked (``--list-gpu-code`` is missing or fails): Ampere and Hopper.
+FALLBACK_ARCHS = (80, 90)
 # sm_90 machine code plus compute_90 PTX: the single-architecture compile used by the compile checks
 # (scripts/compile_csrc.sh, tests/test_decode.py's ptxas report, scripts/build_decode_bench.sh).
 NVCC_FLAGS = BASE_NVCC_FLAGS[:2] + ["-gencode=arch=compute_90,code=sm_90",
