@@ -124,6 +124,23 @@ def test_nf4_chunks_equal_the_whole_temporary(monkeypatch, weight, p):
         assert_rel_close(g, w, BF16, name)
 
 
+def test_layer_without_the_hopper_pieces(monkeypatch):
+    """LORA_OPS_TMA=0 runs what an Ampere or Ada GPU runs (no TMA GEMM) at a shape where the H200 takes the TMA
+    GEMM by default: no TMA launch, and the same layer within bf16 rounding."""
+    from lora_ops.triton_kernels import records
+    inp = _inputs(4096, 4096, 8192, 16, BF16, "nf4", True)
+    before = records.LAUNCHES["lora_gemm_tma"]
+    with_tma = _run(inp, 0.0)
+    assert records.LAUNCHES["lora_gemm_tma"] > before, "the default no longer takes the TMA GEMM at this shape"
+    monkeypatch.setenv("LORA_OPS_TMA", "0")
+    before = records.LAUNCHES["lora_gemm_tma"]
+    for _ in range(2):  # the first call registers the configuration, the second runs it from C++
+        without = _run(inp, 0.0)
+    assert records.LAUNCHES["lora_gemm_tma"] == before, "LORA_OPS_TMA=0 still launched the TMA GEMM"
+    for name, g, w in zip(("y", "dx", "dA", "dB", "dbias"), without, with_tma):
+        assert_rel_close(g, w, BF16, name)
+
+
 def test_needs_input_grad_is_honoured():
     inp = _inputs(128, 256, 256, 8, BF16, "nf4", True)
     for _ in range(2):
