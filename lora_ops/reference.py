@@ -87,9 +87,10 @@ def lora_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B:
                  mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """x (M, K), w (N, K) dense -> (y (M, N), S (M, r)). ``mask`` is the (M, K) keep-mask or None."""
     s = _apply_dropout(x, mask, dropout_p) @ lora_A.t()
-    y = x @ w.t() + (s @ lora_B.t()) * scaling
-    if bias is not None:
-        y = y + bias
+    # Fewer passes over y: addmm adds the bias, add_ scales and adds the LoRA term in one go. Not addmm_ with
+    # alpha=scaling: BLAS skips the product when alpha is 0, and an Inf in S must still give NaN (Inf * 0).
+    y = x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
+    y.add_(s @ lora_B.t(), alpha=scaling)
     return y, s
 
 
@@ -105,7 +106,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora_A: to
     if need_dA:
         dA = ds.t() @ _apply_dropout(x, mask, dropout_p)
     if need_dx:
-        dx = dy @ w + _apply_dropout(ds @ lora_A, mask, dropout_p)
+        dx = _apply_dropout(ds @ lora_A, mask, dropout_p).addmm_(dy, w)
     if need_dbias:
         dbias = dy.sum(0)
     return dx, dA, dB, dbias
