@@ -292,3 +292,14 @@ def test_saved_tensors_hold_no_mask_and_no_dequantized_weight(kind):
     # Beyond x, W, A, B: S (M x r) fp32, an 8-byte seed and the NF4 bytes: far below one M x K mask of bools.
     budget = M * R * 4 + 8 + (0 if kind == "dense" else weight.nbytes())
     assert extra <= budget, f"{extra} bytes saved beyond the inputs, budget {budget}"
+
+
+@pytest.mark.parametrize("seed", [0, 77, 2 ** 31 + 5, 0xFFFFFFFF, 2 ** 40 + 3, 2 ** 62 - 1])
+def test_cpu_mask_equals_the_int64_hash(seed):
+    """dropout_mask's int32 fast path on the CPU computes exactly dropout_hash31 of the flat indices."""
+    from lora_ops import reference
+    rows, cols, p = 37, 129, 0.3
+    index = torch.arange(rows * cols, dtype=torch.int64).reshape(rows, cols)
+    want = reference.dropout_hash31(seed, index) >= reference.dropout_keep_threshold(p)
+    assert torch.equal(reference.dropout_mask(seed, rows, cols, p), want)
+    assert 0 < int(want.sum()) < rows * cols
