@@ -216,7 +216,7 @@ _DEQUANT_ON_CPU = False
 # after its dequantize, so one chunk is alive at a time: 32 MiB instead of 112 MiB at 4096x14336 bf16. Measured
 # on the H200 (layer preset, docs/PERF_NOTES.md): the layer's peak extra memory 433 -> 349 MiB at 8192 x
 # 4096->14336, but its time 1.44x the floor (do_bench; the chunk GEMMs fall below the TMA GEMM's size threshold
-# and run as pointer GEMMs), where the whole temporary has measured ~1.09x; LORA_OPS_NF4_CHUNK_MIB moves the bound.
+# and run as pointer GEMMs), where the whole temporary measured 1.09-1.12x; LORA_OPS_NF4_CHUNK_MIB moves the bound.
 NF4_CHUNK_BYTES = _env_int("LORA_OPS_NF4_CHUNK_MIB", 32, 1) << 20  # LORA_OPS_NF4_CHUNK_MIB: the bound in MiB
 
 
