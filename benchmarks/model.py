@@ -147,12 +147,18 @@ def prepared_model(case: ModelCase, device: torch.device, seed: int = 0) -> Tupl
     return model, prepare_for_training(model, case)
 
 
-def build_floor(case: ModelCase, device: torch.device, seed: int = 0):
+def _whole_model(case: ModelCase, device: torch.device, seed: int, trainable: bool, adapter: str):
+    """The prepared model with every parameter trainable or every one frozen (no adapters)."""
     model, info = prepared_model(case, device, seed)
     for p in model.parameters():
-        p.requires_grad_(False)
-    info.update(adapter="none: every parameter frozen, no optimizer; the backward reaches the embeddings' output")
+        p.requires_grad_(trainable)
+    info.update(adapter=adapter)
     return model, info
+
+
+def build_floor(case: ModelCase, device: torch.device, seed: int = 0):
+    return _whole_model(case, device, seed, False,
+                        "none: every parameter frozen, no optimizer; the backward reaches the embeddings' output")
 
 
 def build_fused(case: ModelCase, device: torch.device, seed: int = 0, quantize: Optional[str] = None):
@@ -255,11 +261,7 @@ def build_peft_bnb(case: ModelCase, device: torch.device, seed: int = 0):
 
 
 def build_full_ft(case: ModelCase, device: torch.device, seed: int = 0):
-    model, info = prepared_model(case, device, seed)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    info.update(adapter="none: every parameter trains")
-    return model, info
+    return _whole_model(case, device, seed, True, "none: every parameter trains")
 
 
 BUILDERS: Dict[str, ModelBuilder] = {

@@ -81,6 +81,9 @@ def kernel_available(device_type: str) -> bool:
     return device_type != "cuda" or _backend.implementation("lora_decode", "cuda") is not None
 
 
+_capable: Dict[int, bool] = {}
+
+
 @torch.compiler.assume_constant_result
 def device_has_kernel(index: int) -> bool:
     """Whether CUDA device ``index`` can run the decode kernel: it uses sm_90 instructions (thread-block
@@ -88,9 +91,6 @@ def device_has_kernel(index: int) -> bool:
     if index not in _capable:
         _capable[index] = torch.cuda.get_device_capability(index)[0] >= 9
     return _capable[index]
-
-
-_capable: Dict[int, bool] = {}
 
 
 def use_decode(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor],

@@ -20,6 +20,7 @@ backward regenerates it instead of storing M x K bits.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -97,19 +98,14 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torc
     return dropout_hash31(seed, index) >= dropout_keep_threshold(p)
 
 
-_U32: list = []
-
-
+@functools.lru_cache(maxsize=None)
 def _uint32_multiply() -> bool:
     """Whether this torch multiplies uint32 tensors on the CPU (older releases lack the kernel)."""
-    if not _U32:
-        try:
-            ok = int((torch.tensor([3], dtype=torch.int32).view(torch.uint32) * HASH_MUL2).view(torch.int32)) \
-                == _as_int32((3 * HASH_MUL2) & _M32)
-        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-            ok = False
-        _U32.append(ok)
-    return _U32[0]
+    try:
+        return int((torch.tensor([3], dtype=torch.int32).view(torch.uint32) * HASH_MUL2).view(torch.int32)) \
+            == _as_int32((3 * HASH_MUL2) & _M32)
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize: int, out_features: int,

@@ -369,8 +369,9 @@ def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> bool:
 
 
 def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor) -> bool:
-    """Whether c = a @ op(W) runs on the TMA GEMM (dense 16-bit weights only; see _tma_usable)."""
-    return not w.meta["IS_NF4"] and c.shape[1] > 0 and _tma_usable(a, w.ptrs[0], c)
+    """Whether c = a @ op(W) runs on the TMA GEMM as one launch (dense 16-bit weights, not chunked; see
+    _tma_usable). A chunked weight decides per chunk."""
+    return w.chunks is None and not w.meta["IS_NF4"] and c.shape[1] > 0 and _tma_usable(a, w.ptrs[0], c)
 
 
 def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket,
@@ -448,7 +449,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     block_r = _block_r(r)
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
-    tma = w.chunks is None and _use_tma(x, w, y)
+    tma = _use_tma(x, w, y)
     # S in K slices (fp32 partials the forward GEMM sums, then stores S rounded) unless the GEMM cannot take them.
     splits, cols = (1, k) if n == 0 or tma or w.chunks else _inner_splits(m, k, r_chunks, x.device)
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
@@ -506,7 +507,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     # atomic-free kernel does the reduction.
     fused_db = need_ds and need_dB and not deterministic
     fused_dbias = need_ds and need_dbias and not deterministic
-    tma_dx = need_dx and w.chunks is None and _use_tma(dy, w, dx)
+    tma_dx = need_dx and _use_tma(dy, w, dx)
     # dS in N slices (fp32 partials that the dX GEMM sums; it stores dS rounded for the dA kernel) when one dX
     # pointer GEMM runs; else in one slice, dS itself.
     dx_sums = need_dx and k > 0 and not tma_dx and w.chunks is None
