@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -366,15 +366,23 @@ def explain_groups(model: nn.Module, groups: GroupSpec = True) -> List[Dict[str,
     return rows
 
 
-def group_projections(model: nn.Module, groups: GroupSpec = True) -> List[ProjectionGroup]:
+def group_projections(model: nn.Module, groups: GroupSpec = True, *,
+                      only: Optional[Iterable[int]] = None) -> List[ProjectionGroup]:
     """Group sibling LoRA layers of ``model`` that read one input (``groups``: True for DEFAULT_GROUPS, or a
     list of child-name groups); return the groups made. Siblings that cannot be grouped (``explain_groups``
-    says why) keep computing alone."""
+    says why) keep computing alone. ``only``: ids of the layers that may be grouped (apply_lora passes the
+    layers it made); siblings outside it stay as they are."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = check_group_spec(groups)
+    only = None if only is None else set(only)
     made = []
     for pname, parent, names, members in _candidates(model, spec):
+        if only is not None:
+            keep = [(n, m) for n, m in zip(names, members) if id(m) in only]
+            if len(keep) < 2:
+                continue
+            names, members = tuple(n for n, _ in keep), [m for _, m in keep]
         if any(getattr(m, "_lora_group", None) is not None for m in members):
             raise ValueError(f"{pname or type(model).__name__}: {list(names)} already belong to a projection group; "
                              "call ungroup_projections(model) first")
