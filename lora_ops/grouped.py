@@ -247,8 +247,8 @@ class ProjectionGroup(nn.Module):
         autocast = _autocast_on(x.device)
         key = (torch.is_grad_enabled(), autocast, torch.get_autocast_dtype(x.device.type) if autocast else None,
                training)
-        if torch.compiler.is_compiling():
-            return key
+        if torch.compiler.is_compiling() or x.is_inference():
+            return key  # inference tensors have no version counter (and cannot be changed in place outside it)
         # A sibling's pending output must not outlive an in-place change of x or of an adapter.
         return key + (x._version,) + tuple(t._version for m in self._members for t in (m.lora_A, m.lora_B))
 
@@ -316,8 +316,12 @@ class ProjectionGroup(nn.Module):
         for i, m in enumerate(self._members):
             object.__setattr__(m, "_lora_group", self)
             object.__setattr__(m, "_lora_group_index", i)
-        clear = lambda *args: self.clear()  # noqa: E731
-        self._hooks.extend([parent.register_forward_pre_hook(clear), parent.register_forward_hook(clear)])
+        # Bound methods, not closures: deepcopy rebinds them to the copied group, and pickle can store them.
+        self._hooks.extend([parent.register_forward_pre_hook(self._clear_hook),
+                            parent.register_forward_hook(self._clear_hook)])
+
+    def _clear_hook(self, *args) -> None:
+        self.clear()
 
     def _detach(self) -> None:
         for h in self._hooks:

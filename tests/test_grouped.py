@@ -439,3 +439,29 @@ def test_a_broken_grouping_is_caught(monkeypatch):
     x, enc = torch.randn(3, 16), torch.randn(3, 16)
     with pytest.raises(AssertionError):
         assert_rel_close(grp(x, enc), ref(x, enc), F32, "stale cache")
+
+
+def test_copies_checkpoints_and_inference_mode(tmp_path):
+    import io
+
+    from safetensors.torch import load_file
+
+    ref, grp = build(), build(group=True)
+    ids = ids_for()
+    want = step(ref, ids)
+    with torch.inference_mode():  # inference tensors have no version counter: the pending key does without
+        assert_rel_close(grp(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "inference_mode")
+    dup = copy.deepcopy(grp)  # the copy's groups hold the copy's members, and its hooks clear the copy's groups
+    attn = dup.model.layers[0].self_attn
+    assert attn.lora_group_q_proj_k_proj_v_proj.members[0] is attn.q_proj
+    assert_same_step(step(dup, ids), want, "deepcopy")
+    buf = io.BytesIO()
+    torch.save(grp, buf)
+    buf.seek(0)
+    assert_same_step(step(torch.load(buf, weights_only=False), ids), want, "pickled")
+    grp.load_state_dict(ref.state_dict())  # copies into the views in place
+    assert_same_step(step(grp, ids), want, "after load_state_dict")
+    ref.save_pretrained(tmp_path / "ref")
+    grp.save_pretrained(tmp_path / "grp")
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "grp" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
