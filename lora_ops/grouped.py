@@ -217,6 +217,9 @@ class ProjectionGroup(nn.Module):
             for name, t in m._parameters.items():
                 if name in ("lora_A", "lora_B", "bias") or t is None:
                     continue
+                if not _plain_tensor(t):  # e.g. FSDP2 sharded the member after grouping
+                    sig.append((id(t), type(t)))
+                    continue
                 sig.append((t.data_ptr(), t.dtype, t.device, t._version if self.nf4 else 0))
         return tuple(sig)
 
@@ -230,13 +233,23 @@ class ProjectionGroup(nn.Module):
         return self
 
     def _base_for(self, dtype):
-        if not torch.compiler.is_compiling() and self._current_signature() != self._signature:
-            self._pack()
-            self.repacks += 1
         base = self._base
         if isinstance(base, NF4Weight) or base.dtype == dtype:
             return base
         return base.to(dtype)
+
+    def _base_is_current(self) -> bool:
+        """Check (eager only: dynamo cannot read data pointers) that the shared buffer still is the members'
+        base; re-pack it when they moved, False when they can no longer share one buffer."""
+        if torch.compiler.is_compiling() or self._current_signature() == self._signature:
+            return True
+        reason = ineligible_reason(self._members)
+        if reason is not None:
+            self._disable(f"the members changed after grouping: {reason}")
+            return False
+        self._pack()
+        self.repacks += 1
+        return True
 
     # ---------------------------------------------------------------- pending outputs
     def clear(self) -> None:
@@ -273,6 +286,8 @@ class ProjectionGroup(nn.Module):
                 self._disable(f"{self.names[i]} was called with another input than its siblings (cross-attention "
                               "or custom code); each member now computes its own output")
                 return None
+        if not self._base_is_current():
+            return None
         ys = self._compute(x, training)
         rest = {j: y for j, y in enumerate(ys) if j != i}
         object.__setattr__(self, "_pending", _Pending(x, key, rest) if rest else None)

@@ -465,3 +465,21 @@ def test_copies_checkpoints_and_inference_mode(tmp_path):
     grp.save_pretrained(tmp_path / "grp")
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "grp" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_members_given_new_storage_are_repacked(quantize):
+    ref, grp = build(quantize=quantize), build(quantize=quantize, group=True)
+    ids = ids_for()
+    attn = grp.model.layers[0].self_attn
+    group = attn.lora_group_q_proj_k_proj_v_proj
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NF4 merge/unmerge warn that they re-quantize
+        for m in (attn.k_proj, ref.model.layers[0].self_attn.k_proj):
+            m.merge()  # QLoRA: re-quantized into new tensors; dense: in place, through the view
+            m.unmerge()
+    attn.q_proj.weight.data = attn.q_proj.weight.data.clone()  # what a load with assign=True does
+    assert_same_step(step(grp, ids), step(ref, ids), "after new storage")
+    assert group.repacks == 1 and group.disabled_reason is None
+    ptrs = {m.weight.untyped_storage().data_ptr() for m in group.members}
+    assert ptrs == {(group._base.data if quantize else group._base).untyped_storage().data_ptr()}
