@@ -483,3 +483,22 @@ def test_members_given_new_storage_are_repacked(quantize):
     assert group.repacks == 1 and group.disabled_reason is None
     ptrs = {m.weight.untyped_storage().data_ptr() for m in group.members}
     assert ptrs == {(group._base.data if quantize else group._base).untyped_storage().data_ptr()}
+
+
+def test_bitsandbytes_4bit_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _base("llama").save_pretrained(tmp_path / "ckpt")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    models = []
+    for group in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=bnb_config)
+        lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, group_projections=group)  # QLoRALinear.from_bnb
+        _randomize(model)
+        models.append(model)
+    assert [r["status"] for r in explain_groups(models[1])] == ["grouped"] * (2 * N_LAYERS)
+    assert isinstance(models[1].model.layers[0].mlp.up_proj, QLoRALinear)
+    ids = ids_for()
+    assert_same_step(step(models[1], ids), step(models[0], ids), "bitsandbytes 4-bit")
