@@ -502,3 +502,13 @@ def test_bitsandbytes_4bit_model(tmp_path):
     assert isinstance(models[1].model.layers[0].mlp.up_proj, QLoRALinear)
     ids = ids_for()
     assert_same_step(step(models[1], ids), step(models[0], ids), "bitsandbytes 4-bit")
+
+
+def test_autocast():
+    ref, grp = _adapt(Attn(), False), _adapt(Attn(), True)
+    x = torch.randn(2, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = grp(x), ref(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_rel_close(got.float(), want.float(), torch.bfloat16, "autocast bf16")
+    assert grp.lora_group_q_proj_k_proj_v_proj._pending is None
