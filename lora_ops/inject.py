@@ -27,6 +27,7 @@ from torch import nn
 
 from .modules import (LoRALayerBase, LoRALinear, QLoRALinear, _is_bnb_linear4bit, _is_bnb_module,
                       check_lora_hparams)
+from .grouped import GroupSpec, ProjectionGroup, check_group_spec, group_projections, ungroup_projections
 from .nf4 import FLOAT_DTYPES, VALID_BLOCKSIZES
 
 __all__ = ["apply_lora", "merge_and_unload", "save_adapter", "load_adapter", "lora_layers"]
@@ -119,8 +120,8 @@ def _find_targets(model: nn.Module, target_modules, exclude_modules=None) -> Lis
     output_names = _output_layer_names(model) if target_modules == "all-linear" else set()
     found, unsupported = [], []
     for name, module in model.named_modules():
-        if not name or _is_excluded(exclude_modules, name):
-            continue
+        if not name or _is_excluded(exclude_modules, name) or isinstance(module, ProjectionGroup):
+            continue  # a projection group holds no weights of its own: its members are the targets
         kind = _kind(module)
         if target_modules == "all-linear" and kind not in ("dense", "bnb4", "lora"):
             continue
@@ -206,12 +207,18 @@ def _inject(model: nn.Module, plan: List[Tuple[str, nn.Module, str, int, float]]
 
 def apply_lora(model: nn.Module, target_modules: TargetModules = ("q_proj", "v_proj"), r: int = 8,
                lora_alpha: float = 16, lora_dropout: float = 0.0, quantize: Optional[str] = None,
-               use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+               use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True,
+               group_projections: GroupSpec = False) -> nn.Module:
     """Replace the targeted linear layers of ``model`` in place by LoRA layers; return ``model``.
 
     torch.nn.Linear -> ``LoRALinear`` (or ``QLoRALinear`` quantized on the fly with ``quantize="nf4"``, with
     ``blocksize`` and ``double_quant``); bitsandbytes Linear4bit (NF4) -> ``QLoRALinear.from_bnb`` (its bytes
     as they are). Every other parameter of ``model`` is frozen; only lora_A / lora_B train.
+
+    ``group_projections``: True groups sibling LoRA layers that read one input (``grouped.DEFAULT_GROUPS``:
+    q/k/v and gate/up under one parent), a list of child-name groups names them; each group then runs as one
+    ``lora_linear`` call over one shared base buffer (``lora_ops.grouped``; module names and state_dict keys
+    stay). Siblings that cannot be grouped compute alone (``lora_ops.grouped.explain_groups`` says why).
 
     Raises ValueError when nothing matches (or a match is not a linear layer, or is already adapted) and warns
     naming each list entry that matched nothing. Everything is checked before the first module is swapped.
@@ -221,6 +228,7 @@ def apply_lora(model: nn.Module, target_modules: TargetModules = ("q_proj", "v_p
     check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
     _check_quantize(quantize, blocksize, double_quant)
     _check_target_modules(target_modules)
+    groups = check_group_spec(group_projections)
     found = _find_targets(model, target_modules)
     already = [n for n, _, kind in found if kind == "lora"]
     if already:
@@ -238,7 +246,15 @@ def apply_lora(model: nn.Module, target_modules: TargetModules = ("q_proj", "v_p
                 _check_quantizable(name, module)
     plan = [(n, m, kind, int(r), lora_alpha) for n, m, kind in found]
     _inject(model, plan, float(lora_dropout), use_rslora, quantize, blocksize, double_quant)
+    if groups:
+        _group_new(model, groups, [n for n, _, _ in found])
     return model
+
+
+def _group_new(model: nn.Module, groups, new_names: List[str]) -> None:
+    """Group the siblings among the layers just made (layers adapted earlier keep their grouping state)."""
+    new = {id(m) for n, m in lora_layers(model).items() if n in set(new_names)}
+    group_projections(model, groups, only=new)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -251,6 +267,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         return model.to_merged_linear()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ungroup_projections(model)  # the merged layers are plain nn.Linear; nothing is left to group
     for name, layer in list(lora_layers(model).items()):
         _replace(model, name, layer.to_merged_linear())
     return model
@@ -433,7 +450,7 @@ def _module_of_key(key: str) -> Tuple[Optional[str], Optional[str]]:
 
 
 def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], quantize: Optional[str] = None, *,
-                 blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+                 blocksize: int = 64, double_quant: bool = True, group_projections: GroupSpec = False) -> nn.Module:
     """Load a PEFT-format LoRA adapter into ``model``; return ``model``.
 
     A model that already has LoRA layers (``apply_lora``) must match the adapter exactly: the same layers, ranks,
@@ -441,12 +458,16 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], quantize:
     gets them from the adapter's config, like ``PeftModel.from_pretrained`` (``quantize="nf4"`` quantizes the
     dense targets as ``apply_lora`` does), and only the LoRA parameters are left trainable.
 
+    ``group_projections`` groups the layers it makes as ``apply_lora`` does (a model that already has LoRA
+    layers keeps its grouping as it is).
+
     Everything (config, keys, ranks, shapes, dtypes) is validated before anything changes: a mismatch raises
     ValueError listing the problems and leaves the model untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_quantize(quantize, blocksize, double_quant)
+    groups = check_group_spec(group_projections)
     cfg = _read_config(directory)
     tensors = _read_tensors(directory)
     where = os.path.join(directory, WEIGHTS_NAME)
@@ -551,6 +572,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], quantize:
 
     if not existing:
         _inject(model, plan, dropout, use_rslora, quantize, blocksize, double_quant)
+        if groups:
+            _group_new(model, groups, [p[0] for p in plan])
     layers = lora_layers(model)
     with torch.no_grad():
         for name, ab in by_module.items():

@@ -153,7 +153,20 @@ class LoRALayerBase(nn.Module):
             self.lora_B.zero_()
 
     # ---------------------------------------------------------------- forward
+    # A ``grouped.ProjectionGroup`` this layer belongs to (set with object.__setattr__, so it is a plain
+    # reference and not a submodule), and this layer's place in it.
+    _lora_group = None
+    _lora_group_index = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self._lora_group
+        if group is not None:
+            y = group.member_output(self, x)
+            if y is not None:
+                return y
+        return self._forward_alone(x)
+
+    def _forward_alone(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         dtype = _compute_dtype(x, self._base_dtype)
         if dtype not in FLOAT_DTYPES:

@@ -1,0 +1,514 @@
+"""Grouped projections (lora_ops.grouped): a grouped model computes the same function as the ungrouped one.
+
+Every comparison builds both models from one seed (tiny Llama / Mistral configs from transformers, never a hub),
+gives the adapters the same random non-zero values (B = 0 would hide every LoRA-branch bug) and compares logits,
+loss and EVERY adapter gradient in fp32. Call counts show that the grouped path really ran; mutation controls
+show that the comparisons catch a broken grouping.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lora_ops
+from lora_ops import LoRALinear, QLoRALinear, grouped
+from lora_ops.grouped import ProjectionGroup, explain_groups, projection_groups
+from lora_ops.inject import lora_layers
+
+from helpers import assert_rel_close
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_LAYERS = 2
+F32 = torch.float32
+
+
+def _config(arch):
+    from transformers import LlamaConfig, MistralConfig
+    cls = LlamaConfig if arch == "llama" else MistralConfig
+    # head_dim 16; 2 KV heads: k/v are (32, 64), q (64, 64), gate/up (128, 64): every count a multiple of 64,
+    # so the NF4 bases concatenate.
+    return cls(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _base(arch, seed=0):
+    from transformers import LlamaForCausalLM, MistralForCausalLM
+    torch.manual_seed(seed)
+    cls = LlamaForCausalLM if arch == "llama" else MistralForCausalLM
+    return cls(_config(arch))
+
+
+def _randomize(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+
+
+def build(arch="llama", quantize=None, group=False, **kw):
+    model = _base(arch)
+    lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, quantize=quantize, group_projections=group, **kw)
+    _randomize(model)
+    return model
+
+
+def ids_for(seed=3, shape=(2, 11)):
+    return torch.randint(0, 97, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def step(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n.removeprefix("_orig_mod."): None if p.grad is None else p.grad.detach().clone()
+             for n, p in model.named_parameters() if p.requires_grad}  # torch.compile's wrapper prefixes names
+    model.zero_grad(set_to_none=True)
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def assert_same_step(got, want, what=""):
+    (lg, ll, gg), (lw, lw_loss, gw) = got, want
+    assert_rel_close(lg, lw, F32, f"{what} logits")
+    assert_rel_close(ll, lw_loss, F32, f"{what} loss")
+    assert sorted(gg) == sorted(gw), f"{what}: trainable parameters differ"
+    assert len(gg) == 2 * len(TARGETS) * N_LAYERS
+    for name in gw:
+        assert gg[name] is not None and gw[name].abs().sum() > 0, f"{what}: no gradient for {name}"
+        assert_rel_close(gg[name], gw[name], F32, f"{what} grad {name}")
+
+
+class CallCounter:
+    """Counts lora_linear calls from the layers and from the groups."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        for mod in (lora_ops.modules, grouped):
+            real = mod.lora_linear
+
+            def spy(*a, _real=real, **k):
+                self.n += 1
+                return _real(*a, **k)
+            monkeypatch.setattr(mod, "lora_linear", spy)
+
+
+# ------------------------------------------------------------------------------------------------ equality
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_grouped_model_equals_ungrouped(arch, quantize, monkeypatch):
+    ref, grp = build(arch, quantize), build(arch, quantize, group=True)
+    assert [r["status"] for r in explain_groups(grp)] == ["grouped"] * (2 * N_LAYERS)
+    ids = ids_for()
+    want = step(ref, ids)
+    calls = CallCounter(monkeypatch)
+    got = step(grp, ids)
+    assert calls.n == 4 * N_LAYERS  # qkv, o, gate/up, down per layer (7 ungrouped)
+    assert_same_step(got, want, f"{arch}/{quantize}")
+    # Names and checkpoint keys are the model's own; the base tensors hold the same values (NF4: same bytes).
+    sd_ref, sd_grp = ref.state_dict(), grp.state_dict()
+    assert list(sd_grp) == list(sd_ref)
+    for k in sd_ref:
+        assert torch.equal(sd_grp[k], sd_ref[k]), k
+    assert all(g._pending is None for g in projection_groups(grp).values())  # nothing held after the forward
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_base_is_stored_once(quantize):
+    grp = build(quantize=quantize, group=True)
+    attn = grp.model.layers[0].self_attn
+    group = attn.lora_group_q_proj_k_proj_v_proj
+    ptrs = [m.weight.untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert len(set(ptrs)) == 1  # one buffer, three views
+    base = group._base.data if quantize else group._base
+    assert base.untyped_storage().data_ptr() == ptrs[0]
+    assert not list(group.parameters()) and not list(group.buffers())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_gradient_checkpointing(reentrant, quantize, monkeypatch):
+    ref, grp = build(quantize=quantize), build(quantize=quantize, group=True)
+    ids = ids_for()
+    want = step(ref, ids)
+    for m in (ref, grp):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:
+            m.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    assert_same_step(step(ref, ids), want, "ungrouped checkpointed")
+    calls = CallCounter(monkeypatch)
+    assert_same_step(step(grp, ids), want, f"grouped checkpointed (reentrant={reentrant})")
+    assert calls.n == 2 * 4 * N_LAYERS  # the forward, and its recomputation in the backward
+
+
+def test_torch_compile_aot_eager():
+    from torch._dynamo.backends.debugging import aot_eager
+
+    ref, grp = build(), build(group=True)
+    ids = ids_for()
+    want = step(ref, ids)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "lora_fwd" in str(n.target)))
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(grp, backend=counting)
+    got = step(compiled, ids)
+    assert_same_step(got, want, "compiled grouped")
+    assert graphs == [4 * N_LAYERS]  # one graph, one lora_fwd per group
+    assert_same_step(step(compiled, ids), want, "compiled grouped, second call")
+    assert len(graphs) == 1  # no recompilation
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_eval_no_grad(quantize):
+    ref, grp = build(quantize=quantize).eval(), build(quantize=quantize, group=True).eval()
+    ids = ids_for()
+    with torch.no_grad():
+        assert_rel_close(grp(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "eval logits")
+    assert all(g._pending is None for g in projection_groups(grp).values())
+
+
+def test_dropout_uses_one_mask_for_the_group():
+    grp = build(group=True, lora_dropout=0.2).train()
+    attn = grp.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    x = torch.randn(2, 5, 64)
+    torch.manual_seed(7)
+    ys = [q(x), k(x), v(x)]
+    w = torch.cat([q.weight, k.weight, v.weight])
+    a = torch.cat([q.lora_A, k.lora_A, v.lora_A])
+    b = torch.block_diag(q.lora_B, k.lora_B, v.lora_B)
+    torch.manual_seed(7)
+    want = lora_ops.lora_linear(x, w, a, b, q.scaling, dropout_p=0.2, training=True).split([64, 32, 32], -1)
+    for y, yw in zip(ys, want):
+        assert torch.equal(y, yw)
+    plain = lora_ops.lora_linear(x, w, a, b, q.scaling, dropout_p=0.0)
+    assert not torch.allclose(torch.cat(ys, -1), plain)  # dropout did act
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_save_adapter_loads_into_ungrouped_model(quantize, tmp_path):
+    grp = build(quantize=quantize, group=True)
+    ids = ids_for()
+    lora_ops.save_adapter(grp, tmp_path / "a")
+    ref = _base("llama")
+    lora_ops.load_adapter(ref, tmp_path / "a", quantize=quantize)
+    assert not projection_groups(ref)
+    with torch.no_grad():
+        assert_rel_close(grp(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "loaded logits")
+    # ...and the other way: an adapter loads into a grouped model (in place: the groups keep working).
+    grp2 = build(quantize=quantize, group=True)
+    lora_ops.load_adapter(grp2, tmp_path / "a")
+    with torch.no_grad():
+        assert_rel_close(grp2(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "grouped reload logits")
+    # load_adapter making the layers itself groups them when asked.
+    grp3 = lora_ops.load_adapter(_base("llama"), tmp_path / "a", quantize=quantize, group_projections=True)
+    assert len(projection_groups(grp3)) == 2 * N_LAYERS
+    with torch.no_grad():
+        assert_rel_close(grp3(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "load_adapter grouped")
+
+
+def test_peft_loads_the_grouped_models_adapter(tmp_path):
+    from peft import PeftModel
+
+    grp = build(group=True)
+    lora_ops.save_adapter(grp, tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(_base("llama"), tmp_path / "a")
+    ids = ids_for()
+    with torch.no_grad():
+        assert_rel_close(grp(input_ids=ids).logits, peft_model(input_ids=ids).logits, F32, "PEFT logits")
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_merge_and_unload(quantize):
+    ref, grp = build(quantize=quantize), build(quantize=quantize, group=True)
+    ids = ids_for()
+    with torch.no_grad():
+        want = grp(input_ids=ids).logits
+    lora_ops.merge_and_unload(ref)
+    lora_ops.merge_and_unload(grp)
+    assert not projection_groups(grp) and not lora_layers(grp)
+    assert list(grp.state_dict()) == list(ref.state_dict())
+    assert type(grp.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        assert_rel_close(grp(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "merged logits")
+        assert_rel_close(grp(input_ids=ids).logits, want, F32, "merged vs unmerged")
+
+
+def test_member_merge_and_unmerge():
+    ref, grp = build(), build(group=True)
+    ids = ids_for()
+    attn = grp.model.layers[0].self_attn
+    attn.k_proj.merge()  # the group computes alone while a member is merged, and again after unmerge
+    with torch.no_grad():
+        assert_rel_close(grp(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "one member merged")
+    attn.k_proj.unmerge()
+    assert_same_step(step(grp, ids), step(ref, ids), "after unmerge")
+
+
+def test_to_dtype_repacks_one_buffer():
+    ref, grp = build().to(torch.bfloat16), build(group=True).to(torch.bfloat16)
+    attn = grp.model.layers[1].self_attn
+    ptrs = {m.weight.untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj, attn.v_proj)}
+    assert len(ptrs) == 1 and attn.q_proj.weight.dtype == torch.bfloat16
+    assert attn.lora_group_q_proj_k_proj_v_proj.repacks == 1
+    ids = ids_for()
+    with torch.no_grad():
+        assert_rel_close(grp(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float(), torch.bfloat16,
+                         "bf16 logits")
+
+
+# ------------------------------------------------------------------------------------------------ siblings
+
+class Attn(nn.Module):
+    """q reads x; k and v read ``kv`` (cross-attention when it is another tensor)."""
+
+    def __init__(self, k_in=16, bias=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = nn.Linear(16, 12, bias=bias)
+        self.k_proj = nn.Linear(k_in, 8, bias=False)
+        self.v_proj = nn.Linear(k_in, 8, bias=bias)
+
+    def forward(self, x, kv=None):
+        kv = x if kv is None else kv
+        return torch.cat([self.q_proj(x), self.k_proj(kv), self.v_proj(kv)], -1)
+
+
+def _adapt(mod, group, **kw):
+    lora_ops.apply_lora(mod, ["q_proj", "k_proj", "v_proj"], r=3, lora_alpha=5, group_projections=group, **kw)
+    _randomize(mod)
+    return mod
+
+
+def test_member_called_with_another_input_gets_its_own_output():
+    ref, grp = _adapt(Attn(), False), _adapt(Attn(), True)
+    x, enc = torch.randn(3, 16), torch.randn(3, 16)
+    with pytest.warns(UserWarning, match="another input"):
+        got = grp(x, enc)
+    assert_rel_close(got, ref(x, enc), F32, "cross-attention")
+    group = grp.lora_group_q_proj_k_proj_v_proj
+    assert "another input" in group.disabled_reason
+    assert explain_groups(grp)[0]["status"] == "off"
+    assert_rel_close(grp(x), ref(x), F32, "self-attention after the group turned off")
+
+
+def test_pending_output_is_not_reused_after_x_or_grad_mode_changes():
+    ref, grp = _adapt(Attn(), False), _adapt(Attn(), True)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        grp.q_proj(x)  # computes and keeps k's and v's outputs for this x, without grad
+    k = grp.k_proj(x)  # grad mode changed: recomputed, with a graph
+    assert k.requires_grad
+    assert_rel_close(k, ref.k_proj(x), F32, "k after grad mode change")
+    x.mul_(2.0)  # in place: v's pending output (for the old values) must not be returned
+    assert_rel_close(grp.v_proj(x), ref.v_proj(x), F32, "v after in-place change of x")
+    grp.q_proj(x)
+    with torch.no_grad():
+        grp.k_proj.lora_B.add_(1.0)
+        ref.k_proj.lora_B.add_(1.0)
+    assert_rel_close(grp.k_proj(x), ref.k_proj(x), F32, "k after its adapter changed")
+    assert grp.lora_group_q_proj_k_proj_v_proj.disabled_reason is None
+
+
+def test_different_ranks_alphas_and_biases():
+    def make(group):
+        mod = Attn()
+        lora_ops.apply_lora(mod, ["q_proj"], r=2, lora_alpha=3)
+        lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=5, lora_alpha=7, use_rslora=True)
+        if group:
+            assert len(grouped.group_projections(mod)) == 1
+        _randomize(mod)
+        return mod
+
+    ref, grp = make(False), make(True)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    (grp(x) ** 2).sum().backward()
+    (ref(x_ref) ** 2).sum().backward()
+    assert_rel_close(x.grad, x_ref.grad, F32, "dx")
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert_rel_close(grp.get_parameter(n).grad, p.grad, F32, f"grad {n}")
+
+
+def test_mixed_configurations_fall_back():
+    # Different K (k/v read 20 features): not grouped.
+    mod = _adapt(Attn(k_in=20), True)
+    assert not projection_groups(mod)
+    assert "in_features" in explain_groups(mod)[0]["reason"]
+    # Different dropout.
+    mod = Attn()
+    lora_ops.apply_lora(mod, ["q_proj"], r=2, lora_dropout=0.1)
+    lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=2)
+    assert grouped.group_projections(mod) == [] and "lora_dropout" in explain_groups(mod)[0]["reason"]
+    # Dense and NF4 members.
+    mod = Attn()
+    lora_ops.apply_lora(mod, ["q_proj"], r=2)
+    lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=2, quantize="nf4")
+    assert grouped.group_projections(mod) == [] and "base kinds" in explain_groups(mod)[0]["reason"]
+    # Different base dtypes.
+    mod = Attn()
+    mod.k_proj.to(torch.bfloat16)
+    lora_ops.apply_lora(mod, ["q_proj", "k_proj", "v_proj"], r=2)
+    assert grouped.group_projections(mod) == [] and "dtype" in explain_groups(mod)[0]["reason"]
+    # NF4 blocks that would straddle two members: hidden 42 (42 * 42 elements is not a multiple of 64).
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=42, intermediate_size=75, num_hidden_layers=1, num_attention_heads=3,
+                      num_key_value_heads=1, vocab_size=101)
+    torch.manual_seed(0)
+    odd = lora_ops.apply_lora(LlamaForCausalLM(cfg), TARGETS, r=2, quantize="nf4", group_projections=True)
+    reasons = {r["parent"]: r for r in explain_groups(odd)}
+    assert reasons["model.layers.0.self_attn"]["status"] == "ungrouped"
+    assert "blocksize" in reasons["model.layers.0.self_attn"]["reason"]
+    torch.manual_seed(0)
+    odd_ref = lora_ops.apply_lora(LlamaForCausalLM(cfg), TARGETS, r=2, quantize="nf4")
+    ids = torch.randint(0, 101, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(odd(input_ids=ids).logits, odd_ref(input_ids=ids).logits)
+
+
+def test_group_spec_validation():
+    with pytest.raises(TypeError, match="bool or a list"):
+        lora_ops.apply_lora(Attn(), ["q_proj"], group_projections="q_proj")
+    with pytest.raises(ValueError, match="at least two"):
+        lora_ops.apply_lora(Attn(), ["q_proj"], group_projections=[("q_proj",)])
+    with pytest.raises(ValueError, match="two groups"):
+        lora_ops.apply_lora(Attn(), ["q_proj"], group_projections=[("q_proj", "k_proj"), ("k_proj", "v_proj")])
+    with pytest.raises(ValueError, match="without '.'"):
+        lora_ops.apply_lora(Attn(), ["q_proj"], group_projections=[("a.q_proj", "k_proj")])
+    mod = _adapt(Attn(), True)
+    with pytest.raises(ValueError, match="already belong"):
+        grouped.group_projections(mod)
+    # A custom grouping by name: only k and v.
+    mod = _adapt(Attn(), [("k_proj", "v_proj")])
+    assert [g.names for g in projection_groups(mod).values()] == [("k_proj", "v_proj")]
+    assert grouped.ungroup_projections(mod) == 1 and not projection_groups(mod)
+    assert mod.k_proj._lora_group is None
+
+
+# ------------------------------------------------------------------------------------------------ controls
+
+def test_a_broken_grouping_is_caught(monkeypatch):
+    """The comparisons above fail when the group hands members the wrong slice or cuts the adapters' graph."""
+    ids = ids_for()
+    want = step(build(), ids)
+    real = ProjectionGroup._compute
+
+    def swapped(self, x, training):
+        ys = real(self, x, training)
+        return (ys[0], ys[2], ys[1]) if len(ys) == 3 else ys  # k and v have the same shape
+
+    monkeypatch.setattr(ProjectionGroup, "_compute", swapped)
+    with pytest.raises(AssertionError):
+        assert_same_step(step(build(group=True), ids), want, "swapped k/v")
+
+    def detached_b(self, x, training):
+        saved = [m.lora_B for m in self.members]
+        try:
+            for m in self.members:
+                m._parameters["lora_B"] = m.lora_B.detach()
+            return real(self, x, training)
+        finally:
+            for m, b in zip(self.members, saved):
+                m._parameters["lora_B"] = b
+
+    monkeypatch.setattr(ProjectionGroup, "_compute", detached_b)
+    with pytest.raises(AssertionError):
+        assert_same_step(step(build(group=True), ids), want, "B cut from the graph")
+
+    def stale(self, member, x):
+        # A cache keyed on nothing: hands out the previous input's outputs.
+        p = self._pending
+        if p is not None and member._lora_group_index in p.outs:
+            return p.outs.pop(member._lora_group_index)
+        ys = self._compute(x, self.members[0].training)
+        object.__setattr__(self, "_pending", grouped._Pending(x, None, dict(enumerate(ys))))
+        return self._pending.outs.pop(member._lora_group_index)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(ProjectionGroup, "member_output", stale)
+    ref, grp = _adapt(Attn(), False), _adapt(Attn(), True)
+    x, enc = torch.randn(3, 16), torch.randn(3, 16)
+    with pytest.raises(AssertionError):
+        assert_rel_close(grp(x, enc), ref(x, enc), F32, "stale cache")
+
+
+def test_copies_checkpoints_and_inference_mode(tmp_path):
+    import io
+
+    from safetensors.torch import load_file
+
+    ref, grp = build(), build(group=True)
+    ids = ids_for()
+    want = step(ref, ids)
+    with torch.inference_mode():  # inference tensors have no version counter: the pending key does without
+        assert_rel_close(grp(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "inference_mode")
+    dup = copy.deepcopy(grp)  # the copy's groups hold the copy's members, and its hooks clear the copy's groups
+    attn = dup.model.layers[0].self_attn
+    assert attn.lora_group_q_proj_k_proj_v_proj.members[0] is attn.q_proj
+    assert_same_step(step(dup, ids), want, "deepcopy")
+    buf = io.BytesIO()
+    torch.save(grp, buf)
+    buf.seek(0)
+    assert_same_step(step(torch.load(buf, weights_only=False), ids), want, "pickled")
+    grp.load_state_dict(ref.state_dict())  # copies into the views in place
+    assert_same_step(step(grp, ids), want, "after load_state_dict")
+    ref.save_pretrained(tmp_path / "ref")
+    grp.save_pretrained(tmp_path / "grp")
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "grp" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_members_given_new_storage_are_repacked(quantize):
+    ref, grp = build(quantize=quantize), build(quantize=quantize, group=True)
+    ids = ids_for()
+    attn = grp.model.layers[0].self_attn
+    group = attn.lora_group_q_proj_k_proj_v_proj
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NF4 merge/unmerge warn that they re-quantize
+        for m in (attn.k_proj, ref.model.layers[0].self_attn.k_proj):
+            m.merge()  # QLoRA: re-quantized into new tensors; dense: in place, through the view
+            m.unmerge()
+    attn.q_proj.weight.data = attn.q_proj.weight.data.clone()  # what a load with assign=True does
+    assert_same_step(step(grp, ids), step(ref, ids), "after new storage")
+    assert group.repacks == 1 and group.disabled_reason is None
+    ptrs = {m.weight.untyped_storage().data_ptr() for m in group.members}
+    assert ptrs == {(group._base.data if quantize else group._base).untyped_storage().data_ptr()}
+
+
+def test_bitsandbytes_4bit_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _base("llama").save_pretrained(tmp_path / "ckpt")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    models = []
+    for group in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=bnb_config)
+        lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, group_projections=group)  # QLoRALinear.from_bnb
+        _randomize(model)
+        models.append(model)
+    assert [r["status"] for r in explain_groups(models[1])] == ["grouped"] * (2 * N_LAYERS)
+    assert isinstance(models[1].model.layers[0].mlp.up_proj, QLoRALinear)
+    ids = ids_for()
+    assert_same_step(step(models[1], ids), step(models[0], ids), "bitsandbytes 4-bit")
+
+
+def test_autocast():
+    ref, grp = _adapt(Attn(), False), _adapt(Attn(), True)
+    x = torch.randn(2, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = grp(x), ref(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_rel_close(got.float(), want.float(), torch.bfloat16, "autocast bf16")
+    assert grp.lora_group_q_proj_k_proj_v_proj._pending is None
