@@ -535,10 +535,12 @@ WArgs weight_block(const Call& c, Work& work, const WArgs& w, int64_t lo, int64_
   return b;
 }
 
-bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const at::Tensor& out) {
+// nk: the layer's N*K for the auto rule (-1: out's N times a's K).
+bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const at::Tensor& out, int64_t nk = -1) {
   const int64_t mode = tma_mode();
   if (mode == TMA_OFF) return false;
-  if (mode == TMA_AUTO && (out.size(0) < g_settings.tma_min_m || out.size(1) * a.size(1) < g_settings.tma_min_nk))
+  if (nk < 0) nk = out.size(1) * a.size(1);
+  if (mode == TMA_AUTO && (out.size(0) < g_settings.tma_min_m || nk < g_settings.tma_min_nk))
     return false;
   if (c.x.is_cuda() && c.dt->major < 9) return false;
   for (const at::Tensor* t : {&a, &w, &out}) {
@@ -549,9 +551,9 @@ bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const a
   return true;
 }
 
-// lora.py _use_tma: whether out = a @ op(W) runs on the TMA GEMM.
-bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tensor& out) {
-  return !w.nf4_inloop && w.chunks.empty() && out.size(1) > 0 && tma_usable(c, a, w.dense, out);
+// lora.py _use_tma: whether out = a @ op(W) runs on the TMA GEMM; a chunk decides by the layer's nk = N*K.
+bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tensor& out, int64_t nk = -1) {
+  return !w.nf4_inloop && w.chunks.empty() && out.size(1) > 0 && tma_usable(c, a, w.dense, out, nk);
 }
 
 // lora.py _lora_gemm: out (M, N') = dropout(scaling * L @ Rt) (+ bias) + a @ op(W); the forward (trans_w) or dX.
@@ -728,7 +730,7 @@ FwdOut build_forward(const Call& c, Work& work) {
       const at::Tensor bc = c.B.narrow(0, n0, n1 - n0);
       const at::Tensor biasc = c.bias.defined() ? c.bias.narrow(0, n0, n1 - n0) : at::Tensor();
       gemm(c, work, K_FWD, c.x, wc, yc, o.s, bc, bc.stride(1), bc.stride(0), c.bias.defined() ? &biasc : nullptr,
-           off, c.scaling, true, m_bucket, use_tma(c, c.x, wc, yc), nullptr);
+           off, c.scaling, true, m_bucket, use_tma(c, c.x, wc, yc, c.n * c.k), nullptr);
     }
   } else if (c.n > 0) {
     gemm(c, work, K_FWD, c.x, w, o.y, s_part, c.B, c.B.stride(1), c.B.stride(0),
@@ -847,7 +849,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
       const at::Tensor dxc = o.dx.narrow(1, k0, k1 - k0);
       const at::Tensor ac = c.A.narrow(1, k0, k1 - k0);
       gemm(c, work, K_DX, c.dy, wc, dxc, ds, ac, ac.stride(0), ac.stride(1), nullptr, drop, 1.0, false, m_bucket,
-           use_tma(c, c.dy, wc, dxc), nullptr, c.k, k0);
+           use_tma(c, c.dy, wc, dxc, c.n * c.k), nullptr, c.k, k0);
     }
   } else if (c.need_dx && c.k > 0) {
     gemm(c, work, K_DX, c.dy, w, o.dx, ds_part, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop, 1.0, false,

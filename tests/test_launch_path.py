@@ -129,6 +129,33 @@ def test_tma_gemm_launch_lists(dry, monkeypatch):
     _check(dry, 1, (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p, seed, True, True, True, True))
 
 
+def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
+    """By default (LORA_OPS_TMA auto) a chunk of a chunked NF4 weight runs on the TMA GEMM when the whole layer's
+    N*K passes the rule, though the chunk's own N*K does not: in the C++ path as in the Python launchers."""
+    try:
+        monkeypatch.setattr(L, "_DEQUANT_ON_CPU", True)
+        monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 40 * 256 * 2)
+        monkeypatch.setattr(L, "_TMA_MIN_M", 64)
+        monkeypatch.setattr(L, "_TMA_MIN_NK", 256 * 136)
+        _launch._sync_settings(dry)
+        fwd, dy = _inputs(m=64, k=256, n=136, r=8, dtype=torch.float16, weight="nf4", p=0.1)
+        y, s = _check(dry, 0, fwd)
+        names = [r[0] for r in dry.launch_fwd(*fwd, True)[1]]
+        assert names.count("nf4_dequant") > 1 and names.count("nf4_dequant") == names.count("lora_gemm_tma"), names
+        x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+        bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
+        _check(dry, 1, bargs)
+        names = [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+        assert names.count("nf4_dequant") > 1 and names.count("nf4_dequant") == names.count("lora_gemm_tma"), names
+        monkeypatch.setattr(L, "_TMA_MIN_NK", 256 * 136 + 1)  # the layer below the rule: pointer GEMMs only
+        _launch._sync_settings(dry)
+        assert "lora_gemm_tma" not in [r[0] for r in dry.launch_fwd(*fwd, True)[1]]
+        _check(dry, 0, fwd)
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+
+
 def test_comparison_catches_a_changed_argument(dry):
     """The check that guards every launch can fail: one changed int, one swapped input pointer, one grid."""
     fwd, _ = _inputs(m=70, k=96, n=80, r=8, dtype=torch.float32)

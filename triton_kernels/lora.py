@@ -346,11 +346,12 @@ def _tma_mode() -> str:
     raise ValueError(f"LORA_OPS_TMA={v!r}: use 1 (on), 0 (off) or auto (unset: on for the measured-faster shapes)")
 
 
-def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> bool:
+def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, nk: Optional[int] = None) -> bool:
     """Whether c = a @ op(w) runs on the TMA GEMM: by LORA_OPS_TMA (``_tma_mode``), an sm_90+ device and TMA's
-    operand rules."""
+    operand rules. ``nk``: the layer's N*K for the auto rule (default c's N times a's K)."""
     mode = _tma_mode()
-    if mode == "0" or (mode == "auto" and (c.shape[0] < _TMA_MIN_M or c.shape[1] * a.shape[1] < _TMA_MIN_NK)):
+    nk = c.shape[1] * a.shape[1] if nk is None else nk
+    if mode == "0" or (mode == "auto" and (c.shape[0] < _TMA_MIN_M or nk < _TMA_MIN_NK)):
         return False
     if _INTERPRET:
         usable = True
@@ -368,10 +369,13 @@ def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> bool:
     return True
 
 
-def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor) -> bool:
+def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor, nk: Optional[int] = None) -> bool:
     """Whether c = a @ op(W) runs on the TMA GEMM as one launch (dense 16-bit weights, not chunked; see
-    _tma_usable). A chunked weight decides per chunk."""
-    return w.chunks is None and not w.meta["IS_NF4"] and c.shape[1] > 0 and _tma_usable(a, w.ptrs[0], c)
+    _tma_usable). A chunked weight decides per chunk, by the whole layer's ``nk`` = N*K: a chunk is a slice
+    of a layer big enough for TMA to win (H200, 8192 x 4096<->14336 NF4 in 32 MiB chunks, CUDA-graph replay:
+    1.23x / 1.21x the floor on pointer GEMMs, 1.15x / 1.16x on TMA GEMMs; the whole temporary 1.15x / 1.13x;
+    docs/PERF_NOTES.md)."""
+    return w.chunks is None and not w.meta["IS_NF4"] and c.shape[1] > 0 and _tma_usable(a, w.ptrs[0], c, nk)
 
 
 def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket,
@@ -467,7 +471,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                 wc, yc = w.block(n0, n1), y[:, n0:n1]
                 _lora_gemm(_FWD_KERNEL, x, wc, yc, s, lora_B[n0:n1], lora_B.stride(1), lora_B.stride(0),
                            None if bias is None else bias[n0:n1], no_drop, scaling, True, r, block_r, m_bucket,
-                           _use_tma(x, wc, yc))
+                           _use_tma(x, wc, yc, n * k))
                 del wc
         elif n > 0:
             _lora_gemm(_FWD_KERNEL, x, w, y, s_part, lora_B, lora_B.stride(1), lora_B.stride(0), bias, no_drop,
@@ -558,7 +562,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
             for k0, k1 in w.chunks:
                 wc, dxc = w.block(k0, k1), dx[:, k0:k1]
                 _lora_gemm(_DX_KERNEL, dy, wc, dxc, ds, lora_A[:, k0:k1], lora_A.stride(0), lora_A.stride(1), None,
-                           drop, 1.0, False, r, block_r, m_bucket, _use_tma(dy, wc, dxc), drop_cols=(k, k0))
+                           drop, 1.0, False, r, block_r, m_bucket, _use_tma(dy, wc, dxc, n * k), drop_cols=(k, k0))
                 del wc
         elif need_dx and k > 0:
             _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part, lora_A, lora_A.stride(0), lora_A.stride(1), None, drop, 1.0,
