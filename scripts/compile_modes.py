@@ -1,0 +1,108 @@
+"""GPU: one LoRA / QLoRA layer's fwd+bwd in each way a user can run it, ms per step and the ratio to the frozen
+layer's eager step: eager, torch.compile (default), torch.compile(mode="reduce-overhead"), and the same fwd+bwd
+captured once in a CUDA graph and replayed (device time only). Also the first call of a shape the process has not
+seen (the kernels' autotuning; Triton's compiled binaries are cached on disk across processes, the tuning is not).
+
+    python scripts/compile_modes.py [--shape 2048x4096x4096] [--r 16] [--steps 50]
+
+The adapters' gradients are set to None before each step (as zero_grad(set_to_none=True) does).
+"""
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+
+import lora_ops
+
+
+def _wall_ms(step, steps):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    best = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        best.append((time.perf_counter() - t0) * 1e3 / steps)
+    return sorted(best)[len(best) // 2]
+
+
+def _graph_ms(step, replays=50):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = []
+    for _ in range(5):
+        t0.record()
+        for _ in range(replays):
+            g.replay()
+        t1.record()
+        t1.synchronize()
+        out.append(t0.elapsed_time(t1) / replays)
+    return sorted(out)[len(out) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="2048x4096x4096", help="M x K x N")
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=50)
+    args = ap.parse_args()
+    m, k, n = (int(v) for v in args.shape.split("x"))
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, bias=False, device=dev, dtype=dt).requires_grad_(False)
+    x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
+    dy = torch.randn(m, n, device=dev, dtype=dt)
+
+    def stepper(layer):
+        params = [p for p in layer.parameters() if p.requires_grad]
+
+        def step():
+            x.grad = None
+            for p in params:
+                p.grad = None
+            layer(x).backward(dy)
+        return step
+
+    floor = _wall_ms(stepper(base), args.steps)
+    print(f"{args.shape} r={args.r} bf16; floor (frozen nn.Linear): eager {floor:.4f} ms, graph replay "
+          f"{_graph_ms(stepper(base)):.4f} ms; ratios below are to the floor's eager step")
+    print(f"{'layer':8s} {'first call s':>12s} {'eager':>14s} {'compile':>14s} {'reduce-overh.':>14s} "
+          f"{'graph replay':>14s}")
+    for name, cls in (("LoRA", lora_ops.LoRALinear), ("QLoRA", lora_ops.QLoRALinear)):
+        layer = cls.from_linear(base, r=args.r, lora_alpha=2 * args.r)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.02)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        stepper(layer)()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        cells = [f"{first:12.2f}"]
+        for mode in ("eager", "default", "reduce-overhead"):
+            run = layer if mode == "eager" else torch.compile(layer, mode=mode)
+            try:
+                ms = _wall_ms(stepper(run), args.steps)
+                cells.append(f"{ms:7.4f} {ms / floor:5.2f}x")
+            except Exception as e:  # noqa: BLE001 - report and go on to the next mode
+                cells.append(f"failed: {type(e).__name__}")
+        ms = _graph_ms(stepper(layer))
+        cells.append(f"{ms:7.4f} {ms / floor:5.2f}x")
+        print(f"{name:8s} " + " ".join(f"{c:>14s}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
