@@ -3,7 +3,10 @@ layer's eager step: eager, torch.compile (default), torch.compile(mode="reduce-o
 captured once in a CUDA graph and replayed (device time only). Also the first call of a shape the process has not
 seen (the kernels' autotuning; Triton's compiled binaries are cached on disk across processes, the tuning is not).
 
-    python scripts/compile_modes.py [--shape 2048x4096x4096] [--r 16] [--steps 50]
+    python scripts/compile_modes.py [--shape 2048x4096x4096] [--r 16] [--steps 50] [--profile]
+
+The frozen layer runs through the same modes (its own torch.compile cost is the baseline of the others);
+--profile prints where the host time of the compiled (default mode) LoRA step goes (torch.profiler, CPU side).
 
 The adapters' gradients are set to None before each step (as zero_grad(set_to_none=True) does).
 """
@@ -59,6 +62,7 @@ def main():
     ap.add_argument("--shape", default="2048x4096x4096", help="M x K x N")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--profile", action="store_true", help="host-side profile of the compiled LoRA step")
     args = ap.parse_args()
     m, k, n = (int(v) for v in args.shape.split("x"))
     dev, dt = "cuda", torch.bfloat16
@@ -82,10 +86,13 @@ def main():
           f"{_graph_ms(stepper(base)):.4f} ms; ratios below are to the floor's eager step")
     print(f"{'layer':8s} {'first call s':>12s} {'eager':>14s} {'compile':>14s} {'reduce-overh.':>14s} "
           f"{'graph replay':>14s}")
-    for name, cls in (("LoRA", lora_ops.LoRALinear), ("QLoRA", lora_ops.QLoRALinear)):
-        layer = cls.from_linear(base, r=args.r, lora_alpha=2 * args.r)
-        with torch.no_grad():
-            layer.lora_B.normal_(0, 0.02)
+    for name, cls in (("frozen", None), ("LoRA", lora_ops.LoRALinear), ("QLoRA", lora_ops.QLoRALinear)):
+        if cls is None:
+            layer = base
+        else:
+            layer = cls.from_linear(base, r=args.r, lora_alpha=2 * args.r)
+            with torch.no_grad():
+                layer.lora_B.normal_(0, 0.02)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         stepper(layer)()
@@ -102,6 +109,24 @@ def main():
         ms = _graph_ms(stepper(layer))
         cells.append(f"{ms:7.4f} {ms / floor:5.2f}x")
         print(f"{name:8s} " + " ".join(f"{c:>14s}" for c in cells))
+        if args.profile and name == "LoRA":
+            _profile(stepper(torch.compile(layer)))
+
+
+def _profile(step, steps=20):
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"host time of the compiled LoRA step, per step ({steps} steps):")
+    rows = sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total)[:25]
+    for e in rows:
+        print(f"  total {e.cpu_time_total / steps:9.1f} us  self {e.self_cpu_time_total / steps:8.1f} us  "
+              f"x{e.count // steps:<3d} {e.key[:80]}")
 
 
 if __name__ == "__main__":
