@@ -96,16 +96,18 @@ def lora_fwd(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax:
              dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """x (M, K) -> (y (M, N), S (M, r)) with S = dropout(x) @ A^T rounded to x.dtype (saved for backward)."""
     with _no_autocast(x.device):
-        impl = _backend.lora_impl("lora_fwd", x)
-        if impl is not None:
-            return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B,
-                        scaling, bias, dropout_p, seed)
-        m, k = x.shape
-        w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k,
-                              x.dtype)
-        y, s = _ref.lora_forward(x, w, lora_A, lora_B, scaling, bias, dropout_p,
-                                 _mask(seed, m, k, dropout_p, x.device))
-        return y, s.contiguous()
+        impl = _backend.lora_impl("lora_fwd", x) or reference_fwd
+        return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
+                    dropout_p, seed)
+
+
+def reference_fwd(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
+                  dropout_p, seed):
+    """``lora_ops::lora_fwd`` on the PyTorch reference (reference.py): (y, S)."""
+    m, k = x.shape
+    w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k, x.dtype)
+    y, s = _ref.lora_forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, _mask(seed, m, k, dropout_p, x.device))
+    return y, s.contiguous()
 
 
 @lora_fwd.register_fake
@@ -122,18 +124,26 @@ def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor], ne
              need_dx: bool, need_dA: bool, need_dB: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx (M, K), dA (r, K), dB (N, r), dbias (N,)); a gradient not asked for comes back with 0 elements."""
     with _no_autocast(dy.device):  # a backward run inside an autocast region must not recast it either
-        impl = _backend.lora_impl("lora_bwd", dy)
-        if impl is not None:
-            return impl(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s,
-                        scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias)
-        m, k = x.shape
-        w = None
-        if need_dx:
-            w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k,
-                                  x.dtype)
-        grads = _ref.lora_backward(dy, x, w, lora_A, lora_B, s, scaling, dropout_p,
-                                   _mask(seed, m, k, dropout_p, x.device), need_dx, need_dA, need_dB, need_dbias)
-        return tuple(g.contiguous() if g is not None else dy.new_empty((0,)) for g in grads)
+        impl = _backend.lora_impl("lora_bwd", dy) or reference_bwd
+        return impl(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s, scaling,
+                    dropout_p, seed, need_dx, need_dA, need_dB, need_dbias)
+
+
+def reference_bwd(dy, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, s, scaling,
+                  dropout_p, seed, need_dx, need_dA, need_dB, need_dbias):
+    """``lora_ops::lora_bwd`` on the PyTorch reference: (dx, dA, dB, dbias), 0-element where not asked for."""
+    m, k = x.shape
+    w = None
+    if need_dx:
+        w = _ref.dense_weight(weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_B.shape[0], k,
+                              x.dtype)
+    grads = _ref.lora_backward(dy, x, w, lora_A, lora_B, s, scaling, dropout_p,
+                               _mask(seed, m, k, dropout_p, x.device), need_dx, need_dA, need_dB, need_dbias)
+    return tuple(g.contiguous() if g is not None else dy.new_empty((0,)) for g in grads)
+
+
+# The reference as an eager (fwd, bwd) pair for lora_fwd_eager: the op's math without its dispatch.
+REFERENCE_IMPL = (reference_fwd, reference_bwd)
 
 
 @lora_bwd.register_fake

@@ -219,15 +219,21 @@ def test_unknown_backend_env(monkeypatch):
 
 def test_validation_is_at_the_boundary_not_in_a_kernel(monkeypatch):
     # A bad scaling must be refused before any op runs (no partial work, no kernel-level error).
+    # Eager calls take the op's kernels without its dispatch (ops.lora_fwd_eager); compiled ones the op itself.
+    from lora_ops import ops as _ops
     calls = []
-    real = torch.ops.lora_ops.lora_fwd
+    real_op, real_eager = torch.ops.lora_ops.lora_fwd, _ops.lora_fwd_eager
 
     class Spy:
+        def __init__(self, real):
+            self.real = real
+
         def __call__(self, *a, **k):
             calls.append(1)
-            return real(*a, **k)
+            return self.real(*a, **k)
 
-    monkeypatch.setattr(torch.ops.lora_ops, "lora_fwd", Spy())
+    monkeypatch.setattr(torch.ops.lora_ops, "lora_fwd", Spy(real_op))
+    monkeypatch.setattr(_ops, "lora_fwd_eager", Spy(real_eager))
     with pytest.raises(ValueError):
         _call(scaling=float("nan"))
     assert calls == []
