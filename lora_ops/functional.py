@@ -117,10 +117,8 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
             y = _ops.lora_decode_eager(impl, x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias)
         else:
             y = torch.ops.lora_ops.lora_decode(x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias)
-    elif not _backend.op_required():
-        # Eager mode: the op's kernels (the fast ones where they load for x, else the reference) and math, without
-        # its dispatcher overhead (on a CPU, ~100 us of a tiny layer's fwd+bwd).
-        impl = _backend.eager_impl(x2) or _ops.REFERENCE_IMPL
+    elif (impl := _ops.eager_impl(x2)) is not None:
+        # Eager mode: the op's kernels and math without its dispatcher overhead.
         y = _ops.lora_fwd_eager(impl, x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias, p, seed)
     else:
         y, _ = torch.ops.lora_ops.lora_fwd(x2, *wargs, blocksize, lora_A, lora_B, float(scaling), bias, p, seed)

@@ -89,8 +89,7 @@ def _mask(seed: Optional[Tensor], rows: int, cols: int, p: float, device) -> Opt
     return _ref.dropout_mask(int(seed.item()), rows, cols, p, device)
 
 
-@torch.library.custom_op("lora_ops::lora_fwd", mutates_args=())
-def lora_fwd(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+def _lora_fwd_kernel(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
              nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
              lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor],
              dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -110,6 +109,9 @@ def reference_fwd(x, weight, absmax, nested_absmax, nested_code, offset, blocksi
     return y, s.contiguous()
 
 
+lora_fwd = torch.library.custom_op("lora_ops::lora_fwd", _lora_fwd_kernel, mutates_args=())
+
+
 @lora_fwd.register_fake
 def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
       dropout_p, seed):
@@ -117,8 +119,7 @@ def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, 
     return x.new_empty((m, lora_B.shape[0])), x.new_empty((m, lora_A.shape[0]))
 
 
-@torch.library.custom_op("lora_ops::lora_bwd", mutates_args=())
-def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+def _lora_bwd_kernel(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
              nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
              lora_A: Tensor, lora_B: Tensor, s: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
              need_dx: bool, need_dA: bool, need_dB: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -144,6 +145,9 @@ def reference_bwd(dy, x, weight, absmax, nested_absmax, nested_code, offset, blo
 
 # The reference as an eager (fwd, bwd) pair for lora_fwd_eager: the op's math without its dispatch.
 REFERENCE_IMPL = (reference_fwd, reference_bwd)
+
+
+lora_bwd = torch.library.custom_op("lora_ops::lora_bwd", _lora_bwd_kernel, mutates_args=())
 
 
 @lora_bwd.register_fake
@@ -220,6 +224,15 @@ class _EagerLoRA(torch.autograd.Function):
             return _grads(ctx, grad_y, ctx.bwd) + (None, None)
 
 
+def eager_impl(x: Tensor):
+    """(fwd, bwd) for an eager lora_linear on x: the fast kernels where they load for x, else the reference (on a
+    CPU the custom op's dispatch is ~half a tiny layer's fwd+bwd); None when the call must go through the op
+    itself (torch.compile, dispatch modes, functorch: ``_backend.op_required``; meta tensors: the op's fake)."""
+    if x.device.type == "meta":
+        return None
+    return _backend.eager_impl(x) or (None if _backend.op_required() else REFERENCE_IMPL)
+
+
 def lora_fwd_eager(impl, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling,
                    bias, dropout_p, seed) -> Tensor:
     """y of ``lora_ops::lora_fwd`` with its autograd, through ``_EagerLoRA`` (``impl``: ``_backend.eager_impl``)."""
@@ -230,8 +243,7 @@ def lora_fwd_eager(impl, x, weight, absmax, nested_absmax, nested_code, offset, 
 
 # -------------------------------------------------------------------------------------- small-batch decode
 
-@torch.library.custom_op("lora_ops::lora_decode", mutates_args=())
-def lora_decode(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+def _lora_decode_kernel(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
                 nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
                 lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor]) -> Tensor:
     """Inference forward: x (M, K) -> y (M, N) = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias); no dropout, no
@@ -247,6 +259,9 @@ def lora_decode(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absm
         return _ref.lora_forward(x, w, lora_A, lora_B, scaling, bias)[0]
 
 
+lora_decode = torch.library.custom_op("lora_ops::lora_decode", _lora_decode_kernel, mutates_args=())
+
+
 @lora_decode.register_fake
 def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias):
     return x.new_empty((x.shape[0], lora_B.shape[0]))
@@ -257,3 +272,16 @@ def lora_decode_eager(impl, x, weight, absmax, nested_absmax, nested_code, offse
     """``lora_ops::lora_decode`` through its kernel ``impl`` (from ``_backend.eager_decode_impl``)."""
     with _no_autocast(x.device):
         return impl(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias)
+
+
+# ------------------------------------------------------------------------------ direct dispatcher kernels
+
+# The LoRA ops' kernels for CPU and CUDA tensors are also registered with the dispatcher directly (the same
+# functions): custom_op's own per-call wrapper (device lookup, an output aliasing check) costs ~10 us per call on
+# a CPU, and a compiled model calls each op once per layer and step. Other devices keep custom_op's path; the
+# fakes and the autograd registered above are unchanged.
+_DIRECT = torch.library.Library("lora_ops", "IMPL")
+for _name, _kernel in (("lora_fwd", _lora_fwd_kernel), ("lora_bwd", _lora_bwd_kernel),
+                       ("lora_decode", _lora_decode_kernel)):
+    for _key in ("CPU", "CUDA"):
+        _DIRECT.impl(_name, _kernel, _key)
