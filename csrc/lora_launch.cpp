@@ -77,6 +77,7 @@ struct Settings {
   int64_t split_unit_interp = 64;       // _SPLIT_UNIT_INTERP
   int64_t max_inner_splits = 16;        // _MAX_INNER_SPLITS
   int64_t split_max_m = 512;            // _SPLIT_MAX_M
+  int64_t atomic_db_max_m = int64_t{1} << 40;  // _ATOMIC_DB_MAX_M
   int64_t nf4_chunk_bytes = 32 << 20;   // NF4_CHUNK_BYTES
   int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
@@ -760,8 +761,9 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const int64_t block_r = block_r_of(c.r);
   const int64_t r_chunks = cdiv(c.r, block_r);
   const int64_t m_bucket = next_pow2(c.m);
-  o.fused_db = need_ds && c.need_dB && !deterministic;
-  o.fused_dbias = need_ds && c.need_dbias && !deterministic;
+  const bool atomics = need_ds && !deterministic && c.m <= g_settings.atomic_db_max_m;
+  o.fused_db = atomics && c.need_dB;
+  o.fused_dbias = atomics && c.need_dbias;
   const at::Tensor& scratch = c.dt->scratch;
   const bool tma_dx = c.need_dx && use_tma(c, c.dy, w, o.dx);
   // dS in N slices (fp32 partials the dX GEMM sums; it stores dS rounded for the dA kernel) when the dX pointer
@@ -1317,6 +1319,7 @@ void configure(const py::dict& s) {
   get("split_unit_interp", g_settings.split_unit_interp);
   get("max_inner_splits", g_settings.max_inner_splits);
   get("split_max_m", g_settings.split_max_m);
+  get("atomic_db_max_m", g_settings.atomic_db_max_m);
   get("nf4_chunk_bytes", g_settings.nf4_chunk_bytes);
   get("dequant_on_cpu", g_settings.dequant_on_cpu);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();

@@ -156,6 +156,25 @@ def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
         _launch._sync_settings(dry)
 
 
+def test_db_without_atomics_above_the_atomic_limit(dry, monkeypatch):
+    """Above _ATOMIC_DB_MAX_M rows dB and dbias leave the dS pass for the atomic-free dB kernel, in the C++ path as
+    in the Python launchers; at or below it they ride along as atomics."""
+    fwd, dy = _inputs(m=70, k=96, n=80, r=8, dtype=torch.float32, bias=True)
+    y, s = _check(dry, 0, fwd)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+    bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
+    try:
+        for limit, separate in ((70, False), (69, True)):
+            monkeypatch.setattr(L, "_ATOMIC_DB_MAX_M", limit)
+            _launch._sync_settings(dry)
+            _check(dry, 1, bargs)
+            names = [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+            assert ("lora_bwd_db" in names) == separate, names
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+
+
 def test_comparison_catches_a_changed_argument(dry):
     """The check that guards every launch can fail: one changed int, one swapped input pointer, one grid."""
     fwd, _ = _inputs(m=70, k=96, n=80, r=8, dtype=torch.float32)

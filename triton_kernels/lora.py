@@ -101,6 +101,11 @@ def _env_int(name: str, default: int, minimum: int) -> int:
 
 # LORA_OPS_SPLIT_MAX_M: the largest M whose S / dS passes split (0: never), for A/B runs on the GPU.
 _SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 512, 0)
+# LORA_OPS_ATOMIC_DB_MAX_M: the largest M whose dB / dbias ride along the dS pass as fp32 atomics (one fewer
+# launch); above it the atomic-free dB kernel reduces over M. Every M by default; for A/B runs on the GPU: the
+# atomics grow with cdiv(M, BLOCK_M) x N x r, and the dS pass with them measured 223 us at 8192 x 4096->14336
+# (H200 profile, NF4), four times its read of dY.
+_ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
 
 
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device) -> Tuple[int, int]:
@@ -509,8 +514,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     deterministic = torch.are_deterministic_algorithms_enabled()
     # Atomics for dB/dbias only ride along the dS pass; without dS (or when determinism is asked) the
     # atomic-free kernel does the reduction.
-    fused_db = need_ds and need_dB and not deterministic
-    fused_dbias = need_ds and need_dbias and not deterministic
+    atomics = need_ds and not deterministic and m <= _ATOMIC_DB_MAX_M
+    fused_db = atomics and need_dB
+    fused_dbias = atomics and need_dbias
     tma_dx = need_dx and _use_tma(dy, w, dx)
     # dS in N slices (fp32 partials that the dX GEMM sums; it stores dS rounded for the dA kernel) when one dX
     # pointer GEMM runs; else in one slice, dS itself.
