@@ -24,20 +24,20 @@ N_LAYERS = 2
 F32 = torch.float32
 
 
-def _config(arch):
+def _config(arch, layers=N_LAYERS, hidden=64, intermediate=128):
     from transformers import LlamaConfig, MistralConfig
     cls = LlamaConfig if arch == "llama" else MistralConfig
-    # head_dim 16; 2 KV heads: k/v are (32, 64), q (64, 64), gate/up (128, 64): every count a multiple of 64,
-    # so the NF4 bases concatenate.
-    return cls(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
+    # 4 heads, 2 KV heads: at hidden 64 k/v are (32, 64), q (64, 64), gate/up (128, 64); every count a multiple
+    # of 64, so the NF4 bases concatenate (the GPU tests' hidden 128 keeps that).
+    return cls(vocab_size=97, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
-def _base(arch, seed=0):
+def _base(arch, seed=0, **shape):
     from transformers import LlamaForCausalLM, MistralForCausalLM
     torch.manual_seed(seed)
     cls = LlamaForCausalLM if arch == "llama" else MistralForCausalLM
-    return cls(_config(arch))
+    return cls(_config(arch, **shape))
 
 
 def _randomize(model, seed=1):
@@ -68,15 +68,16 @@ def step(model, ids):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-def assert_same_step(got, want, what=""):
+def assert_same_step(got, want, what="", dtype=F32, layers=N_LAYERS):
+    """Logits, loss and every adapter gradient within ``dtype``'s tolerance (helpers.REL_TOL)."""
     (lg, ll, gg), (lw, lw_loss, gw) = got, want
-    assert_rel_close(lg, lw, F32, f"{what} logits")
-    assert_rel_close(ll, lw_loss, F32, f"{what} loss")
+    assert_rel_close(lg, lw, dtype, f"{what} logits")
+    assert_rel_close(ll, lw_loss, dtype, f"{what} loss")
     assert sorted(gg) == sorted(gw), f"{what}: trainable parameters differ"
-    assert len(gg) == 2 * len(TARGETS) * N_LAYERS
+    assert len(gg) == 2 * len(TARGETS) * layers
     for name in gw:
         assert gg[name] is not None and gw[name].abs().sum() > 0, f"{what}: no gradient for {name}"
-        assert_rel_close(gg[name], gw[name], F32, f"{what} grad {name}")
+        assert_rel_close(gg[name], gw[name], dtype, f"{what} grad {name}")
 
 
 class CallCounter:
@@ -512,3 +513,155 @@ def test_autocast():
     assert got.dtype == want.dtype == torch.bfloat16
     assert_rel_close(got.float(), want.float(), torch.bfloat16, "autocast bf16")
     assert grp.lora_group_q_proj_k_proj_v_proj._pending is None
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+# The comparisons above on CUDA in bf16 (marker gpu; skipped without CUDA): the grouped calls reach the Triton
+# kernels (and the C++ launch path where it is built) instead of the CPU reference path. A bf16 model's adapter
+# gradients carry a bf16 error of their own (about 1-2.5 % relative per parameter against the same model in
+# fp32, at these sizes, on the CPU reference path too), and grouping changes the rounding (one GEMM over the
+# concatenated N, one dX instead of a bf16 sum of three), so each gradient is compared against that error: the
+# grouped model may differ from the ungrouped one by at most twice the ungrouped model's own distance from its
+# fp32 copy (floor: the bf16 tolerance), and all gradients together must be as close to the fp32 copy as the
+# ungrouped model's are (x1.5). Measured with these very tests on the CPU reference path: grouped vs ungrouped
+# at most 1.3 % per parameter, ungrouped vs fp32 at most 2.5 % per parameter and about 1 % for all together.
+
+GPU_SHAPE = dict(hidden=128, intermediate=256)  # head_dim 32; k/v (64, 128), gate/up (256, 128)
+GPU_LAYERS = 3
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("LORA_OPS_BACKEND", "triton")  # the kernels, or an error: never the reference quietly
+    monkeypatch.setenv("LORA_OPS_TRITON_AUTOTUNE", "0")  # first config that survives pruning: a fast cold start
+    monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")  # a C++ launch list that differs from Python's raises
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 copy is IEEE fp32
+    yield torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def _randomize_scaled(model, seed=1):
+    """Random adapters of the size trained ones reach (A ~ K^-1/2, B ~ 0.1 r^-1/2: the LoRA term about as large
+    as the base term): _randomize's 0.3 makes the LoRA term dominate, and a bf16 model of that is so
+    ill-conditioned that bf16 and fp32 gradients differ by more than 100 %."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            r, k = layer.lora_A.shape
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * k ** -0.5)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1 * r ** -0.5)
+
+
+def build_on(device, arch="llama", quantize=None, group=False, layers=GPU_LAYERS, dtype=BF16):
+    """``build`` at GPU_SHAPE on ``device`` in ``dtype``: the base from one seed, moved there before apply_lora
+    (NF4 bases are quantized on the device, from the same bf16 values for every model)."""
+    model = _base(arch, layers=layers, **GPU_SHAPE).to(device=device, dtype=dtype)
+    lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, quantize=quantize, group_projections=group)
+    _randomize_scaled(model)
+    return model
+
+
+def fp32_copy(model):
+    """The (ungrouped) model in fp32: the same bf16 values or NF4 bytes, computed in fp32."""
+    return copy.deepcopy(model).float()
+
+
+def _flat(grads, names):
+    return torch.cat([grads[n].detach().flatten().float().cpu() for n in names])
+
+
+def assert_same_bf16_step(got, want, oracle, what, layers=GPU_LAYERS):
+    """``got`` (grouped) against ``want`` (ungrouped, bf16) and ``oracle`` (the ungrouped model in fp32)."""
+    from helpers import REL_TOL, rel_error
+
+    (lg, ll, gg), (lw, lw_loss, gw), (_, lo_loss, go) = got, want, oracle
+    assert_rel_close(lg.float(), lw.float(), BF16, f"{what} logits")
+    assert_rel_close(ll.float(), lw_loss.float(), BF16, f"{what} loss")
+    assert_rel_close(lw_loss.float(), lo_loss.float(), BF16, f"{what}: ungrouped bf16 vs fp32 loss")
+    assert sorted(gg) == sorted(gw) == sorted(go), f"{what}: trainable parameters differ"
+    assert len(gg) == 2 * len(TARGETS) * layers
+    for name in gw:
+        assert gg[name] is not None and gw[name].abs().sum() > 0, f"{what}: no gradient for {name}"
+        own = rel_error(gw[name], go[name])
+        err = rel_error(gg[name], gw[name])
+        bound = max(REL_TOL[BF16], 2 * own)
+        assert err <= bound, (f"{what} grad {name}: grouped vs ungrouped {err:.3e} > {bound:.3e} (ungrouped bf16 vs "
+                              f"fp32: {own:.3e})")
+    names = sorted(gw)
+    mine, theirs = rel_error(_flat(gg, names), _flat(go, names)), rel_error(_flat(gw, names), _flat(go, names))
+    # A sanity bound on the set-up, not on grouping: a model this far from its fp32 copy (ill-conditioned) would
+    # make the bounds above vacuous.
+    assert theirs <= 2 * REL_TOL[BF16], f"{what}: the ungrouped bf16 gradients are {theirs:.3e} from fp32"
+    assert mine <= 1.5 * theirs + 1e-3, (f"{what}: all gradients, grouped vs fp32 {mine:.3e}, ungrouped vs fp32 "
+                                         f"{theirs:.3e}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_gpu_grouped_model_equals_ungrouped(gpu, arch, quantize, monkeypatch):
+    from helpers import kernels_only
+
+    ref, grp = build_on(gpu, arch, quantize), build_on(gpu, arch, quantize, group=True)
+    assert [r["status"] for r in explain_groups(grp)] == ["grouped"] * (2 * GPU_LAYERS)
+    assert grp.model.layers[0].self_attn.q_proj.weight.device.type == gpu.type
+    ids = ids_for().to(gpu)
+    want = step(ref, ids)
+    oracle = step(fp32_copy(ref), ids)
+    with kernels_only(monkeypatch, ("lora_fwd", "lora_bwd_dx", "lora_bwd_da")):
+        calls = CallCounter(monkeypatch)
+        got = step(grp, ids)
+    assert calls.n == 4 * GPU_LAYERS  # qkv, o, gate/up, down per layer (7 ungrouped)
+    assert_same_bf16_step(got, want, oracle, f"cuda {arch}/{quantize}")
+    assert all(g._pending is None for g in projection_groups(grp).values())
+    # Control: the same check catches k and v swapped (equal shapes), as on the CPU.
+    real = ProjectionGroup._compute
+    monkeypatch.setattr(ProjectionGroup, "_compute",
+                        lambda self, x, t: (lambda ys: (ys[0], ys[2], ys[1]) if len(ys) == 3 else ys)(real(self, x, t)))
+    with pytest.raises(AssertionError):
+        assert_same_bf16_step(step(grp, ids), want, oracle, "swapped k/v")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_gpu_gradient_checkpointing(gpu, quantize, monkeypatch):
+    ref, grp = build_on(gpu, quantize=quantize), build_on(gpu, quantize=quantize, group=True)
+    ids = ids_for().to(gpu)
+    oracle = step(fp32_copy(ref), ids)
+    want = step(ref, ids)
+    for m in (ref, grp):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_same_bf16_step(step(ref, ids), want, oracle, f"cuda ungrouped checkpointed {quantize}")
+    calls = CallCounter(monkeypatch)
+    assert_same_bf16_step(step(grp, ids), want, oracle, f"cuda grouped checkpointed {quantize}")
+    assert calls.n == 2 * 4 * GPU_LAYERS  # the forward, and its recomputation in the backward
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor(gpu):
+    """The grouped QLoRA model under torch.compile with Inductor (what backend="inductor", the default, runs;
+    wrapped to count the graphs and their lora_fwd nodes) against the eager ungrouped model."""
+    from torch._inductor.compile_fx import compile_fx
+
+    layers = 2  # Inductor compiles every graph once: two layers keep it to seconds
+    ref, grp = build_on(gpu, quantize="nf4", layers=layers), build_on(gpu, quantize="nf4", group=True, layers=layers)
+    ids = ids_for().to(gpu)
+    want = step(ref, ids)
+    oracle = step(fp32_copy(ref), ids)
+    graphs = []
+
+    def inductor_counting(gm, example_inputs):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "lora_fwd" in str(n.target)))
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(grp, backend=inductor_counting)
+    assert_same_bf16_step(step(compiled, ids), want, oracle, "inductor-compiled grouped", layers)
+    assert graphs == [4 * layers]  # one graph, one lora_fwd per group
+    assert_same_bf16_step(step(compiled, ids), want, oracle, "inductor-compiled grouped, second call", layers)
+    assert len(graphs) == 1  # no recompilation
