@@ -29,8 +29,9 @@ def _epilog() -> str:
         lines.append(f"  {p.name:<8} {p.help} [{p.h200_estimate}]")
     lines.append("\nproviders (the floor and its re-timing always run, so every ratio has its floor; in the model\n"
                  "preset the floor and peft_bnb, the references of its ratios, always run):")
+    width = max(map(len, PROVIDERS)) + 1
     for name, desc in PROVIDERS.items():
-        lines.append(f"  {name:<13} {desc}")
+        lines.append(f"  {name:<{width}} {desc}")
     lines.append("  In the model preset: floor = the bf16 model with every parameter frozen and no adapter\n"
                  "  (forward + backward through every layer, no optimizer: the least a step costs), fused = lora_ops\n"
                  "  LoRA (apply_lora, dense bf16 bases), fused_qlora = lora_ops QLoRA, peft = peft LoRA, peft_bnb =\n"
@@ -39,6 +40,12 @@ def _epilog() -> str:
                  "  model dtype; gradient checkpointing applied the same way to every provider of a case.\n"
                  "  Ratios: ratio_to_floor (CSV) = step time and peak memory / the floor's; the tables add tokens/s\n"
                  "  and peak memory x peft_bnb.\n"
+                 "  In the block preset (the seven projections of one Llama-3-8B layer, fwd+bwd of the linear layers\n"
+                 "  only, as one module whose q/k/v read one input and gate/up another): floor = the seven frozen\n"
+                 "  bf16 linears, no adapter, input gradients flowing (every ratio's reference); floor_grouped =\n"
+                 "  the floor with q/k/v and gate/up concatenated (the base GEMMs of a grouped call); fused /\n"
+                 "  fused_qlora = lora_ops LoRA / QLoRA through apply_lora, *_grouped the same with\n"
+                 "  group_projections=True; peft, peft_bnb as in the model preset; floor_repeat = the floor again.\n"
                  "  Aliases: " + ", ".join(f"{a} = {c}" for a, c in PROVIDER_ALIASES.items()))
     lines.append("\nmodes:")
     for name, desc in MODE_HELP.items():
@@ -52,6 +59,8 @@ def _epilog() -> str:
         "  python -m benchmarks --preset layer                # GPU\n"
         "  python -m benchmarks --preset decode nf4 --providers fused,peft_bnb --out /tmp/bench\n"
         "  python -m benchmarks --preset model --budget-s 420  # GPU: 16 layers, 1x2048, 4x2048 ckpt, 1x2048 no-ckpt\n"
+        "  python -m benchmarks --preset block --budget-s 420  # GPU: a Llama-8B layer's projections, grouped or not\n"
+        "  python -m benchmarks --cpu --preset block           # the same at tiny shapes on the CPU (~15 s)\n"
         "  python -m benchmarks --preset model --layers 4 --batch 4 --checkpointing off   # one smaller GPU case\n"
         "  python -m benchmarks --cpu --preset model           # tiny decoder on the CPU, the same three cases")
     return "\n".join(lines)

@@ -16,6 +16,10 @@ Per (case, provider, mode), outside any timed region unless stated:
    as microseconds per call (``host_us``): the host cost of one training call of the layer.
 4. profile: one call under ``torch.profiler``: device kernels launched and dispatcher ops called.
 
+A block case (preset ``block``, benchmarks/block.py) is timed the same way: its callable takes the four inputs
+and returns the seven projections' outputs, whose backward receives one upstream gradient each
+(``torch.autograd.backward``); gradients of all four inputs are cleared before every call.
+
 Where a case has several weight sets the timed callable rotates through them (decode: so L2 cannot serve the
 weight; do_bench flushes L2 anyway, the eager loop does not). Any exception while building or measuring a
 provider (OOM, missing package, unsupported mode) is recorded as a ``skipped`` row with its reason.
@@ -90,6 +94,10 @@ def layer_cost(case: Case, provider: str, mode: str) -> Tuple[float, float]:
 
 
 def case_cost(case: Case, provider: str, mode: str) -> Tuple[float, float]:
+    if case.kind == "block":
+        from .block import block_cost
+
+        return block_cost(case, provider, mode)
     if case.kind == "dequant":
         return 0.0, float(dequant_bytes(case))
     return layer_cost(case, provider, mode)
@@ -442,12 +450,19 @@ class Run:
     env: Dict
     run_id: str
     builders: Dict[str, Callable[[Case, WeightSet], Built]] = field(default_factory=lambda: dict(BUILDERS))
+    block_builders: Dict[str, Callable] = field(default_factory=lambda: _block_builders())
     progress: Optional[Progress] = None
     deadline: Optional[float] = None  # time.monotonic() after which no new case (model preset: provider) starts
 
     @property
     def env_json(self) -> str:
         return json.dumps(self.env, sort_keys=True)
+
+
+def _block_builders() -> Dict[str, Callable]:
+    from .block import BUILDERS as BLOCK_BUILDERS
+
+    return dict(BLOCK_BUILDERS)
 
 
 def _reason(e: BaseException) -> str:
@@ -468,11 +483,25 @@ def resolve_n_sets(case: Case, dev: Device) -> int:
     return int(min(16, max(3, math.ceil(2 * l2 / per_set))))
 
 
+def _leaves(x) -> List[torch.Tensor]:
+    """The input tensors of a call: x, or each of a block case's inputs."""
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def _backward(y, dy, retain_graph: bool = False) -> None:
+    """y.backward(dy); for a block case's outputs, one backward over all of them with their own gradients."""
+    if isinstance(y, torch.Tensor):
+        y.backward(dy, retain_graph=retain_graph)
+    else:
+        torch.autograd.backward(tuple(y), tuple(dy), retain_graph=retain_graph)
+
+
 def make_calls(data: CaseData, builts: Sequence[Built], mode: str) -> Tuple[Callable, List[torch.Tensor], List]:
     """(fn, tensors whose .grad is cleared before each call, objects to keep alive while fn is used).
 
     With several built weight sets fn rotates through them. ``backward`` runs the forward here, once per set,
-    and times ``y.backward(dy, retain_graph=True)``.
+    and times ``y.backward(dy, retain_graph=True)``. A block case's x and dy are tuples (its inputs, one gradient
+    per output) and its forward returns a tuple.
     """
     calls, keep = [], []
     for b in builts:
@@ -483,12 +512,12 @@ def make_calls(data: CaseData, builts: Sequence[Built], mode: str) -> Tuple[Call
         if mode == "forward":
             f = (lambda b=b: b.forward(data.x))
         elif mode in ("full", "host"):
-            f = (lambda b=b: b.forward(data.x).backward(data.dy))
+            f = (lambda b=b: _backward(b.forward(data.x), data.dy))
         elif mode == "backward":
             with b.context():
                 y = b.forward(data.x)
             keep.append(y)
-            f = (lambda y=y: y.backward(data.dy, retain_graph=True))
+            f = (lambda y=y: _backward(y, data.dy, retain_graph=True))
         elif mode == "decode":
             def f(b=b):
                 with torch.no_grad():
@@ -509,7 +538,7 @@ def make_calls(data: CaseData, builts: Sequence[Built], mode: str) -> Tuple[Call
 
         def fn():
             return next(cycle)()
-    grads = ([data.x] if mode in TRAIN_MODES else []) + [p for b in builts for p in b.params]
+    grads = (_leaves(data.x) if mode in TRAIN_MODES else []) + [p for b in builts for p in b.params]
     return fn, grads, keep
 
 
@@ -570,7 +599,7 @@ def _mode_rows(run: Run, case: Case, provider: str, mode: str, config: Dict, t: 
     else:
         if prof[0] is None:
             rows.add("kernel_launches", math.nan, "count", status="n/a", note="no device kernels on the CPU")
-        elif prof[0] == 0 and case.kind == "layer":
+        elif prof[0] == 0 and case.kind in ("layer", "block"):
             # Every layer call launches kernels: none seen means the profiler captured no device activity.
             rows.add("kernel_launches", math.nan, "count", status="n/a",
                      note="torch.profiler captured no device kernels (CUPTI unavailable?)")
@@ -620,7 +649,7 @@ def run_provider(run: Run, case: Case, data: CaseData, provider: str, modes: Seq
             run.progress.step(f"{case.name} {provider} skipped", len(modes))
         return _skip_rows(run, case, provider, modes, reason)
 
-    builder = run.builders.get(provider)
+    builder = (run.block_builders if case.kind == "block" else run.builders).get(provider)
     if builder is None:
         return skip_all(f"no builder named {provider!r}")
     out: List[Dict] = []
@@ -678,7 +707,12 @@ def run_case(run: Run, case: Case) -> List[Dict]:
 
         return run_model_case(run, case)
     try:
-        data = make_case_data(case, run.dev.device, resolve_n_sets(case, run.dev), seed=run.settings.seed)
+        if case.kind == "block":  # presets.BlockCase: seven projections, four inputs (benchmarks/block.py)
+            from .block import make_block_data
+
+            data = make_block_data(case, run.dev.device, seed=run.settings.seed)
+        else:
+            data = make_case_data(case, run.dev.device, resolve_n_sets(case, run.dev), seed=run.settings.seed)
     except Exception as e:
         reason = "case setup failed: " + _reason(e)
         rows = []
@@ -719,12 +753,13 @@ def new_run_id() -> str:
 def run_cases(cases: Sequence[Case], settings: Settings, argv: Sequence[str] = (),
               builders: Optional[Dict[str, Callable]] = None, progress: bool = True,
               on_case: Optional[Callable[[List[Dict]], None]] = None,
-              budget_s: Optional[float] = None) -> Tuple[List[Dict], Dict]:
+              budget_s: Optional[float] = None, block_builders: Optional[Dict[str, Callable]] = None
+              ) -> Tuple[List[Dict], Dict]:
     """Measure the ceilings, then every case. Returns (rows, env).
 
-    ``builders`` adds or replaces providers by name. ``on_case(rows_so_far)`` runs after each case (the CLI
-    saves the CSV there, so a run killed at the device's time limit keeps what it measured). Cases not started
-    within ``budget_s`` seconds are recorded as skipped.
+    ``builders`` adds or replaces providers by name (``block_builders`` those of block cases).
+    ``on_case(rows_so_far)`` runs after each case (the CLI saves the CSV there, so a run killed at the device's
+    time limit keeps what it measured). Cases not started within ``budget_s`` seconds are recorded as skipped.
     """
     t_start = time.monotonic()
     dev = Device(settings)
@@ -734,6 +769,8 @@ def run_cases(cases: Sequence[Case], settings: Settings, argv: Sequence[str] = (
     run = Run(dev, settings, env, run_id, deadline=None if budget_s is None else t_start + budget_s)
     if builders is not None:
         run.builders.update(builders)
+    if block_builders is not None:
+        run.block_builders.update(block_builders)
     total = sum(len(m) for c in cases for _, m in c.plan)
     run.progress = Progress(total, progress)
     rows = ceiling_rows(run, list(dict.fromkeys(c.preset for c in cases)))

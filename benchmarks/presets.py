@@ -1,10 +1,11 @@
 """Benchmark presets: which cases (shapes, weight kinds) and which (provider, modes) each one times.
 
 A case is one layer shape ``y (M, N) = x (M, K) @ W^T (N, K) + s * dropout(x) @ A^T (r, K) @ B^T (N, r)`` with a
-dense or NF4 ``W``, or (``kind="dequant"``) one NF4 weight to dequantize, or (``ModelCase``, preset ``model``) one
-training step of a whole Llama-3-8B-shaped decoder, with or without gradient checkpointing. Every preset has a GPU
-version (Llama-8B-class training shapes, each preset sized to run in under ten minutes) and a CPU quick version
-(same structure, small shapes, fp32) that runs the same code paths in seconds.
+dense or NF4 ``W``, or (``kind="dequant"``) one NF4 weight to dequantize, or (``BlockCase``, preset ``block``) the
+seven projections of one Llama-3-8B layer at once, with and without grouped projections, or (``ModelCase``, preset
+``model``) one training step of a whole Llama-3-8B-shaped decoder, with or without gradient checkpointing. Every
+preset has a GPU version (Llama-8B-class training shapes, each preset sized to run in under ten minutes) and a CPU
+quick version (same structure, small shapes, fp32) that runs the same code paths in seconds.
 """
 from __future__ import annotations
 
@@ -28,7 +29,12 @@ PROVIDERS: Dict[str, str] = {
     "fused": "lora_ops.lora_linear with the default backend (dense W or lora_ops.NF4Weight)",
     "copy": "nf4 preset floor: a device copy moving as many bytes (read + write) as the dequantization must",
     "bnb": "nf4 preset: bitsandbytes.functional.dequantize_4bit",
-    "fused_qlora": "model preset: lora_ops QLoRA (apply_lora(..., quantize='nf4'), double quant)",
+    "fused_qlora": "model and block presets: lora_ops QLoRA (apply_lora(..., quantize='nf4'), double quant)",
+    "fused_grouped": "block preset: fused with apply_lora(..., group_projections=True): q/k/v and gate/up each one "
+                     "lora_linear call over one shared base buffer",
+    "fused_qlora_grouped": "block preset: fused_qlora with group_projections=True",
+    "floor_grouped": "block preset: the floor with q/k/v and gate/up each one frozen nn.Linear over the "
+                     "concatenated weights (the base GEMMs a grouped call runs), outputs split",
 }
 FLOOR_PROVIDERS = ("floor", "copy")
 # Other names of the model preset's providers; --providers accepts them.
@@ -400,6 +406,111 @@ def _model(cpu: bool, **options) -> List[ModelCase]:
             for b, c in model_runs(cpu, batch, ckpt)]
 
 
+# ----------------------------------------------------------------------------------------- block preset
+
+# The block preset's providers, in run order: the floor first (every ratio's reference), the floor again last
+# (its ratio is the run-to-run noise), each grouped provider right after its ungrouped twin.
+BLOCK_PROVIDERS = ("floor", "floor_grouped", "peft", "fused", "fused_grouped", "peft_bnb", "fused_qlora",
+                   "fused_qlora_grouped", "floor_repeat")
+BLOCK_MODES = ("full", "forward", "backward")
+# The block's shapes are the model preset's ARCHS (Llama-3-8B on the GPU, the tiny decoder with --cpu).
+# The block's inputs (name, width key of ARCHS): q/k/v read x_attn, o reads x_o, gate/up read x_mlp, down reads
+# x_down. No attention or activation math runs between them: each projection gets an input of its own width.
+BLOCK_INPUTS = (("x_attn", "hidden"), ("x_o", "hidden"), ("x_mlp", "hidden"), ("x_down", "intermediate"))
+# (projection, parent module, input, in width key, out width key); "kv" is kv_heads * head_dim.
+BLOCK_PROJECTIONS = (("q_proj", "self_attn", "x_attn", "hidden", "hidden"),
+                     ("k_proj", "self_attn", "x_attn", "hidden", "kv"),
+                     ("v_proj", "self_attn", "x_attn", "hidden", "kv"),
+                     ("o_proj", "self_attn", "x_o", "hidden", "hidden"),
+                     ("gate_proj", "mlp", "x_mlp", "hidden", "intermediate"),
+                     ("up_proj", "mlp", "x_mlp", "hidden", "intermediate"),
+                     ("down_proj", "mlp", "x_down", "intermediate", "hidden"))
+BLOCK_TOKENS = {True: (64, 256), False: (2048, 8192)}  # (cpu quick mode, GPU)
+
+
+@dataclass(frozen=True)
+class BlockCase(_Planned):
+    """One block case: the seven LoRA projections of one decoder layer of ``arch`` (q, k, v, o, gate, up, down;
+    the ``ARCHS`` widths), forward + backward of those linear layers only, on ``M`` tokens. Every provider builds
+    the same seven frozen weights and adapters from the case's tensors; the LoRA providers' adapters are dense
+    (``fused``, ``peft``) or NF4 (``fused_qlora``, ``peft_bnb``) bases, grouped or not; ``floor`` is the seven
+    frozen linears without adapters (input gradients flowing), the reference of every ratio."""
+
+    preset: str
+    name: str
+    arch: str
+    M: int
+    r: int = 16
+    dtype: str = "bfloat16"
+    n_sets: int = 1
+    kind: str = "block"
+    floor: str = "floor"
+    plan: Tuple[Tuple[str, Tuple[str, ...]], ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.kind != "block":
+            raise ValueError(f"BlockCase.kind={self.kind!r} must be 'block'")
+        if self.arch not in ARCHS:
+            raise ValueError(f"case {self.name!r}: unknown arch {self.arch!r}; known: {sorted(ARCHS)}")
+        if min(self.M, self.r) < 1 or self.n_sets != 1:
+            raise ValueError(f"case {self.name!r}: M and r must be >= 1 and n_sets 1, got "
+                             f"{self.M, self.r, self.n_sets}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"case {self.name!r}: dtype={self.dtype!r} must be float32, float16 or bfloat16")
+        for provider, modes in self.plan:
+            if provider not in BLOCK_PROVIDERS:
+                raise ValueError(f"case {self.name!r}: provider {provider!r} does not run the block preset; choose "
+                                 f"from {', '.join(BLOCK_PROVIDERS)}")
+            bad = [m for m in modes if m not in BLOCK_MODES]
+            if bad:
+                raise ValueError(f"case {self.name!r}: the block preset times {', '.join(BLOCK_MODES)}, got {bad}")
+
+    @property
+    def dims(self) -> Dict[str, int]:
+        d = dict(ARCHS[self.arch])
+        d["kv"] = d["kv_heads"] * (d["hidden"] // d["heads"])
+        return d
+
+    def projections(self) -> List[Tuple[str, str, str, int, int]]:
+        """(name, parent, input, K, N) of the seven projections, in the order of the block's outputs."""
+        d = self.dims
+        return [(n, parent, x, d[k], d[o]) for n, parent, x, k, o in BLOCK_PROJECTIONS]
+
+    def inputs(self) -> List[Tuple[str, int]]:
+        d = self.dims
+        return [(x, d[k]) for x, k in BLOCK_INPUTS]
+
+    @property
+    def shape(self) -> str:
+        d = self.dims
+        return (f"M={self.M},hidden={d['hidden']},kv={d['kv']},intermediate={d['intermediate']},r={self.r},"
+                "projections=q,k,v,o,gate,up,down")
+
+    def primary_mode(self) -> str:
+        return "full"
+
+    def config(self) -> Dict:
+        d = asdict(self)
+        d.pop("plan")
+        d.update(self.dims, lora_alpha=self.lora_alpha, scaling=self.scaling, lora_dropout=0.0,
+                 projections={n: [k, o] for n, _, _, k, o in self.projections()})
+        return d
+
+    # The same rule as a layer case's: the floor and its re-timing always stay.
+    filtered = Case.filtered
+
+
+def block_case(preset: str, arch: str, M: int, dtype: str, r: int = 16) -> BlockCase:
+    label = "llama3-8b-shape" if arch == "llama3-8b" else arch
+    plan = tuple((p, ("full",)) for p in BLOCK_PROVIDERS)
+    return BlockCase(preset, f"{label} block M={M} r{r}", arch, M, r, dtype, plan=plan)
+
+
+def _block(cpu: bool) -> List[BlockCase]:
+    arch, dtype = ("tiny", "float32") if cpu else ("llama3-8b", "bfloat16")
+    return [block_case("block", arch, M, dtype) for M in BLOCK_TOKENS[bool(cpu)]]
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 @dataclass(frozen=True)
@@ -433,6 +544,13 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "dense and NF4 (metric host_us)", "under 1 min", _host),
     Preset("nf4", "dequantize a 14336x4096 NF4 weight to bf16: lora_ops (fused, unfused) vs bitsandbytes vs a "
            "copy of as many bytes", "under 1 min", _nf4),
+    Preset("block", "the seven projections of one Llama-3-8B layer (q 4096->4096, k and v 4096->1024, o "
+           "4096->4096, gate and up 4096->14336, down 14336->4096), fwd+bwd of those linear layers only (q/k/v "
+           "read one input, gate/up another, o and down their own), M=2048 and 8192, r=16: floor (frozen, no "
+           "adapters), floor_grouped, peft, fused, fused_grouped, peft_bnb, fused_qlora, fused_qlora_grouped "
+           "(grouped = apply_lora(..., group_projections=True))",
+           "a guess, not measured: about 3-6 min, mostly first-call Triton autotuning (6 weight shapes, dense "
+           "and NF4, at two M); --budget-s 420", _block),
     Preset("model", "training steps (fwd + causal-LM loss + bwd + AdamW on the adapters) of a Llama-3-8B-shaped "
            "decoder (hidden 4096, intermediate 14336, 32/8 heads, vocab 32000 or --vocab), random init in bf16, "
            "--layers deep (default 16), LoRA r=16 alpha=32 on q,k,v,o,gate,up,down: 1x2048 and 4x2048 tokens with "

@@ -6,9 +6,9 @@ Two generated blocks, both from ``benchmarks/results/h200/results.csv`` (``--csv
   the headline cases, lora_ops against PEFT or PEFT+bitsandbytes measured in the same run, with the commit
   each row was measured at.
 * docs/BENCHMARKS.md's full tables (between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``): layer fwd+bwd
-  ratios to the floor, peak memory, the rank and tokens sweeps, host cost, decode, NF4 dequantize and the
-  model-level training step, each with the GPU, command, date and run id that produced it and its plot. A
-  preset without rows says "not yet measured".
+  ratios to the floor, peak memory, the rank and tokens sweeps, the block of one layer's seven projections
+  (grouped and not), host cost, decode, NF4 dequantize and the model-level training step, each with the GPU,
+  command, date and run id that produced it and its plot. A preset without rows says "not yet measured".
 
 Nothing outside the markers changes; without markers a block is inserted before the file's first ``## ``
 heading. ``--check`` writes nothing: it exits 1 with a unified diff when a block is not what the CSV gives
@@ -44,6 +44,9 @@ LAYER_COLUMNS = (("full_ft", "full FT"), ("unfused", "torch unfused"), ("peft", 
                  ("peft_bnb", "PEFT+bnb"), ("fused", "**lora_ops**"))
 DECODE_COLUMNS = (("unfused", "torch unfused"), ("peft", "PEFT"), ("peft_bnb", "PEFT+bnb"), ("fused", "**lora_ops**"))
 NF4_COLUMNS = (("bnb", "bitsandbytes"), ("unfused", "lora_ops reference"), ("fused", "**lora_ops** (Triton)"))
+BLOCK_COLUMNS = (("floor_grouped", "floor, grouped GEMMs"), ("peft", "PEFT"), ("fused", "**lora_ops**"),
+                 ("fused_grouped", "**lora_ops grouped**"), ("peft_bnb", "PEFT+bnb"),
+                 ("fused_qlora", "**lora_ops QLoRA**"), ("fused_qlora_grouped", "**lora_ops QLoRA grouped**"))
 MODEL_COLUMNS = (("floor", "frozen-base floor"), ("peft_bnb", "PEFT+bnb QLoRA"), ("fused_qlora", "**lora_ops QLoRA**"),
                  ("peft", "PEFT LoRA"), ("fused", "**lora_ops LoRA**"), ("full_ft", "full FT"))
 
@@ -313,6 +316,58 @@ def decode_section(idx: Dict, csv_dir: str) -> List[str]:
     return out
 
 
+def _block_label(provs: Dict) -> str:
+    for modes in provs.values():
+        for metrics in modes.values():
+            cfg = report._cfg(next(iter(metrics.values())))
+            if cfg.get("M"):
+                return f"{cfg['M']} tokens" + (f", r={cfg['r']}" if cfg.get("r", 16) != 16 else "")
+    return "?"
+
+
+def block_section(idx: Dict, csv_dir: str) -> List[str]:
+    """The block preset: per token count, the floor's ms and each provider's time ÷ it, then peak memory."""
+    out = ["### Block: one Llama-3-8B layer's seven projections, forward + backward: time ÷ the floor (lower is "
+           "better)", ""]
+    cases = _cases(idx, "block")
+    if not cases:
+        return out + _not_yet("python -m benchmarks --preset block --budget-s 420")
+    mode = "full"
+    runs = _runs(cases, mode, "floor")
+    cols = _columns(cases, BLOCK_COLUMNS)
+    out += _head("M", "floor ms", *(h for _, h in cols), "floor again")
+    notes: List[str] = []
+
+    def again(provs):
+        rep = provs.get("floor_repeat", {}).get(mode, {}).get("time_ms")
+        return [_x(rep["ratio_to_floor"]) + runs.tag(rep["run_id"]) if rep else "–"]
+
+    out += _time_table(cases, mode, "floor", cols, runs, notes, lambda c, provs: _block_label(provs),
+                       lambda fm, fl: _g(fl["value"]), lambda m: lambda t: _x(t["ratio_to_floor"]), again)
+    mem = [c for c, provs in cases.items() for m in provs.values()
+           if m.get(mode, {}).get("peak_extra_mib", {}).get("status") == "ok"]
+    if mem:
+        out += ["", "Peak extra memory, MiB (× the floor; baseline before the provider's weights are built):", ""]
+        out += _head("M", "floor", *(h for _, h in cols))
+        for case, provs in cases.items():
+            cells = [_block_label(provs)]
+            for p in ["floor"] + [p for p, _ in cols]:
+                r = provs.get(p, {}).get(mode, {}).get("peak_extra_mib")
+                ok = r is not None and r["status"] == "ok"
+                cells.append(("–" if not ok else _mib(r["value"]) if p == "floor"
+                              else f"{_mib(r['value'])} ({_x(r['ratio_to_floor'])})"))
+            out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out += ["- q 4096→4096, k and v 4096→1024, o 4096→4096, gate and up 4096→14336, down 14336→4096, r=16: "
+            "forward + backward of the linear layers only (q/k/v read one input, gate/up another, o and down "
+            "their own; one upstream gradient per output; gradients flow to the inputs). The floor is the seven "
+            "frozen bf16 linears without adapters; 'floor, grouped GEMMs' the same with q/k/v and gate/up "
+            "each one concatenated linear; grouped = `apply_lora(..., group_projections=True)` "
+            "(`docs/GROUPED.md`)."]
+    out += _absent(cols, cases) + _notes(notes) + runs.lines() + [_plot(csv_dir, "block_ratio.png"), ""]
+    return out
+
+
 def nf4_section(idx: Dict, csv_dir: str) -> List[str]:
     out = ["### NF4 dequantize: ms per call (× a copy of as many bytes)", ""]
     cases = _cases(idx, "nf4")
@@ -476,6 +531,7 @@ def generate(rows: Sequence[Dict], csv_path: Path = DEFAULT_CSV, doc_dir: Path =
     lines += memory_section(idx)
     for preset, title, plot in SWEEPS[1:]:
         lines += layer_section(idx, csv_dir, preset, title, plot)
+    lines += block_section(idx, csv_dir)
     lines += host_section(idx, csv_dir)
     lines += decode_section(idx, csv_dir)
     lines += nf4_section(idx, csv_dir)

@@ -27,7 +27,10 @@ RATIO_METRICS = ("time_ms", "eager_ms", "graph_ms", "peak_extra_mib", "tokens_pe
 MERGE_KEY = ("preset", "case", "provider", "mode")
 HIDDEN_IN_SUMMARY = ("floor_repeat",)
 FLOORS = ("floor", "copy")
-PLOT_ORDER = ("full_ft", "unfused", "peft", "peft_bnb", "bnb", "fused", "fused_qlora")
+PLOT_ORDER = ("floor_grouped", "full_ft", "unfused", "peft", "peft_bnb", "bnb", "fused", "fused_grouped",
+              "fused_qlora", "fused_qlora_grouped")
+# lora_ops' providers (the layer presets' fused, the block and model presets' QLoRA and grouped ones).
+LORA_OPS_PROVIDERS = ("fused", "fused_grouped", "fused_qlora", "fused_qlora_grouped")
 MODEL_PRESET = "model"
 # The general model target: lora_ops QLoRA >= 1.3x peft_bnb tokens/s at no more peak memory.
 MODEL_TARGET = ("fused_qlora", 1.3)
@@ -199,13 +202,15 @@ def markdown(rows: Sequence[Dict], title: str = "Benchmark results") -> str:
             continue
         impls = OrderedDict()
         for case, providers in cases.items():
-            for p in ("fused", "unfused"):
+            for p in LORA_OPS_PROVIDERS + ("unfused",):
                 for mode, metrics in providers.get(p, {}).items():
                     cfg = _cfg(next(iter(metrics.values())))
                     info = cfg.get("provider_info") or {}
                     desc = ", ".join(f"{k} → {v}" for k, v in sorted(info.items()) if k != "backend")
                     if desc:
-                        impls.setdefault(f"{p} ({cfg.get('weight', '?')} {cfg.get('kind', '')}) ran: {desc}", None)
+                        what = ("block" if cfg.get("kind") == "block"  # its providers' weights differ
+                                else f"{cfg.get('weight', '?')} {cfg.get('kind', '')}")
+                        impls.setdefault(f"{p} ({what}) ran: {desc}", None)
         for line in impls:
             lines.append(f"- {line}")
         if impls:
@@ -219,7 +224,7 @@ def markdown(rows: Sequence[Dict], title: str = "Benchmark results") -> str:
 def provider_label(provider: str, row: Dict) -> str:
     """``provider`` as a table shows it: lora_ops' providers are marked "(reference path)" where their run
     dispatched to the PyTorch reference (the CPU quick mode), so a CPU row is not read as a kernel timing."""
-    if provider in ("fused", "fused_qlora"):
+    if provider in LORA_OPS_PROVIDERS:
         info = _cfg(row).get("provider_info") or {}
         if info.get("lora_fwd") == "reference":
             return f"{provider} (reference path)"

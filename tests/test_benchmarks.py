@@ -352,6 +352,206 @@ def test_use_backend_overrides_and_restores(monkeypatch):
             pass
 
 
+# ------------------------------------------------------------------------------------------- block preset
+
+def _bnb_reason():
+    from benchmarks import model
+
+    return model.bnb_unavailable(torch.device("cpu"))
+
+
+@pytest.fixture
+def one_thread():
+    # What the CLI's --cpu does (--threads 1): OpenMP threads waiting on a busy shared machine made this test
+    # several times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cpu_block_preset_rows(one_thread):
+    """The block preset's CPU quick cases end to end: a timing of every provider (peft_bnb only where
+    bitsandbytes runs on the CPU), finite and positive, ratios to this run's floor, the grouped providers
+    recorded as grouped."""
+    cases = presets.select_cases(["block"], cpu=True)
+    assert [c.name for c in cases] == ["tiny block M=64 r16", "tiny block M=256 r16"]
+    assert all(c.providers() == list(presets.BLOCK_PROVIDERS) and c.dtype == "float32" for c in cases)
+    rows, _ = harness.run_cases(cases, harness.Settings(**FAST), ["--preset", "block"], progress=False)
+    rows = [r for r in rows if r["case"] != "ceilings"]
+    bnb = _bnb_reason()
+    want = [p for p in presets.BLOCK_PROVIDERS if not (p == "peft_bnb" and bnb)]
+    for case in cases:
+        t = {r["provider"]: r for r in rows if r["case"] == case.name and r["metric"] == "time_ms"}
+        assert sorted(t) == sorted(want), [r["note"] for r in rows if r["status"] == "skipped"]
+        for p, r in t.items():
+            assert r["status"] == "ok" and r["mode"] == "full" and r["preset"] == "block"
+            assert math.isfinite(r["value"]) and 0 < r["p20"] <= r["value"] <= r["p80"]
+            assert r["ratio_to_floor"] == pytest.approx(r["value"] / t["floor"]["value"], rel=1e-12)
+            cfg = json.loads(r["config"])
+            assert (cfg["M"], cfg["kind"], cfg["r"], cfg["hidden"], cfg["kv"], cfg["intermediate"]) == \
+                (case.M, "block", 16, 64, 16, 256)
+            if p.startswith("fused"):
+                groups = cfg["provider_info"]["groups"]
+                assert set(groups.values()) == ({"grouped"} if p.endswith("_grouped") else {"ungrouped"}), (p, groups)
+        for metric in ("tflops", "gbps"):
+            vals = [r["value"] for r in rows if r["case"] == case.name and r["metric"] == metric]
+            assert len(vals) == len(want) and all(math.isfinite(v) and v > 0 for v in vals)
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert [(r["provider"], r["note"]) for r in skipped] == [("peft_bnb", bnb)] * (len(cases) if bnb else 0)
+    md = report.markdown(rows)
+    assert "| tiny block M=256 r16 | fused_grouped (reference path) |" in md
+
+
+def _block_run(built, data):
+    """One fwd+bwd of a built block provider: (outputs, input grads, {(projection, 'A'|'B'): grad})."""
+    for x in data.x:
+        x.grad = None
+    ys = built.forward(data.x)
+    torch.autograd.backward(ys, data.dy)
+    dxs = [x.grad for x in data.x]
+    grads = {}
+    for name, p in built.module.named_parameters():
+        if p.requires_grad:
+            parts = name.split(".")
+            proj = next(s for s in parts if s.endswith("_proj"))
+            grads[(proj, "A" if "lora_A" in parts else "B")] = p.grad
+    return [y.detach() for y in ys], dxs, grads
+
+
+@pytest.mark.parametrize("weight", ["dense", "nf4"])
+def test_block_providers_compute_the_same_block(weight):
+    """Every provider of a block case computes the seven projections of the same weights: outputs, the four
+    input gradients and all 14 adapter gradients equal a float64 reference (NF4: of the dequantized weights),
+    grouped and ungrouped alike; the floors equal the reference without adapters. peft_bnb's reference is of
+    bitsandbytes' own dequantized weights: on the CPU its double-quantization codes can differ from lora_ops'
+    (docs/DESIGN.md), here in one block of gate_proj."""
+    import lora_ops
+    from benchmarks import block
+
+    case = presets.block_case("t", "tiny", 19, "float32")
+    data = block.make_block_data(case, torch.device("cpu"), seed=3)
+    ws = data.sets[0]
+    inputs = dict(zip([n for n, _ in case.inputs()], data.x))
+
+    def dequantized(W, by):
+        if weight == "dense":
+            return W
+        if by == "peft_bnb":
+            import bitsandbytes.functional as bnbf
+
+            w4 = providers.bnb_linear4bit(W, torch.float32).weight
+            return bnbf.dequantize_4bit(w4.data, w4.quant_state)
+        return lora_ops.quantize_nf4(W).dequantize()
+
+    def reference(adapters, by=None):
+        xs = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
+        ab = {n: (ws[n].A.double().requires_grad_(True), ws[n].B.double().requires_grad_(True)) for n in block.TARGETS}
+        ys = []
+        for name, _, x, _, _ in case.projections():
+            W = dequantized(ws[name].W, by)
+            y = xs[x] @ W.double().T
+            if adapters:
+                y = y + case.scaling * (xs[x] @ ab[name][0].T) @ ab[name][1].T
+            ys.append(y)
+        torch.autograd.backward(ys, [d.double() for d in data.dy])
+        grads = {(n, k): t.grad for n, (a, b) in ab.items() for k, t in (("A", a), ("B", b))}
+        return ys, [xs[n].grad for n, _ in case.inputs()], grads
+
+    lora = (["peft", "fused", "fused_grouped"] if weight == "dense"
+            else ["peft_bnb", "fused_qlora", "fused_qlora_grouped"])
+    if weight == "nf4" and _bnb_reason():
+        lora.remove("peft_bnb")
+    results = {}
+    for p in lora:
+        ys_ref, dx_ref, g_ref = reference(True, p)
+        results[p] = got = _block_run(block.BUILDERS[p](case, ws), data)
+        for i, (y, yr) in enumerate(zip(got[0], ys_ref)):
+            assert_rel_close(y, yr, torch.float32, f"{p} y{i}")
+        for i, (dx, dr) in enumerate(zip(got[1], dx_ref)):
+            assert_rel_close(dx, dr, torch.float32, f"{p} dx{i}")
+        assert sorted(got[2]) == sorted(g_ref)
+        for k in g_ref:
+            assert_rel_close(got[2][k], g_ref[k], torch.float32, f"{p} grad {k}")
+    grouped, ungrouped = lora[-1], lora[-2]
+    for y, yu in zip(results[grouped][0], results[ungrouped][0]):
+        assert_rel_close(y, yu, torch.float32, "grouped vs ungrouped")
+    ys_ref = reference(True)[0]
+    if weight == "dense":  # the floors: the same projections without adapters (dense weights)
+        ys0, dx0, _ = reference(False)
+        for p in ("floor", "floor_grouped"):
+            ys, dxs, grads = _block_run(block.BUILDERS[p](case, ws), data)
+            assert not grads
+            for y, yr in zip(ys, ys0):
+                assert_rel_close(y, yr, torch.float32, f"{p} y")
+            for dx, dr in zip(dxs, dx0):
+                assert_rel_close(dx, dr, torch.float32, f"{p} dx")
+            with pytest.raises(AssertionError):  # control: no adapter is not the LoRA block
+                assert_rel_close(ys[0], ys_ref[0], torch.float32, "floor vs LoRA")
+
+
+def test_block_grouped_provider_refuses_an_ungrouped_model(monkeypatch):
+    """A grouped provider whose groups did not form fails its build (recorded as skipped), so an ungrouped model
+    is never timed under a grouped name."""
+    from benchmarks import block
+    from lora_ops import inject
+
+    case = presets.block_case("t", "tiny", 8, "float32")
+    data = block.make_block_data(case, torch.device("cpu"))
+    monkeypatch.setattr(inject, "_group_new", lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match="left the projections ungrouped"):
+        block.build_fused_grouped(case, data.sets[0])
+    block.build_fused(case, data.sets[0])  # the ungrouped twin does not care
+    one = case.filtered(["fused_grouped"])
+    rows, _ = harness.run_cases([one], harness.Settings(**FAST), progress=False)
+    r = next(r for r in rows if r["provider"] == "fused_grouped")
+    assert r["status"] == "skipped" and "left the projections ungrouped" in r["note"]
+
+
+def test_block_preset_shapes_and_cost():
+    gpu = presets.PRESETS["block"].cases(cpu=False)
+    assert [(c.M, c.dtype, c.r, c.arch) for c in gpu] == [(2048, "bfloat16", 16, "llama3-8b"),
+                                                          (8192, "bfloat16", 16, "llama3-8b")]
+    assert gpu[0].projections() == [("q_proj", "self_attn", "x_attn", 4096, 4096),
+                                    ("k_proj", "self_attn", "x_attn", 4096, 1024),
+                                    ("v_proj", "self_attn", "x_attn", 4096, 1024),
+                                    ("o_proj", "self_attn", "x_o", 4096, 4096),
+                                    ("gate_proj", "mlp", "x_mlp", 4096, 14336),
+                                    ("up_proj", "mlp", "x_mlp", 4096, 14336),
+                                    ("down_proj", "mlp", "x_down", 14336, 4096)]
+    from benchmarks import block
+
+    c = gpu[1]
+    M = c.M
+    nk = sum(K * N for _, _, _, K, N in c.projections())
+    assert harness.case_cost(c, "floor", "full")[0] == 4 * M * nk  # forward GEMM + dX GEMM of each
+    assert harness.case_cost(c, "floor_grouped", "full") == harness.case_cost(c, "floor", "full")
+    lora = harness.case_cost(c, "fused", "full")
+    assert lora == harness.case_cost(c, "fused_grouped", "full") == harness.case_cost(c, "peft", "full")
+    assert lora[0] > 4 * M * nk
+    assert harness.case_cost(c, "fused_qlora", "full")[1] < lora[1]  # NF4 bytes for the bases
+    assert block.block_cost(c, "peft_bnb", "full") == harness.case_cost(c, "fused_qlora_grouped", "full")
+    with pytest.raises(ValueError, match="does not run the block preset"):
+        presets.BlockCase("block", "x", "tiny", 8, plan=(("unfused", ("full",)),))
+    with pytest.raises(ValueError, match="times full"):
+        presets.BlockCase("block", "x", "tiny", 8, plan=(("fused", ("decode",)),))
+    assert c.filtered(["peft_bnb"], None).providers() == ["floor", "peft_bnb", "floor_repeat"]
+    assert c.filtered(None, ["decode"]) is None
+
+
+def test_block_cli_list_and_help(capsys):
+    from benchmarks.cli import main
+
+    assert main(["--cpu", "--preset", "block", "--providers", "fused_grouped", "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("floor: full; fused_grouped: full; floor_repeat: full" in l for l in out)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for word in ("block", "fused_grouped", "fused_qlora_grouped", "floor_grouped", "--preset block"):
+        assert word in text, word
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
@@ -366,3 +566,26 @@ def test_gpu_small_case_measures_memory_and_kernels(cuda):
     assert by[("floor", "full", "kernel_launches")]["value"] >= 2  # forward GEMM + dX GEMM
     assert env["ceilings"]["gemm_tflops"] > 50 and env["ceilings"]["copy_gbps"] > 500
     assert harness.slugify(env["gpu"]) != "cpu"
+
+
+@pytest.mark.gpu
+def test_gpu_block_case_runs_every_provider(cuda):
+    """A small block case (the tiny decoder's widths, bf16) on the GPU: every provider timed (peft_bnb where
+    bitsandbytes has its CUDA build), memory and kernels measured, lora_ops on its kernels, groups formed."""
+    from benchmarks import model
+
+    case = presets.block_case("t", "tiny", 256, "bfloat16")
+    rows, _ = harness.run_cases([case], harness.Settings(cpu=False, warmup_ms=5, rep_ms=20), progress=False)
+    by = {(r["provider"], r["metric"]): r for r in rows if r["case"] == case.name}
+    bnb = model.bnb_unavailable(cuda)
+    for p in presets.BLOCK_PROVIDERS:
+        if p == "peft_bnb" and bnb:
+            assert "bitsandbytes" in by[(p, "skipped")]["note"]
+            continue
+        assert (p, "time_ms") in by, by.get((p, "skipped"), {}).get("note")
+        assert by[(p, "peak_extra_mib")]["status"] == "ok" and by[(p, "peak_extra_mib")]["value"] > 0
+        assert by[(p, "kernel_launches")]["value"] >= 4  # at least a forward and a dX GEMM per group / layer
+        if p.startswith("fused"):
+            info = json.loads(by[(p, "time_ms")]["config"])["provider_info"]
+            assert info["lora_fwd"] != "reference", info
+            assert set(info["groups"].values()) == ({"grouped"} if p.endswith("_grouped") else {"ungrouped"})

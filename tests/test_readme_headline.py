@@ -109,8 +109,8 @@ def test_presets_without_rows_say_not_yet_measured():
     rows = report.read_csv(readme.DEFAULT_CSV)
     layer_only = [r for r in rows if r["preset"] == "layer"]
     block = readme.generate(layer_only)
-    sections = ("### Rank sweep", "### Tokens sweep", "### Host cost", "### Decode", "### NF4 dequantize",
-                "### Model training step")
+    sections = ("### Rank sweep", "### Tokens sweep", "### Block", "### Host cost", "### Decode",
+                "### NF4 dequantize", "### Model training step")
     for section in sections:
         part = block[block.index(section):]
         part = part[:part.index("\n###", 1)] if "\n###" in part[1:] else part
