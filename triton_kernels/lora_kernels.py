@@ -194,7 +194,7 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------- kernels
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "cols_per_split"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _lora_s_kernel(x_ptr, a_ptr, seed_ptr, s_ptr,
                    stride_xm, stride_xk, stride_ar, stride_ak, stride_ss, stride_sm, stride_sr,
                    M, K, R, cols_per_split, threshold, drop_scale, M_BUCKET,
@@ -392,7 +392,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         c_desc.store([om, on], acc.to(dtype))
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "cols_per_split"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
                         stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dss, stride_dsm,
                         stride_dsr,
