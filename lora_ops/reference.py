@@ -67,16 +67,26 @@ def _shr32(h: torch.Tensor, s: int) -> torch.Tensor:
     return (h >> s) & ((1 << (32 - s)) - 1)
 
 
-def _mul32_bits(h: torch.Tensor, c: int) -> torch.Tensor:
-    return (h.view(torch.uint32) * c).view(torch.int32)
-
-
 def _mix32_bits(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ _shr32(h, 16)
-    h = _mul32_bits(h, HASH_MUL1)
-    h = h ^ _shr32(h, 15)
-    h = _mul32_bits(h, HASH_MUL2)
-    return h ^ _shr32(h, 16)
+    """The 32-bit mix of ``dropout_hash31`` on int32 bit patterns, in place (h is overwritten and returned):
+    one scratch tensor instead of a new one per step, which on a CPU made the mask ~40% cheaper."""
+    t = torch.empty_like(h)
+    # An int32 multiply that wraps gives the uint32 product's bits ~20x faster on a CPU (uint32 has no vectorised
+    # kernel); used only where a probe saw it wrap.
+    wraps = _int32_multiply_wraps()
+    hu = h.view(torch.uint32)
+    for shift, mul in ((16, HASH_MUL1), (15, HASH_MUL2)):
+        torch.bitwise_right_shift(h, shift, out=t)
+        t &= (1 << (32 - shift)) - 1
+        h ^= t
+        if wraps:
+            h.mul_(_as_int32(mul))
+        else:
+            hu.mul_(mul)
+    torch.bitwise_right_shift(h, 16, out=t)
+    t &= (1 << 16) - 1
+    h ^= t
+    return h
 
 
 def _as_int32(v: int) -> int:
@@ -91,11 +101,23 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torc
     on_cpu = device is None or torch.device(device).type == "cpu"
     if on_cpu and rows * cols < 1 << 31 and _uint32_multiply():
         k0, k1 = _as_int32(seed & _M32), _as_int32((seed >> 32) & _M32)
-        h = _mix32_bits(torch.arange(rows * cols, dtype=torch.int32) ^ k0)
-        h = _mix32_bits(h ^ k1)
+        h = torch.arange(rows * cols, dtype=torch.int32)
+        h ^= k0
+        h = _mix32_bits(h)
+        h ^= k1
+        h = _mix32_bits(h)
         return (_shr32(h, 1) >= dropout_keep_threshold(p)).reshape(rows, cols)
     index = torch.arange(rows * cols, dtype=torch.int64, device=device).reshape(rows, cols)
     return dropout_hash31(seed, index) >= dropout_keep_threshold(p)
+
+
+@functools.lru_cache(maxsize=None)
+def _int32_multiply_wraps() -> bool:
+    """Whether this torch's CPU int32 multiply wraps modulo 2**32 (the vectorised body and the scalar tail)."""
+    vals = [(i * 2654435761 + 12345) % (1 << 32) for i in range(37)]
+    h = torch.tensor([_as_int32(v) for v in vals], dtype=torch.int32)
+    got = h.mul_(_as_int32(HASH_MUL1)).tolist()
+    return got == [_as_int32((v * HASH_MUL1) & _M32) for v in vals]
 
 
 @functools.lru_cache(maxsize=None)
