@@ -90,9 +90,9 @@ def _mask(seed: Optional[Tensor], rows: int, cols: int, p: float, device) -> Opt
 
 
 def _lora_fwd_kernel(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
-             nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
-             lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor],
-             dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                     nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
+                     lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor],
+                     dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """x (M, K) -> (y (M, N), S (M, r)) with S = dropout(x) @ A^T rounded to x.dtype (saved for backward)."""
     with _no_autocast(x.device):
         impl = _backend.lora_impl("lora_fwd", x) or reference_fwd
@@ -119,10 +119,11 @@ def _(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, 
     return x.new_empty((m, lora_B.shape[0])), x.new_empty((m, lora_A.shape[0]))
 
 
-def _lora_bwd_kernel(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
-             nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
-             lora_A: Tensor, lora_B: Tensor, s: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-             need_dx: bool, need_dA: bool, need_dB: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lora_bwd_kernel(dy: Tensor, x: Tensor, weight: Tensor, absmax: Optional[Tensor],
+                     nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
+                     blocksize: int, lora_A: Tensor, lora_B: Tensor, s: Tensor, scaling: float, dropout_p: float,
+                     seed: Optional[Tensor], need_dx: bool, need_dA: bool, need_dB: bool,
+                     need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx (M, K), dA (r, K), dB (N, r), dbias (N,)); a gradient not asked for comes back with 0 elements."""
     with _no_autocast(dy.device):  # a backward run inside an autocast region must not recast it either
         impl = _backend.lora_impl("lora_bwd", dy) or reference_bwd
@@ -244,8 +245,8 @@ def lora_fwd_eager(impl, x, weight, absmax, nested_absmax, nested_code, offset, 
 # -------------------------------------------------------------------------------------- small-batch decode
 
 def _lora_decode_kernel(x: Tensor, weight: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
-                nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
-                lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor]) -> Tensor:
+                        nested_code: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
+                        lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor]) -> Tensor:
     """Inference forward: x (M, K) -> y (M, N) = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias); no dropout, no
     autograd. ``lora_linear`` calls it only when no gradient can be needed and M is small (``decode.py``); on
     CUDA it is one kernel (``csrc/lora_decode.cu``, which keeps S in fp32), elsewhere the reference forward."""
