@@ -8,7 +8,9 @@ Per provider, in one process and on the same token ids:
    weights; nothing is downloaded); peft_bnb then swaps the seven projections for bitsandbytes ``Linear4bit``
    (NF4, double quant), as loading a checkpoint with ``load_in_4bit`` does; then ``prepare_for_training`` (the
    same for every provider: gradient checkpointing when the case has it, the input embeddings' output requiring
-   grad), then the provider's adapter (see ``BUILDERS``);
+   grad), then the provider's adapter (see ``BUILDERS``; ``fused_grouped`` / ``fused_qlora_grouped`` are
+   ``fused`` / ``fused_qlora`` with ``apply_lora(..., group_projections=True)``: q/k/v and gate/up of every layer
+   each one ``lora_linear`` call, docs/GROUPED.md);
 3. ``warmup_steps`` untimed steps, then ``reset_peak_memory_stats`` and ``steps`` timed steps; a step is
    ``zero_grad(set_to_none=True)``, ``loss = model(input_ids=ids, labels=ids).loss`` (causal-LM loss on random
    ids (batch, seq)), ``loss.backward()``, ``AdamW.step()`` over the trainable parameters (the floor has none:
@@ -23,7 +25,9 @@ Per provider, in one process and on the same token ids:
    cost. The report adds the ratios to peft_bnb of the same run (the case's ``reference``) from the values.
 
 Everything a provider holds is dropped and the allocator emptied before the next one is built. A provider that
-fails (OOM, missing package, bitsandbytes without its CUDA build) is recorded as ``skipped`` with the reason.
+fails (OOM, missing package, bitsandbytes without its CUDA build) is recorded as ``skipped`` with the reason. A
+grouped provider whose groups did not form after the build, or turned themselves off during the steps
+(``check_groups``), fails the same way, so an ungrouped model is never timed under a grouped name.
 No autocast: every provider computes in the model dtype, LoRA adapters included. peft_bnb gets what
 ``peft.prepare_model_for_kbit_training`` does except its fp32 upcast of the non-quantized parameters (norms,
 embeddings, lm_head): that upcast would run the residual stream in fp32 for that provider alone; and PEFT would
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -161,20 +166,51 @@ def build_floor(case: ModelCase, device: torch.device, seed: int = 0):
                         "none: every parameter frozen, no optimizer; the backward reaches the embeddings' output")
 
 
-def build_fused(case: ModelCase, device: torch.device, seed: int = 0, quantize: Optional[str] = None):
+def build_fused(case: ModelCase, device: torch.device, seed: int = 0, quantize: Optional[str] = None,
+                group: bool = False):
     import lora_ops
 
     model, info = prepared_model(case, device, seed)
     lora_ops.apply_lora(model, list(MODEL_TARGETS), r=case.r, lora_alpha=case.lora_alpha, lora_dropout=0.0,
-                        quantize=quantize, blocksize=NF4_BLOCKSIZE, double_quant=True)
+                        quantize=quantize, blocksize=NF4_BLOCKSIZE, double_quant=True,
+                        group_projections=group)
     info.update(adapter="lora_ops.apply_lora", quantize=quantize or "none")
     if quantize:
         info.update(blocksize=NF4_BLOCKSIZE, double_quant=True)
+    if group:
+        name = "fused_qlora_grouped" if quantize else "fused_grouped"
+        info.update(group_projections=True, groups=check_groups(case, model, name, "after apply_lora"))
     return model, info
 
 
 def build_fused_qlora(case: ModelCase, device: torch.device, seed: int = 0):
     return build_fused(case, device, seed, quantize="nf4")
+
+
+def build_fused_grouped(case: ModelCase, device: torch.device, seed: int = 0):
+    return build_fused(case, device, seed, group=True)
+
+
+def build_fused_qlora_grouped(case: ModelCase, device: torch.device, seed: int = 0):
+    return build_fused(case, device, seed, quantize="nf4", group=True)
+
+
+def check_groups(case: ModelCase, model: nn.Module, provider: str, when: str) -> Dict[str, int]:
+    """Refuse a grouped provider's model unless q/k/v and gate/up of every layer are grouped
+    (``lora_ops.grouped.explain_groups``: 2 groups per layer, each "grouped"), so an ungrouped model is never
+    timed under a grouped name. A group that formed can still turn itself off in a forward (a member called with
+    another input), hence ``_measure`` asks again after the timed steps. Returns the groups' status counts."""
+    from lora_ops.grouped import explain_groups
+
+    rows = explain_groups(hf_model(model))
+    counts = dict(Counter(str(r["status"]) for r in rows))
+    want = 2 * case.layers
+    if len(rows) != want or counts.get("grouped", 0) != want:
+        bad = [r for r in rows if r["status"] != "grouped"][:2]
+        raise RuntimeError(f"{provider}: group_projections=True left the projections ungrouped {when}: "
+                           f"{counts.get('grouped', 0)} of {want} groups (q/k/v, gate/up per layer) grouped, "
+                           f"statuses {counts}; e.g. {bad}")
+    return counts
 
 
 def _peft(model: nn.Module, case: ModelCase) -> Tuple[nn.Module, Dict]:
@@ -268,11 +304,15 @@ BUILDERS: Dict[str, ModelBuilder] = {
     "floor": build_floor,
     "peft_bnb": build_peft_bnb,
     "fused_qlora": build_fused_qlora,
+    "fused_qlora_grouped": build_fused_qlora_grouped,
     "peft": build_peft,
     "fused": build_fused,
+    "fused_grouped": build_fused_grouped,
     "full_ft": build_full_ft,
 }
-LORA = ("fused", "fused_qlora", "peft", "peft_bnb")
+LORA = ("fused", "fused_qlora", "fused_grouped", "fused_qlora_grouped", "peft", "peft_bnb")
+# Providers built with group_projections=True: check_groups runs after their build and after their timed steps.
+GROUPED = ("fused_grouped", "fused_qlora_grouped")
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -320,6 +360,8 @@ def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, id
         dev.sync()
         samples.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(dev.device) - baseline if dev.cuda else None
+    if provider in GROUPED:
+        check_groups(case, model, provider, "during the steps")
     last = float(last)
     if opt is not None:
         opt.zero_grad(set_to_none=True)

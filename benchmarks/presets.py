@@ -30,9 +30,9 @@ PROVIDERS: Dict[str, str] = {
     "copy": "nf4 preset floor: a device copy moving as many bytes (read + write) as the dequantization must",
     "bnb": "nf4 preset: bitsandbytes.functional.dequantize_4bit",
     "fused_qlora": "model and block presets: lora_ops QLoRA (apply_lora(..., quantize='nf4'), double quant)",
-    "fused_grouped": "block preset: fused with apply_lora(..., group_projections=True): q/k/v and gate/up each one "
-                     "lora_linear call over one shared base buffer",
-    "fused_qlora_grouped": "block preset: fused_qlora with group_projections=True",
+    "fused_grouped": "block and model presets: fused with apply_lora(..., group_projections=True): q/k/v and "
+                     "gate/up each one lora_linear call over one shared base buffer",
+    "fused_qlora_grouped": "block and model presets: fused_qlora with group_projections=True",
     "floor_grouped": "block preset: the floor with q/k/v and gate/up each one frozen nn.Linear over the "
                      "concatenated weights (the base GEMMs a grouped call runs), outputs split",
 }
@@ -252,8 +252,10 @@ def _nf4(cpu: bool) -> List[Case]:
 
 MODEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The model preset's providers, in run order: the frozen-base floor and peft_bnb (the two references of every
-# ratio) first, full fine-tuning (the one most likely to run out of memory) last.
-MODEL_PROVIDERS = ("floor", "peft_bnb", "fused_qlora", "peft", "fused", "full_ft")
+# ratio) first, each grouped provider (group_projections=True) right after its ungrouped twin, full fine-tuning
+# (the one most likely to run out of memory) last.
+MODEL_PROVIDERS = ("floor", "peft_bnb", "fused_qlora", "fused_qlora_grouped", "peft", "fused", "fused_grouped",
+                   "full_ft")
 MODEL_FLOOR = "floor"  # ratio_to_floor of model rows: step time and peak memory ÷ this provider's, same run
 MODEL_REFERENCE = "peft_bnb"  # the report's "× peft_bnb" columns: tokens/s and peak memory ÷ this provider's
 # Decoder shapes: Llama-3-8B's layers (random init, never downloaded) with a 32000-token vocabulary by default
@@ -555,8 +557,9 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "decoder (hidden 4096, intermediate 14336, 32/8 heads, vocab 32000 or --vocab), random init in bf16, "
            "--layers deep (default 16), LoRA r=16 alpha=32 on q,k,v,o,gate,up,down: 1x2048 and 4x2048 tokens with "
            "gradient checkpointing, 1x2048 without (--batch, --checkpointing on|off pick among them); 3 warm-up + "
-           "10 timed steps per provider; floor (frozen base), peft_bnb, fused_qlora, peft, fused, full_ft (skipped "
-           "when it does not fit); tokens/s, step ms, peak memory, ratios to the floor and to peft_bnb",
+           "10 timed steps per provider; floor (frozen base), peft_bnb, fused_qlora, fused_qlora_grouped, peft, fused, "
+           "fused_grouped, full_ft (skipped when it does not fit; *_grouped = group_projections=True, skipped when "
+           "the groups do not form); tokens/s, step ms, peak memory, ratios to the floor and to peft_bnb",
            "a guess, not measured: about 4-6 min for the three cases at 16 layers, first-call Triton autotuning "
            "included; run it alone in a 10-minute command with --budget-s 420", _model, MODEL_OPTIONS),
 )}

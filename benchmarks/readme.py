@@ -48,7 +48,8 @@ BLOCK_COLUMNS = (("floor_grouped", "floor, grouped GEMMs"), ("peft", "PEFT"), ("
                  ("fused_grouped", "**lora_ops grouped**"), ("peft_bnb", "PEFT+bnb"),
                  ("fused_qlora", "**lora_ops QLoRA**"), ("fused_qlora_grouped", "**lora_ops QLoRA grouped**"))
 MODEL_COLUMNS = (("floor", "frozen-base floor"), ("peft_bnb", "PEFT+bnb QLoRA"), ("fused_qlora", "**lora_ops QLoRA**"),
-                 ("peft", "PEFT LoRA"), ("fused", "**lora_ops LoRA**"), ("full_ft", "full FT"))
+                 ("fused_qlora_grouped", "**lora_ops QLoRA grouped**"), ("peft", "PEFT LoRA"),
+                 ("fused", "**lora_ops LoRA**"), ("fused_grouped", "**lora_ops LoRA grouped**"), ("full_ft", "full FT"))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -454,6 +455,7 @@ def model_section(idx: Dict, rows: Sequence[Dict], csv_dir: str) -> List[str]:
     else:
         out += ["", "Peak memory: not measured (no CUDA memory statistics in these runs).", ""]
     out += ["- " + line.replace("**", "") for line in report.model_target_lines(rows)]
+    out += ["- " + line for line in report.model_grouping_lines(rows)]
     if ckpts == {None}:
         ckpt_text = "no gradient checkpointing"
     else:
@@ -462,6 +464,9 @@ def model_section(idx: Dict, rows: Sequence[Dict], csv_dir: str) -> List[str]:
     out += ["- One step: forward with causal-LM loss on random token ids, backward, AdamW over the trainable "
             "parameters (LoRA r=16 on q, k, v, o, gate, up, down; full FT: every parameter), "
             f"{'/'.join(dict.fromkeys(dtypes))}, {ckpt_text}; tokens/s = batch × seq / the median step time."]
+    if any(p.endswith("_grouped") for p, _ in cols):
+        out += ["- grouped = `apply_lora(..., group_projections=True)`: q/k/v and gate/up of every layer each one "
+                "`lora_linear` call (`docs/GROUPED.md`); a grouped provider whose groups did not form is skipped."]
     if floor:
         out += ["- The frozen-base floor is the same model (dense, in its dtype) with no adapter and every parameter "
                 "frozen: forward and backward through every layer to the input embeddings, no optimizer step. "

@@ -41,6 +41,9 @@ MODEL_TARGET = ("fused_qlora", 1.3)
 MODEL_TARGET_SHAPE = dict(layers=16, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000)
 MODEL_STEP_TARGETS = {(1, 2048, True): (2.0, 1.35), (4, 2048, True): (1.6, 1.07), (1, 2048, False): (1.5, 1.2)}
 MODEL_CKPT_MEMORY = 1.05
+# The model preset's grouped providers (group_projections=True) and their ungrouped twins: issue 21 asks for the
+# step with grouping vs without, as the ratio of the two of one run.
+MODEL_GROUPED = (("fused_qlora_grouped", "fused_qlora"), ("fused_grouped", "fused"))
 
 
 def ratio(value: float, floor: Optional[float]) -> float:
@@ -422,9 +425,41 @@ def model_target_lines(rows: Sequence[Dict]) -> List[str]:
     return out
 
 
+def model_grouping_lines(rows: Sequence[Dict]) -> List[str]:
+    """Per model case that has rows of a grouped provider: its step time ÷ its ungrouped twin's (and peak memory
+    where measured), both of the same run; or why there is no ratio. Cases without grouped rows get no line."""
+    out = []
+    for case, providers in _index(rows).get(MODEL_PRESET, {}).items():
+        if case == "ceilings":
+            continue
+        parts = []
+        for grouped, twin in MODEL_GROUPED:
+            g, t = _step(providers, grouped), _step(providers, twin)
+            if not g:
+                continue
+            if "skipped" in g:
+                parts.append(f"{grouped} skipped ({g['skipped']['note'][:120]})")
+                continue
+            if "skipped" in t or "time_ms" not in t:
+                why = f"{twin} skipped" if "skipped" in t else f"{twin} not measured"
+                parts.append(f"{grouped} not compared ({why})")
+                continue
+            rt = model_ratio(providers, grouped, "time_ms", twin)
+            if math.isnan(rt):
+                parts.append(f"{grouped} not compared ({twin} not measured in the same run)")
+                continue
+            mem = model_ratio(providers, grouped, "peak_extra_mib", twin)
+            parts.append(f"{grouped} {_x(rt)} {twin}'s" + ("" if math.isnan(mem) else f", peak memory {_x(mem)}"))
+        if parts:
+            out.append(f"Grouping ({case}): step with group_projections=True ÷ without, same run (< 1: grouping is "
+                       "faster): " + "; ".join(parts) + ".")
+    return out
+
+
 def summary(rows: Sequence[Dict]) -> List[str]:
     """The lines to paste: per case, its primary mode (full fwd+bwd, decode or dequant), every provider; then the
-    model preset's training steps (ratios to peft_bnb and to the frozen-base floor) and its targets."""
+    model preset's training steps (ratios to peft_bnb and to the frozen-base floor), its targets and, where grouped
+    providers ran, the step with grouping ÷ without."""
     out = ["## Summary", ""]
     layer_rows = any(r["preset"] != MODEL_PRESET and r["case"] != "ceilings" for r in rows)
     if layer_rows:
@@ -478,6 +513,7 @@ def summary(rows: Sequence[Dict]) -> List[str]:
         out += [f"Model training step (tokens/s and peak memory × {ref}, step time and peak memory ÷ the {fl}: the "
                 "frozen-base step; both of the same run):", ""]
         out += model_target_lines(rows)
+        out += model_grouping_lines(rows)
         out += ["", f"| case | provider | tokens/s | × {ref} | step ms | ÷ {fl} | peak extra MiB (× {ref}, × {fl}) "
                 "|", "|---|---|---|---|---|---|---|"]
         for case, providers in model_cases.items():

@@ -108,7 +108,8 @@ GROUPS: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
     ("linear", "= linear layers (base + LoRA)", ("lora_ops", "gemm", "gemm_lora", "bnb")),
     ("head_loss", "= LM head + loss", ("lm_head", "loss")),
 )
-DEFAULT_PROVIDERS = tuple(p for p in MODEL_PROVIDERS if p != "full_ft")
+# The grouped providers (issue 21) run only when named (--providers ... or all): by default the ungrouped ones.
+DEFAULT_PROVIDERS = tuple(p for p in MODEL_PROVIDERS if p != "full_ft" and not p.endswith("_grouped"))
 
 # Kernel-name and op-name rules, in the order they are tried.
 _LORA_NAME = re.compile(r"^_lora_|^_nf4_|^_dropout_mask_kernel|lora_ops::")

@@ -2,7 +2,10 @@
 a tiny Llama-shaped decoder (hidden 64, 2 layers, vocab 128) in the quick mode's three cases (1 x 16 and 2 x 16
 tokens with gradient checkpointing, 1 x 16 without) through every provider that runs here, the frozen-base floor
 included; the rows it writes, gradient checkpointing (the same loss and gradients as without it, for lora_ops
-models too), the report (both ratios), the targets, the plot and the command line's options and errors."""
+models too), the grouped providers (group_projections=True: the same losses as their ungrouped twins, skipped
+when the groups do not form), the report (both ratios, the grouping ratio), the targets, the plot and the command
+line's options and errors."""
+import dataclasses
 import json
 import math
 import sys
@@ -23,7 +26,9 @@ from benchmarks.presets import ModelCase, select_cases  # noqa: E402
 from helpers import kernels_only  # noqa: E402
 
 FAST = dict(cpu=True, cpu_min_reps=2, cpu_max_reps=3, cpu_target_s=0.001, profile=False)
-LORA = ("fused", "fused_qlora", "peft", "peft_bnb")
+LORA = ("fused", "fused_qlora", "fused_grouped", "fused_qlora_grouped", "peft", "peft_bnb")
+GROUPED = (("fused_grouped", "fused"), ("fused_qlora_grouped", "fused_qlora"))
+PROVIDERS = ["floor", "peft_bnb", "fused_qlora", "fused_qlora_grouped", "peft", "fused", "fused_grouped", "full_ft"]
 CPU_CASES = (("tiny L2 1x16 ckpt", 1, True), ("tiny L2 2x16 ckpt", 2, True), ("tiny L2 1x16 no-ckpt", 1, False))
 
 
@@ -53,7 +58,7 @@ def test_cpu_quick_mode_cases():
     for c in cases:
         assert (c.arch, c.layers, c.seq, c.dtype, c.steps, c.warmup_steps) == ("tiny", 2, 16, "float32", 3, 1)
         assert c.dims == dict(hidden=64, intermediate=256, heads=4, kv_heads=1, vocab=128)
-        assert c.providers() == ["floor", "peft_bnb", "fused_qlora", "peft", "fused", "full_ft"]
+        assert c.providers() == PROVIDERS
         assert (c.floor, c.reference) == ("floor", "peft_bnb")
 
 
@@ -119,6 +124,126 @@ def test_checkpointing_keeps_the_training_steps(cpu_run):
     for p in ran:
         for metric in ("loss_first", "loss_last"):
             assert on[(p, metric)]["value"] == pytest.approx(off[(p, metric)]["value"], rel=1e-6, abs=0), (p, metric)
+
+
+def test_grouped_providers_rows_and_losses(cpu_run):
+    """fused_grouped / fused_qlora_grouped ran in every case with q/k/v and gate/up of both layers grouped, and
+    trained as their ungrouped twins did: the same base weights, adapters and token ids, so the same first and
+    last loss (fp32; grouping only changes the order of the sums)."""
+    cases, rows = cpu_run
+    for case in cases:
+        by = _by(rows, case.name)
+        for grouped, twin in GROUPED:
+            assert by[(grouped, "time_ms")]["status"] == "ok" and by[(grouped, "tokens_per_s")]["value"] > 0
+            info = json.loads(by[(grouped, "time_ms")]["config"])["provider_info"]
+            assert info["group_projections"] is True and info["groups"] == {"grouped": 2 * case.layers}
+            assert "group_projections" not in json.loads(by[(twin, "time_ms")]["config"])["provider_info"]
+            assert info["quantize"] == json.loads(by[(twin, "time_ms")]["config"])["provider_info"]["quantize"]
+            for metric in ("loss_first", "loss_last", "trainable_params"):
+                assert by[(grouped, metric)]["value"] == pytest.approx(by[(twin, metric)]["value"], rel=1e-6,
+                                                                       abs=0), (grouped, metric)
+
+
+@pytest.mark.parametrize("grouped, twin", GROUPED)
+def test_grouped_training_trajectory_matches_ungrouped(grouped, twin, monkeypatch):
+    """Several AdamW steps with non-zero adapters and a learning rate that moves them: every step's loss and the
+    adapters after the last step are the ungrouped twin's (fp32), while the grouped model makes 4 lora_linear
+    calls per layer instead of 7."""
+    (case,) = select_cases(["model"], cpu=True, model_options=dict(layers=1, seq=8, batch=2, checkpointing=True))
+    ids = model.token_ids(case, torch.device("cpu"))
+    calls = {"n": 0}
+    for mod in (lora_ops.modules, lora_ops.grouped):
+        real = mod.lora_linear
+
+        def spy(*a, _real=real, **k):
+            calls["n"] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(mod, "lora_linear", spy)
+
+    def train(provider):
+        m, _ = model.BUILDERS[provider](case, torch.device("cpu"))
+        model.check_model(case, m, provider)
+        g = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if p.requires_grad and "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        losses, n0 = [], calls["n"]
+        for _ in range(4):
+            opt.zero_grad(set_to_none=True)
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        per_step = (calls["n"] - n0) / 4
+        return losses, {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}, per_step, m
+
+    want, want_params, want_calls, _ = train(twin)
+    got, got_params, got_calls, m = train(grouped)
+    assert got == pytest.approx(want, rel=1e-5, abs=0)
+    assert want[-1] < want[0] - 1e-3  # the steps did train
+    assert set(got_params) == set(want_params)
+    for n in got_params:
+        # AdamW divides by sqrt(v), so ulp-level differences of near-zero gradients grow to ~1e-5 here; the
+        # adapters move by up to 4 x lr = 4e-2, and a wrong gradient would move an element by ~lr.
+        assert torch.allclose(got_params[n], want_params[n], rtol=0, atol=5e-5), n
+    # forward + the checkpointed recomputation: 7 calls per layer each ungrouped, 4 grouped
+    assert (want_calls, got_calls) == (2 * 7 * case.layers, 2 * 4 * case.layers)
+    assert model.check_groups(case, m, grouped, "after the steps") == {"grouped": 2 * case.layers}
+
+
+def _grouped_only(**options):
+    (case,) = select_cases(["model"], cpu=True, providers=[p for p, _ in GROUPED],
+                           model_options=dict(layers=1, seq=4, steps=1, batch=1, checkpointing=False, **options))
+    # Only the grouped providers: the floor and peft_bnb add nothing to what these tests check.
+    return dataclasses.replace(case, plan=tuple((p, ("step",)) for p, _ in GROUPED))
+
+
+def test_grouped_provider_whose_groups_do_not_form_is_skipped(monkeypatch):
+    """A grouped provider whose groups did not form fails its build and is recorded as skipped, never timed
+    ungrouped under its grouped name; its ungrouped twin does not care."""
+    from lora_ops import inject
+
+    case = _grouped_only()
+    monkeypatch.setattr(inject, "_group_new", lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match="left the projections ungrouped after apply_lora: 0 of 2 groups"):
+        model.build_fused_grouped(case, torch.device("cpu"))
+    model.check_model(case, model.build_fused(case, torch.device("cpu"))[0], "fused")
+    rows, _ = harness.run_cases([case], harness.Settings(**FAST), progress=False)
+    by = _by(rows)
+    for grouped, _ in GROUPED:
+        assert by[(grouped, "skipped")]["status"] == "skipped", grouped
+        assert "left the projections ungrouped" in by[(grouped, "skipped")]["note"]
+        assert (grouped, "time_ms") not in by and (grouped, "tokens_per_s") not in by
+    (line,) = report.model_grouping_lines(rows)
+    assert line.startswith(f"Grouping ({case.name}): ") and "fused_qlora_grouped skipped (" in line
+
+
+def test_grouped_provider_whose_groups_turn_off_during_the_steps_is_skipped(monkeypatch):
+    """Groups that formed but turned themselves off in a step (a member called with another input) make the
+    provider skipped too: its timed steps were not all grouped."""
+    case = _grouped_only()
+    real = dict(model.BUILDERS)
+
+    def turning_off(name):
+        def build(case, device, seed=0):
+            m, info = real[name](case, device, seed)
+
+            def off(*_):
+                for g in lora_ops.grouped.projection_groups(m).values():
+                    g.disabled_reason = "simulated: a member saw another input"
+            m.register_forward_pre_hook(off)
+            return m, info
+        return build
+
+    for grouped, _ in GROUPED:
+        monkeypatch.setitem(model.BUILDERS, grouped, turning_off(grouped))
+    rows, _ = harness.run_cases([case], harness.Settings(**FAST), progress=False)
+    by = _by(rows)
+    for grouped, _ in GROUPED:
+        note = by[(grouped, "skipped")]["note"]
+        assert "left the projections ungrouped during the steps: 0 of 2 groups" in note and "'off': 2" in note
 
 
 def _model_case(checkpointing):
@@ -215,6 +340,11 @@ def test_model_report_and_plot(cpu_run, tmp_path):
         assert "fused_qlora ≥ 1.30× peft_bnb tokens/s at no more peak memory" in line and "the floor's" in line
         assert "memory not measured (no CUDA statistics)" in line
         assert f"| {name} | floor |" in tail and f"| {name} | fused_qlora |" in tail
+    for name, _, _ in CPU_CASES:  # one grouping line per case: both grouped providers against their twins
+        line = next(l for l in tail.splitlines() if l.startswith(f"Grouping ({name}): "))
+        assert "fused_qlora_grouped " in line and " fused_qlora's; fused_grouped " in line and " fused's." in line
+        assert "peak memory" not in line  # not measured on the CPU
+        assert f"| {name} | fused_qlora_grouped |" in tail and f"| {name} | fused_grouped |" in tail
     assert "| case | provider | ms p50 |" not in tail  # no layer table when only the model preset ran
     assert written["rows"] == len(rows)
 
@@ -294,6 +424,48 @@ def test_target_lines_memory_floor_bound_and_missing_references():
         name, _cfg(1, True), {"fused_qlora": (800.0, 9.0)}, run_id="r2")
     (line,) = report.model_target_lines(rows)
     assert "– tokens/s, step – the floor's" in line and "not checkable" in line
+
+
+def test_grouping_lines_and_readme_columns():
+    """One grouping line per case with grouped rows: step ÷ the ungrouped twin's and peak memory, same run; the
+    issue-20 target line still judges fused_qlora against peft_bnb; the docs' model table gets the grouped
+    columns beside their twins."""
+    from benchmarks import readme
+
+    name = "llama3-8b-shape L16 1x2048 ckpt"
+    base = {"floor": (1000.0, 20.0), "peft_bnb": (400.0, 10.0), "fused_qlora": (800.0, 9.0), "fused": (900.0, 12.0)}
+    plain = _rows(name, _cfg(1, True), base)
+    assert report.model_grouping_lines(plain) == []  # nothing grouped ran: no line, the tables as before
+    rows = _rows(name, _cfg(1, True), dict(base, fused_qlora_grouped=(1000.0, 9.0), fused_grouped=(800.0, 12.6)))
+    (line,) = report.model_grouping_lines(rows)
+    assert line == (f"Grouping ({name}): step with group_projections=True ÷ without, same run (< 1: grouping is "
+                    "faster): fused_qlora_grouped 0.800× fused_qlora's, peak memory 1.000×; fused_grouped 1.125× "
+                    "fused's, peak memory 1.050×.")
+    assert report.model_target_lines(rows) == report.model_target_lines(plain)  # fused_qlora vs peft_bnb
+    summary = report.markdown(rows)
+    summary = summary[summary.index("## Summary"):]
+    assert line in summary and f"| {name} | fused_qlora_grouped | 1000 | 2.500× |" in summary
+    # A skipped grouped provider, a skipped twin, a twin from another run.
+    rows = _rows(name, _cfg(1, True), {"floor": (1000.0, 20.0), "peft_bnb": (400.0, 10.0), "fused": (900.0, 12.0)},
+                 skip={"fused_qlora": "CUDA out of memory (simulated)",
+                       "fused_qlora_grouped": "fused_qlora_grouped: group_projections=True left the projections "
+                                              "ungrouped after apply_lora"})
+    rows += _rows(name, _cfg(1, True), {"fused_grouped": (800.0, 12.0)}, run_id="r2")
+    (line,) = report.model_grouping_lines(rows)
+    assert "fused_qlora_grouped skipped (fused_qlora_grouped: group_projections=True left" in line
+    assert "fused_grouped not compared (fused not measured in the same run)." in line
+    rows = _rows(name, _cfg(1, True), {"fused_grouped": (800.0, 12.0)}, skip={"fused": "OOM (simulated)"})
+    assert report.model_grouping_lines(rows) == [f"Grouping ({name}): step with group_projections=True ÷ without, "
+                                                 "same run (< 1: grouping is faster): fused_grouped not compared "
+                                                 "(fused skipped)."]
+    # The docs' model table: the grouped columns right after their twins, the grouping line among the notes.
+    rows = _rows(name, _cfg(1, True), dict(base, fused_qlora_grouped=(1000.0, 9.0), fused_grouped=(800.0, 12.6)))
+    text = "\n".join(readme.model_section(report._index(rows), rows, "results"))
+    assert ("| layers, batch × seq | frozen-base floor | PEFT+bnb QLoRA | **lora_ops QLoRA** | **lora_ops QLoRA "
+            "grouped** | **lora_ops LoRA** | **lora_ops LoRA grouped** |") in text
+    assert "- Grouping (" in text and "group_projections=True" in text
+    plain_text = "\n".join(readme.model_section(report._index(plain), plain, "results"))
+    assert "grouped" not in plain_text
 
 
 @pytest.mark.parametrize("cfg", [_cfg(1, True, layers=4), _cfg(1, True, vocab=128256), _cfg(2, True)],
@@ -409,7 +581,7 @@ def test_gpu_preset_cases():
     for c in cases:
         assert (c.arch, c.layers, c.seq, c.dtype, c.r, c.lora_alpha) == ("llama3-8b", 16, 2048, "bfloat16", 16, 32)
         assert (c.warmup_steps, c.steps) == (3, 10)  # all three cases fit in one ten-minute run
-        assert c.providers() == ["floor", "peft_bnb", "fused_qlora", "peft", "fused", "full_ft"]
+        assert c.providers() == PROVIDERS
         cfg = model.llama_config(c)
         assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                 cfg.vocab_size, cfg.num_hidden_layers, cfg.tie_word_embeddings) == (4096, 14336, 32, 8, 32000, 16,
@@ -422,6 +594,7 @@ def test_gpu_preset_cases():
     gpu = cases[0]
     assert gpu.filtered(["fused_qlora"]).providers() == ["floor", "peft_bnb", "fused_qlora"]
     assert gpu.filtered(["peft_bnb"]).providers() == ["floor", "peft_bnb"]
+    assert gpu.filtered(["fused_grouped", "fused"]).providers() == ["floor", "peft_bnb", "fused", "fused_grouped"]
     assert gpu.filtered(["unfused"]) is None and gpu.filtered(None, ["full"]) is None
     # r=16 on the seven projections of all 32 layers of Llama-3-8B: PEFT's well-known 41,943,040.
     assert model.expected_lora_params(presets.model_case("m", "llama3-8b", "bfloat16", 32, 2048, 4, 10, 3)) \
