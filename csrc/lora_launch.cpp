@@ -79,6 +79,7 @@ struct Settings {
   int64_t split_max_m = 512;            // _SPLIT_MAX_M
   int64_t atomic_db_max_m = int64_t{1} << 40;  // _ATOMIC_DB_MAX_M
   int64_t nf4_chunk_bytes = 32 << 20;   // NF4_CHUNK_BYTES
+  int64_t nf4_chunk_min_m = 0;          // NF4_CHUNK_MIN_M
   int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
@@ -495,7 +496,7 @@ WArgs weight_args(const Call& c, Work& work, bool rows) {
   WArgs w;
   const uint64_t scratch = addr_of(c.dt->scratch);
   if (c.nf4 && c.m >= g_settings.dequant_min_m && (c.x.is_cuda() || g_settings.dequant_on_cpu)) {
-    w.chunks = nf4_chunks(c, rows);
+    if (c.m >= g_settings.nf4_chunk_min_m) w.chunks = nf4_chunks(c, rows);
     w.rows = rows;
     if (!w.chunks.empty()) {
       int64_t most = 0;
@@ -1321,6 +1322,7 @@ void configure(const py::dict& s) {
   get("split_max_m", g_settings.split_max_m);
   get("atomic_db_max_m", g_settings.atomic_db_max_m);
   get("nf4_chunk_bytes", g_settings.nf4_chunk_bytes);
+  get("nf4_chunk_min_m", g_settings.nf4_chunk_min_m);
   get("dequant_on_cpu", g_settings.dequant_on_cpu);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }

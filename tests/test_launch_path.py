@@ -156,6 +156,29 @@ def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
         _launch._sync_settings(dry)
 
 
+def test_nf4_chunks_only_from_the_chunk_min_m(dry, monkeypatch):
+    """Below NF4_CHUNK_MIN_M rows the NF4 temporary is made whole even past NF4_CHUNK_BYTES, in the C++ path as in
+    the Python launchers; from it, in chunks."""
+    try:
+        monkeypatch.setattr(L, "_DEQUANT_ON_CPU", True)
+        monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 40 * 256 * 4)
+        fwd, dy = _inputs(m=70, k=256, n=136, r=8, dtype=torch.float32, weight="nf4")
+        x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+        for min_m, chunked in ((71, False), (70, True)):
+            monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", min_m)
+            _launch._sync_settings(dry)
+            y, s = _check(dry, 0, fwd)
+            names = [r[0] for r in dry.launch_fwd(*fwd, True)[1]]
+            assert (names.count("nf4_dequant") > 1) == chunked, names
+            bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
+            _check(dry, 1, bargs)
+            names = [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+            assert (names.count("nf4_dequant") > 1) == chunked, names
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+
+
 def test_db_without_atomics_above_the_atomic_limit(dry, monkeypatch):
     """Above _ATOMIC_DB_MAX_M rows dB and dbias leave the dS pass for the atomic-free dB kernel, in the C++ path as
     in the Python launchers; at or below it they ride along as atomics."""

@@ -219,10 +219,14 @@ _DEQUANT_ON_CPU = False
 # The temporary is bounded: a weight whose dense copy would pass this many bytes is dequantized in chunks, rows
 # of W for the forward GEMM (y's columns), columns of W for the dX GEMM (dX's columns), each chunk's GEMM right
 # after its dequantize, so one chunk is alive at a time: 32 MiB instead of 112 MiB at 4096x14336 bf16. Measured
-# on the H200 (layer preset, docs/PERF_NOTES.md): the layer's peak extra memory 433 -> 349 MiB at 8192 x
-# 4096->14336, but its time 1.44x the floor (do_bench; the chunk GEMMs fall below the TMA GEMM's size threshold
-# and run as pointer GEMMs), where the whole temporary measured 1.09-1.12x; LORA_OPS_NF4_CHUNK_MIB moves the bound.
+# on the H200 (docs/PERF_NOTES.md items 12, 14): the layer's peak extra memory 433 -> 349 MiB at 8192 x
+# 4096->14336; its device time 1.154x the floor in chunks, 1.149x whole, once the chunks' GEMMs take the TMA GEMM
+# by the whole layer's shape (_use_tma); LORA_OPS_NF4_CHUNK_MIB moves the bound.
 NF4_CHUNK_BYTES = _env_int("LORA_OPS_NF4_CHUNK_MIB", 32, 1) << 20  # LORA_OPS_NF4_CHUNK_MIB: the bound in MiB
+# LORA_OPS_NF4_CHUNK_MIN_M: the fewest rows of x from which the temporary is chunked (every M by default); below
+# it the whole weight is dequantized. For A/B runs: at M = 2048 the chunks are suspected of costing the QLoRA
+# model step time (more dequantize launches, chunk GEMMs of under two waves) where their memory matters least.
+NF4_CHUNK_MIN_M = _env_int("LORA_OPS_NF4_CHUNK_MIN_M", 0, 0)
 
 
 def _dequant_first(x: torch.Tensor) -> bool:
@@ -270,7 +274,9 @@ class _W:
         if _dequant_first(x):
             # Checked just above: straight to the dequantize launch, not through its checking entry point.
             self.state = (packed, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x.dtype)
-            self.chunks, self.along = _nf4_chunks(n, k, blocksize, x.element_size(), along), along
+            chunked = x.shape[0] >= NF4_CHUNK_MIN_M
+            self.chunks = _nf4_chunks(n, k, blocksize, x.element_size(), along) if chunked else None
+            self.along = along
             if self.chunks is None:
                 self._dense(_dq._launch(*self.state), scratch)
             return
