@@ -104,7 +104,7 @@ _SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 512, 0)
 # LORA_OPS_ATOMIC_DB_MAX_M: the largest M whose dB / dbias ride along the dS pass as fp32 atomics (one fewer
 # launch); above it the atomic-free dB kernel reduces over M. Every M by default; for A/B runs on the GPU: the
 # atomics grow with cdiv(M, BLOCK_M) x N x r, and the dS pass with them measured 223 us at 8192 x 4096->14336
-# (H200 profile, NF4), four times its read of dY.
+# (H200 profile, NF4, while the S / dS loads were still unaligned), four times its read of dY.
 _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
 
 
@@ -518,8 +518,8 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    # Atomics for dB/dbias only ride along the dS pass; without dS (or when determinism is asked) the
-    # atomic-free kernel does the reduction.
+    # Atomics for dB/dbias only ride along the dS pass; without dS, when determinism is asked or above
+    # _ATOMIC_DB_MAX_M rows the atomic-free kernel does the reduction.
     atomics = need_ds and not deterministic and m <= _ATOMIC_DB_MAX_M
     fused_db = atomics and need_dB
     fused_dbias = atomics and need_dbias
