@@ -322,18 +322,11 @@ def token_ids(case: ModelCase, device: torch.device, seed: int = 0) -> torch.Ten
     return torch.randint(0, case.dims["vocab"], (case.batch, case.seq), generator=gen, device=device)
 
 
-def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, ids: torch.Tensor) -> List[Dict]:
-    """Build, warm up, time; every tensor this provider made dies with this frame."""
-    dev = run.dev
-    dev.sync()
-    baseline = dev.allocated()
-    model, info = builder(case, dev.device, run.settings.seed)
-    check_model(case, model, provider)
-    dev.sync()
-    model_bytes = dev.allocated() - baseline
+def training_step(model: torch.nn.Module, ids: torch.Tensor, case: ModelCase):
+    """(step, optimizer or None, trainable parameter count): the preset's training step, forward + causal-LM loss +
+    backward + AdamW over the trainable parameters. The floor trains nothing: its step is forward + backward
+    (AdamW refuses an empty parameter list)."""
     params = _trainable(model)
-    n_trainable = sum(p.numel() for p in params)
-    # The floor trains nothing: its step is forward + backward (AdamW refuses an empty parameter list).
     opt = torch.optim.AdamW(params, lr=case.lr) if params else None
     model.train()
 
@@ -346,6 +339,19 @@ def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, id
             opt.step()
         return loss.detach()
 
+    return step, opt, sum(p.numel() for p in params)
+
+
+def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, ids: torch.Tensor) -> List[Dict]:
+    """Build, warm up, time; every tensor this provider made dies with this frame."""
+    dev = run.dev
+    dev.sync()
+    baseline = dev.allocated()
+    model, info = builder(case, dev.device, run.settings.seed)
+    check_model(case, model, provider)
+    dev.sync()
+    model_bytes = dev.allocated() - baseline
+    step, opt, n_trainable = training_step(model, ids, case)
     first = float(step())
     for _ in range(case.warmup_steps - 1):
         step()

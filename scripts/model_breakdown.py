@@ -77,7 +77,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -334,19 +334,26 @@ def _named(name: str) -> Optional[str]:
     return None
 
 
-def kernel_category(k: Kernel, op: Optional[Op], dims: Dims) -> str:
-    if k.kind == "memcpy":
-        return "memcpy"
-    cat = _named(k.name)
+def _category(name: str, op: Optional[Op], dims: Dims, gemm: "re.Pattern") -> Optional[str]:
+    """The rules a kernel and a CPU op share: by name, GEMMs by shape, the enclosing range, a vocab-sized
+    dimension; None when none applies."""
+    cat = _named(name)
     if cat:
         return cat
-    if _GEMM_KERNEL.search(k.name):
+    if gemm.search(name):
         return dims.gemm(op)
     cat = context(op)
     if cat:
         return cat
-    if dims.has_vocab(op):
-        return "loss"
+    return "loss" if dims.has_vocab(op) else None
+
+
+def kernel_category(k: Kernel, op: Optional[Op], dims: Dims) -> str:
+    if k.kind == "memcpy":
+        return "memcpy"
+    cat = _category(k.name, op, dims, _GEMM_KERNEL)
+    if cat:
+        return cat
     if (op is not None and op.name.startswith("aten::")) or "at::native" in k.name or k.name.startswith("triton_"):
         return "norm_elementwise"
     return "other"
@@ -354,19 +361,10 @@ def kernel_category(k: Kernel, op: Optional[Op], dims: Dims) -> str:
 
 def op_category(op: Op, dims: Dims) -> str:
     """The CPU quick mode's category of one op's self time."""
-    cat = _named(op.name)
+    cat = _category(op.name, op, dims, _GEMM_OP)
     if cat:
         return cat
-    if _GEMM_OP.search(op.name):
-        return dims.gemm(op)
-    cat = context(op)
-    if cat:
-        return cat
-    if dims.has_vocab(op):
-        return "loss"
-    if _CPU_OVERHEAD.search(op.name):
-        return "other"
-    return "norm_elementwise"
+    return "other" if _CPU_OVERHEAD.search(op.name) else "norm_elementwise"
 
 
 def _union_ns(intervals: Iterable[Tuple[int, int]]) -> int:
@@ -432,25 +430,6 @@ def analyze(ops: List[Op], kernels: List[Kernel], dims: Dims, walls_ms: Sequence
 
 # ------------------------------------------------------------------------------------------- the steps
 
-def make_step(model: torch.nn.Module, ids: torch.Tensor, case: ModelCase) -> Tuple[Callable, Optional[object], int]:
-    """The preset's training step (benchmarks/model.py ``_measure``, whose closure cannot be imported): AdamW
-    over the trainable parameters (none for the floor: forward + backward only)."""
-    params = bench_model._trainable(model)
-    opt = torch.optim.AdamW(params, lr=case.lr) if params else None
-    model.train()
-
-    def step() -> torch.Tensor:
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-        return loss.detach()
-
-    return step, opt, sum(p.numel() for p in params)
-
-
 def _run_provider(dev: Device, case: ModelCase, provider: str, ids: torch.Tensor, seed: int):
     """Build, warm up, time, profile. Returns (unprofiled walls, profiled walls, profiler, info); the model and
     optimizer die with this frame."""
@@ -458,7 +437,7 @@ def _run_provider(dev: Device, case: ModelCase, provider: str, ids: torch.Tensor
 
     model, info = bench_model.BUILDERS[provider](case, dev.device, seed)
     bench_model.check_model(case, model, provider)
-    step, opt, n_trainable = make_step(model, ids, case)
+    step, opt, n_trainable = bench_model.training_step(model, ids, case)
     for _ in range(case.warmup_steps):
         step()
     dev.sync()
