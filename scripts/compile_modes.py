@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import lora_ops
+from profile_layer import graph_ms  # scripts/profile_layer.py (this script's folder is on sys.path)
 
 
 def _wall_ms(step, steps):
@@ -31,30 +32,6 @@ def _wall_ms(step, steps):
         torch.cuda.synchronize()
         best.append((time.perf_counter() - t0) * 1e3 / steps)
     return sorted(best)[len(best) // 2]
-
-
-def _graph_ms(step, replays=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    g.replay()
-    torch.cuda.synchronize()
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out = []
-    for _ in range(5):
-        t0.record()
-        for _ in range(replays):
-            g.replay()
-        t1.record()
-        t1.synchronize()
-        out.append(t0.elapsed_time(t1) / replays)
-    return sorted(out)[len(out) // 2]
 
 
 def main():
@@ -82,7 +59,7 @@ def main():
         return step
 
     floor = _wall_ms(stepper(base), args.steps)
-    floor_graph = _graph_ms(stepper(base))
+    floor_graph = graph_ms(stepper(base), [x])
     print(f"{args.shape} r={args.r} bf16; floor (frozen nn.Linear): eager {floor:.4f} ms, graph replay "
           f"{floor_graph:.4f} ms; ratios below are to the floor's eager step")
     print(f"{'layer':8s} {'first call s':>12s} {'eager':>14s} {'compile':>14s} {'reduce-overh.':>14s} "
@@ -109,7 +86,7 @@ def main():
                 cells.append(f"failed: {type(e).__name__}")
         # The frozen layer's replay is the header's: captured again after torch.compile's CUDA-graph trees ran on
         # the same input, its capture fails (the input's gradient is accumulated on another stream).
-        ms = floor_graph if cls is None else _graph_ms(stepper(layer))
+        ms = floor_graph if cls is None else graph_ms(stepper(layer), [x])
         cells.append(f"{ms:7.4f} {ms / floor:5.2f}x")
         print(f"{name:8s} " + " ".join(f"{c:>14s}" for c in cells))
         if args.profile and name == "LoRA":
