@@ -25,7 +25,7 @@ import sys
 from collections import Counter, OrderedDict
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import report
 
@@ -241,6 +241,24 @@ SWEEPS = (("layer", "Layer forward + backward: time ÷ the floor (lower is bette
           ("tokens", "Tokens sweep, M × 4096→4096 forward + backward: time ÷ the floor", "tokens_ratio.png"))
 
 
+def _ratio_table(cases: Dict, columns, first: str, label: Callable) -> Tuple[List[str], object, List, List[str]]:
+    """The "time ÷ the floor" table of fwd+bwd cases (mode full): header, a row per case (``label(provs)``, the
+    floor's ms, each provider's ratio, the floor timed again). Returns (lines, runs, columns, notes)."""
+    mode = "full"
+    runs = _runs(cases, mode, "floor")
+    cols = _columns(cases, columns)
+    out = _head(first, "floor ms", *(h for _, h in cols), "floor again")
+    notes: List[str] = []
+
+    def again(provs):
+        rep = provs.get("floor_repeat", {}).get(mode, {}).get("time_ms")
+        return [_x(rep["ratio_to_floor"]) + runs.tag(rep["run_id"]) if rep else "–"]
+
+    out += _time_table(cases, mode, "floor", cols, runs, notes, lambda c, provs: label(provs),
+                       lambda fm, fl: _g(fl["value"]), lambda m: lambda t: _x(t["ratio_to_floor"]), again)
+    return out, runs, cols, notes
+
+
 def layer_section(idx: Dict, csv_dir: str, preset: str = "layer", title: str = SWEEPS[0][1],
                   plot: str = SWEEPS[0][2]) -> List[str]:
     """A table of layer fwd+bwd cases of ``preset``: floor ms, each provider's ratio to it, the floor's repeat."""
@@ -248,18 +266,9 @@ def layer_section(idx: Dict, csv_dir: str, preset: str = "layer", title: str = S
     cases = _cases(idx, preset)
     if not cases:
         return out + _not_yet(f"python -m benchmarks --preset {preset}")
-    mode = "full"
-    runs = _runs(cases, mode, "floor")
-    cols = _columns(cases, LAYER_COLUMNS)
-    out += _head("M × K→N, weight", "floor ms", *(h for _, h in cols), "floor again")
-    notes: List[str] = []
-
-    def again(provs):
-        rep = provs.get("floor_repeat", {}).get(mode, {}).get("time_ms")
-        return [_x(rep["ratio_to_floor"]) + runs.tag(rep["run_id"]) if rep else "–"]
-
-    out += _time_table(cases, mode, "floor", cols, runs, notes, lambda c, provs: _layer_label(provs, mode),
-                       lambda fm, fl: _g(fl["value"]), lambda m: lambda t: _x(t["ratio_to_floor"]), again)
+    rows, runs, cols, notes = _ratio_table(cases, LAYER_COLUMNS, "M × K→N, weight",
+                                           lambda provs: _layer_label(provs, "full"))
+    out += rows
     out.append("")
     out += ["- The floor is the frozen bf16 layer (forward GEMM + dX GEMM); \"floor again\" is the floor timed a "
             "second time at the end of the case: a difference smaller than its distance from 1.00× is noise."]
@@ -334,17 +343,8 @@ def block_section(idx: Dict, csv_dir: str) -> List[str]:
     if not cases:
         return out + _not_yet("python -m benchmarks --preset block --budget-s 420")
     mode = "full"
-    runs = _runs(cases, mode, "floor")
-    cols = _columns(cases, BLOCK_COLUMNS)
-    out += _head("M", "floor ms", *(h for _, h in cols), "floor again")
-    notes: List[str] = []
-
-    def again(provs):
-        rep = provs.get("floor_repeat", {}).get(mode, {}).get("time_ms")
-        return [_x(rep["ratio_to_floor"]) + runs.tag(rep["run_id"]) if rep else "–"]
-
-    out += _time_table(cases, mode, "floor", cols, runs, notes, lambda c, provs: _block_label(provs),
-                       lambda fm, fl: _g(fl["value"]), lambda m: lambda t: _x(t["ratio_to_floor"]), again)
+    rows, runs, cols, notes = _ratio_table(cases, BLOCK_COLUMNS, "M", _block_label)
+    out += rows
     mem = [c for c, provs in cases.items() for m in provs.values()
            if m.get(mode, {}).get("peak_extra_mib", {}).get("status") == "ok"]
     if mem:
