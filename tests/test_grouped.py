@@ -24,6 +24,15 @@ N_LAYERS = 2
 F32 = torch.float32
 
 
+
+def lora_fwd_counting(graphs: list, backend):
+    """A torch.compile backend that appends each graph's count of lora_fwd calls to ``graphs``, then compiles it
+    with ``backend``."""
+    def compile_graph(gm, example_inputs):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "lora_fwd" in str(n.target)))
+        return backend(gm, example_inputs)
+    return compile_graph
+
 def _config(arch, layers=N_LAYERS, hidden=64, intermediate=128):
     from transformers import LlamaConfig, MistralConfig
     cls = LlamaConfig if arch == "llama" else MistralConfig
@@ -151,13 +160,8 @@ def test_torch_compile_aot_eager():
     ids = ids_for()
     want = step(ref, ids)
     graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "lora_fwd" in str(n.target)))
-        return aot_eager(gm, example_inputs)
-
     torch._dynamo.reset()
-    compiled = torch.compile(grp, backend=counting)
+    compiled = torch.compile(grp, backend=lora_fwd_counting(graphs, aot_eager))
     got = step(compiled, ids)
     assert_same_step(got, want, "compiled grouped")
     assert graphs == [4 * N_LAYERS]  # one graph, one lora_fwd per group
@@ -654,13 +658,8 @@ def test_gpu_torch_compile_inductor(gpu):
     want = step(ref, ids)
     oracle = step(fp32_copy(ref), ids)
     graphs = []
-
-    def inductor_counting(gm, example_inputs):
-        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "lora_fwd" in str(n.target)))
-        return compile_fx(gm, example_inputs)
-
     torch._dynamo.reset()
-    compiled = torch.compile(grp, backend=inductor_counting)
+    compiled = torch.compile(grp, backend=lora_fwd_counting(graphs, compile_fx))
     assert_same_bf16_step(step(compiled, ids), want, oracle, "inductor-compiled grouped", layers)
     assert graphs == [4 * layers]  # one graph, one lora_fwd per group
     assert_same_bf16_step(step(compiled, ids), want, oracle, "inductor-compiled grouped, second call", layers)
