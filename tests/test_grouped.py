@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lora_ops
-from lora_ops import LoRALinear, QLoRALinear, grouped
+from lora_ops import QLoRALinear, grouped
 from lora_ops.grouped import ProjectionGroup, explain_groups, projection_groups
 from lora_ops.inject import lora_layers
 
@@ -24,7 +24,6 @@ N_LAYERS = 2
 F32 = torch.float32
 
 
-
 def lora_fwd_counting(graphs: list, backend):
     """A torch.compile backend that appends each graph's count of lora_fwd calls to ``graphs``, then compiles it
     with ``backend``."""
@@ -32,6 +31,7 @@ def lora_fwd_counting(graphs: list, backend):
         graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "lora_fwd" in str(n.target)))
         return backend(gm, example_inputs)
     return compile_graph
+
 
 def _config(arch, layers=N_LAYERS, hidden=64, intermediate=128):
     from transformers import LlamaConfig, MistralConfig
