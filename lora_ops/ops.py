@@ -229,9 +229,9 @@ def eager_impl(x: Tensor):
     """(fwd, bwd) for an eager lora_linear on x: the fast kernels where they load for x, else the reference (on a
     CPU the custom op's dispatch is ~half a tiny layer's fwd+bwd); None when the call must go through the op
     itself (torch.compile, dispatch modes, functorch: ``_backend.op_required``; meta tensors: the op's fake)."""
-    if x.device.type == "meta":
+    if x.device.type == "meta" or _backend.op_required():
         return None
-    return _backend.eager_impl(x) or (None if _backend.op_required() else REFERENCE_IMPL)
+    return _backend.eager_impl(x) or REFERENCE_IMPL
 
 
 def lora_fwd_eager(impl, x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling,
