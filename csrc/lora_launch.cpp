@@ -68,18 +68,18 @@ struct Settings {
   int64_t min_dot = 16;           // MIN_DOT
   int64_t max_block_r = 64;       // MAX_BLOCK_R
   int64_t dequant_min_m = 64;     // NF4_DEQUANT_MIN_M
-  int64_t tma_min_m = 4096;       // _TMA_MIN_M
-  int64_t tma_min_nk = 1 << 25;   // _TMA_MIN_NK
+  int64_t tma_min_m = 2048;       // _TMA_MIN_M
+  int64_t tma_min_nk = 1 << 24;   // _TMA_MIN_NK
   int64_t tma_small_m = 128;      // lora_tuning.py _TMA_CONFIGS: the first M of the large tile
   int64_t nested_blocksize = 256; // nf4.NESTED_BLOCKSIZE
   int64_t dq_bytes_per_program = 2048;  // nf4_dequant.BYTES_PER_PROGRAM
   int64_t split_unit = 256;             // lora.py _SPLIT_UNIT
   int64_t split_unit_interp = 64;       // _SPLIT_UNIT_INTERP
   int64_t max_inner_splits = 16;        // _MAX_INNER_SPLITS
-  int64_t split_max_m = 512;            // _SPLIT_MAX_M
+  int64_t split_max_m = 1024;           // _SPLIT_MAX_M
   int64_t atomic_db_max_m = int64_t{1} << 40;  // _ATOMIC_DB_MAX_M
   int64_t nf4_chunk_bytes = 32 << 20;   // NF4_CHUNK_BYTES
-  int64_t nf4_chunk_min_m = 0;          // NF4_CHUNK_MIN_M
+  int64_t nf4_chunk_min_m = 4096;       // NF4_CHUNK_MIN_M
   int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
@@ -368,7 +368,7 @@ PlanKey make_key(const Call& c, bool backward, bool deterministic) {
   PlanKey key;
   int64_t flags = (c.nf4 ? 1 : 0) | (c.nested ? 2 : 0) | (c.bias.defined() ? 4 : 0) | (c.drop ? 8 : 0)
                   | (c.m >= g_settings.dequant_min_m ? 16 : 0) | (c.m >= g_settings.tma_small_m ? 32 : 0)
-                  | (c.m >= g_settings.tma_min_m ? 64 : 0);
+                  | (c.m >= g_settings.tma_min_m ? 64 : 0) | (c.m >= g_settings.nf4_chunk_min_m ? 4096 : 0);
   if (backward)
     flags |= (c.need_dx ? 128 : 0) | (c.need_dA ? 256 : 0) | (c.need_dB ? 512 : 0) | (c.need_dbias ? 1024 : 0)
              | (deterministic ? 2048 : 0);

@@ -106,6 +106,7 @@ def test_nf4_chunks_equal_the_whole_temporary(monkeypatch, weight, p):
     mod = _launch.module()
     try:
         monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 512 * 1024)
+        monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
         _launch._sync_settings(mod)
         before = records.LAUNCHES["nf4_dequant"]
         want = _python_launchers(monkeypatch, lambda: _run(inp, p))

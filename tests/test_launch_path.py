@@ -135,6 +135,7 @@ def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
     try:
         monkeypatch.setattr(L, "_DEQUANT_ON_CPU", True)
         monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 40 * 256 * 2)
+        monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
         monkeypatch.setattr(L, "_TMA_MIN_M", 64)
         monkeypatch.setattr(L, "_TMA_MIN_NK", 256 * 136)
         _launch._sync_settings(dry)
@@ -239,6 +240,7 @@ def test_nf4_temporary_and_its_chunks(dry, monkeypatch, weight, p):
     by x's full rows), each dequantize followed by its GEMM."""
     try:
         monkeypatch.setattr(L, "_DEQUANT_ON_CPU", True)
+        monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
         for bound, chunked in ((L.NF4_CHUNK_BYTES, False), (40 * 256 * 4, True)):
             monkeypatch.setattr(L, "NF4_CHUNK_BYTES", bound)
             _launch._sync_settings(dry)

@@ -560,8 +560,8 @@ def test_tma_gemm_matches_reference(monkeypatch, name):
 
 
 def test_tma_default_runs_only_on_the_shapes_it_measured_faster(monkeypatch):
-    """LORA_OPS_TMA unset ("auto"): the TMA GEMM for M >= 4096 and N*K >= 2^25 (8192 x 4096->14336 on the
-    H200), not for 8192 x 4096->4096 nor small M; "1" wherever TMA applies, "0" never, anything else an error."""
+    """LORA_OPS_TMA unset ("auto"): the TMA GEMM for M >= 2048 and N*K >= 2^24 (from 2048 x 4096->4096 on the
+    H200), not for GQA's 4096->1024 nor M = 1024; "1" wherever TMA applies, "0" never, anything else an error."""
     monkeypatch.setattr(L, "_INTERPRET", True)  # sm_90+ assumed; meta tensors: shapes and strides only
 
     def usable(m, k, n):
@@ -569,12 +569,13 @@ def test_tma_default_runs_only_on_the_shapes_it_measured_faster(monkeypatch):
         return L._tma_usable(a, w, c)
 
     monkeypatch.delenv("LORA_OPS_TMA", raising=False)
-    assert usable(8192, 4096, 14336) and usable(8192, 14336, 4096)
-    assert not usable(8192, 4096, 4096) and not usable(2048, 4096, 14336)
+    assert usable(8192, 4096, 14336) and usable(8192, 14336, 4096) and usable(8192, 4096, 4096)
+    assert usable(2048, 4096, 4096) and usable(2048, 4096, 14336)
+    assert not usable(8192, 4096, 1024) and not usable(1024, 4096, 4096)
     monkeypatch.setenv("LORA_OPS_TMA", "auto")
-    assert usable(8192, 4096, 14336) and not usable(8192, 4096, 4096)
+    assert usable(2048, 4096, 4096) and not usable(8192, 4096, 1024)
     monkeypatch.setenv("LORA_OPS_TMA", "1")
-    assert usable(8192, 4096, 4096) and usable(64, 64, 64)
+    assert usable(8192, 4096, 1024) and usable(64, 64, 64)
     monkeypatch.setenv("LORA_OPS_TMA", "0")
     assert not usable(8192, 4096, 14336)
     monkeypatch.setenv("LORA_OPS_TMA", "yes")
@@ -654,6 +655,7 @@ def test_nf4_chunked_temporary_matches_reference(monkeypatch, weight, dtype, p, 
     monkeypatch.setenv("LORA_OPS_TMA", tma)
     monkeypatch.setattr(L, "_dequant_first", lambda x: True)
     monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 40 * 256 * 4)
+    monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
     monkeypatch.setattr(L._dq, "_launch", spy)
     case = make_case(37, 256, 136, 8, dtype, weight, 64, bias=True, seed=21)
     got, mask = run_layer(case, 1.5, p, monkeypatch)

@@ -77,11 +77,11 @@ def _splits(m: int, tiles: int, device: torch.device) -> Tuple[int, int]:
 
 # Split reductions along the inner dimension of the skinny kernels (S over K, dS over N): columns per split are a
 # multiple of this (256 on CUDA: a few BLOCK_K / BLOCK_N trips each), at most _MAX_INNER_SPLITS slices, and on
-# CUDA only up to _SPLIT_MAX_M rows. Measured on the H200 (scripts/profile_layer.py, CUDA-graph replay of one
-# 4096->4096 fwd+bwd, docs/PERF_NOTES.md): at M=256 the slices took S from 12 to 3.7 us and dS/dB from 20 to
-# 5.4 us (layer 3.08x -> 2.51x the floor, NF4 4.07x -> 3.24x); at M=2048 S stayed at 13 us, dS/dB rose to 23.5
-# us and the GEMMs that sum the slices slowed, so the layer went 1.40x -> 1.54x (8192: 1.19x -> 1.38x). Why the
-# larger M lost is not yet profiled (one guess: the dB atomics of a slice's few column tiles collide).
+# CUDA only up to _SPLIT_MAX_M rows. Measured on the H200 (scripts/gpu_ab.sh, CUDA-graph replay of one
+# 4096->4096 fwd+bwd, docs/PERF_NOTES.md item 16): splitting up to 1024 rows took M=1024 from 1.64x to 1.55x the
+# floor (NF4 1.96x -> 1.91x); at M=2048 it cost 1.28x -> 1.31x (on the TMA GEMM, which takes S in one slice
+# anyway), at M=8192 1.19x -> 1.31x: past a few thousand rows the row blocks alone fill the SMs and the GEMMs
+# that sum the slices pay for the extra reads.
 _SPLIT_UNIT, _SPLIT_UNIT_INTERP, _MAX_INNER_SPLITS = 256, 64, 16
 
 
@@ -100,11 +100,11 @@ def _env_int(name: str, default: int, minimum: int) -> int:
 
 
 # LORA_OPS_SPLIT_MAX_M: the largest M whose S / dS passes split (0: never), for A/B runs on the GPU.
-_SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 512, 0)
+_SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 1024, 0)
 # LORA_OPS_ATOMIC_DB_MAX_M: the largest M whose dB / dbias ride along the dS pass as fp32 atomics (one fewer
-# launch); above it the atomic-free dB kernel reduces over M. Every M by default; for A/B runs on the GPU: the
-# atomics grow with cdiv(M, BLOCK_M) x N x r, and the dS pass with them measured 223 us at 8192 x 4096->14336
-# (H200 profile, NF4, while the S / dS loads were still unaligned), four times its read of dY.
+# launch); above it the atomic-free dB kernel reduces over M. Every M by default: with 4096 here the layer
+# measured the same within noise at M = 8192 (4096->4096 dense 1.186x vs 1.191x the floor, NF4 1.235x vs 1.228x;
+# 4096->14336 1.065x vs 1.053x; H200 CUDA-graph replay, docs/PERF_NOTES.md item 16), so the launch is saved.
 _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
 
 
@@ -223,10 +223,12 @@ _DEQUANT_ON_CPU = False
 # 4096->14336; its device time 1.154x the floor in chunks, 1.149x whole, once the chunks' GEMMs take the TMA GEMM
 # by the whole layer's shape (_use_tma); LORA_OPS_NF4_CHUNK_MIB moves the bound.
 NF4_CHUNK_BYTES = _env_int("LORA_OPS_NF4_CHUNK_MIB", 32, 1) << 20  # LORA_OPS_NF4_CHUNK_MIB: the bound in MiB
-# LORA_OPS_NF4_CHUNK_MIN_M: the fewest rows of x from which the temporary is chunked (every M by default); below
-# it the whole weight is dequantized. For A/B runs: at M = 2048 the chunks are suspected of costing the QLoRA
-# model step time (more dequantize launches, chunk GEMMs of under two waves) where their memory matters least.
-NF4_CHUNK_MIN_M = _env_int("LORA_OPS_NF4_CHUNK_MIN_M", 0, 0)
+# LORA_OPS_NF4_CHUNK_MIN_M: the fewest rows of x from which the temporary is chunked; below it the whole weight is
+# dequantized. At 2048 tokens the chunks cost time where their memory matters least (activations dominate the
+# peak): the QLoRA model step (16 Llama-8B-shaped layers, 1 x 2048, checkpointing; H200, docs/PERF_NOTES.md item
+# 16) took 133.2 ms chunked from every M, 125.7 ms chunked from 4096 rows, same peak memory (more dequantize
+# launches, and chunk GEMMs of under two waves of tiles at M = 2048).
+NF4_CHUNK_MIN_M = _env_int("LORA_OPS_NF4_CHUNK_MIN_M", 4096, 0)
 
 
 def _dequant_first(x: torch.Tensor) -> bool:
@@ -337,13 +339,17 @@ class _Dropout:
 # 8192 x 4096->14336 dense 1.093x vs 1.205x the floor, NF4 1.091x vs 1.125x; 8192 x 14336->4096 dense 1.084x
 # vs 1.159x, NF4 1.075x vs 1.098x; but 8192 x 4096->4096 dense 1.967x vs 1.724x. So by default (LORA_OPS_TMA
 # unset) it runs where it measured faster: M >= _TMA_MIN_M and N*K >= _TMA_MIN_NK; LORA_OPS_TMA=1 everywhere it
-# applies, 0 nowhere.
+# applies, 0 nowhere. Measured again once the S / dS kernels were aligned (H200, CUDA-graph replay,
+# docs/PERF_NOTES.md item 16), TMA on vs off: 2048 x 4096->4096 dense 1.28x vs 1.36x, NF4 1.54x vs 1.62x;
+# 8192 x 4096->4096 dense 1.13x vs 1.19x, NF4 1.16x vs 1.23x; at M = 1024 no better (1.59x vs 1.55x with the
+# splits). So the rule starts at M = 2048 and at 4096 x 4096; the narrower layers (e.g. GQA's 4096->1024) stay
+# on the pointer GEMM until measured.
 _TMA_CAPABLE: Dict[int, bool] = {}
 # The LoRA seed is loaded in rank chunks of 16 whatever r is: its two tiles sit in shared memory beside the
 # pipeline's 3 x 48 KB and the 64 KB output tile, and chunks of 64 (r = 64) asked for 262 KB of the 227 KB an
 # H200 SM has (OutOfResources, H200 2026-11-29); chunks of 16 need 12 KB.
 _TMA_BLOCK_R = 16
-_TMA_MIN_M, _TMA_MIN_NK = 4096, 1 << 25
+_TMA_MIN_M, _TMA_MIN_NK = 2048, 1 << 24
 
 
 def _tma_mode() -> str:
