@@ -77,6 +77,7 @@ struct Settings {
   int64_t split_unit_interp = 64;       // _SPLIT_UNIT_INTERP
   int64_t max_inner_splits = 16;        // _MAX_INNER_SPLITS
   int64_t split_max_m = 1024;           // _SPLIT_MAX_M
+  int64_t split_sum_max_m = 0;          // _SPLIT_SUM_MAX_M
   int64_t atomic_db_max_m = int64_t{1} << 40;  // _ATOMIC_DB_MAX_M
   int64_t nf4_chunk_bytes = 32 << 20;   // NF4_CHUNK_BYTES
   int64_t nf4_chunk_min_m = 4096;       // NF4_CHUNK_MIN_M
@@ -134,6 +135,7 @@ struct Launch {
   int64_t want_config = 0;   // which config a variant must have: the TMA tile (0 small, 1 large), dequantize NB
   bool trans_w = false;      // the TMA GEMM: forward (W^T) or dX (W)
   int64_t gemm_n = 0;        // the pointer GEMMs: their output's column count (a chunk's, when W is chunked)
+  at::Tensor sum_parts, sum_out;  // S / dS slices the launch wrote, summed and rounded into sum_out right after it
 
   void ptr(const at::Tensor& t) { ptr_raw(reinterpret_cast<uintptr_t>(t.data_ptr())); }
   void ptr_raw(uint64_t p) { args[nargs++] = Arg{'P', static_cast<int64_t>(p), 0.0}; }
@@ -368,7 +370,8 @@ PlanKey make_key(const Call& c, bool backward, bool deterministic) {
   PlanKey key;
   int64_t flags = (c.nf4 ? 1 : 0) | (c.nested ? 2 : 0) | (c.bias.defined() ? 4 : 0) | (c.drop ? 8 : 0)
                   | (c.m >= g_settings.dequant_min_m ? 16 : 0) | (c.m >= g_settings.tma_small_m ? 32 : 0)
-                  | (c.m >= g_settings.tma_min_m ? 64 : 0) | (c.m >= g_settings.nf4_chunk_min_m ? 4096 : 0);
+                  | (c.m >= g_settings.tma_min_m ? 64 : 0) | (c.m >= g_settings.nf4_chunk_min_m ? 4096 : 0)
+                  | (c.m <= g_settings.split_sum_max_m ? 8192 : 0);
   if (backward)
     flags |= (c.need_dx ? 128 : 0) | (c.need_dA ? 256 : 0) | (c.need_dB ? 512 : 0) | (c.need_dbias ? 1024 : 0)
              | (deterministic ? 2048 : 0);
@@ -661,12 +664,13 @@ at::Tensor split_partials(int64_t splits, at::IntArrayRef shape, const at::Tenso
 }
 
 // lora.py _inner_splits: (splits, columns per split) of the S (over K) or dS (over N) pass.
-std::pair<int64_t, int64_t> inner_splits_of(const Call& c, int64_t cols, int64_t r_chunks) {
+// max_m: the largest M that splits on CUDA (-1: split_max_m).
+std::pair<int64_t, int64_t> inner_splits_of(const Call& c, int64_t cols, int64_t r_chunks, int64_t max_m = -1) {
   int64_t unit, want;
   if (!c.x.is_cuda()) {
     unit = g_settings.split_unit_interp;
     want = 2;
-  } else if (c.m > g_settings.split_max_m) {
+  } else if (c.m > (max_m < 0 ? g_settings.split_max_m : max_m)) {
     return {1, cols};
   } else {
     unit = g_settings.split_unit;
@@ -694,9 +698,16 @@ FwdOut build_forward(const Call& c, Work& work) {
   const int64_t r_chunks = cdiv(c.r, block_r);
   const int64_t m_bucket = next_pow2(c.m);
   const bool tma = use_tma(c, c.x, w, o.y);
-  // S in K slices (fp32 partials the forward GEMM sums and stores rounded) unless the GEMM cannot take them.
-  auto [splits, cols] = (c.n == 0 || tma || !w.chunks.empty()) ? std::pair<int64_t, int64_t>{1, c.k}
-                                                                 : inner_splits_of(c, c.k, r_chunks);
+  // S in K slices: fp32 partials the forward GEMM sums and stores rounded; where the GEMM cannot take them (TMA,
+  // chunks), up to split_sum_max_m rows, partials one reduction sums first (`summed`).
+  const bool gemm_sums = !(c.n == 0 || tma || !w.chunks.empty());
+  std::pair<int64_t, int64_t> sc{1, c.k};
+  if (gemm_sums)
+    sc = inner_splits_of(c, c.k, r_chunks);
+  else if (c.n > 0 && c.m <= g_settings.split_sum_max_m)
+    sc = inner_splits_of(c, c.k, r_chunks, g_settings.split_sum_max_m);
+  const auto [splits, cols] = sc;
+  const bool summed = !gemm_sums && splits > 1;
   at::Tensor s_part = splits == 1 ? o.s : at::empty({splits, c.m, c.r}, c.x.options().dtype(at::kFloat));
   if (splits > 1) work.keep.push_back(s_part);
   Launch l;  // lora.py lora_forward: S = dropout(x) @ A^T
@@ -722,6 +733,10 @@ FwdOut build_forward(const Call& c, Work& work) {
   l.i(drop.threshold);
   l.f(drop.scale);
   l.i(m_bucket);
+  if (summed) {
+    l.sum_parts = s_part;
+    l.sum_out = o.s;
+  }
   work.launches.push_back(l);
   const Dropout off = make_dropout(c, false);
   if (!w.chunks.empty()) {
@@ -735,8 +750,9 @@ FwdOut build_forward(const Call& c, Work& work) {
            off, c.scaling, true, m_bucket, use_tma(c, c.x, wc, yc, c.n * c.k), nullptr);
     }
   } else if (c.n > 0) {
-    gemm(c, work, K_FWD, c.x, w, o.y, s_part, c.B, c.B.stride(1), c.B.stride(0),
-         c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma, splits > 1 ? &o.s : nullptr);
+    gemm(c, work, K_FWD, c.x, w, o.y, summed ? o.s : s_part, c.B, c.B.stride(1), c.B.stride(0),
+         c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma,
+         splits > 1 && !summed ? &o.s : nullptr);
   }
   return o;
 }
@@ -770,7 +786,14 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   // dS in N slices (fp32 partials the dX GEMM sums; it stores dS rounded for the dA kernel) when the dX pointer
   // GEMM runs; else in one slice, dS itself.
   const bool dx_sums = c.need_dx && c.k > 0 && !tma_dx && w.chunks.empty();
-  auto [splits_ds, cols_ds] = dx_sums ? inner_splits_of(c, c.n, r_chunks) : std::pair<int64_t, int64_t>{1, c.n};
+  // Elsewhere, up to split_sum_max_m rows, N slices that one reduction sums into dS (as S in build_forward).
+  std::pair<int64_t, int64_t> sc{1, c.n};
+  if (dx_sums)
+    sc = inner_splits_of(c, c.n, r_chunks);
+  else if (need_ds && c.n > 0 && c.m <= g_settings.split_sum_max_m)
+    sc = inner_splits_of(c, c.n, r_chunks, g_settings.split_sum_max_m);
+  const auto [splits_ds, cols_ds] = sc;
+  const bool ds_summed = !dx_sums && splits_ds > 1;
   at::Tensor ds, ds_part;
   if (need_ds) {
     ds = at::empty({c.m, c.r}, opts);
@@ -809,6 +832,10 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.i(cols_ds);
     l.f(c.scaling);
     l.i(m_bucket);
+    if (ds_summed) {
+      l.sum_parts = ds_part;
+      l.sum_out = ds;
+    }
     work.launches.push_back(l);
   }
   const bool do_db = c.need_dB && !o.fused_db;
@@ -855,8 +882,8 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
            use_tma(c, c.dy, wc, dxc, c.n * c.k), nullptr, c.k, k0);
     }
   } else if (c.need_dx && c.k > 0) {
-    gemm(c, work, K_DX, c.dy, w, o.dx, ds_part, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop, 1.0, false,
-         m_bucket, tma_dx, splits_ds > 1 && c.need_dA ? &ds : nullptr);
+    gemm(c, work, K_DX, c.dy, w, o.dx, ds_summed ? ds : ds_part, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop,
+         1.0, false, m_bucket, tma_dx, splits_ds > 1 && !ds_summed && c.need_dA ? &ds : nullptr);
   }
   if (c.need_dA) {
     auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);
@@ -1076,6 +1103,7 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
   for (const Launch& l : work.launches) {
     launch_one(l, stream.stream());
     ++g_launches[l.kernel];
+    if (l.sum_parts.defined()) l.sum_out.copy_(l.sum_parts.sum(0));  // lora.py: s.copy_(s_part.sum(0))
   }
 }
 
@@ -1320,6 +1348,7 @@ void configure(const py::dict& s) {
   get("split_unit_interp", g_settings.split_unit_interp);
   get("max_inner_splits", g_settings.max_inner_splits);
   get("split_max_m", g_settings.split_max_m);
+  get("split_sum_max_m", g_settings.split_sum_max_m);
   get("atomic_db_max_m", g_settings.atomic_db_max_m);
   get("nf4_chunk_bytes", g_settings.nf4_chunk_bytes);
   get("nf4_chunk_min_m", g_settings.nf4_chunk_min_m);

@@ -125,6 +125,31 @@ def test_nf4_chunks_equal_the_whole_temporary(monkeypatch, weight, p):
         assert_rel_close(g, w, BF16, name)
 
 
+@pytest.mark.parametrize("weight,p", [("dense", 0.1), ("nf4", 0.0)])
+def test_split_sum_before_the_tma_gemm(monkeypatch, weight, p):
+    """With _SPLIT_SUM_MAX_M above M the S and dS passes split before the TMA GEMM and a torch reduction sums the
+    slices: the C++ path equals the Python launchers bit for bit (y, dx, dA), and both equal the one-slice layer
+    within rounding."""
+    from lora_ops.triton_kernels import lora as L
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    inp = _inputs(2048, 1024, 768, 16, BF16, weight, True)
+    whole = _run(inp, p)
+    mod = _launch.module()
+    try:
+        monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 1 << 20)
+        _launch._sync_settings(mod)
+        want = _python_launchers(monkeypatch, lambda: _run(inp, p))
+        _run(inp, p)  # the first call of this configuration registers it
+        got = _run(inp, p)
+    finally:
+        monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 0)
+        _launch._sync_settings(mod)
+    for name, g, w in zip(("y", "dx", "dA"), got[:3], want[:3]):
+        assert torch.equal(g, w), f"{name}: the C++ path differs from the Python launchers"
+    for name, g, w in zip(("y", "dx", "dA", "dB", "dbias"), got, whole):
+        assert_rel_close(g, w, BF16, name)
+
+
 def test_layer_without_the_hopper_pieces(monkeypatch):
     """LORA_OPS_TMA=0 runs what an Ampere or Ada GPU runs (no TMA GEMM) at a shape where the H200 takes the TMA
     GEMM by default: no TMA launch, and the same layer within bf16 rounding."""

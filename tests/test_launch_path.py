@@ -157,6 +157,40 @@ def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
         _launch._sync_settings(dry)
 
 
+@pytest.mark.parametrize("weight", ["dense", "nf4"])
+def test_split_sum_before_a_one_slice_gemm(dry, monkeypatch, weight):
+    """Up to _SPLIT_SUM_MAX_M rows S and dS split before a GEMM that takes one slice (dense: the TMA GEMM; NF4: a
+    chunked temporary): the C++ launch lists equal Python's, and the S / dS launches have a slice grid."""
+    try:
+        monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 1 << 20)
+        if weight == "dense":
+            monkeypatch.setenv("LORA_OPS_TMA", "1")
+            dtype = torch.float16
+        else:
+            monkeypatch.setattr(L, "_DEQUANT_ON_CPU", True)
+            monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 40 * 256 * 4)
+            monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
+            dtype = torch.float32
+        _launch._sync_settings(dry)
+        fwd, dy = _inputs(m=70, k=256, n=136, r=8, dtype=dtype, weight=weight)
+        y, s = _check(dry, 0, fwd)
+        recs = dry.launch_fwd(*fwd, True)[1]
+        assert any(r[0] == "lora_s" for r in recs) and ("lora_gemm_tma" if weight == "dense" else "nf4_dequant") in \
+            [r[0] for r in recs], [r[0] for r in recs]
+        x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+        torch.testing.assert_close(s.float(), x.float() @ a.float().t(), rtol=2e-3, atol=2e-3)
+        bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
+        _check(dry, 1, bargs)
+        with L.recording() as records:
+            L.lora_forward(*fwd)
+            L.lora_backward(*bargs)
+        grids = {r.name: r.grid for r in records}
+        assert grids["lora_s"][2] > 1 and grids["lora_bwd_ds"][2] > 1, grids
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+
+
 def test_nf4_chunks_only_from_the_chunk_min_m(dry, monkeypatch):
     """Below NF4_CHUNK_MIN_M rows the NF4 temporary is made whole even past NF4_CHUNK_BYTES, in the C++ path as in
     the Python launchers; from it, in chunks."""

@@ -668,6 +668,32 @@ def test_nf4_chunked_temporary_matches_reference(monkeypatch, weight, dtype, p, 
     assert len(rows) > 1 and len(cols) > 1
 
 
+@pytest.mark.parametrize("weight,dtype,p,tma", [("dense", F16, 0.1, "1"), ("nf4-dq", F32, 0.2, "0")])
+def test_split_sum_before_a_one_slice_gemm_matches_reference(monkeypatch, weight, dtype, p, tma):
+    """Up to _SPLIT_SUM_MAX_M rows the S and dS passes split even where the GEMM after them takes one slice (the
+    TMA GEMM; a chunked NF4 weight): a torch reduction sums the fp32 slices first. Every output matches the
+    oracle, and both passes did split."""
+    seen = []
+    real = L._inner_splits
+
+    def spy(m, cols, r_chunks, device, max_m=None):
+        out = real(m, cols, r_chunks, device, max_m)
+        seen.append((max_m, out[0]))
+        return out
+
+    monkeypatch.setenv("LORA_OPS_TMA", tma)
+    monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 1 << 20)
+    monkeypatch.setattr(L, "_inner_splits", spy)
+    if weight != "dense":
+        monkeypatch.setattr(L, "_dequant_first", lambda x: True)
+        monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 40 * 256 * 4)
+        monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
+    case = make_case(37, 256, 136, 8, dtype, weight, 64, bias=True, seed=23)
+    got, mask = run_layer(case, 1.5, p, monkeypatch)
+    assert_layer_close(got, _want(oracle(case, 1.5, p, mask)), dtype, "split sum: ")
+    assert [s for mm, s in seen if mm == 1 << 20 and s > 1], f"no pass split into summed slices: {seen}"
+
+
 def test_nf4_chunks_plan():
     """The chunk plan: None while the dense copy fits, near-equal chunks on 8-element (and, for rows, block)
     boundaries within the bound otherwise, and no column chunks when blocks straddle rows."""

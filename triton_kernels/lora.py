@@ -106,17 +106,24 @@ _SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 1024, 0)
 # measured the same within noise at M = 8192 (4096->4096 dense 1.186x vs 1.191x the floor, NF4 1.235x vs 1.228x;
 # 4096->14336 1.065x vs 1.053x; H200 CUDA-graph replay, docs/PERF_NOTES.md item 16), so the launch is saved.
 _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
+# LORA_OPS_SPLIT_SUM_MAX_M: up to this M (0: never, the default until measured), the S / dS passes split even where
+# the GEMM after them cannot sum slices (the TMA GEMM, a chunked NF4 weight): the fp32 slices are summed and
+# rounded by one torch reduction before that GEMM. For A/B runs: at 2048 x 4096->4096 on the TMA GEMM, S took
+# 13.6 us and dS/dB 22.9 us in one slice (H200 profile, docs/PERF_NOTES.md item 17), ~3x their read of x / dY.
+_SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 0, 0)
 
 
-def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device) -> Tuple[int, int]:
+def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
+                  max_m: Optional[int] = None) -> Tuple[int, int]:
     """(splits, columns per split) of a skinny kernel's inner dimension: S = xd @ A^T and dS = dY @ B have only
     cdiv(M, BLOCK_M) x r_chunks programs, a fraction of the SMs below a few thousand rows, each looping over all of
     K (N). Splitting that loop gives enough programs for two waves of SMs (counted at 64 rows per program); the
     fp32 partials are summed by the GEMM that reads S (dS). The interpreter takes two splits whenever the
-    dimension has two units, so the CPU tests run the partials path as well as the single-split one."""
+    dimension has two units, so the CPU tests run the partials path as well as the single-split one. ``max_m``:
+    the largest M that splits on CUDA (default _SPLIT_MAX_M)."""
     if device.type != "cuda":
         unit, want = _SPLIT_UNIT_INTERP, 2
-    elif m > _SPLIT_MAX_M:
+    elif m > (_SPLIT_MAX_M if max_m is None else max_m):
         return 1, cols
     else:
         unit = _SPLIT_UNIT
@@ -471,8 +478,17 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
     tma = _use_tma(x, w, y)
-    # S in K slices (fp32 partials the forward GEMM sums, then stores S rounded) unless the GEMM cannot take them.
-    splits, cols = (1, k) if n == 0 or tma or w.chunks else _inner_splits(m, k, r_chunks, x.device)
+    # S in K slices: fp32 partials the forward GEMM sums, then stores S rounded; where the GEMM cannot take them
+    # (TMA, chunks), up to _SPLIT_SUM_MAX_M rows, partials that one reduction sums first (``summed``).
+    gemm_sums = not (n == 0 or tma or w.chunks)
+    summed = False
+    if gemm_sums:
+        splits, cols = _inner_splits(m, k, r_chunks, x.device)
+    elif n > 0 and m <= _SPLIT_SUM_MAX_M:
+        splits, cols = _inner_splits(m, k, r_chunks, x.device, _SPLIT_SUM_MAX_M)
+        summed = splits > 1
+    else:
+        splits, cols = 1, k
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     with _on_device(x.device):
         _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits),
@@ -481,6 +497,9 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                   s_part.stride(0) if splits > 1 else 0, s_part.stride(-2), s_part.stride(-1),
                   m, k, r, cols, drop.threshold, drop.scale, m_bucket,
                   HAS_DROPOUT=drop.on, BLOCK_R=block_r)
+        if summed:
+            s.copy_(s_part.sum(0))
+            s_part = s
         no_drop = _Dropout(0.0, None, x)
         if w.chunks:
             # y's columns n0:n1 from W's rows n0:n1; each temporary is freed before the next is made.
@@ -492,7 +511,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                 del wc
         elif n > 0:
             _lora_gemm(_FWD_KERNEL, x, w, y, s_part, lora_B, lora_B.stride(1), lora_B.stride(0), bias, no_drop,
-                       scaling, True, r, block_r, m_bucket, tma, s if splits > 1 else None)
+                       scaling, True, r, block_r, m_bucket, tma, s if s_part.dim() == 3 else None)
     return y, s
 
 
@@ -533,7 +552,15 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     # dS in N slices (fp32 partials that the dX GEMM sums; it stores dS rounded for the dA kernel) when one dX
     # pointer GEMM runs; else in one slice, dS itself.
     dx_sums = need_dx and k > 0 and not tma_dx and w.chunks is None
-    splits_ds, cols_ds = _inner_splits(m, n, r_chunks, dev) if dx_sums else (1, n)
+    # Elsewhere, up to _SPLIT_SUM_MAX_M rows, N slices that one reduction sums into dS (as S in lora_forward).
+    ds_summed = False
+    if dx_sums:
+        splits_ds, cols_ds = _inner_splits(m, n, r_chunks, dev)
+    elif need_ds and n > 0 and m <= _SPLIT_SUM_MAX_M:
+        splits_ds, cols_ds = _inner_splits(m, n, r_chunks, dev, _SPLIT_SUM_MAX_M)
+        ds_summed = splits_ds > 1
+    else:
+        splits_ds, cols_ds = 1, n
     with _on_device(dev):
         ds = ds_part = None
         if need_ds:
@@ -550,6 +577,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                        ds_part.stride(0) if splits_ds > 1 else 0, ds_part.stride(-2), ds_part.stride(-1),
                        m, n, r, cols_ds, float(scaling), m_bucket,
                        DO_DB=fused_db, DO_DBIAS=fused_dbias, BLOCK_R=block_r)
+            if ds_summed:
+                ds.copy_(ds_part.sum(0))
+                ds_part = ds
             if fused_db:
                 dB = db_acc if dt == torch.float32 else db_acc.to(dt)
             if fused_dbias:
@@ -584,7 +614,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                 del wc
         elif need_dx and k > 0:
             _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part, lora_A, lora_A.stride(0), lora_A.stride(1), None, drop, 1.0,
-                       False, r, block_r, m_bucket, tma_dx, ds if splits_ds > 1 and need_dA else None)
+                       False, r, block_r, m_bucket, tma_dx, ds if ds_part.dim() == 3 and need_dA else None)
         if need_dA:
             if k > 0:
                 splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)
