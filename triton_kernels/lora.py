@@ -108,8 +108,11 @@ _SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 1024, 0)
 _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
 # LORA_OPS_SPLIT_SUM_MAX_M: up to this M (0: never, the default until measured), the S / dS passes split even where
 # the GEMM after them cannot sum slices (the TMA GEMM, a chunked NF4 weight): the fp32 slices are summed and
-# rounded by one torch reduction before that GEMM. For A/B runs: at 2048 x 4096->4096 on the TMA GEMM, S took
-# 13.6 us and dS/dB 22.9 us in one slice (H200 profile, docs/PERF_NOTES.md item 17), ~3x their read of x / dY.
+# rounded by one torch reduction before that GEMM. At 2048 x 4096->4096 on the TMA GEMM, S took 13.6 us and
+# dS/dB 22.9 us in one slice (H200 profile, docs/PERF_NOTES.md item 17), ~3x their read of x / dY; with 4096 here
+# the layer measured 1.311x -> 1.234x the floor (NF4 1.503x -> 1.466x) at 2048 rows, 4096->14336 1.125x -> 1.071x,
+# at 4096 rows 1.089x -> 1.119x (NF4 1.256x -> 1.228x) (CUDA-graph replay, item 18). Off by default until the
+# presets are re-run with it on.
 _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 0, 0)
 
 
