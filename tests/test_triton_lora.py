@@ -729,19 +729,27 @@ def test_nf4_temporary_path_matches_reference(monkeypatch):
     assert calls == [(70, 129), (70, 129)], calls
 
 
+_SETTINGS = {"LORA_OPS_NF4_CHUNK_MIB": "NF4_CHUNK_BYTES >> 20", "LORA_OPS_SPLIT_MAX_M": "_SPLIT_MAX_M",
+             "LORA_OPS_SPLIT_SUM_MAX_M": "_SPLIT_SUM_MAX_M", "LORA_OPS_ATOMIC_DB_MAX_M": "_ATOMIC_DB_MAX_M",
+             "LORA_OPS_NF4_CHUNK_MIN_M": "NF4_CHUNK_MIN_M"}
+
+
 @pytest.mark.parametrize("name,value,ok", [("LORA_OPS_NF4_CHUNK_MIB", "8", True), ("LORA_OPS_NF4_CHUNK_MIB", "0", False),
-                                           ("LORA_OPS_SPLIT_MAX_M", "0", True), ("LORA_OPS_SPLIT_MAX_M", "x", False)])
+                                           ("LORA_OPS_SPLIT_MAX_M", "0", True), ("LORA_OPS_SPLIT_MAX_M", "x", False),
+                                           ("LORA_OPS_SPLIT_SUM_MAX_M", "2048", True),
+                                           ("LORA_OPS_SPLIT_SUM_MAX_M", "-1", False),
+                                           ("LORA_OPS_ATOMIC_DB_MAX_M", "4096", True),
+                                           ("LORA_OPS_NF4_CHUNK_MIN_M", "0", True),
+                                           ("LORA_OPS_NF4_CHUNK_MIN_M", "1.5", False)])
 def test_launcher_settings_from_the_environment(name, value, ok):
-    """The chunk bound and the split limit come from the environment at import; a bad value names itself."""
+    """The launcher settings come from the environment at import; a bad value names itself."""
     import subprocess
     import sys
-    code = ("from lora_ops.triton_kernels import lora as L; "
-            "print(L.NF4_CHUNK_BYTES >> 20, L._SPLIT_MAX_M)")
+    code = f"from lora_ops.triton_kernels import lora as L; print(L.{_SETTINGS[name]})"
     env = dict(os.environ, **{name: value})
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if ok:
         assert proc.returncode == 0, proc.stderr[-2000:]
-        chunk, split = map(int, proc.stdout.split())
-        assert (chunk if name.endswith("MIB") else split) == int(value)
+        assert int(proc.stdout.split()[-1]) == int(value)
     else:
         assert proc.returncode != 0 and f"{name}={value!r} must be an integer" in proc.stderr
