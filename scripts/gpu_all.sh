@@ -7,6 +7,8 @@
 #
 #   LORA_OPS_GIT_COMMIT=<sha> scripts/gpu_all.sh [PRESETS (default "decode rank tokens layer")]
 #   LORA_OPS_GIT_COMMIT=<sha> scripts/gpu_all.sh model     # the model preset alone: its own 10-minute call
+#   LORA_OPS_GIT_COMMIT=<sha> scripts/gpu_all.sh "host layer tokens rank"   # the host-path issue's presets
+#   LORA_OPS_GIT_COMMIT=<sha> scripts/gpu_all.sh "block model"              # grouped projections
 #
 # The model preset (16 Llama-8B-shaped layers; 1x2048 and 4x2048 with gradient checkpointing, 1x2048 without;
 # six providers) takes most of a call by itself, so it is not in the default list: it gets the time left in the
@@ -32,6 +34,7 @@ for preset in $PRESETS; do
   limit=170
   case $preset in
     decode) args=(--budget-s 90) ;;
+    block) args=(--budget-s 150); limit=240 ;;  # all its providers (grouped, QLoRA): ~70 s with a warm cache
     model)
       budget=$(( $(left) - MODEL_RESERVE_S ))
       if [ "$budget" -lt 60 ]; then
