@@ -682,6 +682,25 @@ std::pair<int64_t, int64_t> inner_splits_of(const Call& c, int64_t cols, int64_t
   return {cdiv(cols, per), per};
 }
 
+// lora.py _slices: the S (cols = K) or dS (cols = N) pass's slices; `gemm_sums`: the one pointer GEMM reading them
+// sums fp32 slices itself; otherwise, up to split_sum_max_m rows, one reduction sums them first (`summed`).
+struct Slices {
+  int64_t splits, cols;
+  bool summed;
+};
+
+Slices slices_of(const Call& c, int64_t cols, int64_t r_chunks, bool gemm_sums) {
+  if (gemm_sums) {
+    const auto [splits, per] = inner_splits_of(c, cols, r_chunks);
+    return {splits, per, false};
+  }
+  if (c.m <= g_settings.split_sum_max_m) {
+    const auto [splits, per] = inner_splits_of(c, cols, r_chunks, g_settings.split_sum_max_m);
+    return {splits, per, splits > 1};
+  }
+  return {1, cols, false};
+}
+
 // ------------------------------------------------------------------------------------------------- forward
 
 struct FwdOut {
@@ -698,16 +717,8 @@ FwdOut build_forward(const Call& c, Work& work) {
   const int64_t r_chunks = cdiv(c.r, block_r);
   const int64_t m_bucket = next_pow2(c.m);
   const bool tma = use_tma(c, c.x, w, o.y);
-  // S in K slices: fp32 partials the forward GEMM sums and stores rounded; where the GEMM cannot take them (TMA,
-  // chunks), up to split_sum_max_m rows, partials one reduction sums first (`summed`).
-  const bool gemm_sums = !(c.n == 0 || tma || !w.chunks.empty());
-  std::pair<int64_t, int64_t> sc{1, c.k};
-  if (gemm_sums)
-    sc = inner_splits_of(c, c.k, r_chunks);
-  else if (c.n > 0 && c.m <= g_settings.split_sum_max_m)
-    sc = inner_splits_of(c, c.k, r_chunks, g_settings.split_sum_max_m);
-  const auto [splits, cols] = sc;
-  const bool summed = !gemm_sums && splits > 1;
+  // S in K slices: fp32 partials the one forward GEMM sums and stores rounded (or see slices_of).
+  const auto [splits, cols, summed] = slices_of(c, c.k, r_chunks, !(c.n == 0 || tma || !w.chunks.empty()));
   at::Tensor s_part = splits == 1 ? o.s : at::empty({splits, c.m, c.r}, c.x.options().dtype(at::kFloat));
   if (splits > 1) work.keep.push_back(s_part);
   Launch l;  // lora.py lora_forward: S = dropout(x) @ A^T
@@ -750,9 +761,9 @@ FwdOut build_forward(const Call& c, Work& work) {
            off, c.scaling, true, m_bucket, use_tma(c, c.x, wc, yc, c.n * c.k), nullptr);
     }
   } else if (c.n > 0) {
-    gemm(c, work, K_FWD, c.x, w, o.y, summed ? o.s : s_part, c.B, c.B.stride(1), c.B.stride(0),
-         c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma,
-         splits > 1 && !summed ? &o.s : nullptr);
+    const bool gemm_sums = splits > 1 && !summed;
+    gemm(c, work, K_FWD, c.x, w, o.y, gemm_sums ? s_part : o.s, c.B, c.B.stride(1), c.B.stride(0),
+         c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma, gemm_sums ? &o.s : nullptr);
   }
   return o;
 }
@@ -783,17 +794,10 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   o.fused_dbias = atomics && c.need_dbias;
   const at::Tensor& scratch = c.dt->scratch;
   const bool tma_dx = c.need_dx && use_tma(c, c.dy, w, o.dx);
-  // dS in N slices (fp32 partials the dX GEMM sums; it stores dS rounded for the dA kernel) when the dX pointer
-  // GEMM runs; else in one slice, dS itself.
+  // dS in N slices: fp32 partials the one dX pointer GEMM sums (it stores dS rounded for the dA kernel), or see
+  // slices_of.
   const bool dx_sums = c.need_dx && c.k > 0 && !tma_dx && w.chunks.empty();
-  // Elsewhere, up to split_sum_max_m rows, N slices that one reduction sums into dS (as S in build_forward).
-  std::pair<int64_t, int64_t> sc{1, c.n};
-  if (dx_sums)
-    sc = inner_splits_of(c, c.n, r_chunks);
-  else if (need_ds && c.n > 0 && c.m <= g_settings.split_sum_max_m)
-    sc = inner_splits_of(c, c.n, r_chunks, g_settings.split_sum_max_m);
-  const auto [splits_ds, cols_ds] = sc;
-  const bool ds_summed = !dx_sums && splits_ds > 1;
+  const auto [splits_ds, cols_ds, ds_summed] = slices_of(c, c.n, r_chunks, dx_sums);
   at::Tensor ds, ds_part;
   if (need_ds) {
     ds = at::empty({c.m, c.r}, opts);
@@ -882,8 +886,9 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
            use_tma(c, c.dy, wc, dxc, c.n * c.k), nullptr, c.k, k0);
     }
   } else if (c.need_dx && c.k > 0) {
-    gemm(c, work, K_DX, c.dy, w, o.dx, ds_summed ? ds : ds_part, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop,
-         1.0, false, m_bucket, tma_dx, splits_ds > 1 && !ds_summed && c.need_dA ? &ds : nullptr);
+    const bool dx_parts = splits_ds > 1 && !ds_summed;
+    gemm(c, work, K_DX, c.dy, w, o.dx, dx_parts ? ds_part : ds, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop,
+         1.0, false, m_bucket, tma_dx, dx_parts && c.need_dA ? &ds : nullptr);
   }
   if (c.need_dA) {
     auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);

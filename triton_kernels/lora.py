@@ -138,6 +138,18 @@ def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
     return triton.cdiv(cols, per), per
 
 
+def _slices(m: int, cols: int, r_chunks: int, device: torch.device, gemm_sums: bool) -> Tuple[int, int, bool]:
+    """(splits, columns per split, summed) of the S pass (cols = K) or the dS pass (cols = N). ``gemm_sums``: the
+    GEMM that reads S (dS) sums fp32 slices itself (one pointer GEMM); otherwise (the TMA GEMM, NF4 chunks) up to
+    _SPLIT_SUM_MAX_M rows the slices are summed and rounded by one torch reduction before it (``summed``)."""
+    if gemm_sums:
+        return (*_inner_splits(m, cols, r_chunks, device), False)
+    if m <= _SPLIT_SUM_MAX_M:
+        splits, per = _inner_splits(m, cols, r_chunks, device, _SPLIT_SUM_MAX_M)
+        return splits, per, splits > 1
+    return 1, cols, False
+
+
 def _sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (the interpreter: 4, so persistent loops take several tiles)."""
     if device.type != "cuda":
@@ -481,17 +493,8 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
     tma = _use_tma(x, w, y)
-    # S in K slices: fp32 partials the forward GEMM sums, then stores S rounded; where the GEMM cannot take them
-    # (TMA, chunks), up to _SPLIT_SUM_MAX_M rows, partials that one reduction sums first (``summed``).
-    gemm_sums = not (n == 0 or tma or w.chunks)
-    summed = False
-    if gemm_sums:
-        splits, cols = _inner_splits(m, k, r_chunks, x.device)
-    elif n > 0 and m <= _SPLIT_SUM_MAX_M:
-        splits, cols = _inner_splits(m, k, r_chunks, x.device, _SPLIT_SUM_MAX_M)
-        summed = splits > 1
-    else:
-        splits, cols = 1, k
+    # S in K slices: fp32 partials the one forward GEMM sums, then stores S rounded (or see _slices).
+    splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or tma or w.chunks))
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     with _on_device(x.device):
         _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits),
@@ -502,7 +505,6 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                   HAS_DROPOUT=drop.on, BLOCK_R=block_r)
         if summed:
             s.copy_(s_part.sum(0))
-            s_part = s
         no_drop = _Dropout(0.0, None, x)
         if w.chunks:
             # y's columns n0:n1 from W's rows n0:n1; each temporary is freed before the next is made.
@@ -513,8 +515,9 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                            _use_tma(x, wc, yc, n * k))
                 del wc
         elif n > 0:
-            _lora_gemm(_FWD_KERNEL, x, w, y, s_part, lora_B, lora_B.stride(1), lora_B.stride(0), bias, no_drop,
-                       scaling, True, r, block_r, m_bucket, tma, s if s_part.dim() == 3 else None)
+            gemm_sums = splits > 1 and not summed
+            _lora_gemm(_FWD_KERNEL, x, w, y, s_part if gemm_sums else s, lora_B, lora_B.stride(1), lora_B.stride(0),
+                       bias, no_drop, scaling, True, r, block_r, m_bucket, tma, s if gemm_sums else None)
     return y, s
 
 
@@ -552,18 +555,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     fused_db = atomics and need_dB
     fused_dbias = atomics and need_dbias
     tma_dx = need_dx and _use_tma(dy, w, dx)
-    # dS in N slices (fp32 partials that the dX GEMM sums; it stores dS rounded for the dA kernel) when one dX
-    # pointer GEMM runs; else in one slice, dS itself.
+    # dS in N slices: fp32 partials the one dX pointer GEMM sums (it stores dS rounded for the dA kernel), or
+    # see _slices.
     dx_sums = need_dx and k > 0 and not tma_dx and w.chunks is None
-    # Elsewhere, up to _SPLIT_SUM_MAX_M rows, N slices that one reduction sums into dS (as S in lora_forward).
-    ds_summed = False
-    if dx_sums:
-        splits_ds, cols_ds = _inner_splits(m, n, r_chunks, dev)
-    elif need_ds and n > 0 and m <= _SPLIT_SUM_MAX_M:
-        splits_ds, cols_ds = _inner_splits(m, n, r_chunks, dev, _SPLIT_SUM_MAX_M)
-        ds_summed = splits_ds > 1
-    else:
-        splits_ds, cols_ds = 1, n
+    splits_ds, cols_ds, ds_summed = _slices(m, n, r_chunks, dev, dx_sums)
     with _on_device(dev):
         ds = ds_part = None
         if need_ds:
@@ -582,7 +577,6 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                        DO_DB=fused_db, DO_DBIAS=fused_dbias, BLOCK_R=block_r)
             if ds_summed:
                 ds.copy_(ds_part.sum(0))
-                ds_part = ds
             if fused_db:
                 dB = db_acc if dt == torch.float32 else db_acc.to(dt)
             if fused_dbias:
@@ -616,8 +610,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                            drop, 1.0, False, r, block_r, m_bucket, _use_tma(dy, wc, dxc, n * k), drop_cols=(k, k0))
                 del wc
         elif need_dx and k > 0:
-            _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part, lora_A, lora_A.stride(0), lora_A.stride(1), None, drop, 1.0,
-                       False, r, block_r, m_bucket, tma_dx, ds if ds_part.dim() == 3 and need_dA else None)
+            dx_parts = splits_ds > 1 and not ds_summed
+            _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part if dx_parts else ds, lora_A, lora_A.stride(0), lora_A.stride(1),
+                       None, drop, 1.0, False, r, block_r, m_bucket, tma_dx, ds if dx_parts and need_dA else None)
         if need_dA:
             if k > 0:
                 splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)
