@@ -277,6 +277,16 @@ MODEL_OPTIONS = ("layers", "seq", "batch", "steps", "warmup_steps", "vocab", "ch
 MODEL_MINIMUM = dict(layers=1, seq=2, batch=1, steps=1, warmup_steps=1, vocab=2)
 
 
+def _check_arch_case(case, kind: str) -> None:
+    """The checks ModelCase and BlockCase share: their kind, a known arch, a float dtype."""
+    if case.kind != kind:
+        raise ValueError(f"{type(case).__name__}.kind={case.kind!r} must be {kind!r}")
+    if case.arch not in ARCHS:
+        raise ValueError(f"case {case.name!r}: unknown arch {case.arch!r}; known: {sorted(ARCHS)}")
+    if case.dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"case {case.name!r}: dtype={case.dtype!r} must be float32, float16 or bfloat16")
+
+
 @dataclass(frozen=True)
 class ModelCase(_Planned):
     """One model-level case: per provider, build the decoder (``layers`` blocks of ``arch``, a ``vocab``-token
@@ -305,10 +315,7 @@ class ModelCase(_Planned):
     plan: Tuple[Tuple[str, Tuple[str, ...]], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        if self.kind != "model":
-            raise ValueError(f"ModelCase.kind={self.kind!r} must be 'model'")
-        if self.arch not in ARCHS:
-            raise ValueError(f"case {self.name!r}: unknown arch {self.arch!r}; known: {sorted(ARCHS)}")
+        _check_arch_case(self, "model")
         for key, low in MODEL_MINIMUM.items():
             v = getattr(self, key)
             if key == "vocab" and v == 0:
@@ -320,8 +327,6 @@ class ModelCase(_Planned):
             raise ValueError(f"case {self.name!r}: r={self.r} must be >= 1")
         if not isinstance(self.checkpointing, bool):
             raise ValueError(f"case {self.name!r}: checkpointing={self.checkpointing!r} must be True or False")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"case {self.name!r}: dtype={self.dtype!r} must be float32, float16 or bfloat16")
         for ref in (self.floor, self.reference):
             if ref not in MODEL_PROVIDERS:
                 raise ValueError(f"case {self.name!r}: reference provider {ref!r} is not a model provider; choose "
@@ -450,15 +455,10 @@ class BlockCase(_Planned):
     plan: Tuple[Tuple[str, Tuple[str, ...]], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        if self.kind != "block":
-            raise ValueError(f"BlockCase.kind={self.kind!r} must be 'block'")
-        if self.arch not in ARCHS:
-            raise ValueError(f"case {self.name!r}: unknown arch {self.arch!r}; known: {sorted(ARCHS)}")
+        _check_arch_case(self, "block")
         if min(self.M, self.r) < 1 or self.n_sets != 1:
             raise ValueError(f"case {self.name!r}: M and r must be >= 1 and n_sets 1, got "
                              f"{self.M, self.r, self.n_sets}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"case {self.name!r}: dtype={self.dtype!r} must be float32, float16 or bfloat16")
         for provider, modes in self.plan:
             if provider not in BLOCK_PROVIDERS:
                 raise ValueError(f"case {self.name!r}: provider {provider!r} does not run the block preset; choose "

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_ops import _backend, lora_linear, ops, reference
+from lora_ops.inject import lora_layers
 from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
 
 # Relative Frobenius error allowed for a result computed from inputs of this dtype, against an oracle
@@ -83,6 +84,16 @@ def kernel_mask(backend, seed, rows, cols, p):
 
 
 # --------------------------------------------------------------------- a failed call leaves a model unchanged
+
+def randomize_adapters(model, seed=1, scale=0.2):
+    """Every LoRA layer's A and B drawn from one generator (``seed``), N(0, scale^2): a model whose LoRA term is
+    not zero, as training leaves it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * scale)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+
 
 def snapshot(model):
     """Everything a failed call must leave unchanged: module types, parameter flags and every tensor."""

@@ -17,7 +17,7 @@ from lora_ops import QLoRALinear, grouped
 from lora_ops.grouped import ProjectionGroup, explain_groups, projection_groups
 from lora_ops.inject import lora_layers
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, randomize_adapters
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYERS = 2
@@ -49,18 +49,10 @@ def _base(arch, seed=0, **shape):
     return cls(_config(arch, **shape))
 
 
-def _randomize(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
-
-
 def build(arch="llama", quantize=None, group=False, **kw):
     model = _base(arch)
     lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, quantize=quantize, group_projections=group, **kw)
-    _randomize(model)
+    randomize_adapters(model, scale=0.3)
     return model
 
 
@@ -289,7 +281,7 @@ class Attn(nn.Module):
 
 def _adapt(mod, group, **kw):
     lora_ops.apply_lora(mod, ["q_proj", "k_proj", "v_proj"], r=3, lora_alpha=5, group_projections=group, **kw)
-    _randomize(mod)
+    randomize_adapters(mod, scale=0.3)
     return mod
 
 
@@ -330,7 +322,7 @@ def test_different_ranks_alphas_and_biases():
         lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=5, lora_alpha=7, use_rslora=True)
         if group:
             assert len(grouped.group_projections(mod)) == 1
-        _randomize(mod)
+        randomize_adapters(mod, scale=0.3)
         return mod
 
     ref, grp = make(False), make(True)
@@ -501,7 +493,7 @@ def test_bitsandbytes_4bit_model(tmp_path):
     for group in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=bnb_config)
         lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, group_projections=group)  # QLoRALinear.from_bnb
-        _randomize(model)
+        randomize_adapters(model, scale=0.3)
         models.append(model)
     assert [r["status"] for r in explain_groups(models[1])] == ["grouped"] * (2 * N_LAYERS)
     assert isinstance(models[1].model.layers[0].mlp.up_proj, QLoRALinear)
@@ -550,7 +542,7 @@ def gpu(monkeypatch):
 
 def _randomize_scaled(model, seed=1):
     """Random adapters of the size trained ones reach (A ~ K^-1/2, B ~ 0.1 r^-1/2: the LoRA term about as large
-    as the base term): _randomize's 0.3 makes the LoRA term dominate, and a bf16 model of that is so
+    as the base term): randomize_adapters' 0.3 here makes the LoRA term dominate, and a bf16 model of that is so
     ill-conditioned that bf16 and fp32 gradients differ by more than 100 %."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -14,7 +14,7 @@ import lora_ops
 from lora_ops import LoRALinear, QLoRALinear
 from lora_ops.inject import CONFIG_NAME, WEIGHTS_NAME, lora_layers
 
-from helpers import assert_rel_close, assert_unchanged, snapshot
+from helpers import assert_rel_close, assert_unchanged, randomize_adapters, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,14 +52,6 @@ def tiny_llama(seed=0):
                       num_key_value_heads=1, vocab_size=101, max_position_embeddings=32)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.2)
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
 
 
 def dequantized_copy(base, qmodel, dtype):
