@@ -11,27 +11,20 @@ The frozen layer runs through the same modes (its own torch.compile cost is the 
 The adapters' gradients are set to None before each step (as zero_grad(set_to_none=True) does).
 """
 import argparse
+import statistics
 import time
 
 import torch
 import torch.nn as nn
 
 import lora_ops
-from profile_layer import graph_ms  # scripts/profile_layer.py (this script's folder is on sys.path)
+from host_profile import _loop  # scripts/host_profile.py and profile_layer.py (this script's folder is on sys.path)
+from profile_layer import graph_ms
 
 
 def _wall_ms(step, steps):
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    best = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        best.append((time.perf_counter() - t0) * 1e3 / steps)
-    return sorted(best)[len(best) // 2]
+    """Milliseconds per step: the median of 5 loops of ``steps`` steps, each ended by a synchronize."""
+    return statistics.median(_loop(step, steps) for _ in range(5)) / 1e3
 
 
 def main():
