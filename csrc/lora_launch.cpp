@@ -69,7 +69,8 @@ struct Settings {
   int64_t max_block_r = 64;       // MAX_BLOCK_R
   int64_t dequant_min_m = 64;     // NF4_DEQUANT_MIN_M
   int64_t tma_min_m = 2048;       // _TMA_MIN_M
-  int64_t tma_min_nk = 1 << 24;   // _TMA_MIN_NK
+  int64_t tma_min_nk = 1 << 22;   // _TMA_MIN_NK
+  int64_t tma_min_mnk = int64_t{1} << 35;  // _TMA_MIN_MNK
   int64_t tma_small_m = 128;      // lora_tuning.py _TMA_CONFIGS: the first M of the large tile
   int64_t nested_blocksize = 256; // nf4.NESTED_BLOCKSIZE
   int64_t dq_bytes_per_program = 2048;  // nf4_dequant.BYTES_PER_PROGRAM
@@ -77,7 +78,7 @@ struct Settings {
   int64_t split_unit_interp = 64;       // _SPLIT_UNIT_INTERP
   int64_t max_inner_splits = 16;        // _MAX_INNER_SPLITS
   int64_t split_max_m = 1024;           // _SPLIT_MAX_M
-  int64_t split_sum_max_m = 0;          // _SPLIT_SUM_MAX_M
+  int64_t split_sum_max_m = 2048;       // _SPLIT_SUM_MAX_M
   int64_t atomic_db_max_m = int64_t{1} << 40;  // _ATOMIC_DB_MAX_M
   int64_t nf4_chunk_bytes = 32 << 20;   // NF4_CHUNK_BYTES
   int64_t nf4_chunk_min_m = 4096;       // NF4_CHUNK_MIN_M
@@ -371,7 +372,8 @@ PlanKey make_key(const Call& c, bool backward, bool deterministic) {
   int64_t flags = (c.nf4 ? 1 : 0) | (c.nested ? 2 : 0) | (c.bias.defined() ? 4 : 0) | (c.drop ? 8 : 0)
                   | (c.m >= g_settings.dequant_min_m ? 16 : 0) | (c.m >= g_settings.tma_small_m ? 32 : 0)
                   | (c.m >= g_settings.tma_min_m ? 64 : 0) | (c.m >= g_settings.nf4_chunk_min_m ? 4096 : 0)
-                  | (c.m <= g_settings.split_sum_max_m ? 8192 : 0);
+                  | (c.m <= g_settings.split_sum_max_m ? 8192 : 0)
+                  | (c.m * c.n * c.k >= g_settings.tma_min_mnk ? 16384 : 0);
   if (backward)
     flags |= (c.need_dx ? 128 : 0) | (c.need_dA ? 256 : 0) | (c.need_dB ? 512 : 0) | (c.need_dbias ? 1024 : 0)
              | (deterministic ? 2048 : 0);
@@ -545,7 +547,8 @@ bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const a
   const int64_t mode = tma_mode();
   if (mode == TMA_OFF) return false;
   if (nk < 0) nk = out.size(1) * a.size(1);
-  if (mode == TMA_AUTO && (out.size(0) < g_settings.tma_min_m || nk < g_settings.tma_min_nk))
+  if (mode == TMA_AUTO && (out.size(0) < g_settings.tma_min_m || nk < g_settings.tma_min_nk
+                           || out.size(0) * nk < g_settings.tma_min_mnk))
     return false;
   if (c.x.is_cuda() && c.dt->major < 9) return false;
   for (const at::Tensor* t : {&a, &w, &out}) {
@@ -1346,6 +1349,7 @@ void configure(const py::dict& s) {
   get("dequant_min_m", g_settings.dequant_min_m);
   get("tma_min_m", g_settings.tma_min_m);
   get("tma_min_nk", g_settings.tma_min_nk);
+  get("tma_min_mnk", g_settings.tma_min_mnk);
   get("tma_small_m", g_settings.tma_small_m);
   get("nested_blocksize", g_settings.nested_blocksize);
   get("dq_bytes_per_program", g_settings.dq_bytes_per_program);

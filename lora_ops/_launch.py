@@ -54,7 +54,7 @@ def _settings() -> dict:
 
     return dict(max_stride=L._MAX_STRIDE, min_dot=L._MIN_DOT, max_block_r=L._MAX_BLOCK_R,
                 dequant_min_m=L.NF4_DEQUANT_MIN_M, tma_min_m=L._TMA_MIN_M, tma_min_nk=L._TMA_MIN_NK,
-                tma_small_m=L._TMA_CONFIGS[0][0], nested_blocksize=_nf4.NESTED_BLOCKSIZE,
+                tma_min_mnk=L._TMA_MIN_MNK, tma_small_m=L._TMA_CONFIGS[0][0], nested_blocksize=_nf4.NESTED_BLOCKSIZE,
                 dq_bytes_per_program=DQ.BYTES_PER_PROGRAM, split_unit=L._SPLIT_UNIT,
                 split_unit_interp=L._SPLIT_UNIT_INTERP, max_inner_splits=L._MAX_INNER_SPLITS, split_max_m=L._SPLIT_MAX_M,
                 split_sum_max_m=L._SPLIT_SUM_MAX_M,

@@ -138,6 +138,7 @@ def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
         monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
         monkeypatch.setattr(L, "_TMA_MIN_M", 64)
         monkeypatch.setattr(L, "_TMA_MIN_NK", 256 * 136)
+        monkeypatch.setattr(L, "_TMA_MIN_MNK", 64 * 256 * 136)
         _launch._sync_settings(dry)
         fwd, dy = _inputs(m=64, k=256, n=136, r=8, dtype=torch.float16, weight="nf4", p=0.1)
         y, s = _check(dry, 0, fwd)
@@ -148,10 +149,14 @@ def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
         _check(dry, 1, bargs)
         names = [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
         assert names.count("nf4_dequant") > 1 and names.count("nf4_dequant") == names.count("lora_gemm_tma"), names
-        monkeypatch.setattr(L, "_TMA_MIN_NK", 256 * 136 + 1)  # the layer below the rule: pointer GEMMs only
-        _launch._sync_settings(dry)
-        assert "lora_gemm_tma" not in [r[0] for r in dry.launch_fwd(*fwd, True)[1]]
-        _check(dry, 0, fwd)
+        for name, bound in (("_TMA_MIN_NK", 256 * 136 + 1), ("_TMA_MIN_MNK", 64 * 256 * 136 + 1)):
+            monkeypatch.setattr(L, name, bound)  # the layer below one bound of the rule: pointer GEMMs only
+            _launch._sync_settings(dry)
+            assert "lora_gemm_tma" not in [r[0] for r in dry.launch_fwd(*fwd, True)[1]], name
+            assert "lora_gemm_tma" not in [r[0] for r in dry.launch_bwd(*bargs, True)[1]], name
+            _check(dry, 0, fwd)
+            _check(dry, 1, bargs)
+            monkeypatch.setattr(L, name, bound - 1)
     finally:
         monkeypatch.undo()
         _launch._sync_settings(dry)

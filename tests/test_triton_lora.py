@@ -560,8 +560,9 @@ def test_tma_gemm_matches_reference(monkeypatch, name):
 
 
 def test_tma_default_runs_only_on_the_shapes_it_measured_faster(monkeypatch):
-    """LORA_OPS_TMA unset ("auto"): the TMA GEMM for M >= 2048 and N*K >= 2^24 (from 2048 x 4096->4096 on the
-    H200), not for GQA's 4096->1024 nor M = 1024; "1" wherever TMA applies, "0" never, anything else an error."""
+    """LORA_OPS_TMA unset ("auto"): the TMA GEMM for M >= 2048, N*K >= 2^22 and M*N*K >= 2^35 (from 2048 x
+    4096->4096 and 8192 x 4096->1024 on the H200), not for GQA's 4096->1024 below 8192 rows nor M = 1024; "1"
+    wherever TMA applies, "0" never, anything else an error."""
     monkeypatch.setattr(L, "_INTERPRET", True)  # sm_90+ assumed; meta tensors: shapes and strides only
 
     def usable(m, k, n):
@@ -571,9 +572,11 @@ def test_tma_default_runs_only_on_the_shapes_it_measured_faster(monkeypatch):
     monkeypatch.delenv("LORA_OPS_TMA", raising=False)
     assert usable(8192, 4096, 14336) and usable(8192, 14336, 4096) and usable(8192, 4096, 4096)
     assert usable(2048, 4096, 4096) and usable(2048, 4096, 14336)
-    assert not usable(8192, 4096, 1024) and not usable(1024, 4096, 4096)
+    assert usable(8192, 4096, 1024) and usable(8192, 1024, 4096) and usable(16384, 4096, 1024)
+    assert not usable(2048, 4096, 1024) and not usable(4096, 4096, 1024) and not usable(1024, 4096, 4096)
+    assert not usable(65536, 1024, 1024) and not usable(1024, 14336, 4096)
     monkeypatch.setenv("LORA_OPS_TMA", "auto")
-    assert usable(2048, 4096, 4096) and not usable(8192, 4096, 1024)
+    assert usable(2048, 4096, 4096) and not usable(2048, 4096, 1024)
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     assert usable(8192, 4096, 1024) and usable(64, 64, 64)
     monkeypatch.setenv("LORA_OPS_TMA", "0")

@@ -106,14 +106,13 @@ _SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 1024, 0)
 # measured the same within noise at M = 8192 (4096->4096 dense 1.186x vs 1.191x the floor, NF4 1.235x vs 1.228x;
 # 4096->14336 1.065x vs 1.053x; H200 CUDA-graph replay, docs/PERF_NOTES.md item 16), so the launch is saved.
 _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
-# LORA_OPS_SPLIT_SUM_MAX_M: up to this M (0: never, the default until measured), the S / dS passes split even where
-# the GEMM after them cannot sum slices (the TMA GEMM, a chunked NF4 weight): the fp32 slices are summed and
-# rounded by one torch reduction before that GEMM. At 2048 x 4096->4096 on the TMA GEMM, S took 13.6 us and
-# dS/dB 22.9 us in one slice (H200 profile, docs/PERF_NOTES.md item 17), ~3x their read of x / dY; with 4096 here
-# the layer measured 1.311x -> 1.234x the floor (NF4 1.503x -> 1.466x) at 2048 rows, 4096->14336 1.125x -> 1.071x,
-# at 4096 rows 1.089x -> 1.119x (NF4 1.256x -> 1.228x) (CUDA-graph replay, item 18). Off by default until the
-# presets are re-run with it on.
-_SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 0, 0)
+# LORA_OPS_SPLIT_SUM_MAX_M: up to this M (0: never), the S / dS passes split even where the GEMM after them cannot
+# sum slices (the TMA GEMM, a chunked NF4 weight): the fp32 slices are summed and rounded by one torch reduction
+# before that GEMM. At 2048 x 4096->4096 on the TMA GEMM, S took 13.6 us and dS/dB 22.9 us in one slice (H200
+# profile, docs/PERF_NOTES.md item 17), ~3x their read of x / dY; splitting up to 4096 rows measured 1.311x ->
+# 1.234x the floor (NF4 1.503x -> 1.466x) at 2048 rows, 4096->14336 1.125x -> 1.071x, but at 4096 rows 1.089x ->
+# 1.119x dense (NF4 1.256x -> 1.228x) (CUDA-graph replay, item 18): so up to 2048 rows.
+_SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 
 
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
@@ -364,14 +363,15 @@ class _Dropout:
 # applies, 0 nowhere. Measured again once the S / dS kernels were aligned (H200, CUDA-graph replay,
 # docs/PERF_NOTES.md item 16), TMA on vs off: 2048 x 4096->4096 dense 1.28x vs 1.36x, NF4 1.54x vs 1.62x;
 # 8192 x 4096->4096 dense 1.13x vs 1.19x, NF4 1.16x vs 1.23x; at M = 1024 no better (1.59x vs 1.55x with the
-# splits). So the rule starts at M = 2048 and at 4096 x 4096; the narrower layers (e.g. GQA's 4096->1024) stay
-# on the pointer GEMM until measured.
+# splits). GQA's narrow 4096->1024 (item 17) gained at 8192 rows (dense 1.487x -> 1.423x, NF4 1.694x -> 1.559x)
+# and lost at 2048 (1.743x -> 2.012x). So the rule: M >= _TMA_MIN_M, N*K >= _TMA_MIN_NK and M*N*K >= _TMA_MIN_MNK
+# (2048 rows at 4096 x 4096, 8192 rows at 4096 x 1024: a GEMM of at least 2^35 multiply-adds).
 _TMA_CAPABLE: Dict[int, bool] = {}
 # The LoRA seed is loaded in rank chunks of 16 whatever r is: its two tiles sit in shared memory beside the
 # pipeline's 3 x 48 KB and the 64 KB output tile, and chunks of 64 (r = 64) asked for 262 KB of the 227 KB an
 # H200 SM has (OutOfResources, H200 2026-11-29); chunks of 16 need 12 KB.
 _TMA_BLOCK_R = 16
-_TMA_MIN_M, _TMA_MIN_NK = 2048, 1 << 24
+_TMA_MIN_M, _TMA_MIN_NK, _TMA_MIN_MNK = 2048, 1 << 22, 1 << 35
 
 
 def _tma_mode() -> str:
@@ -390,7 +390,8 @@ def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, nk: Optional[
     operand rules. ``nk``: the layer's N*K for the auto rule (default c's N times a's K)."""
     mode = _tma_mode()
     nk = c.shape[1] * a.shape[1] if nk is None else nk
-    if mode == "0" or (mode == "auto" and (c.shape[0] < _TMA_MIN_M or nk < _TMA_MIN_NK)):
+    if mode == "0" or (mode == "auto" and (c.shape[0] < _TMA_MIN_M or nk < _TMA_MIN_NK
+                                           or c.shape[0] * nk < _TMA_MIN_MNK)):
         return False
     if _INTERPRET:
         usable = True
