@@ -97,11 +97,12 @@ def test_cpp_path_equals_python_launchers(monkeypatch, case):
 def test_nf4_chunks_equal_the_whole_temporary(monkeypatch, weight, p):
     """Past NF4_CHUNK_BYTES the weight is dequantized in chunks (3 row ranges for the forward, 4 column windows
     for dX here): the same tiles over the same K-loops, so y, dx and dA equal the whole temporary's bit for bit,
-    from the Python launchers and from the C++ path alike. M is above _SPLIT_MAX_M: a chunked weight takes S and
-    dS in one slice, which at smaller M would round differently from the whole weight's sliced S and dS."""
+    from the Python launchers and from the C++ path alike. M is above _SPLIT_MAX_M and _SPLIT_SUM_MAX_M: both
+    take S and dS in one slice there; at smaller M the whole weight's GEMM sums fp32 slices itself while a chunked
+    weight's slices are summed and rounded first, which rounds differently."""
     from lora_ops.triton_kernels import lora as L
     from lora_ops.triton_kernels import records
-    inp = _inputs(L._SPLIT_MAX_M + 128, 1024, 768, 16, BF16, weight, True)
+    inp = _inputs(max(L._SPLIT_MAX_M, L._SPLIT_SUM_MAX_M) + 128, 1024, 768, 16, BF16, weight, True)
     whole = _run(inp, p)
     mod = _launch.module()
     try:
