@@ -10,6 +10,8 @@ This preset times what that changes, on one Llama-3-8B layer's projections (``pr
 forward + backward of those linear layers only: no attention or activation math between them, each projection
 gets an input of its own width (q/k/v the same tensor, gate/up the same tensor), and the backward receives one
 upstream gradient per output (``torch.autograd.backward`` of the seven outputs) and flows to the four inputs.
+The preset also times q/k/v alone and gate/up alone (``BlockCase.part``): the issue's per-group targets are
+ratios to the group's concatenated GEMM, so those cases' floor is ``floor_grouped``.
 
 The harness (benchmarks/harness.py) times it like a layer case: the same do_bench median, eager loop, peak
 memory (baseline before the provider's weights are built) and profile, on tensors drawn once per case
@@ -39,10 +41,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .presets import BlockCase, Case
+from .presets import BLOCK_PARTS, BlockCase, Case
 from .providers import DTYPES, NF4_BLOCKSIZE, Built, WeightSet, _frozen_linear, implementation_name
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = BLOCK_PARTS["block"]
 NF4_PROVIDERS = ("peft_bnb", "fused_qlora", "fused_qlora_grouped")
 NO_ADAPTER = ("floor", "floor_grouped", "floor_repeat")
 
@@ -79,62 +81,79 @@ def make_block_data(case: BlockCase, device: torch.device, seed: int = 0) -> Blo
 
 # ------------------------------------------------------------------------------------------------ modules
 
-class _Attention(nn.Module):
-    def __init__(self, q_proj, k_proj, v_proj, o_proj):
+class _Parent(nn.Module):
+    """A decoder layer's ``self_attn`` or ``mlp``: its projections as children (named as in transformers, so
+    grouping and PEFT's target matching find them); ``forward(xs)`` calls each on its input (``xs``: input name
+    -> tensor) and returns their outputs in order."""
+
+    def __init__(self, members: List[Tuple[str, nn.Module, str]]):
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        for name, module, _ in members:
+            setattr(self, name, module)
+        self._reads = [(name, x) for name, _, x in members]
 
-    def forward(self, x, x_o):
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.o_proj(x_o)
-
-
-class _MLP(nn.Module):
-    def __init__(self, gate_proj, up_proj, down_proj):
-        super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
-
-    def forward(self, x, x_down):
-        return self.gate_proj(x), self.up_proj(x), self.down_proj(x_down)
+    def forward(self, xs: Dict[str, Tensor]):
+        return tuple(getattr(self, name)(xs[x]) for name, x in self._reads)
 
 
 class Block(nn.Module):
-    """The seven projections under the parents a transformers decoder layer has (``self_attn``, ``mlp``), so
-    ``apply_lora``'s grouping and PEFT's target matching find them by their usual names. ``forward(inputs)``
-    takes (x_attn, x_o, x_mlp, x_down) and returns the seven outputs (q, k, v, o, gate, up, down)."""
+    """The case's projections (``case.projections()``) under the parents a transformers decoder layer has
+    (``self_attn``, ``mlp``). ``forward(inputs)`` takes the case's inputs (``case.inputs()`` order: x_attn, x_o,
+    x_mlp, x_down for the whole block) and returns the projections' outputs in ``case.projections()`` order."""
 
-    def __init__(self, linears: Dict[str, nn.Module]):
+    def __init__(self, case: BlockCase, linears: Dict[str, nn.Module]):
         super().__init__()
-        self.self_attn = _Attention(*(linears[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
-        self.mlp = _MLP(*(linears[n] for n in ("gate_proj", "up_proj", "down_proj")))
+        parents: Dict[str, List] = {}
+        for name, parent, x, _, _ in case.projections():
+            parents.setdefault(parent, []).append((name, linears[name], x))
+        for parent, members in parents.items():
+            setattr(self, parent, _Parent(members))
+        self._parents = list(parents)
+        self._inputs = [x for x, _ in case.inputs()]
 
     def forward(self, inputs):
-        x_attn, x_o, x_mlp, x_down = inputs
-        return self.self_attn(x_attn, x_o) + self.mlp(x_mlp, x_down)
+        xs = dict(zip(self._inputs, inputs))
+        return tuple(y for parent in self._parents for y in getattr(self, parent)(xs))
+
+
+# The groups a grouped call forms (lora_ops.grouped.DEFAULT_GROUPS), as the grouped floor concatenates them.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class GroupedFloor(nn.Module):
-    """The floor with q/k/v and gate/up each one frozen linear over the concatenated weights."""
+    """The floor with q/k/v and gate/up (those of the case's projections) each one frozen linear over the
+    concatenated weights, outputs split; the other projections alone."""
 
-    def __init__(self, ws: Dict[str, WeightSet]):
+    def __init__(self, case: BlockCase, ws: Dict[str, WeightSet]):
         super().__init__()
-        cat = lambda names: torch.cat([ws[n].W for n in names])  # noqa: E731
-        self.qkv = _frozen_linear(cat(("q_proj", "k_proj", "v_proj")))
-        self.o_proj = _frozen_linear(ws["o_proj"].W)
-        self.gate_up = _frozen_linear(cat(("gate_proj", "up_proj")))
-        self.down_proj = _frozen_linear(ws["down_proj"].W)
-        self.qkv_sizes = [ws[n].W.shape[0] for n in ("q_proj", "k_proj", "v_proj")]
-        self.gate_up_sizes = [ws[n].W.shape[0] for n in ("gate_proj", "up_proj")]
+        self._projections = [(name, x) for name, _, x, _, _ in case.projections()]
+        self._inputs = [x for x, _ in case.inputs()]
+        names = [name for name, _ in self._projections]
+        self._calls = []  # (module name, member names, input)
+        for name, x in self._projections:
+            group = next((g for g in GROUPS if name in g and all(n in names for n in g)), (name,))
+            if group[0] != name:
+                continue
+            key = "_".join(n[:-len("_proj")] for n in group) if len(group) > 1 else name
+            setattr(self, key, _frozen_linear(torch.cat([ws[n].W for n in group])))
+            self._calls.append((key, group, x, [ws[n].W.shape[0] for n in group]))
 
     def forward(self, inputs):
-        x_attn, x_o, x_mlp, x_down = inputs
-        q, k, v = self.qkv(x_attn).split(self.qkv_sizes, dim=-1)
-        gate, up = self.gate_up(x_mlp).split(self.gate_up_sizes, dim=-1)
-        return q, k, v, self.o_proj(x_o), gate, up, self.down_proj(x_down)
+        xs = dict(zip(self._inputs, inputs))
+        out = {}
+        for key, group, x, sizes in self._calls:
+            y = getattr(self, key)(xs[x])
+            out.update(zip(group, y.split(sizes, dim=-1) if len(group) > 1 else (y,)))
+        return tuple(out[name] for name, _ in self._projections)
 
 
-def _base_block(ws: Dict[str, WeightSet]) -> Block:
+def _names(case: BlockCase) -> List[str]:
+    return [name for name, *_ in case.projections()]
+
+
+def _base_block(case: BlockCase, ws: Dict[str, WeightSet]) -> Block:
     # Each provider clones the case's weights (_frozen_linear), so they are allocated after its memory baseline.
-    return Block({n: _frozen_linear(ws[n].W) for n in TARGETS})
+    return Block(case, {n: _frozen_linear(ws[n].W) for n in _names(case)})
 
 
 # ----------------------------------------------------------------------------------------------- builders
@@ -146,16 +165,22 @@ def _need_block(case) -> None:
 
 def build_floor(case: BlockCase, ws: Dict[str, WeightSet]) -> Built:
     _need_block(case)
-    block = _base_block(ws)
+    block = _base_block(case, ws)
     return Built(forward=block, decode=block, module=block,
-                 info={"module": "seven torch.nn.Linear (frozen), no adapter"})
+                 info={"module": f"{len(_names(case))} torch.nn.Linear (frozen), no adapter"})
 
 
 def build_floor_grouped(case: BlockCase, ws: Dict[str, WeightSet]) -> Built:
     _need_block(case)
-    block = GroupedFloor(ws)
+    block = GroupedFloor(case, ws)
+    calls = ", ".join(key for key, *_ in block._calls)
     return Built(forward=block, decode=block, module=block,
-                 info={"module": "torch.nn.Linear (frozen): qkv 1, o 1, gate_up 1, down 1; outputs split"})
+                 info={"module": f"torch.nn.Linear (frozen), one per {calls}; grouped outputs split"})
+
+
+def build_floor_repeat(case: BlockCase, ws: Dict[str, WeightSet]) -> Built:
+    """The case's floor timed again (its ratio is the run-to-run noise)."""
+    return BUILDERS[case.floor](case, ws)
 
 
 def _lora_params(model: nn.Module) -> Tuple[Tensor, ...]:
@@ -168,8 +193,9 @@ def _fused(case: BlockCase, ws: Dict[str, WeightSet], quantize: Optional[str], g
     from lora_ops.inject import lora_layers
 
     _need_block(case)
-    block = _base_block(ws)
-    lora_ops.apply_lora(block, list(TARGETS), r=case.r, lora_alpha=case.lora_alpha, lora_dropout=0.0,
+    block = _base_block(case, ws)
+    names = _names(case)
+    lora_ops.apply_lora(block, names, r=case.r, lora_alpha=case.lora_alpha, lora_dropout=0.0,
                         quantize=quantize, blocksize=NF4_BLOCKSIZE, double_quant=True, group_projections=group)
     layers = lora_layers(block)
     with torch.no_grad():
@@ -178,13 +204,13 @@ def _fused(case: BlockCase, ws: Dict[str, WeightSet], quantize: Optional[str], g
             layer.lora_A.copy_(ws[short].A)
             layer.lora_B.copy_(ws[short].B)
     status = {r["parent"]: r["status"] for r in explain_groups(block)}
-    if group and list(status.values()) != ["grouped", "grouped"]:
+    if group and (not status or set(status.values()) != {"grouped"}):
         raise RuntimeError(f"group_projections=True left the projections ungrouped: {explain_groups(block)}")
     params = _lora_params(block)
-    if len(params) != 2 * len(TARGETS) or {p.dtype for p in params} != {DTYPES[case.dtype]}:
+    if len(params) != 2 * len(names) or {p.dtype for p in params} != {DTYPES[case.dtype]}:
         raise RuntimeError(f"apply_lora left {len(params)} trainable tensors of {({p.dtype for p in params})}, "
-                           f"expected lora_A and lora_B of 7 layers in {case.dtype}")
-    dev = ws["q_proj"].W.device.type
+                           f"expected lora_A and lora_B of {len(names)} layers in {case.dtype}")
+    dev = ws[names[0]].W.device.type
     info = {op: implementation_name(op, dev) for op in ("lora_fwd", "lora_bwd")}
     if quantize:
         info["nf4_dequantize"] = implementation_name("nf4_dequantize", dev)
@@ -214,8 +240,8 @@ def _peft(block: nn.Module, case: BlockCase, ws: Dict[str, WeightSet]) -> Built:
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    cfg = LoraConfig(r=case.r, lora_alpha=case.lora_alpha, lora_dropout=0.0, target_modules=list(TARGETS),
-                     bias="none")
+    names = _names(case)
+    cfg = LoraConfig(r=case.r, lora_alpha=case.lora_alpha, lora_dropout=0.0, target_modules=names, bias="none")
     model = get_peft_model(block, cfg)
     inner = model.base_model.model  # the Block itself is timed, not PEFT's wrapper (as the layer presets do)
     dtype = DTYPES[case.dtype]
@@ -236,31 +262,33 @@ def _peft(block: nn.Module, case: BlockCase, ws: Dict[str, WeightSet]) -> Built:
             raise RuntimeError(f"peft scaling {m.scaling['default']} != case scaling {case.scaling}")
         types.add(f"{type(m).__module__}.{type(m).__name__}")
     params = _lora_params(inner)
-    if len(params) != 2 * len(TARGETS):
-        raise RuntimeError(f"peft left {len(params)} trainable tensors, expected lora_A and lora_B of 7 layers")
+    if len(params) != 2 * len(names):
+        raise RuntimeError(f"peft left {len(params)} trainable tensors, expected lora_A and lora_B of "
+                           f"{len(names)} layers")
     info = {"module": sorted(types), "peft": peft.__version__, "adapter_dtype": case.dtype}
     return Built(forward=inner, decode=inner, params=params, module=inner, info=info)
 
 
 def build_peft(case: BlockCase, ws: Dict[str, WeightSet]) -> Built:
     _need_block(case)
-    return _peft(_base_block(ws), case, ws)
+    return _peft(_base_block(case, ws), case, ws)
 
 
 def build_peft_bnb(case: BlockCase, ws: Dict[str, WeightSet]) -> Built:
     from .model import bnb_unavailable, to_bnb_4bit
 
     _need_block(case)
-    device = ws["q_proj"].W.device
+    names = _names(case)
+    device = ws[names[0]].W.device
     reason = bnb_unavailable(device)
     if reason:
         raise RuntimeError(reason)
     import bitsandbytes as bnb
 
-    block = _base_block(ws)
-    n = to_bnb_4bit(block, TARGETS, DTYPES[case.dtype])
-    if n != len(TARGETS):
-        raise RuntimeError(f"replaced {n} linear layers by Linear4bit, expected {len(TARGETS)}")
+    block = _base_block(case, ws)
+    n = to_bnb_4bit(block, names, DTYPES[case.dtype])
+    if n != len(names):
+        raise RuntimeError(f"replaced {n} linear layers by Linear4bit, expected {len(names)}")
     built = _peft(block, case, ws)
     built.info.update(bitsandbytes=bnb.__version__, base="bitsandbytes Linear4bit nf4, double quant, blocksize 64")
     return built
@@ -269,7 +297,7 @@ def build_peft_bnb(case: BlockCase, ws: Dict[str, WeightSet]) -> Built:
 BUILDERS: Dict[str, Callable[[BlockCase, Dict[str, WeightSet]], Built]] = {
     "floor": build_floor,
     "floor_grouped": build_floor_grouped,
-    "floor_repeat": build_floor,
+    "floor_repeat": build_floor_repeat,
     "peft": build_peft,
     "fused": build_fused,
     "fused_grouped": build_fused_grouped,

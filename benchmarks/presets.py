@@ -433,6 +433,10 @@ BLOCK_PROJECTIONS = (("q_proj", "self_attn", "x_attn", "hidden", "hidden"),
                      ("up_proj", "mlp", "x_mlp", "hidden", "intermediate"),
                      ("down_proj", "mlp", "x_down", "intermediate", "hidden"))
 BLOCK_TOKENS = {True: (64, 256), False: (2048, 8192)}  # (cpu quick mode, GPU)
+# What a block case times: the whole block, or one group alone (issue 21's per-group targets are ratios to the
+# group's concatenated GEMM: those cases take floor_grouped as their floor).
+BLOCK_PARTS = {"block": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+               "qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
 @dataclass(frozen=True)
@@ -441,7 +445,8 @@ class BlockCase(_Planned):
     the ``ARCHS`` widths), forward + backward of those linear layers only, on ``M`` tokens. Every provider builds
     the same seven frozen weights and adapters from the case's tensors; the LoRA providers' adapters are dense
     (``fused``, ``peft``) or NF4 (``fused_qlora``, ``peft_bnb``) bases, grouped or not; ``floor`` is the seven
-    frozen linears without adapters (input gradients flowing), the reference of every ratio."""
+    frozen linears without adapters (input gradients flowing), the reference of every ratio. ``part`` "qkv" or
+    "gate_up": that group's projections alone (``BLOCK_PARTS``), their ratios to ``floor_grouped``."""
 
     preset: str
     name: str
@@ -453,9 +458,15 @@ class BlockCase(_Planned):
     kind: str = "block"
     floor: str = "floor"
     plan: Tuple[Tuple[str, Tuple[str, ...]], ...] = field(default_factory=tuple)
+    part: str = "block"
 
     def __post_init__(self):
         _check_arch_case(self, "block")
+        if self.part not in BLOCK_PARTS:
+            raise ValueError(f"case {self.name!r}: part={self.part!r}; choose from {', '.join(BLOCK_PARTS)}")
+        if self.floor not in ("floor", "floor_grouped"):
+            raise ValueError(f"case {self.name!r}: floor={self.floor!r}; a block case's floor is floor or "
+                             "floor_grouped")
         if min(self.M, self.r) < 1 or self.n_sets != 1:
             raise ValueError(f"case {self.name!r}: M and r must be >= 1 and n_sets 1, got "
                              f"{self.M, self.r, self.n_sets}")
@@ -474,19 +485,22 @@ class BlockCase(_Planned):
         return d
 
     def projections(self) -> List[Tuple[str, str, str, int, int]]:
-        """(name, parent, input, K, N) of the seven projections, in the order of the block's outputs."""
+        """(name, parent, input, K, N) of the case's projections (``part``), in the order of its outputs."""
         d = self.dims
-        return [(n, parent, x, d[k], d[o]) for n, parent, x, k, o in BLOCK_PROJECTIONS]
+        return [(n, parent, x, d[k], d[o]) for n, parent, x, k, o in BLOCK_PROJECTIONS
+                if n in BLOCK_PARTS[self.part]]
 
     def inputs(self) -> List[Tuple[str, int]]:
-        d = self.dims
-        return [(x, d[k]) for x, k in BLOCK_INPUTS]
+        """(name, width) of the inputs the case's projections read, in ``BLOCK_INPUTS`` order."""
+        d, used = self.dims, {x for _, _, x, _, _ in self.projections()}
+        return [(x, d[k]) for x, k in BLOCK_INPUTS if x in used]
 
     @property
     def shape(self) -> str:
         d = self.dims
+        names = ",".join(n[:-len("_proj")] for n, *_ in self.projections())
         return (f"M={self.M},hidden={d['hidden']},kv={d['kv']},intermediate={d['intermediate']},r={self.r},"
-                "projections=q,k,v,o,gate,up,down")
+                f"projections={names}")
 
     def primary_mode(self) -> str:
         return "full"
@@ -502,15 +516,21 @@ class BlockCase(_Planned):
     filtered = Case.filtered
 
 
-def block_case(preset: str, arch: str, M: int, dtype: str, r: int = 16) -> BlockCase:
+def block_case(preset: str, arch: str, M: int, dtype: str, r: int = 16, part: str = "block") -> BlockCase:
+    """A block case (``part`` "block"), or one group alone ("qkv", "gate_up") whose floor, run first, is the
+    group's concatenated GEMM (``floor_grouped``) and whose ``floor_repeat`` times that floor again."""
     label = "llama3-8b-shape" if arch == "llama3-8b" else arch
-    plan = tuple((p, ("full",)) for p in BLOCK_PROVIDERS)
-    return BlockCase(preset, f"{label} block M={M} r{r}", arch, M, r, dtype, plan=plan)
+    floor = "floor" if part == "block" else "floor_grouped"
+    order = [floor] + [p for p in BLOCK_PROVIDERS if p != floor]
+    plan = tuple((p, ("full",)) for p in order)
+    return BlockCase(preset, f"{label} {part} M={M} r{r}", arch, M, r, dtype, floor=floor, plan=plan, part=part)
 
 
 def _block(cpu: bool) -> List[BlockCase]:
     arch, dtype = ("tiny", "float32") if cpu else ("llama3-8b", "bfloat16")
-    return [block_case("block", arch, M, dtype) for M in BLOCK_TOKENS[bool(cpu)]]
+    tokens = BLOCK_TOKENS[bool(cpu)]
+    return ([block_case("block", arch, M, dtype) for M in tokens]
+            + [block_case("block", arch, M, dtype, part=part) for part in ("qkv", "gate_up") for M in tokens])
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -550,7 +570,8 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "4096->4096, gate and up 4096->14336, down 14336->4096), fwd+bwd of those linear layers only (q/k/v "
            "read one input, gate/up another, o and down their own), M=2048 and 8192, r=16: floor (frozen, no "
            "adapters), floor_grouped, peft, fused, fused_grouped, peft_bnb, fused_qlora, fused_qlora_grouped "
-           "(grouped = apply_lora(..., group_projections=True))",
+           "(grouped = apply_lora(..., group_projections=True)); then q/k/v alone and gate/up alone at both M, "
+           "their ratios to the group's concatenated GEMM (floor_grouped)",
            "a guess, not measured: about 3-6 min, mostly first-call Triton autotuning (6 weight shapes, dense "
            "and NF4, at two M); --budget-s 420", _block),
     Preset("model", "training steps (fwd + causal-LM loss + bwd + AdamW on the adapters) of a Llama-3-8B-shaped "

@@ -47,6 +47,8 @@ NF4_COLUMNS = (("bnb", "bitsandbytes"), ("unfused", "lora_ops reference"), ("fus
 BLOCK_COLUMNS = (("floor_grouped", "floor, grouped GEMMs"), ("peft", "PEFT"), ("fused", "**lora_ops**"),
                  ("fused_grouped", "**lora_ops grouped**"), ("peft_bnb", "PEFT+bnb"),
                  ("fused_qlora", "**lora_ops QLoRA**"), ("fused_qlora_grouped", "**lora_ops QLoRA grouped**"))
+BLOCK_GROUP_COLUMNS = (("floor", "separate GEMMs"),) + BLOCK_COLUMNS[1:]
+BLOCK_PART_LABELS = {"qkv": "q/k/v", "gate_up": "gate/up"}
 MODEL_COLUMNS = (("floor", "frozen-base floor"), ("peft_bnb", "PEFT+bnb QLoRA"), ("fused_qlora", "**lora_ops QLoRA**"),
                  ("fused_qlora_grouped", "**lora_ops QLoRA grouped**"), ("peft", "PEFT LoRA"),
                  ("fused", "**lora_ops LoRA**"), ("fused_grouped", "**lora_ops LoRA grouped**"), ("full_ft", "full FT"))
@@ -241,20 +243,22 @@ SWEEPS = (("layer", "Layer forward + backward: time ÷ the floor (lower is bette
           ("tokens", "Tokens sweep, M × 4096→4096 forward + backward: time ÷ the floor", "tokens_ratio.png"))
 
 
-def _ratio_table(cases: Dict, columns, first: str, label: Callable) -> Tuple[List[str], object, List, List[str]]:
+def _ratio_table(cases: Dict, columns, first: str, label: Callable,
+                 floor: str = "floor") -> Tuple[List[str], object, List, List[str]]:
     """The "time ÷ the floor" table of fwd+bwd cases (mode full): header, a row per case (``label(provs)``, the
-    floor's ms, each provider's ratio, the floor timed again). Returns (lines, runs, columns, notes)."""
+    floor's ms, each provider's ratio, the floor timed again). ``floor``: the cases' floor provider. Returns
+    (lines, runs, columns, notes)."""
     mode = "full"
-    runs = _runs(cases, mode, "floor")
+    runs = _runs(cases, mode, floor)
     cols = _columns(cases, columns)
-    out = _head(first, "floor ms", *(h for _, h in cols), "floor again")
+    out = _head(first, f"{floor} ms", *(h for _, h in cols), "floor again")
     notes: List[str] = []
 
     def again(provs):
         rep = provs.get("floor_repeat", {}).get(mode, {}).get("time_ms")
         return [_x(rep["ratio_to_floor"]) + runs.tag(rep["run_id"]) if rep else "–"]
 
-    out += _time_table(cases, mode, "floor", cols, runs, notes, lambda c, provs: label(provs),
+    out += _time_table(cases, mode, floor, cols, runs, notes, lambda c, provs: label(provs),
                        lambda fm, fl: _g(fl["value"]), lambda m: lambda t: _x(t["ratio_to_floor"]), again)
     return out, runs, cols, notes
 
@@ -326,20 +330,31 @@ def decode_section(idx: Dict, csv_dir: str) -> List[str]:
     return out
 
 
-def _block_label(provs: Dict) -> str:
+def _block_cfg(provs: Dict) -> Dict:
     for modes in provs.values():
         for metrics in modes.values():
             cfg = report._cfg(next(iter(metrics.values())))
             if cfg.get("M"):
-                return f"{cfg['M']} tokens" + (f", r={cfg['r']}" if cfg.get("r", 16) != 16 else "")
-    return "?"
+                return cfg
+    return {}
+
+
+def _block_label(provs: Dict) -> str:
+    cfg = _block_cfg(provs)
+    if not cfg:
+        return "?"
+    part = cfg.get("part", "block")
+    return ((f"{BLOCK_PART_LABELS[part]}, " if part != "block" else "") + f"{cfg['M']} tokens"
+            + (f", r={cfg['r']}" if cfg.get("r", 16) != 16 else ""))
 
 
 def block_section(idx: Dict, csv_dir: str) -> List[str]:
     """The block preset: per token count, the floor's ms and each provider's time ÷ it, then peak memory."""
     out = ["### Block: one Llama-3-8B layer's seven projections, forward + backward: time ÷ the floor (lower is "
            "better)", ""]
-    cases = _cases(idx, "block")
+    every = _cases(idx, "block")
+    cases = OrderedDict((c, p) for c, p in every.items() if _block_cfg(p).get("part", "block") == "block")
+    groups = OrderedDict((c, p) for c, p in every.items() if c not in cases)
     if not cases:
         return out + _not_yet("python -m benchmarks --preset block --budget-s 420")
     mode = "full"
@@ -366,6 +381,15 @@ def block_section(idx: Dict, csv_dir: str) -> List[str]:
             "each one concatenated linear; grouped = `apply_lora(..., group_projections=True)` "
             "(`docs/GROUPED.md`)."]
     out += _absent(cols, cases) + _notes(notes) + runs.lines() + [_plot(csv_dir, "block_ratio.png"), ""]
+    if groups:
+        out += ["#### One group alone: time ÷ the group's concatenated GEMM (`floor_grouped`)", ""]
+        rows, runs, cols, notes = _ratio_table(groups, BLOCK_GROUP_COLUMNS, "group, M", _block_label,
+                                               floor="floor_grouped")
+        out += rows + [""]
+        out += ["- q/k/v (4096→4096, 1024, 1024) or gate/up (4096→14336 twice) alone, on one input: the floor is "
+                "the group's weights concatenated into one frozen bf16 linear, outputs split; 'separate GEMMs' "
+                "the same projections as separate frozen linears."]
+        out += _absent(cols, groups) + _notes(notes) + runs.lines() + [""]
     return out
 
 

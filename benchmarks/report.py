@@ -169,6 +169,14 @@ def primary_mode(providers: Dict) -> str:
 
 
 def _floor_of(providers: Dict) -> str:
+    """A case's floor provider: the one its rows' config names (a block preset's per-group cases take
+    floor_grouped), else the first of FLOORS present."""
+    for modes in providers.values():
+        for metrics in modes.values():
+            for row in metrics.values():
+                named = _cfg(row).get("floor")
+                if named in providers:
+                    return named
     return next((p for p in FLOORS if p in providers), "floor")
 
 

@@ -375,8 +375,11 @@ def test_cpu_block_preset_rows(one_thread):
     bitsandbytes runs on the CPU), finite and positive, ratios to this run's floor, the grouped providers
     recorded as grouped."""
     cases = presets.select_cases(["block"], cpu=True)
-    assert [c.name for c in cases] == ["tiny block M=64 r16", "tiny block M=256 r16"]
-    assert all(c.providers() == list(presets.BLOCK_PROVIDERS) and c.dtype == "float32" for c in cases)
+    assert [c.name for c in cases] == ["tiny block M=64 r16", "tiny block M=256 r16", "tiny qkv M=64 r16",
+                                       "tiny qkv M=256 r16", "tiny gate_up M=64 r16", "tiny gate_up M=256 r16"]
+    assert all(sorted(c.providers()) == sorted(presets.BLOCK_PROVIDERS) and c.dtype == "float32" for c in cases)
+    assert [(c.part, c.floor, c.providers()[0]) for c in cases[1:3]] == [("block", "floor", "floor"),
+                                                                         ("qkv", "floor_grouped", "floor_grouped")]
     rows, _ = harness.run_cases(cases, harness.Settings(**FAST), ["--preset", "block"], progress=False)
     rows = [r for r in rows if r["case"] != "ceilings"]
     bnb = _bnb_reason()
@@ -387,10 +390,11 @@ def test_cpu_block_preset_rows(one_thread):
         for p, r in t.items():
             assert r["status"] == "ok" and r["mode"] == "full" and r["preset"] == "block"
             assert math.isfinite(r["value"]) and 0 < r["p20"] <= r["value"] <= r["p80"]
-            assert r["ratio_to_floor"] == pytest.approx(r["value"] / t["floor"]["value"], rel=1e-12)
+            assert r["ratio_to_floor"] == pytest.approx(r["value"] / t[case.floor]["value"], rel=1e-12)
             cfg = json.loads(r["config"])
-            assert (cfg["M"], cfg["kind"], cfg["r"], cfg["hidden"], cfg["kv"], cfg["intermediate"]) == \
-                (case.M, "block", 16, 64, 16, 256)
+            assert (cfg["M"], cfg["kind"], cfg["r"], cfg["hidden"], cfg["kv"], cfg["intermediate"], cfg["part"]) == \
+                (case.M, "block", 16, 64, 16, 256, case.part)
+            assert sorted(cfg["projections"]) == sorted(presets.BLOCK_PARTS[case.part])
             if p.startswith("fused"):
                 groups = cfg["provider_info"]["groups"]
                 assert set(groups.values()) == ({"grouped"} if p.endswith("_grouped") else {"ungrouped"}), (p, groups)
@@ -401,6 +405,7 @@ def test_cpu_block_preset_rows(one_thread):
     assert [(r["provider"], r["note"]) for r in skipped] == [("peft_bnb", bnb)] * (len(cases) if bnb else 0)
     md = report.markdown(rows)
     assert "| tiny block M=256 r16 | fused_grouped (reference path) |" in md
+    assert "| tiny qkv M=64 r16 | floor_grouped | " in md and "| 1.000× (1.000×) |" in md
 
 
 def _block_run(built, data):
@@ -419,18 +424,20 @@ def _block_run(built, data):
     return [y.detach() for y in ys], dxs, grads
 
 
-@pytest.mark.parametrize("weight", ["dense", "nf4"])
-def test_block_providers_compute_the_same_block(weight):
-    """Every provider of a block case computes the seven projections of the same weights: outputs, the four
-    input gradients and all 14 adapter gradients equal a float64 reference (NF4: of the dequantized weights),
-    grouped and ungrouped alike; the floors equal the reference without adapters. peft_bnb's reference is of
+@pytest.mark.parametrize("weight,part", [("dense", "block"), ("nf4", "block"), ("dense", "qkv"), ("nf4", "gate_up")])
+def test_block_providers_compute_the_same_block(weight, part):
+    """Every provider of a block case computes its projections (the seven, or one group alone) of the same
+    weights: outputs, the input gradients and every adapter gradient equal a float64 reference (NF4: of the
+    dequantized weights), grouped and ungrouped alike; the floors equal the reference without adapters. peft_bnb's reference is of
     bitsandbytes' own dequantized weights: on the CPU its double-quantization codes can differ from lora_ops'
     (docs/DESIGN.md), here in one block of gate_proj."""
     import lora_ops
     from benchmarks import block
 
-    case = presets.block_case("t", "tiny", 19, "float32")
+    case = presets.block_case("t", "tiny", 19, "float32", part=part)
     data = block.make_block_data(case, torch.device("cpu"), seed=3)
+    names = [n for n, *_ in case.projections()]
+    assert names == list(presets.BLOCK_PARTS[part]) and len(data.dy) == len(names)
     ws = data.sets[0]
     inputs = dict(zip([n for n, _ in case.inputs()], data.x))
 
@@ -446,7 +453,7 @@ def test_block_providers_compute_the_same_block(weight):
 
     def reference(adapters, by=None):
         xs = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
-        ab = {n: (ws[n].A.double().requires_grad_(True), ws[n].B.double().requires_grad_(True)) for n in block.TARGETS}
+        ab = {n: (ws[n].A.double().requires_grad_(True), ws[n].B.double().requires_grad_(True)) for n in names}
         ys = []
         for name, _, x, _, _ in case.projections():
             W = dequantized(ws[name].W, by)
@@ -510,8 +517,15 @@ def test_block_grouped_provider_refuses_an_ungrouped_model(monkeypatch):
 
 def test_block_preset_shapes_and_cost():
     gpu = presets.PRESETS["block"].cases(cpu=False)
-    assert [(c.M, c.dtype, c.r, c.arch) for c in gpu] == [(2048, "bfloat16", 16, "llama3-8b"),
-                                                          (8192, "bfloat16", 16, "llama3-8b")]
+    assert [(c.part, c.M, c.dtype, c.r, c.arch) for c in gpu] == [
+        (part, M, "bfloat16", 16, "llama3-8b") for part in ("block", "qkv", "gate_up") for M in (2048, 8192)]
+    assert [(n, K, N) for n, _, _, K, N in gpu[2].projections()] == [("q_proj", 4096, 4096), ("k_proj", 4096, 1024),
+                                                                     ("v_proj", 4096, 1024)]
+    assert gpu[2].inputs() == [("x_attn", 4096)] and gpu[4].inputs() == [("x_mlp", 4096)]
+    assert [n for n, *_ in gpu[5].projections()] == ["gate_proj", "up_proj"] and gpu[5].floor == "floor_grouped"
+    assert gpu[5].providers()[0] == "floor_grouped" and gpu[5].shape.endswith("projections=gate,up")
+    with pytest.raises(ValueError, match="part='mlp'"):
+        presets.block_case("block", "tiny", 8, "float32", part="mlp")
     assert gpu[0].projections() == [("q_proj", "self_attn", "x_attn", 4096, 4096),
                                     ("k_proj", "self_attn", "x_attn", 4096, 1024),
                                     ("v_proj", "self_attn", "x_attn", 4096, 1024),
@@ -537,6 +551,7 @@ def test_block_preset_shapes_and_cost():
         presets.BlockCase("block", "x", "tiny", 8, plan=(("fused", ("decode",)),))
     assert c.filtered(["peft_bnb"], None).providers() == ["floor", "peft_bnb", "floor_repeat"]
     assert c.filtered(None, ["decode"]) is None
+    assert gpu[3].filtered(["fused_grouped"], None).providers() == ["floor_grouped", "fused_grouped", "floor_repeat"]
 
 
 def test_block_cli_list_and_help(capsys):
@@ -544,7 +559,8 @@ def test_block_cli_list_and_help(capsys):
 
     assert main(["--cpu", "--preset", "block", "--providers", "fused_grouped", "--list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and all("floor: full; fused_grouped: full; floor_repeat: full" in l for l in out)
+    assert len(out) == 6 and all("floor: full; fused_grouped: full; floor_repeat: full" in l for l in out[:2])
+    assert all("floor_grouped: full; fused_grouped: full; floor_repeat: full" in l for l in out[2:])
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out

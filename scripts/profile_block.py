@@ -1,0 +1,65 @@
+"""GPU: where the device time of one block-preset case goes, provider by provider (grouped against ungrouped).
+
+Builds the ``block`` preset's case (benchmarks/presets.py ``block_case``: the whole block or one group alone) and,
+for each provider, profiles ``--steps`` fwd+bwd calls with torch.profiler: the device time per call of each kernel
+(summed by name, largest first) and the total.
+
+    python scripts/profile_block.py [--part gate_up] [--m 2048] [--providers floor_grouped,fused,fused_grouped]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import block, presets  # noqa: E402
+
+
+def per_call_kernels(fn, steps):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.self_device_time_total / steps, e.count // steps, e.key) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    return sorted(rows, reverse=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", default="gate_up", choices=list(presets.BLOCK_PARTS))
+    ap.add_argument("--m", type=int, default=2048)
+    ap.add_argument("--providers", default="floor_grouped,fused,fused_grouped,fused_qlora,fused_qlora_grouped")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args()
+    case = presets.block_case("block", "llama3-8b", args.m, "bfloat16", part=args.part)
+    data = block.make_block_data(case, torch.device("cuda"))
+    for provider in args.providers.split(","):
+        built = block.BUILDERS[provider](case, data.sets[0])
+        params = list(built.params or ())
+
+        def step(built=built, params=params):
+            for t in list(data.x) + params:
+                t.grad = None
+            torch.autograd.backward(built.forward(data.x), data.dy)
+
+        rows = per_call_kernels(step, args.steps)
+        total = sum(us for us, _, _ in rows)
+        print(f"\n==== {case.name} {provider}: {total:.1f} us of kernels per fwd+bwd ====")
+        for us, count, key in rows[:args.top]:
+            print(f"  {us:9.1f} us  x{count}  {key[:100]}")
+        built = step = None  # free the provider's weights before the next one is built
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
