@@ -367,12 +367,42 @@ def phase_ddp(args, device, rank, world):
     return res
 
 
+_INT_PARAMS_OK: Optional[bool] = None
+
+
+def fsdp2_shards_integer_params(mesh) -> bool:
+    """Whether this torch's ``fully_shard`` takes a frozen uint8 Parameter (the NF4 codes). torch 2.11's makes
+    every sharded Parameter with requires_grad=True first and raises "only Tensors of floating point dtype can
+    require gradients" (H200 run of 2026-12-04); torch 2.13's passes the Parameter's own requires_grad."""
+    global _INT_PARAMS_OK
+    if _INT_PARAMS_OK is None:
+        from torch.distributed.fsdp import fully_shard
+
+        probe = torch.nn.Module()
+        probe.codes = torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8, device=mesh.device_type),
+                                         requires_grad=False)
+        try:
+            fully_shard(probe, mesh=mesh)
+            _INT_PARAMS_OK = True
+        except RuntimeError as e:
+            if "floating point" not in str(e):
+                raise
+            _INT_PARAMS_OK = False
+    return _INT_PARAMS_OK
+
+
 def shard(model, mesh):
+    """fully_shard per decoder layer, then the root. On a torch whose fully_shard refuses integer Parameters the
+    NF4 tensors are left out (``ignored_params``: whole on every rank), so the rest of the phase still runs; the
+    NF4 sharding checks then fail and say why."""
     from torch.distributed.fsdp import fully_shard
 
+    kw = {}
+    if not fsdp2_shards_integer_params(mesh):
+        kw["ignored_params"] = {p for _, p in nf4_params(model)}
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
     return model
 
 
@@ -528,8 +558,11 @@ def rank_checks(args, world, single, init, ddp, fsdp, resume, control):
         "losses of the uninterrupted FSDP2 run after the checkpoint step vs one process")
 
     sh = fsdp["shards"]
+    why = "" if _INT_PARAMS_OK is not False else (
+        "; this torch's fully_shard refuses uint8 Parameters ('only Tensors of floating point dtype can require "
+        "gradients'), so the NF4 tensors were left whole on every rank (ignored_params)")
     add("fsdp2_nf4_sharded", sh["not_sharded"] == [] and fsdp["resharded"], len(sh["not_sharded"]), 0,
-        f"every NF4 tensor ({sh['n_tensors']}) a DTensor Shard(0), before and after training")
+        f"every NF4 tensor ({sh['n_tensors']}) a DTensor Shard(0), before and after training{why}")
     share = sh["held"] / single["nf4_bytes"]["held"]
     add("fsdp2_nf4_share", abs(share - 1 / world) <= SHARE_SLACK, share, 1 / world,
         f"this rank's NF4 bytes / one process's NF4 bytes (within {SHARE_SLACK})")
