@@ -478,7 +478,7 @@ def resumed(args, device, rank, world, mesh, ckpt_dir, load_optimizer: bool):
         sd["optim"] = get_optimizer_state_dict(model, opt)
     with torch.no_grad():
         for p in model.parameters():
-            p.to_local().zero_()
+            (p.to_local() if hasattr(p, "to_local") else p).zero_()
     if load_optimizer:
         res["fresh_state"] = state_digests(model, opt)
     t0 = time.perf_counter()
