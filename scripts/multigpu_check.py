@@ -595,6 +595,10 @@ def rank_checks(args, world, single, init, ddp, fsdp, resume, control):
 # ------------------------------------------------------------------------------------------------ output
 
 def git_commit() -> Optional[str]:
+    """LORA_OPS_GIT_COMMIT when set (a copied tree's .git can be stale, as on the device machine), else git's."""
+    given = os.environ.get("LORA_OPS_GIT_COMMIT", "").strip()
+    if given:
+        return given
     try:
         out = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
@@ -660,6 +664,7 @@ def write_results(args, world, device, per_rank, checks_by_rank, passed, argv):
                                                                " ".join(argv)),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": git_commit(),
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LORA_OPS_", "NCCL_"))},
         "world_size": world, "backend": args.backend, "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
