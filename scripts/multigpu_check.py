@@ -126,6 +126,9 @@ def parse_args(argv=None):
                     "size's); must be a multiple of the world size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-checkpoint", action="store_true", help="keep <out>/checkpoint (deleted by default)")
+    ap.add_argument("--nf4-whole", action="store_true", help="leave the NF4 tensors out of FSDP2's shards "
+                    "(ignored_params: whole on every rank), as a torch whose fully_shard refuses integer Parameters "
+                    "needs (taken on its own there); the NF4 sharding checks then fail")
     args = ap.parse_args(argv)
     args.backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
     args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
@@ -368,6 +371,8 @@ def phase_ddp(args, device, rank, world):
 
 
 _INT_PARAMS_OK: Optional[bool] = None
+# Why FSDP2 left the NF4 tensors whole (None: it shards them): --nf4-whole, or this torch's fully_shard.
+NF4_WHOLE: Optional[str] = None
 
 
 def fsdp2_shards_integer_params(mesh) -> bool:
@@ -397,9 +402,11 @@ def shard(model, mesh):
     NF4 sharding checks then fail and say why."""
     from torch.distributed.fsdp import fully_shard
 
-    kw = {}
-    if not fsdp2_shards_integer_params(mesh):
-        kw["ignored_params"] = {p for _, p in nf4_params(model)}
+    global NF4_WHOLE
+    if NF4_WHOLE is None and not fsdp2_shards_integer_params(mesh):
+        NF4_WHOLE = ("this torch's fully_shard refuses uint8 Parameters ('only Tensors of floating point dtype can "
+                     "require gradients')")
+    kw = {"ignored_params": {p for _, p in nf4_params(model)}} if NF4_WHOLE else {}
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, **kw)
     fully_shard(model, mesh=mesh, **kw)
@@ -558,19 +565,18 @@ def rank_checks(args, world, single, init, ddp, fsdp, resume, control):
         "losses of the uninterrupted FSDP2 run after the checkpoint step vs one process")
 
     sh = fsdp["shards"]
-    why = "" if _INT_PARAMS_OK is not False else (
-        "; this torch's fully_shard refuses uint8 Parameters ('only Tensors of floating point dtype can require "
-        "gradients'), so the NF4 tensors were left whole on every rank (ignored_params)")
+    why = "" if NF4_WHOLE is None else (f"; the NF4 tensors were left whole on every rank (ignored_params): "
+                                        f"{NF4_WHOLE}")
     add("fsdp2_nf4_sharded", sh["not_sharded"] == [] and fsdp["resharded"], len(sh["not_sharded"]), 0,
         f"every NF4 tensor ({sh['n_tensors']}) a DTensor Shard(0), before and after training{why}")
     share = sh["held"] / single["nf4_bytes"]["held"]
     add("fsdp2_nf4_share", abs(share - 1 / world) <= SHARE_SLACK, share, 1 / world,
-        f"this rank's NF4 bytes / one process's NF4 bytes (within {SHARE_SLACK})")
+        f"this rank's NF4 bytes / one process's NF4 bytes (within {SHARE_SLACK}){why}")
     if fsdp["model_alloc_bytes"] is not None:
         ratio = fsdp["model_alloc_bytes"] / single["model_alloc_bytes"]
         add("fsdp2_model_memory_share", abs(ratio - 1 / world) <= MEMORY_SLACK, ratio, 1 / world,
             f"torch.cuda.memory_allocated of the sharded model / of the whole model on one GPU (within "
-            f"{MEMORY_SLACK})")
+            f"{MEMORY_SLACK}){why}")
 
     saved, loaded, fresh = fsdp["saved_state"], resume["loaded_state"], resume["fresh_state"]
     diff = sorted(k for k in saved if loaded.get(k) != saved[k]) + sorted(set(loaded) - set(saved))
@@ -665,6 +671,7 @@ def write_results(args, world, device, per_rank, checks_by_rank, passed, argv):
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": git_commit(),
         "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LORA_OPS_", "NCCL_"))},
+        "nf4_whole": NF4_WHOLE,
         "world_size": world, "backend": args.backend, "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
@@ -701,6 +708,8 @@ def write_results(args, world, device, per_rank, checks_by_rank, passed, argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    global NF4_WHOLE
+    NF4_WHOLE = "asked for (--nf4-whole)" if args.nf4_whole else None
     # Deterministic cuBLAS needs this before the first cuBLAS call.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # warn_only: an op without a deterministic kernel warns instead of failing the run; the resume check then

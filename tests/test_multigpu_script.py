@@ -44,14 +44,12 @@ def load_script():
     return mod
 
 
-@pytest.fixture(scope="module")
-def launch(tmp_path_factory):
+def _launch(out, *extra):
     """(returncode, output, results.json, results.csv rows, out dir) of one 2-process gloo run."""
-    out = tmp_path_factory.mktemp("multigpu")
     env = dict(os.environ)
     env.pop("LORA_OPS_BACKEND", None)  # auto: lora_ops' PyTorch reference on CPU tensors
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), SCRIPT,
-           "--backend", "gloo", "--device", "cpu", "--size", "tiny", "--out", str(out)]
+           "--backend", "gloo", "--device", "cpu", "--size", "tiny", "--out", str(out), *extra]
     # A session of its own, so that a timeout ends torchrun's workers too, not only torchrun.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
                             start_new_session=True)
@@ -68,6 +66,11 @@ def launch(tmp_path_factory):
         with open(out / "results.csv", newline="") as f:
             rows = list(csv.DictReader(f))
     return proc.returncode, output, results, rows, out
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("multigpu"))
 
 
 def failed_checks(results):
@@ -218,3 +221,17 @@ def test_each_check_fails_on_wrong_numbers(mutation, expected):
     elif mutation.startswith("the resume without"):
         control["losses"] = list(fsdp["losses_after"])
     assert failing(mod, inputs) == sorted(expected), mutation
+
+
+def test_nf4_left_whole_fails_only_the_sharding_checks(tmp_path):
+    """--nf4-whole (what a torch whose fully_shard refuses integer Parameters gets on its own, as torch 2.11 on the
+    H200s did): FSDP2 trains and resumes with the NF4 tensors whole on every rank; only the two NF4 sharding checks
+    fail, saying why, and the run exits 1."""
+    rc, output, results, _, _ = _launch(tmp_path, "--nf4-whole")
+    assert results is not None, f"no results.json; exit {rc}:\n{output[-6000:]}"
+    assert sorted({c["check"] for _, c in failed_checks(results)}) == ["fsdp2_nf4_sharded", "fsdp2_nf4_share"]
+    assert rc == 1 and results["passed"] is False and results["nf4_whole"] == "asked for (--nf4-whole)"
+    for r in results["ranks"]:
+        checks = {c["check"]: c for c in r["checks"]}
+        assert checks["fsdp2_nf4_share"]["value"] == pytest.approx(1.0)
+        assert "left whole on every rank" in checks["fsdp2_nf4_sharded"]["what"]
