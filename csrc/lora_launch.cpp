@@ -1133,6 +1133,9 @@ constexpr int64_t UNSUPPORTED = -1;
 bool run(const Call& c, bool dry, FwdOut* fwd, BwdOut* bwd, Work& work, int64_t& status) {
   status = UNSUPPORTED;
   if (!c.ok || !launch_path_enabled() || (tma_mode() == TMA_BAD)) return false;
+#ifndef LORA_OPS_LAUNCH_CUDA
+  if (!dry) return false;  // nothing can launch here: the Python launchers (the interpreter) run the call
+#endif
   const bool det = bwd != nullptr && at::globalContext().deterministicAlgorithms();
   const PlanKey key = make_key(c, bwd != nullptr, det);
 #ifdef LORA_OPS_LAUNCH_CUDA
@@ -1505,12 +1508,13 @@ struct LoRAFunction : public torch::autograd::Function<LoRAFunction> {
 // lora_linear's eager entry: y (..., N) with autograd, or None when the general path must take the call (bad
 // input, for its error message; the decode path; a layout this file does not cover). The dropout seed is drawn
 // here, after the checks, from the default generator of x's device, exactly as lora_linear draws it.
-py::object linear_entry(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
-                        const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
-                        const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t w_rows, int64_t w_cols,
-                        const at::Tensor& A, const at::Tensor& B, double scaling,
-                        const std::optional<at::Tensor>& bias, double p, int64_t decode_max_m) {
-  if (!launch_path_enabled() || !x.is_cuda() || x.dim() < 2 || x.layout() != at::kStrided) return py::none();
+py::object linear_call(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+                       const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                       const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t w_rows, int64_t w_cols,
+                       const at::Tensor& A, const at::Tensor& B, double scaling, const std::optional<at::Tensor>& bias,
+                       double p, int64_t decode_max_m, bool any_device) {
+  if (!launch_path_enabled() || !(x.is_cuda() || any_device) || x.dim() < 2 || x.layout() != at::kStrided)
+    return py::none();
   if (x.dim() > 2 && !x.is_contiguous()) return py::none();
   const int64_t k = x.size(-1);
   if (k == 0) return py::none();
@@ -1530,6 +1534,30 @@ py::object linear_entry(const at::Tensor& x, const at::Tensor& w, const std::opt
   return py::cast(LoRAFunction::apply(x, w, absmax, nested_absmax, nested_code, offset, blocksize, A, B, scaling, bias,
                                       p, seed));
 }
+
+py::object linear_entry(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+                        const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                        const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t w_rows, int64_t w_cols,
+                        const at::Tensor& A, const at::Tensor& B, double scaling,
+                        const std::optional<at::Tensor>& bias, double p, int64_t decode_max_m) {
+  return linear_call(x, w, absmax, nested_absmax, nested_code, offset, blocksize, w_rows, w_cols, A, B, scaling, bias,
+                     p, decode_max_m, false);
+}
+
+#ifndef LORA_OPS_LAUNCH_CUDA
+// The CPU test build's entry: the same autograd Function on CPU tensors, every call run by the fallback (the Python
+// launchers under Triton's interpreter), so the C++ autograd (saved tensors, edges, needs_input_grad, reshapes)
+// is tested without a GPU.
+py::object linear_entry_any_device(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+                                   const std::optional<at::Tensor>& nested_absmax,
+                                   const std::optional<at::Tensor>& nested_code,
+                                   const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t w_rows,
+                                   int64_t w_cols, const at::Tensor& A, const at::Tensor& B, double scaling,
+                                   const std::optional<at::Tensor>& bias, double p) {
+  return linear_call(x, w, absmax, nested_absmax, nested_code, offset, blocksize, w_rows, w_cols, A, B, scaling, bias,
+                     p, 0, true);
+}
+#endif
 
 }  // namespace lora_launch
 
@@ -1551,5 +1579,7 @@ void lora_ops_register_launch(py::module_& m) {
   m.attr("launch_has_cuda") = true;
 #else
   m.attr("launch_has_cuda") = false;
+  m.def("launch_linear_any_device", &linear_entry_any_device,
+        "the CPU test build's launch_linear: CPU tensors too, every call through the fallback");
 #endif
 }

@@ -297,3 +297,59 @@ def test_nf4_temporary_and_its_chunks(dry, monkeypatch, weight, p):
     finally:
         monkeypatch.undo()
         _launch._sync_settings(dry)
+
+
+AUTOGRAD_CASES = [
+    dict(m=24, k=64, n=48, r=8, dtype=torch.float32, weight="dense", bias=True, p=0.0, x3d=False, x_grad=True),
+    dict(m=24, k=64, n=48, r=8, dtype=torch.float16, weight="dense", bias=False, p=0.25, x3d=True, x_grad=True),
+    dict(m=20, k=128, n=64, r=16, dtype=torch.float32, weight="nf4-dq", bias=True, p=0.1, x3d=True, x_grad=False),
+    dict(m=16, k=128, n=64, r=4, dtype=torch.float32, weight="nf4", bias=True, p=0.0, x3d=False, x_grad=False,
+         bias_grad=False),
+]
+
+
+@pytest.mark.parametrize("case", AUTOGRAD_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_cpp_autograd_function_equals_lora_linear(dry, monkeypatch, case):
+    """lora_linear's eager CUDA entry is a C++ autograd Function (csrc/lora_launch.cpp LoRAFunction: the seed drawn
+    in C++, x flattened and its gradient reshaped, S saved, the edges of A / B / bias worked out from the inputs
+    present). The CPU test build runs it on CPU tensors with every call taken by the fallback (the Python launchers
+    under the interpreter): y and every gradient equal lora_linear's own path bit for bit, dropout mask included,
+    and only the gradients asked for are made."""
+    monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
+    c = dict(case)
+    fwd, dy = _inputs(c["m"], c["k"], c["n"], c["r"], c["dtype"], c["weight"], c["bias"], seed=7)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, _ = fwd
+    if c["x3d"]:
+        x, dy = x.reshape(2, c["m"] // 2, c["k"]), dy.reshape(2, c["m"] // 2, c["n"])
+    weight = w if c["weight"] == "dense" else lora_ops.NF4Weight(w, absmax, torch.Size((c["n"], c["k"])), c["dtype"],
+                                                                 bs, nabs, ncode, offset)
+
+    def leaves():
+        out = [x.clone().requires_grad_(c["x_grad"]), a.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+        return out + [bias.clone().requires_grad_(c.get("bias_grad", True)) if bias is not None else None]
+
+    def grads(ts):
+        return [t.grad if t is not None and t.requires_grad else None for t in ts]
+
+    got_in = leaves()
+    torch.manual_seed(123)
+    y = dry.launch_linear_any_device(got_in[0], w, absmax, nabs, ncode, offset, bs, c["n"], c["k"], got_in[1],
+                                     got_in[2], scaling, got_in[3], c["p"])
+    assert isinstance(y, torch.Tensor) and y.grad_fn is not None and y.grad_fn.name().endswith("LoRAFunction>")
+    y.backward(dy)
+    want_in = leaves()
+    torch.manual_seed(123)
+    y_ref = lora_ops.lora_linear(want_in[0], weight, want_in[1], want_in[2], scaling, bias=want_in[3],
+                                 dropout_p=c["p"], training=True)
+    y_ref.backward(dy)
+    assert y.shape == y_ref.shape and torch.equal(y, y_ref)
+    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads(got_in), grads(want_in)):
+        assert (g is None) == (g_ref is None), name
+        if g is not None:
+            assert g.shape == g_ref.shape and torch.equal(g, g_ref), name
+    assert grads(got_in)[0] is None if not c["x_grad"] else grads(got_in)[0] is not None
+    if c["p"] > 0:  # control: the mask depends on the seed, so the equality above says the C++ draw is lora_linear's
+        torch.manual_seed(124)
+        with torch.no_grad():
+            other = lora_ops.lora_linear(x, weight, a, b, scaling, bias=bias, dropout_p=c["p"], training=True)
+        assert not torch.equal(other, y.detach())
