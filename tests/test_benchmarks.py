@@ -428,9 +428,9 @@ def _block_run(built, data):
 def test_block_providers_compute_the_same_block(weight, part):
     """Every provider of a block case computes its projections (the seven, or one group alone) of the same
     weights: outputs, the input gradients and every adapter gradient equal a float64 reference (NF4: of the
-    dequantized weights), grouped and ungrouped alike; the floors equal the reference without adapters. peft_bnb's reference is of
-    bitsandbytes' own dequantized weights: on the CPU its double-quantization codes can differ from lora_ops'
-    (docs/DESIGN.md), here in one block of gate_proj."""
+    dequantized weights), grouped and ungrouped alike; the floors equal the reference without adapters.
+    peft_bnb's reference is of bitsandbytes' own dequantized weights: on the CPU its double-quantization codes can
+    differ from lora_ops' (docs/DESIGN.md), here in one block of gate_proj."""
     import lora_ops
     from benchmarks import block
 

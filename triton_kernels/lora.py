@@ -111,7 +111,8 @@ _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
 # before that GEMM. At 2048 x 4096->4096 on the TMA GEMM, S took 13.6 us and dS/dB 22.9 us in one slice (H200
 # profile, docs/PERF_NOTES.md item 17), ~3x their read of x / dY; splitting up to 4096 rows measured 1.311x ->
 # 1.234x the floor (NF4 1.503x -> 1.466x) at 2048 rows, 4096->14336 1.125x -> 1.071x, but at 4096 rows 1.089x ->
-# 1.119x dense (NF4 1.256x -> 1.228x) (CUDA-graph replay, item 18): so up to 2048 rows.
+# 1.119x dense (NF4 1.256x -> 1.228x) (CUDA-graph replay, item 18): so up to 2048 rows, where it measured 1.304x ->
+# 1.235x dense, 14336->4096 1.116x -> 1.049x (item 19).
 _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 
 
