@@ -129,7 +129,7 @@ class GroupedFloor(nn.Module):
         self._projections = [(name, x) for name, _, x, _, _ in case.projections()]
         self._inputs = [x for x, _ in case.inputs()]
         names = [name for name, _ in self._projections]
-        self._calls = []  # (module name, member names, input)
+        self._calls = []  # (module name, member names, input, member output widths)
         for name, x in self._projections:
             group = next((g for g in GROUPS if name in g and all(n in names for n in g)), (name,))
             if group[0] != name:

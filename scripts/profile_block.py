@@ -11,26 +11,14 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from profile_layer import print_kernels  # scripts/profile_layer.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
     sys.path.insert(0, str(REPO))
 
 from benchmarks import block, presets  # noqa: E402
-
-
-def per_call_kernels(fn, steps):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.self_device_time_total / steps, e.count // steps, e.key) for e in prof.key_averages()
-            if e.self_device_time_total > 0]
-    return sorted(rows, reverse=True)
 
 
 def main():
@@ -52,11 +40,7 @@ def main():
                 t.grad = None
             torch.autograd.backward(built.forward(data.x), data.dy)
 
-        rows = per_call_kernels(step, args.steps)
-        total = sum(us for us, _, _ in rows)
-        print(f"\n==== {case.name} {provider}: {total:.1f} us of kernels per fwd+bwd ====")
-        for us, count, key in rows[:args.top]:
-            print(f"  {us:9.1f} us  x{count}  {key[:100]}")
+        print_kernels(f"\n==== {case.name} {provider}", step, args.steps, args.top)
         built = step = None  # free the provider's weights before the next one is built
         torch.cuda.empty_cache()
 

@@ -76,22 +76,27 @@ def run(m, k, n, r=16, nf4=False, iters=5, tables=True):
     if not tables:
         return
     for name, fn in (("floor", case.floor), ("fused", case.fused)):
-        for _ in range(3):
+        print_kernels(f"  {name}", fn, iters)
+
+
+def print_kernels(title, fn, iters, top=10):
+    """Print the device time per call of each kernel ``fn`` launches (torch.profiler over ``iters`` calls after
+    3 warm-up calls), largest first, under ``title`` with their total. Also used by scripts/profile_block.py."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                fn()
-            torch.cuda.synchronize()
-        # Kernel events only: a CPU op's self device time repeats its kernels' (aten::mm over its cuBLAS kernel,
-        # the C++ autograd node over the Triton kernels it launches).
-        rows = [(e.key, e.count // iters, e.self_device_time_total / iters) for e in prof.key_averages()
-                if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA]
-        rows.sort(key=lambda t: -t[2])
-        total = sum(t[2] for t in rows)
-        print(f"  {name}: {total:.1f} us of kernels per fwd+bwd")
-        for key, count, us in rows[:10]:
-            print(f"    {us:9.1f} us  x{count}  {key[:90]}")
+    # Kernel events only: a CPU op's self device time repeats its kernels' (aten::mm over its cuBLAS kernel,
+    # the C++ autograd node over the Triton kernels it launches).
+    rows = [(e.key, e.count // iters, e.self_device_time_total / iters) for e in prof.key_averages()
+            if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA]
+    rows.sort(key=lambda t: -t[2])
+    print(f"{title}: {sum(t[2] for t in rows):.1f} us of kernels per fwd+bwd")
+    for key, count, us in rows[:top]:
+        print(f"    {us:9.1f} us  x{count}  {key[:90]}")
 
 
 def main():
