@@ -1544,21 +1544,6 @@ py::object linear_entry(const at::Tensor& x, const at::Tensor& w, const std::opt
                      p, decode_max_m, false);
 }
 
-#ifndef LORA_OPS_LAUNCH_CUDA
-// The CPU test build's entry: the same autograd Function on CPU tensors, every call run by the fallback (the Python
-// launchers under Triton's interpreter), so the C++ autograd (saved tensors, edges, needs_input_grad, reshapes)
-// is tested without a GPU.
-py::object linear_entry_any_device(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
-                                   const std::optional<at::Tensor>& nested_absmax,
-                                   const std::optional<at::Tensor>& nested_code,
-                                   const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t w_rows,
-                                   int64_t w_cols, const at::Tensor& A, const at::Tensor& B, double scaling,
-                                   const std::optional<at::Tensor>& bias, double p) {
-  return linear_call(x, w, absmax, nested_absmax, nested_code, offset, blocksize, w_rows, w_cols, A, B, scaling, bias,
-                     p, 0, true);
-}
-#endif
-
 }  // namespace lora_launch
 
 // Called from bindings.cpp's module init (and from the CPU test module's).
@@ -1579,7 +1564,9 @@ void lora_ops_register_launch(py::module_& m) {
   m.attr("launch_has_cuda") = true;
 #else
   m.attr("launch_has_cuda") = false;
-  m.def("launch_linear_any_device", &linear_entry_any_device,
-        "the CPU test build's launch_linear: CPU tensors too, every call through the fallback");
+  // The CPU test build's launch_linear, with any_device: the same autograd Function on CPU tensors, every call run
+  // by the fallback (the Python launchers under Triton's interpreter), so the C++ autograd (saved tensors, edges,
+  // needs_input_grad, reshapes) is tested without a GPU.
+  m.def("launch_linear_call", &linear_call, "launch_linear, with decode_max_m and any_device (test build only)");
 #endif
 }

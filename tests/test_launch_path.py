@@ -312,9 +312,9 @@ AUTOGRAD_CASES = [
 def test_cpp_autograd_function_equals_lora_linear(dry, monkeypatch, case):
     """lora_linear's eager CUDA entry is a C++ autograd Function (csrc/lora_launch.cpp LoRAFunction: the seed drawn
     in C++, x flattened and its gradient reshaped, S saved, the edges of A / B / bias worked out from the inputs
-    present). The CPU test build runs it on CPU tensors with every call taken by the fallback (the Python launchers
-    under the interpreter): y and every gradient equal lora_linear's own path bit for bit, dropout mask included,
-    and only the gradients asked for are made."""
+    present). The CPU test build (``launch_linear_call`` with any_device) runs it on CPU tensors with every call
+    taken by the fallback (the Python launchers under the interpreter): y and every gradient equal lora_linear's own
+    path bit for bit, dropout mask included, and only the gradients asked for are made."""
     monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
     c = dict(case)
     fwd, dy = _inputs(c["m"], c["k"], c["n"], c["r"], c["dtype"], c["weight"], c["bias"], seed=7)
@@ -333,8 +333,8 @@ def test_cpp_autograd_function_equals_lora_linear(dry, monkeypatch, case):
 
     got_in = leaves()
     torch.manual_seed(123)
-    y = dry.launch_linear_any_device(got_in[0], w, absmax, nabs, ncode, offset, bs, c["n"], c["k"], got_in[1],
-                                     got_in[2], scaling, got_in[3], c["p"])
+    y = dry.launch_linear_call(got_in[0], w, absmax, nabs, ncode, offset, bs, c["n"], c["k"], got_in[1], got_in[2],
+                               scaling, got_in[3], c["p"], 0, True)
     assert isinstance(y, torch.Tensor) and y.grad_fn is not None and y.grad_fn.name().endswith("LoRAFunction>")
     y.backward(dy)
     want_in = leaves()
