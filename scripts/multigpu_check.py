@@ -370,8 +370,7 @@ def phase_ddp(args, device, rank, world):
     return res
 
 
-_INT_PARAMS_OK: Optional[bool] = None
-# Why FSDP2 left the NF4 tensors whole (None: it shards them): --nf4-whole, or this torch's fully_shard.
+# Why FSDP2 leaves the NF4 tensors whole (None: it shards them): --nf4-whole, or this torch's fully_shard (main).
 NF4_WHOLE: Optional[str] = None
 
 
@@ -379,33 +378,25 @@ def fsdp2_shards_integer_params(mesh) -> bool:
     """Whether this torch's ``fully_shard`` takes a frozen uint8 Parameter (the NF4 codes). torch 2.11's makes
     every sharded Parameter with requires_grad=True first and raises "only Tensors of floating point dtype can
     require gradients" (H200 run of 2026-12-04); torch 2.13's passes the Parameter's own requires_grad."""
-    global _INT_PARAMS_OK
-    if _INT_PARAMS_OK is None:
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-        probe = torch.nn.Module()
-        probe.codes = torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8, device=mesh.device_type),
-                                         requires_grad=False)
-        try:
-            fully_shard(probe, mesh=mesh)
-            _INT_PARAMS_OK = True
-        except RuntimeError as e:
-            if "floating point" not in str(e):
-                raise
-            _INT_PARAMS_OK = False
-    return _INT_PARAMS_OK
+    probe = torch.nn.Module()
+    probe.codes = torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8, device=mesh.device_type), requires_grad=False)
+    try:
+        fully_shard(probe, mesh=mesh)
+    except RuntimeError as e:
+        if "floating point" not in str(e):
+            raise
+        return False
+    return True
 
 
 def shard(model, mesh):
-    """fully_shard per decoder layer, then the root. On a torch whose fully_shard refuses integer Parameters the
-    NF4 tensors are left out (``ignored_params``: whole on every rank), so the rest of the phase still runs; the
-    NF4 sharding checks then fail and say why."""
+    """fully_shard per decoder layer, then the root; with ``NF4_WHOLE`` set the NF4 tensors are left out
+    (``ignored_params``: whole on every rank), so the rest of the phase still runs and the NF4 sharding checks
+    fail saying why."""
     from torch.distributed.fsdp import fully_shard
 
-    global NF4_WHOLE
-    if NF4_WHOLE is None and not fsdp2_shards_integer_params(mesh):
-        NF4_WHOLE = ("this torch's fully_shard refuses uint8 Parameters ('only Tensors of floating point dtype can "
-                     "require gradients')")
     kw = {"ignored_params": {p for _, p in nf4_params(model)}} if NF4_WHOLE else {}
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, **kw)
@@ -719,6 +710,9 @@ def main(argv=None) -> int:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,))
+    if NF4_WHOLE is None and not fsdp2_shards_integer_params(mesh):
+        NF4_WHOLE = ("this torch's fully_shard refuses uint8 Parameters ('only Tensors of floating point dtype can "
+                     "require gradients')")
     ckpt = os.path.join(os.path.abspath(args.out), "checkpoint")
     if rank == 0:
         shutil.rmtree(ckpt, ignore_errors=True)
