@@ -116,22 +116,21 @@ class Block(nn.Module):
         return tuple(y for parent in self._parents for y in getattr(self, parent)(xs))
 
 
-# The groups a grouped call forms (lora_ops.grouped.DEFAULT_GROUPS), as the grouped floor concatenates them.
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 class GroupedFloor(nn.Module):
-    """The floor with q/k/v and gate/up (those of the case's projections) each one frozen linear over the
-    concatenated weights, outputs split; the other projections alone."""
+    """The floor with the groups a grouped call forms (``lora_ops.grouped.DEFAULT_GROUPS``: q/k/v, gate/up), where
+    all of a group's members are among the case's projections, each one frozen linear over the concatenated
+    weights, outputs split; the other projections alone."""
 
     def __init__(self, case: BlockCase, ws: Dict[str, WeightSet]):
+        from lora_ops.grouped import DEFAULT_GROUPS
+
         super().__init__()
         self._projections = [(name, x) for name, _, x, _, _ in case.projections()]
         self._inputs = [x for x, _ in case.inputs()]
         names = [name for name, _ in self._projections]
         self._calls = []  # (module name, member names, input, member output widths)
         for name, x in self._projections:
-            group = next((g for g in GROUPS if name in g and all(n in names for n in g)), (name,))
+            group = next((g for g in DEFAULT_GROUPS if name in g and all(n in names for n in g)), (name,))
             if group[0] != name:
                 continue
             key = "_".join(n[:-len("_proj")] for n in group) if len(group) > 1 else name
