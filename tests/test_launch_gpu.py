@@ -134,16 +134,18 @@ def test_split_sum_before_the_tma_gemm(monkeypatch, weight, p):
     from lora_ops.triton_kernels import lora as L
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     inp = _inputs(2048, 1024, 768, 16, BF16, weight, True)
-    whole = _run(inp, p)
     mod = _launch.module()
     try:
+        monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 0)  # the one-slice layer (the default splits at M = 2048)
+        _launch._sync_settings(mod)
+        whole = _run(inp, p)
         monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 1 << 20)
         _launch._sync_settings(mod)
         want = _python_launchers(monkeypatch, lambda: _run(inp, p))
         _run(inp, p)  # the first call of this configuration registers it
         got = _run(inp, p)
     finally:
-        monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 0)
+        monkeypatch.undo()  # the defaults again, in Python and (synced) in C++
         _launch._sync_settings(mod)
     for name, g, w in zip(("y", "dx", "dA"), got[:3], want[:3]):
         assert torch.equal(g, w), f"{name}: the C++ path differs from the Python launchers"
