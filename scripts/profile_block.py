@@ -2,7 +2,7 @@
 
 Builds the ``block`` preset's case (benchmarks/presets.py ``block_case``: the whole block or one group alone) and,
 for each provider, profiles ``--steps`` fwd+bwd calls with torch.profiler: the device time per call of each kernel
-(summed by name, largest first) and the total.
+(summed by name, largest first), the total, the host time per call and the fwd+bwd replayed from a CUDA graph.
 
     python scripts/profile_block.py [--part gate_up] [--m 2048] [--providers floor_grouped,fused,fused_grouped]
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from profile_layer import print_kernels  # scripts/profile_layer.py (this script's folder is on sys.path)
+from profile_layer import graph_ms, print_kernels  # scripts/profile_layer.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
@@ -41,6 +41,10 @@ def main():
             torch.autograd.backward(built.forward(data.x), data.dy)
 
         print_kernels(f"\n==== {case.name} {provider}", step, args.steps, args.top)
+        try:  # device time alone, for host-bound cases
+            print(f"    CUDA-graph replay: {graph_ms(step, params) * 1e3:.1f} us per fwd+bwd")
+        except RuntimeError as e:
+            print(f"    CUDA-graph replay failed: {str(e).splitlines()[0][:100]}")
         built = step = None  # free the provider's weights before the next one is built
         torch.cuda.empty_cache()
 

@@ -5,6 +5,7 @@ per kernel (torch.profiler, averaged over a few eager calls).
     python scripts/profile_layer.py [--cases 8192x4096x4096 2048x4096x4096] [--nf4 | --both] [--no-tables]
 """
 import argparse
+import time
 from types import SimpleNamespace
 
 import torch
@@ -81,9 +82,16 @@ def run(m, k, n, r=16, nf4=False, iters=5, tables=True):
 
 def print_kernels(title, fn, iters, top=10):
     """Print the device time per call of each kernel ``fn`` launches (torch.profiler over ``iters`` calls after
-    3 warm-up calls), largest first, under ``title`` with their total. Also used by scripts/profile_block.py."""
+    3 warm-up calls), largest first, under ``title`` with their total and the host time per call (the wall time of
+    ``iters`` calls queued without a synchronization). Also used by scripts/profile_block.py."""
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    # Host time: the calls are only queued (no synchronization inside), so the loop's wall time is the host's.
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host_us = (time.perf_counter() - t0) / iters * 1e6
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
@@ -94,7 +102,7 @@ def print_kernels(title, fn, iters, top=10):
     rows = [(e.key, e.count // iters, e.self_device_time_total / iters) for e in prof.key_averages()
             if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA]
     rows.sort(key=lambda t: -t[2])
-    print(f"{title}: {sum(t[2] for t in rows):.1f} us of kernels per fwd+bwd")
+    print(f"{title}: {sum(t[2] for t in rows):.1f} us of kernels per fwd+bwd, host {host_us:.1f} us per call")
     for key, count, us in rows[:top]:
         print(f"    {us:9.1f} us  x{count}  {key[:90]}")
 
