@@ -1544,6 +1544,183 @@ py::object linear_entry(const at::Tensor& x, const at::Tensor& w, const std::opt
                      p, decode_max_m, false);
 }
 
+
+// ------------------------------------------------------------------------------------------ grouped projections
+
+// What a group call prepared before its autograd Function (no autograd): the single op's call on the stacked
+// adapters, and each member's slice of it. Passed to GroupFunction::apply as one non-tensor argument.
+struct GroupArgs {
+  Call c;                     // x 2-D, W_cat (sum N_i, K), A_cat (sum r_i, K), B_bd (sum N_i, sum r_i); checked
+  std::vector<int64_t> n, r;  // the members' out_features and ranks
+  std::vector<double> scale;  // empty: one scaling for every member (c.scaling); else s_i, with s_i * B_i in B_bd
+  std::vector<int64_t> x_sizes;
+};
+
+// lora_ops/grouped.py's group as one C++ autograd Function: members i = 1..g read one x and share one stacked base.
+//   y_cat = lora_fwd(x, W_cat, A_cat, B_bd, scaling)   A_cat = cat(A_i)   B_bd = block_diag(c_i * B_i)
+//   y_i = y_cat[..., N_i] (views)          c_i = 1 and scaling = s when all s_i are equal, else c_i = s_i, scaling 1
+// backward: dY = cat(dy_i) (zeros for an unused output), one lora_bwd, dA_i = rows r_i of dA_cat and
+// dB_i = c_i * dB_bd[N_i, r_i]: the values autograd gives through the Python group's cat / block_diag / split.
+// Variable inputs (edges): x 0, A_i 1 + i, B_i 1 + g + i, bias 1 + 2g; backward slots: x 0, A_i 1 + i,
+// B_i 1 + g + i, bias 1 + 2g, args 2 + 2g.
+struct GroupFunction : public torch::autograd::Function<GroupFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList As, at::TensorList Bs,
+                               const std::optional<at::Tensor>& bias, const GroupArgs& args) {
+    (void)As;
+    (void)Bs;
+    (void)bias;  // the prepared call holds A_cat, B_bd and the bias: the lists are here for their autograd edges
+    const Call& c = args.c;
+    FwdOut o = forward_or_fallback(c);
+    ctx->save_for_backward({c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.A, c.B, o.s, c.seed});
+    ctx->saved_data["n"] = args.n;
+    ctx->saved_data["r"] = args.r;
+    ctx->saved_data["scale"] = args.scale;
+    ctx->saved_data["has_bias"] = c.bias.defined();
+    ctx->saved_data["blocksize"] = c.blocksize;
+    ctx->saved_data["scaling"] = c.scaling;
+    ctx->saved_data["p"] = c.p;
+    ctx->saved_data["x_sizes"] = args.x_sizes;
+    at::Tensor y = o.y;
+    if (x.dim() != 2) {
+      std::vector<int64_t> sizes = args.x_sizes;
+      sizes.back() = c.n;
+      y = y.view(sizes);
+    }
+    variable_list out;
+    int64_t off = 0;
+    for (int64_t ni : args.n) {
+      out.push_back(y.narrow(-1, off, ni));
+      off += ni;
+    }
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<int64_t> n = ctx->saved_data["n"].toIntVector();
+    const std::vector<int64_t> r = ctx->saved_data["r"].toIntVector();
+    const std::vector<double> scale = ctx->saved_data["scale"].toDoubleVector();
+    const std::vector<int64_t> x_sizes = ctx->saved_data["x_sizes"].toIntVector();
+    const int64_t g = static_cast<int64_t>(n.size());
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    Call c;
+    c.x = saved[0];
+    c.w = saved[1];
+    c.absmax = saved[2];
+    c.nested_absmax = saved[3];
+    c.nested_code = saved[4];
+    c.offset = saved[5];
+    c.A = saved[6];
+    c.B = saved[7];
+    c.s = saved[8];
+    c.seed = saved[9];
+    c.blocksize = ctx->saved_data["blocksize"].toInt();
+    c.scaling = ctx->saved_data["scaling"].toDouble();
+    c.p = ctx->saved_data["p"].toDouble();
+    c.need_dx = ctx->needs_input_grad(0);
+    for (int64_t i = 0; i < g; ++i) {
+      c.need_dA = c.need_dA || ctx->needs_input_grad(1 + i);
+      c.need_dB = c.need_dB || ctx->needs_input_grad(1 + g + i);
+    }
+    c.need_dbias = has_bias && ctx->needs_input_grad(1 + 2 * g);
+    variable_list out(2 * g + 3);
+    if (!(c.need_dx || c.need_dA || c.need_dB || c.need_dbias)) return out;
+    const int64_t m = c.x.size(0);
+    std::vector<at::Tensor> dys;
+    for (int64_t i = 0; i < g; ++i) {
+      const at::Tensor& d = grads[i];
+      dys.push_back(d.defined() ? d.reshape({m, n[i]}) : at::zeros({m, n[i]}, c.x.options()));
+    }
+    c.dy = at::cat(dys, 1);
+    check_call(c, true);
+    BwdOut o = backward_or_fallback(c);
+    if (c.need_dx) out[0] = x_sizes.size() == 2 ? o.dx : o.dx.view(x_sizes);
+    int64_t n0 = 0, r0 = 0;
+    for (int64_t i = 0; i < g; ++i) {
+      if (ctx->needs_input_grad(1 + i)) out[1 + i] = o.dA.narrow(0, r0, r[i]);
+      if (ctx->needs_input_grad(1 + g + i)) {
+        at::Tensor db = o.dB.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
+        out[1 + g + i] = scale.empty() ? db : db * scale[i];
+      }
+      n0 += n[i];
+      r0 += r[i];
+    }
+    if (c.need_dbias) out[1 + 2 * g] = o.dbias;
+    return out;
+  }
+};
+
+// The group's eager entry (lora_ops/_launch.py group): the members' outputs (a tuple, with autograd), or None when
+// the general path must take the call (the same cases as linear_call, and members this file cannot stack).
+// bias: the members' biases already concatenated (sum N_i,), or None.
+py::object group_call(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                      const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t w_rows, int64_t w_cols,
+                      const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
+                      const std::vector<double>& scalings, const std::optional<at::Tensor>& bias, double p,
+                      int64_t decode_max_m, bool any_device) {
+  if (!launch_path_enabled() || !(x.is_cuda() || any_device) || x.dim() < 2 || x.layout() != at::kStrided)
+    return py::none();
+  if (x.dim() > 2 && !x.is_contiguous()) return py::none();
+  const size_t g = As.size();
+  if (g == 0 || Bs.size() != g || scalings.size() != g) return py::none();
+  const int64_t k = x.size(-1);
+  if (k == 0) return py::none();
+  GroupArgs args;
+  bool grad = at::GradMode::is_enabled() && (x.requires_grad() || (bias.has_value() && bias->requires_grad()));
+  int64_t r_sum = 0;
+  for (size_t i = 0; i < g; ++i) {
+    const at::Tensor& a = As[i];
+    const at::Tensor& b = Bs[i];
+    if (!same(a, x) || !same(b, x) || a.dim() != 2 || b.dim() != 2 || a.size(1) != k || b.size(1) != a.size(0)
+        || !std::isfinite(scalings[i]))
+      return py::none();
+    grad = grad || (at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad()));
+    args.n.push_back(b.size(0));
+    args.r.push_back(a.size(0));
+    r_sum += a.size(0);
+  }
+  const int64_t m = x.numel() / k;
+  if (!grad && p == 0.0 && m >= 1 && m <= decode_max_m && r_sum <= 128) return py::none();
+  const bool one_scaling = std::all_of(scalings.begin(), scalings.end(), [&](double v) { return v == scalings[0]; });
+  at::Tensor a_cat, b_bd;
+  {
+    at::NoGradGuard no_grad;  // GroupFunction's backward gives each member's A_i and B_i its gradient
+    a_cat = at::cat(As, 0);
+    if (one_scaling) {
+      b_bd = at::block_diag(Bs);
+    } else {
+      std::vector<at::Tensor> scaled;
+      for (size_t i = 0; i < g; ++i) scaled.push_back(Bs[i] * scalings[i]);
+      b_bd = at::block_diag(scaled);
+      args.scale = scalings;
+    }
+  }
+  args.c = make_call(x.dim() == 2 ? x : x.view({-1, k}), w, absmax, nested_absmax, nested_code, offset, blocksize,
+                     a_cat, b_bd, one_scaling ? scalings[0] : 1.0, bias, p, std::nullopt);
+  Call& c = args.c;
+  if (!check_call(c, false)) return py::none();
+  if (c.nf4 && (w_rows != c.n || w_cols != c.k)) return py::none();
+  if (!c.nf4 && w.requires_grad()) return py::none();
+  if (p > 0.0)
+    c.seed = at::randint(0, int64_t(1) << 62, {}, at::TensorOptions().device(x.device()).dtype(at::kLong));
+  args.x_sizes = x.sizes().vec();
+  const variable_list ys = GroupFunction::apply(x, at::TensorList(As), at::TensorList(Bs), bias, args);
+  py::tuple out(g);
+  for (size_t i = 0; i < g; ++i) out[i] = py::cast(ys[i]);
+  return out;
+}
+
+py::object group_entry(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+                       const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                       const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t w_rows, int64_t w_cols,
+                       const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
+                       const std::vector<double>& scalings, const std::optional<at::Tensor>& bias, double p,
+                       int64_t decode_max_m) {
+  return group_call(x, w, absmax, nested_absmax, nested_code, offset, blocksize, w_rows, w_cols, As, Bs, scalings,
+                    bias, p, decode_max_m, false);
+}
+
 }  // namespace lora_launch
 
 // Called from bindings.cpp's module init (and from the CPU test module's).
@@ -1552,6 +1729,7 @@ void lora_ops_register_launch(py::module_& m) {
   m.def("launch_fwd", &fwd_entry, "forward launch (or plan id on a miss, -1 unsupported); dry: the launch list");
   m.def("launch_bwd", &bwd_entry, "backward launch (or plan id on a miss, -1 unsupported); dry: the launch list");
   m.def("launch_linear", &linear_entry, "lora_linear's eager entry: y with autograd, or None");
+  m.def("launch_group", &group_entry, "a projection group's eager entry: the members' outputs, or None");
   m.def("launch_add_variants", &add_variants);
   m.def("launch_set_verified", &set_verified);
   m.def("launch_clear", &clear_plans);
@@ -1568,5 +1746,6 @@ void lora_ops_register_launch(py::module_& m) {
   // by the fallback (the Python launchers under Triton's interpreter), so the C++ autograd (saved tensors, edges,
   // needs_input_grad, reshapes) is tested without a GPU.
   m.def("launch_linear_call", &linear_call, "launch_linear, with decode_max_m and any_device (test build only)");
+  m.def("launch_group_call", &group_call, "launch_group, with any_device (test build only)");
 #endif
 }

@@ -187,6 +187,34 @@ def linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
     return y
 
 
+def group(x, weight, lora_As, lora_Bs, scalings, bias, dropout_p, training):
+    """A projection group's eager path through C++ (grouped.py): the members' outputs, each with autograd, from
+    one forward over the stacked base (``weight``: (sum N_i, K) tensor or NF4Weight) and one backward; or None
+    when the general path must take the call (the cases of ``linear`` above). ``bias``: the members' biases
+    concatenated, or None."""
+    mod = _module if _state == "ready" else module()
+    if mod is None or _backend.op_required():
+        return None
+    backend = _backend.requested_backend()
+    if backend == "reference" or type(dropout_p) not in (float, int):
+        return None
+    if type(weight) is NF4Weight:
+        w, absmax, nested_absmax, nested_code, offset = weight.tensors()
+        blocksize, rows, cols = weight.blocksize, weight.shape[0], weight.shape[1]
+    elif isinstance(weight, torch.Tensor):
+        w, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols = weight, None, None, None, None, 0, 0, 0
+    else:
+        return None
+    p = float(dropout_p) if training else 0.0
+    decode_max = 0 if backend == "triton" else _decode_max
+    args = (x, w, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, lora_As, lora_Bs,
+            [float(s) for s in scalings], bias, p, decode_max)
+    ys = mod.launch_group(*args)
+    if ys is None and x.is_cuda and _ensure_device(x.device):
+        ys = mod.launch_group(*args)
+    return ys
+
+
 def lora_forward(x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, scaling, bias,
                  dropout_p, seed):
     """The triton backend's ``lora_ops::lora_fwd``: (y, S), launched from C++ where it has a plan."""

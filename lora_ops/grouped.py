@@ -37,6 +37,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from . import _launch
 from .functional import lora_linear
 from .modules import LoRALayerBase, LoRALinear, QLoRALinear, _autocast_on, _compute_dtype
 from .nf4 import FLOAT_DTYPES, NF4Weight, reference_absmax
@@ -308,8 +309,20 @@ class ProjectionGroup(nn.Module):
         autocast = _autocast_on(x.device)
         x = x if x.dtype == dtype else x.to(dtype)
         cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
-        a_cat = torch.cat([cast(m.lora_A) for m in ms], 0)
         scalings = [m.scaling for m in ms]
+        bias = None
+        if any(m.bias is not None for m in ms):
+            bias = torch.cat([cast(m.bias) if m.bias is not None else x.new_zeros(m.out_features) for m in ms])
+        if x.is_cuda and not torch.compiler.is_compiling():
+            # Eager CUDA: the whole group is one C++ autograd Function (stacking, launches, the members' slices),
+            # the same values as the ops below; None when the general path must take the call.
+            ys = _launch.group(x, self._base_for(dtype), [cast(m.lora_A) for m in ms], [cast(m.lora_B) for m in ms],
+                               scalings, bias, ms[0].lora_dropout, training)
+            if ys is not None:
+                if not autocast and dtype != in_dtype and in_dtype in FLOAT_DTYPES:
+                    ys = tuple(y.to(in_dtype) for y in ys)
+                return ys
+        a_cat = torch.cat([cast(m.lora_A) for m in ms], 0)
         if all(s == scalings[0] for s in scalings):
             # One scaling: the op applies it to S @ B^T as each single layer does (the same rounding).
             b_bd = torch.block_diag(*[cast(m.lora_B) for m in ms])
@@ -317,9 +330,6 @@ class ProjectionGroup(nn.Module):
         else:
             b_bd = torch.block_diag(*[cast(m.lora_B) * s for m, s in zip(ms, scalings)])
             scaling = 1.0
-        bias = None
-        if any(m.bias is not None for m in ms):
-            bias = torch.cat([cast(m.bias) if m.bias is not None else x.new_zeros(m.out_features) for m in ms])
         y = lora_linear(x, self._base_for(dtype), a_cat, b_bd, scaling, bias=bias, dropout_p=ms[0].lora_dropout,
                         training=training)
         if not autocast and y.dtype != in_dtype and in_dtype in FLOAT_DTYPES:

@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--providers", default="floor_grouped,fused,fused_grouped,fused_qlora,fused_qlora_grouped")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--cpu-top", type=int, default=0, help="also list this many host ops by self CPU time")
     args = ap.parse_args()
     case = presets.block_case("block", "llama3-8b", args.m, "bfloat16", part=args.part)
     data = block.make_block_data(case, torch.device("cuda"))
@@ -40,7 +41,7 @@ def main():
                 t.grad = None
             torch.autograd.backward(built.forward(data.x), data.dy)
 
-        print_kernels(f"\n==== {case.name} {provider}", step, args.steps, args.top)
+        print_kernels(f"\n==== {case.name} {provider}", step, args.steps, args.top, args.cpu_top)
         try:  # device time alone, for host-bound cases
             print(f"    CUDA-graph replay: {graph_ms(step, params) * 1e3:.1f} us per fwd+bwd")
         except RuntimeError as e:

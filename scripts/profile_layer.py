@@ -80,10 +80,11 @@ def run(m, k, n, r=16, nf4=False, iters=5, tables=True):
         print_kernels(f"  {name}", fn, iters)
 
 
-def print_kernels(title, fn, iters, top=10):
+def print_kernels(title, fn, iters, top=10, cpu_top=0):
     """Print the device time per call of each kernel ``fn`` launches (torch.profiler over ``iters`` calls after
     3 warm-up calls), largest first, under ``title`` with their total and the host time per call (the wall time of
-    ``iters`` calls queued without a synchronization). Also used by scripts/profile_block.py."""
+    ``iters`` calls queued without a synchronization); with ``cpu_top`` also the host ops with the most self CPU
+    time. Also used by scripts/profile_block.py."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -105,6 +106,13 @@ def print_kernels(title, fn, iters, top=10):
     print(f"{title}: {sum(t[2] for t in rows):.1f} us of kernels per fwd+bwd, host {host_us:.1f} us per call")
     for key, count, us in rows[:top]:
         print(f"    {us:9.1f} us  x{count}  {key[:90]}")
+    if cpu_top:  # host side: the ops with the most self CPU time (the profiler's own overhead included)
+        cpu = [(e.key, e.count // iters, e.self_cpu_time_total / iters) for e in prof.key_averages()
+               if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0]
+        cpu.sort(key=lambda t: -t[2])
+        print(f"  host ops (profiled): {sum(t[2] for t in cpu):.1f} us self CPU per call")
+        for key, count, us in cpu[:cpu_top]:
+            print(f"    {us:9.1f} us  x{count}  {key[:90]}")
 
 
 def main():

@@ -82,7 +82,7 @@ def assert_same_step(got, want, what="", dtype=F32, layers=N_LAYERS):
 
 
 class CallCounter:
-    """Counts lora_linear calls from the layers and from the groups."""
+    """Counts lora_linear calls from the layers and from the groups, and the groups' C++ calls (CUDA, eager)."""
 
     def __init__(self, monkeypatch):
         self.n = 0
@@ -93,6 +93,13 @@ class CallCounter:
                 self.n += 1
                 return _real(*a, **k)
             monkeypatch.setattr(mod, "lora_linear", spy)
+        real_group = grouped._launch.group
+
+        def group_spy(*a, **k):
+            ys = real_group(*a, **k)
+            self.n += ys is not None  # None: the group's lora_linear call follows, and is counted there
+            return ys
+        monkeypatch.setattr(grouped._launch, "group", group_spy)
 
 
 # ------------------------------------------------------------------------------------------------ equality
@@ -620,6 +627,31 @@ def test_gpu_grouped_model_equals_ungrouped(gpu, arch, quantize, monkeypatch):
                         lambda self, x, t: (lambda ys: (ys[0], ys[2], ys[1]) if len(ys) == 3 else ys)(real(self, x, t)))
     with pytest.raises(AssertionError):
         assert_same_bf16_step(step(grp, ids), want, oracle, "swapped k/v")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_gpu_cpp_group_equals_python_group(gpu, quantize, monkeypatch):
+    """On CUDA each group runs as one C++ autograd Function (csrc/lora_launch.cpp GroupFunction). Its logits, loss
+    and every gradient equal the Python group's (cat, block_diag, lora_linear, split; taken when the C++ entry
+    returns None) bit for bit: both launch the same kernels on the same stacked tensors."""
+    grp = build_on(gpu, quantize=quantize, group=True)
+    ids = ids_for().to(gpu)
+    real, used = grouped._launch.group, []
+
+    def spy(*a, **k):
+        ys = real(*a, **k)
+        used.append(ys is not None and ys[0].grad_fn.name().endswith("GroupFunction>"))
+        return ys
+    monkeypatch.setattr(grouped._launch, "group", spy)
+    got = step(grp, ids)
+    assert used and all(used), "the groups did not take the C++ entry"
+    monkeypatch.setattr(grouped._launch, "group", lambda *a, **k: None)
+    want = step(grp, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert sorted(got[2]) == sorted(want[2])
+    for name, g in got[2].items():
+        assert g is not None and torch.equal(g, want[2][name]), name
 
 
 @pytest.mark.gpu

@@ -353,3 +353,81 @@ def test_cpp_autograd_function_equals_lora_linear(dry, monkeypatch, case):
         with torch.no_grad():
             other = lora_ops.lora_linear(x, weight, a, b, scaling, bias=bias, dropout_p=c["p"], training=True)
         assert not torch.equal(other, y.detach())
+
+
+GROUP_CASES = [
+    dict(m=24, k=64, sizes=(48, 16, 16), ranks=(8, 8, 8), scalings=(2.0, 2.0, 2.0), dtype=torch.float32,
+         weight="dense", bias=False, p=0.0, x3d=False, x_grad=True, use=(0, 1, 2)),
+    dict(m=24, k=64, sizes=(32, 16, 16), ranks=(8, 4, 4), scalings=(2.0, 0.5, 1.0), dtype=torch.float16,
+         weight="dense", bias=True, p=0.25, x3d=True, x_grad=True, use=(0, 2)),
+    dict(m=20, k=128, sizes=(64, 32, 32), ranks=(8, 4, 4), scalings=(1.5, 1.5, 1.5), dtype=torch.float32,
+         weight="nf4-dq", bias=False, p=0.1, x3d=True, x_grad=False, use=(0, 1, 2)),
+    dict(m=16, k=128, sizes=(64, 64), ranks=(4, 8), scalings=(1.0, 3.0), dtype=torch.float32, weight="nf4",
+         bias=True, p=0.0, x3d=False, x_grad=True, use=(0, 1), a_grad=False),
+]
+
+
+@pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_cpp_group_function_equals_python_group(dry, monkeypatch, case):
+    """A projection group's eager CUDA entry is one C++ autograd Function (csrc/lora_launch.cpp GroupFunction: A_cat
+    and B_bd stacked in C++, the members' outputs as views, dY concatenated in its backward and dA_i / dB_i sliced
+    out). On CPU tensors (``launch_group_call`` with any_device, every launch taken by the fallback) the outputs and
+    every gradient equal the Python group's composition (grouped.py: cat, block_diag, one lora_linear, split) bit
+    for bit: per-member scalings, ranks, a concatenated bias, dropout, 3-D x, NF4, an output left unused."""
+    monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
+    c = dict(case)
+    dtype, k, sizes, ranks = c["dtype"], c["k"], c["sizes"], c["ranks"]
+    g = torch.Generator().manual_seed(3)
+    n = sum(sizes)
+    x = torch.randn(c["m"], k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    if c["weight"] == "dense":
+        weight, wargs, rows, cols = w, (w, None, None, None, None, 0), 0, 0
+    else:
+        weight = lora_ops.quantize_nf4(w, blocksize=64, double_quant=c["weight"] == "nf4-dq")
+        wargs, rows, cols = (*weight.tensors(), weight.blocksize), n, k
+    As = [(torch.randn(r, k, generator=g) / k ** 0.5).to(dtype) for r in ranks]
+    Bs = [(torch.randn(ni, r, generator=g) / r ** 0.5).to(dtype) for ni, r in zip(sizes, ranks)]
+    bias = torch.randn(n, generator=g).to(dtype) if c["bias"] else None
+    if c["x3d"]:
+        x = x.reshape(2, c["m"] // 2, k)
+    dys = [torch.randn(*x.shape[:-1], ni, generator=g).to(dtype) for ni in sizes]
+
+    def leaves():
+        return (x.clone().requires_grad_(c["x_grad"]), [a.clone().requires_grad_(c.get("a_grad", True)) for a in As],
+                [b.clone().requires_grad_(True) for b in Bs], None if bias is None else bias.clone().requires_grad_())
+
+    def backward(ys):
+        torch.autograd.backward([ys[i] for i in c["use"]], [dys[i] for i in c["use"]])
+
+    def grads(lv):
+        xg, as_, bs_, bg = lv
+        return [xg.grad] + [t.grad for t in as_] + [t.grad for t in bs_] + [None if bg is None else bg.grad]
+
+    got = leaves()
+    torch.manual_seed(123)
+    ys = dry.launch_group_call(got[0], *wargs, rows, cols, got[1], got[2], list(c["scalings"]), got[3], c["p"], 0,
+                               True)
+    assert isinstance(ys, tuple) and len(ys) == len(sizes)
+    assert all(y.grad_fn is not None and y.grad_fn.name().endswith("GroupFunction>") for y in ys)
+    backward(ys)
+
+    want = leaves()
+    torch.manual_seed(123)
+    xw, as_w, bs_w, bias_w = want
+    if len(set(c["scalings"])) == 1:
+        b_bd, scaling = torch.block_diag(*bs_w), c["scalings"][0]
+    else:
+        b_bd, scaling = torch.block_diag(*[b * s for b, s in zip(bs_w, c["scalings"])]), 1.0
+    y_ref = lora_ops.lora_linear(xw, weight, torch.cat(as_w, 0), b_bd, scaling, bias=bias_w, dropout_p=c["p"],
+                                 training=True)
+    ys_ref = y_ref.split(list(sizes), dim=-1)
+    backward(ys_ref)
+    for i, (y, y_r) in enumerate(zip(ys, ys_ref)):
+        assert y.shape == y_r.shape and torch.equal(y, y_r), f"y_{i}"
+    names = ["dx"] + [f"dA_{i}" for i in range(len(sizes))] + [f"dB_{i}" for i in range(len(sizes))] + ["dbias"]
+    for name, gg, gr in zip(names, grads(got), grads(want)):
+        assert (gg is None) == (gr is None), name
+        if gg is not None:
+            assert gg.shape == gr.shape and torch.equal(gg, gr), name
+    assert (grads(got)[0] is None) == (not c["x_grad"])
