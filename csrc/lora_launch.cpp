@@ -1631,22 +1631,87 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const at::Tensor& d = grads[i];
       dys.push_back(d.defined() ? d.reshape({m, n[i]}) : at::zeros({m, n[i]}, c.x.options()));
     }
-    c.dy = at::cat(dys, 1);
-    check_call(c, true);
-    BwdOut o = backward_or_fallback(c);
-    if (c.need_dx) out[0] = x_sizes.size() == 2 ? o.dx : o.dx.view(x_sizes);
-    int64_t n0 = 0, r0 = 0;
+    if (members_backward(c, g)) {
+      backward_per_member(ctx, c, dys, n, r, scale, out);
+    } else {
+      c.dy = at::cat(dys, 1);
+      check_call(c, true);
+      BwdOut o = backward_or_fallback(c);
+      if (c.need_dx) out[0] = o.dx;
+      int64_t n0 = 0, r0 = 0;
+      for (int64_t i = 0; i < g; ++i) {
+        if (ctx->needs_input_grad(1 + i)) out[1 + i] = o.dA.narrow(0, r0, r[i]);
+        if (ctx->needs_input_grad(1 + g + i)) {
+          at::Tensor db = o.dB.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
+          out[1 + g + i] = scale.empty() ? db : db * scale[i];
+        }
+        n0 += n[i];
+        r0 += r[i];
+      }
+      if (c.need_dbias) out[1 + 2 * g] = o.dbias;
+    }
+    if (c.need_dx && x_sizes.size() != 2) out[0] = out[0].view(x_sizes);
+    return out;
+  }
+
+  // One backward per member on its own dY (no concatenated dY), each on its rows of W_cat and its slices of
+  // A_cat, B_bd and S, with dX summed over the members: the single layer's backward g times, minus the forward.
+  static void backward_per_member(AutogradContext* ctx, const Call& c, const std::vector<at::Tensor>& dys,
+                                  const std::vector<int64_t>& n, const std::vector<int64_t>& r,
+                                  const std::vector<double>& scale, variable_list& out) {
+    const int64_t g = static_cast<int64_t>(n.size());
+    std::vector<at::Tensor> dbias;
+    int64_t n0 = 0, r0 = 0, byte0 = 0, block0 = 0;
     for (int64_t i = 0; i < g; ++i) {
-      if (ctx->needs_input_grad(1 + i)) out[1 + i] = o.dA.narrow(0, r0, r[i]);
-      if (ctx->needs_input_grad(1 + g + i)) {
-        at::Tensor db = o.dB.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
-        out[1 + g + i] = scale.empty() ? db : db * scale[i];
+      Call ci;
+      ci.x = c.x;
+      ci.seed = c.seed;
+      ci.p = c.p;
+      ci.scaling = c.scaling;
+      ci.blocksize = c.blocksize;
+      if (c.absmax.defined()) {
+        // Every member but the last ends on a block boundary (grouped.py's eligibility), so its bytes and absmax
+        // are contiguous ranges of the stacked ones.
+        const int64_t nel = n[i] * c.x.size(1);
+        const int64_t blocks = cdiv(nel, c.blocksize);
+        ci.w = c.w.narrow(0, byte0, (nel + 1) / 2);
+        ci.absmax = c.absmax.narrow(0, block0, blocks);
+        byte0 += (nel + 1) / 2;
+        block0 += blocks;
+      } else {
+        ci.w = c.w.narrow(0, n0, n[i]);
+      }
+      ci.A = c.A.narrow(0, r0, r[i]);
+      ci.B = c.B.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
+      ci.s = c.s.narrow(1, r0, r[i]);
+      ci.dy = dys[i].contiguous();
+      ci.need_dx = c.need_dx;
+      ci.need_dA = ctx->needs_input_grad(1 + i);
+      ci.need_dB = ctx->needs_input_grad(1 + g + i);
+      ci.need_dbias = c.need_dbias;
+      if (ci.need_dx || ci.need_dA || ci.need_dB || ci.need_dbias) {
+        check_call(ci, true);
+        BwdOut o = backward_or_fallback(ci);
+        if (ci.need_dx) out[0] = out[0].defined() ? out[0].add_(o.dx) : o.dx;
+        if (ci.need_dA) out[1 + i] = o.dA;
+        if (ci.need_dB) out[1 + g + i] = scale.empty() ? o.dB : o.dB * scale[i];
+        if (ci.need_dbias) dbias.push_back(o.dbias);
       }
       n0 += n[i];
       r0 += r[i];
     }
-    if (c.need_dbias) out[1 + 2 * g] = o.dbias;
-    return out;
+    if (c.need_dbias) out[1 + 2 * g] = at::cat(dbias, 0);
+  }
+
+  // Per-member backward when the dX sums move fewer elements than the dY concatenation would (3 (g - 1) M K
+  // against 2 M sum N_i): the MLP's gate/up, not q/k/v. A double-quantized absmax cannot be cut per member (its
+  // nested blocks straddle them). LORA_OPS_GROUP_BWD=concat / members forces one way (for A/B measurements).
+  static bool members_backward(const Call& c, int64_t g) {
+    if (c.nested_absmax.defined()) return false;
+    const char* v = std::getenv("LORA_OPS_GROUP_BWD");
+    if (v != nullptr && std::strcmp(v, "concat") == 0) return false;
+    if (v != nullptr && std::strcmp(v, "members") == 0) return true;
+    return 3 * (g - 1) * c.x.size(1) < 2 * c.B.size(0);
   }
 };
 

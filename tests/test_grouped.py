@@ -632,9 +632,12 @@ def test_gpu_grouped_model_equals_ungrouped(gpu, arch, quantize, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_gpu_cpp_group_equals_python_group(gpu, quantize, monkeypatch):
-    """On CUDA each group runs as one C++ autograd Function (csrc/lora_launch.cpp GroupFunction). Its logits, loss
-    and every gradient equal the Python group's (cat, block_diag, lora_linear, split; taken when the C++ entry
-    returns None) bit for bit: both launch the same kernels on the same stacked tensors."""
+    """On CUDA each group runs as one C++ autograd Function (csrc/lora_launch.cpp GroupFunction). With its backward
+    on the concatenated dY (LORA_OPS_GROUP_BWD=concat), its logits, loss and every gradient equal the Python
+    group's (cat, block_diag, lora_linear, split; taken when the C++ entry returns None) bit for bit: both launch
+    the same kernels on the same stacked tensors. (The per-member backward, gate/up's by default, is checked
+    against the ungrouped model in test_gpu_grouped_model_equals_ungrouped.)"""
+    monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
     grp = build_on(gpu, quantize=quantize, group=True)
     ids = ids_for().to(gpu)
     real, used = grouped._launch.group, []

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lora_ops
+from helpers import assert_rel_close
 from lora_ops import _launch
 
 pytest.importorskip("triton")
@@ -367,14 +368,19 @@ GROUP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["concat", "members"])
 @pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_cpp_group_function_equals_python_group(dry, monkeypatch, case):
+def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode):
     """A projection group's eager CUDA entry is one C++ autograd Function (csrc/lora_launch.cpp GroupFunction: A_cat
-    and B_bd stacked in C++, the members' outputs as views, dY concatenated in its backward and dA_i / dB_i sliced
-    out). On CPU tensors (``launch_group_call`` with any_device, every launch taken by the fallback) the outputs and
-    every gradient equal the Python group's composition (grouped.py: cat, block_diag, one lora_linear, split) bit
-    for bit: per-member scalings, ranks, a concatenated bias, dropout, 3-D x, NF4, an output left unused."""
+    and B_bd stacked in C++, the members' outputs as views). Its backward either concatenates dY and runs one
+    backward, slicing dA_i / dB_i out ("concat"), or runs each member's backward on its own dY and rows of W and sums
+    dX ("members"; never for a double-quantized absmax). On CPU tensors (``launch_group_call`` with any_device,
+    every launch taken by the fallback) the outputs and every gradient equal the Python group's composition
+    (grouped.py: cat, block_diag, one lora_linear, split): bit for bit with "concat", within rounding with
+    "members" (dX summed in another order); per-member scalings, ranks, a concatenated bias, dropout, 3-D x, NF4,
+    an output left unused."""
     monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
+    monkeypatch.setenv("LORA_OPS_GROUP_BWD", mode)
     c = dict(case)
     dtype, k, sizes, ranks = c["dtype"], c["k"], c["sizes"], c["ranks"]
     g = torch.Generator().manual_seed(3)
@@ -410,7 +416,18 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case):
                                True)
     assert isinstance(ys, tuple) and len(ys) == len(sizes)
     assert all(y.grad_fn is not None and y.grad_fn.name().endswith("GroupFunction>") for y in ys)
-    backward(ys)
+    backwards = []
+
+    def counting(phase, plan, *args):
+        backwards.append(phase)
+        return _launch._fallback(phase, plan, *args)
+    dry.launch_set_fallback(counting)
+    try:
+        backward(ys)
+    finally:
+        dry.launch_set_fallback(_launch._fallback)
+    per_member = mode == "members" and c["weight"] != "nf4-dq"
+    assert backwards == [1] * (len(sizes) if per_member else 1)
 
     want = leaves()
     torch.manual_seed(123)
@@ -428,6 +445,37 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case):
     names = ["dx"] + [f"dA_{i}" for i in range(len(sizes))] + [f"dB_{i}" for i in range(len(sizes))] + ["dbias"]
     for name, gg, gr in zip(names, grads(got), grads(want)):
         assert (gg is None) == (gr is None), name
-        if gg is not None:
-            assert gg.shape == gr.shape and torch.equal(gg, gr), name
+        if gg is None:
+            continue
+        assert gg.shape == gr.shape, name
+        if per_member:  # the same sums in another order (per-member tiles, dX summed over the members)
+            assert_rel_close(gg, gr, dtype, name)
+        else:
+            assert torch.equal(gg, gr), name
     assert (grads(got)[0] is None) == (not c["x_grad"])
+
+
+@pytest.mark.parametrize("sizes,k,per_member", [((64, 64), 64, True), ((48, 16, 16), 64, False),
+                                                ((160, 32, 32), 64, True), ((16, 16), 64, False)])
+def test_group_backward_rule(dry, monkeypatch, sizes, k, per_member):
+    """By default the group's backward runs per member exactly when summing the members' dX (3 (g - 1) M K
+    elements moved) costs less than concatenating their dY (2 M sum N_i): the MLP's gate/up, not GQA's q/k/v."""
+    monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
+    monkeypatch.delenv("LORA_OPS_GROUP_BWD", raising=False)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, k, generator=g).requires_grad_()
+    w = torch.randn(sum(sizes), k, generator=g) / k ** 0.5
+    As = [(torch.randn(4, k, generator=g) / k ** 0.5).requires_grad_() for _ in sizes]
+    Bs = [torch.randn(n, 4, generator=g).requires_grad_() for n in sizes]
+    ys = dry.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [1.0] * len(sizes), None, 0.0, 0, True)
+    backwards = []
+
+    def counting(phase, plan, *args):
+        backwards.append(phase)
+        return _launch._fallback(phase, plan, *args)
+    dry.launch_set_fallback(counting)
+    try:
+        sum(y.sum() for y in ys).backward()
+    finally:
+        dry.launch_set_fallback(_launch._fallback)
+    assert len(backwards) == (len(sizes) if per_member else 1)
