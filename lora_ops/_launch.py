@@ -153,45 +153,10 @@ def _ensure_device(device: torch.device) -> bool:
 
 # --------------------------------------------------------------------------------------------- entry points
 
-def linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
-    """lora_linear's eager path through C++: y with autograd, or None when the general path must take the call
-    (no C++ side, a dispatch mode or torch.compile, the reference backend, bad input, the decode path)."""
-    mod = _module if _state == "ready" else module()
-    if mod is None:
-        return None
-    if _backend.op_required():
-        return None
-    backend = _backend.requested_backend()
-    if backend == "reference":
-        return None
-    if type(scaling) not in (float, int) or type(dropout_p) not in (float, int):
-        return None
-    if type(weight) is NF4Weight:
-        w, absmax, nested_absmax, nested_code, offset = weight.tensors()
-        blocksize, rows, cols = weight.blocksize, weight.shape[0], weight.shape[1]
-    elif isinstance(weight, torch.Tensor):
-        w, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols = weight, None, None, None, None, 0, 0, 0
-    else:
-        return None
-    if not (isinstance(lora_A, torch.Tensor) and isinstance(lora_B, torch.Tensor)
-            and (bias is None or isinstance(bias, torch.Tensor))):
-        return None
-    p = float(dropout_p) if training else 0.0
-    # Calls the decode path takes (decode.use_decode) come back as None; forcing triton turns that path off.
-    decode_max = 0 if backend == "triton" else _decode_max
-    y = mod.launch_linear(x, w, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, lora_A, lora_B,
-                          float(scaling), bias, p, decode_max)
-    if y is None and x.is_cuda and _ensure_device(x.device):
-        y = mod.launch_linear(x, w, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, lora_A, lora_B,
-                              float(scaling), bias, p, decode_max)
-    return y
-
-
-def group(x, weight, lora_As, lora_Bs, scalings, bias, dropout_p, training):
-    """A projection group's eager path through C++ (grouped.py): the members' outputs, each with autograd, from
-    one forward over the stacked base (``weight``: (sum N_i, K) tensor or NF4Weight) and one backward; or None
-    when the general path must take the call (the cases of ``linear`` above). ``bias``: the members' biases
-    concatenated, or None."""
+def _prepare(weight, dropout_p, training):
+    """What both entries below pass to C++ besides the adapters: (module, weight arguments, p, decode bound), or
+    None when the general path must take the call (no C++ side, a dispatch mode or torch.compile, the reference
+    backend, an argument of another type)."""
     mod = _module if _state == "ready" else module()
     if mod is None or _backend.op_required():
         return None
@@ -199,16 +164,43 @@ def group(x, weight, lora_As, lora_Bs, scalings, bias, dropout_p, training):
     if backend == "reference" or type(dropout_p) not in (float, int):
         return None
     if type(weight) is NF4Weight:
-        w, absmax, nested_absmax, nested_code, offset = weight.tensors()
-        blocksize, rows, cols = weight.blocksize, weight.shape[0], weight.shape[1]
+        wargs = (*weight.tensors(), weight.blocksize, weight.shape[0], weight.shape[1])
     elif isinstance(weight, torch.Tensor):
-        w, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols = weight, None, None, None, None, 0, 0, 0
+        wargs = (weight, None, None, None, None, 0, 0, 0)
     else:
         return None
     p = float(dropout_p) if training else 0.0
-    decode_max = 0 if backend == "triton" else _decode_max
-    args = (x, w, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, lora_As, lora_Bs,
-            [float(s) for s in scalings], bias, p, decode_max)
+    # Calls the decode path takes (decode.use_decode) come back as None; forcing triton turns that path off.
+    return mod, wargs, p, 0 if backend == "triton" else _decode_max
+
+
+def linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
+    """lora_linear's eager path through C++: y with autograd, or None when the general path must take the call
+    (the cases of ``_prepare``, bad input, the decode path)."""
+    prep = _prepare(weight, dropout_p, training)
+    if prep is None or type(scaling) not in (float, int):
+        return None
+    if not (isinstance(lora_A, torch.Tensor) and isinstance(lora_B, torch.Tensor)
+            and (bias is None or isinstance(bias, torch.Tensor))):
+        return None
+    mod, wargs, p, decode_max = prep
+    args = (x, *wargs, lora_A, lora_B, float(scaling), bias, p, decode_max)
+    y = mod.launch_linear(*args)
+    if y is None and x.is_cuda and _ensure_device(x.device):
+        y = mod.launch_linear(*args)
+    return y
+
+
+def group(x, weight, lora_As, lora_Bs, scalings, bias, dropout_p, training):
+    """A projection group's eager path through C++ (grouped.py): the members' outputs, each with autograd, from
+    one forward over the stacked base (``weight``: (sum N_i, K) tensor or NF4Weight) and one backward; or None
+    when the general path must take the call (the cases of ``linear``). ``bias``: the members' biases
+    concatenated, or None."""
+    prep = _prepare(weight, dropout_p, training)
+    if prep is None:
+        return None
+    mod, wargs, p, decode_max = prep
+    args = (x, *wargs, lora_As, lora_Bs, [float(s) for s in scalings], bias, p, decode_max)
     ys = mod.launch_group(*args)
     if ys is None and x.is_cuda and _ensure_device(x.device):
         ys = mod.launch_group(*args)

@@ -13,8 +13,10 @@ In a transformer block q/k/v read the same hidden states, and so do the MLP's ga
 * ``A_cat`` (sum r_i, K): the members' lora_A stacked; ``B_bd`` (sum N_i, sum r_i): block diagonal with member
   i's block s_i * B_i (or B_i with ``scaling`` = s when every member has the same scaling), built from the
   members' Parameters in every call, so autograd hands each member's lora_A / lora_B its own gradient.
-* On CUDA this reaches the fused kernels and the C++ launch path unchanged (one base GEMM over the concatenated
-  N, one S pass over the stacked A, one dX); on the CPU the reference path.
+* In eager mode on CUDA the group is one C++ autograd Function (csrc/lora_launch.cpp ``GroupFunction``): the
+  same stacking and the single layer's launch lists (one base GEMM over the concatenated N, one S pass over the
+  stacked A), the outputs as views, and a backward either on the concatenated dY or per member (docs/GROUPED.md
+  says which); elsewhere (CPU, torch.compile, the reference backend) the ``lora_linear`` call above.
 
 Installation does not touch the model's forward code: each member's ``forward`` asks its group, and the first
 member called with an input computes every member's output for it and keeps the siblings' outputs until they
@@ -300,7 +302,8 @@ class ProjectionGroup(nn.Module):
         warnings.warn(f"lora_ops: projection group {list(self.names)} is off: {reason}", UserWarning, stacklevel=4)
 
     def _compute(self, x: torch.Tensor, training: bool) -> Tuple[torch.Tensor, ...]:
-        """Every member's output for ``x``, as LoRALayerBase.forward would give it, in one lora_linear call."""
+        """Every member's output for ``x``, as LoRALayerBase.forward would give it, in one call (the C++ group on
+        eager CUDA, else one lora_linear call)."""
         ms = self._members
         in_dtype = x.dtype
         dtype = _compute_dtype(x, ms[0]._base_dtype)

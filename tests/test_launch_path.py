@@ -479,3 +479,57 @@ def test_group_backward_rule(dry, monkeypatch, sizes, k, per_member):
     finally:
         dry.launch_set_fallback(_launch._fallback)
     assert len(backwards) == (len(sizes) if per_member else 1)
+
+
+class _RecordingModule:
+    """Stands in for lora_ops._C: records what _launch's entries pass to C++."""
+
+    def __init__(self):
+        self.calls = []
+
+    def launch_linear(self, *args):
+        self.calls.append(("linear", args))
+        return "y"
+
+    def launch_group(self, *args):
+        self.calls.append(("group", args))
+        return ("y0", "y1")
+
+
+def test_entries_pass_the_weight_and_settings_to_cpp(monkeypatch):
+    """_launch.linear / _launch.group (the eager CUDA entries of lora_linear and of a projection group) hand C++
+    the weight's tensors (NF4: bytes, absmax state, blocksize, rows, cols; dense: the tensor and zeros), p = 0
+    outside training, the decode bound (0 when the triton backend is forced), and return None where the general
+    path must take the call (the reference backend, a dispatch mode, a weight or scaling of another type)."""
+    fake = _RecordingModule()
+    monkeypatch.setattr(_launch, "_module", fake)
+    monkeypatch.setattr(_launch, "_state", "ready")
+    monkeypatch.setattr(_launch, "_decode_max", 7)
+    monkeypatch.delenv("LORA_OPS_BACKEND", raising=False)
+    x, a, b = torch.randn(4, 64), torch.randn(2, 64), torch.randn(8, 2)
+    w = torch.randn(8, 64)
+    w4 = lora_ops.quantize_nf4(w, blocksize=64, double_quant=True)
+
+    assert _launch.linear(x, w, a, b, 2, None, 0.1, True) == "y"
+    name, args = fake.calls[-1]
+    assert name == "linear" and args[1] is w and args[2:9] == (None, None, None, None, 0, 0, 0)
+    assert args[9] is a and args[10] is b and args[11] == 2.0 and type(args[11]) is float and args[13:] == (0.1, 7)
+
+    assert _launch.group(x, w4, [a, a], [b, b], [1, 3], None, 0.2, False) == ("y0", "y1")
+    name, args = fake.calls[-1]
+    assert name == "group" and args[1:6] == w4.tensors() and args[6:9] == (64, 8, 64)
+    assert args[9] == [a, a] and args[10] == [b, b] and args[11] == [1.0, 3.0] and args[13:] == (0.0, 7)
+
+    monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
+    assert _launch.group(x, w, [a], [b], [1.0], None, 0.0, True) is not None and fake.calls[-1][1][-1] == 0
+    n = len(fake.calls)
+    monkeypatch.setenv("LORA_OPS_BACKEND", "reference")
+    assert _launch.linear(x, w, a, b, 2.0, None, 0.0, True) is None
+    assert _launch.group(x, w, [a], [b], [1.0], None, 0.0, True) is None
+    monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
+    assert _launch.linear(x, w, a, b, torch.tensor(2.0), None, 0.0, True) is None  # a tensor scaling
+    assert _launch.group(x, "not a weight", [a], [b], [1.0], None, 0.0, True) is None
+    monkeypatch.setattr(_launch._backend, "op_required", lambda: True)
+    assert _launch.linear(x, w, a, b, 2.0, None, 0.0, True) is None
+    assert _launch.group(x, w, [a], [b], [1.0], None, 0.0, True) is None
+    assert len(fake.calls) == n
