@@ -496,7 +496,7 @@ class _RecordingModule:
         return ("y0", "y1")
 
 
-def test_entries_pass_the_weight_and_settings_to_cpp(monkeypatch):
+def test_entries_pass_the_weight_and_settings_to_cpp(dry, monkeypatch):
     """_launch.linear / _launch.group (the eager CUDA entries of lora_linear and of a projection group) hand C++
     the weight's tensors (NF4: bytes, absmax state, blocksize, rows, cols; dense: the tensor and zeros), p = 0
     outside training, the decode bound (0 when the triton backend is forced), and return None where the general
@@ -533,3 +533,6 @@ def test_entries_pass_the_weight_and_settings_to_cpp(monkeypatch):
     assert _launch.linear(x, w, a, b, 2.0, None, 0.0, True) is None
     assert _launch.group(x, w, [a], [b], [1.0], None, 0.0, True) is None
     assert len(fake.calls) == n
+    # The recorded arguments fit the real entries' signatures (which decline CPU tensors: None).
+    for name, args in fake.calls:
+        assert getattr(dry, "launch_" + name)(*args) is None
