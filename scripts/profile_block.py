@@ -2,7 +2,8 @@
 
 Builds the ``block`` preset's case (benchmarks/presets.py ``block_case``: the whole block or one group alone) and,
 for each provider, profiles ``--steps`` fwd+bwd calls with torch.profiler: the device time per call of each kernel
-(summed by name, largest first), the total, the host time per call and the fwd+bwd replayed from a CUDA graph.
+(summed by name, largest first), the total, the host time per call, lora_ops' launches per call (from C++ or,
+after a miss, from the Python launchers) and the fwd+bwd replayed from a CUDA graph.
 
     python scripts/profile_block.py [--part gate_up] [--m 2048] [--providers floor_grouped,fused,fused_grouped]
 """
@@ -19,6 +20,14 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
     sys.path.insert(0, str(REPO))
 
 from benchmarks import block, presets  # noqa: E402
+
+
+def _launch_totals():
+    """(launches made by the C++ launch path, launches made by the Python launchers) since import."""
+    from lora_ops import _launch
+    from lora_ops.triton_kernels import records
+    cpp = sum(_launch.launch_counts().values())
+    return cpp, sum(records.LAUNCHES.values()) - cpp
 
 
 def main():
@@ -41,7 +50,13 @@ def main():
                 t.grad = None
             torch.autograd.backward(built.forward(data.x), data.dy)
 
+        cpp0, py0 = _launch_totals()
         print_kernels(f"\n==== {case.name} {provider}", step, args.steps, args.top, args.cpu_top)
+        cpp1, py1 = _launch_totals()
+        calls = 3 + 2 * args.steps  # print_kernels' warm-up, host-timed and profiled calls
+        # Launches from the Python launchers after warm-up mean the C++ path missed (a plan it could not use).
+        print(f"    lora_ops launches per call: C++ {(cpp1 - cpp0) / calls:.1f}, Python launchers "
+              f"{(py1 - py0) / calls:.1f}")
         try:  # device time alone, for host-bound cases
             print(f"    CUDA-graph replay: {graph_ms(step, params) * 1e3:.1f} us per fwd+bwd")
         except RuntimeError as e:
