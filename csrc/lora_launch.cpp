@@ -1559,8 +1559,9 @@ struct GroupArgs {
 // lora_ops/grouped.py's group as one C++ autograd Function: members i = 1..g read one x and share one stacked base.
 //   y_cat = lora_fwd(x, W_cat, A_cat, B_bd, scaling)   A_cat = cat(A_i)   B_bd = block_diag(c_i * B_i)
 //   y_i = y_cat[..., N_i] (views)          c_i = 1 and scaling = s when all s_i are equal, else c_i = s_i, scaling 1
-// backward: dY = cat(dy_i) (zeros for an unused output), one lora_bwd, dA_i = rows r_i of dA_cat and
-// dB_i = c_i * dB_bd[N_i, r_i]: the values autograd gives through the Python group's cat / block_diag / split.
+// backward, one of two ways (members_backward decides): on the concatenated dY = cat(dy_i) (zeros for an unused
+// output), one lora_bwd, dA_i = rows r_i of dA_cat and dB_i = c_i * dB_bd[N_i, r_i], the values autograd gives
+// through the Python group's cat / block_diag / split; or per member (backward_per_member), dX summed.
 // Variable inputs (edges): x 0, A_i 1 + i, B_i 1 + g + i, bias 1 + 2g; backward slots: x 0, A_i 1 + i,
 // B_i 1 + g + i, bias 1 + 2g, args 2 + 2g.
 struct GroupFunction : public torch::autograd::Function<GroupFunction> {
