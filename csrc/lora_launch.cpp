@@ -1435,11 +1435,40 @@ BwdOut backward_or_fallback(const Call& c) {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// What a backward needs of its forward's call: x (flattened), the weight's tensors, A, B, S and the seed as saved
+// tensors (no dequantized W and no dropout mask survive between forward and backward: the backward regenerates
+// the mask from the seed), blocksize, scaling and p as saved data. x_sizes: x's shape before flattening.
+void save_call(AutogradContext* ctx, const Call& c, const at::Tensor& s, const at::Tensor& x) {
+  ctx->save_for_backward({c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.A, c.B, s, c.seed});
+  ctx->saved_data["blocksize"] = c.blocksize;
+  ctx->saved_data["scaling"] = c.scaling;
+  ctx->saved_data["p"] = c.p;
+  ctx->saved_data["x_sizes"] = x.sizes().vec();
+}
+
+// The call save_call kept, for the backward (dy and the need_* flags still to be set).
+Call saved_call(AutogradContext* ctx) {
+  const auto saved = ctx->get_saved_variables();
+  Call c;
+  c.x = saved[0];
+  c.w = saved[1];
+  c.absmax = saved[2];
+  c.nested_absmax = saved[3];
+  c.nested_code = saved[4];
+  c.offset = saved[5];
+  c.A = saved[6];
+  c.B = saved[7];
+  c.s = saved[8];
+  c.seed = saved[9];
+  c.blocksize = ctx->saved_data["blocksize"].toInt();
+  c.scaling = ctx->saved_data["scaling"].toDouble();
+  c.p = ctx->saved_data["p"].toDouble();
+  return c;
+}
+
 // lora_ops::lora_fwd with its autograd, in C++. The forward takes the op's arguments in the op's order; backward
 // returns one gradient slot per argument (x 0, lora_A 7, lora_B 8, bias 10). needs_input_grad counts only the
-// tensor arguments that are present, so their edge indices are worked out in forward. Only x (flattened), the
-// weight's tensors, A, B, S and the seed are saved: no dequantized W and no dropout mask survive between forward
-// and backward; the backward regenerates the mask from the seed.
+// tensor arguments that are present, so their edge indices are worked out in forward. What is saved: save_call.
 struct LoRAFunction : public torch::autograd::Function<LoRAFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const std::optional<at::Tensor>& absmax, const std::optional<at::Tensor>& nested_absmax,
@@ -1451,15 +1480,11 @@ struct LoRAFunction : public torch::autograd::Function<LoRAFunction> {
                        blocksize, A, B, scaling, bias, p, seed);
     check_call(c, false);
     FwdOut o = forward_or_fallback(c);
-    ctx->save_for_backward({c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.A, c.B, o.s, c.seed});
+    save_call(ctx, c, o.s, x);
     int64_t edge = 2;  // x, w
     for (const auto* t : {&absmax, &nested_absmax, &nested_code, &offset}) edge += (t->has_value() && (*t)->defined());
     ctx->saved_data["edge_A"] = edge;
     ctx->saved_data["edge_bias"] = bias.has_value() && bias->defined() ? edge + 2 : int64_t(-1);
-    ctx->saved_data["blocksize"] = blocksize;
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
     const int64_t n = B.size(0);
     if (x.dim() == 2) return o.y;
     std::vector<int64_t> sizes = x.sizes().vec();
@@ -1468,23 +1493,9 @@ struct LoRAFunction : public torch::autograd::Function<LoRAFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
     const int64_t edge_A = ctx->saved_data["edge_A"].toInt();
     const int64_t edge_bias = ctx->saved_data["edge_bias"].toInt();
-    Call c;
-    c.x = saved[0];
-    c.w = saved[1];
-    c.absmax = saved[2];
-    c.nested_absmax = saved[3];
-    c.nested_code = saved[4];
-    c.offset = saved[5];
-    c.A = saved[6];
-    c.B = saved[7];
-    c.s = saved[8];
-    c.seed = saved[9];
-    c.blocksize = ctx->saved_data["blocksize"].toInt();
-    c.scaling = ctx->saved_data["scaling"].toDouble();
-    c.p = ctx->saved_data["p"].toDouble();
+    Call c = saved_call(ctx);
     c.need_dx = ctx->needs_input_grad(0);
     c.need_dA = ctx->needs_input_grad(edge_A);
     c.need_dB = ctx->needs_input_grad(edge_A + 1);
@@ -1553,7 +1564,6 @@ struct GroupArgs {
   Call c;                     // x 2-D, W_cat (sum N_i, K), A_cat (sum r_i, K), B_bd (sum N_i, sum r_i); checked
   std::vector<int64_t> n, r;  // the members' out_features and ranks
   std::vector<double> scale;  // empty: one scaling for every member (c.scaling); else s_i, with s_i * B_i in B_bd
-  std::vector<int64_t> x_sizes;
 };
 
 // lora_ops/grouped.py's group as one C++ autograd Function: members i = 1..g read one x and share one stacked base.
@@ -1572,18 +1582,14 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     (void)bias;  // the prepared call holds A_cat, B_bd and the bias: the lists are here for their autograd edges
     const Call& c = args.c;
     FwdOut o = forward_or_fallback(c);
-    ctx->save_for_backward({c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.A, c.B, o.s, c.seed});
+    save_call(ctx, c, o.s, x);
     ctx->saved_data["n"] = args.n;
     ctx->saved_data["r"] = args.r;
     ctx->saved_data["scale"] = args.scale;
     ctx->saved_data["has_bias"] = c.bias.defined();
-    ctx->saved_data["blocksize"] = c.blocksize;
-    ctx->saved_data["scaling"] = c.scaling;
-    ctx->saved_data["p"] = c.p;
-    ctx->saved_data["x_sizes"] = args.x_sizes;
     at::Tensor y = o.y;
     if (x.dim() != 2) {
-      std::vector<int64_t> sizes = args.x_sizes;
+      std::vector<int64_t> sizes = x.sizes().vec();
       sizes.back() = c.n;
       y = y.view(sizes);
     }
@@ -1597,27 +1603,13 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
     const std::vector<int64_t> n = ctx->saved_data["n"].toIntVector();
     const std::vector<int64_t> r = ctx->saved_data["r"].toIntVector();
     const std::vector<double> scale = ctx->saved_data["scale"].toDoubleVector();
     const std::vector<int64_t> x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     const int64_t g = static_cast<int64_t>(n.size());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    Call c;
-    c.x = saved[0];
-    c.w = saved[1];
-    c.absmax = saved[2];
-    c.nested_absmax = saved[3];
-    c.nested_code = saved[4];
-    c.offset = saved[5];
-    c.A = saved[6];
-    c.B = saved[7];
-    c.s = saved[8];
-    c.seed = saved[9];
-    c.blocksize = ctx->saved_data["blocksize"].toInt();
-    c.scaling = ctx->saved_data["scaling"].toDouble();
-    c.p = ctx->saved_data["p"].toDouble();
+    Call c = saved_call(ctx);
     c.need_dx = ctx->needs_input_grad(0);
     for (int64_t i = 0; i < g; ++i) {
       c.need_dA = c.need_dA || ctx->needs_input_grad(1 + i);
@@ -1664,12 +1656,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     std::vector<at::Tensor> dbias;
     int64_t n0 = 0, r0 = 0, byte0 = 0, block0 = 0;
     for (int64_t i = 0; i < g; ++i) {
-      Call ci;
-      ci.x = c.x;
-      ci.seed = c.seed;
-      ci.p = c.p;
-      ci.scaling = c.scaling;
-      ci.blocksize = c.blocksize;
+      Call ci = c;  // x, seed, p, scaling, blocksize, need_dx, need_dbias; the member's slices below
       if (c.absmax.defined()) {
         // Every member but the last ends on a block boundary (grouped.py's eligibility), so its bytes and absmax
         // are contiguous ranges of the stacked ones.
@@ -1686,10 +1673,8 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       ci.B = c.B.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
       ci.s = c.s.narrow(1, r0, r[i]);
       ci.dy = dys[i].contiguous();
-      ci.need_dx = c.need_dx;
       ci.need_dA = ctx->needs_input_grad(1 + i);
       ci.need_dB = ctx->needs_input_grad(1 + g + i);
-      ci.need_dbias = c.need_dbias;
       if (ci.need_dx || ci.need_dA || ci.need_dB || ci.need_dbias) {
         check_call(ci, true);
         BwdOut o = backward_or_fallback(ci);
@@ -1770,7 +1755,6 @@ py::object group_call(const at::Tensor& x, const at::Tensor& w, const std::optio
   if (!c.nf4 && w.requires_grad()) return py::none();
   if (p > 0.0)
     c.seed = at::randint(0, int64_t(1) << 62, {}, at::TensorOptions().device(x.device()).dtype(at::kLong));
-  args.x_sizes = x.sizes().vec();
   const variable_list ys = GroupFunction::apply(x, at::TensorList(As), at::TensorList(Bs), bias, args);
   py::tuple out(g);
   for (size_t i = 0; i < g; ++i) out[i] = py::cast(ys[i]);

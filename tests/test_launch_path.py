@@ -356,6 +356,22 @@ def test_cpp_autograd_function_equals_lora_linear(dry, monkeypatch, case):
         assert not torch.equal(other, y.detach())
 
 
+def _fallback_phases(dry, fn):
+    """Run fn() and return the phase (0 forward, 1 backward) of each call the C++ side handed to the Python
+    launchers (in the test build, every call)."""
+    phases = []
+
+    def counting(phase, plan, *args):
+        phases.append(phase)
+        return _launch._fallback(phase, plan, *args)
+    dry.launch_set_fallback(counting)
+    try:
+        fn()
+    finally:
+        dry.launch_set_fallback(_launch._fallback)
+    return phases
+
+
 GROUP_CASES = [
     dict(m=24, k=64, sizes=(48, 16, 16), ranks=(8, 8, 8), scalings=(2.0, 2.0, 2.0), dtype=torch.float32,
          weight="dense", bias=False, p=0.0, x3d=False, x_grad=True, use=(0, 1, 2)),
@@ -416,16 +432,7 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode):
                                True)
     assert isinstance(ys, tuple) and len(ys) == len(sizes)
     assert all(y.grad_fn is not None and y.grad_fn.name().endswith("GroupFunction>") for y in ys)
-    backwards = []
-
-    def counting(phase, plan, *args):
-        backwards.append(phase)
-        return _launch._fallback(phase, plan, *args)
-    dry.launch_set_fallback(counting)
-    try:
-        backward(ys)
-    finally:
-        dry.launch_set_fallback(_launch._fallback)
+    backwards = _fallback_phases(dry, lambda: backward(ys))
     per_member = mode == "members" and c["weight"] != "nf4-dq"
     assert backwards == [1] * (len(sizes) if per_member else 1)
 
@@ -468,16 +475,7 @@ def test_group_backward_rule(dry, monkeypatch, sizes, k, per_member):
     As = [(torch.randn(4, k, generator=g) / k ** 0.5).requires_grad_() for _ in sizes]
     Bs = [torch.randn(n, 4, generator=g).requires_grad_() for n in sizes]
     ys = dry.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [1.0] * len(sizes), None, 0.0, 0, True)
-    backwards = []
-
-    def counting(phase, plan, *args):
-        backwards.append(phase)
-        return _launch._fallback(phase, plan, *args)
-    dry.launch_set_fallback(counting)
-    try:
-        sum(y.sum() for y in ys).backward()
-    finally:
-        dry.launch_set_fallback(_launch._fallback)
+    backwards = _fallback_phases(dry, lambda: sum(y.sum() for y in ys).backward())
     assert len(backwards) == (len(sizes) if per_member else 1)
 
 
