@@ -1569,7 +1569,8 @@ struct GroupArgs {
 // lora_ops/grouped.py's group as one C++ autograd Function: members i = 1..g read one x and share one stacked base.
 //   y_cat = lora_fwd(x, W_cat, A_cat, B_bd, scaling)   A_cat = cat(A_i)   B_bd = block_diag(c_i * B_i)
 //   y_i = y_cat[..., N_i] (views)          c_i = 1 and scaling = s when all s_i are equal, else c_i = s_i, scaling 1
-// backward, one of two ways (members_backward decides): on the concatenated dY = cat(dy_i) (zeros for an unused
+// or per member (members_way decides): y_i = lora_fwd on member i's slice of that call (member_calls), contiguous.
+// backward, one of two ways (members_way decides): on the concatenated dY = cat(dy_i) (zeros for an unused
 // output), one lora_bwd, dA_i = rows r_i of dA_cat and dB_i = c_i * dB_bd[N_i, r_i], the values autograd gives
 // through the Python group's cat / block_diag / split; or per member (backward_per_member), dX summed.
 // Variable inputs (edges): x 0, A_i 1 + i, B_i 1 + g + i, bias 1 + 2g; backward slots: x 0, A_i 1 + i,
@@ -1581,24 +1582,38 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     (void)Bs;
     (void)bias;  // the prepared call holds A_cat, B_bd and the bias: the lists are here for their autograd edges
     const Call& c = args.c;
-    FwdOut o = forward_or_fallback(c);
-    save_call(ctx, c, o.s, x);
+    const int64_t g = static_cast<int64_t>(args.n.size());
+    std::vector<int64_t> sizes = x.sizes().vec();
+    variable_list out;
+    at::Tensor s;
+    if (members_way(c, g, "LORA_OPS_GROUP_FWD")) {
+      // Each member's own forward: y_i comes out as a contiguous (M, N_i) tensor, which the elementwise ops that
+      // read it (SiLU(gate) * up, RoPE) take on their vectorized kernels; S = cat(S_i) for the backward.
+      std::vector<at::Tensor> ss;
+      for (Call& ci : member_calls(c, args.n, args.r)) {
+        check_call(ci, false);
+        FwdOut o = forward_or_fallback(ci);
+        sizes.back() = ci.n;
+        out.push_back(x.dim() == 2 ? o.y : o.y.view(sizes));
+        ss.push_back(o.s);
+      }
+      s = at::cat(ss, 1);
+    } else {
+      FwdOut o = forward_or_fallback(c);
+      s = o.s;
+      sizes.back() = c.n;
+      const at::Tensor y = x.dim() == 2 ? o.y : o.y.view(sizes);
+      int64_t off = 0;
+      for (int64_t ni : args.n) {
+        out.push_back(y.narrow(-1, off, ni));
+        off += ni;
+      }
+    }
+    save_call(ctx, c, s, x);
     ctx->saved_data["n"] = args.n;
     ctx->saved_data["r"] = args.r;
     ctx->saved_data["scale"] = args.scale;
     ctx->saved_data["has_bias"] = c.bias.defined();
-    at::Tensor y = o.y;
-    if (x.dim() != 2) {
-      std::vector<int64_t> sizes = x.sizes().vec();
-      sizes.back() = c.n;
-      y = y.view(sizes);
-    }
-    variable_list out;
-    int64_t off = 0;
-    for (int64_t ni : args.n) {
-      out.push_back(y.narrow(-1, off, ni));
-      off += ni;
-    }
     return out;
   }
 
@@ -1624,7 +1639,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const at::Tensor& d = grads[i];
       dys.push_back(d.defined() ? d.reshape({m, n[i]}) : at::zeros({m, n[i]}, c.x.options()));
     }
-    if (members_backward(c, g)) {
+    if (members_way(c, g, "LORA_OPS_GROUP_BWD")) {
       backward_per_member(ctx, c, dys, n, r, scale, out);
     } else {
       c.dy = at::cat(dys, 1);
@@ -1647,16 +1662,14 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     return out;
   }
 
-  // One backward per member on its own dY (no concatenated dY), each on its rows of W_cat and its slices of
-  // A_cat, B_bd and S, with dX summed over the members: the single layer's backward g times, minus the forward.
-  static void backward_per_member(AutogradContext* ctx, const Call& c, const std::vector<at::Tensor>& dys,
-                                  const std::vector<int64_t>& n, const std::vector<int64_t>& r,
-                                  const std::vector<double>& scale, variable_list& out) {
-    const int64_t g = static_cast<int64_t>(n.size());
-    std::vector<at::Tensor> dbias;
+  // Member i's slice of the stacked call: its rows of W_cat (NF4: its byte and absmax ranges), its rows of A_cat,
+  // its block of B_bd, its part of the bias and (when c.s is set) its columns of S. x, seed, p, scaling, blocksize
+  // and the need_* flags are the group's.
+  static std::vector<Call> member_calls(const Call& c, const std::vector<int64_t>& n, const std::vector<int64_t>& r) {
+    std::vector<Call> calls;
     int64_t n0 = 0, r0 = 0, byte0 = 0, block0 = 0;
-    for (int64_t i = 0; i < g; ++i) {
-      Call ci = c;  // x, seed, p, scaling, blocksize, need_dx, need_dbias; the member's slices below
+    for (size_t i = 0; i < n.size(); ++i) {
+      Call ci = c;
       if (c.absmax.defined()) {
         // Every member but the last ends on a block boundary (grouped.py's eligibility), so its bytes and absmax
         // are contiguous ranges of the stacked ones.
@@ -1671,7 +1684,25 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       }
       ci.A = c.A.narrow(0, r0, r[i]);
       ci.B = c.B.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
-      ci.s = c.s.narrow(1, r0, r[i]);
+      if (c.bias.defined()) ci.bias = c.bias.narrow(0, n0, n[i]);
+      if (c.s.defined()) ci.s = c.s.narrow(1, r0, r[i]);
+      calls.push_back(ci);
+      n0 += n[i];
+      r0 += r[i];
+    }
+    return calls;
+  }
+
+  // One backward per member on its own dY (no concatenated dY), each on its slice of the stacked call (member_calls),
+  // with dX summed over the members: the single layer's backward g times, minus the forward.
+  static void backward_per_member(AutogradContext* ctx, const Call& c, const std::vector<at::Tensor>& dys,
+                                  const std::vector<int64_t>& n, const std::vector<int64_t>& r,
+                                  const std::vector<double>& scale, variable_list& out) {
+    const int64_t g = static_cast<int64_t>(n.size());
+    std::vector<Call> calls = member_calls(c, n, r);
+    std::vector<at::Tensor> dbias;
+    for (int64_t i = 0; i < g; ++i) {
+      Call& ci = calls[i];
       ci.dy = dys[i].contiguous();
       ci.need_dA = ctx->needs_input_grad(1 + i);
       ci.need_dB = ctx->needs_input_grad(1 + g + i);
@@ -1683,18 +1714,18 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
         if (ci.need_dB) out[1 + g + i] = scale.empty() ? o.dB : o.dB * scale[i];
         if (ci.need_dbias) dbias.push_back(o.dbias);
       }
-      n0 += n[i];
-      r0 += r[i];
     }
     if (c.need_dbias) out[1 + 2 * g] = at::cat(dbias, 0);
   }
 
-  // Per-member backward when the dX sums move fewer elements than the dY concatenation would (3 (g - 1) M K
-  // against 2 M sum N_i): the MLP's gate/up, not q/k/v. A double-quantized absmax cannot be cut per member (its
-  // nested blocks straddle them). LORA_OPS_GROUP_BWD=concat / members forces one way (for A/B measurements).
-  static bool members_backward(const Call& c, int64_t g) {
+  // Per member, forward (env LORA_OPS_GROUP_FWD) or backward (LORA_OPS_GROUP_BWD), when summing the members' dX
+  // moves fewer elements than concatenating their dY would (3 (g - 1) M K against 2 M sum N_i): the MLP's gate/up,
+  // not q/k/v. Forward and backward follow one rule so that the per-member outputs (contiguous) arrive back as
+  // the per-member dY the per-member backward reads. A double-quantized absmax cannot be cut per member (its nested
+  // blocks straddle them). The variable set to concat / members forces one way (for A/B measurements).
+  static bool members_way(const Call& c, int64_t g, const char* env) {
     if (c.nested_absmax.defined()) return false;
-    const char* v = std::getenv("LORA_OPS_GROUP_BWD");
+    const char* v = std::getenv(env);
     if (v != nullptr && std::strcmp(v, "concat") == 0) return false;
     if (v != nullptr && std::strcmp(v, "members") == 0) return true;
     return 3 * (g - 1) * c.x.size(1) < 2 * c.B.size(0);

@@ -630,14 +630,45 @@ def test_gpu_grouped_model_equals_ungrouped(gpu, arch, quantize, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fwd", [None, "members"])
+def test_gpu_member_outputs(gpu, fwd, monkeypatch):
+    """Where the group runs per member (by default gate/up; LORA_OPS_GROUP_FWD=members forces q/k/v too) each
+    member's output is its own contiguous tensor, not a column view of one, and the step still equals the
+    ungrouped model's."""
+    if fwd is None:
+        monkeypatch.delenv("LORA_OPS_GROUP_FWD", raising=False)
+    else:
+        monkeypatch.setenv("LORA_OPS_GROUP_FWD", fwd)
+    monkeypatch.delenv("LORA_OPS_GROUP_BWD", raising=False)
+    ref, grp = build_on(gpu, quantize="nf4"), build_on(gpu, quantize="nf4", group=True)
+    ids = ids_for().to(gpu)
+    want = step(ref, ids)
+    oracle = step(fp32_copy(ref), ids)
+    seen = {}
+    layer = grp.model.layers[0]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(layer.self_attn, name).register_forward_hook(lambda m, a, y, n=name: seen.setdefault(n, y))
+    for name in ("gate_proj", "up_proj"):
+        getattr(layer.mlp, name).register_forward_hook(lambda m, a, y, n=name: seen.setdefault(n, y))
+    got = step(grp, ids)
+    assert sorted(seen) == ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
+    assert seen["gate_proj"].is_contiguous() and seen["up_proj"].is_contiguous()
+    qkv = [seen[n].is_contiguous() for n in ("q_proj", "k_proj", "v_proj")]
+    assert qkv == [fwd == "members"] * 3
+    assert_same_bf16_step(got, want, oracle, f"cuda grouped, forward {fwd or 'default'}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_gpu_cpp_group_equals_python_group(gpu, quantize, monkeypatch):
     """On CUDA each group runs as one C++ autograd Function (csrc/lora_launch.cpp GroupFunction). With its backward
-    on the concatenated dY (LORA_OPS_GROUP_BWD=concat), its logits, loss and every gradient equal the Python
-    group's (cat, block_diag, lora_linear, split; taken when the C++ entry returns None) bit for bit: both launch
-    the same kernels on the same stacked tensors. (The per-member backward, gate/up's by default, is checked
-    against the ungrouped model in test_gpu_grouped_model_equals_ungrouped.)"""
+    on the concatenated dY and its forward on the stacked call (LORA_OPS_GROUP_BWD / _FWD=concat), its logits, loss
+    and every gradient equal the Python group's (cat, block_diag, lora_linear, split; taken when the C++ entry
+    returns None) bit for bit: both launch the same kernels on the same stacked tensors. (The per-member forward
+    and backward, gate/up's by default, are checked against the ungrouped model in
+    test_gpu_grouped_model_equals_ungrouped.)"""
     monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
+    monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
     grp = build_on(gpu, quantize=quantize, group=True)
     ids = ids_for().to(gpu)
     real, used = grouped._launch.group, []

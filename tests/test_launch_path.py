@@ -384,19 +384,22 @@ GROUP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("fwd", ["concat", "members"])
 @pytest.mark.parametrize("mode", ["concat", "members"])
 @pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode):
+def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fwd):
     """A projection group's eager CUDA entry is one C++ autograd Function (csrc/lora_launch.cpp GroupFunction: A_cat
-    and B_bd stacked in C++, the members' outputs as views). Its backward either concatenates dY and runs one
-    backward, slicing dA_i / dB_i out ("concat"), or runs each member's backward on its own dY and rows of W and sums
-    dX ("members"; never for a double-quantized absmax). On CPU tensors (``launch_group_call`` with any_device,
-    every launch taken by the fallback) the outputs and every gradient equal the Python group's composition
-    (grouped.py: cat, block_diag, one lora_linear, split): bit for bit with "concat", within rounding with
-    "members" (dX summed in another order); per-member scalings, ranks, a concatenated bias, dropout, 3-D x, NF4,
-    an output left unused."""
+    and B_bd stacked in C++). Its forward either runs one forward on the stacked call, the members' outputs being
+    views ("concat"), or each member's forward on its slice, the outputs contiguous (``fwd`` "members"). Its
+    backward either concatenates dY and runs one backward, slicing dA_i / dB_i out ("concat"), or runs each member's
+    backward on its own dY and rows of W and sums dX ("members"). Neither runs per member for a double-quantized
+    absmax. On CPU tensors (``launch_group_call`` with any_device, every launch taken by the fallback) the outputs
+    and every gradient equal the Python group's composition (grouped.py: cat, block_diag, one lora_linear, split):
+    bit for bit with "concat", within rounding per member (other tiles; dX summed in another order); per-member
+    scalings, ranks, a concatenated bias, dropout, 3-D x, NF4, an output left unused."""
     monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
     monkeypatch.setenv("LORA_OPS_GROUP_BWD", mode)
+    monkeypatch.setenv("LORA_OPS_GROUP_FWD", fwd)
     c = dict(case)
     dtype, k, sizes, ranks = c["dtype"], c["k"], c["sizes"], c["ranks"]
     g = torch.Generator().manual_seed(3)
@@ -428,10 +431,15 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode):
 
     got = leaves()
     torch.manual_seed(123)
-    ys = dry.launch_group_call(got[0], *wargs, rows, cols, got[1], got[2], list(c["scalings"]), got[3], c["p"], 0,
-                               True)
+    fwd_member = fwd == "members" and c["weight"] != "nf4-dq"
+    out = []
+    forwards = _fallback_phases(dry, lambda: out.append(dry.launch_group_call(
+        got[0], *wargs, rows, cols, got[1], got[2], list(c["scalings"]), got[3], c["p"], 0, True)))
+    ys = out[0]
+    assert forwards == [0] * (len(sizes) if fwd_member else 1)
     assert isinstance(ys, tuple) and len(ys) == len(sizes)
     assert all(y.grad_fn is not None and y.grad_fn.name().endswith("GroupFunction>") for y in ys)
+    assert all(y.is_contiguous() for y in ys) == fwd_member
     backwards = _fallback_phases(dry, lambda: backward(ys))
     per_member = mode == "members" and c["weight"] != "nf4-dq"
     assert backwards == [1] * (len(sizes) if per_member else 1)
@@ -448,14 +456,18 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode):
     ys_ref = y_ref.split(list(sizes), dim=-1)
     backward(ys_ref)
     for i, (y, y_r) in enumerate(zip(ys, ys_ref)):
-        assert y.shape == y_r.shape and torch.equal(y, y_r), f"y_{i}"
+        assert y.shape == y_r.shape, f"y_{i}"
+        if fwd_member:
+            assert_rel_close(y, y_r, dtype, f"y_{i}")
+        else:
+            assert torch.equal(y, y_r), f"y_{i}"
     names = ["dx"] + [f"dA_{i}" for i in range(len(sizes))] + [f"dB_{i}" for i in range(len(sizes))] + ["dbias"]
     for name, gg, gr in zip(names, grads(got), grads(want)):
         assert (gg is None) == (gr is None), name
         if gg is None:
             continue
         assert gg.shape == gr.shape, name
-        if per_member:  # the same sums in another order (per-member tiles, dX summed over the members)
+        if per_member or fwd_member:  # the same sums in another order (per-member tiles, dX summed)
             assert_rel_close(gg, gr, dtype, name)
         else:
             assert torch.equal(gg, gr), name
@@ -465,16 +477,23 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode):
 @pytest.mark.parametrize("sizes,k,per_member", [((64, 64), 64, True), ((48, 16, 16), 64, False),
                                                 ((160, 32, 32), 64, True), ((16, 16), 64, False)])
 def test_group_backward_rule(dry, monkeypatch, sizes, k, per_member):
-    """By default the group's backward runs per member exactly when summing the members' dX (3 (g - 1) M K
-    elements moved) costs less than concatenating their dY (2 M sum N_i): the MLP's gate/up, not GQA's q/k/v."""
+    """By default the group's forward and backward run per member exactly when summing the members' dX (3 (g - 1)
+    M K elements moved) costs less than concatenating their dY (2 M sum N_i): the MLP's gate/up, not GQA's q/k/v;
+    then the outputs are contiguous tensors, not views of one."""
     monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
     monkeypatch.delenv("LORA_OPS_GROUP_BWD", raising=False)
+    monkeypatch.delenv("LORA_OPS_GROUP_FWD", raising=False)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(8, k, generator=g).requires_grad_()
     w = torch.randn(sum(sizes), k, generator=g) / k ** 0.5
     As = [(torch.randn(4, k, generator=g) / k ** 0.5).requires_grad_() for _ in sizes]
     Bs = [torch.randn(n, 4, generator=g).requires_grad_() for n in sizes]
-    ys = dry.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [1.0] * len(sizes), None, 0.0, 0, True)
+    out = []
+    forwards = _fallback_phases(dry, lambda: out.append(dry.launch_group_call(
+        x, w, None, None, None, None, 0, 0, 0, As, Bs, [1.0] * len(sizes), None, 0.0, 0, True)))
+    ys = out[0]
+    assert len(forwards) == (len(sizes) if per_member else 1)
+    assert all(y.is_contiguous() for y in ys) == per_member
     backwards = _fallback_phases(dry, lambda: sum(y.sum() for y in ys).backward())
     assert len(backwards) == (len(sizes) if per_member else 1)
 
