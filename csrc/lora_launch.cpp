@@ -1438,8 +1438,12 @@ using torch::autograd::variable_list;
 // What a backward needs of its forward's call: x (flattened), the weight's tensors, A, B, S and the seed as saved
 // tensors (no dequantized W and no dropout mask survive between forward and backward: the backward regenerates
 // the mask from the seed), blocksize, scaling and p as saved data. x_sizes: x's shape before flattening.
-void save_call(AutogradContext* ctx, const Call& c, const at::Tensor& s, const at::Tensor& x) {
-  ctx->save_for_backward({c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.A, c.B, s, c.seed});
+// extra: further tensors to save after those ten (get_saved_variables()[10...]).
+void save_call(AutogradContext* ctx, const Call& c, const at::Tensor& s, const at::Tensor& x,
+               const std::vector<at::Tensor>& extra = {}) {
+  variable_list saved{c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.A, c.B, s, c.seed};
+  saved.insert(saved.end(), extra.begin(), extra.end());
+  ctx->save_for_backward(saved);
   ctx->saved_data["blocksize"] = c.blocksize;
   ctx->saved_data["scaling"] = c.scaling;
   ctx->saved_data["p"] = c.p;
@@ -1558,46 +1562,114 @@ py::object linear_entry(const at::Tensor& x, const at::Tensor& w, const std::opt
 
 // ------------------------------------------------------------------------------------------ grouped projections
 
-// What a group call prepared before its autograd Function (no autograd): the single op's call on the stacked
-// adapters, and each member's slice of it. Passed to GroupFunction::apply as one non-tensor argument.
+// What a group call prepared before its autograd Function (no autograd). Passed to GroupFunction::apply as one
+// non-tensor argument.
 struct GroupArgs {
-  Call c;                     // x 2-D, W_cat (sum N_i, K), A_cat (sum r_i, K), B_bd (sum N_i, sum r_i); checked
-  std::vector<int64_t> n, r;  // the members' out_features and ranks
-  std::vector<double> scale;  // empty: one scaling for every member (c.scaling); else s_i, with s_i * B_i in B_bd
+  // stacked: the single op's call on the stacked adapters, x 2-D, W_cat (sum N_i, K), A_cat (sum r_i, K),
+  // B_bd (sum N_i, sum r_i); checked. Otherwise the members' shared fields only (x, W_cat, the NF4 state, bias
+  // (sum N_i), p, seed), each member bringing its own A_i, B_i and s_i.
+  Call c;
+  std::vector<int64_t> n, r;     // the members' out_features and ranks
+  std::vector<double> scalings;  // s_i
+  bool one_scaling = true;       // every s_i equal: B_bd holds B_i and c.scaling = s; else s_i * B_i and 1
+  bool stacked = true;
 };
 
+// Per member, forward (env LORA_OPS_GROUP_FWD) or backward (LORA_OPS_GROUP_BWD), when summing the members' dX moves
+// fewer elements than concatenating their dY would (3 (g - 1) M K against 2 M sum N_i): the MLP's gate/up, not
+// q/k/v. Forward and backward follow one rule, so that the per-member outputs (contiguous) come back as the
+// per-member dY the per-member backward reads. A double-quantized absmax cannot be cut per member (its nested
+// blocks straddle them). The variable set to concat / members forces one way (for A/B measurements).
+bool members_way(bool nested, int64_t g, int64_t k, int64_t sum_n, const char* env) {
+  if (nested) return false;
+  const char* v = std::getenv(env);
+  if (v != nullptr && std::strcmp(v, "concat") == 0) return false;
+  if (v != nullptr && std::strcmp(v, "members") == 0) return true;
+  return 3 * (g - 1) * k < 2 * sum_n;
+}
+
+// Member i's call: its rows of W_cat (NF4: its byte and absmax ranges) and its part of the bias; as adapters either
+// its slices of the stacked A_cat / B_bd (As null) or its own A_i, B_i and s_i; S: its columns of c.s (when set)
+// or Ss[i]. x, seed, p, blocksize and the need_* flags are the group's.
+std::vector<Call> member_calls(const Call& c, const std::vector<int64_t>& n, const std::vector<int64_t>& r,
+                               const std::vector<at::Tensor>* As = nullptr, const std::vector<at::Tensor>* Bs = nullptr,
+                               const std::vector<double>* scalings = nullptr,
+                               const std::vector<at::Tensor>* Ss = nullptr) {
+  std::vector<Call> calls;
+  int64_t n0 = 0, r0 = 0, byte0 = 0, block0 = 0;
+  for (size_t i = 0; i < n.size(); ++i) {
+    Call ci = c;
+    if (c.absmax.defined()) {
+      // Every member but the last ends on a block boundary (grouped.py's eligibility), so its bytes and absmax
+      // are contiguous ranges of the stacked ones.
+      const int64_t nel = n[i] * c.x.size(1);
+      const int64_t blocks = cdiv(nel, c.blocksize);
+      ci.w = c.w.narrow(0, byte0, (nel + 1) / 2);
+      ci.absmax = c.absmax.narrow(0, block0, blocks);
+      byte0 += (nel + 1) / 2;
+      block0 += blocks;
+    } else {
+      ci.w = c.w.narrow(0, n0, n[i]);
+    }
+    if (As != nullptr) {
+      ci.A = (*As)[i];
+      ci.B = (*Bs)[i];
+      ci.scaling = (*scalings)[i];
+    } else {
+      ci.A = c.A.narrow(0, r0, r[i]);
+      ci.B = c.B.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
+    }
+    if (c.bias.defined()) ci.bias = c.bias.narrow(0, n0, n[i]);
+    if (Ss != nullptr) ci.s = (*Ss)[i];
+    else if (c.s.defined()) ci.s = c.s.narrow(1, r0, r[i]);
+    calls.push_back(ci);
+    n0 += n[i];
+    r0 += r[i];
+  }
+  return calls;
+}
+
 // lora_ops/grouped.py's group as one C++ autograd Function: members i = 1..g read one x and share one stacked base.
+// Forward, one of two ways (members_way decides):
 //   y_cat = lora_fwd(x, W_cat, A_cat, B_bd, scaling)   A_cat = cat(A_i)   B_bd = block_diag(c_i * B_i)
 //   y_i = y_cat[..., N_i] (views)          c_i = 1 and scaling = s when all s_i are equal, else c_i = s_i, scaling 1
-// or per member (members_way decides): y_i = lora_fwd on member i's slice of that call (member_calls), contiguous.
-// backward, one of two ways (members_way decides): on the concatenated dY = cat(dy_i) (zeros for an unused
-// output), one lora_bwd, dA_i = rows r_i of dA_cat and dB_i = c_i * dB_bd[N_i, r_i], the values autograd gives
-// through the Python group's cat / block_diag / split; or per member (backward_per_member), dX summed.
+// or y_i = lora_fwd(x, W_i, ...) per member (member_calls), each output a contiguous tensor of its own.
+// Backward, one of two ways (members_way decides): on the concatenated dY = cat(dy_i) (zeros for an unused output),
+// one lora_bwd, dA_i = rows r_i of dA_cat and dB_i = c_i * dB_bd[N_i, r_i], the values autograd gives through the
+// Python group's cat / block_diag / split; or per member (backward_per_member), dX summed.
+// When both run per member (args.stacked false), nothing is stacked: each member's call takes its own A_i, B_i and
+// s_i, the single layer's call on its rows of W_cat.
 // Variable inputs (edges): x 0, A_i 1 + i, B_i 1 + g + i, bias 1 + 2g; backward slots: x 0, A_i 1 + i,
-// B_i 1 + g + i, bias 1 + 2g, args 2 + 2g.
+// B_i 1 + g + i, bias 1 + 2g, args 2 + 2g. Saved: save_call's tensors, then (unstacked) A_i, B_i, S_i.
 struct GroupFunction : public torch::autograd::Function<GroupFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList As, at::TensorList Bs,
                                const std::optional<at::Tensor>& bias, const GroupArgs& args) {
-    (void)As;
-    (void)Bs;
-    (void)bias;  // the prepared call holds A_cat, B_bd and the bias: the lists are here for their autograd edges
+    (void)bias;  // the prepared call holds the (concatenated) bias: the argument is here for its autograd edge
     const Call& c = args.c;
     const int64_t g = static_cast<int64_t>(args.n.size());
     std::vector<int64_t> sizes = x.sizes().vec();
     variable_list out;
     at::Tensor s;
-    if (members_way(c, g, "LORA_OPS_GROUP_FWD")) {
+    std::vector<at::Tensor> own_a, own_b, own_s;
+    if (!args.stacked || members_way(c.nested_absmax.defined(), g, c.k, c.n, "LORA_OPS_GROUP_FWD")) {
       // Each member's own forward: y_i comes out as a contiguous (M, N_i) tensor, which the elementwise ops that
-      // read it (SiLU(gate) * up, RoPE) take on their vectorized kernels; S = cat(S_i) for the backward.
-      std::vector<at::Tensor> ss;
-      for (Call& ci : member_calls(c, args.n, args.r)) {
+      // read it (SiLU(gate) * up, RoPE) take on their vectorized kernels.
+      std::vector<Call> calls;
+      if (args.stacked) {
+        calls = member_calls(c, args.n, args.r);
+      } else {
+        own_a = As.vec();
+        own_b = Bs.vec();
+        calls = member_calls(c, args.n, args.r, &own_a, &own_b, &args.scalings);
+      }
+      for (Call& ci : calls) {
         check_call(ci, false);
         FwdOut o = forward_or_fallback(ci);
-        sizes.back() = ci.n;
+        sizes.back() = ci.B.size(0);
         out.push_back(x.dim() == 2 ? o.y : o.y.view(sizes));
-        ss.push_back(o.s);
+        own_s.push_back(o.s);
       }
-      s = at::cat(ss, 1);
+      if (args.stacked) s = at::cat(own_s, 1);  // S for the stacked backward
     } else {
       FwdOut o = forward_or_fallback(c);
       s = o.s;
@@ -1609,18 +1681,24 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
         off += ni;
       }
     }
-    save_call(ctx, c, s, x);
+    std::vector<at::Tensor> extra;  // unstacked: A_i, B_i, S_i
+    for (const auto* list : {&own_a, &own_b, &own_s})
+      if (!args.stacked) extra.insert(extra.end(), list->begin(), list->end());
+    save_call(ctx, c, s, x, extra);
     ctx->saved_data["n"] = args.n;
     ctx->saved_data["r"] = args.r;
-    ctx->saved_data["scale"] = args.scale;
+    ctx->saved_data["scalings"] = args.scalings;
+    ctx->saved_data["one_scaling"] = args.one_scaling;
+    ctx->saved_data["stacked"] = args.stacked;
     ctx->saved_data["has_bias"] = c.bias.defined();
     return out;
   }
-
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const std::vector<int64_t> n = ctx->saved_data["n"].toIntVector();
     const std::vector<int64_t> r = ctx->saved_data["r"].toIntVector();
-    const std::vector<double> scale = ctx->saved_data["scale"].toDoubleVector();
+    const std::vector<double> scalings = ctx->saved_data["scalings"].toDoubleVector();
+    const bool one_scaling = ctx->saved_data["one_scaling"].toBool();
+    const bool stacked = ctx->saved_data["stacked"].toBool();
     const std::vector<int64_t> x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     const int64_t g = static_cast<int64_t>(n.size());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -1639,8 +1717,15 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const at::Tensor& d = grads[i];
       dys.push_back(d.defined() ? d.reshape({m, n[i]}) : at::zeros({m, n[i]}, c.x.options()));
     }
-    if (members_way(c, g, "LORA_OPS_GROUP_BWD")) {
-      backward_per_member(ctx, c, dys, n, r, scale, out);
+    if (!stacked) {
+      // The members' own A_i, B_i, S_i (saved after save_call's ten); dB_i comes out scaled by s_i.
+      const variable_list saved = ctx->get_saved_variables();
+      const std::vector<at::Tensor> own_a(saved.begin() + 10, saved.begin() + 10 + g);
+      const std::vector<at::Tensor> own_b(saved.begin() + 10 + g, saved.begin() + 10 + 2 * g);
+      const std::vector<at::Tensor> own_s(saved.begin() + 10 + 2 * g, saved.begin() + 10 + 3 * g);
+      backward_per_member(ctx, member_calls(c, n, r, &own_a, &own_b, &scalings, &own_s), dys, {}, out);
+    } else if (members_way(c.nested_absmax.defined(), g, c.x.size(1), c.B.size(0), "LORA_OPS_GROUP_BWD")) {
+      backward_per_member(ctx, member_calls(c, n, r), dys, one_scaling ? std::vector<double>{} : scalings, out);
     } else {
       c.dy = at::cat(dys, 1);
       check_call(c, true);
@@ -1651,7 +1736,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
         if (ctx->needs_input_grad(1 + i)) out[1 + i] = o.dA.narrow(0, r0, r[i]);
         if (ctx->needs_input_grad(1 + g + i)) {
           at::Tensor db = o.dB.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
-          out[1 + g + i] = scale.empty() ? db : db * scale[i];
+          out[1 + g + i] = one_scaling ? db : db * scalings[i];
         }
         n0 += n[i];
         r0 += r[i];
@@ -1662,44 +1747,12 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     return out;
   }
 
-  // Member i's slice of the stacked call: its rows of W_cat (NF4: its byte and absmax ranges), its rows of A_cat,
-  // its block of B_bd, its part of the bias and (when c.s is set) its columns of S. x, seed, p, scaling, blocksize
-  // and the need_* flags are the group's.
-  static std::vector<Call> member_calls(const Call& c, const std::vector<int64_t>& n, const std::vector<int64_t>& r) {
-    std::vector<Call> calls;
-    int64_t n0 = 0, r0 = 0, byte0 = 0, block0 = 0;
-    for (size_t i = 0; i < n.size(); ++i) {
-      Call ci = c;
-      if (c.absmax.defined()) {
-        // Every member but the last ends on a block boundary (grouped.py's eligibility), so its bytes and absmax
-        // are contiguous ranges of the stacked ones.
-        const int64_t nel = n[i] * c.x.size(1);
-        const int64_t blocks = cdiv(nel, c.blocksize);
-        ci.w = c.w.narrow(0, byte0, (nel + 1) / 2);
-        ci.absmax = c.absmax.narrow(0, block0, blocks);
-        byte0 += (nel + 1) / 2;
-        block0 += blocks;
-      } else {
-        ci.w = c.w.narrow(0, n0, n[i]);
-      }
-      ci.A = c.A.narrow(0, r0, r[i]);
-      ci.B = c.B.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
-      if (c.bias.defined()) ci.bias = c.bias.narrow(0, n0, n[i]);
-      if (c.s.defined()) ci.s = c.s.narrow(1, r0, r[i]);
-      calls.push_back(ci);
-      n0 += n[i];
-      r0 += r[i];
-    }
-    return calls;
-  }
-
-  // One backward per member on its own dY (no concatenated dY), each on its slice of the stacked call (member_calls),
-  // with dX summed over the members: the single layer's backward g times, minus the forward.
-  static void backward_per_member(AutogradContext* ctx, const Call& c, const std::vector<at::Tensor>& dys,
-                                  const std::vector<int64_t>& n, const std::vector<int64_t>& r,
+  // One backward per member on its own dY (no concatenated dY), each on its call (member_calls), with dX summed
+  // over the members: the single layer's backward g times, minus the forward. scale: empty, or c_i to multiply
+  // each dB_i by (B_bd holding c_i * B_i).
+  static void backward_per_member(AutogradContext* ctx, std::vector<Call> calls, const std::vector<at::Tensor>& dys,
                                   const std::vector<double>& scale, variable_list& out) {
-    const int64_t g = static_cast<int64_t>(n.size());
-    std::vector<Call> calls = member_calls(c, n, r);
+    const int64_t g = static_cast<int64_t>(calls.size());
     std::vector<at::Tensor> dbias;
     for (int64_t i = 0; i < g; ++i) {
       Call& ci = calls[i];
@@ -1715,20 +1768,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
         if (ci.need_dbias) dbias.push_back(o.dbias);
       }
     }
-    if (c.need_dbias) out[1 + 2 * g] = at::cat(dbias, 0);
-  }
-
-  // Per member, forward (env LORA_OPS_GROUP_FWD) or backward (LORA_OPS_GROUP_BWD), when summing the members' dX
-  // moves fewer elements than concatenating their dY would (3 (g - 1) M K against 2 M sum N_i): the MLP's gate/up,
-  // not q/k/v. Forward and backward follow one rule so that the per-member outputs (contiguous) arrive back as
-  // the per-member dY the per-member backward reads. A double-quantized absmax cannot be cut per member (its nested
-  // blocks straddle them). The variable set to concat / members forces one way (for A/B measurements).
-  static bool members_way(const Call& c, int64_t g, const char* env) {
-    if (c.nested_absmax.defined()) return false;
-    const char* v = std::getenv(env);
-    if (v != nullptr && std::strcmp(v, "concat") == 0) return false;
-    if (v != nullptr && std::strcmp(v, "members") == 0) return true;
-    return 3 * (g - 1) * c.x.size(1) < 2 * c.B.size(0);
+    if (!dbias.empty()) out[1 + 2 * g] = at::cat(dbias, 0);
   }
 };
 
@@ -1764,22 +1804,32 @@ py::object group_call(const at::Tensor& x, const at::Tensor& w, const std::optio
   }
   const int64_t m = x.numel() / k;
   if (!grad && p == 0.0 && m >= 1 && m <= decode_max_m && r_sum <= 128) return py::none();
-  const bool one_scaling = std::all_of(scalings.begin(), scalings.end(), [&](double v) { return v == scalings[0]; });
+  args.scalings = scalings;
+  args.one_scaling = std::all_of(scalings.begin(), scalings.end(), [&](double v) { return v == scalings[0]; });
+  const int64_t sum_n = std::accumulate(args.n.begin(), args.n.end(), int64_t{0});
+  const bool nested = nested_absmax.has_value() && nested_absmax->defined();
+  args.stacked = !(members_way(nested, g, k, sum_n, "LORA_OPS_GROUP_FWD")
+                   && members_way(nested, g, k, sum_n, "LORA_OPS_GROUP_BWD"));
   at::Tensor a_cat, b_bd;
-  {
+  if (args.stacked) {
     at::NoGradGuard no_grad;  // GroupFunction's backward gives each member's A_i and B_i its gradient
     a_cat = at::cat(As, 0);
-    if (one_scaling) {
+    if (args.one_scaling) {
       b_bd = at::block_diag(Bs);
     } else {
       std::vector<at::Tensor> scaled;
       for (size_t i = 0; i < g; ++i) scaled.push_back(Bs[i] * scalings[i]);
       b_bd = at::block_diag(scaled);
-      args.scale = scalings;
     }
+  } else {
+    // Nothing stacked: the members bring their own adapters (member_calls). The group's call keeps A_1 and a
+    // (sum N_i, r_1) stand-in for B that allocates nothing, so that check_call checks x, W_cat, the NF4 state and
+    // the bias against sum N_i.
+    a_cat = As[0];
+    b_bd = at::empty({1, 1}, x.options()).expand({sum_n, As[0].size(0)});
   }
   args.c = make_call(x.dim() == 2 ? x : x.view({-1, k}), w, absmax, nested_absmax, nested_code, offset, blocksize,
-                     a_cat, b_bd, one_scaling ? scalings[0] : 1.0, bias, p, std::nullopt);
+                     a_cat, b_bd, args.one_scaling ? scalings[0] : 1.0, bias, p, std::nullopt);
   Call& c = args.c;
   if (!check_call(c, false)) return py::none();
   if (c.nf4 && (w_rows != c.n || w_cols != c.k)) return py::none();

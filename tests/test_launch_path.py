@@ -472,6 +472,22 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fw
         else:
             assert torch.equal(gg, gr), name
     assert (grads(got)[0] is None) == (not c["x_grad"])
+    if per_member and fwd_member and c["weight"] == "dense":
+        # Nothing stacked: each member is the single layer on its rows of W, its own A_i, B_i and s_i, so its
+        # output, dA_i and dB_i equal that layer's bit for bit.
+        n0 = 0
+        for i, (ni, s_i) in enumerate(zip(sizes, c["scalings"])):
+            xi, ai, bi = (x.clone().requires_grad_(c["x_grad"]), As[i].clone().requires_grad_(c.get("a_grad", True)),
+                          Bs[i].clone().requires_grad_(True))
+            torch.manual_seed(123)
+            yi = lora_ops.lora_linear(xi, w[n0:n0 + ni], ai, bi, s_i,
+                                      bias=None if bias is None else bias[n0:n0 + ni], dropout_p=c["p"], training=True)
+            assert torch.equal(yi, ys[i].detach()), f"y_{i} against the single layer"
+            if i in c["use"]:
+                yi.backward(dys[i])
+                for name, gg, gr in ((f"dA_{i}", got[1][i].grad, ai.grad), (f"dB_{i}", got[2][i].grad, bi.grad)):
+                    assert (gg is None) == (gr is None) and (gg is None or torch.equal(gg, gr)), name
+            n0 += ni
 
 
 @pytest.mark.parametrize("sizes,k,per_member", [((64, 64), 64, True), ((48, 16, 16), 64, False),
