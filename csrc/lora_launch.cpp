@@ -1450,9 +1450,11 @@ void save_call(AutogradContext* ctx, const Call& c, const at::Tensor& s, const a
   ctx->saved_data["x_sizes"] = x.sizes().vec();
 }
 
-// The call save_call kept, for the backward (dy and the need_* flags still to be set).
-Call saved_call(AutogradContext* ctx) {
+// The call save_call kept, for the backward (dy and the need_* flags still to be set); extra (optional) receives
+// save_call's extra tensors. The saved tensors are unpacked once: non-reentrant checkpointing allows no second time.
+Call saved_call(AutogradContext* ctx, std::vector<at::Tensor>* extra = nullptr) {
   const auto saved = ctx->get_saved_variables();
+  if (extra != nullptr) extra->assign(saved.begin() + 10, saved.end());
   Call c;
   c.x = saved[0];
   c.w = saved[1];
@@ -1702,7 +1704,8 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     const std::vector<int64_t> x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     const int64_t g = static_cast<int64_t>(n.size());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    Call c = saved_call(ctx);
+    std::vector<at::Tensor> extra;
+    Call c = saved_call(ctx, &extra);
     c.need_dx = ctx->needs_input_grad(0);
     for (int64_t i = 0; i < g; ++i) {
       c.need_dA = c.need_dA || ctx->needs_input_grad(1 + i);
@@ -1718,11 +1721,10 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       dys.push_back(d.defined() ? d.reshape({m, n[i]}) : at::zeros({m, n[i]}, c.x.options()));
     }
     if (!stacked) {
-      // The members' own A_i, B_i, S_i (saved after save_call's ten); dB_i comes out scaled by s_i.
-      const variable_list saved = ctx->get_saved_variables();
-      const std::vector<at::Tensor> own_a(saved.begin() + 10, saved.begin() + 10 + g);
-      const std::vector<at::Tensor> own_b(saved.begin() + 10 + g, saved.begin() + 10 + 2 * g);
-      const std::vector<at::Tensor> own_s(saved.begin() + 10 + 2 * g, saved.begin() + 10 + 3 * g);
+      // The members' own A_i, B_i, S_i (save_call's extra tensors); dB_i comes out scaled by s_i.
+      const std::vector<at::Tensor> own_a(extra.begin(), extra.begin() + g);
+      const std::vector<at::Tensor> own_b(extra.begin() + g, extra.begin() + 2 * g);
+      const std::vector<at::Tensor> own_s(extra.begin() + 2 * g, extra.begin() + 3 * g);
       backward_per_member(ctx, member_calls(c, n, r, &own_a, &own_b, &scalings, &own_s), dys, {}, out);
     } else if (members_way(c.nested_absmax.defined(), g, c.x.size(1), c.B.size(0), "LORA_OPS_GROUP_BWD")) {
       backward_per_member(ctx, member_calls(c, n, r), dys, one_scaling ? std::vector<double>{} : scalings, out);
