@@ -24,6 +24,11 @@ Per provider, in one process and on the same token ids:
    (to the embeddings' output), with checkpointing when the case has it: the least a step of this model can
    cost. The report adds the ratios to peft_bnb of the same run (the case's ``reference``) from the values.
 
+5. where a grouped provider and its ungrouped twin (``report.MODEL_GROUPED``) both ran, the two models again,
+   built side by side: each warmed up, then ``steps`` rounds of one timed step of each, the order alternating by
+   round, so that drift of the host or the clocks falls on both; a row ``grouping_ratio`` (mode ``paired``, on
+   the grouped provider): the median over the rounds of grouped step ÷ twin step, p20 / p80 of those ratios.
+
 Everything a provider holds is dropped and the allocator emptied before the next one is built. A provider that
 fails (OOM, missing package, bitsandbytes without its CUDA build) is recorded as ``skipped`` with the reason. A
 grouped provider whose groups did not form after the build, or turned themselves off during the steps
@@ -400,6 +405,43 @@ def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, id
     return rows.rows
 
 
+def _measure_pair(run: Run, case: ModelCase, grouped: str, twin: str, builders: Dict[str, ModelBuilder],
+                  ids: torch.Tensor) -> List[Dict]:
+    """Step 5 of the module docstring: grouped ÷ twin from interleaved steps of both models, side by side."""
+    dev = run.dev
+    steps, models = {}, {}
+    for provider in (twin, grouped):
+        model, _ = builders[provider](case, dev.device, run.settings.seed)
+        check_model(case, model, provider)
+        steps[provider], _, _ = training_step(model, ids, case)
+        models[provider] = model
+        for _ in range(case.warmup_steps):
+            steps[provider]()
+    dev.sync()
+    times: Dict[str, List[float]] = {twin: [], grouped: []}
+    for i in range(case.steps):
+        for provider in ((twin, grouped) if i % 2 == 0 else (grouped, twin)):
+            t0 = time.perf_counter()
+            steps[provider]()
+            dev.sync()
+            times[provider].append((time.perf_counter() - t0) * 1e3)
+    check_groups(case, models[grouped], grouped, "during the paired steps")
+    p50, p20, p80 = quantiles([g / t for g, t in zip(times[grouped], times[twin])])
+    config = dict(case.config(), mode="paired", twin=twin, timer="time.perf_counter + synchronize per step",
+                  rounds=case.steps, order="twin first in even rounds, grouped first in odd rounds", cuda_graphs=False)
+    rows = Rows(run, case, grouped, "paired", config)
+    rows.add("grouping_ratio", p50, "x", p20, p80,
+             note=f"median over {case.steps} interleaved rounds of ({grouped} step ÷ {twin} step), both models "
+                  f"built side by side, {case.warmup_steps} warm-up steps each")
+    return rows.rows
+
+
+def _pairs(case: ModelCase, rows: List[Dict]) -> List[Tuple[str, str]]:
+    """The (grouped, twin) pairs of report.MODEL_GROUPED whose providers both ran this case (a time_ms row, ok)."""
+    ran = {r["provider"] for r in rows if r["case"] == case.name and r["metric"] == "time_ms" and r["status"] == "ok"}
+    return [(g, t) for g, t in report.MODEL_GROUPED if g in ran and t in ran]
+
+
 def run_model_case(run: Run, case: ModelCase, builders: Optional[Dict[str, ModelBuilder]] = None) -> List[Dict]:
     """Every provider of ``case`` (same token ids, same base weights); ``ratio_to_floor`` to the case's floor (the
     frozen base) of this run."""
@@ -429,6 +471,16 @@ def run_model_case(run: Run, case: ModelCase, builders: Optional[Dict[str, Model
                 run.dev.free()
         if run.progress:
             run.progress.step(label, len(modes))
+    for grouped, twin in _pairs(case, rows):
+        if run.deadline is not None and time.monotonic() > run.deadline:
+            rows += _skip_rows(run, case, grouped, ("paired",), "time budget reached before the paired steps")
+            continue
+        try:
+            rows += _measure_pair(run, case, grouped, twin, builders, ids)
+        except Exception as e:  # noqa: BLE001 - OOM with two models alive, ...: recorded, the rest stands
+            rows += _skip_rows(run, case, grouped, ("paired",), _reason(e))
+        finally:
+            run.dev.free()
     del ids
     run.dev.free()
     return report.add_ratios(rows, case.floor)

@@ -457,7 +457,12 @@ def model_grouping_lines(rows: Sequence[Dict]) -> List[str]:
                 parts.append(f"{grouped} not compared ({twin} not measured in the same run)")
                 continue
             mem = model_ratio(providers, grouped, "peak_extra_mib", twin)
-            parts.append(f"{grouped} {_x(rt)} {twin}'s" + ("" if math.isnan(mem) else f", peak memory {_x(mem)}"))
+            part = f"{grouped} {_x(rt)} {twin}'s" + ("" if math.isnan(mem) else f", peak memory {_x(mem)}")
+            paired = providers.get(grouped, {}).get("paired", {}).get("grouping_ratio")
+            if paired is not None and paired["status"] == "ok":
+                part += (f", interleaved steps {_x(paired['value'])} [{_x(paired['p20'])}, "
+                         f"{_x(paired['p80'])}]")
+            parts.append(part)
         if parts:
             out.append(f"Grouping ({case}): step with group_projections=True ÷ without, same run (< 1: grouping is "
                        "faster): " + "; ".join(parts) + ".")

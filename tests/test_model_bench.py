@@ -112,7 +112,8 @@ def test_cpu_model_preset_rows(cpu_run):
         assert cfg["layers"] == 2 and "layers=2" in r["shape"] and "L2" in r["case"]
         assert f"checkpointing={'on' if cfg['checkpointing'] else 'off'}" in r["shape"]
         assert r["case"].endswith(" ckpt" if cfg["checkpointing"] else " no-ckpt")
-        assert r["preset"] == "model" and r["mode"] == "step"
+        assert r["preset"] == "model" and r["mode"] in ("step", "paired")
+        assert r["mode"] == "step" or (r["provider"] in dict(GROUPED) and r["metric"] == "grouping_ratio")
 
 
 def test_checkpointing_keeps_the_training_steps(cpu_run):
@@ -142,6 +143,55 @@ def test_grouped_providers_rows_and_losses(cpu_run):
             for metric in ("loss_first", "loss_last", "trainable_params"):
                 assert by[(grouped, metric)]["value"] == pytest.approx(by[(twin, metric)]["value"], rel=1e-6,
                                                                        abs=0), (grouped, metric)
+
+
+def test_paired_grouping_ratio_rows(cpu_run):
+    """Where a grouped provider and its twin both ran, the two models were timed again side by side in
+    alternating order: one grouping_ratio row (mode paired) per grouped provider and case, the median of the
+    per-round ratios between its p20 and p80, its config naming the twin and the rounds; the grouping line of the
+    report shows it beside the ratio of the two separately timed medians."""
+    cases, rows = cpu_run
+    for case in cases:
+        paired = [r for r in rows if r["case"] == case.name and r["mode"] == "paired"]
+        assert sorted(r["provider"] for r in paired) == sorted(g for g, _ in GROUPED)
+        for r in paired:
+            assert r["status"] == "ok" and r["metric"] == "grouping_ratio" and r["unit"] == "x"
+            assert 0 < r["p20"] <= r["value"] <= r["p80"] and math.isnan(r["ratio_to_floor"])
+            cfg = json.loads(r["config"])
+            assert cfg["twin"] == dict(GROUPED)[r["provider"]] and cfg["rounds"] == case.steps
+    lines = report.model_grouping_lines(rows)
+    assert lines and all("interleaved steps" in line for line in lines), lines
+
+
+def test_paired_steps_need_both_providers_and_record_failures(monkeypatch):
+    """No paired steps where the twin did not run; paired steps that fail (e.g. out of memory with both models
+    alive) leave a skipped row of mode paired with the reason, and the providers' own rows stand."""
+    (case,) = select_cases(["model"], cpu=True, providers=["fused", "fused_grouped"],
+                           model_options=dict(layers=1, seq=4, steps=2, batch=1, checkpointing=False))
+    monkeypatch.setattr(model, "bnb_unavailable", lambda device: "bitsandbytes: not here (test)")
+    real = model.BUILDERS["fused_grouped"]
+    calls = []
+
+    def second_build_fails(case, device, seed=0):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(case, device, seed)
+
+    monkeypatch.setitem(model.BUILDERS, "fused_grouped", second_build_fails)
+    rows, _ = harness.run_cases([case], harness.Settings(**FAST), progress=False)
+    paired = [r for r in rows if r["mode"] == "paired"]
+    assert [(r["provider"], r["status"]) for r in paired] == [("fused_grouped", "skipped")]
+    assert "OutOfMemoryError" in paired[0]["note"]
+    assert _by(rows)[("fused_grouped", "time_ms")]["status"] == "ok"
+
+    def oom(case, device, seed=0):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setitem(model.BUILDERS, "fused", oom)
+    monkeypatch.setitem(model.BUILDERS, "fused_grouped", real)
+    rows, _ = harness.run_cases([case], harness.Settings(**FAST), progress=False)
+    assert not [r for r in rows if r["mode"] == "paired"]  # the twin did not run: no pair
 
 
 @pytest.mark.parametrize("grouped, twin", GROUPED)
@@ -342,7 +392,8 @@ def test_model_report_and_plot(cpu_run, tmp_path):
         assert f"| {name} | floor |" in tail and f"| {name} | fused_qlora |" in tail
     for name, _, _ in CPU_CASES:  # one grouping line per case: both grouped providers against their twins
         line = next(l for l in tail.splitlines() if l.startswith(f"Grouping ({name}): "))
-        assert "fused_qlora_grouped " in line and " fused_qlora's; fused_grouped " in line and " fused's." in line
+        assert "fused_qlora_grouped " in line and " fused_qlora's, interleaved steps " in line, line
+        assert "; fused_grouped " in line and " fused's, interleaved steps " in line, line
         assert "peak memory" not in line  # not measured on the CPU
         assert f"| {name} | fused_qlora_grouped |" in tail and f"| {name} | fused_grouped |" in tail
     assert "| case | provider | ms p50 |" not in tail  # no layer table when only the model preset ran
