@@ -580,9 +580,11 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "gradient checkpointing, 1x2048 without (--batch, --checkpointing on|off pick among them); 3 warm-up + "
            "10 timed steps per provider; floor (frozen base), peft_bnb, fused_qlora, fused_qlora_grouped, peft, fused, "
            "fused_grouped, full_ft (skipped when it does not fit; *_grouped = group_projections=True, skipped when "
-           "the groups do not form); tokens/s, step ms, peak memory, ratios to the floor and to peft_bnb",
-           "a guess, not measured: about 4-6 min for the three cases at 16 layers, first-call Triton autotuning "
-           "included; run it alone in a 10-minute command with --budget-s 420", _model, MODEL_OPTIONS),
+           "the groups do not form); tokens/s, step ms, peak memory, ratios to the floor and to peft_bnb; then each "
+           "*_grouped against its twin in interleaved steps, both models alive (grouping_ratio)",
+           "a guess, not measured: about 5-8 min for the three cases at 16 layers, first-call Triton autotuning "
+           "and the interleaved pairs included; run it alone in a 10-minute command with --budget-s 420", _model,
+           MODEL_OPTIONS),
 )}
 
 
