@@ -347,6 +347,14 @@ def training_step(model: torch.nn.Module, ids: torch.Tensor, case: ModelCase):
     return step, opt, sum(p.numel() for p in params)
 
 
+def _timed(step: Callable[[], torch.Tensor], dev) -> Tuple[float, torch.Tensor]:
+    """(ms, loss) of one training step, wall-clock up to the device synchronize after it (host time included)."""
+    t0 = time.perf_counter()
+    loss = step()
+    dev.sync()
+    return (time.perf_counter() - t0) * 1e3, loss
+
+
 def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, ids: torch.Tensor) -> List[Dict]:
     """Build, warm up, time; every tensor this provider made dies with this frame."""
     dev = run.dev
@@ -366,10 +374,8 @@ def _measure(run: Run, case: ModelCase, provider: str, builder: ModelBuilder, id
     samples = []
     last = None
     for _ in range(case.steps):
-        t0 = time.perf_counter()
-        last = step()
-        dev.sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
+        ms, last = _timed(step, dev)
+        samples.append(ms)
     peak = torch.cuda.max_memory_allocated(dev.device) - baseline if dev.cuda else None
     if provider in GROUPED:
         check_groups(case, model, provider, "during the steps")
@@ -421,10 +427,7 @@ def _measure_pair(run: Run, case: ModelCase, grouped: str, twin: str, builders: 
     times: Dict[str, List[float]] = {twin: [], grouped: []}
     for i in range(case.steps):
         for provider in ((twin, grouped) if i % 2 == 0 else (grouped, twin)):
-            t0 = time.perf_counter()
-            steps[provider]()
-            dev.sync()
-            times[provider].append((time.perf_counter() - t0) * 1e3)
+            times[provider].append(_timed(steps[provider], dev)[0])
     check_groups(case, models[grouped], grouped, "during the paired steps")
     p50, p20, p80 = quantiles([g / t for g, t in zip(times[grouped], times[twin])])
     config = dict(case.config(), mode="paired", twin=twin, timer="time.perf_counter + synchronize per step",

@@ -1574,7 +1574,8 @@ struct GroupArgs {
   std::vector<int64_t> n, r;     // the members' out_features and ranks
   std::vector<double> scalings;  // s_i
   bool one_scaling = true;       // every s_i equal: B_bd holds B_i and c.scaling = s; else s_i * B_i and 1
-  bool stacked = true;
+  bool fwd_members = false, bwd_members = false;  // members_way of each direction, decided once per call
+  bool stacked() const { return !(fwd_members && bwd_members); }
 };
 
 // Per member, forward (env LORA_OPS_GROUP_FWD) or backward (LORA_OPS_GROUP_BWD), when summing the members' dX moves
@@ -1639,7 +1640,7 @@ std::vector<Call> member_calls(const Call& c, const std::vector<int64_t>& n, con
 // Backward, one of two ways (members_way decides): on the concatenated dY = cat(dy_i) (zeros for an unused output),
 // one lora_bwd, dA_i = rows r_i of dA_cat and dB_i = c_i * dB_bd[N_i, r_i], the values autograd gives through the
 // Python group's cat / block_diag / split; or per member (backward_per_member), dX summed.
-// When both run per member (args.stacked false), nothing is stacked: each member's call takes its own A_i, B_i and
+// When both run per member (args.stacked() false), nothing is stacked: each member's call takes its own A_i, B_i and
 // s_i, the single layer's call on its rows of W_cat.
 // Variable inputs (edges): x 0, A_i 1 + i, B_i 1 + g + i, bias 1 + 2g; backward slots: x 0, A_i 1 + i,
 // B_i 1 + g + i, bias 1 + 2g, args 2 + 2g. Saved: save_call's tensors, then (unstacked) A_i, B_i, S_i.
@@ -1648,16 +1649,15 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
                                const std::optional<at::Tensor>& bias, const GroupArgs& args) {
     (void)bias;  // the prepared call holds the (concatenated) bias: the argument is here for its autograd edge
     const Call& c = args.c;
-    const int64_t g = static_cast<int64_t>(args.n.size());
     std::vector<int64_t> sizes = x.sizes().vec();
     variable_list out;
     at::Tensor s;
     std::vector<at::Tensor> own_a, own_b, own_s;
-    if (!args.stacked || members_way(c.nested_absmax.defined(), g, c.k, c.n, "LORA_OPS_GROUP_FWD")) {
+    if (args.fwd_members) {
       // Each member's own forward: y_i comes out as a contiguous (M, N_i) tensor, which the elementwise ops that
       // read it (SiLU(gate) * up, RoPE) take on their vectorized kernels.
       std::vector<Call> calls;
-      if (args.stacked) {
+      if (args.stacked()) {
         calls = member_calls(c, args.n, args.r);
       } else {
         own_a = As.vec();
@@ -1671,7 +1671,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
         out.push_back(x.dim() == 2 ? o.y : o.y.view(sizes));
         own_s.push_back(o.s);
       }
-      if (args.stacked) s = at::cat(own_s, 1);  // S for the stacked backward
+      if (args.stacked()) s = at::cat(own_s, 1);  // S for the stacked backward
     } else {
       FwdOut o = forward_or_fallback(c);
       s = o.s;
@@ -1685,13 +1685,14 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     }
     std::vector<at::Tensor> extra;  // unstacked: A_i, B_i, S_i
     for (const auto* list : {&own_a, &own_b, &own_s})
-      if (!args.stacked) extra.insert(extra.end(), list->begin(), list->end());
+      if (!args.stacked()) extra.insert(extra.end(), list->begin(), list->end());
     save_call(ctx, c, s, x, extra);
     ctx->saved_data["n"] = args.n;
     ctx->saved_data["r"] = args.r;
     ctx->saved_data["scalings"] = args.scalings;
     ctx->saved_data["one_scaling"] = args.one_scaling;
-    ctx->saved_data["stacked"] = args.stacked;
+    ctx->saved_data["stacked"] = args.stacked();
+    ctx->saved_data["bwd_members"] = args.bwd_members;
     ctx->saved_data["has_bias"] = c.bias.defined();
     return out;
   }
@@ -1701,6 +1702,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     const std::vector<double> scalings = ctx->saved_data["scalings"].toDoubleVector();
     const bool one_scaling = ctx->saved_data["one_scaling"].toBool();
     const bool stacked = ctx->saved_data["stacked"].toBool();
+    const bool bwd_members = ctx->saved_data["bwd_members"].toBool();
     const std::vector<int64_t> x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     const int64_t g = static_cast<int64_t>(n.size());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -1726,7 +1728,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const std::vector<at::Tensor> own_b(extra.begin() + g, extra.begin() + 2 * g);
       const std::vector<at::Tensor> own_s(extra.begin() + 2 * g, extra.begin() + 3 * g);
       backward_per_member(ctx, member_calls(c, n, r, &own_a, &own_b, &scalings, &own_s), dys, {}, out);
-    } else if (members_way(c.nested_absmax.defined(), g, c.x.size(1), c.B.size(0), "LORA_OPS_GROUP_BWD")) {
+    } else if (bwd_members) {
       backward_per_member(ctx, member_calls(c, n, r), dys, one_scaling ? std::vector<double>{} : scalings, out);
     } else {
       c.dy = at::cat(dys, 1);
@@ -1810,10 +1812,10 @@ py::object group_call(const at::Tensor& x, const at::Tensor& w, const std::optio
   args.one_scaling = std::all_of(scalings.begin(), scalings.end(), [&](double v) { return v == scalings[0]; });
   const int64_t sum_n = std::accumulate(args.n.begin(), args.n.end(), int64_t{0});
   const bool nested = nested_absmax.has_value() && nested_absmax->defined();
-  args.stacked = !(members_way(nested, g, k, sum_n, "LORA_OPS_GROUP_FWD")
-                   && members_way(nested, g, k, sum_n, "LORA_OPS_GROUP_BWD"));
+  args.fwd_members = members_way(nested, g, k, sum_n, "LORA_OPS_GROUP_FWD");
+  args.bwd_members = members_way(nested, g, k, sum_n, "LORA_OPS_GROUP_BWD");
   at::Tensor a_cat, b_bd;
-  if (args.stacked) {
+  if (args.stacked()) {
     at::NoGradGuard no_grad;  // GroupFunction's backward gives each member's A_i and B_i its gradient
     a_cat = at::cat(As, 0);
     if (args.one_scaling) {

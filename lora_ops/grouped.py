@@ -13,10 +13,11 @@ In a transformer block q/k/v read the same hidden states, and so do the MLP's ga
 * ``A_cat`` (sum r_i, K): the members' lora_A stacked; ``B_bd`` (sum N_i, sum r_i): block diagonal with member
   i's block s_i * B_i (or B_i with ``scaling`` = s when every member has the same scaling), built from the
   members' Parameters in every call, so autograd hands each member's lora_A / lora_B its own gradient.
-* In eager mode on CUDA the group is one C++ autograd Function (csrc/lora_launch.cpp ``GroupFunction``): the
-  same stacking and the single layer's launch lists (one base GEMM over the concatenated N, one S pass over the
-  stacked A), the outputs as views, and a backward either on the concatenated dY or per member (docs/GROUPED.md
-  says which); elsewhere (CPU, torch.compile, the reference backend) the ``lora_linear`` call above.
+* In eager mode on CUDA the group is one C++ autograd Function (csrc/lora_launch.cpp ``GroupFunction``), whose
+  forward and backward each run either on the stacked call above (one base GEMM over the concatenated N, the
+  outputs as views; q/k/v) or per member, each member's single-layer launches on its rows of the base (the
+  outputs contiguous; gate/up), docs/GROUPED.md says when; elsewhere (CPU, torch.compile, the reference backend)
+  the ``lora_linear`` call above.
 
 Installation does not touch the model's forward code: each member's ``forward`` asks its group, and the first
 member called with an input computes every member's output for it and keeps the siblings' outputs until they
