@@ -79,6 +79,7 @@ struct Settings {
   int64_t max_inner_splits = 16;        // _MAX_INNER_SPLITS
   int64_t split_max_m = 1024;           // _SPLIT_MAX_M
   int64_t split_sum_max_m = 2048;       // _SPLIT_SUM_MAX_M
+  int64_t ds_splits = 4;                // _DS_SPLITS
   int64_t atomic_db_max_m = int64_t{1} << 40;  // _ATOMIC_DB_MAX_M
   int64_t nf4_chunk_bytes = 32 << 20;   // NF4_CHUNK_BYTES
   int64_t nf4_chunk_min_m = 4096;       // NF4_CHUNK_MIN_M
@@ -704,6 +705,19 @@ Slices slices_of(const Call& c, int64_t cols, int64_t r_chunks, bool gemm_sums) 
   return {1, cols, false};
 }
 
+// lora.py _ds_slices: the dS pass's slices; above split_sum_max_m rows, where the dX GEMM cannot sum slices, ds_splits
+// slices of N (whole split units), summed by one reduction.
+Slices ds_slices_of(const Call& c, int64_t n, int64_t r_chunks, bool gemm_sums) {
+  if (c.m <= g_settings.split_sum_max_m || gemm_sums || g_settings.ds_splits == 1)
+    return slices_of(c, n, r_chunks, gemm_sums);
+  const int64_t unit = c.x.is_cuda() ? g_settings.split_unit : g_settings.split_unit_interp;
+  const int64_t want = std::max<int64_t>(1, std::min(g_settings.ds_splits, n / unit));
+  if (want == 1) return {1, n, false};
+  const int64_t per = cdiv(cdiv(n, want), unit) * unit;
+  const int64_t splits = cdiv(n, per);
+  return {splits, per, splits > 1};
+}
+
 // ------------------------------------------------------------------------------------------------- forward
 
 struct FwdOut {
@@ -800,7 +814,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   // dS in N slices: fp32 partials the one dX pointer GEMM sums (it stores dS rounded for the dA kernel), or see
   // slices_of.
   const bool dx_sums = c.need_dx && c.k > 0 && !tma_dx && w.chunks.empty();
-  const auto [splits_ds, cols_ds, ds_summed] = slices_of(c, c.n, r_chunks, dx_sums);
+  const auto [splits_ds, cols_ds, ds_summed] = ds_slices_of(c, c.n, r_chunks, dx_sums);
   at::Tensor ds, ds_part;
   if (need_ds) {
     ds = at::empty({c.m, c.r}, opts);
@@ -1361,6 +1375,7 @@ void configure(const py::dict& s) {
   get("max_inner_splits", g_settings.max_inner_splits);
   get("split_max_m", g_settings.split_max_m);
   get("split_sum_max_m", g_settings.split_sum_max_m);
+  get("ds_splits", g_settings.ds_splits);
   get("atomic_db_max_m", g_settings.atomic_db_max_m);
   get("nf4_chunk_bytes", g_settings.nf4_chunk_bytes);
   get("nf4_chunk_min_m", g_settings.nf4_chunk_min_m);

@@ -57,7 +57,7 @@ def _settings() -> dict:
                 tma_min_mnk=L._TMA_MIN_MNK, tma_small_m=L._TMA_CONFIGS[0][0], nested_blocksize=_nf4.NESTED_BLOCKSIZE,
                 dq_bytes_per_program=DQ.BYTES_PER_PROGRAM, split_unit=L._SPLIT_UNIT,
                 split_unit_interp=L._SPLIT_UNIT_INTERP, max_inner_splits=L._MAX_INNER_SPLITS, split_max_m=L._SPLIT_MAX_M,
-                split_sum_max_m=L._SPLIT_SUM_MAX_M,
+                split_sum_max_m=L._SPLIT_SUM_MAX_M, ds_splits=L._DS_SPLITS,
                 atomic_db_max_m=L._ATOMIC_DB_MAX_M,
                 nf4_chunk_bytes=L.NF4_CHUNK_BYTES, nf4_chunk_min_m=L.NF4_CHUNK_MIN_M,
                 dequant_on_cpu=int(L._DEQUANT_ON_CPU),

@@ -98,14 +98,17 @@ def test_nf4_chunks_equal_the_whole_temporary(monkeypatch, weight, p):
     """Past NF4_CHUNK_BYTES the weight is dequantized in chunks (3 row ranges for the forward, 4 column windows
     for dX here): the same tiles over the same K-loops, so y, dx and dA equal the whole temporary's bit for bit,
     from the Python launchers and from the C++ path alike. M is above _SPLIT_MAX_M and _SPLIT_SUM_MAX_M: both
-    take S and dS in one slice there; at smaller M the whole weight's GEMM sums fp32 slices itself while a chunked
-    weight's slices are summed and rounded first, which rounds differently."""
+    take S and dS in one slice there (with _DS_SPLITS = 1: by default the chunked weight's dS runs in slices summed
+    before the dX GEMMs, the whole weight's pointer GEMM in one); at smaller M the whole weight's GEMM sums fp32
+    slices itself while a chunked weight's slices are summed and rounded first, which rounds differently."""
     from lora_ops.triton_kernels import lora as L
     from lora_ops.triton_kernels import records
     inp = _inputs(max(L._SPLIT_MAX_M, L._SPLIT_SUM_MAX_M) + 128, 1024, 768, 16, BF16, weight, True)
-    whole = _run(inp, p)
     mod = _launch.module()
     try:
+        monkeypatch.setattr(L, "_DS_SPLITS", 1)
+        _launch._sync_settings(mod)
+        whole = _run(inp, p)
         monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 512 * 1024)
         monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
         _launch._sync_settings(mod)

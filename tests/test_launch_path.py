@@ -197,6 +197,34 @@ def test_split_sum_before_a_one_slice_gemm(dry, monkeypatch, weight):
         _launch._sync_settings(dry)
 
 
+@pytest.mark.parametrize("ds_splits", [4, 1])
+def test_ds_slices_above_the_split_sum_bound(dry, monkeypatch, ds_splits):
+    """Above _SPLIT_SUM_MAX_M rows, before the TMA dX GEMM (which takes dS in one slice), the dS pass still runs in
+    _DS_SPLITS slices of N, summed by one reduction; S keeps one slice. The C++ launch lists equal Python's."""
+    try:
+        monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 32)
+        monkeypatch.setattr(L, "_DS_SPLITS", ds_splits)
+        monkeypatch.setenv("LORA_OPS_TMA", "1")
+        _launch._sync_settings(dry)
+        fwd, dy = _inputs(m=70, k=256, n=136, r=8, dtype=torch.float16, weight="dense")
+        y, s = _check(dry, 0, fwd)
+        x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+        bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
+        dx, da, db, dbias = _check(dry, 1, bargs)
+        assert "lora_gemm_tma" in [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+        with L.recording() as records:
+            L.lora_forward(*fwd)
+            L.lora_backward(*bargs)
+        grids = {r.name: r.grid for r in records}
+        # 136 columns in units of 64 (the interpreter's): two slices of 128 and 8 columns.
+        assert grids["lora_s"][2] == 1 and grids["lora_bwd_ds"][2] == (2 if ds_splits > 1 else 1), grids
+        ds = (dy.float() @ b.float()) * scaling
+        torch.testing.assert_close(da.float(), ds.t() @ x.float(), rtol=2e-2, atol=2e-2)
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+
+
 def test_nf4_chunks_only_from_the_chunk_min_m(dry, monkeypatch):
     """Below NF4_CHUNK_MIN_M rows the NF4 temporary is made whole even past NF4_CHUNK_BYTES, in the C++ path as in
     the Python launchers; from it, in chunks."""

@@ -734,7 +734,7 @@ def test_nf4_temporary_path_matches_reference(monkeypatch):
 
 _SETTINGS = {"LORA_OPS_NF4_CHUNK_MIB": "NF4_CHUNK_BYTES >> 20", "LORA_OPS_SPLIT_MAX_M": "_SPLIT_MAX_M",
              "LORA_OPS_SPLIT_SUM_MAX_M": "_SPLIT_SUM_MAX_M", "LORA_OPS_ATOMIC_DB_MAX_M": "_ATOMIC_DB_MAX_M",
-             "LORA_OPS_NF4_CHUNK_MIN_M": "NF4_CHUNK_MIN_M"}
+             "LORA_OPS_NF4_CHUNK_MIN_M": "NF4_CHUNK_MIN_M", "LORA_OPS_DS_SPLITS": "_DS_SPLITS"}
 
 
 @pytest.mark.parametrize("name,value,ok", [("LORA_OPS_NF4_CHUNK_MIB", "8", True), ("LORA_OPS_NF4_CHUNK_MIB", "0", False),
@@ -743,7 +743,8 @@ _SETTINGS = {"LORA_OPS_NF4_CHUNK_MIB": "NF4_CHUNK_BYTES >> 20", "LORA_OPS_SPLIT_
                                            ("LORA_OPS_SPLIT_SUM_MAX_M", "-1", False),
                                            ("LORA_OPS_ATOMIC_DB_MAX_M", "4096", True),
                                            ("LORA_OPS_NF4_CHUNK_MIN_M", "0", True),
-                                           ("LORA_OPS_NF4_CHUNK_MIN_M", "1.5", False)])
+                                           ("LORA_OPS_NF4_CHUNK_MIN_M", "1.5", False),
+                                           ("LORA_OPS_DS_SPLITS", "1", True), ("LORA_OPS_DS_SPLITS", "0", False)])
 def test_launcher_settings_from_the_environment(name, value, ok):
     """The launcher settings come from the environment at import; a bad value names itself."""
     import subprocess

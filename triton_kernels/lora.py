@@ -116,6 +116,14 @@ _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
 _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 
 
+# LORA_OPS_DS_SPLITS: above _SPLIT_SUM_MAX_M rows the dS pass (with dB's atomics) still runs as this many slices
+# of N (1: one pass), summed by one reduction before the TMA dX GEMM, which takes dS in one slice. In one slice
+# it keeps one program per 64 or 128 rows, too few bytes in flight to stream dY: H200, dS with dB alone,
+# `scripts/probe_ds.py --splits 1,2,4,8` (docs/PERF_NOTES.md item 21), 8192 x 14336 at r = 16 98 -> 77 us in four
+# slices, 8192 x 28672 at r = 32 242 -> 152, 8192 x 6144 at r = 48 76 -> 47.
+_DS_SPLITS = _env_int("LORA_OPS_DS_SPLITS", 4, 1)
+
+
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
                   max_m: Optional[int] = None) -> Tuple[int, int]:
     """(splits, columns per split) of a skinny kernel's inner dimension: S = xd @ A^T and dS = dY @ B have only
@@ -148,6 +156,21 @@ def _slices(m: int, cols: int, r_chunks: int, device: torch.device, gemm_sums: b
         splits, per = _inner_splits(m, cols, r_chunks, device, _SPLIT_SUM_MAX_M)
         return splits, per, splits > 1
     return 1, cols, False
+
+
+def _ds_slices(m: int, n: int, r_chunks: int, device: torch.device, gemm_sums: bool) -> Tuple[int, int, bool]:
+    """(splits, columns per split, summed) of the dS pass: ``_slices`` up to _SPLIT_SUM_MAX_M rows or where the dX
+    GEMM sums slices itself; above, where it cannot, _DS_SPLITS slices of N (whole split units), summed by one
+    reduction."""
+    if m <= _SPLIT_SUM_MAX_M or gemm_sums or _DS_SPLITS == 1:
+        return _slices(m, n, r_chunks, device, gemm_sums)
+    unit = _SPLIT_UNIT if device.type == "cuda" else _SPLIT_UNIT_INTERP
+    want = max(1, min(_DS_SPLITS, n // unit))
+    if want == 1:
+        return 1, n, False
+    per = triton.cdiv(triton.cdiv(n, want), unit) * unit
+    splits = triton.cdiv(n, per)
+    return splits, per, splits > 1
 
 
 def _sm_count(device: torch.device) -> int:
@@ -560,7 +583,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     # dS in N slices: fp32 partials the one dX pointer GEMM sums (it stores dS rounded for the dA kernel), or
     # see _slices.
     dx_sums = need_dx and k > 0 and not tma_dx and w.chunks is None
-    splits_ds, cols_ds, ds_summed = _slices(m, n, r_chunks, dev, dx_sums)
+    splits_ds, cols_ds, ds_summed = _ds_slices(m, n, r_chunks, dev, dx_sums)
     with _on_device(dev):
         ds = ds_part = None
         if need_ds:

@@ -75,11 +75,11 @@ def _gemm_configs(out_name: str, red_name: str, wide_first: bool) -> List[triton
             for fam, shapes in families for bm, bo, br, w, s in shapes]
 
 
-def _row_configs(other: str, fp32_small: bool) -> List[triton.Config]:
+def _row_configs(other: str, fp32_small: bool, extra=()) -> List[triton.Config]:
     # Kernels with one program per row block (S, dS): BLOCK_M rows, ``other`` the tile of their inner loop.
     # dS's two fp32 FMA dots (dY @ B, dY^T @ S) spill by kilobytes at these sizes for BLOCK_R = 64: fp32 gets
-    # small tiles of its own there.
-    shapes = ((128, 64, 8, 4), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3))
+    # small tiles of its own there. ``extra``: further 16-bit shapes (BLOCK_M, other, warps, stages).
+    shapes = ((128, 64, 8, 4), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3)) + tuple(extra)
     tags = (_DENSE16, _NF4_16) if fp32_small else _ALL
     out = [_cfg(w, s, tags, BLOCK_M=bm, **{other: bo}) for bm, bo, w, s in shapes]
     if fp32_small:
@@ -254,7 +254,10 @@ _S_KERNEL = _Kernel(_lora_s_kernel, "lora_s", _row_configs("BLOCK_K", False),
 _FWD_KERNEL = _Kernel(_lora_gemm_kernel, "lora_fwd", _gemm_configs("BLOCK_N", "BLOCK_K", True), _GEMM_KEY,
                       _make_prune(True),
                       _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2))
-_DS_KERNEL = _Kernel(_lora_bwd_ds_kernel, "lora_bwd_ds", _row_configs("BLOCK_N", True),
+# dS also gets the tiles that were fastest with N in slices at 8192 rows (scripts/probe_ds.py: 128 x 128 for
+# r = 16, 256 x 64 for r = 32 and 48; fewer dB atomics per row than 64-row tiles).
+_DS_KERNEL = _Kernel(_lora_bwd_ds_kernel, "lora_bwd_ds", _row_configs("BLOCK_N", True, ((128, 128, 8, 3),
+                                                                                        (256, 64, 8, 3))),
                      ["M_BUCKET", "N", "BLOCK_R", "DO_DB", "DO_DBIAS"], _make_prune(True),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_N=32), reset_to_zero=["db_acc_ptr", "dbias_acc_ptr"])
 _DB_KERNEL = _Kernel(_lora_bwd_db_kernel, "lora_bwd_db", _reduce_configs("BLOCK_N", False),
