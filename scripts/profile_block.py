@@ -6,6 +6,7 @@ for each provider, profiles ``--steps`` fwd+bwd calls with torch.profiler: the d
 after a miss, from the Python launchers) and the fwd+bwd replayed from a CUDA graph.
 
     python scripts/profile_block.py [--part gate_up] [--m 2048] [--providers floor_grouped,fused,fused_grouped]
+                                    [--cpu-top 25] [--py-top 25]
 """
 import argparse
 import sys
@@ -30,6 +31,53 @@ def _launch_totals():
     return cpp, sum(records.LAUNCHES.values()) - cpp
 
 
+def _eager_us(step, calls=20):
+    """Wall time per call of ``calls`` calls and one synchronize: max(host, device) when nothing synchronizes."""
+    import time
+
+    step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def _sync_check(step):
+    """Run one call with torch's sync debug mode raising: a call that waits for the GPU (an ``.item()``, a
+    pageable copy) makes the host time and the device time add up instead of overlapping."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        print("    synchronizing calls: none")
+    except RuntimeError as e:
+        print(f"    synchronizing call: {str(e).splitlines()[0][:120]}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
+def _py_profile(step, steps, top):
+    """cProfile of ``steps`` calls: the Python functions with the most own time per call."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"    Python, own time per call (cProfile, {steps} calls):")
+    for (file, line, name), (_, calls, own, cum, _) in rows:
+        print(f"      {own / steps * 1e6:8.1f} us own {cum / steps * 1e6:8.1f} us cum  x{calls // steps:<3d} "
+              f"{Path(file).name}:{line} {name}"[:140])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", default="gate_up", choices=list(presets.BLOCK_PARTS))
@@ -38,6 +86,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--cpu-top", type=int, default=0, help="also list this many host ops by self CPU time")
+    ap.add_argument("--py-top", type=int, default=0, help="also list this many Python functions by own time "
+                    "(cProfile of --steps calls)")
     args = ap.parse_args()
     case = presets.block_case("block", "llama3-8b", args.m, "bfloat16", part=args.part)
     data = block.make_block_data(case, torch.device("cuda"))
@@ -57,6 +107,10 @@ def main():
         # Launches from the Python launchers after warm-up mean the C++ path missed (a plan it could not use).
         print(f"    lora_ops launches per call: C++ {(cpp1 - cpp0) / calls:.1f}, Python launchers "
               f"{(py1 - py0) / calls:.1f}")
+        print(f"    eager loop: {_eager_us(step):.1f} us per call (20 calls, one synchronize)")
+        _sync_check(step)
+        if args.py_top:
+            _py_profile(step, args.steps, args.py_top)
         try:  # device time alone, for host-bound cases
             print(f"    CUDA-graph replay: {graph_ms(step, params) * 1e3:.1f} us per fwd+bwd")
         except RuntimeError as e:
