@@ -594,6 +594,8 @@ HEADLINE_ROWS = (
      "host_us", "peft_bnb", "fused", "time"),
 )
 HEADLINE_MAX_ROWS = 8
+# The host preset's frozen-layer case: its host time per call says how fast the loaned machine's host was.
+_HOST_PROBE = ("host", "64x1024->1024 r16 dense", "floor", "host_us")
 _BASELINE_NAMES = {"peft": "PEFT", "peft_bnb": "PEFT+bitsandbytes"}
 
 
@@ -615,7 +617,7 @@ def headline(rows: Sequence[Dict]) -> str:
     were measured (status ok) in the same run, with that run's commit; rows without data are left out."""
     idx = report._index(rows)
     lines = [HEAD_BEGIN]
-    body, gpus = [], []
+    body, gpus, runs = [], [], []
     for label, preset, case, mode, metric, base, ours, kind in HEADLINE_ROWS:
         provs = idx.get(preset, {}).get(case, {})
         a = provs.get(base, {}).get(mode, {}).get(metric)
@@ -625,6 +627,7 @@ def headline(rows: Sequence[Dict]) -> str:
             continue
         env = report._env(b)
         gpus.append(env.get("gpu", "?"))
+        runs.append((b["run_id"], _commit(env) or "?"))
         if kind == "rate":
             verdict = f"{b['value'] / a['value']:.2f}× the tokens/s"
         elif kind == "time":
@@ -642,7 +645,24 @@ def headline(rows: Sequence[Dict]) -> str:
                   "(generated from the committed results by `python -m benchmarks.readme`; every table, command "
                   "and date: [docs/BENCHMARKS.md](docs/BENCHMARKS.md)):", ""]
         lines += _head("case", "baseline", "lora_ops", "lora_ops vs baseline", "commit") + body
+        lines += _host_note(rows, dict(runs[:len(body)]))
     return "\n".join(lines + [HEAD_END])
+
+
+def _host_note(rows: Sequence[Dict], runs: Dict[str, str]) -> List[str]:
+    """A sentence giving, for each headline run that timed the host preset, the frozen layer's host time per call:
+    the loaned machines' hosts differ by several times, and host-bound rows (small token counts, PEFT) move
+    with them."""
+    preset, case, provider, metric = _HOST_PROBE
+    seen = {r["run_id"]: r["value"] for r in rows
+            if (r["preset"], r["case"], r["provider"], r["metric"]) == (preset, case, provider, metric)
+            and r["status"] == "ok" and r["run_id"] in runs and r["value"]}
+    if not seen:
+        return []
+    each = ", ".join(f"{_g(v)} µs in the run at {runs[rid]}" for rid, v in seen.items())
+    return ["", "Rows bound by host time (small token counts, and PEFT+bitsandbytes) move with the host of the "
+                f"machine each run was lent: a frozen `nn.Linear`'s eager forward + backward ({case}) cost the host "
+                f"{each}."]
 
 
 def splice(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:

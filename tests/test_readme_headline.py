@@ -85,6 +85,20 @@ def test_headline_is_small_and_says_what_it_compares():
     assert "not yet measured" in readme.headline([])
 
 
+def test_headline_names_the_host_time_of_its_runs():
+    """Host-bound rows move with the lent machine's host, so the headline gives each run's frozen-layer host time
+    where that run timed it, and says nothing when no headline run did."""
+    rows = report.read_csv(readme.DEFAULT_CSV)
+    preset, case, provider, metric = readme._HOST_PROBE
+    probe = [r for r in rows
+             if (r["preset"], r["case"], r["provider"], r["metric"]) == (preset, case, provider, metric)]
+    assert probe, "the committed CSV has no host preset row"
+    block = readme.headline(rows)
+    assert re.search(r"cost the host [\d,.]+ µs in the run at [0-9a-f]{7}", block), block
+    without = [r for r in rows if r["preset"] != preset]
+    assert "cost the host" not in readme.headline(without)
+
+
 def test_markers_inserted_before_the_first_section_and_idempotent():
     block = readme.BEGIN + "\nX\n" + readme.END
     doc = "# T\n\nintro\n\n## First\nbody\n"
