@@ -287,6 +287,9 @@ struct Call {
   bool drop = false;  // dropout on: p > 0 with a seed (the launchers' _Dropout)
   bool ok = false;    // passed check_call
   bool need_dx = false, need_dA = false, need_dB = false, need_dbias = false;
+  // Leave dB in its fp32 atomic buffer (BwdOut::db_acc, dB undefined) for the caller to cast in blocks: the
+  // stacked group's dB_i are diagonal blocks of it.
+  bool db_in_blocks = false;
   int dev = -1;
   const DeviceTensors* dt = nullptr;
 };
@@ -946,7 +949,7 @@ at::Tensor split_sum(const at::Tensor& parts, at::ScalarType dtype) {
 
 void finish_backward(const Call& c, BwdOut& o) {
   const at::ScalarType dt = c.x.scalar_type();
-  if (o.fused_db) o.dB = dt == at::kFloat ? o.db_acc : o.db_acc.to(dt);
+  if (o.fused_db && !c.db_in_blocks) o.dB = dt == at::kFloat ? o.db_acc : o.db_acc.to(dt);
   // A copy in fp32: dB is a view of the same buffer, and the op's outputs may not alias each other.
   if (o.fused_dbias) o.dbias = dt == at::kFloat ? o.dbias_acc.clone() : o.dbias_acc.to(dt);
   if (o.db_parts.defined()) o.dB = split_sum(o.db_parts, dt);
@@ -1747,14 +1750,22 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       backward_per_member(ctx, member_calls(c, n, r), dys, one_scaling ? std::vector<double>{} : scalings, out);
     } else {
       c.dy = at::cat(dys, 1);
+      c.db_in_blocks = true;
       check_call(c, true);
       BwdOut o = backward_or_fallback(c);
       if (c.need_dx) out[0] = o.dx;
+      // dB_i from the fp32 atomic buffer where the launches left it there: each diagonal block cast on its own,
+      // a contiguous (N_i, r_i) gradient that AccumulateGrad takes as it is (a view of a cast dB_bd would be
+      // copied again, g strided copies), with the values of the whole cast.
+      const bool blocks = !o.dB.defined() && o.db_acc.defined();
+      const at::Tensor& db_all = blocks ? o.db_acc : o.dB;
+      const at::ScalarType dt = c.x.scalar_type();
       int64_t n0 = 0, r0 = 0;
       for (int64_t i = 0; i < g; ++i) {
         if (ctx->needs_input_grad(1 + i)) out[1 + i] = o.dA.narrow(0, r0, r[i]);
         if (ctx->needs_input_grad(1 + g + i)) {
-          at::Tensor db = o.dB.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
+          at::Tensor db = db_all.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
+          if (blocks) db = db.to(dt);
           out[1 + g + i] = one_scaling ? db : db * scalings[i];
         }
         n0 += n[i];

@@ -266,8 +266,11 @@ class ProjectionGroup(nn.Module):
                training)
         if torch.compiler.is_compiling() or x.is_inference():
             return key  # inference tensors have no version counter (and cannot be changed in place outside it)
-        # A sibling's pending output must not outlive an in-place change of x or of an adapter.
-        return key + (x._version,) + tuple(t._version for m in self._members for t in (m.lora_A, m.lora_B))
+        # A sibling's pending output must not outlive an in-place change of x or of an adapter. (The members'
+        # parameter dicts, not nn.Module's attribute lookup: this runs for every member call.)
+        adapters = [m._parameters for m in self._members]
+        return (key + (x._version,) + tuple(p["lora_A"]._version for p in adapters)
+                + tuple(p["lora_B"]._version for p in adapters))
 
     def member_output(self, member: LoRALayerBase, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``member``'s output for ``x`` through the group, or None when it must compute alone."""
@@ -320,8 +323,9 @@ class ProjectionGroup(nn.Module):
         if x.is_cuda and not torch.compiler.is_compiling():
             # Eager CUDA: the whole group is one C++ autograd Function (stacking, launches, the members' slices),
             # the same values as the ops below; None when the general path must take the call.
-            ys = _launch.group(x, self._base_for(dtype), [cast(m.lora_A) for m in ms], [cast(m.lora_B) for m in ms],
-                               scalings, bias, ms[0].lora_dropout, training)
+            adapters = [m._parameters for m in ms]
+            ys = _launch.group(x, self._base_for(dtype), [cast(p["lora_A"]) for p in adapters],
+                               [cast(p["lora_B"]) for p in adapters], scalings, bias, ms[0].lora_dropout, training)
             if ys is not None:
                 if not autocast and dtype != in_dtype and in_dtype in FLOAT_DTYPES:
                     ys = tuple(y.to(in_dtype) for y in ys)

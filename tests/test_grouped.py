@@ -678,8 +678,14 @@ def test_gpu_cpp_group_equals_python_group(gpu, quantize, monkeypatch):
         used.append(ys is not None and ys[0].grad_fn.name().endswith("GroupFunction>"))
         return ys
     monkeypatch.setattr(grouped._launch, "group", spy)
+    contiguous = []  # each dB_i as the Function hands it over: its own (N_i, r_i) block, not a view of dB_bd
+    handles = [mod.lora_B.register_hook(lambda g: contiguous.append(g.is_contiguous()))
+               for mod in lora_layers(grp).values() if mod._lora_group is not None]
     got = step(grp, ids)
+    for h in handles:
+        h.remove()
     assert used and all(used), "the groups did not take the C++ entry"
+    assert len(contiguous) == len(handles) and all(contiguous), contiguous
     monkeypatch.setattr(grouped._launch, "group", lambda *a, **k: None)
     want = step(grp, ids)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
