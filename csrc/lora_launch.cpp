@@ -1754,9 +1754,10 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       check_call(c, true);
       BwdOut o = backward_or_fallback(c);
       if (c.need_dx) out[0] = o.dx;
-      // dB_i from the fp32 atomic buffer where the launches left it there: each diagonal block cast on its own,
-      // a contiguous (N_i, r_i) gradient that AccumulateGrad takes as it is (a view of a cast dB_bd would be
-      // copied again, g strided copies), with the values of the whole cast.
+      // dB_i straight from the fp32 atomic buffer when the launches left dB there (db_in_blocks; the Python
+      // launchers hand back dB_bd cast): each diagonal block cast on its own is a contiguous (N_i, r_i) gradient
+      // that AccumulateGrad keeps as it is, where a view of the cast dB_bd would be copied again (g strided
+      // copies). The values are those of the whole cast.
       const bool blocks = !o.dB.defined() && o.db_acc.defined();
       const at::Tensor& db_all = blocks ? o.db_acc : o.dB;
       const at::ScalarType dt = c.x.scalar_type();

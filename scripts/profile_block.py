@@ -10,6 +10,7 @@ after a miss, from the Python launchers) and the fwd+bwd replayed from a CUDA gr
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,8 +34,6 @@ def _launch_totals():
 
 def _eager_us(step, calls=20):
     """Wall time per call of ``calls`` calls and one synchronize: max(host, device) when nothing synchronizes."""
-    import time
-
     step()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
