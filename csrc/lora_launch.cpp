@@ -672,6 +672,14 @@ at::Tensor split_partials(int64_t splits, at::IntArrayRef shape, const at::Tenso
 
 // lora.py _inner_splits: (splits, columns per split) of the S (over K) or dS (over N) pass.
 // max_m: the largest M that splits on CUDA (-1: split_max_m).
+// lora.py _unit_slices: up to `want` slices of `cols` in whole `unit`s, as even as they come: (splits, per split).
+std::pair<int64_t, int64_t> unit_slices(int64_t cols, int64_t want, int64_t unit) {
+  want = std::max<int64_t>(1, std::min(want, cols / unit));
+  if (want == 1) return {1, cols};
+  const int64_t per = cdiv(cdiv(cols, want), unit) * unit;
+  return {cdiv(cols, per), per};
+}
+
 std::pair<int64_t, int64_t> inner_splits_of(const Call& c, int64_t cols, int64_t r_chunks, int64_t max_m = -1) {
   int64_t unit, want;
   if (!c.x.is_cuda()) {
@@ -683,10 +691,7 @@ std::pair<int64_t, int64_t> inner_splits_of(const Call& c, int64_t cols, int64_t
     unit = g_settings.split_unit;
     want = cdiv(2 * static_cast<int64_t>(c.dt->sms), std::max<int64_t>(1, cdiv(c.m, 64) * r_chunks));
   }
-  want = std::max<int64_t>(1, std::min({want, g_settings.max_inner_splits, cols / unit}));
-  if (want == 1) return {1, cols};
-  const int64_t per = cdiv(cdiv(cols, want), unit) * unit;
-  return {cdiv(cols, per), per};
+  return unit_slices(cols, std::min(want, g_settings.max_inner_splits), unit);
 }
 
 // lora.py _slices: the S (cols = K) or dS (cols = N) pass's slices; `gemm_sums`: the one pointer GEMM reading them
@@ -713,11 +718,8 @@ Slices slices_of(const Call& c, int64_t cols, int64_t r_chunks, bool gemm_sums) 
 Slices ds_slices_of(const Call& c, int64_t n, int64_t r_chunks, bool gemm_sums) {
   if (c.m <= g_settings.split_sum_max_m || gemm_sums || g_settings.ds_splits == 1)
     return slices_of(c, n, r_chunks, gemm_sums);
-  const int64_t unit = c.x.is_cuda() ? g_settings.split_unit : g_settings.split_unit_interp;
-  const int64_t want = std::max<int64_t>(1, std::min(g_settings.ds_splits, n / unit));
-  if (want == 1) return {1, n, false};
-  const int64_t per = cdiv(cdiv(n, want), unit) * unit;
-  const int64_t splits = cdiv(n, per);
+  const auto [splits, per] =
+      unit_slices(n, g_settings.ds_splits, c.x.is_cuda() ? g_settings.split_unit : g_settings.split_unit_interp);
   return {splits, per, splits > 1};
 }
 

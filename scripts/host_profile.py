@@ -8,10 +8,8 @@ cProfile of the loop sorted by own time.
     python scripts/host_profile.py --micro        # host us of each piece of one fwd+bwd, timed alone
 """
 import argparse
-import cProfile
 import io
 import pstats
-import time
 
 import torch
 import triton
@@ -19,24 +17,8 @@ import triton
 import lora_ops
 from lora_ops.triton_kernels import lora as tk
 
-from profile_layer import layer_case  # scripts/profile_layer.py (this script's folder is on sys.path)
-
-
-def _loop(fn, iters, warmup=3, host_only=False):
-    """Microseconds per call of fn over a loop of iters calls (after warmup calls and a synchronize): up to the
-    synchronize that ends the loop, or with host_only the host time of the calls alone (queued device work is
-    waited for only after the clock stops)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if not host_only:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / iters * 1e6
-    torch.cuda.synchronize()
-    return dt
+# scripts/profile_layer.py (this script's folder is on sys.path)
+from profile_layer import cprofile_calls, layer_case, loop_us
 
 
 def run(m, k, n, r, nf4, iters, top):
@@ -60,20 +42,14 @@ def run(m, k, n, r, nf4, iters, top):
     print(f"\n==== {tag}: eager wall us per fwd+bwd ({iters} iterations) ====")
     for name, fn in (("floor", floor), ("fused (lora_linear + autograd)", fused), ("custom ops, no autograd", ops_only),
                      ("launchers only", launchers)):
-        print(f"  {name:34s} {_loop(fn, iters):9.1f}")
+        print(f"  {name:34s} {loop_us(fn, iters):9.1f}")
     before = dict(tk.LAUNCHES)
     fused()
     torch.cuda.synchronize()
     print("  launches per fwd+bwd:", {k2: v - before.get(k2, 0) for k2, v in tk.LAUNCHES.items()
                                       if v - before.get(k2, 0)})
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(iters):
-        fused()
-    torch.cuda.synchronize()
-    pr.disable()
     out = io.StringIO()
-    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
+    pstats.Stats(cprofile_calls(fused, iters), stream=out).sort_stats("tottime").print_stats(top)
     print(out.getvalue())
 
 
@@ -119,7 +95,7 @@ def micro(m=2048, k=4096, n=4096, r=16, iters=2000):
     }
     print(f"\n==== host us per call, {m}x{k}->{n} r={r} (loops of {iters}) ====")
     for name, fn in pieces.items():
-        print(f"  {name:40s} {_loop(fn, iters, warmup=20, host_only=True):8.1f}")
+        print(f"  {name:40s} {loop_us(fn, iters, warmup=20, host_only=True):8.1f}")
 
 
 def main():

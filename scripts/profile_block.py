@@ -10,12 +10,12 @@ after a miss, from the Python launchers) and the fwd+bwd replayed from a CUDA gr
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from profile_layer import graph_ms, print_kernels  # scripts/profile_layer.py (this script's folder is on sys.path)
+# scripts/profile_layer.py (this script's folder is on sys.path)
+from profile_layer import cprofile_calls, graph_ms, loop_us, print_kernels
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
@@ -30,17 +30,6 @@ def _launch_totals():
     from lora_ops.triton_kernels import records
     cpp = sum(_launch.launch_counts().values())
     return cpp, sum(records.LAUNCHES.values()) - cpp
-
-
-def _eager_us(step, calls=20):
-    """Wall time per call of ``calls`` calls and one synchronize: max(host, device) when nothing synchronizes."""
-    step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def _sync_check(step):
@@ -60,16 +49,9 @@ def _sync_check(step):
 
 def _py_profile(step, steps, top):
     """cProfile of ``steps`` calls: the Python functions with the most own time per call."""
-    import cProfile
     import pstats
 
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    prof.disable()
-    stats = pstats.Stats(prof)
+    stats = pstats.Stats(cprofile_calls(step, steps))
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
     print(f"    Python, own time per call (cProfile, {steps} calls):")
     for (file, line, name), (_, calls, own, cum, _) in rows:
@@ -106,7 +88,7 @@ def main():
         # Launches from the Python launchers after warm-up mean the C++ path missed (a plan it could not use).
         print(f"    lora_ops launches per call: C++ {(cpp1 - cpp0) / calls:.1f}, Python launchers "
               f"{(py1 - py0) / calls:.1f}")
-        print(f"    eager loop: {_eager_us(step):.1f} us per call (20 calls, one synchronize)")
+        print(f"    eager loop: {loop_us(step, 20, warmup=1):.1f} us per call (20 calls, one synchronize)")
         _sync_check(step)
         if args.py_top:
             _py_profile(step, args.steps, args.py_top)

@@ -3,8 +3,11 @@ needs to understand: the fwd+bwd replayed from a CUDA graph (device time only, n
 per kernel (torch.profiler, averaged over a few eager calls).
 
     python scripts/profile_layer.py [--cases 8192x4096x4096 2048x4096x4096] [--nf4 | --both] [--no-tables]
+
+Also the timing helpers the other profiling scripts share (loop_us, cprofile_calls, print_kernels, graph_ms).
 """
 import argparse
+import cProfile
 import time
 from types import SimpleNamespace
 
@@ -13,6 +16,34 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import lora_ops
+
+
+def loop_us(fn, iters, warmup=3, host_only=False):
+    """Microseconds per call of fn over a loop of iters calls (after warmup calls and a synchronize): up to the
+    synchronize that ends the loop, or with host_only the host time of the calls alone (queued device work is
+    waited for only after the clock stops)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if not host_only:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / iters * 1e6
+    torch.cuda.synchronize()
+    return dt
+
+
+def cprofile_calls(fn, iters):
+    """The cProfile.Profile of ``iters`` calls of fn, synchronized at the end (the Python side of a step)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    return prof
 
 
 def layer_case(m, k, n, r=16, nf4=False):

@@ -139,7 +139,12 @@ def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
     else:
         unit = _SPLIT_UNIT
         want = -(-2 * _sm_count(device) // max(1, -(-m // 64) * r_chunks))
-    want = max(1, min(want, _MAX_INNER_SPLITS, cols // unit))
+    return _unit_slices(cols, min(want, _MAX_INNER_SPLITS), unit)
+
+
+def _unit_slices(cols: int, want: int, unit: int) -> Tuple[int, int]:
+    """(splits, columns per split): up to ``want`` slices of ``cols`` in whole ``unit``s, as even as they come."""
+    want = max(1, min(want, cols // unit))
     if want == 1:
         return 1, cols
     per = triton.cdiv(triton.cdiv(cols, want), unit) * unit
@@ -164,12 +169,7 @@ def _ds_slices(m: int, n: int, r_chunks: int, device: torch.device, gemm_sums: b
     reduction."""
     if m <= _SPLIT_SUM_MAX_M or gemm_sums or _DS_SPLITS == 1:
         return _slices(m, n, r_chunks, device, gemm_sums)
-    unit = _SPLIT_UNIT if device.type == "cuda" else _SPLIT_UNIT_INTERP
-    want = max(1, min(_DS_SPLITS, n // unit))
-    if want == 1:
-        return 1, n, False
-    per = triton.cdiv(triton.cdiv(n, want), unit) * unit
-    splits = triton.cdiv(n, per)
+    splits, per = _unit_slices(n, _DS_SPLITS, _SPLIT_UNIT if device.type == "cuda" else _SPLIT_UNIT_INTERP)
     return splits, per, splits > 1
 
 
