@@ -580,6 +580,8 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
   const at::Tensor& scratch = c.dt->scratch;
   const at::Tensor& b = bias != nullptr ? *bias : scratch;
   Launch l;
+  const bool sliced = lt.dim() == 3;
+  const at::Tensor& lo = l_out != nullptr ? *l_out : scratch;
   if (tma) {
     // lora.py _tma_gemm: one persistent program per SM; the descriptors' tiles are the variant's config.
     l.kernel = K_TMA;
@@ -594,14 +596,19 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
     l.ptr(rt);
     l.ptr(b);
     l.ptr_raw(drop.seed_ptr);
-    l.i(lt.stride(0));
-    l.i(lt.stride(1));
+    l.ptr(lo);
+    l.i(sliced ? lt.stride(0) : 0);
+    l.i(lt.stride(-2));
+    l.i(lt.stride(-1));
     l.i(stride_rr);
     l.i(stride_rn);
     l.i(b.stride(0));
+    l.i(l_out != nullptr ? lo.stride(0) : 0);
+    l.i(l_out != nullptr ? lo.stride(1) : 0);
     l.i(m);
     l.i(n);
     l.i(a.size(1));
+    l.i(sliced ? lt.size(0) : 1);
     l.f(scaling);
     l.i(drop.threshold);
     l.f(drop.scale);
@@ -610,8 +617,6 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
     work.launches.push_back(l);
     return;
   }
-  const bool sliced = lt.dim() == 3;
-  const at::Tensor& lo = l_out != nullptr ? *l_out : scratch;
   l.kernel = pointer_kernel;
   l.gemm_n = n;
   l.grid[0] = -1;  // cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N) of the variant's config
@@ -694,33 +699,34 @@ std::pair<int64_t, int64_t> inner_splits_of(const Call& c, int64_t cols, int64_t
   return unit_slices(cols, std::min(want, g_settings.max_inner_splits), unit);
 }
 
-// lora.py _slices: the S (cols = K) or dS (cols = N) pass's slices; `gemm_sums`: the one pointer GEMM reading them
-// sums fp32 slices itself; otherwise, up to split_sum_max_m rows, one reduction sums them first (`summed`).
+// lora.py _slices: the S (cols = K) or dS (cols = N) pass's slices; `gemm_sums`: the one GEMM reading them sums fp32
+// slices itself (`tma`: the TMA GEMM, which splits up to split_sum_max_m rows like the reduction); otherwise, up to
+// split_sum_max_m rows, one reduction sums them first (`summed`).
 struct Slices {
   int64_t splits, cols;
   bool summed;
 };
 
-Slices slices_of(const Call& c, int64_t cols, int64_t r_chunks, bool gemm_sums) {
-  if (gemm_sums) {
+Slices slices_of(const Call& c, int64_t cols, int64_t r_chunks, bool gemm_sums, bool tma) {
+  if (gemm_sums && !tma) {
     const auto [splits, per] = inner_splits_of(c, cols, r_chunks);
     return {splits, per, false};
   }
   if (c.m <= g_settings.split_sum_max_m) {
     const auto [splits, per] = inner_splits_of(c, cols, r_chunks, g_settings.split_sum_max_m);
-    return {splits, per, splits > 1};
+    return {splits, per, splits > 1 && !gemm_sums};
   }
   return {1, cols, false};
 }
 
-// lora.py _ds_slices: the dS pass's slices; above split_sum_max_m rows, where the dX GEMM cannot sum slices, ds_splits
-// slices of N (whole split units), summed by one reduction.
-Slices ds_slices_of(const Call& c, int64_t n, int64_t r_chunks, bool gemm_sums) {
-  if (c.m <= g_settings.split_sum_max_m || gemm_sums || g_settings.ds_splits == 1)
-    return slices_of(c, n, r_chunks, gemm_sums);
+// lora.py _ds_slices: the dS pass's slices; above split_sum_max_m rows, before the TMA dX GEMM (which sums them) or NF4
+// chunks (one reduction sums them), ds_splits slices of N (whole split units).
+Slices ds_slices_of(const Call& c, int64_t n, int64_t r_chunks, bool gemm_sums, bool tma) {
+  if (c.m <= g_settings.split_sum_max_m || (gemm_sums && !tma) || g_settings.ds_splits == 1)
+    return slices_of(c, n, r_chunks, gemm_sums, tma);
   const auto [splits, per] =
       unit_slices(n, g_settings.ds_splits, c.x.is_cuda() ? g_settings.split_unit : g_settings.split_unit_interp);
-  return {splits, per, splits > 1};
+  return {splits, per, splits > 1 && !gemm_sums};
 }
 
 // ------------------------------------------------------------------------------------------------- forward
@@ -740,7 +746,7 @@ FwdOut build_forward(const Call& c, Work& work) {
   const int64_t m_bucket = next_pow2(c.m);
   const bool tma = use_tma(c, c.x, w, o.y);
   // S in K slices: fp32 partials the one forward GEMM sums and stores rounded (or see slices_of).
-  const auto [splits, cols, summed] = slices_of(c, c.k, r_chunks, !(c.n == 0 || tma || !w.chunks.empty()));
+  const auto [splits, cols, summed] = slices_of(c, c.k, r_chunks, !(c.n == 0 || !w.chunks.empty()), tma);
   at::Tensor s_part = splits == 1 ? o.s : at::empty({splits, c.m, c.r}, c.x.options().dtype(at::kFloat));
   if (splits > 1) work.keep.push_back(s_part);
   Launch l;  // lora.py lora_forward: S = dropout(x) @ A^T
@@ -816,10 +822,9 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   o.fused_dbias = atomics && c.need_dbias;
   const at::Tensor& scratch = c.dt->scratch;
   const bool tma_dx = c.need_dx && use_tma(c, c.dy, w, o.dx);
-  // dS in N slices: fp32 partials the one dX pointer GEMM sums (it stores dS rounded for the dA kernel), or see
-  // slices_of.
-  const bool dx_sums = c.need_dx && c.k > 0 && !tma_dx && w.chunks.empty();
-  const auto [splits_ds, cols_ds, ds_summed] = ds_slices_of(c, c.n, r_chunks, dx_sums);
+  // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
+  const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty();
+  const auto [splits_ds, cols_ds, ds_summed] = ds_slices_of(c, c.n, r_chunks, dx_sums, tma_dx);
   at::Tensor ds, ds_part;
   if (need_ds) {
     ds = at::empty({c.m, c.r}, opts);

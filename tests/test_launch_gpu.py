@@ -131,10 +131,11 @@ def test_nf4_chunks_equal_the_whole_temporary(monkeypatch, weight, p):
 
 @pytest.mark.parametrize("weight,p", [("dense", 0.1), ("nf4", 0.0)])
 def test_split_sum_before_the_tma_gemm(monkeypatch, weight, p):
-    """With _SPLIT_SUM_MAX_M above M the S and dS passes split before the TMA GEMM and a torch reduction sums the
-    slices: the C++ path equals the Python launchers bit for bit (y, dx, dA), and both equal the one-slice layer
-    within rounding."""
+    """With _SPLIT_SUM_MAX_M above M the S and dS passes split before the TMA GEMM, which sums the fp32 slices and
+    stores the rounded S / dS itself: the C++ path equals the Python launchers bit for bit (y, dx, dA), and both
+    equal the one-slice layer within rounding."""
     from lora_ops.triton_kernels import lora as L
+    from lora_ops.triton_kernels import records
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     inp = _inputs(2048, 1024, 768, 16, BF16, weight, True)
     mod = _launch.module()
@@ -146,7 +147,9 @@ def test_split_sum_before_the_tma_gemm(monkeypatch, weight, p):
         _launch._sync_settings(mod)
         want = _python_launchers(monkeypatch, lambda: _run(inp, p))
         _run(inp, p)  # the first call of this configuration registers it
+        before = records.LAUNCHES["lora_gemm_tma"]
         got = _run(inp, p)
+        assert weight != "dense" or records.LAUNCHES["lora_gemm_tma"] - before == 2  # forward and dX
     finally:
         monkeypatch.undo()  # the defaults again, in Python and (synced) in C++
         _launch._sync_settings(mod)

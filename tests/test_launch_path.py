@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ops
 from helpers import assert_rel_close
@@ -122,12 +123,38 @@ def test_deterministic_backward(dry):
 
 def test_tma_gemm_launch_lists(dry, monkeypatch):
     monkeypatch.setenv("LORA_OPS_TMA", "1")
-    # K and N of two split units: the TMA GEMM takes S and dS in one slice, so neither pass splits.
+    # K and N of two split units: S and dS in two fp32 slices, which the TMA GEMMs sum and store rounded.
     fwd, dy = _inputs(m=64, k=128, n=128, r=16, dtype=torch.float16, bias=True, p=0.1)
     y, s = _check(dry, 0, fwd)
     assert any(r[0] == "lora_gemm_tma" for r in dry.launch_fwd(*fwd, True)[1])
     x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd
-    _check(dry, 1, (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p, seed, True, True, True, True))
+    bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p, seed, True, True, True, True)
+    _check(dry, 1, bargs)
+    with L.recording() as records, _SumCounter() as sums:
+        y2, s2 = L.lora_forward(*fwd)
+        forward_sums = sums.n
+        L.lora_backward(*bargs)
+    grids = {r.name: r.grid for r in records}
+    assert grids["lora_s"][2] == 2 and grids["lora_bwd_ds"][2] == 2, grids
+    assert [r.name for r in records].count("lora_gemm_tma") == 2
+    # No torch reduction of the S / dS slices: the GEMMs sum them and store the rounded S (dS). The one sum left
+    # is dA's over its M splits.
+    assert (forward_sums, sums.n) == (0, 1)
+    keep = lora_ops.reference.dropout_mask(int(seed), *x.shape, p)
+    xd = torch.where(keep, x.float() / (1 - p), torch.zeros(()))
+    torch.testing.assert_close(s2.float(), xd @ a.float().t(), rtol=2e-3, atol=2e-3)
+
+
+class _SumCounter(TorchDispatchMode):
+    """Counts aten.sum calls (torch reductions) inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket is torch.ops.aten.sum
+        return func(*args, **(kwargs or {}))
 
 
 def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
@@ -165,8 +192,9 @@ def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
 
 @pytest.mark.parametrize("weight", ["dense", "nf4"])
 def test_split_sum_before_a_one_slice_gemm(dry, monkeypatch, weight):
-    """Up to _SPLIT_SUM_MAX_M rows S and dS split before a GEMM that takes one slice (dense: the TMA GEMM; NF4: a
-    chunked temporary): the C++ launch lists equal Python's, and the S / dS launches have a slice grid."""
+    """Up to _SPLIT_SUM_MAX_M rows S and dS split before the TMA GEMM, which sums the slices (dense), or before a
+    chunked temporary's GEMMs, after one reduction (NF4): the C++ launch lists equal Python's, and the S / dS
+    launches have a slice grid."""
     try:
         monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 1 << 20)
         if weight == "dense":
@@ -199,8 +227,8 @@ def test_split_sum_before_a_one_slice_gemm(dry, monkeypatch, weight):
 
 @pytest.mark.parametrize("ds_splits", [4, 1])
 def test_ds_slices_above_the_split_sum_bound(dry, monkeypatch, ds_splits):
-    """Above _SPLIT_SUM_MAX_M rows, before the TMA dX GEMM (which takes dS in one slice), the dS pass still runs in
-    _DS_SPLITS slices of N, summed by one reduction; S keeps one slice. The C++ launch lists equal Python's."""
+    """Above _SPLIT_SUM_MAX_M rows, before the TMA dX GEMM (which sums them), the dS pass still runs in _DS_SPLITS
+    slices of N; S keeps one slice. The C++ launch lists equal Python's."""
     try:
         monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 32)
         monkeypatch.setattr(L, "_DS_SPLITS", ds_splits)

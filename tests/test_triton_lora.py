@@ -541,6 +541,8 @@ TMA_CASES = {
     "fwd+dx, r=5, bias": (37, 72, 56, 5, "dense", 0.0, True),
     "M=130 (128-row tile), r=70, dropout": (130, 64, 264, 70, "dense", 0.1, False),
     "nf4 temporary is not used on CPU: NF4 stays on the pointer kernels": (40, 64, 72, 8, "nf4-dq", 0.0, True),
+    # K and N of several split units: S and dS come in fp32 slices that the TMA GEMMs sum and store rounded.
+    "S and dS in slices, dropout, bias": (70, 200, 136, 8, "dense", 0.2, True),
 }
 
 
@@ -609,7 +611,8 @@ out = {}
 for trans in (True, False):
     blocks, warps, stages = L._TMA_CONFIGS[0][1], L._TMA_CONFIGS[0][2], L._TMA_CONFIGS[0][3]
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
-    consts = dict(TRANS_W=trans, HAS_BIAS=trans, HAS_DROPOUT=not trans, R_CHUNKS=1, R=16, BLOCK_R=L._TMA_BLOCK_R,
+    consts = dict(TRANS_W=trans, HAS_BIAS=trans, HAS_DROPOUT=not trans, WRITE_L=True, R_CHUNKS=1, R=16,
+                  BLOCK_R=L._TMA_BLOCK_R,
                   NUM_SMS=132, FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                   stride_lr=1, stride_bias=1, **blocks)
     consts["stride_rr" if trans else "stride_rn"] = 1

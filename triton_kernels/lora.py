@@ -106,18 +106,18 @@ _SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 1024, 0)
 # measured the same within noise at M = 8192 (4096->4096 dense 1.186x vs 1.191x the floor, NF4 1.235x vs 1.228x;
 # 4096->14336 1.065x vs 1.053x; H200 CUDA-graph replay, docs/PERF_NOTES.md item 16), so the launch is saved.
 _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
-# LORA_OPS_SPLIT_SUM_MAX_M: up to this M (0: never), the S / dS passes split even where the GEMM after them cannot
-# sum slices (the TMA GEMM, a chunked NF4 weight): the fp32 slices are summed and rounded by one torch reduction
-# before that GEMM. At 2048 x 4096->4096 on the TMA GEMM, S took 13.6 us and dS/dB 22.9 us in one slice (H200
-# profile, docs/PERF_NOTES.md item 17), ~3x their read of x / dY; splitting up to 4096 rows measured 1.311x ->
-# 1.234x the floor (NF4 1.503x -> 1.466x) at 2048 rows, 4096->14336 1.125x -> 1.071x, but at 4096 rows 1.089x ->
-# 1.119x dense (NF4 1.256x -> 1.228x) (CUDA-graph replay, item 18): so up to 2048 rows, where it measured 1.304x ->
-# 1.235x dense, 14336->4096 1.116x -> 1.049x (item 19).
+# LORA_OPS_SPLIT_SUM_MAX_M: up to this M (0: never), the S / dS passes split before the TMA GEMM (which sums the
+# slices) and before a chunked NF4 weight's GEMMs (one torch reduction sums and rounds them first), where the
+# pointer GEMM splits up to _SPLIT_MAX_M. At 2048 x 4096->4096 on the TMA GEMM, S took 13.6 us and dS/dB 22.9 us in
+# one slice (H200 profile, docs/PERF_NOTES.md item 17), ~3x their read of x / dY; splitting up to 4096 rows
+# measured 1.311x -> 1.234x the floor (NF4 1.503x -> 1.466x) at 2048 rows, 4096->14336 1.125x -> 1.071x, but at
+# 4096 rows 1.089x -> 1.119x dense (NF4 1.256x -> 1.228x) (CUDA-graph replay, item 18): so up to 2048 rows, where
+# it measured 1.304x -> 1.235x dense, 14336->4096 1.116x -> 1.049x (item 19; then summed by a torch reduction).
 _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 
 
 # LORA_OPS_DS_SPLITS: above _SPLIT_SUM_MAX_M rows the dS pass (with dB's atomics) still runs as this many slices
-# of N (1: one pass), summed by one reduction before the TMA dX GEMM, which takes dS in one slice. In one slice
+# of N (1: one pass) before the TMA dX GEMM, which sums them (NF4 chunks: one reduction before them). In one slice
 # it keeps one program per 64 or 128 rows, too few bytes in flight to stream dY: H200, dS with dB alone,
 # `scripts/probe_ds.py --splits 1,2,4,8` (docs/PERF_NOTES.md item 21), 8192 x 14336 at r = 16 98 -> 77 us in four
 # slices, 8192 x 28672 at r = 32 242 -> 152, 8192 x 6144 at r = 48 76 -> 47.
@@ -151,26 +151,29 @@ def _unit_slices(cols: int, want: int, unit: int) -> Tuple[int, int]:
     return triton.cdiv(cols, per), per
 
 
-def _slices(m: int, cols: int, r_chunks: int, device: torch.device, gemm_sums: bool) -> Tuple[int, int, bool]:
+def _slices(m: int, cols: int, r_chunks: int, device: torch.device, gemm_sums: bool,
+            tma: bool = False) -> Tuple[int, int, bool]:
     """(splits, columns per split, summed) of the S pass (cols = K) or the dS pass (cols = N). ``gemm_sums``: the
-    GEMM that reads S (dS) sums fp32 slices itself (one pointer GEMM); otherwise (the TMA GEMM, NF4 chunks) up to
-    _SPLIT_SUM_MAX_M rows the slices are summed and rounded by one torch reduction before it (``summed``)."""
-    if gemm_sums:
+    one GEMM that reads S (dS) sums fp32 slices itself and stores the rounded sum; ``tma``: that GEMM is the TMA
+    one. The pointer GEMM's slices follow _SPLIT_MAX_M. Up to _SPLIT_SUM_MAX_M rows the TMA GEMM sums its slices,
+    and where no one GEMM reads them (NF4 chunks) one torch reduction sums and rounds them before (``summed``)."""
+    if gemm_sums and not tma:
         return (*_inner_splits(m, cols, r_chunks, device), False)
     if m <= _SPLIT_SUM_MAX_M:
         splits, per = _inner_splits(m, cols, r_chunks, device, _SPLIT_SUM_MAX_M)
-        return splits, per, splits > 1
+        return splits, per, splits > 1 and not gemm_sums
     return 1, cols, False
 
 
-def _ds_slices(m: int, n: int, r_chunks: int, device: torch.device, gemm_sums: bool) -> Tuple[int, int, bool]:
-    """(splits, columns per split, summed) of the dS pass: ``_slices`` up to _SPLIT_SUM_MAX_M rows or where the dX
-    GEMM sums slices itself; above, where it cannot, _DS_SPLITS slices of N (whole split units), summed by one
-    reduction."""
-    if m <= _SPLIT_SUM_MAX_M or gemm_sums or _DS_SPLITS == 1:
-        return _slices(m, n, r_chunks, device, gemm_sums)
+def _ds_slices(m: int, n: int, r_chunks: int, device: torch.device, gemm_sums: bool,
+               tma: bool = False) -> Tuple[int, int, bool]:
+    """(splits, columns per split, summed) of the dS pass: ``_slices`` up to _SPLIT_SUM_MAX_M rows or before the
+    pointer dX GEMM; above, before the TMA dX GEMM (which sums them) or NF4 chunks (one reduction sums them),
+    _DS_SPLITS slices of N (whole split units)."""
+    if m <= _SPLIT_SUM_MAX_M or (gemm_sums and not tma) or _DS_SPLITS == 1:
+        return _slices(m, n, r_chunks, device, gemm_sums, tma)
     splits, per = _unit_slices(n, _DS_SPLITS, _SPLIT_UNIT if device.type == "cuda" else _SPLIT_UNIT_INTERP)
-    return splits, per, splits > 1
+    return splits, per, splits > 1 and not gemm_sums
 
 
 def _sm_count(device: torch.device) -> int:
@@ -453,14 +456,13 @@ def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling
     configs and counters)."""
     m, n = c.shape
     drop_ld, drop_c0 = drop_cols or (n, 0)
-    if tma:  # the launchers give the TMA GEMM L in one slice
-        _tma_gemm(a, w.ptrs[0], c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0)
+    if tma:
+        _tma_gemm(a, w.ptrs[0], c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0,
+                  l_out)
         return
     scratch = _scratch(c.device)
     b = bias if bias is not None else scratch
-    stride_ls, stride_lm, stride_lr = l.stride() if l.dim() == 3 else (0,) + l.stride()
-    lo = l_out if l_out is not None else scratch
-    stride_lo = (l_out.stride(0), l_out.stride(1)) if l_out is not None else (0, 0)
+    (stride_ls, stride_lm, stride_lr), (lo, *stride_lo) = _l_args(l, l_out, scratch)
     kernel(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
            a, *w.ptrs, l, rt, b, drop.seed, c, lo,
            a.stride(0), a.stride(1), *w.strides, stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0),
@@ -471,8 +473,19 @@ def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling
            BLOCK_R=block_r, **w.meta, **w.opts)
 
 
-def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0):
-    """c = lora + a @ (w^T if trans_w else w) through _lora_gemm_tma_kernel (see there)."""
+def _l_args(l, l_out, scratch):
+    """((stride_ls, stride_lm, stride_lr) of L in one slice or in (splits, M, r) fp32 slices, (the rounded L's
+    destination or scratch, its two strides or zeros)) as both GEMM kernels take them."""
+    strides = l.stride() if l.dim() == 3 else (0,) + l.stride()
+    if l_out is None:
+        return strides, (scratch, 0, 0)
+    return strides, (l_out, l_out.stride(0), l_out.stride(1))
+
+
+def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0,
+              l_out=None):
+    """c = lora + a @ (w^T if trans_w else w) through _lora_gemm_tma_kernel (see there); ``lt`` and ``l_out`` as
+    in _lora_gemm."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, n = c.shape
     k = a.shape[1]
@@ -481,14 +494,17 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     a_d = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
     w_d = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk] if trans_w else [bk, bn])
     c_d = TensorDescriptor(c, list(c.shape), list(c.stride()), [bm, bn])
-    b = bias if bias is not None else _scratch(c.device)
+    scratch = _scratch(c.device)
+    b = bias if bias is not None else scratch
+    (stride_ls, stride_lm, stride_lr), (lo, *stride_lo) = _l_args(lt, l_out, scratch)
     sms = _sm_count(c.device)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     _TMA_KERNEL(lambda meta: (max(1, min(sms, tiles)),),
-                a_d, w_d, c_d, lt, rt_ptr, b, drop.seed,
-                lt.stride(0), lt.stride(1), stride_rr, stride_rn, b.stride(0),
-                m, n, k, float(scaling), drop.threshold, drop.scale, drop_ld, drop_c0,
-                TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on,
+                a_d, w_d, c_d, lt, rt_ptr, b, drop.seed, lo,
+                stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0), *stride_lo,
+                m, n, k, lt.shape[0] if lt.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale, drop_ld,
+                drop_c0,
+                TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
                 R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r, BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
                 FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                 _config=(blocks, warps, stages))
@@ -519,7 +535,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     m_bucket = _next_pow2(m)
     tma = _use_tma(x, w, y)
     # S in K slices: fp32 partials the one forward GEMM sums, then stores S rounded (or see _slices).
-    splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or tma or w.chunks))
+    splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or w.chunks), tma)
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     with _on_device(x.device):
         _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits),
@@ -580,10 +596,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     fused_db = atomics and need_dB
     fused_dbias = atomics and need_dbias
     tma_dx = need_dx and _use_tma(dy, w, dx)
-    # dS in N slices: fp32 partials the one dX pointer GEMM sums (it stores dS rounded for the dA kernel), or
-    # see _slices.
-    dx_sums = need_dx and k > 0 and not tma_dx and w.chunks is None
-    splits_ds, cols_ds, ds_summed = _ds_slices(m, n, r_chunks, dev, dx_sums)
+    # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
+    dx_sums = need_dx and k > 0 and w.chunks is None
+    splits_ds, cols_ds, ds_summed = _ds_slices(m, n, r_chunks, dev, dx_sums, tma_dx)
     with _on_device(dev):
         ds = ds_part = None
         if need_ds:

@@ -326,11 +326,11 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
 
 
 @triton.jit(do_not_specialize=["M", "drop_c0"])
-def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_ptr,
-                          stride_lm, stride_lr, stride_rr, stride_rn, stride_bias,
-                          M, N, K, scaling, threshold, drop_scale, drop_ld, drop_c0,
+def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_ptr, lo_ptr,
+                          stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_lom, stride_lor,
+                          M, N, K, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0,
                           TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          R_CHUNKS: tl.constexpr, R: tl.constexpr,
+                          WRITE_L: tl.constexpr, R_CHUNKS: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
                           FLATTEN: tl.constexpr):
@@ -344,7 +344,11 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
 
     One program per SM walks output tiles (grouped for L2 reuse); A and W tiles come in through TMA
     descriptors, the LoRA term (rank-R, tiny) through pointer loads and seeds the fp32 accumulator as in the
-    pointer kernels; C leaves through a TMA store, which clips the tile at M and N."""
+    pointer kernels; C leaves through a TMA store, which clips the tile at M and N.
+
+    L arrives as ``L_SPLITS`` fp32 slices ``stride_ls`` apart (the S / dS passes split K / N to fill the GPU at
+    small M), summed in slice order and rounded to C's dtype, or as one slice that is L itself; with WRITE_L the
+    tiles of the first column store that rounded L (M, R) to lo_ptr, as the pointer kernel does."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -366,11 +370,20 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         for c in tl.static_range(R_CHUNKS):
             rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
             r_ok = rr < R
-            lt = tl.load((l_ptr + m0 * stride_lm) + (rm[:, None] * stride_lm + rr[None, :] * stride_lr),
-                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            l_mask = m_ok[:, None] & r_ok[None, :]
+            l_off = rm[:, None] * stride_lm + rr[None, :] * stride_lr
+            l_slice = l_ptr + m0 * stride_lm
+            lt = tl.load(l_slice + l_off, mask=l_mask, other=0.0).to(tl.float32)
+            for _ in range(1, L_SPLITS):
+                l_slice += stride_ls  # 64-bit pointer arithmetic
+                lt += tl.load(l_slice + l_off, mask=l_mask, other=0.0).to(tl.float32)
+            lt = lt.to(dtype)
+            if WRITE_L:
+                tl.store((lo_ptr + m0 * stride_lom) + (rm[:, None] * stride_lom + rr[None, :] * stride_lor), lt,
+                         mask=l_mask & (pid_n == 0))
             rt = tl.load((r_ptr + n0 * stride_rn) + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(lt.to(dtype), rt.to(dtype), acc)
+            acc = tl.dot(lt, rt.to(dtype), acc)
         acc = acc * scaling
         if HAS_DROPOUT:
             acc = _apply_dropout(acc, m0 * drop_ld + drop_c0 + n0, rm[:, None] * drop_ld + rn[None, :], seed,
