@@ -128,6 +128,10 @@ def ineligible_reason(members: Sequence[LoRALayerBase]) -> Optional[str]:
         return f"different NF4 blocksizes {[m.blocksize for m in members]}"
     if len({m.double_quant for m in members}) != 1:
         return "members mix double-quantized and plain NF4 absmax"
+    storages = sorted({str(m.quant_storage) for m in members})
+    if storages != [str(torch.uint8)]:
+        return (f"the members store their NF4 bytes as {storages} (quant_storage), which one shared uint8 buffer "
+                "cannot alias; build them with quant_storage=torch.uint8 to group them")
     # The packed bytes of member i+1 follow member i's only when member i ends on a block boundary (a block
     # straddling two members would have one absmax for both); the last member may end in a partial block.
     bad = [m.out_features * m.in_features for m in members[:-1] if (m.out_features * m.in_features) % m0.blocksize]

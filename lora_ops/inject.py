@@ -28,7 +28,7 @@ from torch import nn
 from .modules import (LoRALayerBase, LoRALinear, QLoRALinear, _is_bnb_linear4bit, _is_bnb_module,
                       check_lora_hparams)
 from .grouped import GroupSpec, ProjectionGroup, check_group_spec, group_projections, ungroup_projections
-from .nf4 import FLOAT_DTYPES, VALID_BLOCKSIZES
+from .nf4 import FLOAT_DTYPES, VALID_BLOCKSIZES, check_quant_storage
 
 __all__ = ["apply_lora", "merge_and_unload", "save_adapter", "load_adapter", "lora_layers"]
 
@@ -182,20 +182,24 @@ def _check_quantizable(name: str, module: nn.Module) -> None:
         raise ValueError(f"{name}.weight contains NaN or Inf; NF4 cannot represent it (fix the weight first)")
 
 
-def _wrap(module: nn.Module, kind: str, r: int, alpha, dropout, use_rslora, quantize, blocksize, double_quant):
+def _wrap(module: nn.Module, kind: str, r: int, alpha, dropout, use_rslora, quantize, blocksize, double_quant,
+          quant_storage):
     if kind == "bnb4":
-        return QLoRALinear.from_bnb(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
+        return QLoRALinear.from_bnb(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+                                    quant_storage=quant_storage)
     if quantize == "nf4":
         return QLoRALinear.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
-                                       blocksize=blocksize, double_quant=double_quant)
+                                       blocksize=blocksize, double_quant=double_quant,
+                                       quant_storage=quant_storage or torch.uint8)
     return LoRALinear.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
 
 
 def _inject(model: nn.Module, plan: List[Tuple[str, nn.Module, str, int, float]], dropout: float, use_rslora: bool,
-            quantize, blocksize: int, double_quant: bool) -> None:
+            quantize, blocksize: int, double_quant: bool, quant_storage=None) -> None:
     """Swap every planned module (already validated) and freeze all but the LoRA parameters."""
     for name, module, kind, r, alpha in plan:
-        _replace(model, name, _wrap(module, kind, r, alpha, dropout, use_rslora, quantize, blocksize, double_quant))
+        _replace(model, name, _wrap(module, kind, r, alpha, dropout, use_rslora, quantize, blocksize, double_quant,
+                                    quant_storage))
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
@@ -208,12 +212,16 @@ def _inject(model: nn.Module, plan: List[Tuple[str, nn.Module, str, int, float]]
 def apply_lora(model: nn.Module, target_modules: TargetModules = ("q_proj", "v_proj"), r: int = 8,
                lora_alpha: float = 16, lora_dropout: float = 0.0, quantize: Optional[str] = None,
                use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True,
-               group_projections: GroupSpec = False) -> nn.Module:
+               quant_storage: Optional[torch.dtype] = None, group_projections: GroupSpec = False) -> nn.Module:
     """Replace the targeted linear layers of ``model`` in place by LoRA layers; return ``model``.
 
     torch.nn.Linear -> ``LoRALinear`` (or ``QLoRALinear`` quantized on the fly with ``quantize="nf4"``, with
     ``blocksize`` and ``double_quant``); bitsandbytes Linear4bit (NF4) -> ``QLoRALinear.from_bnb`` (its bytes
     as they are). Every other parameter of ``model`` is frozen; only lora_A / lora_B train.
+
+    ``quant_storage``: the dtype that holds the NF4 bytes (bitsandbytes' option; ``QLoRALinear``): None is uint8
+    for layers quantized here and each Linear4bit's own for those; a float dtype (e.g. torch.bfloat16) lets a
+    ``fully_shard`` that refuses integer Parameters (torch 2.11's) shard the 4-bit base.
 
     ``group_projections``: True groups sibling LoRA layers that read one input (``grouped.DEFAULT_GROUPS``:
     q/k/v and gate/up under one parent), a list of child-name groups names them; each group then runs as one
@@ -227,6 +235,8 @@ def apply_lora(model: nn.Module, target_modules: TargetModules = ("q_proj", "v_p
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
     _check_quantize(quantize, blocksize, double_quant)
+    if quant_storage is not None:
+        check_quant_storage(quant_storage)
     _check_target_modules(target_modules)
     groups = check_group_spec(group_projections)
     found = _find_targets(model, target_modules)
@@ -244,8 +254,11 @@ def apply_lora(model: nn.Module, target_modules: TargetModules = ("q_proj", "v_p
         for name, module, kind in found:
             if kind == "dense":
                 _check_quantizable(name, module)
+    elif quant_storage is not None and not any(kind == "bnb4" for _, _, kind in found):
+        raise ValueError(f"quant_storage={quant_storage} applies to NF4 bases, and none of the matched layers has "
+                         "one; pass quantize='nf4' to quantize them (or leave quant_storage out)")
     plan = [(n, m, kind, int(r), lora_alpha) for n, m, kind in found]
-    _inject(model, plan, float(lora_dropout), use_rslora, quantize, blocksize, double_quant)
+    _inject(model, plan, float(lora_dropout), use_rslora, quantize, blocksize, double_quant, quant_storage)
     if groups:
         _group_new(model, groups, [n for n, _, _ in found])
     return model

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import lora_linear
-from .nf4 import FLOAT_DTYPES, NF4Weight, quantize_nf4
+from .nf4 import (FLOAT_DTYPES, QUANT_STORAGE_DTYPES, NF4Weight, bytes_to_storage, check_quant_storage,
+                  quantize_nf4, storage_to_bytes)
 
 __all__ = ["LoRALinear", "QLoRALinear", "LoRALayerBase", "check_lora_hparams"]
 
@@ -292,7 +293,7 @@ class LoRALinear(LoRALayerBase):
 # touches them (no grad). bitsandbytes' Linear4bit keeps its packed weight as a frozen Parameter (Params4bit)
 # too. state_dict() still writes bitsandbytes' Linear4bit keys for them (see _save_to_state_dict).
 _NF4_PARAMS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_nested_code", "weight_offset")
-# Stored dtypes of the NF4 state besides the packed uint8 codes; anything else means a cast corrupted it.
+# Stored dtypes of the NF4 state besides the packed codes (quant_storage); anything else means a cast corrupted it.
 _NF4_STATE_DTYPES = {"weight_nested_absmax": torch.float32, "weight_nested_code": torch.float32,
                      "weight_offset": torch.float32}
 
@@ -304,15 +305,20 @@ class QLoRALinear(LoRALayerBase):
     ``Linear4bit``; ``weight_absmax``, ``weight_nested_absmax``, ``weight_nested_code`` and ``weight_offset``
     (shape (1,)) the quant state), so ``.to(device)`` moves them and FSDP2's ``fully_shard`` shards them; a
     dtype cast (``.to(torch.bfloat16)``, ``.half()``) never touches them and only changes the logical dtype the
-    base dequantizes to. ``state_dict()`` writes the base under bitsandbytes' ``Linear4bit`` keys (``weight``,
-    ``weight.absmax``, ``weight.quant_map``, ...), so a Hugging Face bnb-4bit checkpoint loads with
-    ``load_state_dict`` and vice versa. Under FSDP2 the state dict holds the NF4 tensors as DTensor shards
-    (torch.distributed.checkpoint saves and loads them); each QLoRALinear must be sharded without a
-    ``MixedPrecisionPolicy`` param_dtype, which would cast the fp32 quant state (the forward refuses that).
+    base dequantizes to. ``quant_storage`` (bitsandbytes' option of that name): the dtype that holds the packed
+    codes and, double-quantized, the uint8 absmax codes: the same bytes as elements of ``weight`` of shape
+    (elements, 1), zero-padded to a whole element. A float storage lets a ``fully_shard`` that refuses integer
+    Parameters (torch 2.11's) shard the 4-bit base. ``state_dict()`` writes the base under bitsandbytes'
+    ``Linear4bit`` keys (``weight``, ``weight.absmax``, ``weight.quant_map``, ...) as uint8 bytes, so a Hugging
+    Face bnb-4bit checkpoint loads with ``load_state_dict`` and vice versa. Under FSDP2 the state dict holds the
+    NF4 tensors as DTensor shards, as stored (torch.distributed.checkpoint saves and loads them); each QLoRALinear
+    must be sharded without a ``MixedPrecisionPolicy`` param_dtype, which would cast the fp32 quant state (the
+    forward refuses that).
     """
 
     def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor] = None, r: int = 8,
-                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False):
+                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False, *,
+                 quant_storage: torch.dtype = torch.uint8):
         if not isinstance(weight, NF4Weight):
             raise TypeError(_layer_given_to_constructor("QLoRALinear", weight)
                             or f"weight must be an NF4Weight (see lora_ops.quantize_nf4), got {type(weight).__name__}"
@@ -321,7 +327,9 @@ class QLoRALinear(LoRALayerBase):
         out_f, in_f = weight.out_features, weight.in_features
         if bias is not None and tuple(bias.shape) != (out_f,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected (out_features={out_f},)")
+        check_quant_storage(quant_storage)
         super().__init__(in_f, out_f, r, lora_alpha, lora_dropout, use_rslora, bias, weight.device, weight.dtype)
+        self.quant_storage = quant_storage
         for name in _NF4_PARAMS:
             self.register_parameter(name, None)
         self._set_nf4(weight)
@@ -331,31 +339,41 @@ class QLoRALinear(LoRALayerBase):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True) -> "QLoRALinear":
+                    use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True, *,
+                    quant_storage: torch.dtype = torch.uint8) -> "QLoRALinear":
         """Quantize ``linear.weight`` to NF4 (bitsandbytes-identical bytes) and wrap it; the bias is kept."""
         _check_plain_linear(linear, "QLoRALinear.from_linear got a bitsandbytes Linear4bit, which is already "
                                     "quantized; use QLoRALinear.from_bnb(linear4bit, ...) to take its bytes without "
                                     "re-quantizing")
         check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        check_quant_storage(quant_storage)
         w4 = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(w4, linear.bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        return cls(w4, linear.bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                   quant_storage=quant_storage)
 
     @classmethod
     def from_bnb(cls, linear4bit, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                 use_rslora: bool = False) -> "QLoRALinear":
+                 use_rslora: bool = False, *, quant_storage: Optional[torch.dtype] = None) -> "QLoRALinear":
         """Wrap a bitsandbytes ``Linear4bit`` (NF4), taking its bytes and quant state as they are.
 
         The compute dtype is the Linear4bit's ``compute_dtype`` when set, else its quant state's dtype.
+        ``quant_storage`` None keeps the Linear4bit's own (its weight's dtype) where lora_ops has it
+        (``QUANT_STORAGE_DTYPES``), else uint8.
         """
         if not _is_bnb_linear4bit(linear4bit):
             raise TypeError(f"from_bnb needs a bitsandbytes.nn.Linear4bit, got {type(linear4bit).__name__} "
                             "(for a torch.nn.Linear use QLoRALinear.from_linear)")
         check_lora_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        if quant_storage is None:
+            own = linear4bit.weight.dtype
+            quant_storage = own if own in QUANT_STORAGE_DTYPES else torch.uint8
+        check_quant_storage(quant_storage)
         w4 = NF4Weight.from_bnb(linear4bit.weight)
         compute = getattr(linear4bit, "compute_dtype", None)
         compute = compute if compute in FLOAT_DTYPES else w4.dtype
         bias = None if linear4bit.bias is None else linear4bit.bias.detach().to(compute)
-        layer = cls(w4, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        layer = cls(w4, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                    quant_storage=quant_storage)
         if compute != w4.dtype:
             layer.compute_dtype = compute
             with torch.no_grad():
@@ -368,6 +386,9 @@ class QLoRALinear(LoRALayerBase):
         for name, t in zip(_NF4_PARAMS, w4.tensors()):
             if t is not None and name == "weight_offset":
                 t = t.reshape(1)  # fully_shard shards dim 0, which a 0-d tensor lacks; nf4_weight gives it back 0-d
+            elif t is not None and t.dtype == torch.uint8 and self.quant_storage != torch.uint8:
+                t = bytes_to_storage(t, self.quant_storage)
+                t = t.reshape(-1, 1) if name == "weight" else t  # bitsandbytes' (elements, 1)
             self._parameters[name] = None if t is None else nn.Parameter(t, requires_grad=False)
         self._nf4_shape = torch.Size(w4.shape)
         self._nf4_dtype = w4.dtype
@@ -380,8 +401,8 @@ class QLoRALinear(LoRALayerBase):
 
     def _nf4_view(self, offset) -> NF4Weight:
         data, absmax, nabs, ncode = (self._parameters[n] for n in _NF4_PARAMS[:4])
-        want = dict(_NF4_STATE_DTYPES, weight=torch.uint8,
-                    weight_absmax=torch.uint8 if nabs is not None else torch.float32)
+        storage = self.quant_storage
+        want = dict(_NF4_STATE_DTYPES, weight=storage, weight_absmax=storage if nabs is not None else torch.float32)
         for name, t in zip(_NF4_PARAMS, (data, absmax, nabs, ncode, offset)):
             if t is not None and t.dtype != want[name]:
                 # FSDP2's MixedPrecisionPolicy(param_dtype=...) casts every floating Parameter, the fp32 quant
@@ -391,6 +412,18 @@ class QLoRALinear(LoRALayerBase):
                                 "param_dtype does). Apply fully_shard(layer) to each QLoRALinear without a "
                                 "param_dtype before sharding its parent with one; the layer casts A, B and x to "
                                 "its compute dtype itself")
+        offset = None if offset is None else offset.reshape(())
+        if storage != torch.uint8:
+            n = self._nf4_shape.numel()
+            data = storage_to_bytes(data, (n + 1) // 2).reshape(-1, 1)
+            if nabs is not None:
+                absmax = storage_to_bytes(absmax, -(-n // self.blocksize))
+        return NF4Weight(data, absmax, self._nf4_shape, self._nf4_dtype, self.blocksize, nabs, ncode, offset)
+
+    def _stored_nf4(self, offset) -> NF4Weight:
+        """The NF4 Parameters as stored (``quant_storage`` elements, not bytes) in an NF4Weight record: what the
+        sharded state dict holds, since a DTensor shard cannot be reinterpreted as bytes without a gather."""
+        data, absmax, nabs, ncode = (self._parameters[n] for n in _NF4_PARAMS[:4])
         offset = None if offset is None else offset.reshape(())
         return NF4Weight(data, absmax, self._nf4_shape, self._nf4_dtype, self.blocksize, nabs, ncode, offset)
 
@@ -451,7 +484,12 @@ class QLoRALinear(LoRALayerBase):
             # but the JSON quant state holds the offset's value: gather it (a collective; state_dict() runs on
             # every rank, as torch.distributed.checkpoint requires).
             offset = offset.full_tensor()
-        for k, v in self._nf4_view(offset).state_dict(prefix).items():
+        # Unsharded: bitsandbytes' uint8 bytes whatever the storage. Sharded with a float storage: as stored (bnb
+        # writes its weight in its quant_storage dtype too; the absmax codes so are lora_ops' own, read back by
+        # load_state_dict of a layer sharded alike, as torch.distributed.checkpoint does).
+        w4 = self._stored_nf4(offset) if self._sharded() and self.quant_storage != torch.uint8 else \
+            self._nf4_view(offset)
+        for k, v in w4.state_dict(prefix).items():
             destination[k] = v if keep_vars else v.detach()
 
     def _sharded(self) -> bool:
@@ -469,8 +507,11 @@ class QLoRALinear(LoRALayerBase):
         if prefix + "weight" not in state_dict:
             missing_keys.append(prefix + "weight")
         else:
+            stored_as = None
+            if self._sharded() and hasattr(state_dict[prefix + "weight"], "full_tensor"):
+                stored_as = self.quant_storage  # the sharded state dict holds the tensors as stored
             try:
-                w4 = NF4Weight.from_state_dict(state_dict, prefix)
+                w4 = NF4Weight.from_state_dict(state_dict, prefix, stored_as=stored_as)
             except ValueError as e:
                 error_msgs.append(f"{prefix}weight: {e}")
                 return
@@ -526,5 +567,6 @@ class QLoRALinear(LoRALayerBase):
         return None
 
     def extra_repr(self) -> str:
+        storage = "" if self.quant_storage == torch.uint8 else f", quant_storage={self.quant_storage}"
         return (f"{self._hparam_repr()}, base=NF4(blocksize={self.blocksize}, double_quant={self.double_quant}, "
-                f"dtype={self._nf4_dtype}), compute_dtype={self.compute_dtype}, merged={self.merged}")
+                f"dtype={self._nf4_dtype}{storage}), compute_dtype={self.compute_dtype}, merged={self.merged}")

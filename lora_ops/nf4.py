@@ -103,6 +103,38 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+# bitsandbytes' quant_storage: the packed codes (and, with double quantization, the uint8 absmax codes) held as
+# elements of another dtype, the same bytes reinterpreted and zero-padded to a whole element. An FSDP wrapper that
+# shards only floating-point Parameters, or flattens a group into one float buffer, can then shard the 4-bit base.
+QUANT_STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_quant_storage(quant_storage) -> torch.dtype:
+    if quant_storage not in QUANT_STORAGE_DTYPES:
+        raise ValueError(f"quant_storage={quant_storage!r} is not one of "
+                         f"{[str(d) for d in QUANT_STORAGE_DTYPES]}; torch.uint8 stores the NF4 bytes as they are, "
+                         "a float dtype (e.g. torch.bfloat16, as bitsandbytes' quant_storage) lets FSDP shard them")
+    return quant_storage
+
+
+def storage_numel(nbytes: int, storage: torch.dtype) -> int:
+    """Elements of ``storage`` that hold ``nbytes`` bytes (the last one zero-padded)."""
+    return -(-nbytes // storage.itemsize)
+
+
+def bytes_to_storage(t: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """uint8 bytes -> 1-D ``storage`` elements holding them, zero-padded to a whole element."""
+    flat = t.reshape(-1)
+    pad = -flat.numel() % storage.itemsize
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(storage)
+
+
+def storage_to_bytes(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """The first ``nbytes`` bytes of a stored tensor, as a 1-D uint8 view (no copy)."""
+    flat = t.view(torch.uint8).reshape(-1)
+    return flat if flat.numel() == nbytes else flat[:nbytes]
 
 
 def nf4_codebook(device=None) -> torch.Tensor:
@@ -353,8 +385,15 @@ class NF4Weight:
         return sd
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> "NF4Weight":
-        """Inverse of ``state_dict``; also reads what bitsandbytes and Hugging Face save. Validates first."""
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
+                        stored_as: Optional[torch.dtype] = None) -> "NF4Weight":
+        """Inverse of ``state_dict``; also reads what bitsandbytes and Hugging Face save. Validates first.
+
+        ``stored_as``: ``weight`` (and, double-quantized, ``weight.absmax``) hold the bytes as elements of this
+        quant_storage dtype and are taken as they are, not reinterpreted (FSDP2's sharded state dict of a
+        ``QLoRALinear`` with that ``quant_storage``: DTensor shards, which cannot be viewed as bytes without a
+        gather). The result then holds them so and is fit only to be copied into such a layer.
+        """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of str keys to tensors, got {type(state_dict).__name__}")
         if not isinstance(prefix, str):
@@ -394,17 +433,33 @@ class NF4Weight:
             raise ValueError(f"quant state shape {shape!r} must be [out, in] with positive ints")
         n = shape[0] * shape[1]
         nblocks = -(-n // blocksize)
+        stored_as = None if stored_as in (None, torch.uint8) else check_quant_storage(stored_as)
+        nested = "nested_blocksize" in qs or prefix + "weight.nested_absmax" in state_dict
+
+        def stored(key, t, nbytes):
+            want = storage_numel(nbytes, stored_as)
+            if t.dtype != stored_as or t.numel() != want:
+                raise ValueError(f"{prefix}{key} holds {t.numel()} {t.dtype} elements; stored as {stored_as} "
+                                 f"(quant_storage), shape {shape} with blocksize {blocksize} needs {want}")
+            return t
+
         data = need("weight")
-        if data.dtype != torch.uint8:
-            data = data.reshape(-1).view(torch.uint8)  # quant_storage reinterprets the same bytes
-        data = data.reshape(-1, 1)
-        if data.shape[0] != (n + 1) // 2:
-            raise ValueError(f"{prefix}weight has {data.shape[0]} bytes but shape {shape} needs {(n + 1) // 2}")
+        if stored_as is not None:
+            stored("weight", data, (n + 1) // 2)
+        else:
+            if data.dtype != torch.uint8:
+                data = data.reshape(-1).view(torch.uint8)  # quant_storage reinterprets the same bytes
+            data = data.reshape(-1, 1)
+            if data.shape[0] != (n + 1) // 2:
+                raise ValueError(f"{prefix}weight has {data.shape[0]} bytes but shape {shape} needs {(n + 1) // 2}")
         qmap = need("weight.quant_map")
         if qmap.numel() != 16 or not torch.equal(qmap.float().cpu(), nf4_codebook()):
             raise ValueError(f"{prefix}weight.quant_map is not the NF4 codebook; only NF4 is supported")
         absmax = need("weight.absmax")
-        if absmax.numel() != nblocks:
+        absmax_stored = stored_as is not None and nested
+        if absmax_stored:
+            stored("weight.absmax", absmax, nblocks)
+        elif absmax.numel() != nblocks:
             raise ValueError(f"{prefix}weight.absmax has {absmax.numel()} entries, shape {shape} with blocksize "
                              f"{blocksize} needs {nblocks}")
         others = [(k, need(k)) for k in ("weight.absmax", "weight.nested_absmax", "weight.nested_quant_map")
@@ -413,8 +468,8 @@ class NF4Weight:
             if t.device != data.device:
                 raise ValueError(f"{prefix}{k} is on {t.device} but {prefix}weight is on {data.device}; move the "
                                  "state dict to one device first")
-            finite(k, t)
-        nested = "nested_blocksize" in qs or prefix + "weight.nested_absmax" in state_dict
+            if not (absmax_stored and k == "weight.absmax"):  # stored bytes, not values
+                finite(k, t)
         if not nested:
             if absmax.dtype != torch.float32:
                 raise ValueError(f"{prefix}weight.absmax must be float32 without double quantization, "
@@ -425,7 +480,7 @@ class NF4Weight:
                 raise ValueError(f"double-quantized quant state JSON lacks {k!r}: {qs!r}")
         if qs["nested_blocksize"] != NESTED_BLOCKSIZE:
             raise ValueError(f"nested_blocksize={qs['nested_blocksize']} unsupported; bitsandbytes uses 256")
-        if absmax.dtype != torch.uint8:
+        if absmax.dtype != torch.uint8 and not absmax_stored:
             raise ValueError(f"{prefix}weight.absmax must be uint8 codes with double quantization, got {absmax.dtype}")
         nabs = need("weight.nested_absmax")
         ncode = need("weight.nested_quant_map")

@@ -102,6 +102,7 @@ SHARE_SLACK = 0.02
 # On CUDA, the sharded model's allocated bytes over the unsharded model's (caching allocator, 512-byte blocks).
 MEMORY_SLACK = 0.05
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STORAGES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -126,6 +127,9 @@ def parse_args(argv=None):
                     "size's); must be a multiple of the world size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-checkpoint", action="store_true", help="keep <out>/checkpoint (deleted by default)")
+    ap.add_argument("--quant-storage", choices=("auto",) + tuple(STORAGES), default="auto",
+                    help="dtype that holds the NF4 bytes (QLoRALinear's quant_storage). auto: uint8 where this "
+                    "torch's fully_shard shards integer Parameters, else the compute dtype (torch 2.11 refuses them)")
     ap.add_argument("--nf4-whole", action="store_true", help="leave the NF4 tensors out of FSDP2's shards "
                     "(ignored_params: whole on every rank), as a torch whose fully_shard refuses integer Parameters "
                     "needs (taken on its own there); the NF4 sharding checks then fail")
@@ -180,7 +184,8 @@ def build_model(args, device, seed):
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model.to(args.dtype)
-    lora_ops.apply_lora(model, list(TARGETS), r=size["r"], lora_alpha=size["alpha"], quantize="nf4")
+    lora_ops.apply_lora(model, list(TARGETS), r=size["r"], lora_alpha=size["alpha"], quantize="nf4",
+                        quant_storage=QUANT_STORAGE)
     # fp32 adapters, as QLoRA recipes train them: each layer casts A and B to its compute dtype differentiably.
     for layer in lora_ops.inject.lora_layers(model).values():
         layer.lora_A.data = layer.lora_A.data.float()
@@ -232,10 +237,35 @@ def nf4_params(model):
 def digest(tensors) -> str:
     h = hashlib.sha256()
     for name, t in tensors:
-        t = full(t.detach()).cpu().contiguous()
+        # A copy: numpy() of a tensor's own storage would make it non-resizable, and FSDP2 frees an unsharded
+        # parameter's storage by resizing it after the forward.
+        t = full(t.detach()).cpu().clone()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def layer_nf4_digest(layer) -> str:
+    """sha256 of one QLoRALinear's NF4 bytes as its kernels read them (``nf4_weight``: uint8 whatever the
+    quant_storage)."""
+    fields = ("data", "absmax", "nested_absmax", "nested_code", "offset")
+    return digest([(f, t) for f, t in zip(fields, layer.nf4_weight.tensors()) if t is not None])
+
+
+def nf4_in_forward(model):
+    """({layer name: NF4 digest}, hook handles): each QLoRALinear's bytes as its first forward sees them (under
+    FSDP2: all-gathered and copied out of the shards). A copy that went through a float conversion would rewrite
+    the NaN bit patterns among the packed codes held as bf16/fp16 (pytorch#159333, bitsandbytes#1945)."""
+    seen: Dict[str, str] = {}
+
+    def hook(name):
+        def pre(layer, _args):
+            if name not in seen:
+                seen[name] = layer_nf4_digest(layer)
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n.removeprefix("module."))) for n, m in qlora_layers(model)]
+    return seen, handles
 
 
 def nf4_bytes(model) -> Dict[str, int]:
@@ -331,7 +361,8 @@ def phase_single(args, device, world):
     model = build_model(args, device, args.seed)
     after = cuda_allocated(device)
     res = {"nf4_digest": digest(nf4_params(model)), "nf4_bytes": nf4_bytes(model),
-           "model_alloc_bytes": None if before is None else after - before}
+           "model_alloc_bytes": None if before is None else after - before,
+           "layer_nf4": {n: layer_nf4_digest(m) for n, m in qlora_layers(model)}}
     init = adapters(model)
     res["adapter_digest"] = digest(sorted(init.items()))
     opt = adam(model, args)
@@ -362,7 +393,10 @@ def phase_ddp(args, device, rank, world):
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = adam(ddp, args)
     meter = Meter(device)
+    res["layer_nf4"], handles = nf4_in_forward(ddp)
     res["losses"] = train(ddp, opt, args, range(args.steps), rank_rows(args, rank, world), device, world, meter)
+    for h in handles:
+        h.remove()
     res.update(meter.report())
     res["adapters"] = adapters(ddp)
     del ddp, model, opt
@@ -372,6 +406,9 @@ def phase_ddp(args, device, rank, world):
 
 # Why FSDP2 leaves the NF4 tensors whole (None: it shards them): --nf4-whole, or this torch's fully_shard (main).
 NF4_WHOLE: Optional[str] = None
+# The dtype that holds the NF4 bytes in every build, and why (main).
+QUANT_STORAGE: torch.dtype = torch.uint8
+QUANT_STORAGE_WHY = ""
 
 
 def fsdp2_shards_integer_params(mesh) -> bool:
@@ -439,7 +476,10 @@ def phase_fsdp2(args, device, rank, world, mesh, ckpt_dir):
     res["nf4_bytes"] = {k: res["shards"][k] for k in ("held", "full")}
     opt = adam(model, args)
     meter = Meter(device)
+    res["layer_nf4"], handles = nf4_in_forward(model)
     res["losses"] = train(model, opt, args, range(args.steps), rows, device, world, meter)
+    for h in handles:
+        h.remove()
     res.update(meter.report())
     res["adapters"] = adapters(model)
     res["resharded"] = shard_report(model, world)["not_sharded"] == []
@@ -488,8 +528,11 @@ def resumed(args, device, rank, world, mesh, ckpt_dir, load_optimizer: bool):
     if load_optimizer:
         res["loaded_state"] = state_digests(model, opt)
     meter = Meter(device)
+    res["layer_nf4"], handles = nf4_in_forward(model)
     res["losses"] = train(model, opt, args, range(args.steps, args.steps + args.resume_steps),
                           rank_rows(args, rank, world), device, world, meter)
+    for h in handles:
+        h.remove()
     res.update(meter.report())
     res["adapters"] = adapters(model)
     del model, opt
@@ -542,6 +585,13 @@ def rank_checks(args, world, single, init, ddp, fsdp, resume, control):
     add("same_adapter_init", same, None, None, "initial adapters of the three builds hash equal")
     for name, res in (("single", single), ("ddp", ddp), ("fsdp2", fsdp), ("fsdp2_resume", resume)):
         add(f"{name}_finite", all_finite(res), None, None, "losses and adapters free of NaN/Inf")
+    storage = str(QUANT_STORAGE).removeprefix("torch.")
+    for name, res in (("ddp", ddp), ("fsdp2", fsdp), ("fsdp2_resume", resume)):
+        want, got = single["layer_nf4"], res["layer_nf4"]
+        bad = sorted(n for n in want if got.get(n) != want[n]) + sorted(set(got) - set(want))
+        add(f"{name}_nf4_in_forward", not bad and bool(want), len(bad), 0,
+            f"each layer's NF4 bytes as its forward reads them (quant_storage {storage}) equal the "
+            f"unwrapped build's ({len(want)} layers){'; differing: ' + ', '.join(bad[:4]) if bad else ''}")
     for name, res in (("ddp", ddp), ("fsdp2", fsdp)):
         err = max_rel(res["losses"], single["losses"])
         add(f"{name}_loss", err <= lt, err, lt, f"max relative loss difference to one process over {args.steps} steps")
@@ -663,6 +713,7 @@ def write_results(args, world, device, per_rank, checks_by_rank, passed, argv):
         "commit": git_commit(),
         "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LORA_OPS_", "NCCL_"))},
         "nf4_whole": NF4_WHOLE,
+        "quant_storage": str(QUANT_STORAGE).removeprefix("torch."), "quant_storage_why": QUANT_STORAGE_WHY,
         "world_size": world, "backend": args.backend, "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
@@ -699,7 +750,7 @@ def write_results(args, world, device, per_rank, checks_by_rank, passed, argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    global NF4_WHOLE
+    global NF4_WHOLE, QUANT_STORAGE, QUANT_STORAGE_WHY
     NF4_WHOLE = "asked for (--nf4-whole)" if args.nf4_whole else None
     # Deterministic cuBLAS needs this before the first cuBLAS call.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -710,7 +761,16 @@ def main(argv=None) -> int:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,))
-    if NF4_WHOLE is None and not fsdp2_shards_integer_params(mesh):
+    integer_ok = fsdp2_shards_integer_params(mesh)
+    if args.quant_storage != "auto":
+        QUANT_STORAGE, QUANT_STORAGE_WHY = STORAGES[args.quant_storage], "asked for (--quant-storage)"
+    elif integer_ok:
+        QUANT_STORAGE, QUANT_STORAGE_WHY = torch.uint8, "this torch's fully_shard shards uint8 Parameters"
+    else:
+        QUANT_STORAGE = args.dtype
+        QUANT_STORAGE_WHY = ("this torch's fully_shard refuses uint8 Parameters, so the NF4 bytes are held as the "
+                             "compute dtype (bitsandbytes' quant_storage)")
+    if NF4_WHOLE is None and QUANT_STORAGE == torch.uint8 and not integer_ok:
         NF4_WHOLE = ("this torch's fully_shard refuses uint8 Parameters ('only Tensors of floating point dtype can "
                      "require gradients')")
     ckpt = os.path.join(os.path.abspath(args.out), "checkpoint")

@@ -34,7 +34,8 @@ LAUNCH_TIMEOUT_S = 120
 REQUIRED = {"same_build_on_every_rank", "same_nf4_bytes", "same_adapter_init", "single_finite", "ddp_finite",
             "fsdp2_finite", "fsdp2_resume_finite", "ddp_loss", "ddp_adapters", "fsdp2_loss", "fsdp2_adapters",
             "control_unsync_adapters", "fsdp2_loss_after_checkpoint", "fsdp2_nf4_sharded", "fsdp2_nf4_share",
-            "dcp_restored_state", "control_fresh_state_differs", "resume_loss", "control_resume_without_optimizer"}
+            "dcp_restored_state", "control_fresh_state_differs", "resume_loss", "control_resume_without_optimizer",
+            "ddp_nf4_in_forward", "fsdp2_nf4_in_forward", "fsdp2_resume_nf4_in_forward"}
 
 
 def load_script():
@@ -160,14 +161,17 @@ def good_inputs(mod):
     state = {f"model/l{i}.weight": f"h{i}" for i in range(3)}
     state.update({"model/l0.weight.quant_map": "codebook", "optim/l0.lora_A/exp_avg": "m"})
     fresh = {k: ("codebook" if k.endswith("quant_map") else "zeroed-" + v) for k, v in state.items()}
+    layers = {f"l{i}": f"bytes{i}" for i in range(2)}
     single = {"nf4_digest": "n", "adapter_digest": "a", "losses": losses, "losses_after": after,
+              "layer_nf4": dict(layers),
               "adapters": trained, "control_unsync_adapters": {k: v + 0.5 for k, v in trained.items()},
               "nf4_bytes": {"held": 1000, "full": 1000}, "model_alloc_bytes": None}
-    ddp = {"nf4_digest": "n", "adapter_digest": "a", "losses": list(losses), "adapters": copy.deepcopy(trained)}
+    ddp = {"nf4_digest": "n", "adapter_digest": "a", "losses": list(losses), "adapters": copy.deepcopy(trained),
+           "layer_nf4": dict(layers)}
     fsdp = {**copy.deepcopy(ddp), "losses_after": list(after), "model_alloc_bytes": None, "resharded": True,
             "shards": {"not_sharded": [], "n_tensors": 70, "held": 502, "full": 1000}, "saved_state": state}
     resume = {"losses": list(after), "adapters": copy.deepcopy(trained), "loaded_state": dict(state),
-              "fresh_state": fresh}
+              "fresh_state": fresh, "layer_nf4": dict(layers)}
     control = {"losses": [4.9, 4.8, 4.7]}
     return [args, WORLD, single, init, ddp, fsdp, resume, control]
 
@@ -193,6 +197,9 @@ def test_checks_pass_on_agreeing_numbers():
     ("the fresh model already had the saved state", ["control_fresh_state_differs"]),
     ("a resumed loss off by 1e-5", ["resume_loss"]),
     ("the resume without optimizer state matches", ["control_resume_without_optimizer"]),
+    ("FSDP2's all-gather rewrote a NaN pattern among the codes", ["fsdp2_nf4_in_forward"]),
+    ("a DDP layer's forward never ran", ["ddp_nf4_in_forward"]),
+    ("the resumed base differs", ["fsdp2_resume_nf4_in_forward"]),
 ])
 def test_each_check_fails_on_wrong_numbers(mutation, expected):
     mod = load_script()
@@ -220,6 +227,12 @@ def test_each_check_fails_on_wrong_numbers(mutation, expected):
         resume["losses"][2] *= 1 + 1e-5
     elif mutation.startswith("the resume without"):
         control["losses"] = list(fsdp["losses_after"])
+    elif mutation.startswith("FSDP2's all-gather"):
+        fsdp["layer_nf4"]["l1"] = "canonicalized"
+    elif mutation.startswith("a DDP layer"):
+        del ddp["layer_nf4"]["l0"]
+    elif mutation.startswith("the resumed base"):
+        resume["layer_nf4"]["l0"] = "other"
     assert failing(mod, inputs) == sorted(expected), mutation
 
 
@@ -235,3 +248,26 @@ def test_nf4_left_whole_fails_only_the_sharding_checks(tmp_path):
         checks = {c["check"]: c for c in r["checks"]}
         assert checks["fsdp2_nf4_share"]["value"] == pytest.approx(1.0)
         assert "left whole on every rank" in checks["fsdp2_nf4_sharded"]["what"]
+
+
+def test_float_storage_run_passes_every_check(tmp_path):
+    """--quant-storage bfloat16 (what the script picks where fully_shard refuses uint8 Parameters, as torch 2.11's
+    does): every NF4 tensor is a float Parameter, FSDP2 shards all of them, every forward reads the unwrapped
+    build's bytes, and the sharded checkpoint (held as stored, bf16) restores them bit for bit."""
+    rc, output, results, _, _ = _launch(tmp_path, "--quant-storage", "bfloat16")
+    assert results is not None, f"no results.json; exit {rc}:\n{output[-6000:]}"
+    assert failed_checks(results) == [], failed_checks(results)
+    assert rc == 0 and results["passed"] is True and results["nf4_whole"] is None
+    assert (results["quant_storage"], results["quant_storage_why"]) == ("bfloat16", "asked for (--quant-storage)")
+    for r in results["ranks"]:
+        shards = r["phases"]["fsdp2"]["shards"]
+        assert shards["not_sharded"] == [] and shards["n_tensors"] == 2 * 7 * 5
+        assert {c["check"] for c in r["checks"]} >= REQUIRED
+
+
+def test_default_storage_follows_fully_shard(launch):
+    """auto: uint8 where this torch's fully_shard takes integer Parameters (torch 2.13 in CI), and says so."""
+    _, output, results, _, _ = launch
+    assert results is not None, output[-6000:]
+    assert results["quant_storage"] == "uint8"
+    assert results["quant_storage_why"] == "this torch's fully_shard shards uint8 Parameters"
