@@ -223,7 +223,7 @@ def test_gpu_fully_shard_one_layer_reads_the_same_bytes(cuda, storage, tmp_path)
     if dist.is_initialized():
         pytest.skip("a process group is already initialised")
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            device_id=cuda)
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
     try:
         ref, layer = _pair(384, 256, storage, seed=3)
         ref, layer = ref.to(cuda), layer.to(cuda)
