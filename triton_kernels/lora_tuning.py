@@ -272,9 +272,8 @@ _DA_KERNEL = _Kernel(_lora_bwd_da_kernel, "lora_bwd_da", _reduce_configs("BLOCK_
 
 # (first M it serves, blocks, num_warps, num_stages): _tma_gemm passes its choice with each call (the descriptors'
 # block shapes are made for it), so this kernel has no autotuner, pruning or interpreter config of its own.
-# GROUP_M 4 rather than 8 for the large tile: scripts/probe_tma.py on the H200 timed it 0.97x / 0.95x cuBLAS at
-# 8192 x 4096 -> 14336 (forward / dX) where 8 took 1.05x / 1.06x, and no worse at the q/k/v shapes (PERF_NOTES).
-_TMA_CONFIGS = ((128, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4), 8, 3),
+# GROUP_M 8: 4 and 16 were no faster in the 8192-row layers' CUDA-graph replay on the H200 (PERF_NOTES item 23).
+_TMA_CONFIGS = ((128, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
                 (0, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4))
 _TMA_KERNEL = _Kernel(_lora_gemm_tma_kernel, "lora_gemm_tma", [], None, None, None)
 
