@@ -24,8 +24,12 @@ Checks (each rank checks its own numbers; the script exits 1 if any check fails 
 initial adapters equal in every build and on every rank; DDP and FSDP2 losses (global mean over ranks) and
 adapters after ``--steps`` steps within the tolerances of the compute dtype of the single-process run; the
 controls exceed those tolerances; nothing NaN or Inf; every NF4 tensor sharded, each rank holding about 1/world
-of the NF4 bytes (on CUDA also of the model's allocated memory); the state restored from the checkpoint equal to
-the saved one bit for bit; the resumed losses equal to the uninterrupted run's.
+of the NF4 bytes (on CUDA also of the model's allocated memory); each layer's NF4 bytes as its DDP, FSDP2 and
+resumed forwards read them equal to the unwrapped build's; the state restored from the checkpoint equal to the
+saved one bit for bit; the resumed losses equal to the uninterrupted run's.
+
+``--quant-storage`` (default auto) is the dtype that holds the NF4 bytes (QLoRALinear's quant_storage): uint8 where
+this torch's fully_shard shards integer Parameters, else the compute dtype (torch 2.11's refuses them).
 
 Deterministic algorithms are on (lora_ops' backward then reduces dB without atomics) and attention is the eager
 implementation, so two runs of the same computation agree bit for bit and the resume comparison can be exact.
