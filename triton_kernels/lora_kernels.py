@@ -234,6 +234,25 @@ def _lora_s_kernel(x_ptr, a_ptr, seed_ptr, s_ptr,
              acc.to(s_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
+@triton.jit
+def _l_tile(l_ptr, lo_ptr, m0, rm, rr, l_mask, stride_ls, stride_lm, stride_lr, stride_lom, stride_lor, L_SPLITS,
+            pid_n, dtype: tl.constexpr, WRITE_L: tl.constexpr):
+    """The GEMMs' (BLOCK_M, BLOCK_R) tile of L (S or dS) at rows m0 on: its L_SPLITS fp32 slices summed in slice
+    order and rounded to ``dtype`` (one slice is L itself). With WRITE_L the programs of the first column tile
+    (pid_n 0) store the rounded tile to lo_ptr's rows m0 on."""
+    l_off = rm[:, None] * stride_lm + rr[None, :] * stride_lr
+    l_slice = l_ptr + m0 * stride_lm
+    lt = tl.load(l_slice + l_off, mask=l_mask, other=0.0).to(tl.float32)
+    for _ in range(1, L_SPLITS):
+        l_slice += stride_ls  # 64-bit pointer arithmetic
+        lt += tl.load(l_slice + l_off, mask=l_mask, other=0.0).to(tl.float32)
+    lt = lt.to(dtype)
+    if WRITE_L:
+        tl.store((lo_ptr + m0 * stride_lom) + (rm[:, None] * stride_lom + rr[None, :] * stride_lor), lt,
+                 mask=l_mask & (pid_n == 0))
+    return lt
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "drop_c0"])
 def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
                       l_ptr, r_ptr, bias_ptr, seed_ptr, c_ptr, lo_ptr,
@@ -269,23 +288,13 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     dtype = a_ptr.dtype.element_ty
 
     # LoRA term first (S / dS rounded to the input dtype, as saved or as PEFT would feed it).
-    l_base = l_ptr + m0 * stride_lm
     r_base = r_ptr + n0 * stride_rn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < R
-        l_mask = m_ok[:, None] & r_ok[None, :]
-        l_off = rm[:, None] * stride_lm + rr[None, :] * stride_lr
-        lt = tl.load(l_base + l_off, mask=l_mask, other=0.0).to(tl.float32)
-        l_slice = l_base
-        for _ in range(1, L_SPLITS):
-            l_slice += stride_ls  # 64-bit pointer arithmetic
-            lt += tl.load(l_slice + l_off, mask=l_mask, other=0.0).to(tl.float32)
-        lt = lt.to(dtype)
-        if WRITE_L:
-            tl.store((lo_ptr + m0 * stride_lom) + (rm[:, None] * stride_lom + rr[None, :] * stride_lor), lt,
-                     mask=l_mask & (pid_n == 0))
+        lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm, stride_lr,
+                     stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
         rt = tl.load(r_base + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(lt, rt.to(dtype), acc, input_precision="ieee")
@@ -370,17 +379,8 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         for c in tl.static_range(R_CHUNKS):
             rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
             r_ok = rr < R
-            l_mask = m_ok[:, None] & r_ok[None, :]
-            l_off = rm[:, None] * stride_lm + rr[None, :] * stride_lr
-            l_slice = l_ptr + m0 * stride_lm
-            lt = tl.load(l_slice + l_off, mask=l_mask, other=0.0).to(tl.float32)
-            for _ in range(1, L_SPLITS):
-                l_slice += stride_ls  # 64-bit pointer arithmetic
-                lt += tl.load(l_slice + l_off, mask=l_mask, other=0.0).to(tl.float32)
-            lt = lt.to(dtype)
-            if WRITE_L:
-                tl.store((lo_ptr + m0 * stride_lom) + (rm[:, None] * stride_lom + rr[None, :] * stride_lor), lt,
-                         mask=l_mask & (pid_n == 0))
+            lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm, stride_lr,
+                         stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
             rt = tl.load((r_ptr + n0 * stride_rn) + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(lt, rt.to(dtype), acc)
