@@ -209,7 +209,7 @@ class ProjectionGroup(nn.Module):
                     self._view_into(absmax, "weight_absmax", [w.absmax.numel() for w in ws])
                 shape = torch.Size((sum(self.sizes), ms[0].in_features))
                 object.__setattr__(self, "_base", NF4Weight(data, absmax, shape, ws[0].dtype, ws[0].blocksize))
-        object.__setattr__(self, "_signature", self._current_signature())
+        self._remember_signature()
 
     def _view_into(self, buf: torch.Tensor, pname: str, lengths: List[int]) -> None:
         off = 0
@@ -217,19 +217,46 @@ class ProjectionGroup(nn.Module):
             m._parameters[pname].data = buf[off:off + n].reshape(m._parameters[pname].shape)
             off += n
 
+    def _base_tensors(self):
+        """The members' base tensors, as (parameter dict, name): every parameter but the adapters and the bias."""
+        return [(m._parameters, name) for m in self._members for name, t in m._parameters.items()
+                if name not in ("lora_A", "lora_B", "bias") and t is not None]
+
     def _current_signature(self):
         """Where the members' base tensors live (and, for a decoded absmax, their versions): a change means the
         shared buffer no longer is the members' base (a move, a re-quantizing merge, a load with assign)."""
         sig = []
-        for m in self._members:
-            for name, t in m._parameters.items():
-                if name in ("lora_A", "lora_B", "bias") or t is None:
-                    continue
-                if not _plain_tensor(t):  # e.g. FSDP2 sharded the member after grouping
-                    sig.append((id(t), type(t)))
-                    continue
-                sig.append((t.data_ptr(), t.dtype, t.device, t._version if self.nf4 else 0))
+        for params, name in self._base_tensors():
+            t = params[name]
+            if not _plain_tensor(t):  # e.g. FSDP2 sharded the member after grouping
+                sig.append((id(t), type(t)))
+                continue
+            sig.append((t.data_ptr(), t.dtype, t.device, t._version if self.nf4 else 0))
         return tuple(sig)
+
+    def _remember_signature(self) -> None:
+        """The signature, and for the per-call check each base tensor's identity, address (and version). Ids, not
+        the tensors: a replaced weight must not be kept alive here; an id reused by a new tensor at the same
+        address views the buffer this group keeps alive."""
+        object.__setattr__(self, "_signature", self._current_signature())
+        watch = []
+        for params, name in self._base_tensors():
+            t = params[name]
+            watch.append((params, name, id(t), t.data_ptr() if _plain_tensor(t) else None,
+                          t._version if self.nf4 else None))
+        object.__setattr__(self, "_watch", tuple(watch))
+
+    def _unchanged(self) -> bool:
+        """Every base tensor is still the object the buffer was packed from, at the same address (and version):
+        the per-call check, cheaper than building the signature."""
+        watch = self.__dict__.get("_watch")  # absent in a group unpickled from an older version
+        if watch is None:
+            return False
+        for params, name, ident, ptr, version in watch:
+            u = params.get(name)
+            if id(u) != ident or ptr is None or u.data_ptr() != ptr or (version is not None and u._version != version):
+                return False
+        return True
 
     def _apply(self, fn, recurse=True):
         # The parent converts its children in registration order, the members (registered before the group)
@@ -249,7 +276,10 @@ class ProjectionGroup(nn.Module):
     def _base_is_current(self) -> bool:
         """Check (eager only: dynamo cannot read data pointers) that the shared buffer still is the members'
         base; re-pack it when they moved, False when they can no longer share one buffer."""
-        if torch.compiler.is_compiling() or self._current_signature() == self._signature:
+        if torch.compiler.is_compiling() or self._unchanged():
+            return True
+        if self._current_signature() == self._signature:
+            self._remember_signature()  # other tensor objects at the same addresses
             return True
         reason = ineligible_reason(self._members)
         if reason is not None:
@@ -272,9 +302,12 @@ class ProjectionGroup(nn.Module):
             return key  # inference tensors have no version counter (and cannot be changed in place outside it)
         # A sibling's pending output must not outlive an in-place change of x or of an adapter. (The members'
         # parameter dicts, not nn.Module's attribute lookup: this runs for every member call.)
-        adapters = [m._parameters for m in self._members]
-        return (key + (x._version,) + tuple(p["lora_A"]._version for p in adapters)
-                + tuple(p["lora_B"]._version for p in adapters))
+        versions = [x._version]
+        for m in self._members:
+            params = m._parameters
+            versions.append(params["lora_A"]._version)
+            versions.append(params["lora_B"]._version)
+        return key + tuple(versions)
 
     def member_output(self, member: LoRALayerBase, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``member``'s output for ``x`` through the group, or None when it must compute alone."""
@@ -283,8 +316,9 @@ class ProjectionGroup(nn.Module):
         ms = self._members
         i = member._lora_group_index
         training = ms[0].training
-        if any(m.merged or m.training != training for m in ms):
-            return None  # merged members run their base alone; mixed train/eval members differ in dropout
+        for m in ms:
+            if m.merged or m.training != training:
+                return None  # merged members run their base alone; mixed train/eval members differ in dropout
         key = self._key(x, training)
         p = self._pending
         if p is not None and i in p.outs:
@@ -321,9 +355,10 @@ class ProjectionGroup(nn.Module):
         x = x if x.dtype == dtype else x.to(dtype)
         cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
         scalings = [m.scaling for m in ms]
+        biases = [m._parameters["bias"] for m in ms]
         bias = None
-        if any(m.bias is not None for m in ms):
-            bias = torch.cat([cast(m.bias) if m.bias is not None else x.new_zeros(m.out_features) for m in ms])
+        if any(b is not None for b in biases):
+            bias = torch.cat([cast(b) if b is not None else x.new_zeros(m.out_features) for m, b in zip(ms, biases)])
         if x.is_cuda and not torch.compiler.is_compiling():
             # Eager CUDA: the whole group is one C++ autograd Function (stacking, launches, the members' slices),
             # the same values as the ops below; None when the general path must take the call.

@@ -489,6 +489,43 @@ def test_members_given_new_storage_are_repacked(quantize):
     assert ptrs == {(group._base.data if quantize else group._base).untyped_storage().data_ptr()}
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_replaced_weight_parameter_is_repacked_and_not_kept_alive(quantize):
+    """A member's base Parameter replaced by a new object after grouping: the per-call check notices (its
+    identity changed), re-packs, and the group holds no reference that keeps the old tensor alive."""
+    import gc
+    import weakref
+
+    ref, grp = build(quantize=quantize), build(quantize=quantize, group=True)
+    ids = ids_for()
+    attn = grp.model.layers[0].self_attn
+    group = attn.lora_group_q_proj_k_proj_v_proj
+    step(grp, ids)
+    old = attn.v_proj.weight
+    gone = weakref.ref(old)
+    attn.v_proj.weight = nn.Parameter(old.detach().clone(), requires_grad=False)
+    del old
+    assert_same_step(step(grp, ids), step(ref, ids), "after a new Parameter")
+    assert group.repacks == 1 and group.disabled_reason is None
+    gc.collect()
+    assert gone() is None
+
+
+def test_in_place_change_of_nf4_state_redecodes_the_group_absmax():
+    """NF4 members: an in-place change of a member's absmax codes (a version bump) re-packs the group, whose
+    decoded absmax must follow the members' state."""
+    ref, grp = build(quantize="nf4"), build(quantize="nf4", group=True)
+    ids = ids_for()
+    group = grp.model.layers[0].self_attn.lora_group_q_proj_k_proj_v_proj
+    step(grp, ids)
+    for model in (ref, grp):
+        absmax = model.model.layers[0].self_attn.k_proj.weight_absmax
+        with torch.no_grad():
+            absmax.copy_(absmax.flip(0))  # other scales, same tensor
+    assert_same_step(step(grp, ids), step(ref, ids), "after an in-place absmax change")
+    assert group.repacks == 1
+
+
 def test_bitsandbytes_4bit_model(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
