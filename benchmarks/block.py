@@ -28,6 +28,11 @@ projections are found under, as in a transformers decoder layer) built from thos
 * ``peft``: PEFT LoRA on the bf16 linears; ``peft_bnb``: PEFT LoRA on bitsandbytes ``Linear4bit`` (NF4, double
   quant, quantized by bitsandbytes from the same weights), adapters cast to the case dtype as the layer presets do.
 
+After the providers, ``measure_pairs`` times each grouped provider against the case's floor once more, the two
+built side by side and their eager loops alternating in rounds (mode ``paired``, metric ``paired_ratio``: median
+and p20 / p80 of the rounds' ratios), so that a drift of the lent machine's host or clocks between two providers'
+timings cancels in each round.
+
 A grouped provider whose groups did not form (``lora_ops.grouped.explain_groups``) fails its build, so an
 ungrouped model is never timed under a grouped name. FLOPs and bytes (TFLOP/s, GB/s columns) are the seven
 layers' own (``harness.layer_cost`` per projection): a grouped call's extra work on the block-diagonal B is not
@@ -322,3 +327,84 @@ def block_cost(case: BlockCase, provider: str, mode: str) -> Tuple[float, float]
         flops += f
         nbytes += b
     return flops, nbytes
+
+
+# ------------------------------------------------------------------------------------------------ paired rounds
+
+# The grouped providers timed against the case's floor in interleaved rounds (``measure_pairs``).
+PAIRED = ("fused_grouped", "fused_qlora_grouped")
+PAIRED_ROUNDS = 15  # CUDA; the CPU quick mode runs 3
+PAIRED_LOOP_MS = 25.0  # wall time of one provider's loop in a round
+
+
+def _paired_ready(rows: List[Dict], case: BlockCase) -> List[str]:
+    """The PAIRED providers whose full mode was timed in ``rows`` (and the case's floor too)."""
+    ok = {r["provider"] for r in rows if r["case"] == case.name and r["mode"] == "full" and r["metric"] == "time_ms"
+          and r["status"] == "ok"}
+    return [p for p in PAIRED if p in ok] if case.floor in ok else []
+
+
+def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> List[Dict]:
+    """Each grouped provider ÷ the case's floor from interleaved rounds: both built side by side, each round one
+    loop of ``n`` eager fwd+bwd calls per provider (one synchronize at its end), the order alternating; the rows
+    give the median and p20 / p80 of the per-round ratios (mode ``paired``, metric ``paired_ratio``).
+
+    A do_bench median of each provider taken one after the other moves with the lent machine's host and clocks
+    between the two measurements (a floor timed again has read 0.45x of itself at 2048 rows); rounds that
+    alternate put both in the same conditions, so drift cancels in each round's ratio."""
+    import time
+
+    from .harness import Rows, _clear, make_calls, quantiles
+
+    dev = run.dev
+    out: List[Dict] = []
+    for provider in _paired_ready(rows, case):
+        if run.deadline is not None and time.monotonic() > run.deadline:
+            break  # budget: the pair is left out (its providers' own rows stand)
+        eager = {r["provider"]: r["value"] for r in rows if r["case"] == case.name and r["mode"] == "full"
+                 and r["metric"] == "eager_ms" and r["provider"] in (provider, case.floor)}
+        builts: Dict[str, Built] = {}
+        calls: Dict[str, Tuple] = {}
+        try:
+            for p in (case.floor, provider):
+                builts[p] = run.block_builders[p](case, data.sets[0])
+                calls[p] = make_calls(data, [builts[p]], "full")
+            slowest = max(eager.values()) if len(eager) == 2 else PAIRED_LOOP_MS
+            n = max(3, int(PAIRED_LOOP_MS / max(slowest, 1e-3))) if dev.cuda else 2
+            rounds = PAIRED_ROUNDS if dev.cuda else 3
+            for fn, grads, _ in calls.values():  # warm-up: first calls compile, autotune, allocate
+                for _ in range(3):
+                    _clear(grads)
+                    fn()
+            dev.sync()
+            ms: Dict[str, List[float]] = {case.floor: [], provider: []}
+            for i in range(rounds):
+                for p in ((case.floor, provider) if i % 2 == 0 else (provider, case.floor)):
+                    fn, grads, _ = calls[p]
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        _clear(grads)
+                        fn()
+                    dev.sync()
+                    ms[p].append((time.perf_counter() - t0) * 1e3 / n)
+            p50, p20, p80 = quantiles([a / b for a, b in zip(ms[provider], ms[case.floor])])
+            config = dict(case.config(), mode="paired", floor=case.floor, rounds=rounds, calls_per_loop=n,
+                          timer="time.perf_counter, one synchronize per loop", cuda_graphs=False,
+                          order="floor first in even rounds, provider first in odd rounds")
+            r = Rows(run, case, provider, "paired", config)
+            r.add("paired_ratio", p50, "x", p20, p80,
+                  note=f"median over {rounds} interleaved rounds of ({provider} loop ÷ {case.floor} loop), "
+                       f"{n} eager fwd+bwd calls per loop, both built side by side")
+            out += r.rows
+        except Exception as e:  # noqa: BLE001 - recorded, the rest of the run goes on
+            from .harness import _reason, _skip_rows
+
+            out += _skip_rows(run, case, provider, ["paired"], "paired rounds failed: " + _reason(e))
+        finally:
+            for _, grads, keep in calls.values():
+                keep.clear()
+                _clear(grads)
+            calls.clear()
+            builts.clear()
+            dev.free()
+    return out

@@ -726,6 +726,10 @@ def run_case(run: Run, case: Case) -> List[Dict]:
     try:
         for provider, modes in case.plan:
             rows += run_provider(run, case, data, provider, modes)
+        if case.kind == "block":
+            from .block import measure_pairs
+
+            rows += measure_pairs(run, case, data, rows)
     finally:
         del data
         run.dev.free()

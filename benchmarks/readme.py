@@ -348,6 +348,28 @@ def _block_label(provs: Dict) -> str:
             + (f", r={cfg['r']}" if cfg.get("r", 16) != 16 else ""))
 
 
+def _paired_lines(cases: Dict, first: str, floor: str) -> List[str]:
+    """The grouped providers' interleaved rounds against ``floor`` (block.measure_pairs), one line per case that
+    has them: median [p20, p80] of the per-round ratios."""
+    rows = []
+    for case, provs in cases.items():
+        cells, rounds = [_block_label(provs)], None
+        for p in ("fused_grouped", "fused_qlora_grouped"):
+            r = provs.get(p, {}).get("paired", {}).get("paired_ratio")
+            if r is None or r["status"] != "ok":
+                cells.append("–")
+                continue
+            rounds = report._cfg(r).get("rounds")
+            cells.append(f"{_x(r['value'])} [{_x(r['p20'])}, {_x(r['p80'])}]")
+        if rounds is not None:
+            rows.append("| " + " | ".join(cells + [str(rounds)]) + " |")
+    if not rows:
+        return []
+    return (["", f"Interleaved rounds (the provider's loop of eager fwd+bwd calls ÷ `{floor}`'s, alternating in one "
+             "process; median [p20, p80] of the rounds' ratios):", ""]
+            + _head(first, "**lora_ops LoRA grouped**", "**lora_ops QLoRA grouped**", "rounds") + rows)
+
+
 def block_section(idx: Dict, csv_dir: str) -> List[str]:
     """The block preset: per token count, the floor's ms and each provider's time ÷ it, then peak memory."""
     out = ["### Block: one Llama-3-8B layer's seven projections, forward + backward: time ÷ the floor (lower is "
@@ -359,7 +381,7 @@ def block_section(idx: Dict, csv_dir: str) -> List[str]:
         return out + _not_yet("python -m benchmarks --preset block --budget-s 420")
     mode = "full"
     rows, runs, cols, notes = _ratio_table(cases, BLOCK_COLUMNS, "M", _block_label)
-    out += rows
+    out += rows + _paired_lines(cases, "M", "floor")
     mem = [c for c, provs in cases.items() for m in provs.values()
            if m.get(mode, {}).get("peak_extra_mib", {}).get("status") == "ok"]
     if mem:
@@ -385,7 +407,7 @@ def block_section(idx: Dict, csv_dir: str) -> List[str]:
         out += ["#### One group alone: time ÷ the group's concatenated GEMM (`floor_grouped`)", ""]
         rows, runs, cols, notes = _ratio_table(groups, BLOCK_GROUP_COLUMNS, "group, M", _block_label,
                                                floor="floor_grouped")
-        out += rows + [""]
+        out += rows + _paired_lines(groups, "group, M", "floor_grouped") + [""]
         out += ["- q/k/v (4096→4096, 1024, 1024) or gate/up (4096→14336 twice) alone, on one input: the floor is "
                 "the group's weights concatenated into one frozen bf16 linear, outputs split; 'separate GEMMs' "
                 "the same projections as separate frozen linears."]

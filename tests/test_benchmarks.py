@@ -403,9 +403,63 @@ def test_cpu_block_preset_rows(one_thread):
             assert len(vals) == len(want) and all(math.isfinite(v) and v > 0 for v in vals)
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert [(r["provider"], r["note"]) for r in skipped] == [("peft_bnb", bnb)] * (len(cases) if bnb else 0)
+    for case in cases:  # the grouped providers' interleaved rounds against the case's floor
+        paired = {r["provider"]: r for r in rows if r["case"] == case.name and r["mode"] == "paired"}
+        assert sorted(paired) == ["fused_grouped", "fused_qlora_grouped"]
+        for r in paired.values():
+            assert r["metric"] == "paired_ratio" and r["status"] == "ok", r["note"]
+            assert math.isfinite(r["value"]) and 0 < r["p20"] <= r["value"] <= r["p80"]
+            cfg = json.loads(r["config"])
+            assert (cfg["floor"], cfg["rounds"], cfg["mode"]) == (case.floor, 3, "paired")
     md = report.markdown(rows)
     assert "| tiny block M=256 r16 | fused_grouped (reference path) |" in md
     assert "| tiny qkv M=64 r16 | floor_grouped | " in md and "| 1.000× (1.000×) |" in md
+    assert "| fused_grouped | paired | | " in md and "interleaved with floor_grouped" in md
+    from benchmarks import readme
+    section = "\n".join(readme.block_section(report._index(rows), "x"))
+    assert section.count("Interleaved rounds") == 2 and "| q/k/v, 64 tokens | " in section
+
+
+def test_block_pairs_time_the_provider_against_the_floor(monkeypatch):
+    """measure_pairs: the ratio is provider ÷ floor (a provider made slower reads above 1, by about what it was
+    slowed), from rounds that alternate the two; a pair past the run's deadline is left out."""
+    import time as _time
+
+    from benchmarks import block
+
+    case = presets.block_case("t", "tiny", 8, "float32", part="qkv")
+    data = block.make_block_data(case, torch.device("cpu"))
+    order = []
+
+    def slowed(name, extra_s):
+        real = block.BUILDERS[name]
+
+        def build(case, ws):
+            built = real(case, ws)
+            fwd = built.forward
+
+            def forward(x):
+                order.append(name)
+                _time.sleep(extra_s)
+                return fwd(x)
+            built.forward = forward
+            return built
+        return build
+
+    monkeypatch.setitem(block.BUILDERS, "floor_grouped", slowed("floor_grouped", 0.002))
+    monkeypatch.setitem(block.BUILDERS, "fused_grouped", slowed("fused_grouped", 0.020))
+    run = harness.Run(harness.Device(harness.Settings(cpu=True)), harness.Settings(cpu=True), {}, "test-run")
+    done = [dict(case=case.name, mode="full", metric="time_ms", status="ok", provider=p)
+            for p in ("floor_grouped", "fused_grouped")]
+    rows = block.measure_pairs(run, case, data, done)
+    assert [(r["provider"], r["mode"], r["metric"], r["status"]) for r in rows] == \
+        [("fused_grouped", "paired", "paired_ratio", "ok")]
+    assert rows[0]["value"] > 4  # ~20 ms against ~2 ms of sleep per call, plus the same compute on both sides
+    timed = order[-2 * 2 * 3:]  # 3 rounds of 2 calls per provider, after the warm-up calls
+    assert timed == (["floor_grouped"] * 2 + ["fused_grouped"] * 4 + ["floor_grouped"] * 4
+                     + ["fused_grouped"] * 2)
+    run.deadline = _time.monotonic() - 1
+    assert block.measure_pairs(run, case, data, done) == []
 
 
 def _block_run(built, data):
