@@ -235,14 +235,15 @@ class ProjectionGroup(nn.Module):
         return tuple(sig)
 
     def _remember_signature(self) -> None:
-        """The signature, and for the per-call check each base tensor's identity, address (and version). Ids, not
-        the tensors: a replaced weight must not be kept alive here; an id reused by a new tensor at the same
-        address views the buffer this group keeps alive."""
+        """The signature, and for the per-call check each base tensor's identity, address, dtype (and version).
+        Ids, not the tensors: a replaced weight must not be kept alive here; an id reused by a new tensor at the
+        same address views the buffer this group keeps alive. No device: under CUDA's unified addressing one
+        address names one device."""
         object.__setattr__(self, "_signature", self._current_signature())
         watch = []
         for params, name in self._base_tensors():
             t = params[name]
-            watch.append((params, name, id(t), t.data_ptr() if _plain_tensor(t) else None,
+            watch.append((params, name, id(t), t.data_ptr() if _plain_tensor(t) else None, t.dtype,
                           t._version if self.nf4 else None))
         object.__setattr__(self, "_watch", tuple(watch))
 
@@ -252,9 +253,10 @@ class ProjectionGroup(nn.Module):
         watch = self.__dict__.get("_watch")  # absent in a group unpickled from an older version
         if watch is None:
             return False
-        for params, name, ident, ptr, version in watch:
+        for params, name, ident, ptr, dtype, version in watch:
             u = params.get(name)
-            if id(u) != ident or ptr is None or u.data_ptr() != ptr or (version is not None and u._version != version):
+            if (id(u) != ident or ptr is None or u.data_ptr() != ptr or u.dtype is not dtype
+                    or (version is not None and u._version != version)):
                 return False
         return True
 

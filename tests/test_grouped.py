@@ -511,6 +511,21 @@ def test_replaced_weight_parameter_is_repacked_and_not_kept_alive(quantize):
     assert gone() is None
 
 
+def test_base_reinterpreted_in_place_fails_the_per_call_check():
+    """A member's weight given another dtype at the same address (``.data = .view(dtype)``): the per-call check
+    sees the dtype, as the signature does, and passes again once the dtype is back."""
+    grp = build(group=True)
+    attn = grp.model.layers[0].self_attn
+    group = attn.lora_group_q_proj_k_proj_v_proj
+    step(grp, ids_for())
+    w = attn.k_proj.weight
+    ptr = w.data_ptr()
+    w.data = w.data.view(torch.int32)
+    assert w.data_ptr() == ptr and not group._unchanged()
+    w.data = w.data.view(torch.float32)
+    assert group._unchanged()
+
+
 def test_in_place_change_of_nf4_state_redecodes_the_group_absmax():
     """NF4 members: an in-place change of a member's absmax codes (a version bump) re-packs the group, whose
     decoded absmax must follow the members' state."""
