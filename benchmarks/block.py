@@ -373,20 +373,12 @@ def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> Li
             n = max(3, int(PAIRED_LOOP_MS / max(slowest, 1e-3))) if dev.cuda else 2
             rounds = PAIRED_ROUNDS if dev.cuda else 3
             for fn, grads, _ in calls.values():  # warm-up: first calls compile, autotune, allocate
-                for _ in range(3):
-                    _clear(grads)
-                    fn()
-            dev.sync()
+                dev.loop_ms(fn, grads, 3)
             ms: Dict[str, List[float]] = {case.floor: [], provider: []}
             for i in range(rounds):
                 for p in ((case.floor, provider) if i % 2 == 0 else (provider, case.floor)):
                     fn, grads, _ = calls[p]
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        _clear(grads)
-                        fn()
-                    dev.sync()
-                    ms[p].append((time.perf_counter() - t0) * 1e3 / n)
+                    ms[p].append(dev.loop_ms(fn, grads, n))
             p50, p20, p80 = quantiles([a / b for a, b in zip(ms[provider], ms[case.floor])])
             config = dict(case.config(), mode="paired", floor=case.floor, rounds=rounds, calls_per_loop=n,
                           timer="time.perf_counter, one synchronize per loop", cuda_graphs=False,

@@ -179,6 +179,16 @@ class Device:
         if self.cuda:
             torch.cuda.empty_cache()
 
+    def loop_ms(self, fn: Callable, grads: Sequence[torch.Tensor], calls: int) -> float:
+        """ms per call of a loop of ``calls`` calls (grads cleared before each) with one synchronize at its end:
+        max(host, device) per call when nothing in fn synchronizes."""
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            _clear(grads)
+            fn()
+        self.sync()
+        return (time.perf_counter() - t0) * 1e3 / calls
+
     def time(self, fn: Callable, grads: Sequence[torch.Tensor], graph: bool = False, host: bool = False) -> Timing:
         """do_bench (CUDA) or perf_counter (CPU) timing of fn; with ``graph`` on CUDA also a CUDA-graph timing;
         ``host``: the host mode's loops instead."""
@@ -214,12 +224,7 @@ class Device:
             _clear(grads)
             fn()
         self.sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            _clear(grads)
-            fn()
-        self.sync()
-        eager = (time.perf_counter() - t0) * 1e3 / n
+        eager = self.loop_ms(fn, grads, n)
         return Timing(p50, p20, p80, max(1, int(self.s.rep_ms / max(p50, 1e-3))), eager, n, "triton.do_bench")
 
     def _time_host(self, fn, grads) -> Timing:
@@ -231,14 +236,7 @@ class Device:
             _clear(grads)
             fn()
         self.sync()
-        per_call = []
-        for _ in range(loops):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                _clear(grads)
-                fn()
-            self.sync()
-            per_call.append((time.perf_counter() - t0) * 1e3 / calls)
+        per_call = [self.loop_ms(fn, grads, calls) for _ in range(loops)]
         p50, p20, p80 = quantiles(per_call)
         return Timing(p50, p20, p80, loops, p50, calls * loops,
                       f"perf_counter, loops of {calls} calls, one synchronize per loop")

@@ -399,7 +399,10 @@ class QLoRALinear(LoRALayerBase):
         """The frozen base as an ``NF4Weight`` view of this module's parameters (no copy)."""
         return self._nf4_view(self._parameters["weight_offset"])
 
-    def _nf4_view(self, offset) -> NF4Weight:
+    def _nf4_view(self, offset, stored: bool = False) -> NF4Weight:
+        """The NF4 Parameters in an NF4Weight record, as uint8 bytes the kernels read; with ``stored`` as stored
+        (``quant_storage`` elements): what the sharded state dict holds, since a DTensor shard cannot be
+        reinterpreted as bytes without a gather."""
         data, absmax, nabs, ncode = (self._parameters[n] for n in _NF4_PARAMS[:4])
         storage = self.quant_storage
         want = dict(_NF4_STATE_DTYPES, weight=storage, weight_absmax=storage if nabs is not None else torch.float32)
@@ -413,18 +416,11 @@ class QLoRALinear(LoRALayerBase):
                                 "param_dtype before sharding its parent with one; the layer casts A, B and x to "
                                 "its compute dtype itself")
         offset = None if offset is None else offset.reshape(())
-        if storage != torch.uint8:
+        if storage != torch.uint8 and not stored:
             n = self._nf4_shape.numel()
             data = storage_to_bytes(data, (n + 1) // 2).reshape(-1, 1)
             if nabs is not None:
                 absmax = storage_to_bytes(absmax, -(-n // self.blocksize))
-        return NF4Weight(data, absmax, self._nf4_shape, self._nf4_dtype, self.blocksize, nabs, ncode, offset)
-
-    def _stored_nf4(self, offset) -> NF4Weight:
-        """The NF4 Parameters as stored (``quant_storage`` elements, not bytes) in an NF4Weight record: what the
-        sharded state dict holds, since a DTensor shard cannot be reinterpreted as bytes without a gather."""
-        data, absmax, nabs, ncode = (self._parameters[n] for n in _NF4_PARAMS[:4])
-        offset = None if offset is None else offset.reshape(())
         return NF4Weight(data, absmax, self._nf4_shape, self._nf4_dtype, self.blocksize, nabs, ncode, offset)
 
     @property
@@ -487,8 +483,7 @@ class QLoRALinear(LoRALayerBase):
         # Unsharded: bitsandbytes' uint8 bytes whatever the storage. Sharded with a float storage: as stored (bnb
         # writes its weight in its quant_storage dtype too; the absmax codes so are lora_ops' own, read back by
         # load_state_dict of a layer sharded alike, as torch.distributed.checkpoint does).
-        w4 = self._stored_nf4(offset) if self._sharded() and self.quant_storage != torch.uint8 else \
-            self._nf4_view(offset)
+        w4 = self._nf4_view(offset, stored=self._sharded())
         for k, v in w4.state_dict(prefix).items():
             destination[k] = v if keep_vars else v.detach()
 

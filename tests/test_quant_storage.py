@@ -176,7 +176,7 @@ def test_from_bnb_keeps_the_linear4bit_storage():
 
 def test_from_state_dict_stored_as_checks_dtype_and_size():
     ref, layer = _pair(40, 96, torch.bfloat16)
-    sd = layer._stored_nf4(layer.weight_offset).state_dict("m.")
+    sd = layer._nf4_view(layer.weight_offset, stored=True).state_dict("m.")
     assert sd["m.weight"].dtype == torch.bfloat16
     w4 = NF4Weight.from_state_dict(sd, "m.", stored_as=torch.bfloat16)
     assert w4.data is sd["m.weight"]
