@@ -105,7 +105,7 @@ struct Desc {  // triton.tools.tensor_descriptor.TensorDescriptor(base, shape, s
   int64_t block[2];
 };
 
-constexpr int kMaxArgs = 40;
+constexpr int kMaxArgs = 48;
 
 // Triton's specialisation of one argument: the code of its type in the compiled signature ('P' pointer, 'i' i32,
 // 'l' i64, 'u' u64, 'f' fp32, 'c' the int 1 folded into a constexpr, 'T' TMA descriptor), whether it is divisible
@@ -290,9 +290,23 @@ struct Call {
   // Leave dB in its fp32 atomic buffer (BwdOut::db_acc, dB undefined) for the caller to cast in blocks: the
   // stacked group's dB_i are diagonal blocks of it.
   bool db_in_blocks = false;
+  // A projection group's B (lora.py _Group): B = B_rows (n, rb) = cat(B_i) standing for block_diag(B_i) (n, r);
+  // `groups` the members' out_features (empty: an ordinary B). check_call sets rb and the member boundaries nb.
+  std::vector<int64_t> groups;
+  int64_t rb = 0, nb[3] = {0, 0, 0};
   int dev = -1;
   const DeviceTensors* dt = nullptr;
 };
+
+constexpr int64_t kMaxGroup = 4;  // lora.py MAX_GROUP: the kernels take at most three member boundaries
+
+// The kernels' group arguments (rb, nb1, nb2, nb3) of a launch whose output columns start at column n0 of the
+// call's (lora.py _Group.shifted); zeros without a group (`on` false: the dX GEMM, whose Rt is A).
+void group_args(Launch& l, const Call& c, bool on, int64_t n0 = 0) {
+  on = on && !c.groups.empty();
+  l.i(on ? c.rb : 0);
+  for (int i = 0; i < 3; ++i) l.i(on ? c.nb[i] - n0 : 0);
+}
 
 int64_t next_pow2(int64_t n) {
   if (n <= 1) return 1;
@@ -330,7 +344,21 @@ bool check_call(Call& c, bool backward) {
   c.n = c.B.size(0);
   if (c.m == 0 || c.k == 0 || c.n == 0 || c.r < 1) return false;
   if (c.k >= g_settings.max_stride || c.n >= g_settings.max_stride) return false;
-  if (!same(c.A, x) || !same(c.B, x) || c.A.size(1) != c.k || c.B.size(1) != c.r) return false;
+  if (!c.groups.empty()) {  // lora.py _group
+    const int64_t g = static_cast<int64_t>(c.groups.size());
+    if (g < 2 || g > kMaxGroup || c.r % g != 0) return false;
+    int64_t total = 0;
+    for (int64_t i = 0; i < g; ++i) {
+      if (c.groups[i] < 1) return false;
+      total += c.groups[i];
+      if (i < 3) c.nb[i] = total;
+    }
+    if (total != c.n) return false;
+    for (int64_t i = g - 1; i < 3; ++i) c.nb[i] = c.n;
+    c.rb = c.r / g;
+  }
+  const int64_t b_cols = c.groups.empty() ? c.r : c.rb;
+  if (!same(c.A, x) || !same(c.B, x) || c.A.size(1) != c.k || c.B.size(1) != b_cols) return false;
   if (c.bias.defined() && (!same(c.bias, x) || c.bias.dim() != 1 || c.bias.size(0) != c.n)) return false;
   if (!std::isfinite(c.scaling) || !(c.p >= 0.0 && c.p < 1.0)) return false;
   if (c.seed.defined()
@@ -377,7 +405,8 @@ PlanKey make_key(const Call& c, bool backward, bool deterministic) {
                   | (c.m >= g_settings.dequant_min_m ? 16 : 0) | (c.m >= g_settings.tma_small_m ? 32 : 0)
                   | (c.m >= g_settings.tma_min_m ? 64 : 0) | (c.m >= g_settings.nf4_chunk_min_m ? 4096 : 0)
                   | (c.m <= g_settings.split_sum_max_m ? 8192 : 0)
-                  | (c.m * c.n * c.k >= g_settings.tma_min_mnk ? 16384 : 0);
+                  | (c.m * c.n * c.k >= g_settings.tma_min_mnk ? 16384 : 0)
+                  | (static_cast<int64_t>(c.groups.size()) << 15);
   if (backward)
     flags |= (c.need_dx ? 128 : 0) | (c.need_dA ? 256 : 0) | (c.need_dB ? 512 : 0) | (c.need_dbias ? 1024 : 0)
              | (deterministic ? 2048 : 0);
@@ -574,7 +603,8 @@ bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tenso
 void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, const WArgs& w, const at::Tensor& out,
           const at::Tensor& lt, const at::Tensor& rt, int64_t stride_rr, int64_t stride_rn, const at::Tensor* bias,
           const Dropout& drop, double scaling, bool trans_w, int64_t m_bucket, bool tma, const at::Tensor* l_out,
-          int64_t drop_ld = -1, int64_t drop_c0 = 0) {
+          int64_t drop_ld = -1, int64_t drop_c0 = 0, int64_t group_n0 = 0) {
+  // The forward's Rt is B (a group's B_rows, group_args); the dX GEMM's is A.
   const int64_t m = out.size(0), n = out.size(1);
   if (drop_ld < 0) drop_ld = n;
   const at::Tensor& scratch = c.dt->scratch;
@@ -614,6 +644,7 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
     l.f(drop.scale);
     l.i(drop_ld);
     l.i(drop_c0);
+    group_args(l, c, trans_w, group_n0);
     work.launches.push_back(l);
     return;
   }
@@ -654,6 +685,7 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
   l.i(drop_ld);
   l.i(drop_c0);
   l.i(m_bucket);
+  group_args(l, c, trans_w, group_n0);
   work.launches.push_back(l);
 }
 
@@ -786,7 +818,7 @@ FwdOut build_forward(const Call& c, Work& work) {
       const at::Tensor bc = c.B.narrow(0, n0, n1 - n0);
       const at::Tensor biasc = c.bias.defined() ? c.bias.narrow(0, n0, n1 - n0) : at::Tensor();
       gemm(c, work, K_FWD, c.x, wc, yc, o.s, bc, bc.stride(1), bc.stride(0), c.bias.defined() ? &biasc : nullptr,
-           off, c.scaling, true, m_bucket, use_tma(c, c.x, wc, yc, c.n * c.k), nullptr);
+           off, c.scaling, true, m_bucket, use_tma(c, c.x, wc, yc, c.n * c.k), nullptr, -1, 0, n0);
     }
   } else if (c.n > 0) {
     const bool gemm_sums = splits > 1 && !summed;
@@ -820,6 +852,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const bool atomics = need_ds && !deterministic && c.m <= g_settings.atomic_db_max_m;
   o.fused_db = atomics && c.need_dB;
   o.fused_dbias = atomics && c.need_dbias;
+  const int64_t rb = c.groups.empty() ? c.r : c.rb;  // dB's columns (lora.py: B_rows' rb for a group)
   const at::Tensor& scratch = c.dt->scratch;
   const bool tma_dx = c.need_dx && use_tma(c, c.dy, w, o.dx);
   // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
@@ -831,11 +864,11 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     ds_part = splits_ds == 1 ? ds : at::empty({splits_ds, c.m, c.r}, opts.dtype(at::kFloat));
     if (splits_ds > 1) work.keep.push_back(ds_part);
     if (o.fused_db || o.fused_dbias) {
-      const int64_t size = (o.fused_db ? c.n * c.r : 0) + (o.fused_dbias ? c.n : 0);
+      const int64_t size = (o.fused_db ? c.n * rb : 0) + (o.fused_dbias ? c.n : 0);
       o.acc = at::empty({size}, opts.dtype(at::kFloat));  // zeroed before the launches
       work.keep.push_back(o.acc);
-      if (o.fused_db) o.db_acc = o.acc.narrow(0, 0, c.n * c.r).view({c.n, c.r});
-      if (o.fused_dbias) o.dbias_acc = o.acc.narrow(0, o.fused_db ? c.n * c.r : 0, c.n);
+      if (o.fused_db) o.db_acc = o.acc.narrow(0, 0, c.n * rb).view({c.n, rb});
+      if (o.fused_dbias) o.dbias_acc = o.acc.narrow(0, o.fused_db ? c.n * rb : 0, c.n);
     }
     Launch l;
     l.kernel = K_DS;
@@ -863,6 +896,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.i(cols_ds);
     l.f(c.scaling);
     l.i(m_bucket);
+    group_args(l, c, true);
     if (ds_summed) {
       l.sum_parts = ds_part;
       l.sum_out = ds;
@@ -873,7 +907,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const bool do_dbias = c.need_dbias && !o.fused_dbias;
   if (do_db || do_dbias) {
     auto [splits, rows] = splits_of(c, cdiv(c.n, 64) * r_chunks);
-    at::Tensor db_out = do_db ? split_partials(splits, {c.n, c.r}, opts) : scratch.view({1, 1, 16});
+    at::Tensor db_out = do_db ? split_partials(splits, {c.n, rb}, opts) : scratch.view({1, 1, 16});
     at::Tensor dbias_out = do_dbias ? split_partials(splits, {c.n}, opts) : scratch.view({1, 16});
     if (do_db) o.db_parts = db_out;
     if (do_dbias) o.dbias_parts = dbias_out;
@@ -901,6 +935,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.i(rows);
     l.f(c.scaling);
     l.i(m_bucket);
+    group_args(l, c, true);
     work.launches.push_back(l);
   }
   if (c.need_dx && c.k > 0 && !w.chunks.empty()) {
@@ -1241,13 +1276,15 @@ py::object describe(const Work& work) {
   return out;
 }
 
-// fwd(x, ...) -> (y, s) | plan id (int >= 0: a miss, register) | -1 (not this path). dry: the launch list.
+// fwd(x, ..., groups, dry) -> (y, s) | plan id (int >= 0: a miss, register) | -1 (not this path). groups: a projection
+// group's out_features with B its B_rows (Call::groups), or empty. dry: the launch list.
 py::object fwd_entry(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                      const std::optional<at::Tensor>& offset, int64_t blocksize, const at::Tensor& A,
                      const at::Tensor& B, double scaling, const std::optional<at::Tensor>& bias, double p,
-                     const std::optional<at::Tensor>& seed, bool dry) {
+                     const std::optional<at::Tensor>& seed, const std::vector<int64_t>& groups, bool dry) {
   Call c = make_call(x, w, absmax, nested_absmax, nested_code, offset, blocksize, A, B, scaling, bias, p, seed);
+  c.groups = groups;
   if (!check_call(c, false)) return py::int_(UNSUPPORTED);
   FwdOut o;
   Work work;
@@ -1262,9 +1299,10 @@ py::object bwd_entry(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
                      const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                      int64_t blocksize, const at::Tensor& A, const at::Tensor& B, const at::Tensor& s, double scaling,
                      double p, const std::optional<at::Tensor>& seed, bool need_dx, bool need_dA, bool need_dB,
-                     bool need_dbias, bool dry) {
+                     bool need_dbias, const std::vector<int64_t>& groups, bool dry) {
   Call c = make_call(x, w, absmax, nested_absmax, nested_code, offset, blocksize, A, B, scaling, std::nullopt, p,
                      seed);
+  c.groups = groups;
   c.dy = dy;
   c.s = s;
   c.need_dx = need_dx;
@@ -1431,7 +1469,7 @@ FwdOut forward_or_fallback(const Call& c) {
   if (run(c, false, &o, nullptr, work, status)) return o;
   py::gil_scoped_acquire gil;
   py::tuple res = (*g_fallback)(0, status, c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset, c.blocksize,
-                             c.A, c.B, c.scaling, c.bias, c.p, c.seed);
+                             c.A, c.B, c.scaling, c.bias, c.p, c.seed, c.groups);
   o.y = res[0].cast<at::Tensor>();
   o.s = res[1].cast<at::Tensor>();
   return o;
@@ -1445,7 +1483,7 @@ BwdOut backward_or_fallback(const Call& c) {
   py::gil_scoped_acquire gil;
   py::tuple res = (*g_fallback)(1, status, c.dy, c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset,
                              c.blocksize, c.A, c.B, c.s, c.scaling, c.p, c.seed, c.need_dx, c.need_dA, c.need_dB,
-                             c.need_dbias);
+                             c.need_dbias, c.groups);
   auto get = [&](int i) {
     py::object t = res[i];
     return t.is_none() ? at::Tensor() : t.cast<at::Tensor>();
@@ -1600,8 +1638,20 @@ struct GroupArgs {
   std::vector<double> scalings;  // s_i
   bool one_scaling = true;       // every s_i equal: B_bd holds B_i and c.scaling = s; else s_i * B_i and 1
   bool fwd_members = false, bwd_members = false;  // members_way of each direction, decided once per call
+  // Stacked with B as B_rows = cat(B_i) (sum N_i, r) that the kernels read as block_diag(B_i) (Call::groups): equal
+  // ranks and scalings, at most kMaxGroup members. Otherwise B_bd is made.
+  bool rows = false;
   bool stacked() const { return !(fwd_members && bwd_members); }
 };
+
+// Whether a stacked group takes B as B_rows (GroupArgs::rows): LORA_OPS_GROUP_B=blockdiag forces block_diag(B_i)
+// (for A/B measurements).
+bool rows_way(const std::vector<int64_t>& r, bool one_scaling) {
+  const char* v = std::getenv("LORA_OPS_GROUP_B");
+  if (v != nullptr && std::strcmp(v, "blockdiag") == 0) return false;
+  return one_scaling && static_cast<int64_t>(r.size()) <= kMaxGroup
+         && std::all_of(r.begin(), r.end(), [&](int64_t v) { return v == r[0]; });
+}
 
 // Per member, forward (env LORA_OPS_GROUP_FWD) or backward (LORA_OPS_GROUP_BWD), when summing the members' dX moves
 // fewer elements than concatenating their dY would (3 (g - 1) M K against 2 M sum N_i): the MLP's gate/up, not
@@ -1627,6 +1677,7 @@ std::vector<Call> member_calls(const Call& c, const std::vector<int64_t>& n, con
   int64_t n0 = 0, r0 = 0, byte0 = 0, block0 = 0;
   for (size_t i = 0; i < n.size(); ++i) {
     Call ci = c;
+    ci.groups.clear();
     if (c.absmax.defined()) {
       // Every member but the last ends on a block boundary (grouped.py's eligibility), so its bytes and absmax
       // are contiguous ranges of the stacked ones.
@@ -1645,7 +1696,7 @@ std::vector<Call> member_calls(const Call& c, const std::vector<int64_t>& n, con
       ci.scaling = (*scalings)[i];
     } else {
       ci.A = c.A.narrow(0, r0, r[i]);
-      ci.B = c.B.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
+      ci.B = c.groups.empty() ? c.B.narrow(0, n0, n[i]).narrow(1, r0, r[i]) : c.B.narrow(0, n0, n[i]);
     }
     if (c.bias.defined()) ci.bias = c.bias.narrow(0, n0, n[i]);
     if (Ss != nullptr) ci.s = (*Ss)[i];
@@ -1662,6 +1713,9 @@ std::vector<Call> member_calls(const Call& c, const std::vector<int64_t>& n, con
 //   y_cat = lora_fwd(x, W_cat, A_cat, B_bd, scaling)   A_cat = cat(A_i)   B_bd = block_diag(c_i * B_i)
 //   y_i = y_cat[..., N_i] (views)          c_i = 1 and scaling = s when all s_i are equal, else c_i = s_i, scaling 1
 // or y_i = lora_fwd(x, W_i, ...) per member (member_calls), each output a contiguous tensor of its own.
+// With equal ranks and scalings (GroupArgs::rows) B_bd is never made: the stacked calls take B_rows = cat(B_i)
+// with the members' sizes (Call::groups), which the kernels read as B_bd, and dB_rows comes back as (sum N_i, r),
+// dB_i its row ranges.
 // Backward, one of two ways (members_way decides): on the concatenated dY = cat(dy_i) (zeros for an unused output),
 // one lora_bwd, dA_i = rows r_i of dA_cat and dB_i = c_i * dB_bd[N_i, r_i], the values autograd gives through the
 // Python group's cat / block_diag / split; or per member (backward_per_member), dX summed.
@@ -1717,6 +1771,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     ctx->saved_data["scalings"] = args.scalings;
     ctx->saved_data["one_scaling"] = args.one_scaling;
     ctx->saved_data["stacked"] = args.stacked();
+    ctx->saved_data["rows"] = args.rows;
     ctx->saved_data["bwd_members"] = args.bwd_members;
     ctx->saved_data["has_bias"] = c.bias.defined();
     return out;
@@ -1728,11 +1783,13 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     const bool one_scaling = ctx->saved_data["one_scaling"].toBool();
     const bool stacked = ctx->saved_data["stacked"].toBool();
     const bool bwd_members = ctx->saved_data["bwd_members"].toBool();
+    const bool rows = ctx->saved_data["rows"].toBool();
     const std::vector<int64_t> x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     const int64_t g = static_cast<int64_t>(n.size());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     std::vector<at::Tensor> extra;
     Call c = saved_call(ctx, &extra);
+    if (rows) c.groups = n;
     c.need_dx = ctx->needs_input_grad(0);
     for (int64_t i = 0; i < g; ++i) {
       c.need_dA = c.need_dA || ctx->needs_input_grad(1 + i);
@@ -1757,7 +1814,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       backward_per_member(ctx, member_calls(c, n, r), dys, one_scaling ? std::vector<double>{} : scalings, out);
     } else {
       c.dy = at::cat(dys, 1);
-      c.db_in_blocks = true;
+      c.db_in_blocks = !rows;  // B_rows' gradient is one (sum N_i, r) tensor: one cast, dB_i its row ranges
       check_call(c, true);
       BwdOut o = backward_or_fallback(c);
       if (c.need_dx) out[0] = o.dx;
@@ -1772,7 +1829,8 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       for (int64_t i = 0; i < g; ++i) {
         if (ctx->needs_input_grad(1 + i)) out[1 + i] = o.dA.narrow(0, r0, r[i]);
         if (ctx->needs_input_grad(1 + g + i)) {
-          at::Tensor db = db_all.narrow(0, n0, n[i]).narrow(1, r0, r[i]);
+          at::Tensor db = db_all.narrow(0, n0, n[i]);
+          if (!rows) db = db.narrow(1, r0, r[i]);
           if (blocks) db = db.to(dt);
           out[1 + g + i] = one_scaling ? db : db * scalings[i];
         }
@@ -1849,10 +1907,13 @@ py::object group_call(const at::Tensor& x, const at::Tensor& w, const std::optio
   args.fwd_members = members_way(nested, g, k, sum_n, "LORA_OPS_GROUP_FWD");
   args.bwd_members = members_way(nested, g, k, sum_n, "LORA_OPS_GROUP_BWD");
   at::Tensor a_cat, b_bd;
+  args.rows = args.stacked() && rows_way(args.r, args.one_scaling);
   if (args.stacked()) {
     at::NoGradGuard no_grad;  // GroupFunction's backward gives each member's A_i and B_i its gradient
     a_cat = at::cat(As, 0);
-    if (args.one_scaling) {
+    if (args.rows) {
+      b_bd = at::cat(Bs, 0);  // B_rows: the kernels read it as block_diag(B_i)
+    } else if (args.one_scaling) {
       b_bd = at::block_diag(Bs);
     } else {
       std::vector<at::Tensor> scaled;
@@ -1869,6 +1930,7 @@ py::object group_call(const at::Tensor& x, const at::Tensor& w, const std::optio
   args.c = make_call(x.dim() == 2 ? x : x.view({-1, k}), w, absmax, nested_absmax, nested_code, offset, blocksize,
                      a_cat, b_bd, args.one_scaling ? scalings[0] : 1.0, bias, p, std::nullopt);
   Call& c = args.c;
+  if (args.rows) c.groups = args.n;
   if (!check_call(c, false)) return py::none();
   if (c.nf4 && (w_rows != c.n || w_cols != c.k)) return py::none();
   if (!c.nf4 && w.requires_grad()) return py::none();

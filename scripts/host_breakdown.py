@@ -76,15 +76,15 @@ def main():
           y.grad_fn.name())
     if mod is not None:
         xs, As, Bs = x.detach(), A.detach(), B.detach()
-        y, s = mod.launch_fwd(xs, W, None, None, None, None, 0, As, Bs, 2.0, None, 0.0, None, False)
+        y, s = mod.launch_fwd(xs, W, None, None, None, None, 0, As, Bs, 2.0, None, 0.0, None, [], False)
         rows += [
             ("C++ launch_linear dense (fwd, autograd node)",
              lambda: mod.launch_linear(x, W, None, None, None, None, 0, 0, 0, A, B, 2.0, None, 0.0, 0)),
             ("C++ launch_fwd dense (no autograd)",
-             lambda: mod.launch_fwd(xs, W, None, None, None, None, 0, As, Bs, 2.0, None, 0.0, None, False)),
+             lambda: mod.launch_fwd(xs, W, None, None, None, None, 0, As, Bs, 2.0, None, 0.0, None, [], False)),
             ("C++ launch_bwd dense (dx, dA, dB)",
              lambda: mod.launch_bwd(dy, xs, W, None, None, None, None, 0, As, Bs, s, 2.0, 0.0, None, True, True,
-                                    True, False, False)),
+                                    True, False, [], False)),
             ("torch.empty (64, 16)", lambda: torch.empty((64, 16), device=dev, dtype=dt)),
         ]
     try:

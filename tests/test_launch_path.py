@@ -75,7 +75,8 @@ def _inputs(m, k, n, r, dtype, weight="dense", bias=True, p=0.0, seed=0, x_t=Fal
     return fwd, torch.randn(m, n, generator=g).to(dtype)
 
 
-def _check(dry, phase, args):
+def _check(dry, phase, args, groups=()):
+    args = (*args, list(groups))  # the C++ entries' and the fallback's argument list ends with the group sizes
     res = (dry.launch_fwd if phase == 0 else dry.launch_bwd)(*args, True)
     assert type(res) is tuple, f"the dry run refused the call ({res})"
     launcher = L.lora_forward if phase == 0 else L.lora_backward
@@ -126,7 +127,7 @@ def test_tma_gemm_launch_lists(dry, monkeypatch):
     # K and N of two split units: S and dS in two fp32 slices, which the TMA GEMMs sum and store rounded.
     fwd, dy = _inputs(m=64, k=128, n=128, r=16, dtype=torch.float16, bias=True, p=0.1)
     y, s = _check(dry, 0, fwd)
-    assert any(r[0] == "lora_gemm_tma" for r in dry.launch_fwd(*fwd, True)[1])
+    assert any(r[0] == "lora_gemm_tma" for r in dry.launch_fwd(*fwd, [], True)[1])
     x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd
     bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p, seed, True, True, True, True)
     _check(dry, 1, bargs)
@@ -170,18 +171,18 @@ def test_nf4_chunks_take_the_tma_gemm_by_the_layers_shape(dry, monkeypatch):
         _launch._sync_settings(dry)
         fwd, dy = _inputs(m=64, k=256, n=136, r=8, dtype=torch.float16, weight="nf4", p=0.1)
         y, s = _check(dry, 0, fwd)
-        names = [r[0] for r in dry.launch_fwd(*fwd, True)[1]]
+        names = [r[0] for r in dry.launch_fwd(*fwd, [], True)[1]]
         assert names.count("nf4_dequant") > 1 and names.count("nf4_dequant") == names.count("lora_gemm_tma"), names
         x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
         bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
         _check(dry, 1, bargs)
-        names = [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+        names = [r[0] for r in dry.launch_bwd(*bargs, [], True)[1]]
         assert names.count("nf4_dequant") > 1 and names.count("nf4_dequant") == names.count("lora_gemm_tma"), names
         for name, bound in (("_TMA_MIN_NK", 256 * 136 + 1), ("_TMA_MIN_MNK", 64 * 256 * 136 + 1)):
             monkeypatch.setattr(L, name, bound)  # the layer below one bound of the rule: pointer GEMMs only
             _launch._sync_settings(dry)
-            assert "lora_gemm_tma" not in [r[0] for r in dry.launch_fwd(*fwd, True)[1]], name
-            assert "lora_gemm_tma" not in [r[0] for r in dry.launch_bwd(*bargs, True)[1]], name
+            assert "lora_gemm_tma" not in [r[0] for r in dry.launch_fwd(*fwd, [], True)[1]], name
+            assert "lora_gemm_tma" not in [r[0] for r in dry.launch_bwd(*bargs, [], True)[1]], name
             _check(dry, 0, fwd)
             _check(dry, 1, bargs)
             monkeypatch.setattr(L, name, bound - 1)
@@ -208,7 +209,7 @@ def test_split_sum_before_a_one_slice_gemm(dry, monkeypatch, weight):
         _launch._sync_settings(dry)
         fwd, dy = _inputs(m=70, k=256, n=136, r=8, dtype=dtype, weight=weight)
         y, s = _check(dry, 0, fwd)
-        recs = dry.launch_fwd(*fwd, True)[1]
+        recs = dry.launch_fwd(*fwd, [], True)[1]
         assert any(r[0] == "lora_s" for r in recs) and ("lora_gemm_tma" if weight == "dense" else "nf4_dequant") in \
             [r[0] for r in recs], [r[0] for r in recs]
         x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
@@ -239,7 +240,7 @@ def test_ds_slices_above_the_split_sum_bound(dry, monkeypatch, ds_splits):
         x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
         bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
         dx, da, db, dbias = _check(dry, 1, bargs)
-        assert "lora_gemm_tma" in [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+        assert "lora_gemm_tma" in [r[0] for r in dry.launch_bwd(*bargs, [], True)[1]]
         with L.recording() as records:
             L.lora_forward(*fwd)
             L.lora_backward(*bargs)
@@ -265,11 +266,11 @@ def test_nf4_chunks_only_from_the_chunk_min_m(dry, monkeypatch):
             monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", min_m)
             _launch._sync_settings(dry)
             y, s = _check(dry, 0, fwd)
-            names = [r[0] for r in dry.launch_fwd(*fwd, True)[1]]
+            names = [r[0] for r in dry.launch_fwd(*fwd, [], True)[1]]
             assert (names.count("nf4_dequant") > 1) == chunked, names
             bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
             _check(dry, 1, bargs)
-            names = [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+            names = [r[0] for r in dry.launch_bwd(*bargs, [], True)[1]]
             assert (names.count("nf4_dequant") > 1) == chunked, names
     finally:
         monkeypatch.undo()
@@ -288,23 +289,97 @@ def test_db_without_atomics_above_the_atomic_limit(dry, monkeypatch):
             monkeypatch.setattr(L, "_ATOMIC_DB_MAX_M", limit)
             _launch._sync_settings(dry)
             _check(dry, 1, bargs)
-            names = [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+            names = [r[0] for r in dry.launch_bwd(*bargs, [], True)[1]]
             assert ("lora_bwd_db" in names) == separate, names
     finally:
         monkeypatch.undo()
         _launch._sync_settings(dry)
 
 
+@pytest.mark.parametrize("setting", ["pointer", "tma", "nf4-chunks", "deterministic", "ds-slices"])
+def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting):
+    """A projection group's stacked call with B_rows = cat(B_i) and the members' sizes (``groups``): the C++ launch
+    lists equal the Python launchers' on the pointer and TMA GEMMs, NF4 chunks (boundaries seen from each chunk's
+    first column), the atomic-free dB kernel and dS slices; y, dX, dA equal the call on block_diag(B_i), and dB is
+    that call's diagonal blocks, stacked."""
+    sizes, rb = (64, 40, 32), 8
+    dtype, weight = torch.float32, "dense"
+    try:
+        if setting == "tma":
+            monkeypatch.setenv("LORA_OPS_TMA", "1")
+            dtype = torch.float16
+        elif setting == "nf4-chunks":
+            monkeypatch.setattr(L, "_DEQUANT_ON_CPU", True)
+            monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 40 * 256 * 4)
+            monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
+            weight = "nf4"
+        elif setting == "ds-slices":
+            monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 32)
+            monkeypatch.setenv("LORA_OPS_TMA", "1")
+            dtype = torch.float16
+        _launch._sync_settings(dry)
+        fwd, dy = _inputs(m=70, k=256, n=sum(sizes), r=rb * len(sizes), dtype=dtype, weight=weight, bias=True)
+        x, w, absmax, nabs, ncode, offset, bs, a, b_bd, scaling, bias, p_, seed = fwd
+        b_rows = b_bd[:, :rb].contiguous()
+        n0 = 0
+        for i, ni in enumerate(sizes):  # b_bd: block diagonal, member i's block the rows' B_i
+            b_bd[n0:n0 + ni] = 0
+            b_bd[n0:n0 + ni, i * rb:(i + 1) * rb] = b_rows[n0:n0 + ni]
+            n0 += ni
+        rows = (x, w, absmax, nabs, ncode, offset, bs, a, b_rows, scaling, bias, p_, seed)
+        y, s = _check(dry, 0, rows, sizes)
+        y_bd, s_bd = L.lora_forward(*fwd)
+        assert torch.equal(s, s_bd)
+        torch.testing.assert_close(y, y_bd, rtol=1e-6, atol=1e-6)
+        if setting == "nf4-chunks":
+            assert [r[0] for r in dry.launch_fwd(*rows, list(sizes), True)[1]].count("nf4_dequant") > 1
+        need = (True, True, True, True)
+        deterministic = setting == "deterministic"
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            got = _check(dry, 1, (dy, *rows[:8], b_rows, s, scaling, p_, seed, *need), sizes)
+            want = L.lora_backward(dy, *fwd[:8], b_bd, s, scaling, p_, seed, *need)
+            names = [r[0] for r in dry.launch_bwd(dy, *rows[:8], b_rows, s, scaling, p_, seed, *need, list(sizes),
+                                                  True)[1]]
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert ("lora_bwd_db" in names) == deterministic, names
+        dx, da, db, dbias = got
+        assert db.shape == b_rows.shape
+        n0 = 0
+        blocks = []
+        for i, ni in enumerate(sizes):
+            blocks.append(want[2][n0:n0 + ni, i * rb:(i + 1) * rb])
+            n0 += ni
+        for name, g_, w_ in (("dx", dx, want[0]), ("dA", da, want[1]), ("dB", db, torch.cat(blocks)),
+                             ("dbias", dbias, want[3])):
+            torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5, msg=name)
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+
+
+def test_group_sizes_are_checked():
+    """Group sizes that do not describe lora_B / lora_A raise a ValueError that names them (the launchers)."""
+    x, a, b = torch.randn(4, 32), torch.randn(8, 32), torch.randn(24, 4)
+    w = torch.randn(24, 32)
+    for groups in ((8, 8), (8, 8, 8, 0), (12, 12, 0), (4, 4, 4, 4, 4, 4)):
+        with pytest.raises(ValueError, match="groups="):
+            L.lora_forward(x, w, None, None, None, None, 0, a, b, 1.0, None, 0.0, None, groups)
+    with pytest.raises(ValueError, match="lora_B"):  # two members of rank 4 over A's 8 ranks need B (24, 4)
+        L.lora_forward(x, w, None, None, None, None, 0, a, torch.randn(24, 8), 1.0, None, 0.0, None, (12, 12))
+
+
 def test_comparison_catches_a_changed_argument(dry):
     """The check that guards every launch can fail: one changed int, one swapped input pointer, one grid."""
     fwd, _ = _inputs(m=70, k=96, n=80, r=8, dtype=torch.float32)
-    plan, launches = dry.launch_fwd(*fwd, True)
+    plan, launches = dry.launch_fwd(*fwd, [], True)
     with L.recording() as records:
         L.lora_forward(*fwd)
     records = list(records)
     inputs = _launch._inputs(0, fwd)
-    _launch._register(dry, 0, plan, fwd, records)  # registers the variants, so the grids are known
-    plan, launches = dry.launch_fwd(*fwd, True)
+    _launch._register(dry, 0, plan, (*fwd, []), records)  # registers the variants, so the grids are known
+    plan, launches = dry.launch_fwd(*fwd, [], True)
     assert _launch.compare(launches, records, inputs) == []
     bad_int = [list(l) for l in launches]
     bad_int[0][2] = list(bad_int[0][2])
@@ -323,10 +398,10 @@ def test_comparison_catches_a_changed_argument(dry):
 def test_unsupported_calls_are_refused(dry):
     fwd, _ = _inputs(m=8, k=32, n=16, r=4, dtype=torch.float32)
     x = fwd[0]
-    assert dry.launch_fwd(x[:0], *fwd[1:], True) == -1  # an empty batch stays on the Python launchers
-    assert dry.launch_fwd(x.double(), *fwd[1:], True) == -1  # float64: reference only
+    assert dry.launch_fwd(x[:0], *fwd[1:], [], True) == -1  # an empty batch stays on the Python launchers
+    assert dry.launch_fwd(x.double(), *fwd[1:], [], True) == -1  # float64: reference only
     bad_a = torch.zeros(4, 31)
-    assert dry.launch_fwd(x, *fwd[1:7], bad_a, *fwd[8:], True) == -1  # wrong shape: Python raises the error
+    assert dry.launch_fwd(x, *fwd[1:7], bad_a, *fwd[8:], [], True) == -1  # wrong shape: Python raises the error
 
 
 @pytest.mark.parametrize("weight,p", [("nf4", 0.2), ("nf4-dq", 0.0)])
@@ -342,14 +417,14 @@ def test_nf4_temporary_and_its_chunks(dry, monkeypatch, weight, p):
             _launch._sync_settings(dry)
             fwd, dy = _inputs(m=70, k=256, n=136, r=8, dtype=torch.float32, weight=weight, p=p)
             y, s = _check(dry, 0, fwd)
-            names = [r[0] for r in dry.launch_fwd(*fwd, True)[1]]
+            names = [r[0] for r in dry.launch_fwd(*fwd, [], True)[1]]
             assert names.count("nf4_dequant") == (4 if chunked else 1), names
             assert names.count("lora_fwd") == names.count("nf4_dequant"), names
             x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
             for need in [(True, True, True, True), (True, False, False, False)]:
                 bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, *need)
                 _check(dry, 1, bargs)
-                names = [r[0] for r in dry.launch_bwd(*bargs, True)[1]]
+                names = [r[0] for r in dry.launch_bwd(*bargs, [], True)[1]]
                 assert names.count("lora_bwd_dx") == (4 if chunked else 1), names
     finally:
         monkeypatch.undo()
@@ -412,13 +487,16 @@ def test_cpp_autograd_function_equals_lora_linear(dry, monkeypatch, case):
         assert not torch.equal(other, y.detach())
 
 
-def _fallback_phases(dry, fn):
+def _fallback_phases(dry, fn, calls=None):
     """Run fn() and return the phase (0 forward, 1 backward) of each call the C++ side handed to the Python
-    launchers (in the test build, every call)."""
+    launchers (in the test build, every call); ``calls``, a list, receives each call's (phase, lora_B's shape,
+    group sizes)."""
     phases = []
 
     def counting(phase, plan, *args):
         phases.append(phase)
+        if calls is not None:
+            calls.append((phase, tuple(args[8 if phase == 0 else 9].shape), list(args[-1])))
         return _launch._fallback(phase, plan, *args)
     dry.launch_set_fallback(counting)
     try:
@@ -437,7 +515,22 @@ GROUP_CASES = [
          weight="nf4-dq", bias=False, p=0.1, x3d=True, x_grad=False, use=(0, 1, 2)),
     dict(m=16, k=128, sizes=(64, 64), ranks=(4, 8), scalings=(1.0, 3.0), dtype=torch.float32, weight="nf4",
          bias=True, p=0.0, x3d=False, x_grad=True, use=(0, 1), a_grad=False),
+    # Equal ranks and scalings: the stacked calls take B_rows = cat(B_i) with the members' sizes (no B_bd).
+    dict(m=24, k=128, sizes=(64, 32, 32), ranks=(4, 4, 4), scalings=(1.5, 1.5, 1.5), dtype=torch.float16,
+         weight="nf4", bias=True, p=0.25, x3d=True, x_grad=True, use=(0, 2)),
+    dict(m=20, k=128, sizes=(64, 32, 32), ranks=(8, 8, 8), scalings=(0.5, 0.5, 0.5), dtype=torch.float32,
+         weight="nf4-dq", bias=False, p=0.1, x3d=False, x_grad=True, use=(0, 1, 2)),
+    dict(m=20, k=64, sizes=(16, 48, 16, 32), ranks=(8, 8, 8, 8), scalings=(2.0,) * 4, dtype=torch.float32,
+         weight="dense", bias=True, p=0.0, x3d=False, x_grad=True, use=(0, 1, 3)),
+    # Five members: more than the kernels' three boundaries, so B_bd again.
+    dict(m=20, k=64, sizes=(16,) * 5, ranks=(4,) * 5, scalings=(1.0,) * 5, dtype=torch.float16, weight="dense",
+         bias=False, p=0.0, x3d=False, x_grad=True, use=(0, 1, 2, 3, 4)),
 ]
+
+
+def _b_rows(case) -> bool:
+    """Whether a group case's stacked calls take B_rows (csrc/lora_launch.cpp rows_way)."""
+    return len(set(case["ranks"])) == 1 and len(set(case["scalings"])) == 1 and len(case["sizes"]) <= 4
 
 
 @pytest.mark.parametrize("fwd", ["concat", "members"])
@@ -488,17 +581,26 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fw
     got = leaves()
     torch.manual_seed(123)
     fwd_member = fwd == "members" and c["weight"] != "nf4-dq"
-    out = []
+    out, calls = [], []
     forwards = _fallback_phases(dry, lambda: out.append(dry.launch_group_call(
-        got[0], *wargs, rows, cols, got[1], got[2], list(c["scalings"]), got[3], c["p"], 0, True)))
+        got[0], *wargs, rows, cols, got[1], got[2], list(c["scalings"]), got[3], c["p"], 0, True)), calls)
     ys = out[0]
     assert forwards == [0] * (len(sizes) if fwd_member else 1)
     assert isinstance(ys, tuple) and len(ys) == len(sizes)
     assert all(y.grad_fn is not None and y.grad_fn.name().endswith("GroupFunction>") for y in ys)
     assert all(y.is_contiguous() for y in ys) == fwd_member
-    backwards = _fallback_phases(dry, lambda: backward(ys))
+    backwards = _fallback_phases(dry, lambda: backward(ys), calls)
     per_member = mode == "members" and c["weight"] != "nf4-dq"
     assert backwards == [1] * (len(sizes) if per_member else 1)
+    # Which B each call got: a member's own (N_i, r_i) rows, or for a stacked call B_rows (sum N_i, r) with the
+    # members' sizes, or B_bd (sum N_i, sum r_i) without.
+    for phase, b_shape, groups in calls:
+        if (fwd_member if phase == 0 else per_member) or (fwd_member and per_member):
+            assert groups == [] and b_shape[0] in sizes, (phase, b_shape, groups)
+        elif _b_rows(c):
+            assert groups == list(sizes) and b_shape == (n, ranks[0]), (phase, b_shape, groups)
+        else:
+            assert groups == [] and b_shape == (n, sum(ranks)), (phase, b_shape, groups)
 
     want = leaves()
     torch.manual_seed(123)

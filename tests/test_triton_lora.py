@@ -427,7 +427,7 @@ UNIT = {"stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_ak", "stride
 # The GEMM kernel's Rt is B^T in the forward (unit stride along r) and A_lora in dX (unit stride along n).
 UNIT_BY_KERNEL = {"lora_fwd": {"stride_rr"}, "lora_bwd_dx": {"stride_rn"}}
 GEMM_FLAGS = {"lora_fwd": dict(TRANS_W=True, HAS_DROPOUT=False, HAS_BIAS=True),
-              "lora_bwd_dx": dict(TRANS_W=False, HAS_DROPOUT=True, HAS_BIAS=False)}
+              "lora_bwd_dx": dict(TRANS_W=False, HAS_DROPOUT=True, HAS_BIAS=False, GROUPED=False)}
 ptxas = get_ptxas(90).path
 res = []
 for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -439,7 +439,7 @@ for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             cfg = kernel.prune(kernel.configs, {"M": 8192, "x_ptr": torch.empty(1, dtype=tdt)}, IS_NF4=wk != "dense")[0]
             consts = dict(cfg.kwargs, BLOCK_R=64)
             flags = dict(IS_NF4=wk != "dense", NESTED=wk == "nf4dq", BLOCKSIZE=64, HAS_BIAS=True, HAS_DROPOUT=True,
-                         DO_DB=True, DO_DBIAS=True, WRITE_L=True)
+                         DO_DB=True, DO_DBIAS=True, WRITE_L=True, GROUPED=True)
             flags.update(GEMM_FLAGS.get(kname, {}))
             for name, val in flags.items():
                 if name in kernel.fn.arg_names:
@@ -611,8 +611,8 @@ out = {}
 for trans in (True, False):
     blocks, warps, stages = L._TMA_CONFIGS[0][1], L._TMA_CONFIGS[0][2], L._TMA_CONFIGS[0][3]
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
-    consts = dict(TRANS_W=trans, HAS_BIAS=trans, HAS_DROPOUT=not trans, WRITE_L=True, R_CHUNKS=1, R=16,
-                  BLOCK_R=L._TMA_BLOCK_R,
+    consts = dict(TRANS_W=trans, HAS_BIAS=trans, HAS_DROPOUT=not trans, WRITE_L=True, GROUPED=trans, R_CHUNKS=1,
+                  R=16, BLOCK_R=L._TMA_BLOCK_R,
                   NUM_SMS=132, FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                   stride_lr=1, stride_bias=1, **blocks)
     consts["stride_rr" if trans else "stride_rn"] = 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -232,7 +232,44 @@ def _narrow(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous()
 
 
-def _check_lora(x, lora_A, lora_B, bias=None) -> Tuple[int, int, int, int]:
+class _Group(NamedTuple):
+    """A projection group's B as the kernels read it (``lora_kernels._member_rank``): B_rows (sum N_i, rb) holds
+    the members' B_i stacked, standing for block_diag(B_1, ..., B_g) (sum N_i, g * rb); member i's output columns
+    start at nb_i (nb_1 < nb_2 < nb_3, an unused one >= N). ``on`` False: an ordinary B (the values are unused)."""
+    on: bool = False
+    rb: int = 0
+    nb1: int = 0
+    nb2: int = 0
+    nb3: int = 0
+
+    def args(self) -> Tuple[int, int, int, int]:
+        return self.rb, self.nb1, self.nb2, self.nb3
+
+    def shifted(self, n0: int) -> "_Group":
+        """The same group seen from a window of the output columns that starts at column n0."""
+        return self._replace(nb1=self.nb1 - n0, nb2=self.nb2 - n0, nb3=self.nb3 - n0) if self.on else self
+
+
+_NO_GROUP = _Group()
+# The kernels take at most three member boundaries.
+MAX_GROUP = 4
+
+
+def _group(groups: Optional[Sequence[int]], n: int, r: int) -> _Group:
+    """The _Group of members with out_features ``groups`` (None or empty: no group), checked against B (n, r // g)
+    and A (r, K)."""
+    if not groups:
+        return _NO_GROUP
+    sizes = [int(v) for v in groups]
+    if not 2 <= len(sizes) <= MAX_GROUP or min(sizes) < 1 or sum(sizes) != n or r % len(sizes):
+        raise ValueError(f"groups={tuple(sizes)}: a group of 2..{MAX_GROUP} members with out_features >= 1 summing "
+                         f"to lora_B's {n} rows, over lora_A's {r} ranks split evenly; pass groups=None for one layer")
+    bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+    bounds += [n] * (3 - len(bounds))
+    return _Group(True, r // len(sizes), *bounds)
+
+
+def _check_lora(x, lora_A, lora_B, bias=None, groups=None) -> Tuple[int, int, int, int]:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K) (flatten leading dims first), got shape {tuple(x.shape)}")
     if x.dtype not in _nf4.FLOAT_DTYPES:
@@ -244,7 +281,7 @@ def _check_lora(x, lora_A, lora_B, bias=None) -> Tuple[int, int, int, int]:
     r = lora_A.shape[0]
     n = lora_B.shape[0]
     _check_same("lora_A", lora_A, x, (r, k))
-    _check_same("lora_B", lora_B, x, (n, r))
+    _check_same("lora_B", lora_B, x, (n, _group(groups, n, r).rb if groups else r))
     if r < 1:
         raise ValueError(f"lora_A has rank {r}; the rank must be >= 1")
     if bias is not None:
@@ -446,19 +483,20 @@ def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor, nk: Optional[int] = None
 
 
 def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket,
-               tma, l_out=None, drop_cols=None):
+               tma, l_out=None, drop_cols=None, group=_NO_GROUP):
     """c (M, N) = dropout(scaling * L (M, r) @ Rt (r, N)) (+ bias) + a (M, K) @ op(W): the forward
     (trans_w, W (N, K): op(W) = W^T, Rt = B^T) or the dX GEMM (W (K, N) itself, Rt = A_lora). ``w``: a _W;
     Rt is addressed through ``rt`` with (stride_rr, stride_rn). ``l``: L (M, r), or (splits, M, r) fp32 partials
     that the kernel sums and rounds (then ``l_out``, if given, receives that rounded L). ``drop_cols`` = (x's
-    column count, first column) when c is a column window of dX (dropout indexes x's elements). The TMA kernel
-    when ``tma`` (one slice only), else the pointer kernel ``kernel`` (_FWD_KERNEL / _DX_KERNEL: their own
-    configs and counters)."""
+    column count, first column) when c is a column window of dX (dropout indexes x's elements). ``group``: Rt
+    is a projection group's B_rows^T (the forward; a _Group seen from c's first column). The TMA kernel when
+    ``tma`` (one slice only), else the pointer kernel ``kernel`` (_FWD_KERNEL / _DX_KERNEL: their own configs and
+    counters)."""
     m, n = c.shape
     drop_ld, drop_c0 = drop_cols or (n, 0)
     if tma:
         _tma_gemm(a, w.ptrs[0], c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0,
-                  l_out)
+                  l_out, group)
         return
     scratch = _scratch(c.device)
     b = bias if bias is not None else scratch
@@ -468,9 +506,9 @@ def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling
            a.stride(0), a.stride(1), *w.strides, stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0),
            c.stride(0), c.stride(1), *stride_lo,
            m, n, a.shape[1], r, l.shape[0] if l.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale,
-           drop_ld, drop_c0, m_bucket,
+           drop_ld, drop_c0, m_bucket, *group.args(),
            TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
-           BLOCK_R=block_r, **w.meta, **w.opts)
+           GROUPED=group.on, BLOCK_R=block_r, **w.meta, **w.opts)
 
 
 def _l_args(l, l_out, scratch):
@@ -483,7 +521,7 @@ def _l_args(l, l_out, scratch):
 
 
 def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0,
-              l_out=None):
+              l_out=None, group=_NO_GROUP):
     """c = lora + a @ (w^T if trans_w else w) through _lora_gemm_tma_kernel (see there); ``lt`` and ``l_out`` as
     in _lora_gemm."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -503,9 +541,9 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
                 a_d, w_d, c_d, lt, rt_ptr, b, drop.seed, lo,
                 stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0), *stride_lo,
                 m, n, k, lt.shape[0] if lt.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale, drop_ld,
-                drop_c0,
+                drop_c0, *group.args(),
                 TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
-                R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r, BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
+                GROUPED=group.on, R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r, BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
                 FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                 _config=(blocks, warps, stages))
 
@@ -516,13 +554,17 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                  nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                  offset: Optional[torch.Tensor], blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
                  scaling: float, bias: Optional[torch.Tensor], dropout_p: float,
-                 seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                 seed: Optional[torch.Tensor], groups: Optional[Sequence[int]] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> (y (M, N), S (M, r)), the contract of ``lora_ops::lora_fwd``; S is rounded to x.dtype.
 
     weight: dense (N, K) when ``absmax`` is None, else the packed NF4 bytes of an (N, K) weight with absmax
     (fp32, or uint8 codes with nested_absmax / nested_code / offset). seed: 0-d int64 tensor or None (p == 0).
+    groups: a projection group's out_features (N_1, ..., N_g), 2 <= g <= 4, with lora_B = cat(B_i) (N, r / g)
+    standing for block_diag(B_i) (N, r): y is that of the block-diagonal B, with no block-diagonal tensor made.
     """
-    m, k, n, r = _check_lora(x, lora_A, lora_B, bias)
+    m, k, n, r = _check_lora(x, lora_A, lora_B, bias, groups)
+    group = _group(groups, n, r)
     x, lora_A, lora_B, bias = (_narrow(t) for t in (x, lora_A, lora_B, bias))
     w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x)
     drop = _Dropout(dropout_p, seed, x)
@@ -553,12 +595,13 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                 wc, yc = w.block(n0, n1), y[:, n0:n1]
                 _lora_gemm(_FWD_KERNEL, x, wc, yc, s, lora_B[n0:n1], lora_B.stride(1), lora_B.stride(0),
                            None if bias is None else bias[n0:n1], no_drop, scaling, True, r, block_r, m_bucket,
-                           _use_tma(x, wc, yc, n * k))
+                           _use_tma(x, wc, yc, n * k), group=group.shifted(n0))
                 del wc
         elif n > 0:
             gemm_sums = splits > 1 and not summed
             _lora_gemm(_FWD_KERNEL, x, w, y, s_part if gemm_sums else s, lora_B, lora_B.stride(1), lora_B.stride(0),
-                       bias, no_drop, scaling, True, r, block_r, m_bucket, tma, s if gemm_sums else None)
+                       bias, no_drop, scaling, True, r, block_r, m_bucket, tma, s if gemm_sums else None,
+                       group=group)
     return y, s
 
 
@@ -566,11 +609,16 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                   nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                   offset: Optional[torch.Tensor], blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
                   s: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
-                  need_dx: bool, need_dA: bool, need_dB: bool,
-                  need_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  need_dx: bool, need_dA: bool, need_dB: bool, need_dbias: bool,
+                  groups: Optional[Sequence[int]] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (M, K), dA (r, K), dB (N, r), dbias (N,)), the contract of ``lora_ops::lora_bwd``; a gradient not
-    asked for comes back with 0 elements. dS (M, r) is rounded to x.dtype before the dX and dA GEMMs."""
-    m, k, n, r = _check_lora(x, lora_A, lora_B)
+    asked for comes back with 0 elements. dS (M, r) is rounded to x.dtype before the dX and dA GEMMs.
+    groups: as in lora_forward; dB is then lora_B's own gradient (N, r / g), the diagonal blocks of the
+    block-diagonal B's."""
+    m, k, n, r = _check_lora(x, lora_A, lora_B, None, groups)
+    group = _group(groups, n, r)
+    rb = group.rb if group.on else r  # dB's columns
     _check_same("dy", dy, x, (m, n))
     _check_same("s", s, x, (m, r))
     dy, x, lora_A, lora_B, s = (_narrow(t) for t in (dy, x, lora_A, lora_B, s))
@@ -605,16 +653,16 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
             ds = torch.empty((m, r), dtype=dt, device=dev)
             ds_part = ds if splits_ds == 1 else torch.empty((splits_ds, m, r), dtype=torch.float32, device=dev)
             # One zeroed fp32 buffer for both atomic targets (one allocation and one memset: host time counts).
-            acc = torch.zeros(((n * r if fused_db else 0) + (n if fused_dbias else 0),), dtype=torch.float32,
+            acc = torch.zeros(((n * rb if fused_db else 0) + (n if fused_dbias else 0),), dtype=torch.float32,
                               device=dev) if fused_db or fused_dbias else None
-            db_acc = acc[:n * r].view(n, r) if fused_db else _scratch(dev)
-            dbias_acc = acc[n * r if fused_db else 0:] if fused_dbias else _scratch(dev)
+            db_acc = acc[:n * rb].view(n, rb) if fused_db else _scratch(dev)
+            dbias_acc = acc[n * rb if fused_db else 0:] if fused_dbias else _scratch(dev)
             _DS_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits_ds),
                        dy, lora_B, s, ds_part, db_acc, dbias_acc,
                        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
                        ds_part.stride(0) if splits_ds > 1 else 0, ds_part.stride(-2), ds_part.stride(-1),
-                       m, n, r, cols_ds, float(scaling), m_bucket,
-                       DO_DB=fused_db, DO_DBIAS=fused_dbias, BLOCK_R=block_r)
+                       m, n, r, cols_ds, float(scaling), m_bucket, *group.args(),
+                       DO_DB=fused_db, DO_DBIAS=fused_dbias, GROUPED=group.on, BLOCK_R=block_r)
             if ds_summed:
                 ds.copy_(ds_part.sum(0))
             if fused_db:
@@ -626,15 +674,15 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         do_dbias = need_dbias and not fused_dbias
         if (do_db or do_dbias) and n > 0:
             splits, rows = _splits(m, triton.cdiv(n, 64) * r_chunks, dev)
-            db_out = _split_partials(splits, (n, r), dt, dev) if do_db else _scratch(dev).view(1, 1, 16)
+            db_out = _split_partials(splits, (n, rb), dt, dev) if do_db else _scratch(dev).view(1, 1, 16)
             dbias_out = _split_partials(splits, (n,), dt, dev) if do_dbias else _scratch(dev).view(1, 16)
             _DB_KERNEL(lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), r_chunks, splits),
                        dy, s, db_out, dbias_out,
                        dy.stride(0), dy.stride(1), s.stride(0), s.stride(1),
                        db_out.stride(0) if splits > 1 else 0, db_out.stride(1), db_out.stride(2),
                        dbias_out.stride(0) if splits > 1 else 0, dbias_out.stride(1),
-                       m, n, r, rows, float(scaling), m_bucket,
-                       DO_DB=do_db, DO_DBIAS=do_dbias, BLOCK_R=block_r)
+                       m, n, r, rows, float(scaling), m_bucket, *group.args(),
+                       DO_DB=do_db, DO_DBIAS=do_dbias, GROUPED=group.on, BLOCK_R=block_r)
             if do_db:
                 dB = _split_sum(db_out, dt)
             if do_dbias:

@@ -192,6 +192,15 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _member_rank(n, rb, nb1, nb2, nb3):
+    """Grouped projections' B (``GROUPED``): the first rank column of output column(s) ``n`` (int32) in the
+    block-diagonal B_bd that ``B_rows`` (sum N_i, rb) stands for, rb * #{i: n >= nb_i}: member i's columns
+    [nb_i, nb_{i+1}) read B_rows' rank columns 0..rb of their own rows, at rank offset i * rb of S / dS (up to four
+    members; an unused boundary is >= N)."""
+    return rb * ((n >= nb1).to(tl.int32) + (n >= nb2).to(tl.int32) + (n >= nb3).to(tl.int32))
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -253,14 +262,16 @@ def _l_tile(l_ptr, lo_ptr, m0, rm, rr, l_mask, stride_ls, stride_lm, stride_lr, 
     return lt
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "drop_c0"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "drop_c0", "rb", "nb1", "nb2", "nb3"])
 def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
                       l_ptr, r_ptr, bias_ptr, seed_ptr, c_ptr, lo_ptr,
                       stride_am, stride_ak, stride_wn, stride_wk, stride_ls, stride_lm, stride_lr, stride_rr,
                       stride_rn, stride_bias, stride_cm, stride_cn, stride_lom, stride_lor,
                       M, N, K, R, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0, M_BUCKET,
+                      rb, nb1, nb2, nb3,
                       TRANS_W: tl.constexpr, IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_L: tl.constexpr,
+                      GROUPED: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                       GROUP_M: tl.constexpr):
     """The forward GEMM and the dX GEMM (pointer loads; dense or NF4 W decoded tile by tile):
@@ -276,7 +287,10 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     L arrives as ``L_SPLITS`` slices ``stride_ls`` apart: fp32 partial sums over a split reduction (the S and dS
     kernels split K / N to fill the GPU at small M), summed here in slice order and rounded to A's dtype; one
     slice is L itself. With WRITE_L the programs of the first column tile store that rounded L (M, R) to lo_ptr
-    (S saved for backward, dS for the dA kernel)."""
+    (S saved for backward, dS for the dA kernel).
+
+    GROUPED (forward only): Rt is the block-diagonal B_bd^T of a projection group, read from B_rows (N, rb)
+    (``_member_rank``): Rt[j, n] = B_rows[n, j - ro(n)] where 0 <= j - ro(n) < rb, else 0."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     n0 = pid_n.to(tl.int64) * BLOCK_N
@@ -289,14 +303,22 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
 
     # LoRA term first (S / dS rounded to the input dtype, as saved or as PEFT would feed it).
     r_base = r_ptr + n0 * stride_rn
+    ro = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    if GROUPED:
+        ro = _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < R
         lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm, stride_lr,
                      stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
-        rt = tl.load(r_base + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
-                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        if GROUPED:
+            jj = rr[:, None] - ro[None, :]
+            rt = tl.load(r_base + (jj * stride_rr + rn[None, :] * stride_rn),
+                         mask=r_ok[:, None] & n_ok[None, :] & (jj >= 0) & (jj < rb), other=0.0)
+        else:
+            rt = tl.load(r_base + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(lt, rt.to(dtype), acc, input_precision="ieee")
     if TRANS_W:
         acc = acc * scaling
@@ -334,12 +356,12 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
              acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "drop_c0"])
+@triton.jit(do_not_specialize=["M", "drop_c0", "rb", "nb1", "nb2", "nb3"])
 def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_ptr, lo_ptr,
                           stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_lom, stride_lor,
-                          M, N, K, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0,
+                          M, N, K, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0, rb, nb1, nb2, nb3,
                           TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          WRITE_L: tl.constexpr, R_CHUNKS: tl.constexpr, R: tl.constexpr,
+                          WRITE_L: tl.constexpr, GROUPED: tl.constexpr, R_CHUNKS: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
                           FLATTEN: tl.constexpr):
@@ -357,7 +379,8 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
 
     L arrives as ``L_SPLITS`` fp32 slices ``stride_ls`` apart (the S / dS passes split K / N to fill the GPU at
     small M), summed in slice order and rounded to C's dtype, or as one slice that is L itself; with WRITE_L the
-    tiles of the first column store that rounded L (M, R) to lo_ptr, as the pointer kernel does."""
+    tiles of the first column store that rounded L (M, R) to lo_ptr, as the pointer kernel does. GROUPED: Rt is a
+    projection group's B_bd^T read from B_rows (N, rb), as in the pointer kernel."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -375,14 +398,22 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         n0 = pid_n.to(tl.int64) * BLOCK_N
         m_ok = rm < M - m0
         n_ok = rn < N - n0
+        ro = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        if GROUPED:
+            ro = _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c in tl.static_range(R_CHUNKS):
             rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
             r_ok = rr < R
             lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm, stride_lr,
                          stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
-            rt = tl.load((r_ptr + n0 * stride_rn) + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
-                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            if GROUPED:
+                jj = rr[:, None] - ro[None, :]
+                rt = tl.load((r_ptr + n0 * stride_rn) + (jj * stride_rr + rn[None, :] * stride_rn),
+                             mask=r_ok[:, None] & n_ok[None, :] & (jj >= 0) & (jj < rb), other=0.0)
+            else:
+                rt = tl.load((r_ptr + n0 * stride_rn) + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
+                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(lt, rt.to(dtype), acc)
         acc = acc * scaling
         if HAS_DROPOUT:
@@ -405,17 +436,20 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         c_desc.store([om, on], acc.to(dtype))
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "rb", "nb1", "nb2", "nb3"])
 def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
                         stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dss, stride_dsm,
                         stride_dsr,
-                        M, N, R, cols_per_split, scaling, M_BUCKET,
-                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr,
+                        M, N, R, cols_per_split, scaling, M_BUCKET, rb, nb1, nb2, nb3,
+                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr, GROUPED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One pass over the (BLOCK_M, cols) block of dY that split ``pid_s`` covers: dS = s * dY @ B of those rows
     and columns into slot ``pid_s`` of ds (fp32 partials that the dX GEMM sums; one split: stride_dss = 0 and ds
     is dS itself in dY's dtype); with DO_DB / DO_DBIAS also adds s * dY^T @ S and colsum(dY) of the block into the
-    fp32 (N, R) / (N,) buffers by atomics."""
+    fp32 (N, R) / (N,) buffers by atomics.
+
+    GROUPED: B is a projection group's B_rows (N, rb) standing for B_bd (N, R) (``_member_rank``), and dB is
+    B_rows' gradient (N, rb): only B_bd's diagonal blocks are added."""
     pid_m = tl.program_id(0)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     r0 = tl.program_id(1) * BLOCK_R
@@ -431,6 +465,10 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dtype)
     dy_base = dy_ptr + m0 * stride_dym
     b_base = b_ptr + r0 * stride_br
+    db_ld = R  # the atomic dB buffer's row length: B_bd's R, or B_rows' rb
+    if GROUPED:
+        b_base = b_ptr
+        db_ld = rb
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     n_begin = pid_s * cols_per_split  # int32: N < 2**22
     n_end = tl.minimum(n_begin + cols_per_split, N)
@@ -441,15 +479,21 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
         n_ok = rn < n_end - n0
         dy = tl.load((dy_base + n0 * stride_dyn) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        b = tl.load((b_base + n0 * stride_bn) + (rn[:, None] * stride_bn + rr[None, :] * stride_br),
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        b_ok = n_ok[:, None] & r_ok[None, :]
+        cols = rr[None, :]  # B's (and dB's) column of each tile element
+        if GROUPED:
+            cols = r0 + rr[None, :] - _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)[:, None]
+            b_ok = b_ok & (cols >= 0) & (cols < rb)
+        b = tl.load((b_base + n0 * stride_bn) + (rn[:, None] * stride_bn + cols * stride_br), mask=b_ok, other=0.0)
         acc = tl.dot(dy, b.to(dtype), acc, input_precision="ieee")
         if DO_DB:
             # Reduction over M tiles by fp32 atomics: one pass over dY, but the summation order (last bits)
             # varies run to run. Under deterministic algorithms the launcher uses _lora_bwd_db_kernel instead.
             part = tl.dot(tl.trans(dy), s, input_precision="ieee") * scaling
-            tl.atomic_add((db_acc_ptr + (n0 * R + r0)) + (rn[:, None] * R + rr[None, :]), part,
-                          mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+            db0 = n0 * db_ld
+            if not GROUPED:
+                db0 += r0
+            tl.atomic_add((db_acc_ptr + db0) + (rn[:, None] * db_ld + cols), part, mask=b_ok, sem="relaxed")
         if DO_DBIAS:
             colsum = tl.sum(dy.to(tl.float32), axis=0)
             tl.atomic_add((dbias_acc_ptr + n0) + rn, colsum, mask=n_ok & (r0 == 0), sem="relaxed")
@@ -458,16 +502,17 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
              (acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split", "rb", "nb1", "nb2", "nb3"])
 def _lora_bwd_db_kernel(dy_ptr, s_ptr, db_ptr, dbias_ptr,
                         stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbs, stride_dbn, stride_dbr,
                         stride_dbias_s, stride_dbias_n,
-                        M, N, R, rows_per_split, scaling, M_BUCKET,
-                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr,
+                        M, N, R, rows_per_split, scaling, M_BUCKET, rb, nb1, nb2, nb3,
+                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr, GROUPED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """dB[n, r] = s * sum_m dY[m, n] S[m, r] and dbias[n] = sum_m dY[m, n] over the rows of split ``pid_s``,
     written (no atomics) to slot ``pid_s`` of db/dbias (stride_dbs / stride_dbias_s: 0 when there is one split,
-    then db/dbias are the outputs themselves)."""
+    then db/dbias are the outputs themselves). GROUPED: db is a projection group's B_rows gradient (N, rb), B_bd's
+    diagonal blocks only (``_member_rank``)."""
     n0 = tl.program_id(0).to(tl.int64) * BLOCK_N
     r0 = tl.program_id(1) * BLOCK_R
     pid_s = tl.program_id(2).to(tl.int64)
@@ -494,9 +539,13 @@ def _lora_bwd_db_kernel(dy_ptr, s_ptr, db_ptr, dbias_ptr,
         if DO_DBIAS:
             bias_acc += tl.sum(dy.to(tl.float32), axis=0)
     if DO_DB:
-        tl.store((db_ptr + (pid_s * stride_dbs + n0 * stride_dbn + r0 * stride_dbr))
-                 + (rn[:, None] * stride_dbn + rr[None, :] * stride_dbr),
-                 (acc * scaling).to(db_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
+        db_ok = n_ok[:, None] & r_ok[None, :]
+        cols = r0 + rr[None, :]
+        if GROUPED:
+            cols = cols - _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)[:, None]
+            db_ok = db_ok & (cols >= 0) & (cols < rb)
+        tl.store((db_ptr + (pid_s * stride_dbs + n0 * stride_dbn)) + (rn[:, None] * stride_dbn + cols * stride_dbr),
+                 (acc * scaling).to(db_ptr.dtype.element_ty), mask=db_ok)
     if DO_DBIAS:
         tl.store((dbias_ptr + (pid_s * stride_dbias_s + n0 * stride_dbias_n)) + rn * stride_dbias_n,
                  bias_acc.to(dbias_ptr.dtype.element_ty), mask=n_ok & (r0 == 0))
