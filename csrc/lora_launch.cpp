@@ -1644,11 +1644,11 @@ struct GroupArgs {
   bool stacked() const { return !(fwd_members && bwd_members); }
 };
 
-// Whether a stacked group takes B as B_rows (GroupArgs::rows): LORA_OPS_GROUP_B=blockdiag forces block_diag(B_i)
-// (for A/B measurements).
+// Whether a stacked group takes B as B_rows (GroupArgs::rows): with LORA_OPS_GROUP_B=rows, where the members allow
+// it. block_diag(B_i) stays the default until B_rows has been timed against it on a GPU (docs/GROUPED.md).
 bool rows_way(const std::vector<int64_t>& r, bool one_scaling) {
   const char* v = std::getenv("LORA_OPS_GROUP_B");
-  if (v != nullptr && std::strcmp(v, "blockdiag") == 0) return false;
+  if (v == nullptr || std::strcmp(v, "rows") != 0) return false;
   return one_scaling && static_cast<int64_t>(r.size()) <= kMaxGroup
          && std::all_of(r.begin(), r.end(), [&](int64_t v) { return v == r[0]; });
 }

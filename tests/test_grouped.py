@@ -656,11 +656,18 @@ def assert_same_bf16_step(got, want, oracle, what, layers=GPU_LAYERS):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("b_way", [None, "rows"])
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_gpu_grouped_model_equals_ungrouped(gpu, arch, quantize, monkeypatch):
+def test_gpu_grouped_model_equals_ungrouped(gpu, arch, quantize, b_way, monkeypatch):
+    """The grouped model's step equals the ungrouped one's; ``b_way`` "rows": the stacked calls take B_rows =
+    cat(B_i) (LORA_OPS_GROUP_B=rows) instead of block_diag(B_i)."""
     from helpers import kernels_only
 
+    if b_way is None:
+        monkeypatch.delenv("LORA_OPS_GROUP_B", raising=False)
+    else:
+        monkeypatch.setenv("LORA_OPS_GROUP_B", b_way)
     ref, grp = build_on(gpu, arch, quantize), build_on(gpu, arch, quantize, group=True)
     assert [r["status"] for r in explain_groups(grp)] == ["grouped"] * (2 * GPU_LAYERS)
     assert grp.model.layers[0].self_attn.q_proj.weight.device.type == gpu.type
@@ -711,16 +718,19 @@ def test_gpu_member_outputs(gpu, fwd, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("b_way", ["blockdiag", "rows"])
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_gpu_cpp_group_equals_python_group(gpu, quantize, monkeypatch):
+def test_gpu_cpp_group_equals_python_group(gpu, quantize, b_way, monkeypatch):
     """On CUDA each group runs as one C++ autograd Function (csrc/lora_launch.cpp GroupFunction). With its backward
     on the concatenated dY and its forward on the stacked call (LORA_OPS_GROUP_BWD / _FWD=concat), its logits, loss
     and every gradient equal the Python group's (cat, block_diag, lora_linear, split; taken when the C++ entry
     returns None) bit for bit: both launch the same kernels on the same stacked tensors. (The per-member forward
     and backward, gate/up's by default, are checked against the ungrouped model in
-    test_gpu_grouped_model_equals_ungrouped.)"""
+    test_gpu_grouped_model_equals_ungrouped.) ``b_way`` "rows": the C++ side's stacked calls take B_rows =
+    cat(B_i), which the kernels read as block_diag(B_i) (LORA_OPS_GROUP_B=rows): the same values again."""
     monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
     monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
+    monkeypatch.setenv("LORA_OPS_GROUP_B", b_way)
     grp = build_on(gpu, quantize=quantize, group=True)
     ids = ids_for().to(gpu)
     real, used = grouped._launch.group, []

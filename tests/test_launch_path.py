@@ -528,15 +528,18 @@ GROUP_CASES = [
 ]
 
 
-def _b_rows(case) -> bool:
-    """Whether a group case's stacked calls take B_rows (csrc/lora_launch.cpp rows_way)."""
-    return len(set(case["ranks"])) == 1 and len(set(case["scalings"])) == 1 and len(case["sizes"]) <= 4
+def _b_rows(case, setting: str) -> bool:
+    """Whether a group case's stacked calls take B_rows under LORA_OPS_GROUP_B=``setting`` (csrc/lora_launch.cpp
+    rows_way)."""
+    return (setting == "rows" and len(set(case["ranks"])) == 1 and len(set(case["scalings"])) == 1
+            and len(case["sizes"]) <= 4)
 
 
+@pytest.mark.parametrize("b_way", ["rows", "default"])
 @pytest.mark.parametrize("fwd", ["concat", "members"])
 @pytest.mark.parametrize("mode", ["concat", "members"])
 @pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fwd):
+def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fwd, b_way):
     """A projection group's eager CUDA entry is one C++ autograd Function (csrc/lora_launch.cpp GroupFunction: A_cat
     and B_bd stacked in C++). Its forward either runs one forward on the stacked call, the members' outputs being
     views ("concat"), or each member's forward on its slice, the outputs contiguous (``fwd`` "members"). Its
@@ -545,10 +548,16 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fw
     absmax. On CPU tensors (``launch_group_call`` with any_device, every launch taken by the fallback) the outputs
     and every gradient equal the Python group's composition (grouped.py: cat, block_diag, one lora_linear, split):
     bit for bit with "concat", within rounding per member (other tiles; dX summed in another order); per-member
-    scalings, ranks, a concatenated bias, dropout, 3-D x, NF4, an output left unused."""
+    scalings, ranks, a concatenated bias, dropout, 3-D x, NF4, an output left unused. With LORA_OPS_GROUP_B=rows
+    (``b_way``) the stacked calls take B_rows = cat(B_i) where ranks and scalings are equal (at most four members),
+    with the same values; by default they take block_diag(B_i)."""
     monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
     monkeypatch.setenv("LORA_OPS_GROUP_BWD", mode)
     monkeypatch.setenv("LORA_OPS_GROUP_FWD", fwd)
+    if b_way == "rows":
+        monkeypatch.setenv("LORA_OPS_GROUP_B", "rows")
+    else:
+        monkeypatch.delenv("LORA_OPS_GROUP_B", raising=False)
     c = dict(case)
     dtype, k, sizes, ranks = c["dtype"], c["k"], c["sizes"], c["ranks"]
     g = torch.Generator().manual_seed(3)
@@ -597,7 +606,7 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fw
     for phase, b_shape, groups in calls:
         if (fwd_member if phase == 0 else per_member) or (fwd_member and per_member):
             assert groups == [] and b_shape[0] in sizes, (phase, b_shape, groups)
-        elif _b_rows(c):
+        elif _b_rows(c, b_way):
             assert groups == list(sizes) and b_shape == (n, ranks[0]), (phase, b_shape, groups)
         else:
             assert groups == [] and b_shape == (n, sum(ranks)), (phase, b_shape, groups)
@@ -672,19 +681,22 @@ def test_group_backward_rule(dry, monkeypatch, sizes, k, per_member):
     assert len(backwards) == (len(sizes) if per_member else 1)
 
 
-@pytest.mark.parametrize("way", ["concat", "members"])
+@pytest.mark.parametrize("way", ["concat", "members", "concat-rows"])
 def test_cpp_group_under_checkpointing(dry, monkeypatch, way):
-    """Non-reentrant activation checkpointing unpacks each saved tensor once: the group's backward (stacked or
-    each member on its own adapters) reads its saved tensors in one go, and the gradients equal the plain run's."""
+    """Non-reentrant activation checkpointing unpacks each saved tensor once: the group's backward (stacked, on
+    B_bd or B_rows, or each member on its own adapters) reads its saved tensors in one go, and the gradients equal
+    the plain run's."""
     monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
-    monkeypatch.setenv("LORA_OPS_GROUP_FWD", way)
-    monkeypatch.setenv("LORA_OPS_GROUP_BWD", way)
+    monkeypatch.setenv("LORA_OPS_GROUP_FWD", way.split("-")[0])
+    monkeypatch.setenv("LORA_OPS_GROUP_BWD", way.split("-")[0])
+    monkeypatch.setenv("LORA_OPS_GROUP_B", "rows" if way.endswith("rows") else "blockdiag")
     from torch.utils.checkpoint import checkpoint
     g = torch.Generator().manual_seed(7)
     x0 = torch.randn(8, 64, generator=g)
     w = torch.randn(96, 64, generator=g) / 8
     As0 = [torch.randn(4, 64, generator=g) / 8 for _ in range(2)]
     Bs0 = [torch.randn(48, 4, generator=g) for _ in range(2)]
+    scalings = [2.0, 2.0] if way.endswith("rows") else [2.0, 0.5]  # B_rows needs one scaling
 
     def run(use_checkpoint):
         x = x0.clone().requires_grad_()
@@ -692,7 +704,7 @@ def test_cpp_group_under_checkpointing(dry, monkeypatch, way):
         Bs = [b.clone().requires_grad_() for b in Bs0]
 
         def f(x):
-            ys = dry.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [2.0, 0.5], None, 0.0, 0, True)
+            ys = dry.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, scalings, None, 0.0, 0, True)
             return ys[0].square().sum() + ys[1].sum()
         (checkpoint(f, x, use_reentrant=False) if use_checkpoint else f(x)).backward()
         return [x.grad] + [t.grad for t in As + Bs]
