@@ -132,7 +132,7 @@ struct Launch {
   int nargs = 0;
   Arg args[kMaxArgs];
   int ndesc = 0;
-  Desc descs[3];
+  Desc descs[6];  // the TMA GEMM: a, w, out, then a group's further dY members (or a again)
   const Variant* variant = nullptr;
   int64_t want_config = 0;   // which config a variant must have: the TMA tile (0 small, 1 large), dequantize NB
   bool trans_w = false;      // the TMA GEMM: forward (W^T) or dX (W)
@@ -294,6 +294,9 @@ struct Call {
   // `groups` the members' out_features (empty: an ordinary B). check_call sets rb and the member boundaries nb.
   std::vector<int64_t> groups;
   int64_t rb = 0, nb[3] = {0, 0, 0};
+  // Backward of a group: dY as the members' own (M, N_i) tensors (lora.py _segments_ok; dy is then dys[0]), or
+  // empty: dy is the concatenated (M, N).
+  std::vector<at::Tensor> dys;
   int dev = -1;
   const DeviceTensors* dt = nullptr;
 };
@@ -306,6 +309,17 @@ void group_args(Launch& l, const Call& c, bool on, int64_t n0 = 0) {
   on = on && !c.groups.empty();
   l.i(on ? c.rb : 0);
   for (int i = 0; i < 3; ++i) l.i(on ? c.nb[i] - n0 : 0);
+}
+
+// lora.py _more: the kernels' three further member pointers (dy2_ptr.. / a2_ptr..): members 2..4 and the first
+// again where there are fewer, or scratch without segments.
+void seg_ptrs(Launch& l, const Call& c, bool segs) {
+  for (int i = 1; i < 4; ++i) {
+    if (!segs)
+      l.ptr(c.dt->scratch);
+    else
+      l.ptr(c.dys[i < static_cast<int>(c.dys.size()) ? i : 0]);
+  }
 }
 
 int64_t next_pow2(int64_t n) {
@@ -389,7 +403,17 @@ bool check_call(Call& c, bool backward) {
   } else {
     if (!same(c.w, x) || c.w.dim() != 2 || c.w.size(0) != c.n || c.w.size(1) != c.k) return false;
   }
-  if (backward) {
+  if (backward && !c.dys.empty()) {  // lora.py _segments_ok
+    if (c.groups.size() != c.dys.size()) return false;
+    const int64_t unit = x.is_cuda() ? g_settings.split_unit : g_settings.split_unit_interp;
+    for (size_t i = 0; i < c.dys.size(); ++i) {
+      const at::Tensor& d = c.dys[i];
+      if (!same(d, x) || d.dim() != 2 || d.size(0) != c.m || d.size(1) != c.groups[i] || c.groups[i] % unit != 0
+          || !d.is_contiguous() || reinterpret_cast<uintptr_t>(d.data_ptr()) % 16 != 0)
+        return false;
+    }
+    c.dy = c.dys[0];
+  } else if (backward) {
     if (!same(c.dy, x) || c.dy.dim() != 2 || c.dy.size(0) != c.m || c.dy.size(1) != c.n) return false;
     if (!same(c.s, x) || c.s.dim() != 2 || c.s.size(0) != c.m || c.s.size(1) != c.r) return false;
   }
@@ -603,9 +627,11 @@ bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tenso
 void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, const WArgs& w, const at::Tensor& out,
           const at::Tensor& lt, const at::Tensor& rt, int64_t stride_rr, int64_t stride_rn, const at::Tensor* bias,
           const Dropout& drop, double scaling, bool trans_w, int64_t m_bucket, bool tma, const at::Tensor* l_out,
-          int64_t drop_ld = -1, int64_t drop_c0 = 0, int64_t group_n0 = 0) {
-  // The forward's Rt is B (a group's B_rows, group_args); the dX GEMM's is A.
+          int64_t drop_ld = -1, int64_t drop_c0 = 0, int64_t group_n0 = 0, bool segs = false) {
+  // The forward's Rt is B (a group's B_rows, group_args); the dX GEMM's is A. segs (dX): a is c.dys[0], and the
+  // kernel reads every member's dY (lora.py _lora_gemm segs).
   const int64_t m = out.size(0), n = out.size(1);
+  const int64_t inner = segs ? c.n : a.size(1);  // the K of the GEMM: sum N_i for dX on segments
   if (drop_ld < 0) drop_ld = n;
   const at::Tensor& scratch = c.dt->scratch;
   const at::Tensor& b = bias != nullptr ? *bias : scratch;
@@ -637,14 +663,15 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
     l.i(l_out != nullptr ? lo.stride(1) : 0);
     l.i(m);
     l.i(n);
-    l.i(a.size(1));
+    l.i(inner);
     l.i(sliced ? lt.size(0) : 1);
     l.f(scaling);
     l.i(drop.threshold);
     l.f(drop.scale);
     l.i(drop_ld);
     l.i(drop_c0);
-    group_args(l, c, trans_w, group_n0);
+    group_args(l, c, trans_w || segs, group_n0);
+    for (int i = 1; i < 4; ++i) l.desc(segs && i < static_cast<int>(c.dys.size()) ? c.dys[i] : a, 0, 0);  // _more
     work.launches.push_back(l);
     return;
   }
@@ -676,7 +703,7 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
   l.i(l_out != nullptr ? lo.stride(1) : 0);
   l.i(m);
   l.i(n);
-  l.i(a.size(1));
+  l.i(inner);
   l.i(c.r);
   l.i(sliced ? lt.size(0) : 1);
   l.f(scaling);
@@ -685,7 +712,8 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
   l.i(drop_ld);
   l.i(drop_c0);
   l.i(m_bucket);
-  group_args(l, c, trans_w, group_n0);
+  group_args(l, c, trans_w || segs, group_n0);
+  seg_ptrs(l, c, segs);
   work.launches.push_back(l);
 }
 
@@ -854,7 +882,8 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   o.fused_dbias = atomics && c.need_dbias;
   const int64_t rb = c.groups.empty() ? c.r : c.rb;  // dB's columns (lora.py: B_rows' rb for a group)
   const at::Tensor& scratch = c.dt->scratch;
-  const bool tma_dx = c.need_dx && use_tma(c, c.dy, w, o.dx);
+  const bool segs = !c.dys.empty();
+  const bool tma_dx = c.need_dx && use_tma(c, c.dy, w, o.dx, segs ? c.n * c.k : -1);
   // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
   const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty();
   const auto [splits_ds, cols_ds, ds_summed] = ds_slices_of(c, c.n, r_chunks, dx_sums, tma_dx);
@@ -897,6 +926,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.f(c.scaling);
     l.i(m_bucket);
     group_args(l, c, true);
+    seg_ptrs(l, c, segs);
     if (ds_summed) {
       l.sum_parts = ds_part;
       l.sum_out = ds;
@@ -936,6 +966,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.f(c.scaling);
     l.i(m_bucket);
     group_args(l, c, true);
+    seg_ptrs(l, c, segs);
     work.launches.push_back(l);
   }
   if (c.need_dx && c.k > 0 && !w.chunks.empty()) {
@@ -945,12 +976,12 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
       const at::Tensor dxc = o.dx.narrow(1, k0, k1 - k0);
       const at::Tensor ac = c.A.narrow(1, k0, k1 - k0);
       gemm(c, work, K_DX, c.dy, wc, dxc, ds, ac, ac.stride(0), ac.stride(1), nullptr, drop, 1.0, false, m_bucket,
-           use_tma(c, c.dy, wc, dxc, c.n * c.k), nullptr, c.k, k0);
+           use_tma(c, c.dy, wc, dxc, c.n * c.k), nullptr, c.k, k0, 0, segs);
     }
   } else if (c.need_dx && c.k > 0) {
     const bool dx_parts = splits_ds > 1 && !ds_summed;
     gemm(c, work, K_DX, c.dy, w, o.dx, dx_parts ? ds_part : ds, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop,
-         1.0, false, m_bucket, tma_dx, dx_parts && c.need_dA ? &ds : nullptr);
+         1.0, false, m_bucket, tma_dx, dx_parts && c.need_dA ? &ds : nullptr, -1, 0, 0, segs);
   }
   if (c.need_dA) {
     auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);
@@ -1041,6 +1072,10 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
         l.descs[1].block[1] = trans_w ? bk : bn;
         l.descs[2].block[0] = bm;
         l.descs[2].block[1] = bn;
+        for (int i = 3; i < l.ndesc; ++i) {  // a2, a3, a4: tiles of A
+          l.descs[i].block[0] = bm;
+          l.descs[i].block[1] = bk;
+        }
         const int64_t tiles = cdiv(l.descs[2].shape[0], bm) * cdiv(l.descs[2].shape[1], bn);
         const int64_t sms = c.x.is_cuda() ? c.dt->sms : 4;
         l.grid[0] = std::max<int64_t>(1, std::min(sms, tiles));
@@ -1093,7 +1128,8 @@ void check_cu(CUresult res, const char* what, const Launch& l) {
 void launch_one(const Launch& l, CUstream stream) {
   if (l.grid[0] * l.grid[1] * l.grid[2] == 0) return;
   const Variant& v = *l.variant;
-  alignas(64) CUtensorMap maps[3];
+  alignas(64) CUtensorMap maps[6];
+  int map_desc[6];  // which of l.descs each map encodes: a descriptor repeated in one launch is encoded once
   uint64_t words[kMaxArgs * 3];  // scalar storage, one 8-byte word per scalar (ints and floats fit)
   void* params[kMaxArgs * 3 + 2];
   int np = 0, nw = 0;
@@ -1125,23 +1161,35 @@ void launch_one(const Launch& l, CUstream stream) {
       case 'T': {
         const Desc& d = l.descs[a.i];
         const auto& meta = v.tma[ntma];
-        TORCH_CHECK(driver().encode != nullptr, "lora_ops launch: libcuda.so.1 lacks cuTensorMapEncodeTiled");
-        const int64_t esize = meta[1];
-        cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.shape[1]), static_cast<cuuint64_t>(d.shape[0])};
-        cuuint64_t gstrides[1] = {static_cast<cuuint64_t>(d.strides[0] * esize)};
-        cuuint32_t box[2] = {static_cast<cuuint32_t>(meta[4]), static_cast<cuuint32_t>(meta[3])};
-        cuuint32_t estrides[2] = {1, 1};
-        check_cu(driver().encode(&maps[ntma], static_cast<CUtensorMapDataType>(meta[2]), 2,
-                                 reinterpret_cast<void*>(d.ptr), dims, gstrides, box, estrides,
-                                 CU_TENSOR_MAP_INTERLEAVE_NONE, static_cast<CUtensorMapSwizzle>(meta[0]),
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
-                 "cuTensorMapEncodeTiled", l);
+        int same = -1;
+        for (int j = 0; j < ntma && same < 0; ++j) {
+          const Desc& e = l.descs[map_desc[j]];
+          if (e.ptr == d.ptr && e.shape[0] == d.shape[0] && e.shape[1] == d.shape[1] && e.strides[0] == d.strides[0]
+              && e.strides[1] == d.strides[1] && v.tma[j] == meta)
+            same = j;
+        }
+        map_desc[ntma] = a.i;
+        if (same >= 0) {
+          maps[ntma] = maps[same];
+        } else {
+          TORCH_CHECK(driver().encode != nullptr, "lora_ops launch: libcuda.so.1 lacks cuTensorMapEncodeTiled");
+          const int64_t esize = meta[1];
+          cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.shape[1]), static_cast<cuuint64_t>(d.shape[0])};
+          cuuint64_t gstrides[1] = {static_cast<cuuint64_t>(d.strides[0] * esize)};
+          cuuint32_t box[2] = {static_cast<cuuint32_t>(meta[4]), static_cast<cuuint32_t>(meta[3])};
+          cuuint32_t estrides[2] = {1, 1};
+          check_cu(driver().encode(&maps[ntma], static_cast<CUtensorMapDataType>(meta[2]), 2,
+                                   reinterpret_cast<void*>(d.ptr), dims, gstrides, box, estrides,
+                                   CU_TENSOR_MAP_INTERLEAVE_NONE, static_cast<CUtensorMapSwizzle>(meta[0]),
+                                   CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+                   "cuTensorMapEncodeTiled", l);
+        }
         params[np++] = &maps[ntma++];
         --nw;
         for (int j = 0; j < 2; ++j) {
-          int32_t s = static_cast<int32_t>(d.shape[j]);
+          int32_t sh = static_cast<int32_t>(d.shape[j]);
           uint64_t* sw = &words[nw++];
-          std::memcpy(sw, &s, sizeof(s));
+          std::memcpy(sw, &sh, sizeof(sh));
           params[np++] = sw;
         }
         for (int j = 0; j < 2; ++j) {
@@ -1176,8 +1224,14 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
 
 #else
 
-void run_launches(const Call&, Work&, const at::Tensor&) {
-  TORCH_CHECK(false, "lora_ops launch: this build has no CUDA (dry runs only)");
+// The CPU test build launches nothing. With LORA_OPS_LAUNCH_NOOP=1 it still runs everything around the launches
+// (the zeroed buffer, the slice sums), so a call's whole host path minus the driver's launches can be timed on a
+// CPU (scripts/host_group_cpu.py); the outputs are then uninitialized.
+void run_launches(const Call&, Work& work, const at::Tensor& zero_first) {
+  TORCH_CHECK(env_flag("LORA_OPS_LAUNCH_NOOP", false), "lora_ops launch: this build has no CUDA (dry runs only)");
+  if (zero_first.defined()) zero_first.zero_();
+  for (const Launch& l : work.launches)
+    if (l.sum_parts.defined()) l.sum_out.copy_(l.sum_parts.sum(0));
 }
 
 #endif
@@ -1193,7 +1247,11 @@ bool run(const Call& c, bool dry, FwdOut* fwd, BwdOut* bwd, Work& work, int64_t&
   status = UNSUPPORTED;
   if (!c.ok || !launch_path_enabled() || (tma_mode() == TMA_BAD)) return false;
 #ifndef LORA_OPS_LAUNCH_CUDA
-  if (!dry) return false;  // nothing can launch here: the Python launchers (the interpreter) run the call
+  // Nothing can launch here: the Python launchers (the interpreter) run the call, unless run_launches only times.
+  const bool noop = env_flag("LORA_OPS_LAUNCH_NOOP", false);
+  if (!dry && !noop) return false;
+#else
+  const bool noop = false;
 #endif
   const bool det = bwd != nullptr && at::globalContext().deterministicAlgorithms();
   const PlanKey key = make_key(c, bwd != nullptr, det);
@@ -1214,7 +1272,7 @@ bool run(const Call& c, bool dry, FwdOut* fwd, BwdOut* bwd, Work& work, int64_t&
     resolve(plan, c, work, true);
     return true;
   }
-  if (!resolve(plan, c, work)) return false;
+  if (!resolve(plan, c, work, noop) && !noop) return false;
   run_launches(c, work, bwd != nullptr ? bwd->acc : at::Tensor());
   if (bwd != nullptr) finish_backward(c, *bwd);
   return true;
@@ -1294,7 +1352,7 @@ py::object fwd_entry(const at::Tensor& x, const at::Tensor& w, const std::option
   return py::make_tuple(o.y, o.s);
 }
 
-py::object bwd_entry(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+py::object bwd_entry(const py::object& dy, const at::Tensor& x, const at::Tensor& w,
                      const std::optional<at::Tensor>& absmax, const std::optional<at::Tensor>& nested_absmax,
                      const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                      int64_t blocksize, const at::Tensor& A, const at::Tensor& B, const at::Tensor& s, double scaling,
@@ -1303,7 +1361,11 @@ py::object bwd_entry(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   Call c = make_call(x, w, absmax, nested_absmax, nested_code, offset, blocksize, A, B, scaling, std::nullopt, p,
                      seed);
   c.groups = groups;
-  c.dy = dy;
+  // dy: the concatenated (M, N) tensor, or a group's members' dY_i (Call::dys)
+  if (py::isinstance<py::list>(dy) || py::isinstance<py::tuple>(dy))
+    c.dys = dy.cast<std::vector<at::Tensor>>();
+  else
+    c.dy = dy.cast<at::Tensor>();
   c.s = s;
   c.need_dx = need_dx;
   c.need_dA = need_dA;
@@ -1481,7 +1543,8 @@ BwdOut backward_or_fallback(const Call& c) {
   int64_t status;
   if (run(c, false, nullptr, &o, work, status)) return o;
   py::gil_scoped_acquire gil;
-  py::tuple res = (*g_fallback)(1, status, c.dy, c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset,
+  const py::object dy = c.dys.empty() ? py::cast(c.dy) : py::cast(c.dys);
+  py::tuple res = (*g_fallback)(1, status, dy, c.x, c.w, c.absmax, c.nested_absmax, c.nested_code, c.offset,
                              c.blocksize, c.A, c.B, c.s, c.scaling, c.p, c.seed, c.need_dx, c.need_dA, c.need_dB,
                              c.need_dbias, c.groups);
   auto get = [&](int i) {
@@ -1644,6 +1707,13 @@ struct GroupArgs {
   bool stacked() const { return !(fwd_members && bwd_members); }
 };
 
+// Whether a B_rows group's stacked backward hands the kernels the members' dY_i instead of cat(dy_i)
+// (LORA_OPS_GROUP_DY=segments; Call::dys). Off by default until it has been timed on a GPU (docs/GROUPED.md).
+bool segments_way() {
+  const char* v = std::getenv("LORA_OPS_GROUP_DY");
+  return v != nullptr && std::strcmp(v, "segments") == 0;
+}
+
 // Whether a stacked group takes B as B_rows (GroupArgs::rows): with LORA_OPS_GROUP_B=rows, where the members allow
 // it. block_diag(B_i) stays the default until B_rows has been timed against it on a GPU (docs/GROUPED.md).
 bool rows_way(const std::vector<int64_t>& r, bool one_scaling) {
@@ -1666,6 +1736,15 @@ bool members_way(bool nested, int64_t g, int64_t k, int64_t sum_n, const char* e
   return 3 * (g - 1) * k < 2 * sum_n;
 }
 
+// t.narrow(dim, start, len) in one op: narrow dispatches narrow, slice and as_strided, and a group makes up to
+// 3g of these views per fwd+bwd (host time).
+at::Tensor part(const at::Tensor& t, int64_t dim, int64_t start, int64_t len) {
+  if (dim < 0) dim += t.dim();
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[dim] = len;
+  return t.as_strided(sizes, t.strides(), t.storage_offset() + start * t.stride(dim));
+}
+
 // Member i's call: its rows of W_cat (NF4: its byte and absmax ranges) and its part of the bias; as adapters either
 // its slices of the stacked A_cat / B_bd (As null) or its own A_i, B_i and s_i; S: its columns of c.s (when set)
 // or Ss[i]. x, seed, p, blocksize and the need_* flags are the group's.
@@ -1678,6 +1757,7 @@ std::vector<Call> member_calls(const Call& c, const std::vector<int64_t>& n, con
   for (size_t i = 0; i < n.size(); ++i) {
     Call ci = c;
     ci.groups.clear();
+    ci.dys.clear();
     if (c.absmax.defined()) {
       // Every member but the last ends on a block boundary (grouped.py's eligibility), so its bytes and absmax
       // are contiguous ranges of the stacked ones.
@@ -1758,7 +1838,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const at::Tensor y = x.dim() == 2 ? o.y : o.y.view(sizes);
       int64_t off = 0;
       for (int64_t ni : args.n) {
-        out.push_back(y.narrow(-1, off, ni));
+        out.push_back(part(y, -1, off, ni));
         off += ni;
       }
     }
@@ -1813,9 +1893,13 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     } else if (bwd_members) {
       backward_per_member(ctx, member_calls(c, n, r), dys, one_scaling ? std::vector<double>{} : scalings, out);
     } else {
-      c.dy = at::cat(dys, 1);
       c.db_in_blocks = !rows;  // B_rows' gradient is one (sum N_i, r) tensor: one cast, dB_i its row ranges
-      check_call(c, true);
+      if (rows && segments_way()) c.dys = dys;  // the kernels read the members' dY_i where check_call allows it
+      if (c.dys.empty() || !check_call(c, true)) {
+        c.dys.clear();
+        c.dy = at::cat(dys, 1);
+        check_call(c, true);
+      }
       BwdOut o = backward_or_fallback(c);
       if (c.need_dx) out[0] = o.dx;
       // dB_i straight from the fp32 atomic buffer when the launches left dB there (db_in_blocks; the Python
@@ -1827,10 +1911,10 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const at::ScalarType dt = c.x.scalar_type();
       int64_t n0 = 0, r0 = 0;
       for (int64_t i = 0; i < g; ++i) {
-        if (ctx->needs_input_grad(1 + i)) out[1 + i] = o.dA.narrow(0, r0, r[i]);
+        if (ctx->needs_input_grad(1 + i)) out[1 + i] = part(o.dA, 0, r0, r[i]);
         if (ctx->needs_input_grad(1 + g + i)) {
-          at::Tensor db = db_all.narrow(0, n0, n[i]);
-          if (!rows) db = db.narrow(1, r0, r[i]);
+          at::Tensor db = part(db_all, 0, n0, n[i]);
+          if (!rows) db = part(db, 1, r0, r[i]);
           if (blocks) db = db.to(dt);
           out[1 + g + i] = one_scaling ? db : db * scalings[i];
         }

@@ -312,7 +312,9 @@ def _inputs(phase: int, args: tuple) -> set:
     from .triton_kernels import nf4_dequant as DQ
 
     x = args[0] if phase == 0 else args[1]
-    ptrs = {t.data_ptr() for t in args if isinstance(t, torch.Tensor)}
+    # A group's backward may take dY as a list of the members' tensors.
+    flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))]
+    ptrs = {t.data_ptr() for t in flat if isinstance(t, torch.Tensor)}
     ptrs.add(L._scratch(x.device).data_ptr())
     ptrs.add(DQ._codebook(x.device).data_ptr())
     return ptrs

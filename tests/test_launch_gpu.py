@@ -237,3 +237,43 @@ def test_compile_reduce_overhead_matches_eager():
     ye.backward(inp["dy"])
     assert_rel_close(y, ye, BF16, "y")
     assert_rel_close(x.grad, xe.grad, BF16, "dx")
+
+
+@pytest.mark.parametrize("tma,weight", [("1", "dense"), ("0", "dense"), ("auto", "nf4")])
+def test_group_rows_and_dy_segments_equal_block_diag(monkeypatch, tma, weight):
+    """A q/k/v-like group through the C++ entry (``_launch.group``): with B_rows and the members' dY read in place
+    (LORA_OPS_GROUP_B=rows, LORA_OPS_GROUP_DY=segments; sizes in whole 256-column units) the outputs, dX and dA
+    equal the block_diag(B_i) way's bit for bit (the same products in the same order; zeros where B_bd has
+    them), and dB_i within the dtype's tolerance (fp32 atomics). TMA GEMMs ("1"), pointer GEMMs ("0"), NF4."""
+    monkeypatch.setenv("LORA_OPS_TMA", tma)
+    monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
+    monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
+    sizes, r, m, k = (512, 256, 256), 8, 512, 256
+    g = torch.Generator(device="cuda").manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    w = (rnd(sum(sizes), k) / k ** 0.5).to(BF16)
+    weight_arg = w if weight == "dense" else lora_ops.quantize_nf4(w, blocksize=64, double_quant=False)
+    x0 = rnd(m, k).to(BF16)
+    as0 = [(rnd(r, k) / k ** 0.5).to(BF16) for _ in sizes]
+    bs0 = [(rnd(n, r) / r ** 0.5).to(BF16) for n in sizes]
+    dys = [rnd(m, n).to(BF16) for n in sizes]
+
+    def run(b_way, dy_way):
+        monkeypatch.setenv("LORA_OPS_GROUP_B", b_way)
+        monkeypatch.setenv("LORA_OPS_GROUP_DY", dy_way)
+        x = x0.clone().requires_grad_()
+        As = [a.clone().requires_grad_() for a in as0]
+        Bs = [b.clone().requires_grad_() for b in bs0]
+        ys = _launch.group(x, weight_arg, As, Bs, [2.0] * 3, None, 0.0, True)
+        assert ys is not None and ys[0].grad_fn.name().endswith("GroupFunction>")
+        torch.autograd.backward(list(ys), dys)
+        return [y.detach() for y in ys], x.grad, [a.grad for a in As], [b.grad for b in Bs]
+
+    want = run("blockdiag", "cat")
+    for _ in range(2):  # the first call of each configuration runs the Python launchers, the second the C++ path
+        got = run("rows", "segments")
+    for i in range(3):
+        assert torch.equal(got[0][i], want[0][i]), f"y_{i}"
+        assert torch.equal(got[2][i], want[2][i]), f"dA_{i}"
+        assert_rel_close(got[3][i], want[3][i], BF16, f"dB_{i}")
+    assert torch.equal(got[1], want[1]), "dx"

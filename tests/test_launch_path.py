@@ -296,13 +296,16 @@ def test_db_without_atomics_above_the_atomic_limit(dry, monkeypatch):
         _launch._sync_settings(dry)
 
 
+@pytest.mark.parametrize("dy_way", ["cat", "segments"])
 @pytest.mark.parametrize("setting", ["pointer", "tma", "nf4-chunks", "deterministic", "ds-slices"])
-def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting):
+def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting, dy_way):
     """A projection group's stacked call with B_rows = cat(B_i) and the members' sizes (``groups``): the C++ launch
     lists equal the Python launchers' on the pointer and TMA GEMMs, NF4 chunks (boundaries seen from each chunk's
     first column), the atomic-free dB kernel and dS slices; y, dX, dA equal the call on block_diag(B_i), and dB is
-    that call's diagonal blocks, stacked."""
-    sizes, rb = (64, 40, 32), 8
+    that call's diagonal blocks, stacked. ``dy_way`` "segments": the backward takes dY as the members' own tensors
+    (sizes in whole split units), which the dS / dB kernels and the dX GEMM read as they are (SEG_DY / SEG_A),
+    with the same values as on cat(dY_i)."""
+    sizes, rb = ((64, 40, 32) if dy_way == "cat" else (128, 64, 64)), 8
     dtype, weight = torch.float32, "dense"
     try:
         if setting == "tma":
@@ -335,15 +338,21 @@ def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting):
             assert [r[0] for r in dry.launch_fwd(*rows, list(sizes), True)[1]].count("nf4_dequant") > 1
         need = (True, True, True, True)
         deterministic = setting == "deterministic"
+        dy_in = dy if dy_way == "cat" else [t.contiguous() for t in dy.split(list(sizes), 1)]
         torch.use_deterministic_algorithms(deterministic)
         try:
-            got = _check(dry, 1, (dy, *rows[:8], b_rows, s, scaling, p_, seed, *need), sizes)
+            got = _check(dry, 1, (dy_in, *rows[:8], b_rows, s, scaling, p_, seed, *need), sizes)
+            with L.recording() as records:
+                L.lora_backward(dy_in, *rows[:8], b_rows, s, scaling, p_, seed, *need, sizes)
             want = L.lora_backward(dy, *fwd[:8], b_bd, s, scaling, p_, seed, *need)
-            names = [r[0] for r in dry.launch_bwd(dy, *rows[:8], b_rows, s, scaling, p_, seed, *need, list(sizes),
-                                                  True)[1]]
+            names = [r[0] for r in dry.launch_bwd(dy_in, *rows[:8], b_rows, s, scaling, p_, seed, *need,
+                                                  list(sizes), True)[1]]
         finally:
             torch.use_deterministic_algorithms(False)
         assert ("lora_bwd_db" in names) == deterministic, names
+        seg = {r.name: bool(r.named.get("SEG_DY", r.named.get("SEG_A"))) for r in records
+               if r.name in ("lora_bwd_ds", "lora_bwd_db", "lora_bwd_dx", "lora_gemm_tma")}
+        assert seg and all(v == (dy_way == "segments") for v in seg.values()), seg
         dx, da, db, dbias = got
         assert db.shape == b_rows.shape
         n0 = 0
@@ -357,6 +366,28 @@ def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting):
     finally:
         monkeypatch.undo()
         _launch._sync_settings(dry)
+
+
+def test_group_dy_segments_fall_back_to_cat():
+    """dY as the members' tensors is read as it is only when every N_i is a whole number of split units and each
+    tensor is contiguous; otherwise the launcher concatenates them (same values). A list without groups raises."""
+    g = torch.Generator().manual_seed(11)
+    m, k, sizes, rb = 40, 64, (64, 96), 4
+    n, r = sum(sizes), rb * len(sizes)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / 8
+    a, b, dy = torch.randn(r, k, generator=g) / 8, torch.randn(n, rb, generator=g), torch.randn(m, n, generator=g)
+    y, s = L.lora_forward(x, w, None, None, None, None, 0, a, b, 2.0, None, 0.0, None, sizes)
+    args = (x, w, None, None, None, None, 0, a, b, s, 2.0, 0.0, None, True, True, True, False)
+    want = L.lora_backward(dy, *args, sizes)
+    parts = list(dy.split(list(sizes), 1))  # 96 columns: not whole 64-column units, and the views not contiguous
+    for dys in (parts, [t.contiguous() for t in parts]):
+        with L.recording() as records:
+            got = L.lora_backward(dys, *args, sizes)
+        assert not any(rec.named.get("SEG_DY") for rec in records)
+        for gt, wt in zip(got[:3], want[:3]):
+            assert torch.equal(gt, wt)
+    with pytest.raises(ValueError, match="groups="):  # one layer (B of rank r) given dY in parts
+        L.lora_backward([t.contiguous() for t in parts], *args[:8], torch.randn(n, r), *args[9:])
 
 
 def test_group_sizes_are_checked():
@@ -490,13 +521,14 @@ def test_cpp_autograd_function_equals_lora_linear(dry, monkeypatch, case):
 def _fallback_phases(dry, fn, calls=None):
     """Run fn() and return the phase (0 forward, 1 backward) of each call the C++ side handed to the Python
     launchers (in the test build, every call); ``calls``, a list, receives each call's (phase, lora_B's shape,
-    group sizes)."""
+    group sizes, whether dY came as the members' tensors)."""
     phases = []
 
     def counting(phase, plan, *args):
         phases.append(phase)
         if calls is not None:
-            calls.append((phase, tuple(args[8 if phase == 0 else 9].shape), list(args[-1])))
+            calls.append((phase, tuple(args[8 if phase == 0 else 9].shape), list(args[-1]),
+                          isinstance(args[0], (list, tuple))))
         return _launch._fallback(phase, plan, *args)
     dry.launch_set_fallback(counting)
     try:
@@ -522,6 +554,10 @@ GROUP_CASES = [
          weight="nf4-dq", bias=False, p=0.1, x3d=False, x_grad=True, use=(0, 1, 2)),
     dict(m=20, k=64, sizes=(16, 48, 16, 32), ranks=(8, 8, 8, 8), scalings=(2.0,) * 4, dtype=torch.float32,
          weight="dense", bias=True, p=0.0, x3d=False, x_grad=True, use=(0, 1, 3)),
+    # Sizes in whole split units (64 columns in the interpreter): with LORA_OPS_GROUP_DY=segments the stacked
+    # backward hands the kernels the members' dY_i as they are; one output unused (its dY_i zeros).
+    dict(m=24, k=64, sizes=(128, 64, 64), ranks=(4, 4, 4), scalings=(2.0,) * 3, dtype=torch.float16, weight="dense",
+         bias=True, p=0.1, x3d=True, x_grad=True, use=(0, 2)),
     # Five members: more than the kernels' three boundaries, so B_bd again.
     dict(m=20, k=64, sizes=(16,) * 5, ranks=(4,) * 5, scalings=(1.0,) * 5, dtype=torch.float16, weight="dense",
          bias=False, p=0.0, x3d=False, x_grad=True, use=(0, 1, 2, 3, 4)),
@@ -556,8 +592,10 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fw
     monkeypatch.setenv("LORA_OPS_GROUP_FWD", fwd)
     if b_way == "rows":
         monkeypatch.setenv("LORA_OPS_GROUP_B", "rows")
+        monkeypatch.setenv("LORA_OPS_GROUP_DY", "segments")
     else:
         monkeypatch.delenv("LORA_OPS_GROUP_B", raising=False)
+        monkeypatch.delenv("LORA_OPS_GROUP_DY", raising=False)
     c = dict(case)
     dtype, k, sizes, ranks = c["dtype"], c["k"], c["sizes"], c["ranks"]
     g = torch.Generator().manual_seed(3)
@@ -603,13 +641,16 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fw
     assert backwards == [1] * (len(sizes) if per_member else 1)
     # Which B each call got: a member's own (N_i, r_i) rows, or for a stacked call B_rows (sum N_i, r) with the
     # members' sizes, or B_bd (sum N_i, sum r_i) without.
-    for phase, b_shape, groups in calls:
+    # With B_rows (and LORA_OPS_GROUP_DY=segments) a stacked backward gets dY as the members' tensors when every
+    # N_i is a whole number of split units.
+    for phase, b_shape, groups, dy_list in calls:
         if (fwd_member if phase == 0 else per_member) or (fwd_member and per_member):
-            assert groups == [] and b_shape[0] in sizes, (phase, b_shape, groups)
+            assert groups == [] and b_shape[0] in sizes and not dy_list, (phase, b_shape, groups)
         elif _b_rows(c, b_way):
             assert groups == list(sizes) and b_shape == (n, ranks[0]), (phase, b_shape, groups)
+            assert dy_list == (phase == 1 and all(ni % 64 == 0 for ni in sizes)), (phase, sizes, dy_list)
         else:
-            assert groups == [] and b_shape == (n, sum(ranks)), (phase, b_shape, groups)
+            assert groups == [] and b_shape == (n, sum(ranks)) and not dy_list, (phase, b_shape, groups)
 
     want = leaves()
     torch.manual_seed(123)
@@ -768,3 +809,38 @@ def test_entries_pass_the_weight_and_settings_to_cpp(dry, monkeypatch):
     # The recorded arguments fit the real entries' signatures (which decline CPU tensors: None).
     for name, args in fake.calls:
         assert getattr(dry, "launch_" + name)(*args) is None
+
+
+def test_group_host_ops_with_b_rows_and_dy_segments(dry, monkeypatch):
+    """The host path of a q/k/v-shaped group's fwd+bwd without its launches (LORA_OPS_LAUNCH_NOOP, this test build;
+    scripts/host_group_cpu.py times it): B_rows makes no block_diag and casts dB once, the dY segments skip dY's
+    cat, so each way dispatches fewer aten ops than the one before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("LORA_OPS_LAUNCH_NOOP", "1")
+    monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
+    monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
+    sizes, m, k, r = (256, 64, 64), 64, 128, 4
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(sum(sizes), k, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).requires_grad_()
+    As = [torch.randn(r, k, generator=g).to(torch.bfloat16).requires_grad_() for _ in sizes]
+    Bs = [torch.randn(n, r, generator=g).to(torch.bfloat16).requires_grad_() for n in sizes]
+    dys = [torch.randn(m, n, generator=g).to(torch.bfloat16) for n in sizes]
+
+    def ops(b_way, dy_way):
+        monkeypatch.setenv("LORA_OPS_GROUP_B", b_way)
+        monkeypatch.setenv("LORA_OPS_GROUP_DY", dy_way)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ys = dry.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [2.0] * 3, None, 0.0, 0, True)
+            torch.autograd.backward(list(ys), dys)
+        assert all(t.grad is not None for t in [x, *As, *Bs])
+        for t in [x, *As, *Bs]:
+            t.grad = None
+        return {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+
+    bd, rows, segs = ops("blockdiag", "cat"), ops("rows", "cat"), ops("rows", "segments")
+    assert bd.get("aten::block_diag") == 1 and "aten::block_diag" not in rows
+    assert rows.get("aten::cat") == 3 and segs.get("aten::cat") == 2  # A_cat, B_rows (and dY's cat)
+    assert bd.get("aten::_to_copy") == 4 and rows.get("aten::_to_copy") == 2  # dB: three block casts, then one
+    assert sum(bd.values()) > sum(rows.values()) > sum(segs.values()), (bd, rows, segs)

@@ -269,6 +269,15 @@ def _group(groups: Optional[Sequence[int]], n: int, r: int) -> _Group:
     return _Group(True, r // len(sizes), *bounds)
 
 
+def _segments_ok(dys, group: _Group, device: torch.device) -> bool:
+    """Whether the kernels read a projection group's dY as the members' own tensors (``SEG_DY`` / ``SEG_A``,
+    ``lora_kernels._segment``): a B_rows group whose every N_i is a multiple of the split unit (so no dS slice or
+    tile straddles two members), each dY_i contiguous and 16-byte aligned (TMA's rules). Otherwise the launcher
+    concatenates them."""
+    unit = _SPLIT_UNIT if device.type == "cuda" else _SPLIT_UNIT_INTERP
+    return group.on and all(t.shape[1] % unit == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in dys)
+
+
 def _check_lora(x, lora_A, lora_B, bias=None, groups=None) -> Tuple[int, int, int, int]:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K) (flatten leading dims first), got shape {tuple(x.shape)}")
@@ -483,20 +492,21 @@ def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor, nk: Optional[int] = None
 
 
 def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket,
-               tma, l_out=None, drop_cols=None, group=_NO_GROUP):
+               tma, l_out=None, drop_cols=None, group=_NO_GROUP, segs=None):
     """c (M, N) = dropout(scaling * L (M, r) @ Rt (r, N)) (+ bias) + a (M, K) @ op(W): the forward
     (trans_w, W (N, K): op(W) = W^T, Rt = B^T) or the dX GEMM (W (K, N) itself, Rt = A_lora). ``w``: a _W;
     Rt is addressed through ``rt`` with (stride_rr, stride_rn). ``l``: L (M, r), or (splits, M, r) fp32 partials
     that the kernel sums and rounds (then ``l_out``, if given, receives that rounded L). ``drop_cols`` = (x's
     column count, first column) when c is a column window of dX (dropout indexes x's elements). ``group``: Rt
-    is a projection group's B_rows^T (the forward; a _Group seen from c's first column). The TMA kernel when
+    is a projection group's B_rows^T (the forward; a _Group seen from c's first column). ``segs`` (dX, with the
+    group): a = dY is the members' own tensors (a is segs[0]; ``_segments_ok``). The TMA kernel when
     ``tma`` (one slice only), else the pointer kernel ``kernel`` (_FWD_KERNEL / _DX_KERNEL: their own configs and
     counters)."""
     m, n = c.shape
     drop_ld, drop_c0 = drop_cols or (n, 0)
     if tma:
         _tma_gemm(a, w.ptrs[0], c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0,
-                  l_out, group)
+                  l_out, group, segs)
         return
     scratch = _scratch(c.device)
     b = bias if bias is not None else scratch
@@ -505,10 +515,22 @@ def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling
            a, *w.ptrs, l, rt, b, drop.seed, c, lo,
            a.stride(0), a.stride(1), *w.strides, stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0),
            c.stride(0), c.stride(1), *stride_lo,
-           m, n, a.shape[1], r, l.shape[0] if l.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale,
-           drop_ld, drop_c0, m_bucket, *group.args(),
+           m, n, sum(t.shape[1] for t in segs) if segs else a.shape[1], r, l.shape[0] if l.dim() == 3 else 1,
+           float(scaling), drop.threshold, drop.scale,
+           drop_ld, drop_c0, m_bucket, *(group.args() if trans_w or segs else _NO_GROUP.args()),
+           *_more(segs, scratch),
            TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
-           GROUPED=group.on, BLOCK_R=block_r, **w.meta, **w.opts)
+           GROUPED=group.on and trans_w, SEG_A=segs is not None, BLOCK_R=block_r, **w.meta, **w.opts)
+
+
+def _more(segs, filler) -> tuple:
+    """The kernels' three further member arguments (dy2_ptr.. / a2_ptr.. / a2_desc..): members 2..4 of ``segs``
+    and the first member again for the missing ones (one pointer type for the kernel's selects), or ``filler``
+    three times without segments."""
+    if not segs:
+        return (filler,) * 3
+    rest = list(segs[1:])
+    return tuple(rest + [segs[0]] * (3 - len(rest)))
 
 
 def _l_args(l, l_out, scratch):
@@ -521,15 +543,17 @@ def _l_args(l, l_out, scratch):
 
 
 def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0,
-              l_out=None, group=_NO_GROUP):
+              l_out=None, group=_NO_GROUP, segs=None):
     """c = lora + a @ (w^T if trans_w else w) through _lora_gemm_tma_kernel (see there); ``lt`` and ``l_out`` as
     in _lora_gemm."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, n = c.shape
-    k = a.shape[1]
+    k = sum(t.shape[1] for t in segs) if segs else a.shape[1]
     _, blocks, warps, stages = next(c_ for c_ in _TMA_CONFIGS if m >= c_[0])
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
     a_d = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
+    more = _more([a_d] + [TensorDescriptor(t, list(t.shape), list(t.stride()), [bm, bk]) for t in segs[1:]]
+                 if segs else None, a_d)
     w_d = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk] if trans_w else [bk, bn])
     c_d = TensorDescriptor(c, list(c.shape), list(c.stride()), [bm, bn])
     scratch = _scratch(c.device)
@@ -541,9 +565,9 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
                 a_d, w_d, c_d, lt, rt_ptr, b, drop.seed, lo,
                 stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0), *stride_lo,
                 m, n, k, lt.shape[0] if lt.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale, drop_ld,
-                drop_c0, *group.args(),
+                drop_c0, *(group.args() if trans_w or segs else _NO_GROUP.args()), *more,
                 TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
-                GROUPED=group.on, R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r, BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
+                GROUPED=group.on and trans_w, SEG_A=segs is not None, R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r, BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
                 FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                 _config=(blocks, warps, stages))
 
@@ -615,13 +639,25 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     """(dx (M, K), dA (r, K), dB (N, r), dbias (N,)), the contract of ``lora_ops::lora_bwd``; a gradient not
     asked for comes back with 0 elements. dS (M, r) is rounded to x.dtype before the dX and dA GEMMs.
     groups: as in lora_forward; dB is then lora_B's own gradient (N, r / g), the diagonal blocks of the
-    block-diagonal B's."""
+    block-diagonal B's. With groups, dy may be the members' dY_i (M, N_i), a list: the kernels read them as they
+    are where ``_segments_ok``, else they are concatenated first."""
     m, k, n, r = _check_lora(x, lora_A, lora_B, None, groups)
     group = _group(groups, n, r)
     rb = group.rb if group.on else r  # dB's columns
-    _check_same("dy", dy, x, (m, n))
+    segs = None
+    if isinstance(dy, (list, tuple)):
+        if not group.on or len(dy) != len(groups):
+            raise ValueError(f"dy is a list of {len(dy)} tensors: that needs groups= with one size per tensor "
+                             f"(got groups={groups!r})")
+        for i, (t, ni) in enumerate(zip(dy, groups)):
+            _check_same(f"dy[{i}]", t, x, (m, ni))
+        segs = list(dy) if _segments_ok(dy, group, x.device) else None
+        dy = segs[0] if segs else torch.cat(list(dy), 1)
+    else:
+        _check_same("dy", dy, x, (m, n))
     _check_same("s", s, x, (m, r))
-    dy, x, lora_A, lora_B, s = (_narrow(t) for t in (dy, x, lora_A, lora_B, s))
+    x, lora_A, lora_B, s = (_narrow(t) for t in (x, lora_A, lora_B, s))
+    dy = dy if segs else _narrow(dy)
     drop = _Dropout(dropout_p, seed, x)
     dev, dt = x.device, x.dtype
     # A custom op may not return one tensor twice: one 0-element tensor per gradient not asked for.
@@ -643,7 +679,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     atomics = need_ds and not deterministic and m <= _ATOMIC_DB_MAX_M
     fused_db = atomics and need_dB
     fused_dbias = atomics and need_dbias
-    tma_dx = need_dx and _use_tma(dy, w, dx)
+    tma_dx = need_dx and _use_tma(dy, w, dx, n * k if segs else None)
     # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
     dx_sums = need_dx and k > 0 and w.chunks is None
     splits_ds, cols_ds, ds_summed = _ds_slices(m, n, r_chunks, dev, dx_sums, tma_dx)
@@ -661,8 +697,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                        dy, lora_B, s, ds_part, db_acc, dbias_acc,
                        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
                        ds_part.stride(0) if splits_ds > 1 else 0, ds_part.stride(-2), ds_part.stride(-1),
-                       m, n, r, cols_ds, float(scaling), m_bucket, *group.args(),
-                       DO_DB=fused_db, DO_DBIAS=fused_dbias, GROUPED=group.on, BLOCK_R=block_r)
+                       m, n, r, cols_ds, float(scaling), m_bucket, *group.args(), *_more(segs, _scratch(dev)),
+                       DO_DB=fused_db, DO_DBIAS=fused_dbias, GROUPED=group.on, SEG_DY=segs is not None,
+                       BLOCK_R=block_r)
             if ds_summed:
                 ds.copy_(ds_part.sum(0))
             if fused_db:
@@ -681,8 +718,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                        dy.stride(0), dy.stride(1), s.stride(0), s.stride(1),
                        db_out.stride(0) if splits > 1 else 0, db_out.stride(1), db_out.stride(2),
                        dbias_out.stride(0) if splits > 1 else 0, dbias_out.stride(1),
-                       m, n, r, rows, float(scaling), m_bucket, *group.args(),
-                       DO_DB=do_db, DO_DBIAS=do_dbias, GROUPED=group.on, BLOCK_R=block_r)
+                       m, n, r, rows, float(scaling), m_bucket, *group.args(), *_more(segs, _scratch(dev)),
+                       DO_DB=do_db, DO_DBIAS=do_dbias, GROUPED=group.on, SEG_DY=segs is not None,
+                       BLOCK_R=block_r)
             if do_db:
                 dB = _split_sum(db_out, dt)
             if do_dbias:
@@ -695,12 +733,14 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
             for k0, k1 in w.chunks:
                 wc, dxc = w.block(k0, k1), dx[:, k0:k1]
                 _lora_gemm(_DX_KERNEL, dy, wc, dxc, ds, lora_A[:, k0:k1], lora_A.stride(0), lora_A.stride(1), None,
-                           drop, 1.0, False, r, block_r, m_bucket, _use_tma(dy, wc, dxc, n * k), drop_cols=(k, k0))
+                           drop, 1.0, False, r, block_r, m_bucket, _use_tma(dy, wc, dxc, n * k), drop_cols=(k, k0),
+                           group=group, segs=segs)
                 del wc
         elif need_dx and k > 0:
             dx_parts = splits_ds > 1 and not ds_summed
             _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part if dx_parts else ds, lora_A, lora_A.stride(0), lora_A.stride(1),
-                       None, drop, 1.0, False, r, block_r, m_bucket, tma_dx, ds if dx_parts and need_dA else None)
+                       None, drop, 1.0, False, r, block_r, m_bucket, tma_dx, ds if dx_parts and need_dA else None,
+                       group=group, segs=segs)
         if need_dA:
             if k > 0:
                 splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)

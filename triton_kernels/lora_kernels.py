@@ -201,6 +201,21 @@ def _member_rank(n, rb, nb1, nb2, nb3):
     return rb * ((n >= nb1).to(tl.int32) + (n >= nb2).to(tl.int32) + (n >= nb3).to(tl.int32))
 
 
+@triton.jit
+def _segment(c, p1, p2, p3, p4, nb1, nb2, nb3, N):
+    """A projection group's dY in its members' own contiguous tensors (``SEG_DY`` / ``SEG_A``): (base pointer,
+    row length, first column) of the member whose columns [nb_i, nb_{i+1}) hold column ``c`` of the concatenated
+    dY (N columns). The launchers take this only when every boundary is a multiple of the split unit (>= 64), so
+    no tile straddles two members; the rounding to 16 tells the compiler so, which keeps the loads vectorized."""
+    i1 = c >= nb1
+    i2 = c >= nb2
+    i3 = c >= nb3
+    lo = tl.where(i3, nb3, tl.where(i2, nb2, tl.where(i1, nb1, 0)))
+    hi = tl.where(i3, N, tl.where(i2, nb3, tl.where(i1, nb2, nb1)))
+    base = tl.where(i3, p4, tl.where(i2, p3, tl.where(i1, p2, p1)))
+    return base, ((hi - lo) // 16) * 16, (lo // 16) * 16
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -268,10 +283,10 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
                       stride_am, stride_ak, stride_wn, stride_wk, stride_ls, stride_lm, stride_lr, stride_rr,
                       stride_rn, stride_bias, stride_cm, stride_cn, stride_lom, stride_lor,
                       M, N, K, R, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0, M_BUCKET,
-                      rb, nb1, nb2, nb3,
+                      rb, nb1, nb2, nb3, a2_ptr, a3_ptr, a4_ptr,
                       TRANS_W: tl.constexpr, IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_L: tl.constexpr,
-                      GROUPED: tl.constexpr,
+                      GROUPED: tl.constexpr, SEG_A: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                       GROUP_M: tl.constexpr):
     """The forward GEMM and the dX GEMM (pointer loads; dense or NF4 W decoded tile by tile):
@@ -290,7 +305,9 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     (S saved for backward, dS for the dA kernel).
 
     GROUPED (forward only): Rt is the block-diagonal B_bd^T of a projection group, read from B_rows (N, rb)
-    (``_member_rank``): Rt[j, n] = B_rows[n, j - ro(n)] where 0 <= j - ro(n) < rb, else 0."""
+    (``_member_rank``): Rt[j, n] = B_rows[n, j - ro(n)] where 0 <= j - ro(n) < rb, else 0. SEG_A (dX only): A = dY
+    is a projection group's members' own contiguous (M, N_i) tensors a_ptr, a2_ptr, ... (``_segment``, K = sum N_i
+    with boundaries nb_i)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     n0 = pid_n.to(tl.int64) * BLOCK_N
@@ -339,8 +356,13 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     for k in range(0, K, BLOCK_K):
         k0 = tl.cast(k, tl.int64)
         k_ok = rk < K - k0
-        a = tl.load((a_base + k0 * stride_ak) + (rm[:, None] * stride_am + rk[None, :] * stride_ak),
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if SEG_A:
+            seg, ld, lo = _segment(k0, a_ptr, a2_ptr, a3_ptr, a4_ptr, nb1, nb2, nb3, K)
+            a = tl.load((seg + (m0 * ld + (k0 - lo))) + (rm[:, None] * ld + rk[None, :]),
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            a = tl.load((a_base + k0 * stride_ak) + (rm[:, None] * stride_am + rk[None, :] * stride_ak),
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         # (BLOCK_K, BLOCK_N) tile of op(W). _w_tile addresses W as stored (row origin, column origin, offsets
         # shaped so the tile comes out as op(W), the stored column count, the tile's extent along the columns).
         if TRANS_W:
@@ -360,8 +382,9 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
 def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_ptr, lo_ptr,
                           stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_lom, stride_lor,
                           M, N, K, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0, rb, nb1, nb2, nb3,
+                          a2_desc, a3_desc, a4_desc,
                           TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          WRITE_L: tl.constexpr, GROUPED: tl.constexpr, R_CHUNKS: tl.constexpr, R: tl.constexpr,
+                          WRITE_L: tl.constexpr, GROUPED: tl.constexpr, SEG_A: tl.constexpr, R_CHUNKS: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
                           FLATTEN: tl.constexpr):
@@ -380,7 +403,9 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
     L arrives as ``L_SPLITS`` fp32 slices ``stride_ls`` apart (the S / dS passes split K / N to fill the GPU at
     small M), summed in slice order and rounded to C's dtype, or as one slice that is L itself; with WRITE_L the
     tiles of the first column store that rounded L (M, R) to lo_ptr, as the pointer kernel does. GROUPED: Rt is a
-    projection group's B_bd^T read from B_rows (N, rb), as in the pointer kernel."""
+    projection group's B_bd^T read from B_rows (N, rb), as in the pointer kernel. SEG_A (dX only): A = dY is a
+    projection group's members' own (M, N_i) tensors, one descriptor each (a_desc, a2_desc, ...; an unused one
+    repeats a_desc), read in one K loop per member: a TMA load cannot pick its descriptor per tile."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -424,15 +449,31 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
             acc += bias.to(tl.float32)[None, :]
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
-        for ki in range(k_tiles):
-            ok = ki * BLOCK_K
-            a = a_desc.load([om, ok])
-            if TRANS_W:
-                w = w_desc.load([on, ok])
-                acc = tl.dot(a, w.T, acc)
-            else:
-                w = w_desc.load([ok, on])
-                acc = tl.dot(a, w, acc)
+        if SEG_A:
+            for seg in tl.static_range(4):
+                if seg == 0:
+                    d, lo, hi = a_desc, 0, nb1
+                elif seg == 1:
+                    d, lo, hi = a2_desc, nb1, nb2
+                elif seg == 2:
+                    d, lo, hi = a3_desc, nb2, nb3
+                else:
+                    d, lo, hi = a4_desc, nb3, K
+                # A member's last tile may pass its N_i (the last member's): TMA zero-fills those columns of A.
+                for kj in range(0, tl.cdiv(hi - lo, BLOCK_K)):
+                    a = d.load([om, kj * BLOCK_K])
+                    w = w_desc.load([lo + kj * BLOCK_K, on])
+                    acc = tl.dot(a, w, acc)
+        else:
+            for ki in range(k_tiles):
+                ok = ki * BLOCK_K
+                a = a_desc.load([om, ok])
+                if TRANS_W:
+                    w = w_desc.load([on, ok])
+                    acc = tl.dot(a, w.T, acc)
+                else:
+                    w = w_desc.load([ok, on])
+                    acc = tl.dot(a, w, acc)
         c_desc.store([om, on], acc.to(dtype))
 
 
@@ -440,8 +481,8 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
 def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
                         stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dss, stride_dsm,
                         stride_dsr,
-                        M, N, R, cols_per_split, scaling, M_BUCKET, rb, nb1, nb2, nb3,
-                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr, GROUPED: tl.constexpr,
+                        M, N, R, cols_per_split, scaling, M_BUCKET, rb, nb1, nb2, nb3, dy2_ptr, dy3_ptr, dy4_ptr,
+                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr, GROUPED: tl.constexpr, SEG_DY: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One pass over the (BLOCK_M, cols) block of dY that split ``pid_s`` covers: dS = s * dY @ B of those rows
     and columns into slot ``pid_s`` of ds (fp32 partials that the dX GEMM sums; one split: stride_dss = 0 and ds
@@ -449,7 +490,8 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
     fp32 (N, R) / (N,) buffers by atomics.
 
     GROUPED: B is a projection group's B_rows (N, rb) standing for B_bd (N, R) (``_member_rank``), and dB is
-    B_rows' gradient (N, rb): only B_bd's diagonal blocks are added."""
+    B_rows' gradient (N, rb): only B_bd's diagonal blocks are added. SEG_DY: dY is the members' own contiguous
+    (M, N_i) tensors dy_ptr, dy2_ptr, ... (``_segment``), not one concatenated tensor."""
     pid_m = tl.program_id(0)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     r0 = tl.program_id(1) * BLOCK_R
@@ -477,8 +519,13 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
         # Programs start their sweep at different column tiles, so their atomics do not all hit one tile at once.
         n0 = (n_begin + ((j + pid_m) % num_n) * BLOCK_N).to(tl.int64)
         n_ok = rn < n_end - n0
-        dy = tl.load((dy_base + n0 * stride_dyn) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
-                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if SEG_DY:
+            seg, ld, lo = _segment(n0, dy_ptr, dy2_ptr, dy3_ptr, dy4_ptr, nb1, nb2, nb3, N)
+            dy = tl.load((seg + (m0 * ld + (n0 - lo))) + (rm[:, None] * ld + rn[None, :]),
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            dy = tl.load((dy_base + n0 * stride_dyn) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         b_ok = n_ok[:, None] & r_ok[None, :]
         cols = rr[None, :]  # B's (and dB's) column of each tile element
         if GROUPED:
@@ -506,13 +553,13 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
 def _lora_bwd_db_kernel(dy_ptr, s_ptr, db_ptr, dbias_ptr,
                         stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbs, stride_dbn, stride_dbr,
                         stride_dbias_s, stride_dbias_n,
-                        M, N, R, rows_per_split, scaling, M_BUCKET, rb, nb1, nb2, nb3,
-                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr, GROUPED: tl.constexpr,
+                        M, N, R, rows_per_split, scaling, M_BUCKET, rb, nb1, nb2, nb3, dy2_ptr, dy3_ptr, dy4_ptr,
+                        DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr, GROUPED: tl.constexpr, SEG_DY: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """dB[n, r] = s * sum_m dY[m, n] S[m, r] and dbias[n] = sum_m dY[m, n] over the rows of split ``pid_s``,
     written (no atomics) to slot ``pid_s`` of db/dbias (stride_dbs / stride_dbias_s: 0 when there is one split,
     then db/dbias are the outputs themselves). GROUPED: db is a projection group's B_rows gradient (N, rb), B_bd's
-    diagonal blocks only (``_member_rank``)."""
+    diagonal blocks only (``_member_rank``). SEG_DY: dY in the members' own tensors, as in the dS kernel."""
     n0 = tl.program_id(0).to(tl.int64) * BLOCK_N
     r0 = tl.program_id(1) * BLOCK_R
     pid_s = tl.program_id(2).to(tl.int64)
@@ -525,12 +572,16 @@ def _lora_bwd_db_kernel(dy_ptr, s_ptr, db_ptr, dbias_ptr,
     m_begin = pid_s * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
     dy_base = dy_ptr + n0 * stride_dyn
+    ld = stride_dym
+    if SEG_DY:
+        seg, ld, lo = _segment(n0, dy_ptr, dy2_ptr, dy3_ptr, dy4_ptr, nb1, nb2, nb3, N)
+        dy_base = seg + (n0 - lo)
     s_base = s_ptr + r0 * stride_sr
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         m_ok = rm < m_end - m0
-        dy = tl.load((dy_base + m0 * stride_dym) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
+        dy = tl.load((dy_base + m0 * ld) + (rm[:, None] * ld + rn[None, :] * stride_dyn),
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if DO_DB:
             s = tl.load((s_base + m0 * stride_sm) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
