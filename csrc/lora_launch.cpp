@@ -430,7 +430,7 @@ PlanKey make_key(const Call& c, bool backward, bool deterministic) {
                   | (c.m >= g_settings.tma_min_m ? 64 : 0) | (c.m >= g_settings.nf4_chunk_min_m ? 4096 : 0)
                   | (c.m <= g_settings.split_sum_max_m ? 8192 : 0)
                   | (c.m * c.n * c.k >= g_settings.tma_min_mnk ? 16384 : 0)
-                  | (static_cast<int64_t>(c.groups.size()) << 15);
+                  | (static_cast<int64_t>(c.groups.size()) << 15) | (c.dys.empty() ? 0 : 1 << 18);
   if (backward)
     flags |= (c.need_dx ? 128 : 0) | (c.need_dA ? 256 : 0) | (c.need_dB ? 512 : 0) | (c.need_dbias ? 1024 : 0)
              | (deterministic ? 2048 : 0);

@@ -368,6 +368,22 @@ def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting, dy_way)
         _launch._sync_settings(dry)
 
 
+def test_group_dy_segments_have_their_own_plan(dry):
+    """The same group's backward on the members' dY_i and on cat(dY_i) compiles other kernels (SEG_DY / SEG_A) with
+    the same argument types: they must not share a launch plan, or a plan made for one would launch the other's
+    kernels."""
+    g = torch.Generator().manual_seed(12)
+    m, k, sizes, rb = 40, 64, (128, 64), 4
+    n, r = sum(sizes), rb * len(sizes)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / 8
+    a, b, dy = torch.randn(r, k, generator=g) / 8, torch.randn(n, rb, generator=g), torch.randn(m, n, generator=g)
+    s = torch.randn(m, r, generator=g)
+    tail = (x, w, None, None, None, None, 0, a, b, s, 2.0, 0.0, None, True, True, True, False, list(sizes), True)
+    plan_cat = dry.launch_bwd(dy, *tail)[0]
+    plan_segs = dry.launch_bwd([t.contiguous() for t in dy.split(list(sizes), 1)], *tail)[0]
+    assert plan_cat >= 0 and plan_segs >= 0 and plan_cat != plan_segs
+
+
 def test_group_dy_segments_fall_back_to_cat():
     """dY as the members' tensors is read as it is only when every N_i is a whole number of split units and each
     tensor is contiguous; otherwise the launcher concatenates them (same values). A list without groups raises."""

@@ -278,7 +278,8 @@ def _segments_ok(dys, group: _Group, device: torch.device) -> bool:
     return group.on and all(t.shape[1] % unit == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in dys)
 
 
-def _check_lora(x, lora_A, lora_B, bias=None, groups=None) -> Tuple[int, int, int, int]:
+def _check_lora(x, lora_A, lora_B, bias=None, groups=None) -> Tuple[int, int, int, int, _Group]:
+    """(M, K, N, r, the _Group of ``groups``) of a launcher call, every argument checked."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K) (flatten leading dims first), got shape {tuple(x.shape)}")
     if x.dtype not in _nf4.FLOAT_DTYPES:
@@ -290,7 +291,8 @@ def _check_lora(x, lora_A, lora_B, bias=None, groups=None) -> Tuple[int, int, in
     r = lora_A.shape[0]
     n = lora_B.shape[0]
     _check_same("lora_A", lora_A, x, (r, k))
-    _check_same("lora_B", lora_B, x, (n, _group(groups, n, r).rb if groups else r))
+    group = _group(groups, n, r)
+    _check_same("lora_B", lora_B, x, (n, group.rb if group.on else r))
     if r < 1:
         raise ValueError(f"lora_A has rank {r}; the rank must be >= 1")
     if bias is not None:
@@ -298,7 +300,7 @@ def _check_lora(x, lora_A, lora_B, bias=None, groups=None) -> Tuple[int, int, in
     if k >= _MAX_STRIDE or n >= _MAX_STRIDE:
         raise ValueError(f"in_features={k}, out_features={n}: the Triton kernels support up to {_MAX_STRIDE - 1} "
                          "(int32 in-tile offsets); use LORA_OPS_BACKEND=reference for larger layers")
-    return m, k, n, r
+    return m, k, n, r, group
 
 
 # From this many rows on, an NF4 weight is dequantized once per launcher call into a temporary (Triton's
@@ -567,7 +569,8 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
                 m, n, k, lt.shape[0] if lt.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale, drop_ld,
                 drop_c0, *(group.args() if trans_w or segs else _NO_GROUP.args()), *more,
                 TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
-                GROUPED=group.on and trans_w, SEG_A=segs is not None, R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r, BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
+                GROUPED=group.on and trans_w, SEG_A=segs is not None, R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r,
+                BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
                 FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                 _config=(blocks, warps, stages))
 
@@ -587,8 +590,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     groups: a projection group's out_features (N_1, ..., N_g), 2 <= g <= 4, with lora_B = cat(B_i) (N, r / g)
     standing for block_diag(B_i) (N, r): y is that of the block-diagonal B, with no block-diagonal tensor made.
     """
-    m, k, n, r = _check_lora(x, lora_A, lora_B, bias, groups)
-    group = _group(groups, n, r)
+    m, k, n, r, group = _check_lora(x, lora_A, lora_B, bias, groups)
     x, lora_A, lora_B, bias = (_narrow(t) for t in (x, lora_A, lora_B, bias))
     w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x)
     drop = _Dropout(dropout_p, seed, x)
@@ -641,8 +643,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     groups: as in lora_forward; dB is then lora_B's own gradient (N, r / g), the diagonal blocks of the
     block-diagonal B's. With groups, dy may be the members' dY_i (M, N_i), a list: the kernels read them as they
     are where ``_segments_ok``, else they are concatenated first."""
-    m, k, n, r = _check_lora(x, lora_A, lora_B, None, groups)
-    group = _group(groups, n, r)
+    m, k, n, r, group = _check_lora(x, lora_A, lora_B, None, groups)
     rb = group.rb if group.on else r  # dB's columns
     segs = None
     if isinstance(dy, (list, tuple)):

@@ -384,7 +384,8 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
                           M, N, K, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0, rb, nb1, nb2, nb3,
                           a2_desc, a3_desc, a4_desc,
                           TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          WRITE_L: tl.constexpr, GROUPED: tl.constexpr, SEG_A: tl.constexpr, R_CHUNKS: tl.constexpr, R: tl.constexpr,
+                          WRITE_L: tl.constexpr, GROUPED: tl.constexpr, SEG_A: tl.constexpr,
+                          R_CHUNKS: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
                           FLATTEN: tl.constexpr):
