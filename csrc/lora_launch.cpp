@@ -445,6 +445,8 @@ PlanKey make_key(const Call& c, bool backward, bool deterministic) {
 struct Work {
   std::vector<Launch> launches;
   std::vector<at::Tensor> keep;  // temporaries the launches read or write (dequantized W, fp32 buffers)
+  // A Launch is ~1.6 KB: room for a whole unchunked list up front, so the list is not copied as it grows.
+  Work() { launches.reserve(8); }
 };
 
 struct Dropout {
