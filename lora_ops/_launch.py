@@ -211,7 +211,7 @@ def lora_forward(x, weight, absmax, nested_absmax, nested_code, offset, blocksiz
                  dropout_p, seed):
     """The triton backend's ``lora_ops::lora_fwd``: (y, S), launched from C++ where it has a plan."""
     args = (x, weight, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, float(scaling), bias,
-            float(dropout_p), seed, [])  # [] : no projection group (the C++ entries' and the launchers' last argument)
+            float(dropout_p), seed, [])  # []: no projection group (the C++ entries' and the launchers' last argument)
     mod = module() if x.is_cuda else None
     if mod is not None:
         res = mod.launch_fwd(*args, False)
