@@ -426,21 +426,27 @@ UNIT = {"stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_ak", "stride
         "stride_lor"}
 # The GEMM kernel's Rt is B^T in the forward (unit stride along r) and A_lora in dX (unit stride along n).
 UNIT_BY_KERNEL = {"lora_fwd": {"stride_rr"}, "lora_bwd_dx": {"stride_rn"}}
-GEMM_FLAGS = {"lora_fwd": dict(TRANS_W=True, HAS_DROPOUT=False, HAS_BIAS=True, SEG_A=False),
-              "lora_bwd_dx": dict(TRANS_W=False, HAS_DROPOUT=True, HAS_BIAS=False, GROUPED=False, SEG_A=True)}
+GEMM_FLAGS = {"lora_fwd": dict(TRANS_W=True, HAS_DROPOUT=False, HAS_BIAS=True),
+              "lora_bwd_dx": dict(TRANS_W=False, HAS_DROPOUT=True, HAS_BIAS=False)}
+# A projection group's variants (B_rows, dY segments), compiled besides the plain ones for bf16 dense.
+GROUP_FLAGS = {"lora_fwd": dict(GROUPED=True, SEG_A=False), "lora_bwd_dx": dict(GROUPED=False, SEG_A=True),
+               "lora_bwd_ds": dict(GROUPED=True, SEG_DY=True), "lora_bwd_db": dict(GROUPED=True, SEG_DY=True)}
 ptxas = get_ptxas(90).path
 res = []
 for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
     for wk in ("dense", "nf4", "nf4dq"):
-        for kname, kernel in LT.KERNELS.items():
+        for kname, kernel, group in [(n, k, False) for n, k in LT.KERNELS.items()] + [
+                (n, LT.KERNELS[n], True) for n in GROUP_FLAGS if dt == "bf16" and wk == "dense"]:
             gemm = kname in ("lora_fwd", "lora_bwd_dx")
             if wk != "dense" and not gemm:
                 continue
             cfg = kernel.prune(kernel.configs, {"M": 8192, "x_ptr": torch.empty(1, dtype=tdt)}, IS_NF4=wk != "dense")[0]
             consts = dict(cfg.kwargs, BLOCK_R=64)
             flags = dict(IS_NF4=wk != "dense", NESTED=wk == "nf4dq", BLOCKSIZE=64, HAS_BIAS=True, HAS_DROPOUT=True,
-                         DO_DB=True, DO_DBIAS=True, WRITE_L=True, GROUPED=True, SEG_DY=True)
+                         DO_DB=True, DO_DBIAS=True, WRITE_L=True, GROUPED=False, SEG_DY=False, SEG_A=False)
             flags.update(GEMM_FLAGS.get(kname, {}))
+            if group:
+                flags.update(GROUP_FLAGS[kname])
             for name, val in flags.items():
                 if name in kernel.fn.arg_names:
                     consts[name] = val
@@ -474,15 +480,15 @@ for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
                                  capture_output=True, text=True).stderr
             spill = re.findall(r"(\d+) bytes spill stores", out)
             regs = re.findall(r"Used (\d+) registers", out)
-            res.append(dict(kernel=kname, dtype=dt, weight=wk, config=str(cfg), regs=int(regs[0]),
-                            spill=int(spill[0])))
+            res.append(dict(kernel=kname + (" grouped" if group else ""), dtype=dt, weight=wk, config=str(cfg),
+                            regs=int(regs[0]), spill=int(spill[0])))
 print(json.dumps(res))
 """
 
 
 def test_kernels_compile_for_sm90_without_spilling():
     res = run_sm90_probe(_SM90_PROBE, timeout=900)
-    assert len(res) == 2 * (6 + 2 * 2)
+    assert len(res) == 2 * (6 + 2 * 2) + 4  # + the bf16 dense group variants of fwd, dx, dS, dB
     # The configs used with autotuning off were chosen spill-free (a few bytes at most) for triton 3.6's
     # ptxas; hundreds of bytes would mean a kernel change pushed them over the register file.
     heavy = [r for r in res if r["spill"] > 64]
