@@ -297,7 +297,7 @@ def test_db_without_atomics_above_the_atomic_limit(dry, monkeypatch):
 
 
 @pytest.mark.parametrize("dy_way", ["cat", "segments"])
-@pytest.mark.parametrize("setting", ["pointer", "tma", "nf4-chunks", "deterministic", "ds-slices"])
+@pytest.mark.parametrize("setting", ["pointer", "tma", "nf4-chunks", "nf4-chunks-tma", "deterministic", "ds-slices"])
 def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting, dy_way):
     """A projection group's stacked call with B_rows = cat(B_i) and the members' sizes (``groups``): the C++ launch
     lists equal the Python launchers' on the pointer and TMA GEMMs, NF4 chunks (boundaries seen from each chunk's
@@ -311,11 +311,14 @@ def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting, dy_way)
         if setting == "tma":
             monkeypatch.setenv("LORA_OPS_TMA", "1")
             dtype = torch.float16
-        elif setting == "nf4-chunks":
+        elif setting.startswith("nf4-chunks"):
             monkeypatch.setattr(L, "_DEQUANT_ON_CPU", True)
             monkeypatch.setattr(L, "NF4_CHUNK_BYTES", 40 * 256 * 4)
             monkeypatch.setattr(L, "NF4_CHUNK_MIN_M", 0)
             weight = "nf4"
+            if setting.endswith("tma"):  # each chunk's GEMM on the TMA kernel (16-bit)
+                monkeypatch.setenv("LORA_OPS_TMA", "1")
+                dtype = torch.float16
         elif setting == "ds-slices":
             monkeypatch.setattr(L, "_SPLIT_SUM_MAX_M", 32)
             monkeypatch.setenv("LORA_OPS_TMA", "1")
@@ -334,8 +337,9 @@ def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting, dy_way)
         y_bd, s_bd = L.lora_forward(*fwd)
         assert torch.equal(s, s_bd)
         torch.testing.assert_close(y, y_bd, rtol=1e-6, atol=1e-6)
-        if setting == "nf4-chunks":
-            assert [r[0] for r in dry.launch_fwd(*rows, list(sizes), True)[1]].count("nf4_dequant") > 1
+        if setting.startswith("nf4-chunks"):
+            names = [r[0] for r in dry.launch_fwd(*rows, list(sizes), True)[1]]
+            assert names.count("nf4_dequant") > 1 and ("lora_gemm_tma" in names) == setting.endswith("tma"), names
         need = (True, True, True, True)
         deterministic = setting == "deterministic"
         dy_in = dy if dy_way == "cat" else [t.contiguous() for t in dy.split(list(sizes), 1)]
