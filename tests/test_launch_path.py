@@ -388,22 +388,25 @@ def test_group_dy_segments_have_their_own_plan(dry):
     assert plan_cat >= 0 and plan_segs >= 0 and plan_cat != plan_segs
 
 
-def test_group_dy_segments_fall_back_to_cat():
-    """dY as the members' tensors is read as it is only when every N_i is a whole number of split units and each
-    tensor is contiguous; otherwise the launcher concatenates them (same values). A list without groups raises."""
+@pytest.mark.parametrize("sizes", [(64, 128), (64, 96)])
+def test_group_dy_segments_fall_back_to_cat(sizes):
+    """dY as the members' tensors is read as it is only when every N_i is a whole number of split units (64 columns
+    in the interpreter) and each tensor is contiguous; otherwise the launcher concatenates them. The values are
+    the same either way. A list without groups raises."""
     g = torch.Generator().manual_seed(11)
-    m, k, sizes, rb = 40, 64, (64, 96), 4
+    m, k, rb = 40, 64, 4
     n, r = sum(sizes), rb * len(sizes)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / 8
     a, b, dy = torch.randn(r, k, generator=g) / 8, torch.randn(n, rb, generator=g), torch.randn(m, n, generator=g)
     y, s = L.lora_forward(x, w, None, None, None, None, 0, a, b, 2.0, None, 0.0, None, sizes)
     args = (x, w, None, None, None, None, 0, a, b, s, 2.0, 0.0, None, True, True, True, False)
     want = L.lora_backward(dy, *args, sizes)
-    parts = list(dy.split(list(sizes), 1))  # 96 columns: not whole 64-column units, and the views not contiguous
-    for dys in (parts, [t.contiguous() for t in parts]):
+    parts = list(dy.split(list(sizes), 1))  # column views: not contiguous
+    aligned = all(ni % 64 == 0 for ni in sizes)
+    for dys, segments in ((parts, False), ([t.contiguous() for t in parts], aligned)):
         with L.recording() as records:
             got = L.lora_backward(dys, *args, sizes)
-        assert not any(rec.named.get("SEG_DY") for rec in records)
+        assert {bool(rec.named.get("SEG_DY")) for rec in records if rec.name == "lora_bwd_ds"} == {segments}
         for gt, wt in zip(got[:3], want[:3]):
             assert torch.equal(gt, wt)
     with pytest.raises(ValueError, match="groups="):  # one layer (B of rank r) given dY in parts
