@@ -1738,15 +1738,6 @@ bool members_way(bool nested, int64_t g, int64_t k, int64_t sum_n, const char* e
   return 3 * (g - 1) * k < 2 * sum_n;
 }
 
-// t.narrow(dim, start, len) in one op: narrow dispatches narrow, slice and as_strided, and a group makes up to
-// 3g of these views per fwd+bwd (host time).
-at::Tensor part(const at::Tensor& t, int64_t dim, int64_t start, int64_t len) {
-  if (dim < 0) dim += t.dim();
-  std::vector<int64_t> sizes = t.sizes().vec();
-  sizes[dim] = len;
-  return t.as_strided(sizes, t.strides(), t.storage_offset() + start * t.stride(dim));
-}
-
 // Member i's call: its rows of W_cat (NF4: its byte and absmax ranges) and its part of the bias; as adapters either
 // its slices of the stacked A_cat / B_bd (As null) or its own A_i, B_i and s_i; S: its columns of c.s (when set)
 // or Ss[i]. x, seed, p, blocksize and the need_* flags are the group's.
@@ -1840,7 +1831,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const at::Tensor y = x.dim() == 2 ? o.y : o.y.view(sizes);
       int64_t off = 0;
       for (int64_t ni : args.n) {
-        out.push_back(part(y, -1, off, ni));
+        out.push_back(y.narrow(-1, off, ni));
         off += ni;
       }
     }
@@ -1913,10 +1904,10 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const at::ScalarType dt = c.x.scalar_type();
       int64_t n0 = 0, r0 = 0;
       for (int64_t i = 0; i < g; ++i) {
-        if (ctx->needs_input_grad(1 + i)) out[1 + i] = part(o.dA, 0, r0, r[i]);
+        if (ctx->needs_input_grad(1 + i)) out[1 + i] = o.dA.narrow(0, r0, r[i]);
         if (ctx->needs_input_grad(1 + g + i)) {
-          at::Tensor db = part(db_all, 0, n0, n[i]);
-          if (!rows) db = part(db, 1, r0, r[i]);
+          at::Tensor db = db_all.narrow(0, n0, n[i]);
+          if (!rows) db = db.narrow(1, r0, r[i]);
           if (blocks) db = db.to(dt);
           out[1 + g + i] = one_scaling ? db : db * scalings[i];
         }

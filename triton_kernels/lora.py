@@ -271,7 +271,7 @@ def _group(groups: Optional[Sequence[int]], n: int, r: int) -> _Group:
 
 def _segments_ok(dys, group: _Group, device: torch.device) -> bool:
     """Whether the kernels read a projection group's dY as the members' own tensors (``SEG_DY`` / ``SEG_A``,
-    ``lora_kernels._segment``): a B_rows group whose every N_i is a multiple of the split unit (so no dS slice or
+    ``lora_kernels._dy_column``): a B_rows group whose every N_i is a multiple of the split unit (so no dS slice or
     tile straddles two members), each dY_i contiguous and 16-byte aligned (TMA's rules). Otherwise the launcher
     concatenates them."""
     unit = _SPLIT_UNIT if device.type == "cuda" else _SPLIT_UNIT_INTERP

@@ -202,18 +202,21 @@ def _member_rank(n, rb, nb1, nb2, nb3):
 
 
 @triton.jit
-def _segment(c, p1, p2, p3, p4, nb1, nb2, nb3, N):
-    """A projection group's dY in its members' own contiguous tensors (``SEG_DY`` / ``SEG_A``): (base pointer,
-    row length, first column) of the member whose columns [nb_i, nb_{i+1}) hold column ``c`` of the concatenated
-    dY (N columns). The launchers take this only when every boundary is a multiple of the split unit (>= 64), so
-    no tile straddles two members; the rounding to 16 tells the compiler so, which keeps the loads vectorized."""
-    i1 = c >= nb1
-    i2 = c >= nb2
-    i3 = c >= nb3
-    lo = tl.where(i3, nb3, tl.where(i2, nb2, tl.where(i1, nb1, 0)))
-    hi = tl.where(i3, N, tl.where(i2, nb3, tl.where(i1, nb2, nb1)))
-    base = tl.where(i3, p4, tl.where(i2, p3, tl.where(i1, p2, p1)))
-    return base, ((hi - lo) // 16) * 16, (lo // 16) * 16
+def _dy_column(c, p1, p2, p3, p4, stride_m, stride_c, nb1, nb2, nb3, N, SEG: tl.constexpr):
+    """(pointer to row 0 of column ``c``, row stride, column stride) of dY (M, N): one tensor p1 with its strides,
+    or with SEG (``SEG_DY`` / ``SEG_A``) a projection group's members' own contiguous tensors p1, p2, ..., the one
+    whose columns [nb_i, nb_{i+1}) hold column c. The launchers take SEG only when every N_i is a multiple of the
+    split unit (>= 64), so no tile straddles two members; the rounding to 16 tells the compiler so, which keeps
+    the loads vectorized."""
+    if SEG:
+        i1 = c >= nb1
+        i2 = c >= nb2
+        i3 = c >= nb3
+        lo = tl.where(i3, nb3, tl.where(i2, nb2, tl.where(i1, nb1, 0)))
+        hi = tl.where(i3, N, tl.where(i2, nb3, tl.where(i1, nb2, nb1)))
+        base = tl.where(i3, p4, tl.where(i2, p3, tl.where(i1, p2, p1)))
+        return base + (c - (lo // 16) * 16), ((hi - lo) // 16) * 16, 1
+    return p1 + c * stride_c, stride_m, stride_c
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -306,7 +309,7 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
 
     GROUPED (forward only): Rt is the block-diagonal B_bd^T of a projection group, read from B_rows (N, rb)
     (``_member_rank``): Rt[j, n] = B_rows[n, j - ro(n)] where 0 <= j - ro(n) < rb, else 0. SEG_A (dX only): A = dY
-    is a projection group's members' own contiguous (M, N_i) tensors a_ptr, a2_ptr, ... (``_segment``, K = sum N_i
+    is a projection group's members' own contiguous (M, N_i) tensors a_ptr, a2_ptr, ... (``_dy_column``, K = sum N_i
     with boundaries nb_i)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     m0 = pid_m.to(tl.int64) * BLOCK_M
@@ -320,7 +323,6 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
 
     # LoRA term first (S / dS rounded to the input dtype, as saved or as PEFT would feed it).
     r_base = r_ptr + n0 * stride_rn
-    ro = tl.zeros((BLOCK_N,), dtype=tl.int32)
     if GROUPED:
         ro = _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -352,17 +354,13 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
         offset = tl.load(offset_ptr)
     if IS_NF4:
         codebook = tl.load(codebook_ptr + tl.arange(0, 16))  # exactly 16 entries: in bounds, no mask
-    a_base = a_ptr + m0 * stride_am
     for k in range(0, K, BLOCK_K):
         k0 = tl.cast(k, tl.int64)
         k_ok = rk < K - k0
-        if SEG_A:
-            seg, ld, lo = _segment(k0, a_ptr, a2_ptr, a3_ptr, a4_ptr, nb1, nb2, nb3, K)
-            a = tl.load((seg + (m0 * ld + (k0 - lo))) + (rm[:, None] * ld + rk[None, :]),
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        else:
-            a = tl.load((a_base + k0 * stride_ak) + (rm[:, None] * stride_am + rk[None, :] * stride_ak),
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a_col, sa_m, sa_k = _dy_column(k0, a_ptr, a2_ptr, a3_ptr, a4_ptr, stride_am, stride_ak, nb1, nb2, nb3, K,
+                                       SEG_A)
+        a = tl.load((a_col + m0 * sa_m) + (rm[:, None] * sa_m + rk[None, :] * sa_k),
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         # (BLOCK_K, BLOCK_N) tile of op(W). _w_tile addresses W as stored (row origin, column origin, offsets
         # shaped so the tile comes out as op(W), the stored column count, the tile's extent along the columns).
         if TRANS_W:
@@ -424,7 +422,6 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         n0 = pid_n.to(tl.int64) * BLOCK_N
         m_ok = rm < M - m0
         n_ok = rn < N - n0
-        ro = tl.zeros((BLOCK_N,), dtype=tl.int32)
         if GROUPED:
             ro = _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -492,7 +489,7 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
 
     GROUPED: B is a projection group's B_rows (N, rb) standing for B_bd (N, R) (``_member_rank``), and dB is
     B_rows' gradient (N, rb): only B_bd's diagonal blocks are added. SEG_DY: dY is the members' own contiguous
-    (M, N_i) tensors dy_ptr, dy2_ptr, ... (``_segment``), not one concatenated tensor."""
+    (M, N_i) tensors dy_ptr, dy2_ptr, ... (``_dy_column``), not one concatenated tensor."""
     pid_m = tl.program_id(0)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     r0 = tl.program_id(1) * BLOCK_R
@@ -506,7 +503,6 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
     if DO_DB:
         s = tl.load((s_ptr + (m0 * stride_sm + r0 * stride_sr)) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dtype)
-    dy_base = dy_ptr + m0 * stride_dym
     b_base = b_ptr + r0 * stride_br
     db_ld = R  # the atomic dB buffer's row length: B_bd's R, or B_rows' rb
     if GROUPED:
@@ -520,13 +516,10 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
         # Programs start their sweep at different column tiles, so their atomics do not all hit one tile at once.
         n0 = (n_begin + ((j + pid_m) % num_n) * BLOCK_N).to(tl.int64)
         n_ok = rn < n_end - n0
-        if SEG_DY:
-            seg, ld, lo = _segment(n0, dy_ptr, dy2_ptr, dy3_ptr, dy4_ptr, nb1, nb2, nb3, N)
-            dy = tl.load((seg + (m0 * ld + (n0 - lo))) + (rm[:, None] * ld + rn[None, :]),
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        else:
-            dy = tl.load((dy_base + n0 * stride_dyn) + (rm[:, None] * stride_dym + rn[None, :] * stride_dyn),
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        dy_col, sd_m, sd_n = _dy_column(n0, dy_ptr, dy2_ptr, dy3_ptr, dy4_ptr, stride_dym, stride_dyn, nb1, nb2, nb3,
+                                        N, SEG_DY)
+        dy = tl.load((dy_col + m0 * sd_m) + (rm[:, None] * sd_m + rn[None, :] * sd_n),
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         b_ok = n_ok[:, None] & r_ok[None, :]
         cols = rr[None, :]  # B's (and dB's) column of each tile element
         if GROUPED:
@@ -572,17 +565,14 @@ def _lora_bwd_db_kernel(dy_ptr, s_ptr, db_ptr, dbias_ptr,
     dtype = dy_ptr.dtype.element_ty
     m_begin = pid_s * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
-    dy_base = dy_ptr + n0 * stride_dyn
-    ld = stride_dym
-    if SEG_DY:
-        seg, ld, lo = _segment(n0, dy_ptr, dy2_ptr, dy3_ptr, dy4_ptr, nb1, nb2, nb3, N)
-        dy_base = seg + (n0 - lo)
+    dy_col, sd_m, sd_n = _dy_column(n0, dy_ptr, dy2_ptr, dy3_ptr, dy4_ptr, stride_dym, stride_dyn, nb1, nb2, nb3, N,
+                                    SEG_DY)
     s_base = s_ptr + r0 * stride_sr
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         m_ok = rm < m_end - m0
-        dy = tl.load((dy_base + m0 * ld) + (rm[:, None] * ld + rn[None, :] * stride_dyn),
+        dy = tl.load((dy_col + m0 * sd_m) + (rm[:, None] * sd_m + rn[None, :] * sd_n),
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if DO_DB:
             s = tl.load((s_base + m0 * stride_sm) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
