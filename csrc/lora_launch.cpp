@@ -51,10 +51,11 @@ namespace lora_launch {
 
 // ------------------------------------------------------------------------------------------------ kernels
 
-enum Kernel : int { K_DQ = 0, K_S, K_FWD, K_DX, K_TMA, K_DS, K_DB, K_DA, NUM_KERNELS };
+enum Kernel : int { K_DQ = 0, K_S, K_FWD, K_DX, K_TMA, K_DS, K_DB, K_DA, K_FIN, NUM_KERNELS };
 // The names of triton_kernels/lora_tuning.py (_Kernel.name) and nf4_dequant.py: records and launch counts use them.
-const char* const kKernelNames[NUM_KERNELS] = {"nf4_dequant", "lora_s", "lora_fwd", "lora_bwd_dx",
-                                               "lora_gemm_tma", "lora_bwd_ds", "lora_bwd_db", "lora_bwd_da"};
+const char* const kKernelNames[NUM_KERNELS] = {"nf4_dequant", "lora_s",      "lora_fwd",    "lora_bwd_dx",
+                                               "lora_gemm_tma", "lora_bwd_ds", "lora_bwd_db", "lora_bwd_da",
+                                               "lora_bwd_finish"};
 
 int kernel_id(const std::string& name) {
   for (int i = 0; i < NUM_KERNELS; ++i)
@@ -84,6 +85,7 @@ struct Settings {
   int64_t nf4_chunk_bytes = 32 << 20;   // NF4_CHUNK_BYTES
   int64_t nf4_chunk_min_m = 4096;       // NF4_CHUNK_MIN_M
   int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
+  int64_t finish_kernel = 0;            // _FINISH_KERNEL
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -137,6 +139,7 @@ struct Launch {
   int64_t want_config = 0;   // which config a variant must have: the TMA tile (0 small, 1 large), dequantize NB
   bool trans_w = false;      // the TMA GEMM: forward (W^T) or dX (W)
   int64_t gemm_n = 0;        // the pointer GEMMs: their output's column count (a chunk's, when W is chunked)
+  int64_t elems[3] = {0, 0, 0};  // the finish kernel: its three jobs' element counts (its grid)
   at::Tensor sum_parts, sum_out;  // S / dS slices the launch wrote, summed and rounded into sum_out right after it
 
   void ptr(const at::Tensor& t) { ptr_raw(reinterpret_cast<uintptr_t>(t.data_ptr())); }
@@ -868,6 +871,52 @@ struct BwdOut {
   bool fused_db = false, fused_dbias = false;
 };
 
+// lora.py _Finish with _FINISH_KERNEL: the gradients that come out of fp32 buffers (dB, dbias, dA, in that order)
+// allocated here and summed / rounded by one finish launch after the others (finish_backward leaves them be).
+void finish_launch(const Call& c, BwdOut& o, Work& work) {
+  const at::ScalarType dt = c.x.scalar_type();
+  const auto opts = c.x.options();
+  struct Job {
+    at::Tensor src, dst;
+    int64_t n, splits, stride;
+  };
+  std::vector<Job> jobs;
+  auto sum = [&](const at::Tensor& parts, at::IntArrayRef shape, at::Tensor& out) {
+    if (parts.size(0) == 1) return;
+    out = at::empty(shape, opts);
+    jobs.push_back({parts, out, out.numel(), parts.size(0), parts.stride(0)});
+  };
+  auto cast = [&](const at::Tensor& acc, at::IntArrayRef shape, bool copy, at::Tensor& out) {
+    if (dt == at::kFloat && !copy) return;
+    out = at::empty(shape, opts);
+    jobs.push_back({acc, out, out.numel(), 1, 0});
+  };
+  const int64_t rb = c.groups.empty() ? c.r : c.rb;
+  if (o.fused_db) cast(o.db_acc, {c.n, rb}, false, o.dB);
+  if (o.fused_dbias) cast(o.dbias_acc, {c.n}, true, o.dbias);
+  if (o.db_parts.defined()) sum(o.db_parts, {c.n, rb}, o.dB);
+  if (o.dbias_parts.defined()) sum(o.dbias_parts, {c.n}, o.dbias);
+  if (o.da_parts.defined()) sum(o.da_parts, {c.r, c.k}, o.dA);
+  if (jobs.empty()) return;
+  Launch l;
+  l.kernel = K_FIN;
+  l.grid[0] = -1;  // the jobs' cdiv(n, BLOCK_N), summed
+  l.grid[1] = l.grid[2] = 1;
+  for (int j = 0; j < 3; ++j) {
+    const Job& job = j < static_cast<int>(jobs.size()) ? jobs[j] : jobs[0];
+    l.ptr(job.src);
+    l.ptr(job.dst);
+  }
+  for (int j = 0; j < 3; ++j) {
+    const bool real = j < static_cast<int>(jobs.size());
+    l.elems[j] = real ? jobs[j].n : 0;
+    l.i(l.elems[j]);
+    l.i(real ? jobs[j].splits : 1);
+    l.i(real ? jobs[j].stride : 0);
+  }
+  work.launches.push_back(l);
+}
+
 BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   BwdOut o;
   const auto opts = c.x.options();
@@ -1015,6 +1064,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     work.launches.push_back(l);
   }
   work.keep.push_back(ds);
+  if (g_settings.finish_kernel) finish_launch(c, o, work);
   return o;
 }
 
@@ -1022,14 +1072,16 @@ at::Tensor split_sum(const at::Tensor& parts, at::ScalarType dtype) {
   return parts.size(0) == 1 ? parts.select(0, 0) : parts.sum(0).to(dtype);
 }
 
+// The gradients finish_launch did not take (all of them without the finish kernel). With it, a group's dB comes
+// back whole (db_in_blocks or not), as the Python launchers give it.
 void finish_backward(const Call& c, BwdOut& o) {
   const at::ScalarType dt = c.x.scalar_type();
-  if (o.fused_db && !c.db_in_blocks) o.dB = dt == at::kFloat ? o.db_acc : o.db_acc.to(dt);
+  if (!o.dB.defined() && o.fused_db && !c.db_in_blocks) o.dB = dt == at::kFloat ? o.db_acc : o.db_acc.to(dt);
   // A copy in fp32: dB is a view of the same buffer, and the op's outputs may not alias each other.
-  if (o.fused_dbias) o.dbias = dt == at::kFloat ? o.dbias_acc.clone() : o.dbias_acc.to(dt);
-  if (o.db_parts.defined()) o.dB = split_sum(o.db_parts, dt);
-  if (o.dbias_parts.defined()) o.dbias = split_sum(o.dbias_parts, dt);
-  if (o.da_parts.defined()) o.dA = split_sum(o.da_parts, dt);
+  if (!o.dbias.defined() && o.fused_dbias) o.dbias = dt == at::kFloat ? o.dbias_acc.clone() : o.dbias_acc.to(dt);
+  if (!o.dB.defined() && o.db_parts.defined()) o.dB = split_sum(o.db_parts, dt);
+  if (!o.dbias.defined() && o.dbias_parts.defined()) o.dbias = split_sum(o.dbias_parts, dt);
+  if (!o.dA.defined() && o.da_parts.defined()) o.dA = split_sum(o.da_parts, dt);
 }
 
 // ---------------------------------------------------------------------------------- matching and launching
@@ -1063,6 +1115,10 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
         break;
       case K_DA:
         l.grid[0] = cdiv(c.k, found->block_k);
+        break;
+      case K_FIN:
+        l.grid[0] = cdiv(l.elems[0], found->block_n) + cdiv(l.elems[1], found->block_n)
+                    + cdiv(l.elems[2], found->block_n);
         break;
       case K_TMA: {
         // The descriptors' tiles: a [BM, BK], W [BN, BK] (forward) or [BK, BN] (dX), out [BM, BN].
@@ -1492,6 +1548,7 @@ void configure(const py::dict& s) {
   get("nf4_chunk_bytes", g_settings.nf4_chunk_bytes);
   get("nf4_chunk_min_m", g_settings.nf4_chunk_min_m);
   get("dequant_on_cpu", g_settings.dequant_on_cpu);
+  get("finish_kernel", g_settings.finish_kernel);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

@@ -1,5 +1,6 @@
 """CPU: the host cost of a projection group's C++ autograd Function (csrc/lora_launch.cpp GroupFunction) without
-its kernel launches, per way of stacking B and passing dY (LORA_OPS_GROUP_B / LORA_OPS_GROUP_DY).
+its kernel launches, per way of stacking B and passing dY (LORA_OPS_GROUP_B / LORA_OPS_GROUP_DY) and of finishing
+the gradients (LORA_OPS_FINISH_KERNEL).
 
 Builds the CPU test module of the launch path (tests/cpp/launch_dry_module.cpp, as tests/test_launch_path.py does)
 and runs it with LORA_OPS_LAUNCH_NOOP=1: each forward and backward goes through its whole host path (plans,
@@ -20,9 +21,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-WAYS = {"block_diag, cat(dY)": {"LORA_OPS_GROUP_B": "blockdiag"},
-        "B_rows, cat(dY)": {"LORA_OPS_GROUP_B": "rows"},
-        "B_rows, dY segments": {"LORA_OPS_GROUP_B": "rows", "LORA_OPS_GROUP_DY": "segments"}}
+# Each way: its environment, and whether the backward's gradients leave their fp32 buffers through the finish
+# kernel (LORA_OPS_FINISH_KERNEL=1, lora.py _FINISH_KERNEL, a launcher setting the C++ side is sent).
+WAYS = {"block_diag, cat(dY)": ({"LORA_OPS_GROUP_B": "blockdiag"}, False),
+        "B_rows, cat(dY)": ({"LORA_OPS_GROUP_B": "rows"}, False),
+        "B_rows, dY segments": ({"LORA_OPS_GROUP_B": "rows", "LORA_OPS_GROUP_DY": "segments"}, False),
+        "block_diag, finish kernel": ({"LORA_OPS_GROUP_B": "blockdiag"}, True),
+        "B_rows, dY segments, finish kernel": ({"LORA_OPS_GROUP_B": "rows", "LORA_OPS_GROUP_DY": "segments"}, True)}
 
 
 def build():
@@ -67,10 +72,14 @@ def main():
         ys = mod.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [2.0] * 3, None, 0.0, 0, True)
         torch.autograd.backward(list(ys), dys)
 
-    for name, env in WAYS.items():
+    from lora_ops.triton_kernels import lora as L
+
+    for name, (env, finish) in WAYS.items():
         for key in ("LORA_OPS_GROUP_B", "LORA_OPS_GROUP_DY"):
             os.environ.pop(key, None)
         os.environ.update(env)
+        L._FINISH_KERNEL = finish
+        _launch._sync_settings(mod)
         for _ in range(20):
             step()
         times = []

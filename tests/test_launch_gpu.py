@@ -277,3 +277,82 @@ def test_group_rows_and_dy_segments_equal_block_diag(monkeypatch, tma, weight):
         assert torch.equal(got[2][i], want[2][i]), f"dA_{i}"
         assert_rel_close(got[3][i], want[3][i], BF16, f"dB_{i}")
     assert torch.equal(got[1], want[1]), "dx"
+
+
+@pytest.mark.parametrize("case", [(2048, 1024, 768, 16, BF16, "dense", True), (1024, 1024, 512, 16, BF16, "nf4", True),
+                                  (512, 512, 384, 80, F32, "dense", True), (300, 512, 256, 8, F16, "nf4-dq", False)],
+                         ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}-r{c[3]}-{str(c[4])[6:]}-{c[5]}")
+def test_finish_kernel_equals_torch_sums_and_casts(monkeypatch, case):
+    """LORA_OPS_FINISH_KERNEL=1: dA's M-split partials, dB and dbias leave their fp32 buffers through one
+    lora_bwd_finish launch from the C++ path (steady state: no Python launcher), with y and dx bit for bit the
+    torch-finished call's and the gradients within the dtype's tolerance (the split sum's order may differ from
+    torch's reduction; dB / dbias are fp32 atomics either way)."""
+    from lora_ops.triton_kernels import lora as L
+    from lora_ops.triton_kernels import records
+    m, k, n, r, dtype, weight, bias = case
+    inp = _inputs(m, k, n, r, dtype, weight, bias)
+    mod = _launch.module()
+    want = _run(inp, 0.0)
+    try:
+        monkeypatch.setattr(L, "_FINISH_KERNEL", True)
+        _launch._sync_settings(mod)
+        _run(inp, 0.0)  # the first call of this configuration registers it
+        before = _launch.launch_counts().get("lora_bwd_finish", 0)
+        py_before = sum(records.LAUNCHES._py.values())
+        got = _run(inp, 0.0)
+        assert _launch.launch_counts().get("lora_bwd_finish", 0) == before + 1
+        assert sum(records.LAUNCHES._py.values()) == py_before, "a Python launcher ran in steady state"
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(mod)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "y / dx"
+    for name, g, w in zip(("dA", "dB", "dbias"), got[2:], want[2:]):
+        if w is not None:
+            assert g.dtype == w.dtype and g.shape == w.shape, name
+            assert_rel_close(g, w, dtype, name)
+
+
+@pytest.mark.parametrize("b_way", ["rows", "blockdiag"])
+def test_finish_kernel_in_the_group_backward(monkeypatch, b_way):
+    """The group's stacked backward with the finish kernel: B_rows' gradient (one cast into (sum N_i, r)) or B_bd's
+    (cast whole, each dB_i a view of its diagonal block), dA's partials summed, in one launch; every gradient
+    within tolerance of the torch-finished group's."""
+    from lora_ops.triton_kernels import lora as L
+    monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
+    monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
+    monkeypatch.setenv("LORA_OPS_GROUP_B", b_way)
+    sizes, r, m, k = (1024, 256, 256), 16, 2048, 1024
+    g = torch.Generator(device="cuda").manual_seed(5)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    w = (rnd(sum(sizes), k) / k ** 0.5).to(BF16)
+    x0 = rnd(m, k).to(BF16)
+    as0 = [(rnd(r, k) / k ** 0.5).to(BF16) for _ in sizes]
+    bs0 = [(rnd(n, r) / r ** 0.5).to(BF16) for n in sizes]
+    dys = [rnd(m, n).to(BF16) for n in sizes]
+
+    def run():
+        x = x0.clone().requires_grad_()
+        As = [a.clone().requires_grad_() for a in as0]
+        Bs = [b.clone().requires_grad_() for b in bs0]
+        ys = _launch.group(x, w, As, Bs, [2.0] * 3, None, 0.0, True)
+        torch.autograd.backward(list(ys), dys)
+        return [y.detach() for y in ys], x.grad, [a.grad for a in As], [b.grad for b in Bs]
+
+    mod = _launch.module()
+    want = run()
+    try:
+        monkeypatch.setattr(L, "_FINISH_KERNEL", True)
+        _launch._sync_settings(mod)
+        run()
+        before = _launch.launch_counts().get("lora_bwd_finish", 0)
+        got = run()
+        assert _launch.launch_counts().get("lora_bwd_finish", 0) == before + 1
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(mod)
+    assert torch.equal(got[1], want[1]), "dx"
+    for i in range(3):
+        assert torch.equal(got[0][i], want[0][i]), f"y_{i}"
+        for j, name in ((2, "dA"), (3, "dB")):
+            assert got[j][i].shape == want[j][i].shape and got[j][i].is_contiguous(), f"{name}_{i}"
+            assert_rel_close(got[j][i], want[j][i], BF16, f"{name}_{i}")

@@ -296,6 +296,80 @@ def test_db_without_atomics_above_the_atomic_limit(dry, monkeypatch):
         _launch._sync_settings(dry)
 
 
+FINISH_CASES = [
+    # fp32: dB stays the atomic buffer itself; dbias is copied out of it (the outputs may not alias).
+    dict(m=70, k=96, n=80, r=8, dtype=torch.float32),
+    dict(m=70, k=96, n=80, r=8, dtype=torch.float16),
+    dict(m=33, k=64, n=48, r=16, dtype=torch.float16, bias=False, p=0.25),
+    dict(m=41, k=136, n=200, r=80, dtype=torch.float16, weight="nf4-dq"),  # two rank chunks
+]
+
+
+@pytest.mark.parametrize("way", ["atomics", "db-kernel", "deterministic"])
+@pytest.mark.parametrize("case", FINISH_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_finish_kernel_launch_lists_and_values(dry, monkeypatch, case, way):
+    """LORA_OPS_FINISH_KERNEL=1: dA's M-split partials and dB / dbias (the dS pass's atomic buffer, or the dB
+    kernel's partials) leave their fp32 buffers in one lora_bwd_finish launch, the last one, in the C++ list as in
+    the Python launchers'; the gradients equal torch's sums and casts bit for bit (the interpreter's two M splits
+    are one fp32 addition either way)."""
+    fwd, dy = _inputs(**case)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+    y, s = L.lora_forward(*fwd)
+    has_bias = bias is not None
+    calls = [(dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, *need)
+             for need in [(True, True, True, has_bias), (False, True, True, False), (False, False, True, has_bias),
+                          (True, False, False, False)]]
+    try:
+        if way == "db-kernel":
+            monkeypatch.setattr(L, "_ATOMIC_DB_MAX_M", 0)
+        torch.use_deterministic_algorithms(way == "deterministic")
+        want = [L.lora_backward(*c) for c in calls]
+        finished = 0
+        monkeypatch.setattr(L, "_FINISH_KERNEL", True)
+        _launch._sync_settings(dry)
+        for c, w_ in zip(calls, want):
+            got = _check(dry, 1, c)
+            names = [r[0] for r in dry.launch_bwd(*c, [], True)[1]]
+            assert "lora_bwd_finish" not in names[:-1], names  # one launch, after every other
+            finished += names[-1] == "lora_bwd_finish"
+            assert names[-1] != "lora_bwd_finish" or any(c[-3:]), names  # never for dX alone
+            for name, g_, e in zip(("dx", "dA", "dB", "dbias"), got, w_):
+                assert g_.dtype == e.dtype and torch.equal(g_, e), name
+        assert finished >= 2, "the finish kernel ran for fewer than two of the calls"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+
+
+@pytest.mark.parametrize("b_way", ["rows", "block_diag"])
+def test_finish_kernel_in_a_group_backward(dry, monkeypatch, b_way):
+    """The finish launch in a projection group's stacked backward: B_rows' (sum N_i, r) gradient, or B_bd's whole
+    (sum N_i, sum r_i) one, cast in the same launch as dA's partials are summed; launch lists equal Python's and
+    the gradients equal the call without the finish kernel bit for bit."""
+    sizes, rb = (64, 32, 32), 8
+    fwd, dy = _inputs(m=70, k=128, n=sum(sizes), r=rb * len(sizes), dtype=torch.float16, bias=True)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+    groups = sizes if b_way == "rows" else ()
+    if groups:
+        b = b[:, :rb].contiguous()
+    y, s = L.lora_forward(x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed, list(groups) or None)
+    call = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
+    try:
+        want = L.lora_backward(*call, list(groups) or None)
+        monkeypatch.setattr(L, "_FINISH_KERNEL", True)
+        _launch._sync_settings(dry)
+        got = _check(dry, 1, call, groups)
+        names = [r[0] for r in dry.launch_bwd(*call, list(groups), True)[1]]
+        assert names[-1] == "lora_bwd_finish", names
+        assert got[2].shape == b.shape
+        for name, g_, e in zip(("dx", "dA", "dB", "dbias"), got, want):
+            assert torch.equal(g_, e), name
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+
+
 @pytest.mark.parametrize("dy_way", ["cat", "segments"])
 @pytest.mark.parametrize("setting", ["pointer", "tma", "nf4-chunks", "nf4-chunks-tma", "deterministic", "ds-slices"])
 def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting, dy_way):

@@ -433,6 +433,19 @@ GROUP_FLAGS = {"lora_fwd": dict(GROUPED=True, SEG_A=False), "lora_bwd_dx": dict(
                "lora_bwd_ds": dict(GROUPED=True, SEG_DY=True), "lora_bwd_db": dict(GROUPED=True, SEG_DY=True)}
 ptxas = get_ptxas(90).path
 res = []
+
+
+def build(fn, sig, consts, attrs, opts, **row):
+    ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ck.asm["ptx"])
+    out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
+                         capture_output=True, text=True).stderr
+    spill = re.findall(r"(\d+) bytes spill stores", out)
+    regs = re.findall(r"Used (\d+) registers", out)
+    res.append(dict(row, regs=int(regs[0]), spill=int(spill[0])))
+
+
 for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
     for wk in ("dense", "nf4", "nf4dq"):
         for kname, kernel, group in [(n, k, False) for n, k in LT.KERNELS.items()] + [
@@ -472,23 +485,24 @@ for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             if wk == "nf4dq":
                 opts["enable_fp_fusion"] = False
-            ck = triton.compile(ASTSource(kernel.fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                                options=opts)
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(ck.asm["ptx"])
-            out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
-                                 capture_output=True, text=True).stderr
-            spill = re.findall(r"(\d+) bytes spill stores", out)
-            regs = re.findall(r"Used (\d+) registers", out)
-            res.append(dict(kernel=kname + (" grouped" if group else ""), dtype=dt, weight=wk, config=str(cfg),
-                            regs=int(regs[0]), spill=int(spill[0])))
+            build(kernel.fn, sig, consts, attrs, opts, kernel=kname + (" grouped" if group else ""), dtype=dt,
+                  weight=wk, config=str(cfg))
+    # The finish kernel (fp32 sources, outputs of the layer's dtype) in its one config.
+    fin = LT._FINISH_KERNEL.fn
+    blocks, warps, stages = LT.FINISH_CONFIG
+    sig = {n: ("*fp32" if n.startswith("src") else f"*{dt}") if n.endswith("_ptr") else "i32" for n in fin.arg_names}
+    sig.update({n: "constexpr" for n in blocks})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fin.arg_names) if n.endswith("_ptr")}
+    build(fin, sig, dict(blocks), attrs, {"num_warps": warps, "num_stages": stages}, kernel="lora_bwd_finish",
+          dtype=dt, weight="-", config=str(blocks))
 print(json.dumps(res))
 """
 
 
 def test_kernels_compile_for_sm90_without_spilling():
     res = run_sm90_probe(_SM90_PROBE, timeout=900)
-    assert len(res) == 2 * (6 + 2 * 2) + 4  # + the bf16 dense group variants of fwd, dx, dS, dB
+    # + the bf16 dense group variants of fwd, dx, dS, dB, + the finish kernel per dtype
+    assert len(res) == 2 * (6 + 2 * 2) + 4 + 2
     # The configs used with autotuning off were chosen spill-free (a few bytes at most) for triton 3.6's
     # ptxas; hundreds of bytes would mean a kernel change pushed them over the register file.
     heavy = [r for r in res if r["spill"] > 64]

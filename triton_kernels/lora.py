@@ -38,6 +38,8 @@ from .lora_kernels import MAX_BLOCK_R as _MAX_BLOCK_R
 from .lora_kernels import MAX_STRIDE as _MAX_STRIDE
 from .lora_kernels import MIN_DOT as _MIN_DOT
 from .lora_kernels import _dropout_mask_kernel
+from .lora_tuning import FINISH_CONFIG as _FINISH_CONFIG
+from .lora_tuning import _FINISH_KERNEL as _FINISH_KERNEL_FN
 from .lora_tuning import (_DA_KERNEL, _DB_KERNEL, _DS_KERNEL, _DX_KERNEL, _FWD_KERNEL, _S_KERNEL, _TMA_CONFIGS,
                           _TMA_KERNEL, _next_pow2)
 
@@ -123,6 +125,11 @@ _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 # slices, 8192 x 28672 at r = 32 242 -> 152, 8192 x 6144 at r = 48 76 -> 47.
 _DS_SPLITS = _env_int("LORA_OPS_DS_SPLITS", 4, 1)
 
+# LORA_OPS_FINISH_KERNEL=1: the backward's fp32 partials and atomic buffers become dA / dB / dbias in one launch of
+# _lora_bwd_finish_kernel (which the C++ path launches in ~2 us) instead of torch's sum and casts (up to three
+# aten kernels, each with its own dispatch, allocation and launch on the host). Off until timed on a GPU.
+_FINISH_KERNEL = _env_int("LORA_OPS_FINISH_KERNEL", 0, 0) > 0
+
 
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
                   max_m: Optional[int] = None) -> Tuple[int, int]:
@@ -188,12 +195,49 @@ def _sm_count(device: torch.device) -> int:
 
 def _split_partials(splits: int, shape: Tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """Buffer of a kernel that reduces over M in ``splits`` slices: the output itself (``dtype``, slot 0) with
-    one split, fp32 partials per split otherwise (summed by ``_split_sum``)."""
+    one split, fp32 partials per split otherwise (summed by ``_Finish.sum``)."""
     return torch.empty((splits,) + tuple(shape), dtype=dtype if splits == 1 else torch.float32, device=device)
 
 
-def _split_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return partials[0] if partials.shape[0] == 1 else partials.sum(0).to(dtype)
+class _Finish:
+    """The backward's gradients that come out of fp32 buffers: summed and rounded by torch as each is ready, or
+    with _FINISH_KERNEL collected as jobs (dB, dbias, dA in that order) for one finish launch at the end."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device, self.jobs = dtype, device, []
+
+    def sum(self, partials: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+        """partials (splits, *shape) fp32 (or the output itself with one split) as one shape tensor."""
+        if partials.shape[0] == 1:
+            return partials[0]
+        if not _FINISH_KERNEL:
+            return partials.sum(0).to(self.dtype)
+        return self._job(partials, shape, partials.shape[0], partials.stride(0))
+
+    def cast(self, acc: torch.Tensor, shape: Tuple[int, ...], copy: bool = False) -> torch.Tensor:
+        """An fp32 buffer (contiguous) as one shape tensor of the dtype; ``copy``: never the buffer itself (it is
+        shared with another output)."""
+        if self.dtype == torch.float32 and not (copy and _FINISH_KERNEL):
+            return acc.clone() if copy else acc
+        if not _FINISH_KERNEL:
+            return acc.to(self.dtype)
+        return self._job(acc, shape, 1, 0)
+
+    def _job(self, src: torch.Tensor, shape, splits: int, stride: int) -> torch.Tensor:
+        dst = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.jobs.append((src, dst, dst.numel(), splits, stride))
+        return dst
+
+    def launch(self) -> None:
+        """The one finish launch, when jobs were collected (absent jobs repeat the first one's tensors with 0
+        elements, so the kernel's argument types do not depend on which jobs there are)."""
+        if not self.jobs:
+            return
+        jobs = self.jobs + [(self.jobs[0][0], self.jobs[0][1], 0, 1, 0)] * (3 - len(self.jobs))
+        args = [t for src, dst, *_ in jobs for t in (src, dst)] + [v for *_, n, sp, st in jobs for v in (n, sp, st)]
+        sizes = [n for _, _, n, _, _ in jobs]
+        _FINISH_KERNEL_FN(lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in sizes),), *args,
+                          _config=_FINISH_CONFIG)
 
 
 def _block_r(r: int) -> int:
@@ -684,6 +728,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
     dx_sums = need_dx and k > 0 and w.chunks is None
     splits_ds, cols_ds, ds_summed = _ds_slices(m, n, r_chunks, dev, dx_sums, tma_dx)
+    fin = _Finish(dt, dev)
     with _on_device(dev):
         ds = ds_part = None
         if need_ds:
@@ -704,10 +749,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
             if ds_summed:
                 ds.copy_(ds_part.sum(0))
             if fused_db:
-                dB = db_acc if dt == torch.float32 else db_acc.to(dt)
+                dB = fin.cast(db_acc, (n, rb))
             if fused_dbias:
                 # A copy in fp32: dB is a view of the same buffer, and op outputs may not alias each other.
-                dbias = dbias_acc.clone() if dt == torch.float32 else dbias_acc.to(dt)
+                dbias = fin.cast(dbias_acc, (n,), copy=True)
         do_db = need_dB and not fused_db
         do_dbias = need_dbias and not fused_dbias
         if (do_db or do_dbias) and n > 0:
@@ -723,9 +768,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                        DO_DB=do_db, DO_DBIAS=do_dbias, GROUPED=group.on, SEG_DY=segs is not None,
                        BLOCK_R=block_r)
             if do_db:
-                dB = _split_sum(db_out, dt)
+                dB = fin.sum(db_out, (n, rb))
             if do_dbias:
-                dbias = _split_sum(dbias_out, dt)
+                dbias = fin.sum(dbias_out, (n,))
         elif do_db or do_dbias:
             dB = torch.zeros_like(lora_B) if do_db else dB
             dbias = dy.new_zeros((n,)) if do_dbias else dbias
@@ -752,9 +797,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                            da_out.stride(0) if splits > 1 else 0, da_out.stride(1), da_out.stride(2),
                            m, k, r, rows, drop.threshold, drop.scale, m_bucket,
                            HAS_DROPOUT=drop.on, BLOCK_R=block_r)
-                dA = _split_sum(da_out, dt)
+                dA = fin.sum(da_out, (r, k))
             else:
                 dA = torch.zeros_like(lora_A)
+        fin.launch()
     return dx, dA, dB, dbias
 
 

@@ -31,6 +31,8 @@ Kernels (LoRAFusion's split at S):
                             summed by torch): used when torch.are_deterministic_algorithms_enabled(), and
                             whenever dS is not needed (then it is the only pass over dY anyway).
 * ``_lora_bwd_da_kernel``   dA = dS^T @ xd (grid: K tiles x r chunks x M splits, fp32 partials, no atomics).
+* ``_lora_bwd_finish_kernel`` (LORA_OPS_FINISH_KERNEL=1) the fp32 partials and atomic buffers above summed and
+                            rounded into dA / dB / dbias in one launch, instead of torch's sums and casts.
 
 Conventions: fp32 accumulators; fp32 dots with ``input_precision="ieee"`` (no tf32); tile origins in int64
 (rows * stride passes 2**31 at real sizes) and in-tile offsets in int32 (registers), which holds for strides,
@@ -630,6 +632,36 @@ def _lora_bwd_da_kernel(x_ptr, ds_ptr, seed_ptr, da_ptr,
     tl.store((da_ptr + (pid_s * stride_das + r0 * stride_dar + k0 * stride_dak))
              + (rr[:, None] * stride_dar + rk[None, :] * stride_dak),
              acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _sum_slices(src_ptr, dst_ptr, base, n, splits, stride_s, BLOCK_N: tl.constexpr):
+    """dst[base:base + BLOCK_N] = sum over s < splits of src[s * stride_s + i], in s order in fp32, rounded once."""
+    local = tl.arange(0, BLOCK_N)
+    ok = local < n - base
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load((src_ptr + (s * stride_s + base)) + local, mask=ok, other=0.0).to(tl.float32)
+    tl.store((dst_ptr + base) + local, acc.to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["n0", "splits0", "stride0", "n1", "splits1", "stride1", "n2", "splits2", "stride2"])
+def _lora_bwd_finish_kernel(src0_ptr, dst0_ptr, src1_ptr, dst1_ptr, src2_ptr, dst2_ptr,
+                            n0, splits0, stride0, n1, splits1, stride1, n2, splits2, stride2,
+                            BLOCK_N: tl.constexpr):
+    """The backward's gradients out of their fp32 buffers in one launch: for each of up to three jobs j (n_j = 0:
+    none), dst_j[i] = sum over s < splits_j of src_j[s * stride_j + i] for i < n_j, rounded once to dst_j's dtype
+    (dA from its M-split partials, dB and dbias from the dS pass's atomic buffer or the dB kernel's partials).
+    Programs: cdiv(n0, BLOCK_N) for job 0, then job 1's, then job 2's; sources and destinations contiguous."""
+    pid = tl.program_id(0).to(tl.int64)
+    b0 = tl.cdiv(n0, BLOCK_N)
+    b1 = tl.cdiv(n1, BLOCK_N)
+    if pid < b0:
+        _sum_slices(src0_ptr, dst0_ptr, pid * BLOCK_N, n0, splits0, stride0, BLOCK_N)
+    elif pid < b0 + b1:
+        _sum_slices(src1_ptr, dst1_ptr, (pid - b0) * BLOCK_N, n1, splits1, stride1, BLOCK_N)
+    else:
+        _sum_slices(src2_ptr, dst2_ptr, (pid - b0 - b1) * BLOCK_N, n2, splits2, stride2, BLOCK_N)
 
 
 @triton.jit

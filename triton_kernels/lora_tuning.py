@@ -22,7 +22,7 @@ from triton import knobs as _knobs
 
 from . import records as _rec
 from .lora_kernels import (MIN_DOT, _lora_bwd_da_kernel, _lora_bwd_db_kernel, _lora_bwd_ds_kernel,
-                           _lora_gemm_kernel, _lora_gemm_tma_kernel, _lora_s_kernel)
+                           _lora_bwd_finish_kernel, _lora_gemm_kernel, _lora_gemm_tma_kernel, _lora_s_kernel)
 
 # Read at import, as triton.jit does: the kernels already are interpreter functions or not.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -276,6 +276,9 @@ _DA_KERNEL = _Kernel(_lora_bwd_da_kernel, "lora_bwd_da", _reduce_configs("BLOCK_
 _TMA_CONFIGS = ((128, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
                 (0, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4))
 _TMA_KERNEL = _Kernel(_lora_gemm_tma_kernel, "lora_gemm_tma", [], None, None, None)
+# An elementwise pass over a few hundred KB: one fixed config, passed with each call (FINISH_CONFIG).
+_FINISH_KERNEL = _Kernel(_lora_bwd_finish_kernel, "lora_bwd_finish", [], None, None, None)
+FINISH_CONFIG = (dict(BLOCK_N=1024), 4, 1)
 
 # Every kernel with its configs, for tests that run each config.
 KERNELS: Dict[str, _Kernel] = {k.name: k for k in (_S_KERNEL, _FWD_KERNEL, _DS_KERNEL, _DB_KERNEL, _DX_KERNEL,
