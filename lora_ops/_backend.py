@@ -56,12 +56,20 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
+_parsed: Dict[Optional[str], str] = {}  # LORA_OPS_BACKEND's raw value -> the backend it names (read per call)
+
+
 def requested_backend() -> str:
     if _override is not None:
         return _override
-    name = os.environ.get("LORA_OPS_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"LORA_OPS_BACKEND={name!r} is not one of {BACKENDS}; unset it or pick one of those")
+    raw = os.environ.get("LORA_OPS_BACKEND")
+    name = _parsed.get(raw)
+    if name is None:
+        name = (raw or "auto").strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"LORA_OPS_BACKEND={name!r} is not one of {BACKENDS}; unset it or pick one of those")
+        if len(_parsed) < 64:
+            _parsed[raw] = name
     return name
 
 

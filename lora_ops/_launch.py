@@ -34,6 +34,7 @@ _state = "new"  # "new": not tried; "ready"; "unavailable"
 _devices: Dict[int, bool] = {}
 _warned: set = set()
 _decode_max = 0  # the decode path's largest M (decode.py), or 0 where its kernel does not load
+_any_device = False  # use_module(..., any_device=True): the CPU test build takes CPU tensors (its *_call entries)
 
 # Argument type codes shared with csrc/lora_launch.cpp (ArgSpec::code).
 _CODES = {"i32": "i", "i64": "l", "u64": "u", "fp32": "f", "constexpr": "c"}
@@ -109,12 +110,21 @@ def module():
     return _module
 
 
-def use_module(mod) -> None:
-    """Use ``mod`` (a build of csrc/lora_launch.cpp) as the C++ side: the CPU tests' dry-run module."""
-    global _module, _state
+def use_module(mod, any_device: bool = False) -> None:
+    """Use ``mod`` (a build of csrc/lora_launch.cpp) as the C++ side: the CPU tests' dry-run module. With
+    ``any_device`` lora_linear and the projection groups hand CPU tensors to it as well (its ``launch_*_call``
+    entries), so that under LORA_OPS_LAUNCH_NOOP=1 a model's whole eager host path runs on a CPU without launches
+    (scripts/host_model_cpu.py)."""
+    global _module, _state, _any_device
     _configure(mod)
-    _module, _state = mod, "ready"
+    _module, _state, _any_device = mod, "ready", any_device
     _devices.clear()
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether lora_linear and the projection groups offer ``x``'s call to the C++ side (CUDA tensors; any with
+    ``use_module(..., any_device=True)``)."""
+    return x.is_cuda or _any_device
 
 
 def launch_counts() -> Dict[str, int]:
@@ -186,6 +196,8 @@ def linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
         return None
     mod, wargs, p, decode_max = prep
     args = (x, *wargs, lora_A, lora_B, float(scaling), bias, p, decode_max)
+    if _any_device:
+        return mod.launch_linear_call(*args, True)
     y = mod.launch_linear(*args)
     if y is None and x.is_cuda and _ensure_device(x.device):
         y = mod.launch_linear(*args)
@@ -202,6 +214,8 @@ def group(x, weight, lora_As, lora_Bs, scalings, bias, dropout_p, training):
         return None
     mod, wargs, p, decode_max = prep
     args = (x, *wargs, lora_As, lora_Bs, [float(s) for s in scalings], bias, p, decode_max)
+    if _any_device:
+        return mod.launch_group_call(*args, True)
     ys = mod.launch_group(*args)
     if ys is None and x.is_cuda and _ensure_device(x.device):
         ys = mod.launch_group(*args)

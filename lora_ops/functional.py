@@ -93,7 +93,7 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
 
     Differentiable in x, lora_A, lora_B and bias; never in the frozen weight.
     """
-    if not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cuda:
+    if not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and _launch.takes(x):
         # Eager training and prefill on CUDA: one call into C++ (checks, kernels, autograd); None when the call
         # needs the general path below (bad input, for its message; decode; torch.compile; another backend).
         y = _launch.linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)

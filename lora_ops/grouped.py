@@ -42,7 +42,7 @@ from torch import nn
 
 from . import _launch
 from .functional import lora_linear
-from .modules import LoRALayerBase, LoRALinear, QLoRALinear, _autocast_on, _compute_dtype
+from .modules import LoRALayerBase, LoRALinear, QLoRALinear, _autocast_on
 from .nf4 import FLOAT_DTYPES, NF4Weight, reference_absmax
 
 __all__ = ["DEFAULT_GROUPS", "ProjectionGroup", "group_projections", "ungroup_projections", "projection_groups",
@@ -297,8 +297,10 @@ class ProjectionGroup(nn.Module):
         object.__setattr__(self, "_pending", None)
 
     def _key(self, x: torch.Tensor, training: bool):
-        autocast = _autocast_on(x.device)
-        key = (torch.is_grad_enabled(), autocast, torch.get_autocast_dtype(x.device.type) if autocast else None,
+        """(grad mode, autocast on, its dtype or None, training, then the versions of x and of every adapter)."""
+        device = x.device
+        autocast = _autocast_on(device)
+        key = (torch.is_grad_enabled(), autocast, torch.get_autocast_dtype(device.type) if autocast else None,
                training)
         if torch.compiler.is_compiling() or x.is_inference():
             return key  # inference tensors have no version counter (and cannot be changed in place outside it)
@@ -335,7 +337,7 @@ class ProjectionGroup(nn.Module):
                 return None
         if not self._base_is_current():
             return None
-        ys = self._compute(x, training)
+        ys = self._compute(x, training, key)
         rest = {j: y for j, y in enumerate(ys) if j != i}
         object.__setattr__(self, "_pending", _Pending(x, key, rest) if rest else None)
         return ys[i]
@@ -345,23 +347,25 @@ class ProjectionGroup(nn.Module):
         self.disabled_reason = reason
         warnings.warn(f"lora_ops: projection group {list(self.names)} is off: {reason}", UserWarning, stacklevel=4)
 
-    def _compute(self, x: torch.Tensor, training: bool) -> Tuple[torch.Tensor, ...]:
+    def _compute(self, x: torch.Tensor, training: bool, key: Optional[tuple] = None) -> Tuple[torch.Tensor, ...]:
         """Every member's output for ``x``, as LoRALayerBase.forward would give it, in one call (the C++ group on
-        eager CUDA, else one lora_linear call)."""
+        eager CUDA, else one lora_linear call). ``key``: this call's ``_key``, whose autocast state it reuses."""
         ms = self._members
         in_dtype = x.dtype
-        dtype = _compute_dtype(x, ms[0]._base_dtype)
+        if key is None:
+            key = self._key(x, training)
+        autocast = key[1]
+        dtype = key[2] if autocast else ms[0]._base_dtype
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"compute dtype {dtype} is not supported; use float32, float16 or bfloat16")
-        autocast = _autocast_on(x.device)
-        x = x if x.dtype == dtype else x.to(dtype)
+        x = x if in_dtype == dtype else x.to(dtype)
         cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
         scalings = [m.scaling for m in ms]
         biases = [m._parameters["bias"] for m in ms]
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([cast(b) if b is not None else x.new_zeros(m.out_features) for m, b in zip(ms, biases)])
-        if x.is_cuda and not torch.compiler.is_compiling():
+        if _launch.takes(x) and not torch.compiler.is_compiling():
             # Eager CUDA: the whole group is one C++ autograd Function (stacking, launches, the members' slices),
             # the same values as the ops below; None when the general path must take the call.
             adapters = [m._parameters for m in ms]

@@ -103,12 +103,6 @@ def _autocast_on(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device.type)
 
 
-def _compute_dtype(x: torch.Tensor, base_dtype: torch.dtype) -> torch.dtype:
-    if _autocast_on(x.device):
-        return torch.get_autocast_dtype(x.device.type)
-    return base_dtype
-
-
 class LoRALayerBase(nn.Module):
     """What ``LoRALinear`` and ``QLoRALinear`` share: the adapter, its hyper-parameters, the forward.
 
@@ -168,18 +162,25 @@ class LoRALayerBase(nn.Module):
         return self._forward_alone(x)
 
     def _forward_alone(self, x: torch.Tensor) -> torch.Tensor:
+        # The parameter dict rather than nn.Module's attribute lookup, and one autocast query: this runs for
+        # every layer call, and its host time adds to each eager step.
+        params = self._parameters
         in_dtype = x.dtype
-        dtype = _compute_dtype(x, self._base_dtype)
+        device = x.device
+        autocast = _autocast_on(device)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self._base_dtype
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"compute dtype {dtype} is not supported; use float32, float16 or bfloat16")
-        autocast = _autocast_on(x.device)
-        x = x if x.dtype == dtype else x.to(dtype)
-        bias = None if self.bias is None else (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
+        x = x if in_dtype == dtype else x.to(dtype)
+        bias = params["bias"]
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         if self.merged:
             y = F.linear(x, self._dense_base(dtype), bias)
         else:
-            a = self.lora_A if self.lora_A.dtype == dtype else self.lora_A.to(dtype)
-            b = self.lora_B if self.lora_B.dtype == dtype else self.lora_B.to(dtype)
+            a, b = params["lora_A"], params["lora_B"]
+            a = a if a.dtype == dtype else a.to(dtype)
+            b = b if b.dtype == dtype else b.to(dtype)
             y = lora_linear(x, self._base_for(dtype), a, b, self.scaling, bias=bias,
                             dropout_p=self.lora_dropout, training=self.training)
         if not autocast and y.dtype != in_dtype and in_dtype in FLOAT_DTYPES:
@@ -269,10 +270,11 @@ class LoRALinear(LoRALayerBase):
 
     @property
     def _base_dtype(self) -> torch.dtype:
-        return self.weight.dtype
+        return self._parameters["weight"].dtype
 
     def _base_for(self, dtype):
-        return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+        w = self._parameters["weight"]
+        return w if w.dtype == dtype else w.to(dtype)
 
     def _dense_base(self, dtype):
         return self._base_for(dtype)

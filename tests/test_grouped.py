@@ -406,20 +406,20 @@ def test_a_broken_grouping_is_caught(monkeypatch):
     want = step(build(), ids)
     real = ProjectionGroup._compute
 
-    def swapped(self, x, training):
-        ys = real(self, x, training)
+    def swapped(self, x, training, key=None):
+        ys = real(self, x, training, key)
         return (ys[0], ys[2], ys[1]) if len(ys) == 3 else ys  # k and v have the same shape
 
     monkeypatch.setattr(ProjectionGroup, "_compute", swapped)
     with pytest.raises(AssertionError):
         assert_same_step(step(build(group=True), ids), want, "swapped k/v")
 
-    def detached_b(self, x, training):
+    def detached_b(self, x, training, key=None):
         saved = [m.lora_B for m in self.members]
         try:
             for m in self.members:
                 m._parameters["lora_B"] = m.lora_B.detach()
-            return real(self, x, training)
+            return real(self, x, training, key)
         finally:
             for m, b in zip(self.members, saved):
                 m._parameters["lora_B"] = b
@@ -683,7 +683,8 @@ def test_gpu_grouped_model_equals_ungrouped(gpu, arch, quantize, b_way, monkeypa
     # Control: the same check catches k and v swapped (equal shapes), as on the CPU.
     real = ProjectionGroup._compute
     monkeypatch.setattr(ProjectionGroup, "_compute",
-                        lambda self, x, t: (lambda ys: (ys[0], ys[2], ys[1]) if len(ys) == 3 else ys)(real(self, x, t)))
+                        lambda self, x, t, key=None: (lambda ys: (ys[0], ys[2], ys[1]) if len(ys) == 3 else ys)(
+                            real(self, x, t, key)))
     with pytest.raises(AssertionError):
         assert_same_bf16_step(step(grp, ids), want, oracle, "swapped k/v")
 

@@ -866,6 +866,63 @@ class _RecordingModule:
         return ("y0", "y1")
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_modules_reach_the_cpp_functions_with_any_device(dry, monkeypatch, quantize):
+    """``_launch.use_module(mod, any_device=True)``: the modules hand their CPU calls to the test build's C++
+    entries, a projection group (q/k/v) to GroupFunction and a lone layer (o) to LoRAFunction, whose launches the
+    fallback runs (the Python launchers under the interpreter). Output and every adapter gradient equal the
+    reference backend's: the modules' per-call path (dtype, bias, adapters, scaling, dropout off in eval) reaches
+    C++ intact."""
+    from torch import nn
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 32)
+            self.o_proj = nn.Linear(64, 64, bias=False)
+
+        def forward(self, x):
+            return self.o_proj(x) * self.q_proj(x) + torch.cat([self.k_proj(x), self.v_proj(x)], -1)
+
+    def run(backend, any_device):
+        monkeypatch.setenv("LORA_OPS_BACKEND", backend)
+        monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
+        monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
+        torch.manual_seed(0)
+        model = lora_ops.apply_lora(Attn(), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=8,
+                                    lora_alpha=16, quantize=quantize, group_projections=True)
+        for name, p_ in model.named_parameters():
+            if "lora_B" in name:
+                with torch.no_grad():
+                    p_.normal_()
+        x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        _launch.use_module(dry, any_device=any_device)
+        try:
+            y = model(x)
+            names = set()
+            todo = [y.grad_fn]
+            while todo:  # the graph's C++ Functions
+                fn = todo.pop()
+                if fn is not None and fn.name() not in names:
+                    names.add(fn.name())
+                    todo += [f for f, _ in fn.next_functions]
+            y.square().sum().backward()
+        finally:
+            _launch.use_module(dry)
+        grads = {n: p_.grad for n, p_ in model.named_parameters() if p_.grad is not None}
+        return y.detach(), x.grad, grads, names
+
+    y, dx, grads, names = run("triton", True)
+    assert any(n.endswith("GroupFunction>") for n in names) and any(n.endswith("LoRAFunction>") for n in names), names
+    y_ref, dx_ref, grads_ref, names_ref = run("reference", False)
+    assert not any(n.endswith("Function>") and "lora_launch" in n for n in names_ref), names_ref
+    assert_rel_close(y, y_ref, torch.float32, "y")
+    assert_rel_close(dx, dx_ref, torch.float32, "dx")
+    assert grads.keys() == grads_ref.keys() and len(grads) == 8
+    for n in grads:
+        assert_rel_close(grads[n], grads_ref[n], torch.float32, n)
+
+
 def test_entries_pass_the_weight_and_settings_to_cpp(dry, monkeypatch):
     """_launch.linear / _launch.group (the eager CUDA entries of lora_linear and of a projection group) hand C++
     the weight's tensors (NF4: bytes, absmax state, blocksize, rows, cols; dense: the tensor and zeros), p = 0
