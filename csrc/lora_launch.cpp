@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -210,6 +211,33 @@ std::mutex g_mutex;  // plans are read on autograd's device threads and written 
 std::vector<Plan> g_plans;
 std::unordered_map<PlanKey, int64_t, PlanKeyHash> g_plan_index;
 int64_t g_launches[NUM_KERNELS] = {};
+
+// Where the host time of the launch path goes (launch_timing(True); launch_stats()["host_ns"]): nanoseconds per
+// phase of run(), summed over its calls. build: the plan lookup, allocations and the launch list; resolve: matching
+// the list against the plan's variants; encode: TMA descriptors (cuTensorMapEncodeTiled); launch: the driver's
+// launches and the atomic buffer's memset; after: the tensor ops after the launches (slice sums, casts, split
+// sums). Read and written under g_mutex, which run() holds throughout.
+enum Phase : int { PH_BUILD = 0, PH_RESOLVE, PH_ENCODE, PH_LAUNCH, PH_AFTER, NUM_PHASES };
+const char* const kPhaseNames[NUM_PHASES] = {"build", "resolve", "encode", "launch", "after"};
+struct HostTiming {
+  bool on = false;
+  int64_t calls = 0;
+  int64_t ns[NUM_PHASES] = {};
+};
+HostTiming g_timing;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Adds the time since `t` to `phase` and moves `t` to now (no-op while timing is off).
+void lap(Phase phase, int64_t& t) {
+  if (!g_timing.on) return;
+  const int64_t n = now_ns();
+  g_timing.ns[phase] += n - t;
+  t = n;
+}
 // lora_ops._launch._fallback(phase, plan, *args): the Python launchers + registration. Never destroyed: a Python
 // object must not be released after the interpreter has finalized.
 py::object* g_fallback = new py::object();
@@ -1230,6 +1258,7 @@ void launch_one(const Launch& l, CUstream stream) {
         if (same >= 0) {
           maps[ntma] = maps[same];
         } else {
+          int64_t t = g_timing.on ? now_ns() : 0;
           TORCH_CHECK(driver().encode != nullptr, "lora_ops launch: libcuda.so.1 lacks cuTensorMapEncodeTiled");
           const int64_t esize = meta[1];
           cuuint64_t dims[2] = {static_cast<cuuint64_t>(d.shape[1]), static_cast<cuuint64_t>(d.shape[0])};
@@ -1241,6 +1270,7 @@ void launch_one(const Launch& l, CUstream stream) {
                                    CU_TENSOR_MAP_INTERLEAVE_NONE, static_cast<CUtensorMapSwizzle>(meta[0]),
                                    CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
                    "cuTensorMapEncodeTiled", l);
+          lap(PH_ENCODE, t);
         }
         params[np++] = &maps[ntma++];
         --nw;
@@ -1262,21 +1292,29 @@ void launch_one(const Launch& l, CUstream stream) {
   uint64_t global_scratch = 0, profile_scratch = 0;
   params[np++] = &global_scratch;
   params[np++] = &profile_scratch;
+  int64_t t = g_timing.on ? now_ns() : 0;
   check_cu(driver().launch(reinterpret_cast<CUfunction>(v.function), static_cast<unsigned>(l.grid[0]),
                            static_cast<unsigned>(l.grid[1]), static_cast<unsigned>(l.grid[2]),
                            static_cast<unsigned>(32 * v.num_warps), 1, 1, static_cast<unsigned>(v.shared), stream,
                            params, nullptr),
            "cuLaunchKernel", l);
+  lap(PH_LAUNCH, t);
 }
 
 void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(c.dev);
+  int64_t t = g_timing.on ? now_ns() : 0;
   if (zero_first.defined())
     C10_CUDA_CHECK(cudaMemsetAsync(zero_first.data_ptr(), 0, zero_first.nbytes(), stream.stream()));
+  lap(PH_LAUNCH, t);
   for (const Launch& l : work.launches) {
     launch_one(l, stream.stream());
     ++g_launches[l.kernel];
-    if (l.sum_parts.defined()) l.sum_out.copy_(l.sum_parts.sum(0));  // lora.py: s.copy_(s_part.sum(0))
+    if (l.sum_parts.defined()) {
+      t = g_timing.on ? now_ns() : 0;
+      l.sum_out.copy_(l.sum_parts.sum(0));  // lora.py: s.copy_(s_part.sum(0))
+      lap(PH_AFTER, t);
+    }
   }
 }
 
@@ -1287,9 +1325,12 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
 // CPU (scripts/host_group_cpu.py); the outputs are then uninitialized.
 void run_launches(const Call&, Work& work, const at::Tensor& zero_first) {
   TORCH_CHECK(env_flag("LORA_OPS_LAUNCH_NOOP", false), "lora_ops launch: this build has no CUDA (dry runs only)");
+  int64_t t = g_timing.on ? now_ns() : 0;
   if (zero_first.defined()) zero_first.zero_();
+  lap(PH_LAUNCH, t);
   for (const Launch& l : work.launches)
     if (l.sum_parts.defined()) l.sum_out.copy_(l.sum_parts.sum(0));
+  lap(PH_AFTER, t);
 }
 
 #endif
@@ -1318,6 +1359,7 @@ bool run(const Call& c, bool dry, FwdOut* fwd, BwdOut* bwd, Work& work, int64_t&
   if (c.x.is_cuda()) guard.emplace(c.x.device());
 #endif
   std::lock_guard<std::mutex> lock(g_mutex);
+  int64_t t = g_timing.on && !dry ? now_ns() : 0;
   const int64_t id = plan_id(key);
   const Plan& plan = g_plans[id];
   if (plan.disabled && !dry) return false;
@@ -1330,9 +1372,14 @@ bool run(const Call& c, bool dry, FwdOut* fwd, BwdOut* bwd, Work& work, int64_t&
     resolve(plan, c, work, true);
     return true;
   }
+  lap(PH_BUILD, t);
   if (!resolve(plan, c, work, noop) && !noop) return false;
+  lap(PH_RESOLVE, t);
+  g_timing.calls += g_timing.on ? 1 : 0;
   run_launches(c, work, bwd != nullptr ? bwd->acc : at::Tensor());
+  t = g_timing.on ? now_ns() : 0;
   if (bwd != nullptr) finish_backward(c, *bwd);
+  lap(PH_AFTER, t);
   return true;
 }
 
@@ -1515,12 +1562,23 @@ py::dict stats() {
     disabled += p.disabled ? 1 : 0;
     for (const auto& list : p.variants) variants += static_cast<int64_t>(list.size());
   }
+  py::dict host;
+  for (int i = 0; i < NUM_PHASES; ++i) host[py::str(kPhaseNames[i])] = g_timing.ns[i];
   py::dict out;
   out["launches"] = launches;
+  out["host_ns"] = host;
+  out["timed_calls"] = g_timing.calls;
   out["plans"] = static_cast<int64_t>(g_plans.size());
   out["disabled"] = disabled;
   out["variants"] = variants;
   return out;
+}
+
+// Turns the per-phase host timer on or off and zeroes it.
+void set_timing(bool on) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_timing = HostTiming();
+  g_timing.on = on;
 }
 
 void configure(const py::dict& s) {
@@ -2099,6 +2157,7 @@ void lora_ops_register_launch(py::module_& m) {
   m.def("launch_set_verified", &set_verified);
   m.def("launch_clear", &clear_plans);
   m.def("launch_stats", &stats);
+  m.def("launch_timing", &set_timing, "zero the per-phase host timer and turn it on or off (launch_stats host_ns)");
   m.def("launch_configure", &configure);
   m.def("launch_set_device", &set_device);
   m.def("launch_set_fallback", &set_fallback);

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 # scripts/profile_layer.py (this script's folder is on sys.path)
-from profile_layer import cprofile_calls, graph_ms, loop_us, print_kernels
+from profile_layer import cprofile_calls, graph_ms, loop_us, phases_line, print_kernels
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
@@ -89,6 +89,8 @@ def main():
         print(f"    lora_ops launches per call: C++ {(cpp1 - cpp0) / calls:.1f}, Python launchers "
               f"{(py1 - py0) / calls:.1f}")
         print(f"    eager loop: {loop_us(step, 20, warmup=1):.1f} us per call (20 calls, one synchronize)")
+        if cpp1 > cpp0:
+            print(f"    {phases_line(step, 20)}")
         _sync_check(step)
         if args.py_top:
             _py_profile(step, args.steps, args.py_top)

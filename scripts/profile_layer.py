@@ -4,7 +4,8 @@ per kernel (torch.profiler, averaged over a few eager calls).
 
     python scripts/profile_layer.py [--cases 8192x4096x4096 2048x4096x4096] [--nf4 | --both] [--no-tables]
 
-Also the timing helpers the other profiling scripts share (loop_us, cprofile_calls, print_kernels, graph_ms).
+Also the eager loop of each, with the C++ launch path's host time by phase, and the timing helpers the other
+profiling scripts share (loop_us, cprofile_calls, print_kernels, graph_ms, phases_line).
 """
 import argparse
 import cProfile
@@ -44,6 +45,37 @@ def cprofile_calls(fn, iters):
     torch.cuda.synchronize()
     prof.disable()
     return prof
+
+
+def host_phases(fn, iters):
+    """The C++ launch path's host time per call of fn by phase (csrc/lora_launch.cpp launch_timing: build,
+    resolve, encode, launch, after; microseconds) and its runs per call, over ``iters`` calls; None without it."""
+    from lora_ops import _launch
+    mod = _launch.module()
+    if mod is None or not hasattr(mod, "launch_timing"):
+        return None
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    mod.launch_timing(True)
+    try:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        st = mod.launch_stats()
+    finally:
+        mod.launch_timing(False)
+    return {k: v / iters / 1e3 for k, v in st["host_ns"].items()}, st["timed_calls"] / iters
+
+
+def phases_line(fn, iters) -> str:
+    """host_phases as one line to print."""
+    res = host_phases(fn, iters)
+    if res is None:
+        return "C++ launch path not loaded"
+    us, runs = res
+    return (f"C++ host per call {sum(us.values()):.1f} us over {runs:.1f} runs: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in us.items()))
 
 
 def layer_case(m, k, n, r=16, nf4=False):
@@ -105,6 +137,9 @@ def run(m, k, n, r=16, nf4=False, iters=5, tables=True):
     fu = graph_ms(case.fused, [case.x, case.a, case.b])
     print(f"\n==== {tag}: CUDA-graph replay, device ms per fwd+bwd: floor {fl:.4f}, fused {fu:.4f} "
           f"({fu / fl:.3f}x) ====")
+    el_fl, el_fu = loop_us(case.floor, 50), loop_us(case.fused, 50)
+    print(f"==== {tag}: eager loop, us per fwd+bwd: floor {el_fl:.1f}, fused {el_fu:.1f} ({el_fu / el_fl:.3f}x); "
+          f"{phases_line(case.fused, 50)}")
     if not tables:
         return
     for name, fn in (("floor", case.floor), ("fused", case.fused)):

@@ -356,3 +356,22 @@ def test_finish_kernel_in_the_group_backward(monkeypatch, b_way):
         for j, name in ((2, "dA"), (3, "dB")):
             assert got[j][i].shape == want[j][i].shape and got[j][i].is_contiguous(), f"{name}_{i}"
             assert_rel_close(got[j][i], want[j][i], BF16, f"{name}_{i}")
+
+
+def test_host_timer_sees_the_launches_and_the_tma_encodes(monkeypatch):
+    """launch_timing on the GPU: one forward and one backward run per fwd+bwd, with time in the driver's launches
+    and, on TMA GEMMs, in encoding their descriptors."""
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    inp = _inputs(2048, 1024, 1024, 16, BF16, "dense", True)
+    for _ in range(2):  # register, then steady state
+        _run(inp, 0.0)
+    mod = _launch.module()
+    mod.launch_timing(True)
+    try:
+        for _ in range(3):
+            _run(inp, 0.0)
+        st = mod.launch_stats()
+    finally:
+        mod.launch_timing(False)
+    assert st["timed_calls"] == 6, st
+    assert st["host_ns"]["launch"] > 0 and st["host_ns"]["encode"] > 0 and st["host_ns"]["build"] > 0, st

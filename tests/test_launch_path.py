@@ -923,6 +923,37 @@ def test_modules_reach_the_cpp_functions_with_any_device(dry, monkeypatch, quant
         assert_rel_close(grads[n], grads_ref[n], torch.float32, n)
 
 
+def test_host_timer_counts_the_runs_and_their_phases(dry, monkeypatch):
+    """launch_timing(True) zeroes the per-phase host timer and counts every run (forward and backward) with its
+    phases in launch_stats; launch_timing(False) stops it. Under LORA_OPS_LAUNCH_NOOP=1 the CPU build runs the
+    whole host path but the launches, so every phase but encode (no TMA here) and launch (nothing launched but
+    the memset's zero_) takes time."""
+    fwd, dy = _inputs(m=70, k=96, n=80, r=8, dtype=torch.float32)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+    leaves = [x.clone().requires_grad_(), a.clone().requires_grad_(), b.clone().requires_grad_()]
+
+    def step():
+        y = dry.launch_linear_call(leaves[0], w, absmax, nabs, ncode, offset, bs, 80, 96, leaves[1], leaves[2],
+                                   scaling, bias, 0.0, 0, True)
+        y.backward(dy)
+
+    monkeypatch.setenv("LORA_OPS_LAUNCH_NOOP", "1")
+    step()
+    dry.launch_timing(True)
+    try:
+        for _ in range(3):
+            step()
+        st = dry.launch_stats()
+    finally:
+        dry.launch_timing(False)
+    assert st["timed_calls"] == 6, st
+    assert set(st["host_ns"]) == {"build", "resolve", "encode", "launch", "after"}
+    assert st["host_ns"]["build"] > 0 and st["host_ns"]["after"] > 0 and st["host_ns"]["encode"] == 0, st
+    step()
+    st = dry.launch_stats()
+    assert st["timed_calls"] == 0 and not any(st["host_ns"].values()), st
+
+
 def test_entries_pass_the_weight_and_settings_to_cpp(dry, monkeypatch):
     """_launch.linear / _launch.group (the eager CUDA entries of lora_linear and of a projection group) hand C++
     the weight's tensors (NF4: bytes, absmax state, blocksize, rows, cols; dense: the tensor and zeros), p = 0
