@@ -1211,7 +1211,34 @@ void check_cu(CUresult res, const char* what, const Launch& l) {
               msg ? msg : "unknown CUDA error");
 }
 
-void launch_one(const Launch& l, CUstream stream) {
+// Encoded TMA descriptors by their encode arguments (LORA_OPS_TMA_CACHE=1, off until timed on a GPU).
+// cuTensorMapEncodeTiled is a pure function of those arguments (address, dims, strides, box, element type,
+// swizzle; the rest fixed here), so a hit is byte for byte the map a fresh encode would give; a training loop
+// meets the same few hundred addresses step after step (the caching allocator hands them out again).
+struct MapKey {
+  uint64_t ptr;
+  int64_t shape0, shape1, stride0;
+  std::array<int64_t, 5> meta;  // Variant::tma: swizzle, elem_size, elem_type, box0, box1
+  bool operator==(const MapKey& o) const {
+    return ptr == o.ptr && shape0 == o.shape0 && shape1 == o.shape1 && stride0 == o.stride0 && meta == o.meta;
+  }
+};
+struct MapKeyHash {
+  size_t operator()(const MapKey& k) const {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t x : {static_cast<int64_t>(k.ptr), k.shape0, k.shape1, k.stride0, k.meta[0], k.meta[1], k.meta[2],
+                      k.meta[3], k.meta[4]}) {
+      h ^= static_cast<uint64_t>(x);
+      h *= 1099511628211ull;
+    }
+    return static_cast<size_t>(h);
+  }
+};
+constexpr size_t kMaxMaps = 8192;  // ~1.5 MB; cleared whole when full
+std::unordered_map<MapKey, CUtensorMap, MapKeyHash>& g_maps = *new std::unordered_map<MapKey, CUtensorMap, MapKeyHash>();
+int64_t g_map_hits = 0, g_map_misses = 0;
+
+void launch_one(const Launch& l, CUstream stream, bool map_cache) {
   if (l.grid[0] * l.grid[1] * l.grid[2] == 0) return;
   const Variant& v = *l.variant;
   alignas(64) CUtensorMap maps[6];
@@ -1255,8 +1282,13 @@ void launch_one(const Launch& l, CUstream stream) {
             same = j;
         }
         map_desc[ntma] = a.i;
+        const MapKey key{d.ptr, d.shape[0], d.shape[1], d.strides[0], meta};
+        auto hit = map_cache && same < 0 ? g_maps.find(key) : g_maps.end();
         if (same >= 0) {
           maps[ntma] = maps[same];
+        } else if (hit != g_maps.end()) {
+          maps[ntma] = hit->second;
+          ++g_map_hits;
         } else {
           int64_t t = g_timing.on ? now_ns() : 0;
           TORCH_CHECK(driver().encode != nullptr, "lora_ops launch: libcuda.so.1 lacks cuTensorMapEncodeTiled");
@@ -1270,6 +1302,11 @@ void launch_one(const Launch& l, CUstream stream) {
                                    CU_TENSOR_MAP_INTERLEAVE_NONE, static_cast<CUtensorMapSwizzle>(meta[0]),
                                    CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
                    "cuTensorMapEncodeTiled", l);
+          if (map_cache) {
+            if (g_maps.size() >= kMaxMaps) g_maps.clear();
+            g_maps.emplace(key, maps[ntma]);
+            ++g_map_misses;
+          }
           lap(PH_ENCODE, t);
         }
         params[np++] = &maps[ntma++];
@@ -1307,8 +1344,9 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
   if (zero_first.defined())
     C10_CUDA_CHECK(cudaMemsetAsync(zero_first.data_ptr(), 0, zero_first.nbytes(), stream.stream()));
   lap(PH_LAUNCH, t);
+  const bool map_cache = env_flag("LORA_OPS_TMA_CACHE", false);
   for (const Launch& l : work.launches) {
-    launch_one(l, stream.stream());
+    launch_one(l, stream.stream(), map_cache);
     ++g_launches[l.kernel];
     if (l.sum_parts.defined()) {
       t = g_timing.on ? now_ns() : 0;
@@ -1568,6 +1606,9 @@ py::dict stats() {
   out["launches"] = launches;
   out["host_ns"] = host;
   out["timed_calls"] = g_timing.calls;
+#ifdef LORA_OPS_LAUNCH_CUDA
+  out["tma_cache"] = py::make_tuple(g_map_hits, g_map_misses);
+#endif
   out["plans"] = static_cast<int64_t>(g_plans.size());
   out["disabled"] = disabled;
   out["variants"] = variants;

@@ -375,3 +375,23 @@ def test_host_timer_sees_the_launches_and_the_tma_encodes(monkeypatch):
         mod.launch_timing(False)
     assert st["timed_calls"] == 6, st
     assert st["host_ns"]["launch"] > 0 and st["host_ns"]["encode"] > 0 and st["host_ns"]["build"] > 0, st
+
+
+def test_tma_descriptor_cache_hits_and_keeps_results(monkeypatch):
+    """LORA_OPS_TMA_CACHE=1: the TMA GEMMs' descriptors come from the cache of encodes once their addresses repeat
+    (hits counted in launch_stats), with y, dx and dA bit for bit those of fresh encodes."""
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    inp = _inputs(2048, 1024, 1024, 16, BF16, "dense", True)
+    want = _run(inp, 0.0)
+    _run(inp, 0.0)
+    monkeypatch.setenv("LORA_OPS_TMA_CACHE", "1")
+    mod = _launch.module()
+    hits0, misses0 = mod.launch_stats()["tma_cache"]
+    for _ in range(3):
+        got = _run(inp, 0.0)
+    hits, misses = mod.launch_stats()["tma_cache"]
+    assert hits > hits0 and misses >= misses0, (hits0, misses0, hits, misses)
+    for name, g, w in zip(("y", "dx", "dA"), got[:3], want[:3]):
+        assert torch.equal(g, w), name
+    for name, g, w in zip(("dB", "dbias"), got[3:], want[3:]):
+        assert_rel_close(g, w, BF16, name)
