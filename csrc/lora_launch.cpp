@@ -1235,7 +1235,8 @@ struct MapKeyHash {
   }
 };
 constexpr size_t kMaxMaps = 8192;  // ~1.5 MB; cleared whole when full
-std::unordered_map<MapKey, CUtensorMap, MapKeyHash>& g_maps = *new std::unordered_map<MapKey, CUtensorMap, MapKeyHash>();
+using MapCache = std::unordered_map<MapKey, CUtensorMap, MapKeyHash>;
+MapCache& g_maps = *new MapCache();  // never destroyed, as g_devices
 int64_t g_map_hits = 0, g_map_misses = 0;
 
 void launch_one(const Launch& l, CUstream stream, bool map_cache) {
