@@ -87,6 +87,7 @@ struct Settings {
   int64_t nf4_chunk_min_m = 4096;       // NF4_CHUNK_MIN_M
   int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
   int64_t finish_kernel = 0;            // _FINISH_KERNEL
+  int64_t base_mm = 0;                  // _BASE_MM
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -142,6 +143,7 @@ struct Launch {
   int64_t gemm_n = 0;        // the pointer GEMMs: their output's column count (a chunk's, when W is chunked)
   int64_t elems[3] = {0, 0, 0};  // the finish kernel: its three jobs' element counts (its grid)
   at::Tensor sum_parts, sum_out;  // S / dS slices the launch wrote, summed and rounded into sum_out right after it
+  at::Tensor mm_out, mm_a, mm_b;  // lora.py _BASE_MM: mm_out.addmm_(mm_a, mm_b) right after the launch
 
   void ptr(const at::Tensor& t) { ptr_raw(reinterpret_cast<uintptr_t>(t.data_ptr())); }
   void ptr_raw(uint64_t p) { args[nargs++] = Arg{'P', static_cast<int64_t>(p), 0.0}; }
@@ -435,7 +437,7 @@ bool check_call(Call& c, bool backward) {
     if (!same(c.w, x) || c.w.dim() != 2 || c.w.size(0) != c.n || c.w.size(1) != c.k) return false;
   }
   if (backward && !c.dys.empty()) {  // lora.py _segments_ok
-    if (c.groups.size() != c.dys.size()) return false;
+    if (c.groups.size() != c.dys.size() || g_settings.base_mm) return false;
     const int64_t unit = x.is_cuda() ? g_settings.split_unit : g_settings.split_unit_interp;
     for (size_t i = 0; i < c.dys.size(); ++i) {
       const at::Tensor& d = c.dys[i];
@@ -660,11 +662,13 @@ bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tenso
 void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, const WArgs& w, const at::Tensor& out,
           const at::Tensor& lt, const at::Tensor& rt, int64_t stride_rr, int64_t stride_rn, const at::Tensor* bias,
           const Dropout& drop, double scaling, bool trans_w, int64_t m_bucket, bool tma, const at::Tensor* l_out,
-          int64_t drop_ld = -1, int64_t drop_c0 = 0, int64_t group_n0 = 0, bool segs = false) {
+          int64_t drop_ld = -1, int64_t drop_c0 = 0, int64_t group_n0 = 0, bool segs = false, bool base_mm = false) {
   // The forward's Rt is B (a group's B_rows, group_args); the dX GEMM's is A. segs (dX): a is c.dys[0], and the
-  // kernel reads every member's dY (lora.py _lora_gemm segs).
+  // kernel reads every member's dY (lora.py _lora_gemm segs). base_mm (lora.py _base_mm): the pointer kernel
+  // with an empty K-loop, then out.addmm_(a, op(W)).
   const int64_t m = out.size(0), n = out.size(1);
-  const int64_t inner = segs ? c.n : a.size(1);  // the K of the GEMM: sum N_i for dX on segments
+  // The K of the GEMM: sum N_i for dX on segments, none with base_mm.
+  const int64_t inner = base_mm ? 0 : segs ? c.n : a.size(1);
   if (drop_ld < 0) drop_ld = n;
   const at::Tensor& scratch = c.dt->scratch;
   const at::Tensor& b = bias != nullptr ? *bias : scratch;
@@ -747,7 +751,17 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
   l.i(m_bucket);
   group_args(l, c, trans_w || segs, group_n0);
   seg_ptrs(l, c, segs);
+  if (base_mm) {
+    l.mm_out = out;
+    l.mm_a = a;
+    l.mm_b = trans_w ? w.dense.t() : w.dense;
+  }
   work.launches.push_back(l);
+}
+
+// lora.py _base_mm: the base product from torch's matmul, for a dense weight in one piece.
+bool base_mm_ok(const WArgs& w) {
+  return g_settings.base_mm && !w.nf4_inloop && w.chunks.empty() && w.dense.defined();
 }
 
 // lora.py _splits: M splits of a reduction over M with `tiles` programs per split.
@@ -837,7 +851,8 @@ FwdOut build_forward(const Call& c, Work& work) {
   const int64_t block_r = block_r_of(c.r);
   const int64_t r_chunks = cdiv(c.r, block_r);
   const int64_t m_bucket = next_pow2(c.m);
-  const bool tma = use_tma(c, c.x, w, o.y);
+  const bool base_mm = base_mm_ok(w);
+  const bool tma = !base_mm && use_tma(c, c.x, w, o.y);
   // S in K slices: fp32 partials the one forward GEMM sums and stores rounded (or see slices_of).
   const auto [splits, cols, summed] = slices_of(c, c.k, r_chunks, !(c.n == 0 || !w.chunks.empty()), tma);
   at::Tensor s_part = splits == 1 ? o.s : at::empty({splits, c.m, c.r}, c.x.options().dtype(at::kFloat));
@@ -884,7 +899,8 @@ FwdOut build_forward(const Call& c, Work& work) {
   } else if (c.n > 0) {
     const bool gemm_sums = splits > 1 && !summed;
     gemm(c, work, K_FWD, c.x, w, o.y, gemm_sums ? s_part : o.s, c.B, c.B.stride(1), c.B.stride(0),
-         c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma, gemm_sums ? &o.s : nullptr);
+         c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma, gemm_sums ? &o.s : nullptr, -1, 0,
+         0, false, base_mm);
   }
   return o;
 }
@@ -962,7 +978,8 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const int64_t rb = c.groups.empty() ? c.r : c.rb;  // dB's columns (lora.py: B_rows' rb for a group)
   const at::Tensor& scratch = c.dt->scratch;
   const bool segs = !c.dys.empty();
-  const bool tma_dx = c.need_dx && use_tma(c, c.dy, w, o.dx, segs ? c.n * c.k : -1);
+  const bool base_mm = c.need_dx && base_mm_ok(w);
+  const bool tma_dx = c.need_dx && !base_mm && use_tma(c, c.dy, w, o.dx, segs ? c.n * c.k : -1);
   // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
   const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty();
   const auto [splits_ds, cols_ds, ds_summed] = ds_slices_of(c, c.n, r_chunks, dx_sums, tma_dx);
@@ -1060,7 +1077,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   } else if (c.need_dx && c.k > 0) {
     const bool dx_parts = splits_ds > 1 && !ds_summed;
     gemm(c, work, K_DX, c.dy, w, o.dx, dx_parts ? ds_part : ds, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop,
-         1.0, false, m_bucket, tma_dx, dx_parts && c.need_dA ? &ds : nullptr, -1, 0, 0, segs);
+         1.0, false, m_bucket, tma_dx, dx_parts && c.need_dA ? &ds : nullptr, -1, 0, 0, segs, base_mm);
   }
   if (c.need_dA) {
     auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);
@@ -1349,9 +1366,10 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
   for (const Launch& l : work.launches) {
     launch_one(l, stream.stream(), map_cache);
     ++g_launches[l.kernel];
-    if (l.sum_parts.defined()) {
+    if (l.sum_parts.defined() || l.mm_out.defined()) {
       t = g_timing.on ? now_ns() : 0;
-      l.sum_out.copy_(l.sum_parts.sum(0));  // lora.py: s.copy_(s_part.sum(0))
+      if (l.sum_parts.defined()) l.sum_out.copy_(l.sum_parts.sum(0));  // lora.py: s.copy_(s_part.sum(0))
+      if (l.mm_out.defined()) l.mm_out.addmm_(l.mm_a, l.mm_b);
       lap(PH_AFTER, t);
     }
   }
@@ -1367,8 +1385,10 @@ void run_launches(const Call&, Work& work, const at::Tensor& zero_first) {
   int64_t t = g_timing.on ? now_ns() : 0;
   if (zero_first.defined()) zero_first.zero_();
   lap(PH_LAUNCH, t);
-  for (const Launch& l : work.launches)
+  for (const Launch& l : work.launches) {
     if (l.sum_parts.defined()) l.sum_out.copy_(l.sum_parts.sum(0));
+    if (l.mm_out.defined()) l.mm_out.addmm_(l.mm_a, l.mm_b);
+  }
   lap(PH_AFTER, t);
 }
 
@@ -1649,6 +1669,7 @@ void configure(const py::dict& s) {
   get("nf4_chunk_min_m", g_settings.nf4_chunk_min_m);
   get("dequant_on_cpu", g_settings.dequant_on_cpu);
   get("finish_kernel", g_settings.finish_kernel);
+  get("base_mm", g_settings.base_mm);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

@@ -63,6 +63,7 @@ def _settings() -> dict:
                 nf4_chunk_bytes=L.NF4_CHUNK_BYTES, nf4_chunk_min_m=L.NF4_CHUNK_MIN_M,
                 dequant_on_cpu=int(L._DEQUANT_ON_CPU),
                 finish_kernel=int(L._FINISH_KERNEL),
+                base_mm=int(L._BASE_MM),
                 blocksizes=list(_nf4.VALID_BLOCKSIZES))
 
 

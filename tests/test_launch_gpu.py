@@ -395,3 +395,31 @@ def test_tma_descriptor_cache_hits_and_keeps_results(monkeypatch):
         assert torch.equal(g, w), name
     for name, g, w in zip(("dB", "dbias"), got[3:], want[3:]):
         assert_rel_close(g, w, BF16, name)
+
+
+@pytest.mark.parametrize("case", [(2048, 1024, 768, 16, BF16, "dense", True), (1024, 1024, 512, 16, BF16, "nf4", False),
+                                  (512, 512, 384, 80, F32, "dense", True)],
+                         ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}-r{c[3]}-{str(c[4])[6:]}-{c[5]}")
+def test_base_mm_equals_the_python_launchers_and_the_fused_gemms(monkeypatch, case):
+    """LORA_OPS_BASE_MM=1: the base products from torch's matmul (cuBLAS) added to the GEMM kernel's LoRA term.
+    The C++ path (steady state) equals the Python launchers' composition bit for bit (y, dx, dA), and both are
+    within the dtype's tolerance of the fused GEMMs (the LoRA term is rounded once more)."""
+    from lora_ops.triton_kernels import lora as L
+    m, k, n, r, dtype, weight, bias = case
+    inp = _inputs(m, k, n, r, dtype, weight, bias)
+    fused = _run(inp, 0.1)
+    mod = _launch.module()
+    try:
+        monkeypatch.setattr(L, "_BASE_MM", True)
+        _launch._sync_settings(mod)
+        want = _python_launchers(monkeypatch, lambda: _run(inp, 0.1))
+        _run(inp, 0.1)  # the first call of this configuration registers it
+        got = _run(inp, 0.1)
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(mod)
+    for name, g, w in zip(("y", "dx", "dA"), got[:3], want[:3]):
+        assert torch.equal(g, w), f"{name}: the C++ path differs from the Python launchers"
+    for name, g, f in zip(("y", "dx", "dA", "dB", "dbias"), got, fused):
+        if f is not None:
+            assert_rel_close(g, f, dtype, name)

@@ -342,6 +342,82 @@ def test_finish_kernel_launch_lists_and_values(dry, monkeypatch, case, way):
         _launch._sync_settings(dry)
 
 
+BASE_MM_CASES = [
+    dict(m=70, k=96, n=80, r=8, dtype=torch.float32, p=0.2),
+    dict(m=70, k=96, n=80, r=8, dtype=torch.float16, bias=False),
+    dict(m=40, k=64, n=64, r=80, dtype=torch.float32, x_t=True),  # two rank chunks, x a transposed view
+    dict(m=70, k=128, n=64, r=8, dtype=torch.float32, weight="nf4-dq"),  # decoded in the K-loop: no base_mm
+    dict(m=70, k=128, n=64, r=8, dtype=torch.float32, weight="nf4", dequant=True),  # dequantized whole: base_mm
+]
+
+
+@pytest.mark.parametrize("case", BASE_MM_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_base_mm_launch_lists_and_values(dry, monkeypatch, case):
+    """LORA_OPS_BASE_MM=1: where W is dense in one piece, the forward and dX GEMMs launch with an empty K-loop
+    (their LoRA term, bias and dropout alone) and torch's addmm_ adds x @ W^T / dY @ W after them. The C++ launch
+    lists equal the Python launchers'; y, dx, dA, dB and dbias equal the fused kernels' within the dtype's
+    tolerance (the LoRA term is rounded once more). An NF4 weight decoded in the K-loop keeps the fused GEMMs."""
+    case = dict(case)
+    dequant = case.pop("dequant", False)
+    fwd, dy = _inputs(**case)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+    dt = case["dtype"]
+    needs = [(True, True, True, bias is not None), (True, False, False, False)]
+    try:
+        monkeypatch.setattr(L, "_DEQUANT_ON_CPU", dequant)
+        _launch._sync_settings(dry)
+        y0, s0 = L.lora_forward(*fwd)
+        want = [L.lora_backward(dy, *fwd[:9], s0, scaling, p_, seed, *need) for need in needs]
+        monkeypatch.setattr(L, "_BASE_MM", True)
+        _launch._sync_settings(dry)
+        y, s = _check(dry, 0, fwd)
+        got = [_check(dry, 1, (dy, *fwd[:9], s, scaling, p_, seed, *need)) for need in needs]
+        with L.recording() as records:
+            L.lora_forward(*fwd)
+            L.lora_backward(dy, *fwd[:9], s, scaling, p_, seed, *needs[0])
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+    gemms = [r_ for r_ in records if r_.name in ("lora_fwd", "lora_bwd_dx")]
+    assert len(gemms) == 2
+    empty = case.get("weight", "dense") == "dense" or dequant
+    for r_ in gemms:
+        assert (r_.args[r_.fn.arg_names.index("K")] == 0) == empty, (r_.name, empty)
+    assert_rel_close(s, s0, dt, "S")
+    assert_rel_close(y, y0, dt, "y")
+    for g_, w_ in zip(got, want):
+        for name, gv, wv in zip(("dx", "dA", "dB", "dbias"), g_, w_):
+            assert gv.shape == wv.shape, name
+            if gv.numel():
+                assert_rel_close(gv, wv, dt, name)
+
+
+def test_base_mm_in_a_group(dry, monkeypatch):
+    """LORA_OPS_BASE_MM=1 in a B_rows group's stacked calls: the LoRA term of block_diag(B_i) alone, then addmm_
+    over W_cat; dY as the members' tensors is concatenated first (torch's matmul takes one tensor), in the C++
+    path as in the Python launchers; values within tolerance of the fused kernels'."""
+    sizes, rb = (128, 64, 64), 8
+    fwd, dy = _inputs(m=70, k=128, n=sum(sizes), r=rb * len(sizes), dtype=torch.float32, bias=True)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
+    b = b[:, :rb].contiguous()
+    rows = (x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed)
+    dys = [t.contiguous() for t in dy.split(list(sizes), 1)]
+    y0, s0 = L.lora_forward(*rows, list(sizes))
+    want = L.lora_backward(dys, *rows[:8], b, s0, scaling, p_, seed, True, True, True, True, list(sizes))
+    try:
+        monkeypatch.setattr(L, "_BASE_MM", True)
+        _launch._sync_settings(dry)
+        y, s = _check(dry, 0, rows, sizes)
+        got = _check(dry, 1, (dy, *rows[:8], b, s, scaling, p_, seed, True, True, True, True), sizes)
+        assert not L._segments_ok(dys, L._group(list(sizes), sum(sizes), rb * len(sizes)), x.device)
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+    assert_rel_close(y, y0, torch.float32, "y")
+    for name, gv, wv in zip(("dx", "dA", "dB", "dbias"), got, want):
+        assert_rel_close(gv, wv, torch.float32, name)
+
+
 @pytest.mark.parametrize("b_way", ["rows", "block_diag"])
 def test_finish_kernel_in_a_group_backward(dry, monkeypatch, b_way):
     """The finish launch in a projection group's stacked backward: B_rows' (sum N_i, r) gradient, or B_bd's whole
@@ -866,13 +942,15 @@ class _RecordingModule:
         return ("y0", "y1")
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_modules_reach_the_cpp_functions_with_any_device(dry, monkeypatch, quantize):
+@pytest.mark.parametrize("quantize,way", [(None, "default"), ("nf4", "default"),
+                                          (None, "rows+segments+finish+base_mm")])
+def test_modules_reach_the_cpp_functions_with_any_device(dry, monkeypatch, quantize, way):
     """``_launch.use_module(mod, any_device=True)``: the modules hand their CPU calls to the test build's C++
     entries, a projection group (q/k/v) to GroupFunction and a lone layer (o) to LoRAFunction, whose launches the
     fallback runs (the Python launchers under the interpreter). Output and every adapter gradient equal the
     reference backend's: the modules' per-call path (dtype, bias, adapters, scaling, dropout off in eval) reaches
-    C++ intact."""
+    C++ intact. ``way``: also with B_rows, dY segments (which base_mm turns back into one dY), the finish kernel
+    and the base product from torch's matmul."""
     from torch import nn
 
     class Attn(nn.Module):
@@ -912,7 +990,17 @@ def test_modules_reach_the_cpp_functions_with_any_device(dry, monkeypatch, quant
         grads = {n: p_.grad for n, p_ in model.named_parameters() if p_.grad is not None}
         return y.detach(), x.grad, grads, names
 
-    y, dx, grads, names = run("triton", True)
+    if way != "default":
+        monkeypatch.setenv("LORA_OPS_GROUP_B", "rows")
+        monkeypatch.setenv("LORA_OPS_GROUP_DY", "segments")
+        monkeypatch.setattr(L, "_FINISH_KERNEL", True)
+        monkeypatch.setattr(L, "_BASE_MM", True)
+    try:
+        _launch._sync_settings(dry)
+        y, dx, grads, names = run("triton", True)
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
     assert any(n.endswith("GroupFunction>") for n in names) and any(n.endswith("LoRAFunction>") for n in names), names
     y_ref, dx_ref, grads_ref, names_ref = run("reference", False)
     assert not any(n.endswith("Function>") and "lora_launch" in n for n in names_ref), names_ref

@@ -130,6 +130,13 @@ _DS_SPLITS = _env_int("LORA_OPS_DS_SPLITS", 4, 1)
 # aten kernels, each with its own dispatch, allocation and launch on the host). Off until timed on a GPU.
 _FINISH_KERNEL = _env_int("LORA_OPS_FINISH_KERNEL", 0, 0) > 0
 
+# LORA_OPS_BASE_MM=1: where the weight is dense (a dense layer, or NF4 dequantized whole), the forward and dX GEMMs
+# run as the GEMM kernel's LoRA term alone (its K-loop empty: dropout(s * L @ Rt) + bias into the output) and then
+# torch's addmm_ adding x @ W^T / dY @ W into it (cuBLAS on CUDA): cuBLAS's mainloop (1.06-1.18x faster than the
+# TMA kernel's on the H200, docs/GROUPED.md) for one more pass over the output and one more aten op per GEMM.
+# The LoRA term is then rounded to the output dtype before the base product is added. Off until timed on a GPU.
+_BASE_MM = _env_int("LORA_OPS_BASE_MM", 0, 0) > 0
+
 
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
                   max_m: Optional[int] = None) -> Tuple[int, int]:
@@ -316,10 +323,11 @@ def _group(groups: Optional[Sequence[int]], n: int, r: int) -> _Group:
 def _segments_ok(dys, group: _Group, device: torch.device) -> bool:
     """Whether the kernels read a projection group's dY as the members' own tensors (``SEG_DY`` / ``SEG_A``,
     ``lora_kernels._dy_column``): a B_rows group whose every N_i is a multiple of the split unit (so no dS slice or
-    tile straddles two members), each dY_i contiguous and 16-byte aligned (TMA's rules). Otherwise the launcher
-    concatenates them."""
+    tile straddles two members), each dY_i contiguous and 16-byte aligned (TMA's rules), and not under _BASE_MM
+    (torch's matmul takes one dY). Otherwise the launcher concatenates them."""
     unit = _SPLIT_UNIT if device.type == "cuda" else _SPLIT_UNIT_INTERP
-    return group.on and all(t.shape[1] % unit == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in dys)
+    return group.on and not _BASE_MM and all(t.shape[1] % unit == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0
+                                             for t in dys)
 
 
 def _check_lora(x, lora_A, lora_B, bias=None, groups=None) -> Tuple[int, int, int, int, _Group]:
@@ -537,8 +545,14 @@ def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor, nk: Optional[int] = None
     return w.chunks is None and not w.meta["IS_NF4"] and c.shape[1] > 0 and _tma_usable(a, w.ptrs[0], c, nk)
 
 
+def _base_mm(w: "_W") -> bool:
+    """Whether a GEMM over ``w`` takes its base product from torch's matmul (_BASE_MM): a dense weight in one
+    piece (a dense layer, or NF4 dequantized whole; not decoded in the K-loop, not in chunks)."""
+    return _BASE_MM and w.chunks is None and not w.meta["IS_NF4"]
+
+
 def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket,
-               tma, l_out=None, drop_cols=None, group=_NO_GROUP, segs=None):
+               tma, l_out=None, drop_cols=None, group=_NO_GROUP, segs=None, base_mm=False):
     """c (M, N) = dropout(scaling * L (M, r) @ Rt (r, N)) (+ bias) + a (M, K) @ op(W): the forward
     (trans_w, W (N, K): op(W) = W^T, Rt = B^T) or the dX GEMM (W (K, N) itself, Rt = A_lora). ``w``: a _W;
     Rt is addressed through ``rt`` with (stride_rr, stride_rn). ``l``: L (M, r), or (splits, M, r) fp32 partials
@@ -547,7 +561,8 @@ def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling
     is a projection group's B_rows^T (the forward; a _Group seen from c's first column). ``segs`` (dX, with the
     group): a = dY is the members' own tensors (a is segs[0]; ``_segments_ok``). The TMA kernel when
     ``tma`` (one slice only), else the pointer kernel ``kernel`` (_FWD_KERNEL / _DX_KERNEL: their own configs and
-    counters)."""
+    counters). ``base_mm`` (``_base_mm``): the kernel adds the LoRA term alone (its K-loop empty) and torch's
+    addmm_ the base product after it."""
     m, n = c.shape
     drop_ld, drop_c0 = drop_cols or (n, 0)
     if tma:
@@ -561,12 +576,15 @@ def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling
            a, *w.ptrs, l, rt, b, drop.seed, c, lo,
            a.stride(0), a.stride(1), *w.strides, stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0),
            c.stride(0), c.stride(1), *stride_lo,
-           m, n, sum(t.shape[1] for t in segs) if segs else a.shape[1], r, l.shape[0] if l.dim() == 3 else 1,
+           m, n, 0 if base_mm else sum(t.shape[1] for t in segs) if segs else a.shape[1], r,
+           l.shape[0] if l.dim() == 3 else 1,
            float(scaling), drop.threshold, drop.scale,
            drop_ld, drop_c0, m_bucket, *(group.args() if trans_w or segs else _NO_GROUP.args()),
            *_more(segs, scratch),
            TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
            GROUPED=group.on and trans_w, SEG_A=segs is not None, BLOCK_R=block_r, **w.meta, **w.opts)
+    if base_mm:
+        c.addmm_(a, w.ptrs[0].t() if trans_w else w.ptrs[0])
 
 
 def _more(segs, filler) -> tuple:
@@ -645,7 +663,8 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     block_r = _block_r(r)
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
-    tma = _use_tma(x, w, y)
+    base_mm = _base_mm(w)
+    tma = not base_mm and _use_tma(x, w, y)
     # S in K slices: fp32 partials the one forward GEMM sums, then stores S rounded (or see _slices).
     splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or w.chunks), tma)
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
@@ -671,7 +690,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
             gemm_sums = splits > 1 and not summed
             _lora_gemm(_FWD_KERNEL, x, w, y, s_part if gemm_sums else s, lora_B, lora_B.stride(1), lora_B.stride(0),
                        bias, no_drop, scaling, True, r, block_r, m_bucket, tma, s if gemm_sums else None,
-                       group=group)
+                       group=group, base_mm=base_mm)
     return y, s
 
 
@@ -724,7 +743,8 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     atomics = need_ds and not deterministic and m <= _ATOMIC_DB_MAX_M
     fused_db = atomics and need_dB
     fused_dbias = atomics and need_dbias
-    tma_dx = need_dx and _use_tma(dy, w, dx, n * k if segs else None)
+    base_mm = need_dx and _base_mm(w)
+    tma_dx = need_dx and not base_mm and _use_tma(dy, w, dx, n * k if segs else None)
     # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
     dx_sums = need_dx and k > 0 and w.chunks is None
     splits_ds, cols_ds, ds_summed = _ds_slices(m, n, r_chunks, dev, dx_sums, tma_dx)
@@ -786,7 +806,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
             dx_parts = splits_ds > 1 and not ds_summed
             _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part if dx_parts else ds, lora_A, lora_A.stride(0), lora_A.stride(1),
                        None, drop, 1.0, False, r, block_r, m_bucket, tma_dx, ds if dx_parts and need_dA else None,
-                       group=group, segs=segs)
+                       group=group, segs=segs, base_mm=base_mm)
         if need_dA:
             if k > 0:
                 splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)
