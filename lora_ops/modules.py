@@ -161,10 +161,15 @@ class LoRALayerBase(nn.Module):
                 return y
         return self._forward_alone(x)
 
-    def _forward_alone(self, x: torch.Tensor) -> torch.Tensor:
-        # The parameter dict rather than nn.Module's attribute lookup, and one autocast query: this runs for
-        # every layer call, and its host time adds to each eager step.
+    def _tensor(self, name: str):
+        """Parameter ``name`` (or None) from the parameter dict, which is cheaper than nn.Module's attribute lookup
+        on every call; through the attribute where something else provides it (torch.nn.utils.parametrize)."""
         params = self._parameters
+        return params[name] if name in params else getattr(self, name)
+
+    def _forward_alone(self, x: torch.Tensor) -> torch.Tensor:
+        # One autocast query and the parameter dict (_tensor): this runs for every layer call, and its host time
+        # adds to each eager step.
         in_dtype = x.dtype
         device = x.device
         autocast = _autocast_on(device)
@@ -172,13 +177,13 @@ class LoRALayerBase(nn.Module):
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"compute dtype {dtype} is not supported; use float32, float16 or bfloat16")
         x = x if in_dtype == dtype else x.to(dtype)
-        bias = params["bias"]
+        bias = self._tensor("bias")
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         if self.merged:
             y = F.linear(x, self._dense_base(dtype), bias)
         else:
-            a, b = params["lora_A"], params["lora_B"]
+            a, b = self._tensor("lora_A"), self._tensor("lora_B")
             a = a if a.dtype == dtype else a.to(dtype)
             b = b if b.dtype == dtype else b.to(dtype)
             y = lora_linear(x, self._base_for(dtype), a, b, self.scaling, bias=bias,
@@ -270,10 +275,10 @@ class LoRALinear(LoRALayerBase):
 
     @property
     def _base_dtype(self) -> torch.dtype:
-        return self._parameters["weight"].dtype
+        return self._tensor("weight").dtype
 
     def _base_for(self, dtype):
-        w = self._parameters["weight"]
+        w = self._tensor("weight")
         return w if w.dtype == dtype else w.to(dtype)
 
     def _dense_base(self, dtype):
