@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--py", type=int, default=0, help="list this many lora_ops Python functions by own time")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        sys.exit("run with TRITON_INTERPRET=1 (the CPU build's plans are checked against the interpreter's kernels)")
+        sys.exit("run with TRITON_INTERPRET=1 (on a CPU the Triton backend the modules ask for is the interpreter)")
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "scripts"))
     os.environ["LORA_OPS_BACKEND"] = "triton"

@@ -299,7 +299,7 @@ def worker(rank, world, out_dir, port, device_type):
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         # Both ranks past every collective before either tears its group down: a gloo peer that closes its
         # connections while the other still talks to it can abort that process ("terminate called without an
-        # active exception", seen once per few CI runs on a 2-core machine).
+        # active exception").
         try:
             dist.barrier()
         except Exception:
