@@ -6,8 +6,9 @@ Builds the CPU test module of the launch path (tests/cpp/launch_dry_module.cpp, 
 and runs it with LORA_OPS_LAUNCH_NOOP=1: each forward and backward goes through its whole host path (plans,
 allocations, the stacking, the tensor ops between launches, autograd) except the driver's launches, on small CPU
 tensors, where an aten op costs its dispatch rather than its work. It prints, per way, the microseconds of one
-fwd+bwd of a q/k/v-shaped group (median of --loops loops of --iters calls) and, with --ops, the aten ops of one call
-(torch.profiler). The H200 host's times differ, and its CUDA ops also pay their launches; the op counts carry over.
+fwd+bwd of a q/k/v-shaped group (median of --loops loops of --iters calls), the C++ runs' host phases
+(launch_timing) and, with --ops, the aten ops of one call (torch.profiler). The H200 host's times differ, and its
+CUDA ops also pay their launches; the op counts carry over.
 
     python scripts/host_group_cpu.py [--iters 300] [--loops 7] [--ops]
 """
@@ -89,6 +90,15 @@ def main():
                 step()
             times.append((time.perf_counter() - t0) / args.iters * 1e6)
         print(f"{name:22s} {statistics.median(times):7.1f} us per fwd+bwd (host path without launches)")
+        mod.launch_timing(True)  # the C++ runs' own phases (csrc/lora_launch.cpp launch_timing)
+        try:
+            for _ in range(args.iters):
+                step()
+            st = mod.launch_stats()
+        finally:
+            mod.launch_timing(False)
+        print("    C++ runs per fwd+bwd: " + ", ".join(f"{k} {v / args.iters / 1e3:.1f} us"
+                                                       for k, v in st["host_ns"].items()))
         if args.ops:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU]) as prof:
