@@ -1191,6 +1191,13 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
   return true;
 }
 
+// The tensor ops right after a launch, in stream order: its S / dS slices summed and rounded (lora.py
+// s.copy_(s_part.sum(0))), its base product added (lora.py _BASE_MM: c.addmm_(a, op(W))).
+void after_launch(const Launch& l) {
+  if (l.sum_parts.defined()) l.sum_out.copy_(l.sum_parts.sum(0));
+  if (l.mm_out.defined()) l.mm_out.addmm_(l.mm_a, l.mm_b);
+}
+
 #ifdef LORA_OPS_LAUNCH_CUDA
 
 struct Driver {
@@ -1368,8 +1375,7 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
     ++g_launches[l.kernel];
     if (l.sum_parts.defined() || l.mm_out.defined()) {
       t = g_timing.on ? now_ns() : 0;
-      if (l.sum_parts.defined()) l.sum_out.copy_(l.sum_parts.sum(0));  // lora.py: s.copy_(s_part.sum(0))
-      if (l.mm_out.defined()) l.mm_out.addmm_(l.mm_a, l.mm_b);
+      after_launch(l);
       lap(PH_AFTER, t);
     }
   }
@@ -1385,10 +1391,7 @@ void run_launches(const Call&, Work& work, const at::Tensor& zero_first) {
   int64_t t = g_timing.on ? now_ns() : 0;
   if (zero_first.defined()) zero_first.zero_();
   lap(PH_LAUNCH, t);
-  for (const Launch& l : work.launches) {
-    if (l.sum_parts.defined()) l.sum_out.copy_(l.sum_parts.sum(0));
-    if (l.mm_out.defined()) l.mm_out.addmm_(l.mm_a, l.mm_b);
-  }
+  for (const Launch& l : work.launches) after_launch(l);
   lap(PH_AFTER, t);
 }
 

@@ -43,6 +43,32 @@ def build():
                               extra_cflags=["-O1"], build_directory=str(out), verbose=False)
 
 
+def set_way(mod, env: dict, finish: bool) -> None:
+    """Make one way the current one: its group switches in the environment (read per call by the C++ side) and
+    the finish kernel (a launcher setting, sent to ``mod``)."""
+    from lora_ops import _launch
+    from lora_ops.triton_kernels import lora as L
+
+    for key in ("LORA_OPS_GROUP_B", "LORA_OPS_GROUP_DY"):
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    L._FINISH_KERNEL = finish
+    _launch._sync_settings(mod)
+
+
+def median_us(step, loops: int, iters: int, warmup: int) -> float:
+    """Median over ``loops`` loops of the microseconds per call of ``iters`` calls of step(), after ``warmup``."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(loops):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        times.append((time.perf_counter() - t0) / iters * 1e6)
+    return statistics.median(times)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=300)
@@ -73,23 +99,10 @@ def main():
         ys = mod.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [2.0] * 3, None, 0.0, 0, True)
         torch.autograd.backward(list(ys), dys)
 
-    from lora_ops.triton_kernels import lora as L
-
     for name, (env, finish) in WAYS.items():
-        for key in ("LORA_OPS_GROUP_B", "LORA_OPS_GROUP_DY"):
-            os.environ.pop(key, None)
-        os.environ.update(env)
-        L._FINISH_KERNEL = finish
-        _launch._sync_settings(mod)
-        for _ in range(20):
-            step()
-        times = []
-        for _ in range(args.loops):
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                step()
-            times.append((time.perf_counter() - t0) / args.iters * 1e6)
-        print(f"{name:22s} {statistics.median(times):7.1f} us per fwd+bwd (host path without launches)")
+        set_way(mod, env, finish)
+        us = median_us(step, args.loops, args.iters, 20)
+        print(f"{name:22s} {us:7.1f} us per fwd+bwd (host path without launches)")
         mod.launch_timing(True)  # the C++ runs' own phases (csrc/lora_launch.cpp launch_timing)
         try:
             for _ in range(args.iters):

@@ -14,9 +14,7 @@ import argparse
 import cProfile
 import os
 import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -44,12 +42,11 @@ def main():
     sys.path.insert(0, str(REPO / "scripts"))
     os.environ["LORA_OPS_BACKEND"] = "triton"
     os.environ["LORA_OPS_GROUP_FWD"] = os.environ["LORA_OPS_GROUP_BWD"] = "concat"
-    from host_group_cpu import build
+    from host_group_cpu import build, median_us, set_way
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lora_ops
     from lora_ops import _launch
-    from lora_ops.triton_kernels import lora as L
 
     mod = build()
     _launch.use_module(mod, any_device=True)
@@ -62,11 +59,7 @@ def main():
     ids = torch.randint(0, 256, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     try:
         for name, (grouped, env, finish) in WAYS.items():
-            for key in ("LORA_OPS_GROUP_B", "LORA_OPS_GROUP_DY"):
-                os.environ.pop(key, None)
-            os.environ.update(env)
-            L._FINISH_KERNEL = finish
-            _launch._sync_settings(mod)
+            set_way(mod, env, finish)
             torch.manual_seed(0)
             model = LlamaForCausalLM(config).to(torch.bfloat16)
             lora_ops.apply_lora(model, target_modules=targets, r=16, lora_alpha=32, group_projections=grouped)
@@ -77,19 +70,12 @@ def main():
                     p.grad = None
                 model(ids).logits.float().mean().backward()
 
-            for _ in range(5):
-                step()
-            times = []
-            for _ in range(args.loops):
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    step()
-                times.append((time.perf_counter() - t0) / args.iters * 1e6)
+            us = median_us(step, args.loops, args.iters, 5)
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step()
             n_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-            print(f"{name:48s} {statistics.median(times):8.1f} us per step, {n_ops} aten ops "
+            print(f"{name:48s} {us:8.1f} us per step, {n_ops} aten ops "
                   f"({args.layers} layers, {args.tokens} tokens)")
             if args.py:
                 pr = cProfile.Profile()

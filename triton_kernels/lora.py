@@ -224,10 +224,10 @@ class _Finish:
     def cast(self, acc: torch.Tensor, shape: Tuple[int, ...], copy: bool = False) -> torch.Tensor:
         """An fp32 buffer (contiguous) as one shape tensor of the dtype; ``copy``: never the buffer itself (it is
         shared with another output)."""
-        if self.dtype == torch.float32 and not (copy and _FINISH_KERNEL):
-            return acc.clone() if copy else acc
+        if self.dtype == torch.float32 and not copy:
+            return acc
         if not _FINISH_KERNEL:
-            return acc.to(self.dtype)
+            return acc.clone() if self.dtype == torch.float32 else acc.to(self.dtype)
         return self._job(acc, shape, 1, 0)
 
     def _job(self, src: torch.Tensor, shape, splits: int, stride: int) -> torch.Tensor:

@@ -221,6 +221,19 @@ def _dy_column(c, p1, p2, p3, p4, stride_m, stride_c, nb1, nb2, nb3, N, SEG: tl.
     return p1 + c * stride_c, stride_m, stride_c
 
 
+@triton.jit
+def _rt_tile(r_ptr, n0, rr, rn, r_ok, n_ok, ro, rb, stride_rr, stride_rn, GROUPED: tl.constexpr):
+    """The GEMMs' (BLOCK_R, BLOCK_N) tile of Rt at rank rows ``rr`` and output columns n0 + ``rn``: Rt itself, or
+    with GROUPED B_bd^T read from B_rows, Rt[j, n] = B_rows[n, j - ro(n)] inside member n's rank block (``ro``
+    from ``_member_rank``) and 0 outside it."""
+    if GROUPED:
+        jj = rr[:, None] - ro[None, :]
+        return tl.load((r_ptr + n0 * stride_rn) + (jj * stride_rr + rn[None, :] * stride_rn),
+                       mask=r_ok[:, None] & n_ok[None, :] & (jj >= 0) & (jj < rb), other=0.0)
+    return tl.load((r_ptr + n0 * stride_rn) + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
+                   mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -325,6 +338,7 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
 
     # LoRA term first (S / dS rounded to the input dtype, as saved or as PEFT would feed it).
     r_base = r_ptr + n0 * stride_rn
+    ro = 0
     if GROUPED:
         ro = _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -333,13 +347,7 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
         r_ok = rr < R
         lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm, stride_lr,
                      stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
-        if GROUPED:
-            jj = rr[:, None] - ro[None, :]
-            rt = tl.load(r_base + (jj * stride_rr + rn[None, :] * stride_rn),
-                         mask=r_ok[:, None] & n_ok[None, :] & (jj >= 0) & (jj < rb), other=0.0)
-        else:
-            rt = tl.load(r_base + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
-                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        rt = _rt_tile(r_base, 0, rr, rn, r_ok, n_ok, ro, rb, stride_rr, stride_rn, GROUPED)
         acc = tl.dot(lt, rt.to(dtype), acc, input_precision="ieee")
     if TRANS_W:
         acc = acc * scaling
@@ -424,6 +432,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         n0 = pid_n.to(tl.int64) * BLOCK_N
         m_ok = rm < M - m0
         n_ok = rn < N - n0
+        ro = 0
         if GROUPED:
             ro = _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -432,13 +441,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
             r_ok = rr < R
             lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm, stride_lr,
                          stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
-            if GROUPED:
-                jj = rr[:, None] - ro[None, :]
-                rt = tl.load((r_ptr + n0 * stride_rn) + (jj * stride_rr + rn[None, :] * stride_rn),
-                             mask=r_ok[:, None] & n_ok[None, :] & (jj >= 0) & (jj < rb), other=0.0)
-            else:
-                rt = tl.load((r_ptr + n0 * stride_rn) + (rr[:, None] * stride_rr + rn[None, :] * stride_rn),
-                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            rt = _rt_tile(r_ptr, n0, rr, rn, r_ok, n_ok, ro, rb, stride_rr, stride_rn, GROUPED)
             acc = tl.dot(lt, rt.to(dtype), acc)
         acc = acc * scaling
         if HAS_DROPOUT:
