@@ -854,7 +854,9 @@ FwdOut build_forward(const Call& c, Work& work) {
   const bool base_mm = base_mm_ok(w);
   const bool tma = !base_mm && use_tma(c, c.x, w, o.y);
   // S in K slices: fp32 partials the one forward GEMM sums and stores rounded (or see slices_of).
-  const auto [splits, cols, summed] = slices_of(c, c.k, r_chunks, !(c.n == 0 || !w.chunks.empty()), tma);
+  // Under base_mm the GEMM's tiles read nothing but the slices: they split as before the TMA GEMM.
+  const auto [splits, cols, summed] =
+      slices_of(c, c.k, r_chunks, !(c.n == 0 || !w.chunks.empty()), tma || base_mm);
   at::Tensor s_part = splits == 1 ? o.s : at::empty({splits, c.m, c.r}, c.x.options().dtype(at::kFloat));
   if (splits > 1) work.keep.push_back(s_part);
   Launch l;  // lora.py lora_forward: S = dropout(x) @ A^T
@@ -982,7 +984,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const bool tma_dx = c.need_dx && !base_mm && use_tma(c, c.dy, w, o.dx, segs ? c.n * c.k : -1);
   // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
   const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty();
-  const auto [splits_ds, cols_ds, ds_summed] = ds_slices_of(c, c.n, r_chunks, dx_sums, tma_dx);
+  const auto [splits_ds, cols_ds, ds_summed] = ds_slices_of(c, c.n, r_chunks, dx_sums, tma_dx || base_mm);
   at::Tensor ds, ds_part;
   if (need_ds) {
     ds = at::empty({c.m, c.r}, opts);
@@ -1235,7 +1237,7 @@ void check_cu(CUresult res, const char* what, const Launch& l) {
               msg ? msg : "unknown CUDA error");
 }
 
-// Encoded TMA descriptors by their encode arguments (LORA_OPS_TMA_CACHE=1, off until timed on a GPU).
+// Encoded TMA descriptors by their encode arguments (LORA_OPS_TMA_CACHE=0 turns the cache off).
 // cuTensorMapEncodeTiled is a pure function of those arguments (address, dims, strides, box, element type,
 // swizzle; the rest fixed here), so a hit is byte for byte the map a fresh encode would give; a training loop
 // meets the same few hundred addresses step after step (the caching allocator hands them out again).
@@ -1369,7 +1371,7 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
   if (zero_first.defined())
     C10_CUDA_CHECK(cudaMemsetAsync(zero_first.data_ptr(), 0, zero_first.nbytes(), stream.stream()));
   lap(PH_LAUNCH, t);
-  const bool map_cache = env_flag("LORA_OPS_TMA_CACHE", false);
+  const bool map_cache = env_flag("LORA_OPS_TMA_CACHE", true);
   for (const Launch& l : work.launches) {
     launch_one(l, stream.stream(), map_cache);
     ++g_launches[l.kernel];
@@ -1891,17 +1893,17 @@ struct GroupArgs {
 };
 
 // Whether a B_rows group's stacked backward hands the kernels the members' dY_i instead of cat(dy_i)
-// (LORA_OPS_GROUP_DY=segments; Call::dys). Off by default until it has been timed on a GPU (docs/GROUPED.md).
+// (Call::dys; LORA_OPS_GROUP_DY=cat for cat(dY_i)). docs/GROUPED.md has the H200 A/B.
 bool segments_way() {
   const char* v = std::getenv("LORA_OPS_GROUP_DY");
-  return v != nullptr && std::strcmp(v, "segments") == 0;
+  return v == nullptr || std::strcmp(v, "cat") != 0;
 }
 
-// Whether a stacked group takes B as B_rows (GroupArgs::rows): with LORA_OPS_GROUP_B=rows, where the members allow
-// it. block_diag(B_i) stays the default until B_rows has been timed against it on a GPU (docs/GROUPED.md).
+// Whether a stacked group takes B as B_rows (GroupArgs::rows) where the members allow it; LORA_OPS_GROUP_B=blockdiag
+// for block_diag(B_i). docs/GROUPED.md has the H200 A/B.
 bool rows_way(const std::vector<int64_t>& r, bool one_scaling) {
   const char* v = std::getenv("LORA_OPS_GROUP_B");
-  if (v == nullptr || std::strcmp(v, "rows") != 0) return false;
+  if (v != nullptr && std::strcmp(v, "blockdiag") == 0) return false;
   return one_scaling && static_cast<int64_t>(r.size()) <= kMaxGroup
          && std::all_of(r.begin(), r.end(), [&](int64_t v) { return v == r[0]; });
 }

@@ -21,10 +21,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # Each way: (group_projections, environment, the finish kernel on).
-WAYS = {"ungrouped": (False, {}, False),
-        "ungrouped, finish kernel": (False, {}, True),
-        "grouped (block_diag, cat(dY))": (True, {"LORA_OPS_GROUP_B": "blockdiag"}, False),
-        "grouped, B_rows + dY segments + finish kernel": (True, {"LORA_OPS_GROUP_B": "rows",
+WAYS = {"ungrouped, torch's sums": (False, {}, False),
+        "ungrouped (the default)": (False, {}, True),
+        "grouped, block_diag, cat(dY), torch's sums": (True, {"LORA_OPS_GROUP_B": "blockdiag"}, False),
+        "grouped, B_rows + dY segments + finish kernel (the default)": (True, {"LORA_OPS_GROUP_B": "rows",
                                                                   "LORA_OPS_GROUP_DY": "segments"}, True)}
 
 

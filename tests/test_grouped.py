@@ -656,12 +656,12 @@ def assert_same_bf16_step(got, want, oracle, what, layers=GPU_LAYERS):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b_way", [None, "rows"])
+@pytest.mark.parametrize("b_way", [None, "blockdiag"])
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_gpu_grouped_model_equals_ungrouped(gpu, arch, quantize, b_way, monkeypatch):
-    """The grouped model's step equals the ungrouped one's; ``b_way`` "rows": the stacked calls take B_rows =
-    cat(B_i) (LORA_OPS_GROUP_B=rows) instead of block_diag(B_i)."""
+    """The grouped model's step equals the ungrouped one's; by default the stacked calls take B_rows = cat(B_i),
+    with ``b_way`` "blockdiag" (LORA_OPS_GROUP_B=blockdiag) block_diag(B_i)."""
     from helpers import kernels_only
 
     if b_way is None:

@@ -139,8 +139,10 @@ def test_tma_gemm_launch_lists(dry, monkeypatch):
     assert grids["lora_s"][2] == 2 and grids["lora_bwd_ds"][2] == 2, grids
     assert [r.name for r in records].count("lora_gemm_tma") == 2
     # No torch reduction of the S / dS slices: the GEMMs sum them and store the rounded S (dS). The one sum left
-    # is dA's over its M splits.
-    assert (forward_sums, sums.n) == (0, 1)
+    # is dA's over its M splits, which the finish kernel does (torch with LORA_OPS_FINISH_KERNEL=0).
+    assert (forward_sums, sums.n) == (0, 1 - L._FINISH_KERNEL)
+    if L._FINISH_KERNEL:
+        assert records[-1].name == "lora_bwd_finish", [r.name for r in records]
     keep = lora_ops.reference.dropout_mask(int(seed), *x.shape, p)
     xd = torch.where(keep, x.float() / (1 - p), torch.zeros(()))
     torch.testing.assert_close(s2.float(), xd @ a.float().t(), rtol=2e-3, atol=2e-3)
@@ -727,7 +729,7 @@ GROUP_CASES = [
          weight="nf4-dq", bias=False, p=0.1, x3d=False, x_grad=True, use=(0, 1, 2)),
     dict(m=20, k=64, sizes=(16, 48, 16, 32), ranks=(8, 8, 8, 8), scalings=(2.0,) * 4, dtype=torch.float32,
          weight="dense", bias=True, p=0.0, x3d=False, x_grad=True, use=(0, 1, 3)),
-    # Sizes in whole split units (64 columns in the interpreter): with LORA_OPS_GROUP_DY=segments the stacked
+    # Sizes in whole split units (64 columns in the interpreter): with the dY segments (the default) the stacked
     # backward hands the kernels the members' dY_i as they are; one output unused (its dY_i zeros).
     dict(m=24, k=64, sizes=(128, 64, 64), ranks=(4, 4, 4), scalings=(2.0,) * 3, dtype=torch.float16, weight="dense",
          bias=True, p=0.1, x3d=True, x_grad=True, use=(0, 2)),
@@ -738,13 +740,13 @@ GROUP_CASES = [
 
 
 def _b_rows(case, setting: str) -> bool:
-    """Whether a group case's stacked calls take B_rows under LORA_OPS_GROUP_B=``setting`` (csrc/lora_launch.cpp
-    rows_way)."""
-    return (setting == "rows" and len(set(case["ranks"])) == 1 and len(set(case["scalings"])) == 1
+    """Whether a group case's stacked calls take B_rows under ``setting`` ("blockdiag": LORA_OPS_GROUP_B=blockdiag,
+    else the default; csrc/lora_launch.cpp rows_way)."""
+    return (setting != "blockdiag" and len(set(case["ranks"])) == 1 and len(set(case["scalings"])) == 1
             and len(case["sizes"]) <= 4)
 
 
-@pytest.mark.parametrize("b_way", ["rows", "default"])
+@pytest.mark.parametrize("b_way", ["blockdiag", "default"])
 @pytest.mark.parametrize("fwd", ["concat", "members"])
 @pytest.mark.parametrize("mode", ["concat", "members"])
 @pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -757,15 +759,15 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fw
     absmax. On CPU tensors (``launch_group_call`` with any_device, every launch taken by the fallback) the outputs
     and every gradient equal the Python group's composition (grouped.py: cat, block_diag, one lora_linear, split):
     bit for bit with "concat", within rounding per member (other tiles; dX summed in another order); per-member
-    scalings, ranks, a concatenated bias, dropout, 3-D x, NF4, an output left unused. With LORA_OPS_GROUP_B=rows
-    (``b_way``) the stacked calls take B_rows = cat(B_i) where ranks and scalings are equal (at most four members),
-    with the same values; by default they take block_diag(B_i)."""
+    scalings, ranks, a concatenated bias, dropout, 3-D x, NF4, an output left unused. By default the stacked calls
+    take B_rows = cat(B_i) where ranks and scalings are equal (at most four members) and dY as the members' tensors;
+    with LORA_OPS_GROUP_B=blockdiag (``b_way``) they take block_diag(B_i) and cat(dY_i), with the same values."""
     monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
     monkeypatch.setenv("LORA_OPS_GROUP_BWD", mode)
     monkeypatch.setenv("LORA_OPS_GROUP_FWD", fwd)
-    if b_way == "rows":
-        monkeypatch.setenv("LORA_OPS_GROUP_B", "rows")
-        monkeypatch.setenv("LORA_OPS_GROUP_DY", "segments")
+    if b_way == "blockdiag":
+        monkeypatch.setenv("LORA_OPS_GROUP_B", "blockdiag")
+        monkeypatch.setenv("LORA_OPS_GROUP_DY", "cat")
     else:
         monkeypatch.delenv("LORA_OPS_GROUP_B", raising=False)
         monkeypatch.delenv("LORA_OPS_GROUP_DY", raising=False)
@@ -814,7 +816,7 @@ def test_cpp_group_function_equals_python_group(dry, monkeypatch, case, mode, fw
     assert backwards == [1] * (len(sizes) if per_member else 1)
     # Which B each call got: a member's own (N_i, r_i) rows, or for a stacked call B_rows (sum N_i, r) with the
     # members' sizes, or B_bd (sum N_i, sum r_i) without.
-    # With B_rows (and LORA_OPS_GROUP_DY=segments) a stacked backward gets dY as the members' tensors when every
+    # With B_rows (and the dY segments) a stacked backward gets dY as the members' tensors when every
     # N_i is a whole number of split units.
     for phase, b_shape, groups, dy_list in calls:
         if (fwd_member if phase == 0 else per_member) or (fwd_member and per_member):
@@ -1087,7 +1089,8 @@ def test_entries_pass_the_weight_and_settings_to_cpp(dry, monkeypatch):
 def test_group_host_ops_with_b_rows_and_dy_segments(dry, monkeypatch):
     """The host path of a q/k/v-shaped group's fwd+bwd without its launches (LORA_OPS_LAUNCH_NOOP, this test build;
     scripts/host_group_cpu.py times it): B_rows makes no block_diag and casts dB once, the dY segments skip dY's
-    cat, so each way dispatches fewer aten ops than the one before."""
+    cat, the finish kernel (the default) takes the casts and sums that are left, so each way dispatches fewer aten
+    ops than the one before."""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setenv("LORA_OPS_LAUNCH_NOOP", "1")
@@ -1101,9 +1104,11 @@ def test_group_host_ops_with_b_rows_and_dy_segments(dry, monkeypatch):
     Bs = [torch.randn(n, r, generator=g).to(torch.bfloat16).requires_grad_() for n in sizes]
     dys = [torch.randn(m, n, generator=g).to(torch.bfloat16) for n in sizes]
 
-    def ops(b_way, dy_way):
+    def ops(b_way, dy_way, finish=False):
         monkeypatch.setenv("LORA_OPS_GROUP_B", b_way)
         monkeypatch.setenv("LORA_OPS_GROUP_DY", dy_way)
+        monkeypatch.setattr(L, "_FINISH_KERNEL", finish)
+        _launch._sync_settings(dry)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             ys = dry.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [2.0] * 3, None, 0.0, 0, True)
             torch.autograd.backward(list(ys), dys)
@@ -1112,8 +1117,14 @@ def test_group_host_ops_with_b_rows_and_dy_segments(dry, monkeypatch):
             t.grad = None
         return {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
 
-    bd, rows, segs = ops("blockdiag", "cat"), ops("rows", "cat"), ops("rows", "segments")
+    try:
+        bd, rows, segs = ops("blockdiag", "cat"), ops("rows", "cat"), ops("rows", "segments")
+        fin = ops("rows", "segments", finish=True)
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
     assert bd.get("aten::block_diag") == 1 and "aten::block_diag" not in rows
     assert rows.get("aten::cat") == 3 and segs.get("aten::cat") == 2  # A_cat, B_rows (and dY's cat)
     assert bd.get("aten::_to_copy") == 4 and rows.get("aten::_to_copy") == 2  # dB: three block casts, then one
-    assert sum(bd.values()) > sum(rows.values()) > sum(segs.values()), (bd, rows, segs)
+    assert "aten::_to_copy" not in fin and "aten::sum" not in fin, fin
+    assert sum(bd.values()) > sum(rows.values()) > sum(segs.values()) > sum(fin.values()), (bd, rows, segs, fin)

@@ -127,14 +127,16 @@ _DS_SPLITS = _env_int("LORA_OPS_DS_SPLITS", 4, 1)
 
 # LORA_OPS_FINISH_KERNEL=1: the backward's fp32 partials and atomic buffers become dA / dB / dbias in one launch of
 # _lora_bwd_finish_kernel (which the C++ path launches in ~2 us) instead of torch's sum and casts (up to three
-# aten kernels, each with its own dispatch, allocation and launch on the host). Off until timed on a GPU.
-_FINISH_KERNEL = _env_int("LORA_OPS_FINISH_KERNEL", 0, 0) > 0
+# aten kernels, each with its own dispatch, allocation and launch on the host); =0 for torch's. docs/GROUPED.md
+# has the H200 A/B.
+_FINISH_KERNEL = _env_int("LORA_OPS_FINISH_KERNEL", 1, 0) > 0
 
 # LORA_OPS_BASE_MM=1: where the weight is dense (a dense layer, or NF4 dequantized whole), the forward and dX GEMMs
 # run as the GEMM kernel's LoRA term alone (its K-loop empty: dropout(s * L @ Rt) + bias into the output) and then
 # torch's addmm_ adding x @ W^T / dY @ W into it (cuBLAS on CUDA): cuBLAS's mainloop (1.06-1.18x faster than the
 # TMA kernel's on the H200, docs/GROUPED.md) for one more pass over the output and one more aten op per GEMM.
-# The LoRA term is then rounded to the output dtype before the base product is added. Off until timed on a GPU.
+# The LoRA term is then rounded to the output dtype before the base product is added. Off: on the H200 the extra
+# pass over the outputs costs what cuBLAS's mainloop saves (docs/GROUPED.md).
 _BASE_MM = _env_int("LORA_OPS_BASE_MM", 0, 0) > 0
 
 
@@ -665,8 +667,9 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     m_bucket = _next_pow2(m)
     base_mm = _base_mm(w)
     tma = not base_mm and _use_tma(x, w, y)
-    # S in K slices: fp32 partials the one forward GEMM sums, then stores S rounded (or see _slices).
-    splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or w.chunks), tma)
+    # S in K slices: fp32 partials the one forward GEMM sums, then stores S rounded (or see _slices). Under base_mm
+    # the GEMM's tiles read nothing but the slices, so they split as before the TMA GEMM.
+    splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or w.chunks), tma or base_mm)
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     with _on_device(x.device):
         _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits),
@@ -747,7 +750,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     tma_dx = need_dx and not base_mm and _use_tma(dy, w, dx, n * k if segs else None)
     # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
     dx_sums = need_dx and k > 0 and w.chunks is None
-    splits_ds, cols_ds, ds_summed = _ds_slices(m, n, r_chunks, dev, dx_sums, tma_dx)
+    splits_ds, cols_ds, ds_summed = _ds_slices(m, n, r_chunks, dev, dx_sums, tma_dx or base_mm)
     fin = _Finish(dt, dev)
     with _on_device(dev):
         ds = ds_part = None
