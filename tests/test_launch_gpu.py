@@ -360,8 +360,10 @@ def test_finish_kernel_in_the_group_backward(monkeypatch, b_way):
 
 def test_host_timer_sees_the_launches_and_the_tma_encodes(monkeypatch):
     """launch_timing on the GPU: one forward and one backward run per fwd+bwd, with time in the driver's launches
-    and, on TMA GEMMs, in encoding their descriptors."""
+    and, on TMA GEMMs, in encoding their descriptors (the descriptor cache off, which would make every encode a
+    hit)."""
     monkeypatch.setenv("LORA_OPS_TMA", "1")
+    monkeypatch.setenv("LORA_OPS_TMA_CACHE", "0")
     inp = _inputs(2048, 1024, 1024, 16, BF16, "dense", True)
     for _ in range(2):  # register, then steady state
         _run(inp, 0.0)
@@ -378,9 +380,11 @@ def test_host_timer_sees_the_launches_and_the_tma_encodes(monkeypatch):
 
 
 def test_tma_descriptor_cache_hits_and_keeps_results(monkeypatch):
-    """LORA_OPS_TMA_CACHE=1: the TMA GEMMs' descriptors come from the cache of encodes once their addresses repeat
-    (hits counted in launch_stats), with y, dx and dA bit for bit those of fresh encodes."""
+    """The descriptor cache (on unless LORA_OPS_TMA_CACHE=0): the TMA GEMMs' descriptors come from the cache of
+    encodes once their addresses repeat (hits counted in launch_stats), with y, dx and dA bit for bit those of
+    fresh encodes."""
     monkeypatch.setenv("LORA_OPS_TMA", "1")
+    monkeypatch.setenv("LORA_OPS_TMA_CACHE", "0")
     inp = _inputs(2048, 1024, 1024, 16, BF16, "dense", True)
     want = _run(inp, 0.0)
     _run(inp, 0.0)
