@@ -23,12 +23,13 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # Each way: its environment, and whether the backward's gradients leave their fp32 buffers through the finish
-# kernel (LORA_OPS_FINISH_KERNEL=1, lora.py _FINISH_KERNEL, a launcher setting the C++ side is sent).
+# kernel (LORA_OPS_FINISH_KERNEL, on by default; lora.py _FINISH_KERNEL, a launcher setting the C++ side is sent).
 WAYS = {"block_diag, cat(dY)": ({"LORA_OPS_GROUP_B": "blockdiag"}, False),
         "B_rows, cat(dY)": ({"LORA_OPS_GROUP_B": "rows", "LORA_OPS_GROUP_DY": "cat"}, False),
         "B_rows, dY segments": ({"LORA_OPS_GROUP_B": "rows", "LORA_OPS_GROUP_DY": "segments"}, False),
         "block_diag, finish kernel": ({"LORA_OPS_GROUP_B": "blockdiag"}, True),
-        "B_rows, dY segments, finish kernel (the default)": ({"LORA_OPS_GROUP_B": "rows", "LORA_OPS_GROUP_DY": "segments"}, True)}
+        "B_rows, dY segments, finish kernel (the default)": ({"LORA_OPS_GROUP_B": "rows",
+                                                              "LORA_OPS_GROUP_DY": "segments"}, True)}
 
 
 def build():

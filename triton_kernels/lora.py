@@ -125,10 +125,10 @@ _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 # slices, 8192 x 28672 at r = 32 242 -> 152, 8192 x 6144 at r = 48 76 -> 47.
 _DS_SPLITS = _env_int("LORA_OPS_DS_SPLITS", 4, 1)
 
-# LORA_OPS_FINISH_KERNEL=1: the backward's fp32 partials and atomic buffers become dA / dB / dbias in one launch of
-# _lora_bwd_finish_kernel (which the C++ path launches in ~2 us) instead of torch's sum and casts (up to three
-# aten kernels, each with its own dispatch, allocation and launch on the host); =0 for torch's. docs/GROUPED.md
-# has the H200 A/B.
+# LORA_OPS_FINISH_KERNEL (default 1): the backward's fp32 partials and atomic buffers become dA / dB / dbias in one
+# launch of _lora_bwd_finish_kernel (which the C++ path launches in ~2 us) instead of torch's sum and casts (up to
+# three aten kernels, each with its own dispatch, allocation and launch on the host); =0 for torch's.
+# docs/GROUPED.md has the H200 A/B.
 _FINISH_KERNEL = _env_int("LORA_OPS_FINISH_KERNEL", 1, 0) > 0
 
 # LORA_OPS_BASE_MM=1: where the weight is dense (a dense layer, or NF4 dequantized whole), the forward and dX GEMMs

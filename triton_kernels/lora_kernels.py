@@ -31,7 +31,7 @@ Kernels (LoRAFusion's split at S):
                             summed by torch): used when torch.are_deterministic_algorithms_enabled(), and
                             whenever dS is not needed (then it is the only pass over dY anyway).
 * ``_lora_bwd_da_kernel``   dA = dS^T @ xd (grid: K tiles x r chunks x M splits, fp32 partials, no atomics).
-* ``_lora_bwd_finish_kernel`` (LORA_OPS_FINISH_KERNEL=1) the fp32 partials and atomic buffers above summed and
+* ``_lora_bwd_finish_kernel`` (unless LORA_OPS_FINISH_KERNEL=0) the fp32 partials and atomic buffers above summed and
                             rounded into dA / dB / dbias in one launch, instead of torch's sums and casts.
 
 Conventions: fp32 accumulators; fp32 dots with ``input_precision="ieee"`` (no tf32); tile origins in int64
