@@ -88,6 +88,7 @@ struct Settings {
   int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
   int64_t finish_kernel = 0;            // _FINISH_KERNEL
   int64_t base_mm = 0;                  // _BASE_MM
+  int64_t ds_members = 0;               // _DS_MEMBERS
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -984,7 +985,10 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const bool tma_dx = c.need_dx && !base_mm && use_tma(c, c.dy, w, o.dx, segs ? c.n * c.k : -1);
   // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
   const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty();
-  const auto [splits_ds, cols_ds, ds_summed] = ds_slices_of(c, c.n, r_chunks, dx_sums, tma_dx || base_mm);
+  // lora.py _DS_MEMBERS: with B_rows, the dS pass's programs per member (MEMBER_R), its slices counted as one chunk's.
+  const bool members = !c.groups.empty() && g_settings.ds_members;
+  const auto [splits_ds, cols_ds, ds_summed] =
+      ds_slices_of(c, c.n, members ? 1 : r_chunks, dx_sums, tma_dx || base_mm);
   at::Tensor ds, ds_part;
   if (need_ds) {
     ds = at::empty({c.m, c.r}, opts);
@@ -1000,7 +1004,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     Launch l;
     l.kernel = K_DS;
     l.grid[0] = -1;  // cdiv(m, BLOCK_M)
-    l.grid[1] = r_chunks;
+    l.grid[1] = members ? c.r / c.rb : r_chunks;
     l.grid[2] = splits_ds;
     l.ptr(c.dy);
     l.ptr(c.B);
@@ -1675,6 +1679,7 @@ void configure(const py::dict& s) {
   get("dequant_on_cpu", g_settings.dequant_on_cpu);
   get("finish_kernel", g_settings.finish_kernel);
   get("base_mm", g_settings.base_mm);
+  get("ds_members", g_settings.ds_members);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

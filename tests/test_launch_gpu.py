@@ -279,6 +279,52 @@ def test_group_rows_and_dy_segments_equal_block_diag(monkeypatch, tma, weight):
     assert torch.equal(got[1], want[1]), "dx"
 
 
+@pytest.mark.parametrize("m,tma", [(512, "1"), (512, "0"), (4096, "1")])
+def test_group_ds_members_equal_rank_chunks(monkeypatch, m, tma):
+    """LORA_OPS_DS_MEMBERS=1: a B_rows group's dS pass with one program per member over its own columns
+    (MEMBER_R) gives the rank-chunk way's y bit for bit (the forward is unchanged) and dX, dA, dB within the
+    dtype's tolerance (dS is summed over fewer, non-zero terms in another order); through the C++ entry, with dS
+    in N slices (512 rows) and unsplit or in _DS_SPLITS slices (4096 rows)."""
+    from lora_ops.triton_kernels import lora as L
+
+    monkeypatch.setenv("LORA_OPS_TMA", tma)
+    monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
+    monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
+    sizes, r, k = (1024, 256, 256), 16, 512
+    g = torch.Generator(device="cuda").manual_seed(5)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    w = (rnd(sum(sizes), k) / k ** 0.5).to(BF16)
+    x0 = rnd(m, k).to(BF16)
+    as0 = [(rnd(r, k) / k ** 0.5).to(BF16) for _ in sizes]
+    bs0 = [(rnd(n, r) / r ** 0.5).to(BF16) for n in sizes]
+    dys = [rnd(m, n).to(BF16) for n in sizes]
+    bias = rnd(sum(sizes)).to(BF16)
+
+    def run(members):
+        monkeypatch.setattr(L, "_DS_MEMBERS", members)
+        _launch._sync_settings(_launch.module())
+        x = x0.clone().requires_grad_()
+        As = [a.clone().requires_grad_() for a in as0]
+        Bs = [b.clone().requires_grad_() for b in bs0]
+        ys = _launch.group(x, w, As, Bs, [2.0] * 3, bias, 0.0, True)
+        assert ys is not None and ys[0].grad_fn.name().endswith("GroupFunction>")
+        torch.autograd.backward(list(ys), dys)
+        return [y.detach() for y in ys], x.grad, [a.grad for a in As], [b.grad for b in Bs]
+
+    try:
+        want = run(False)
+        for _ in range(2):  # the first call of each configuration runs the Python launchers, the second the C++ path
+            got = run(True)
+    finally:
+        monkeypatch.setattr(L, "_DS_MEMBERS", False)
+        _launch._sync_settings(_launch.module())
+    assert_rel_close(got[1], want[1], BF16, "dx")
+    for i in range(3):
+        assert torch.equal(got[0][i], want[0][i]), f"y_{i}"
+        assert_rel_close(got[2][i], want[2][i], BF16, f"dA_{i}")
+        assert_rel_close(got[3][i], want[3][i], BF16, f"dB_{i}")
+
+
 @pytest.mark.parametrize("case", [(2048, 1024, 768, 16, BF16, "dense", True), (1024, 1024, 512, 16, BF16, "nf4", True),
                                   (512, 512, 384, 80, F32, "dense", True), (300, 512, 256, 8, F16, "nf4-dq", False)],
                          ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}-r{c[3]}-{str(c[4])[6:]}-{c[5]}")

@@ -448,18 +448,26 @@ def test_finish_kernel_in_a_group_backward(dry, monkeypatch, b_way):
         _launch._sync_settings(dry)
 
 
-@pytest.mark.parametrize("dy_way", ["cat", "segments"])
-@pytest.mark.parametrize("setting", ["pointer", "tma", "nf4-chunks", "nf4-chunks-tma", "deterministic", "ds-slices"])
-def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting, dy_way):
+B_ROWS_CASES = [(setting, dy_way, False) for dy_way in ("cat", "segments")
+                for setting in ("pointer", "tma", "nf4-chunks", "nf4-chunks-tma", "deterministic", "ds-slices")]
+# LORA_OPS_DS_MEMBERS=1: the dS pass's programs per member.
+B_ROWS_CASES += [("pointer", "cat", True), ("tma", "segments", True), ("ds-slices", "segments", True),
+                 ("ds-slices", "cat", True), ("nf4-chunks", "cat", True), ("deterministic", "cat", True)]
+
+
+@pytest.mark.parametrize("setting,dy_way,members", B_ROWS_CASES, ids=lambda v: str(v))
+def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting, dy_way, members):
     """A projection group's stacked call with B_rows = cat(B_i) and the members' sizes (``groups``): the C++ launch
     lists equal the Python launchers' on the pointer and TMA GEMMs, NF4 chunks (boundaries seen from each chunk's
     first column), the atomic-free dB kernel and dS slices; y, dX, dA equal the call on block_diag(B_i), and dB is
     that call's diagonal blocks, stacked. ``dy_way`` "segments": the backward takes dY as the members' own tensors
     (sizes in whole split units), which the dS / dB kernels and the dX GEMM read as they are (SEG_DY / SEG_A),
-    with the same values as on cat(dY_i)."""
+    with the same values as on cat(dY_i). ``members`` (LORA_OPS_DS_MEMBERS=1): the dS pass runs one program per
+    member over its own columns (MEMBER_R, grid[1] = the member count), with the same values."""
     sizes, rb = ((64, 40, 32) if dy_way == "cat" else (128, 64, 64)), 8
     dtype, weight = torch.float32, "dense"
     try:
+        monkeypatch.setattr(L, "_DS_MEMBERS", members)
         if setting == "tma":
             monkeypatch.setenv("LORA_OPS_TMA", "1")
             dtype = torch.float16
@@ -509,6 +517,9 @@ def test_group_b_rows_launch_lists_and_values(dry, monkeypatch, setting, dy_way)
         seg = {r.name: bool(r.named.get("SEG_DY", r.named.get("SEG_A"))) for r in records
                if r.name in ("lora_bwd_ds", "lora_bwd_db", "lora_bwd_dx", "lora_gemm_tma")}
         assert seg and all(v == (dy_way == "segments") for v in seg.values()), seg
+        ds_launch = [r for r in records if r.name == "lora_bwd_ds"][0]
+        assert bool(ds_launch.named.get("MEMBER_R")) == members, ds_launch.named
+        assert ds_launch.grid[1] == (len(sizes) if members else 1), ds_launch.grid
         dx, da, db, dbias = got
         assert db.shape == b_rows.shape
         n0 = 0

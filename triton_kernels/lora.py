@@ -139,6 +139,13 @@ _FINISH_KERNEL = _env_int("LORA_OPS_FINISH_KERNEL", 1, 0) > 0
 # pass over the outputs costs what cuBLAS's mainloop saves (docs/GROUPED.md).
 _BASE_MM = _env_int("LORA_OPS_BASE_MM", 0, 0) > 0
 
+# LORA_OPS_DS_MEMBERS=1: a B_rows group's dS pass runs one program per member (rank columns i rb.. of dS) over that
+# member's output columns only (lora_kernels MEMBER_R), instead of rank chunks that sweep every column and multiply
+# B_bd's off-diagonal zeros with gathered loads and atomics; its N slices are counted as one rank chunk's. At q/k/v
+# on the H200 the B_rows dS pass took 32 us against B_bd's 15 at 2048 rows, 79 against 50 at 8192 (session 16).
+# Off until timed on a GPU.
+_DS_MEMBERS = _env_int("LORA_OPS_DS_MEMBERS", 0, 0) > 0
+
 
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
                   max_m: Optional[int] = None) -> Tuple[int, int]:
@@ -750,7 +757,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     tma_dx = need_dx and not base_mm and _use_tma(dy, w, dx, n * k if segs else None)
     # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
     dx_sums = need_dx and k > 0 and w.chunks is None
-    splits_ds, cols_ds, ds_summed = _ds_slices(m, n, r_chunks, dev, dx_sums, tma_dx or base_mm)
+    members = group.on and _DS_MEMBERS  # the dS pass's programs per member (MEMBER_R), see _DS_MEMBERS
+    ds_block_r = _block_r(group.rb) if members else block_r
+    ds_chunks = r // group.rb if members else r_chunks
+    splits_ds, cols_ds, ds_summed = _ds_slices(m, n, 1 if members else r_chunks, dev, dx_sums, tma_dx or base_mm)
     fin = _Finish(dt, dev)
     with _on_device(dev):
         ds = ds_part = None
@@ -762,13 +772,13 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                               device=dev) if fused_db or fused_dbias else None
             db_acc = acc[:n * rb].view(n, rb) if fused_db else _scratch(dev)
             dbias_acc = acc[n * rb if fused_db else 0:] if fused_dbias else _scratch(dev)
-            _DS_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits_ds),
+            _DS_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), ds_chunks, splits_ds),
                        dy, lora_B, s, ds_part, db_acc, dbias_acc,
                        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
                        ds_part.stride(0) if splits_ds > 1 else 0, ds_part.stride(-2), ds_part.stride(-1),
                        m, n, r, cols_ds, float(scaling), m_bucket, *group.args(), *_more(segs, _scratch(dev)),
                        DO_DB=fused_db, DO_DBIAS=fused_dbias, GROUPED=group.on, SEG_DY=segs is not None,
-                       BLOCK_R=block_r)
+                       BLOCK_R=ds_block_r, **({"MEMBER_R": True} if members else {}))
             if ds_summed:
                 ds.copy_(ds_part.sum(0))
             if fused_db:

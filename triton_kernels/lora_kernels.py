@@ -486,7 +486,8 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
                         stride_dsr,
                         M, N, R, cols_per_split, scaling, M_BUCKET, rb, nb1, nb2, nb3, dy2_ptr, dy3_ptr, dy4_ptr,
                         DO_DB: tl.constexpr, DO_DBIAS: tl.constexpr, GROUPED: tl.constexpr, SEG_DY: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                        MEMBER_R: tl.constexpr = False):
     """One pass over the (BLOCK_M, cols) block of dY that split ``pid_s`` covers: dS = s * dY @ B of those rows
     and columns into slot ``pid_s`` of ds (fp32 partials that the dX GEMM sums; one split: stride_dss = 0 and ds
     is dS itself in dY's dtype); with DO_DB / DO_DBIAS also adds s * dY^T @ S and colsum(dY) of the block into the
@@ -494,7 +495,12 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
 
     GROUPED: B is a projection group's B_rows (N, rb) standing for B_bd (N, R) (``_member_rank``), and dB is
     B_rows' gradient (N, rb): only B_bd's diagonal blocks are added. SEG_DY: dY is the members' own contiguous
-    (M, N_i) tensors dy_ptr, dy2_ptr, ... (``_dy_column``), not one concatenated tensor."""
+    (M, N_i) tensors dy_ptr, dy2_ptr, ... (``_dy_column``), not one concatenated tensor.
+
+    MEMBER_R (with GROUPED): program_id(1) is a member i, not a rank chunk: its program covers dS's rank columns
+    [i rb, (i + 1) rb) (BLOCK_R >= rb) and only its own output columns [nb_i, nb_{i+1}) of the split, where B_rows
+    is B_i, read and multiplied as an ordinary (N_i, rb) B: no off-diagonal zeros in the products and no
+    gathered loads or atomics. A program whose member has no columns in its split stores zeros."""
     pid_m = tl.program_id(0)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     r0 = tl.program_id(1) * BLOCK_R
@@ -504,6 +510,16 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M - m0
     r_ok = rr < R - r0
+    n_begin = pid_s * cols_per_split  # int32: N < 2**22
+    n_end = tl.minimum(n_begin + cols_per_split, N)
+    if MEMBER_R:
+        member = tl.program_id(1)
+        r0 = member * rb
+        r_ok = rr < rb
+        lo = tl.where(member >= 3, nb3, tl.where(member == 2, nb2, tl.where(member == 1, nb1, 0)))
+        hi = tl.where(member >= 3, N, tl.where(member == 2, nb3, tl.where(member == 1, nb2, nb1)))
+        n_begin = tl.maximum(n_begin, lo)
+        n_end = tl.maximum(tl.minimum(n_end, hi), n_begin)
     dtype = dy_ptr.dtype.element_ty
     if DO_DB:
         s = tl.load((s_ptr + (m0 * stride_sm + r0 * stride_sr)) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
@@ -514,8 +530,6 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
         b_base = b_ptr
         db_ld = rb
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    n_begin = pid_s * cols_per_split  # int32: N < 2**22
-    n_end = tl.minimum(n_begin + cols_per_split, N)
     num_n = tl.cdiv(n_end - n_begin, BLOCK_N)
     for j in range(0, num_n):
         # Programs start their sweep at different column tiles, so their atomics do not all hit one tile at once.
@@ -527,7 +541,7 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         b_ok = n_ok[:, None] & r_ok[None, :]
         cols = rr[None, :]  # B's (and dB's) column of each tile element
-        if GROUPED:
+        if GROUPED and not MEMBER_R:
             cols = r0 + rr[None, :] - _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)[:, None]
             b_ok = b_ok & (cols >= 0) & (cols < rb)
         b = tl.load((b_base + n0 * stride_bn) + (rn[:, None] * stride_bn + cols * stride_br), mask=b_ok, other=0.0)
@@ -542,7 +556,9 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
             tl.atomic_add((db_acc_ptr + db0) + (rn[:, None] * db_ld + cols), part, mask=b_ok, sem="relaxed")
         if DO_DBIAS:
             colsum = tl.sum(dy.to(tl.float32), axis=0)
-            tl.atomic_add((dbias_acc_ptr + n0) + rn, colsum, mask=n_ok & (r0 == 0), sem="relaxed")
+            # Each column's sum once: from the first rank chunk, or with MEMBER_R from the column's member.
+            bias_ok = n_ok if MEMBER_R else n_ok & (r0 == 0)
+            tl.atomic_add((dbias_acc_ptr + n0) + rn, colsum, mask=bias_ok, sem="relaxed")
     tl.store((ds_ptr + (pid_s.to(tl.int64) * stride_dss + m0 * stride_dsm + r0 * stride_dsr))
              + (rm[:, None] * stride_dsm + rr[None, :] * stride_dsr),
              (acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
