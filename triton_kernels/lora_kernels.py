@@ -510,16 +510,9 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M - m0
     r_ok = rr < R - r0
-    n_begin = pid_s * cols_per_split  # int32: N < 2**22
-    n_end = tl.minimum(n_begin + cols_per_split, N)
     if MEMBER_R:
-        member = tl.program_id(1)
-        r0 = member * rb
+        r0 = tl.program_id(1) * rb
         r_ok = rr < rb
-        lo = tl.where(member >= 3, nb3, tl.where(member == 2, nb2, tl.where(member == 1, nb1, 0)))
-        hi = tl.where(member >= 3, N, tl.where(member == 2, nb3, tl.where(member == 1, nb2, nb1)))
-        n_begin = tl.maximum(n_begin, lo)
-        n_end = tl.maximum(tl.minimum(n_end, hi), n_begin)
     dtype = dy_ptr.dtype.element_ty
     if DO_DB:
         s = tl.load((s_ptr + (m0 * stride_sm + r0 * stride_sr)) + (rm[:, None] * stride_sm + rr[None, :] * stride_sr),
@@ -530,6 +523,14 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
         b_base = b_ptr
         db_ld = rb
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    n_begin = pid_s * cols_per_split  # int32: N < 2**22
+    n_end = tl.minimum(n_begin + cols_per_split, N)
+    if MEMBER_R:  # the split's columns of this program's member
+        member = tl.program_id(1)
+        lo = tl.where(member >= 3, nb3, tl.where(member == 2, nb2, tl.where(member == 1, nb1, 0)))
+        hi = tl.where(member >= 3, N, tl.where(member == 2, nb3, tl.where(member == 1, nb2, nb1)))
+        n_begin = tl.maximum(n_begin, lo)
+        n_end = tl.maximum(tl.minimum(n_end, hi), n_begin)
     num_n = tl.cdiv(n_end - n_begin, BLOCK_N)
     for j in range(0, num_n):
         # Programs start their sweep at different column tiles, so their atomics do not all hit one tile at once.
@@ -556,9 +557,10 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
             tl.atomic_add((db_acc_ptr + db0) + (rn[:, None] * db_ld + cols), part, mask=b_ok, sem="relaxed")
         if DO_DBIAS:
             colsum = tl.sum(dy.to(tl.float32), axis=0)
-            # Each column's sum once: from the first rank chunk, or with MEMBER_R from the column's member.
-            bias_ok = n_ok if MEMBER_R else n_ok & (r0 == 0)
-            tl.atomic_add((dbias_acc_ptr + n0) + rn, colsum, mask=bias_ok, sem="relaxed")
+            if MEMBER_R:  # each column's sum once, from the column's member
+                tl.atomic_add((dbias_acc_ptr + n0) + rn, colsum, mask=n_ok, sem="relaxed")
+            else:
+                tl.atomic_add((dbias_acc_ptr + n0) + rn, colsum, mask=n_ok & (r0 == 0), sem="relaxed")
     tl.store((ds_ptr + (pid_s.to(tl.int64) * stride_dss + m0 * stride_dsm + r0 * stride_dsr))
              + (rm[:, None] * stride_dsm + rr[None, :] * stride_dsr),
              (acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
