@@ -194,15 +194,17 @@ struct PlanKey {
   std::array<int64_t, 10> v{};
   bool operator==(const PlanKey& o) const { return v == o.v; }
 };
-struct PlanKeyHash {
-  size_t operator()(const PlanKey& k) const {
-    uint64_t h = 1469598103934665603ull;
-    for (int64_t x : k.v) {
-      h ^= static_cast<uint64_t>(x);
-      h *= 1099511628211ull;
-    }
-    return static_cast<size_t>(h);
+// FNV-1a over 64-bit words: the plan and TMA descriptor caches' keys.
+size_t fnv_hash(const int64_t* v, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= static_cast<uint64_t>(v[i]);
+    h *= 1099511628211ull;
   }
+  return static_cast<size_t>(h);
+}
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& k) const { return fnv_hash(k.v.data(), k.v.size()); }
 };
 
 struct Plan {
@@ -1255,13 +1257,9 @@ struct MapKey {
 };
 struct MapKeyHash {
   size_t operator()(const MapKey& k) const {
-    uint64_t h = 1469598103934665603ull;
-    for (int64_t x : {static_cast<int64_t>(k.ptr), k.shape0, k.shape1, k.stride0, k.meta[0], k.meta[1], k.meta[2],
-                      k.meta[3], k.meta[4]}) {
-      h ^= static_cast<uint64_t>(x);
-      h *= 1099511628211ull;
-    }
-    return static_cast<size_t>(h);
+    const int64_t v[9] = {static_cast<int64_t>(k.ptr), k.shape0, k.shape1, k.stride0, k.meta[0], k.meta[1],
+                          k.meta[2], k.meta[3], k.meta[4]};
+    return fnv_hash(v, 9);
   }
 };
 constexpr size_t kMaxMaps = 8192;  // ~1.5 MB; cleared whole when full

@@ -52,6 +52,31 @@ def _run(inp, p, frozen_a=False, seed=1234):
     return (y.detach(), x.grad, a.grad, b.grad, None if bias is None else bias.grad)
 
 
+def _group_inputs(sizes, r, m, k, seed, bias=False):
+    """A q/k/v-like group's bf16 inputs: w (sum N_i, K), x (M, K), the members' A_i (r, K) and B_i (N_i, r), their
+    dY_i (M, N_i), and with ``bias`` the concatenated bias (sum N_i,)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    w = (rnd(sum(sizes), k) / k ** 0.5).to(BF16)
+    x = rnd(m, k).to(BF16)
+    As = [(rnd(r, k) / k ** 0.5).to(BF16) for _ in sizes]
+    Bs = [(rnd(n, r) / r ** 0.5).to(BF16) for n in sizes]
+    dys = [rnd(m, n).to(BF16) for n in sizes]
+    return dict(w=w, x=x, As=As, Bs=Bs, dys=dys, bias=rnd(sum(sizes)).to(BF16) if bias else None)
+
+
+def _group_run(inp, weight=None):
+    """One fwd+bwd of the group through the C++ entry (``_launch.group``, scalings 2) from fresh leaves; ``weight``
+    (default inp's w) may be its NF4 form. Returns (ys, dx, dA_i, dB_i)."""
+    x = inp["x"].clone().requires_grad_()
+    As = [a.clone().requires_grad_() for a in inp["As"]]
+    Bs = [b.clone().requires_grad_() for b in inp["Bs"]]
+    ys = _launch.group(x, inp["w"] if weight is None else weight, As, Bs, [2.0] * len(As), inp["bias"], 0.0, True)
+    assert ys is not None and ys[0].grad_fn.name().endswith("GroupFunction>")
+    torch.autograd.backward(list(ys), inp["dys"])
+    return [y.detach() for y in ys], x.grad, [a.grad for a in As], [b.grad for b in Bs]
+
+
 def _python_launchers(monkeypatch, fn):
     with monkeypatch.context() as m:
         m.setenv("LORA_OPS_LAUNCH", "python")
@@ -248,26 +273,13 @@ def test_group_rows_and_dy_segments_equal_block_diag(monkeypatch, tma, weight):
     monkeypatch.setenv("LORA_OPS_TMA", tma)
     monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
     monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
-    sizes, r, m, k = (512, 256, 256), 8, 512, 256
-    g = torch.Generator(device="cuda").manual_seed(3)
-    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
-    w = (rnd(sum(sizes), k) / k ** 0.5).to(BF16)
-    weight_arg = w if weight == "dense" else lora_ops.quantize_nf4(w, blocksize=64, double_quant=False)
-    x0 = rnd(m, k).to(BF16)
-    as0 = [(rnd(r, k) / k ** 0.5).to(BF16) for _ in sizes]
-    bs0 = [(rnd(n, r) / r ** 0.5).to(BF16) for n in sizes]
-    dys = [rnd(m, n).to(BF16) for n in sizes]
+    inp = _group_inputs((512, 256, 256), 8, 512, 256, seed=3)
+    weight_arg = inp["w"] if weight == "dense" else lora_ops.quantize_nf4(inp["w"], blocksize=64, double_quant=False)
 
     def run(b_way, dy_way):
         monkeypatch.setenv("LORA_OPS_GROUP_B", b_way)
         monkeypatch.setenv("LORA_OPS_GROUP_DY", dy_way)
-        x = x0.clone().requires_grad_()
-        As = [a.clone().requires_grad_() for a in as0]
-        Bs = [b.clone().requires_grad_() for b in bs0]
-        ys = _launch.group(x, weight_arg, As, Bs, [2.0] * 3, None, 0.0, True)
-        assert ys is not None and ys[0].grad_fn.name().endswith("GroupFunction>")
-        torch.autograd.backward(list(ys), dys)
-        return [y.detach() for y in ys], x.grad, [a.grad for a in As], [b.grad for b in Bs]
+        return _group_run(inp, weight_arg)
 
     want = run("blockdiag", "cat")
     for _ in range(2):  # the first call of each configuration runs the Python launchers, the second the C++ path
@@ -290,26 +302,12 @@ def test_group_ds_members_equal_rank_chunks(monkeypatch, m, tma):
     monkeypatch.setenv("LORA_OPS_TMA", tma)
     monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
     monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
-    sizes, r, k = (1024, 256, 256), 16, 512
-    g = torch.Generator(device="cuda").manual_seed(5)
-    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
-    w = (rnd(sum(sizes), k) / k ** 0.5).to(BF16)
-    x0 = rnd(m, k).to(BF16)
-    as0 = [(rnd(r, k) / k ** 0.5).to(BF16) for _ in sizes]
-    bs0 = [(rnd(n, r) / r ** 0.5).to(BF16) for n in sizes]
-    dys = [rnd(m, n).to(BF16) for n in sizes]
-    bias = rnd(sum(sizes)).to(BF16)
+    inp = _group_inputs((1024, 256, 256), 16, m, 512, seed=5, bias=True)
 
     def run(members):
         monkeypatch.setattr(L, "_DS_MEMBERS", members)
         _launch._sync_settings(_launch.module())
-        x = x0.clone().requires_grad_()
-        As = [a.clone().requires_grad_() for a in as0]
-        Bs = [b.clone().requires_grad_() for b in bs0]
-        ys = _launch.group(x, w, As, Bs, [2.0] * 3, bias, 0.0, True)
-        assert ys is not None and ys[0].grad_fn.name().endswith("GroupFunction>")
-        torch.autograd.backward(list(ys), dys)
-        return [y.detach() for y in ys], x.grad, [a.grad for a in As], [b.grad for b in Bs]
+        return _group_run(inp)
 
     try:
         want = run(False)
@@ -329,7 +327,7 @@ def test_group_ds_members_equal_rank_chunks(monkeypatch, m, tma):
                                   (512, 512, 384, 80, F32, "dense", True), (300, 512, 256, 8, F16, "nf4-dq", False)],
                          ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}-r{c[3]}-{str(c[4])[6:]}-{c[5]}")
 def test_finish_kernel_equals_torch_sums_and_casts(monkeypatch, case):
-    """LORA_OPS_FINISH_KERNEL=1: dA's M-split partials, dB and dbias leave their fp32 buffers through one
+    """The finish kernel (the default): dA's M-split partials, dB and dbias leave their fp32 buffers through one
     lora_bwd_finish launch from the C++ path (steady state: no Python launcher), with y and dx bit for bit the
     torch-finished call's and the gradients within the dtype's tolerance (the split sum's order may differ from
     torch's reduction; dB / dbias are fp32 atomics either way)."""
@@ -338,8 +336,10 @@ def test_finish_kernel_equals_torch_sums_and_casts(monkeypatch, case):
     m, k, n, r, dtype, weight, bias = case
     inp = _inputs(m, k, n, r, dtype, weight, bias)
     mod = _launch.module()
-    want = _run(inp, 0.0)
     try:
+        monkeypatch.setattr(L, "_FINISH_KERNEL", False)  # the reference: torch's sums and casts
+        _launch._sync_settings(mod)
+        want = _run(inp, 0.0)
         monkeypatch.setattr(L, "_FINISH_KERNEL", True)
         _launch._sync_settings(mod)
         _run(inp, 0.0)  # the first call of this configuration registers it
@@ -367,31 +367,17 @@ def test_finish_kernel_in_the_group_backward(monkeypatch, b_way):
     monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
     monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
     monkeypatch.setenv("LORA_OPS_GROUP_B", b_way)
-    sizes, r, m, k = (1024, 256, 256), 16, 2048, 1024
-    g = torch.Generator(device="cuda").manual_seed(5)
-    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
-    w = (rnd(sum(sizes), k) / k ** 0.5).to(BF16)
-    x0 = rnd(m, k).to(BF16)
-    as0 = [(rnd(r, k) / k ** 0.5).to(BF16) for _ in sizes]
-    bs0 = [(rnd(n, r) / r ** 0.5).to(BF16) for n in sizes]
-    dys = [rnd(m, n).to(BF16) for n in sizes]
-
-    def run():
-        x = x0.clone().requires_grad_()
-        As = [a.clone().requires_grad_() for a in as0]
-        Bs = [b.clone().requires_grad_() for b in bs0]
-        ys = _launch.group(x, w, As, Bs, [2.0] * 3, None, 0.0, True)
-        torch.autograd.backward(list(ys), dys)
-        return [y.detach() for y in ys], x.grad, [a.grad for a in As], [b.grad for b in Bs]
-
+    inp = _group_inputs((1024, 256, 256), 16, 2048, 1024, seed=5)
     mod = _launch.module()
-    want = run()
     try:
+        monkeypatch.setattr(L, "_FINISH_KERNEL", False)  # the reference: torch's sums and casts
+        _launch._sync_settings(mod)
+        want = _group_run(inp)
         monkeypatch.setattr(L, "_FINISH_KERNEL", True)
         _launch._sync_settings(mod)
-        run()
+        _group_run(inp)
         before = _launch.launch_counts().get("lora_bwd_finish", 0)
-        got = run()
+        got = _group_run(inp)
         assert _launch.launch_counts().get("lora_bwd_finish", 0) == before + 1
     finally:
         monkeypatch.undo()

@@ -310,7 +310,7 @@ FINISH_CASES = [
 @pytest.mark.parametrize("way", ["atomics", "db-kernel", "deterministic"])
 @pytest.mark.parametrize("case", FINISH_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_finish_kernel_launch_lists_and_values(dry, monkeypatch, case, way):
-    """LORA_OPS_FINISH_KERNEL=1: dA's M-split partials and dB / dbias (the dS pass's atomic buffer, or the dB
+    """The finish kernel (the default): dA's M-split partials and dB / dbias (the dS pass's atomic buffer, or the dB
     kernel's partials) leave their fp32 buffers in one lora_bwd_finish launch, the last one, in the C++ list as in
     the Python launchers'; the gradients equal torch's sums and casts bit for bit (the interpreter's two M splits
     are one fp32 addition either way)."""
@@ -325,6 +325,7 @@ def test_finish_kernel_launch_lists_and_values(dry, monkeypatch, case, way):
         if way == "db-kernel":
             monkeypatch.setattr(L, "_ATOMIC_DB_MAX_M", 0)
         torch.use_deterministic_algorithms(way == "deterministic")
+        monkeypatch.setattr(L, "_FINISH_KERNEL", False)  # the reference: torch's sums and casts
         want = [L.lora_backward(*c) for c in calls]
         finished = 0
         monkeypatch.setattr(L, "_FINISH_KERNEL", True)
@@ -434,6 +435,7 @@ def test_finish_kernel_in_a_group_backward(dry, monkeypatch, b_way):
     y, s = L.lora_forward(x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed, list(groups) or None)
     call = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
     try:
+        monkeypatch.setattr(L, "_FINISH_KERNEL", False)  # the reference: torch's sums and casts
         want = L.lora_backward(*call, list(groups) or None)
         monkeypatch.setattr(L, "_FINISH_KERNEL", True)
         _launch._sync_settings(dry)
