@@ -89,6 +89,11 @@ def main():
         print(f"    lora_ops launches per call: C++ {(cpp1 - cpp0) / calls:.1f}, Python launchers "
               f"{(py1 - py0) / calls:.1f}")
         print(f"    eager loop: {loop_us(step, 20, warmup=1):.1f} us per call (20 calls, one synchronize)")
+        # The host's own time (the clock stops before the queued kernels are waited for): against the kernels'
+        # sum it says whether the step is host- or device-bound, and the forward's share of it.
+        fwd = lambda built=built: built.forward(data.x)  # noqa: E731
+        print(f"    host alone: fwd+bwd {loop_us(step, 20, warmup=1, host_only=True):.1f} us, forward "
+              f"{loop_us(fwd, 20, warmup=1, host_only=True):.1f} us per call")
         if cpp1 > cpp0:
             print(f"    {phases_line(step, 20)}")
         _sync_check(step)
