@@ -514,6 +514,17 @@ struct WArgs {
 
 uint64_t addr_of(const at::Tensor& t) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); }
 
+// t.narrow(dim, start, len) as one as_strided call: narrow dispatches narrow, slice and as_strided, three ops of
+// host time per view on the GPU machine's host (~6 us there), and a group takes ten or more views per fwd+bwd.
+at::Tensor narrow_view(const at::Tensor& t, int64_t dim, int64_t start, int64_t len) {
+  if (dim < 0) dim += t.dim();
+  TORCH_CHECK(dim >= 0 && dim < t.dim() && start >= 0 && len >= 0 && start + len <= t.size(dim),
+              "lora_ops launch: view [", start, ", ", start + len, ") of dim ", dim, " out of ", t.sizes());
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[dim] = len;
+  return t.as_strided(sizes, t.strides(), t.storage_offset() + start * t.stride(dim));
+}
+
 // nf4_dequant._launch: W[r0:r1, c0:c1] into `out` (contiguous), one program per NB whole quantization blocks.
 void dequant(const Call& c, Work& work, const at::Tensor& out, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   const int64_t half_bs = c.blocksize / 2;
@@ -628,7 +639,7 @@ WArgs weight_args(const Call& c, Work& work, bool rows) {
 WArgs weight_block(const Call& c, Work& work, const WArgs& w, int64_t lo, int64_t hi) {
   WArgs b;
   const int64_t r = w.rows ? hi - lo : c.n, cols = w.rows ? c.k : hi - lo;
-  at::Tensor out = w.workspace.narrow(0, 0, r * cols).view({r, cols});
+  at::Tensor out = narrow_view(w.workspace, 0, 0, r * cols).view({r, cols});
   if (w.rows)
     dequant(c, work, out, lo, hi, 0, c.k);
   else
@@ -895,9 +906,9 @@ FwdOut build_forward(const Call& c, Work& work) {
     // y's columns n0:n1 from W's rows n0:n1, each chunk dequantized into the one workspace.
     for (const auto& [n0, n1] : w.chunks) {
       const WArgs wc = weight_block(c, work, w, n0, n1);
-      const at::Tensor yc = o.y.narrow(1, n0, n1 - n0);
-      const at::Tensor bc = c.B.narrow(0, n0, n1 - n0);
-      const at::Tensor biasc = c.bias.defined() ? c.bias.narrow(0, n0, n1 - n0) : at::Tensor();
+      const at::Tensor yc = narrow_view(o.y, 1, n0, n1 - n0);
+      const at::Tensor bc = narrow_view(c.B, 0, n0, n1 - n0);
+      const at::Tensor biasc = c.bias.defined() ? narrow_view(c.bias, 0, n0, n1 - n0) : at::Tensor();
       gemm(c, work, K_FWD, c.x, wc, yc, o.s, bc, bc.stride(1), bc.stride(0), c.bias.defined() ? &biasc : nullptr,
            off, c.scaling, true, m_bucket, use_tma(c, c.x, wc, yc, c.n * c.k), nullptr, -1, 0, n0);
     }
@@ -1000,8 +1011,8 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
       const int64_t size = (o.fused_db ? c.n * rb : 0) + (o.fused_dbias ? c.n : 0);
       o.acc = at::empty({size}, opts.dtype(at::kFloat));  // zeroed before the launches
       work.keep.push_back(o.acc);
-      if (o.fused_db) o.db_acc = o.acc.narrow(0, 0, c.n * rb).view({c.n, rb});
-      if (o.fused_dbias) o.dbias_acc = o.acc.narrow(0, o.fused_db ? c.n * rb : 0, c.n);
+      if (o.fused_db) o.db_acc = narrow_view(o.acc, 0, 0, c.n * rb).view({c.n, rb});
+      if (o.fused_dbias) o.dbias_acc = narrow_view(o.acc, 0, o.fused_db ? c.n * rb : 0, c.n);
     }
     Launch l;
     l.kernel = K_DS;
@@ -1077,8 +1088,8 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     // dX's columns k0:k1 from W's columns k0:k1, each chunk dequantized into the one workspace.
     for (const auto& [k0, k1] : w.chunks) {
       const WArgs wc = weight_block(c, work, w, k0, k1);
-      const at::Tensor dxc = o.dx.narrow(1, k0, k1 - k0);
-      const at::Tensor ac = c.A.narrow(1, k0, k1 - k0);
+      const at::Tensor dxc = narrow_view(o.dx, 1, k0, k1 - k0);
+      const at::Tensor ac = narrow_view(c.A, 1, k0, k1 - k0);
       gemm(c, work, K_DX, c.dy, wc, dxc, ds, ac, ac.stride(0), ac.stride(1), nullptr, drop, 1.0, false, m_bucket,
            use_tma(c, c.dy, wc, dxc, c.n * c.k), nullptr, c.k, k0, 0, segs);
     }
@@ -1942,24 +1953,25 @@ std::vector<Call> member_calls(const Call& c, const std::vector<int64_t>& n, con
       // are contiguous ranges of the stacked ones.
       const int64_t nel = n[i] * c.x.size(1);
       const int64_t blocks = cdiv(nel, c.blocksize);
-      ci.w = c.w.narrow(0, byte0, (nel + 1) / 2);
-      ci.absmax = c.absmax.narrow(0, block0, blocks);
+      ci.w = narrow_view(c.w, 0, byte0, (nel + 1) / 2);
+      ci.absmax = narrow_view(c.absmax, 0, block0, blocks);
       byte0 += (nel + 1) / 2;
       block0 += blocks;
     } else {
-      ci.w = c.w.narrow(0, n0, n[i]);
+      ci.w = narrow_view(c.w, 0, n0, n[i]);
     }
     if (As != nullptr) {
       ci.A = (*As)[i];
       ci.B = (*Bs)[i];
       ci.scaling = (*scalings)[i];
     } else {
-      ci.A = c.A.narrow(0, r0, r[i]);
-      ci.B = c.groups.empty() ? c.B.narrow(0, n0, n[i]).narrow(1, r0, r[i]) : c.B.narrow(0, n0, n[i]);
+      ci.A = narrow_view(c.A, 0, r0, r[i]);
+      ci.B = narrow_view(c.B, 0, n0, n[i]);
+      if (c.groups.empty()) ci.B = narrow_view(ci.B, 1, r0, r[i]);
     }
-    if (c.bias.defined()) ci.bias = c.bias.narrow(0, n0, n[i]);
+    if (c.bias.defined()) ci.bias = narrow_view(c.bias, 0, n0, n[i]);
     if (Ss != nullptr) ci.s = (*Ss)[i];
-    else if (c.s.defined()) ci.s = c.s.narrow(1, r0, r[i]);
+    else if (c.s.defined()) ci.s = narrow_view(c.s, 1, r0, r[i]);
     calls.push_back(ci);
     n0 += n[i];
     r0 += r[i];
@@ -2017,7 +2029,7 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const at::Tensor y = x.dim() == 2 ? o.y : o.y.view(sizes);
       int64_t off = 0;
       for (int64_t ni : args.n) {
-        out.push_back(y.narrow(-1, off, ni));
+        out.push_back(narrow_view(y, -1, off, ni));
         off += ni;
       }
     }
@@ -2090,11 +2102,14 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
       const at::ScalarType dt = c.x.scalar_type();
       int64_t n0 = 0, r0 = 0;
       for (int64_t i = 0; i < g; ++i) {
-        if (ctx->needs_input_grad(1 + i)) out[1 + i] = o.dA.narrow(0, r0, r[i]);
+        if (ctx->needs_input_grad(1 + i)) out[1 + i] = narrow_view(o.dA, 0, r0, r[i]);
         if (ctx->needs_input_grad(1 + g + i)) {
-          at::Tensor db = db_all.narrow(0, n0, n[i]);
-          if (!rows) db = db.narrow(1, r0, r[i]);
+          at::Tensor db = narrow_view(db_all, 0, n0, n[i]);
+          if (!rows) db = narrow_view(db, 1, r0, r[i]);
+          // A block of the finished dB_bd is a strided view: AccumulateGrad would copy it anyway, and the
+          // hooks on lora_B should see the (N_i, r_i) gradient the ungrouped layer hands over.
           if (blocks) db = db.to(dt);
+          else if (!rows && one_scaling) db = db.contiguous();
           out[1 + g + i] = one_scaling ? db : db * scalings[i];
         }
         n0 += n[i];
