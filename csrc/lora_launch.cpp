@@ -520,7 +520,7 @@ at::Tensor narrow_view(const at::Tensor& t, int64_t dim, int64_t start, int64_t 
   if (dim < 0) dim += t.dim();
   TORCH_CHECK(dim >= 0 && dim < t.dim() && start >= 0 && len >= 0 && start + len <= t.size(dim),
               "lora_ops launch: view [", start, ", ", start + len, ") of dim ", dim, " out of ", t.sizes());
-  std::vector<int64_t> sizes = t.sizes().vec();
+  at::DimVector sizes(t.sizes());  // no heap allocation on the per-call path
   sizes[dim] = len;
   return t.as_strided(sizes, t.strides(), t.storage_offset() + start * t.stride(dim));
 }
@@ -2106,9 +2106,9 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
         if (ctx->needs_input_grad(1 + g + i)) {
           at::Tensor db = narrow_view(db_all, 0, n0, n[i]);
           if (!rows) db = narrow_view(db, 1, r0, r[i]);
+          if (blocks) db = db.to(dt);
           // A block of the finished dB_bd is a strided view: AccumulateGrad would copy it anyway, and the
           // hooks on lora_B should see the (N_i, r_i) gradient the ungrouped layer hands over.
-          if (blocks) db = db.to(dt);
           else if (!rows && one_scaling) db = db.contiguous();
           out[1 + g + i] = one_scaling ? db : db * scalings[i];
         }
