@@ -42,7 +42,7 @@ from torch import nn
 
 from . import _launch
 from .functional import lora_linear
-from .modules import LoRALayerBase, LoRALinear, QLoRALinear, _autocast_on
+from .modules import LoRALayerBase, LoRALinear, QLoRALinear, _autocast_on_type
 from .nf4 import FLOAT_DTYPES, NF4Weight, reference_absmax
 
 __all__ = ["DEFAULT_GROUPS", "ProjectionGroup", "group_projections", "ungroup_projections", "projection_groups",
@@ -298,9 +298,9 @@ class ProjectionGroup(nn.Module):
 
     def _key(self, x: torch.Tensor, training: bool):
         """(grad mode, autocast on, its dtype or None, training, then the versions of x and of every adapter)."""
-        device = x.device
-        autocast = _autocast_on(device)
-        key = (torch.is_grad_enabled(), autocast, torch.get_autocast_dtype(device.type) if autocast else None,
+        device_type = "cuda" if x.is_cuda else x.device.type  # x.device builds a device object per call
+        autocast = _autocast_on_type(device_type)
+        key = (torch.is_grad_enabled(), autocast, torch.get_autocast_dtype(device_type) if autocast else None,
                training)
         if torch.compiler.is_compiling() or x.is_inference():
             return key  # inference tensors have no version counter (and cannot be changed in place outside it)
@@ -309,8 +309,7 @@ class ProjectionGroup(nn.Module):
         versions = [x._version]
         for m in self._members:
             params = m._parameters
-            versions.append(params["lora_A"]._version)
-            versions.append(params["lora_B"]._version)
+            versions += (params["lora_A"]._version, params["lora_B"]._version)
         return key + tuple(versions)
 
     def member_output(self, member: LoRALayerBase, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -325,21 +324,26 @@ class ProjectionGroup(nn.Module):
                 return None  # merged members run their base alone; mixed train/eval members differ in dropout
         key = self._key(x, training)
         p = self._pending
-        if p is not None and i in p.outs:
-            if p.x is x and p.key == key:
-                y = p.outs.pop(i)
-                if not p.outs:
-                    self.clear()
-                return y
-            if p.x is not x:
-                self._disable(f"{self.names[i]} was called with another input than its siblings (cross-attention "
-                              "or custom code); each member now computes its own output")
-                return None
+        if p is not None:
+            outs = p.outs
+            if i in outs:
+                if p.x is x:
+                    if p.key == key:
+                        y = outs.pop(i)
+                        if not outs:
+                            object.__setattr__(self, "_pending", None)
+                        return y
+                else:
+                    self._disable(f"{self.names[i]} was called with another input than its siblings "
+                                  "(cross-attention or custom code); each member now computes its own output")
+                    return None
         if not self._base_is_current():
             return None
         ys = self._compute(x, training, key)
-        rest = {j: y for j, y in enumerate(ys) if j != i}
-        object.__setattr__(self, "_pending", _Pending(x, key, rest) if rest else None)
+        if len(ys) > 1:
+            object.__setattr__(self, "_pending", _Pending(x, key, {j: y for j, y in enumerate(ys) if j != i}))
+        else:
+            object.__setattr__(self, "_pending", None)
         return ys[i]
 
     def _disable(self, reason: str) -> None:
@@ -359,22 +363,24 @@ class ProjectionGroup(nn.Module):
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"compute dtype {dtype} is not supported; use float32, float16 or bfloat16")
         x = x if in_dtype == dtype else x.to(dtype)
-        cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
-        scalings = [m.scaling for m in ms]
-        biases = [m._parameters["bias"] for m in ms]
+        adapters = [m._parameters for m in ms]
+        biases = [p["bias"] for p in adapters]
         bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([cast(b) if b is not None else x.new_zeros(m.out_features) for m, b in zip(ms, biases)])
+        if biases.count(None) != len(biases):
+            bias = torch.cat([(b if b.dtype == dtype else b.to(dtype)) if b is not None
+                              else x.new_zeros(m.out_features) for m, b in zip(ms, biases)])
+        scalings = [m.scaling for m in ms]
         if _launch.takes(x) and not torch.compiler.is_compiling():
             # Eager CUDA: the whole group is one C++ autograd Function (stacking, launches, the members' slices),
             # the same values as the ops below; None when the general path must take the call.
-            adapters = [m._parameters for m in ms]
-            ys = _launch.group(x, self._base_for(dtype), [cast(p["lora_A"]) for p in adapters],
-                               [cast(p["lora_B"]) for p in adapters], scalings, bias, ms[0].lora_dropout, training)
+            a_s = [a if a.dtype == dtype else a.to(dtype) for a in [p["lora_A"] for p in adapters]]
+            b_s = [b if b.dtype == dtype else b.to(dtype) for b in [p["lora_B"] for p in adapters]]
+            ys = _launch.group(x, self._base_for(dtype), a_s, b_s, scalings, bias, ms[0].lora_dropout, training)
             if ys is not None:
                 if not autocast and dtype != in_dtype and in_dtype in FLOAT_DTYPES:
                     ys = tuple(y.to(in_dtype) for y in ys)
                 return ys
+        cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
         a_cat = torch.cat([cast(m.lora_A) for m in ms], 0)
         if all(s == scalings[0] for s in scalings):
             # One scaling: the op applies it to S @ B^T as each single layer does (the same rounding).

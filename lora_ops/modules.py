@@ -97,10 +97,14 @@ def _layer_given_to_constructor(cls_name: str, weight) -> Optional[str]:
 
 
 def _autocast_on(device: torch.device) -> bool:
+    return _autocast_on_type(device.type)
+
+
+def _autocast_on_type(device_type: str) -> bool:
     # torch.is_autocast_enabled raises for device types without autocast ("meta": shape-only runs). Not
     # torch.amp.is_autocast_available: torch 2.11's dynamo cannot trace it (a graph break under
     # torch.compile(fullgraph=True), seen on the H200), while a device-type test traces.
-    return device.type in ("cuda", "cpu", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device.type)
+    return device_type in ("cuda", "cpu", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device_type)
 
 
 class LoRALayerBase(nn.Module):
