@@ -443,7 +443,9 @@ def build(fn, sig, consts, attrs, opts, **row):
                          capture_output=True, text=True).stderr
     spill = re.findall(r"(\d+) bytes spill stores", out)
     regs = re.findall(r"Used (\d+) registers", out)
-    res.append(dict(row, regs=int(regs[0]), spill=int(spill[0])))
+    atomics = re.findall(r"\batom\.global\.[\w.]*add\.(v\d\.)?f32\b", ck.asm["ptx"])
+    res.append(dict(row, regs=int(regs[0]), spill=int(spill[0]), scalar_atomics=atomics.count(""),
+                    vector_atomics=len(atomics) - atomics.count("")))
 
 
 for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -484,7 +486,10 @@ for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
                                                   "nested_code_ptr", "db_acc_ptr", "dbias_acc_ptr") else f"*{dt}")
                 else:
                     sig[name] = "fp32" if name in ("scaling", "drop_scale") else "i32"
-                if name.endswith("_ptr") or name.startswith("stride") or name in ("N", "K", "R"):
+                # rb: a group's rank per member (16 here), divisible as the launchers' calls see it where the
+                # kernel specializes it.
+                rb_spec = name == "rb" and not kernel.fn.params[i].do_not_specialize
+                if name.endswith("_ptr") or name.startswith("stride") or name in ("N", "K", "R") or rb_spec:
                     attrs[(i,)] = [["tt.divisibility", 16]]
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             if wk == "nf4dq":
@@ -512,6 +517,17 @@ def test_kernels_compile_for_sm90_without_spilling():
     heavy = [r for r in res if r["spill"] > 64]
     assert not heavy, "register spills: " + "; ".join(
         f"{r['kernel']} {r['dtype']} {r['weight']} {r['config']}: {r['spill']} B, {r['regs']} regs" for r in heavy)
+    # dB's fp32 atomics in the dS pass go out as vectors (atom...add.v4.f32), the grouped kernel's (B_rows) as
+    # the plain one's: with rb unspecialized its member offsets compiled to one atomic per element.
+    ds = {r["kernel"]: r for r in res if r["kernel"].startswith("lora_bwd_ds") and r["dtype"] == "bf16"}
+    assert ds["lora_bwd_ds"]["vector_atomics"] > 0, ds["lora_bwd_ds"]
+    plain = ds["lora_bwd_ds"]
+    for name in ("lora_bwd_ds grouped", "lora_bwd_ds grouped members"):  # members: BLOCK_R 16, fewer vectors
+        got = ds[name]
+        assert got["scalar_atomics"] == plain["scalar_atomics"] and got["vector_atomics"] > 0, (
+            f"{name}: {got['scalar_atomics']} scalar / {got['vector_atomics']} vector fp32 atomics against the plain "
+            f"kernel's {plain['scalar_atomics']} / {plain['vector_atomics']}")
+    assert ds["lora_bwd_ds grouped"]["vector_atomics"] == plain["vector_atomics"]
 
 
 # ------------------------------------------------------------------------- eager fast path vs the custom op

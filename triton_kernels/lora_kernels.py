@@ -199,7 +199,9 @@ def _member_rank(n, rb, nb1, nb2, nb3):
     """Grouped projections' B (``GROUPED``): the first rank column of output column(s) ``n`` (int32) in the
     block-diagonal B_bd that ``B_rows`` (sum N_i, rb) stands for, rb * #{i: n >= nb_i}: member i's columns
     [nb_i, nb_{i+1}) read B_rows' rank columns 0..rb of their own rows, at rank offset i * rb of S / dS (up to four
-    members; an unused boundary is >= N)."""
+    members; an unused boundary is >= N). The kernels specialize ``rb`` (not in do_not_specialize): with rb known
+    to divide by 16 the offsets keep B_rows' loads and dB's fp32 atomics vectorized; unspecialized they compiled to
+    one atomic per element."""
     return rb * ((n >= nb1).to(tl.int32) + (n >= nb2).to(tl.int32) + (n >= nb3).to(tl.int32))
 
 
@@ -295,7 +297,7 @@ def _l_tile(l_ptr, lo_ptr, m0, rm, rr, l_mask, stride_ls, stride_lm, stride_lr, 
     return lt
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "drop_c0", "rb", "nb1", "nb2", "nb3"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "drop_c0", "nb1", "nb2", "nb3"])
 def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
                       l_ptr, r_ptr, bias_ptr, seed_ptr, c_ptr, lo_ptr,
                       stride_am, stride_ak, stride_wn, stride_wk, stride_ls, stride_lm, stride_lr, stride_rr,
@@ -386,7 +388,7 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
              acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "drop_c0", "rb", "nb1", "nb2", "nb3"])
+@triton.jit(do_not_specialize=["M", "drop_c0", "nb1", "nb2", "nb3"])
 def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_ptr, lo_ptr,
                           stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_lom, stride_lor,
                           M, N, K, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0, rb, nb1, nb2, nb3,
@@ -480,7 +482,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         c_desc.store([om, on], acc.to(dtype))
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "rb", "nb1", "nb2", "nb3"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "nb1", "nb2", "nb3"])
 def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
                         stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dss, stride_dsm,
                         stride_dsr,
@@ -566,7 +568,7 @@ def _lora_bwd_ds_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_acc_ptr, dbias_acc_ptr,
              (acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split", "rb", "nb1", "nb2", "nb3"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split", "nb1", "nb2", "nb3"])
 def _lora_bwd_db_kernel(dy_ptr, s_ptr, db_ptr, dbias_ptr,
                         stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbs, stride_dbn, stride_dbr,
                         stride_dbias_s, stride_dbias_n,
