@@ -486,10 +486,10 @@ for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
                                                   "nested_code_ptr", "db_acc_ptr", "dbias_acc_ptr") else f"*{dt}")
                 else:
                     sig[name] = "fp32" if name in ("scaling", "drop_scale") else "i32"
-                # rb: a group's rank per member (16 here), divisible as the launchers' calls see it where the
-                # kernel specializes it.
-                rb_spec = name == "rb" and not kernel.fn.params[i].do_not_specialize
-                if name.endswith("_ptr") or name.startswith("stride") or name in ("N", "K", "R") or rb_spec:
+                # rb (a group's rank per member, 16 here) and cols_per_split (a multiple of the split unit, or K /
+                # N): divisible as the launchers' calls see them where the kernel specializes them.
+                spec = name in ("rb", "cols_per_split") and not kernel.fn.params[i].do_not_specialize
+                if name.endswith("_ptr") or name.startswith("stride") or name in ("N", "K", "R") or spec:
                     attrs[(i,)] = [["tt.divisibility", 16]]
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             if wk == "nf4dq":
