@@ -525,6 +525,25 @@ at::Tensor narrow_view(const at::Tensor& t, int64_t dim, int64_t start, int64_t 
   return t.as_strided(sizes, t.strides(), t.storage_offset() + start * t.stride(dim));
 }
 
+// The 2-D tensors ts stacked along their rows. A view, with no copy and no launch, when they already lie one after
+// another in one storage, as a projection group packs its members' adapters (lora_ops/grouped.py); else at::cat.
+at::Tensor stack_rows(const std::vector<at::Tensor>& ts) {
+  const at::Tensor& t0 = ts[0];
+  bool adjacent = t0.dim() == 2 && t0.numel() > 0 && t0.is_contiguous();
+  int64_t rows = adjacent ? t0.size(0) : 0;
+  const char* end = adjacent ? static_cast<const char*>(t0.data_ptr()) + t0.nbytes() : nullptr;
+  for (size_t i = 1; i < ts.size() && adjacent; ++i) {
+    const at::Tensor& t = ts[i];
+    adjacent = t.dim() == 2 && t.numel() > 0 && t.size(1) == t0.size(1) && t.scalar_type() == t0.scalar_type()
+               && t.is_contiguous() && t.storage().is_alias_of(t0.storage())
+               && static_cast<const char*>(t.data_ptr()) == end;
+    rows += adjacent ? t.size(0) : 0;
+    end += adjacent ? t.nbytes() : 0;
+  }
+  if (!adjacent) return at::cat(ts, 0);
+  return t0.as_strided({rows, t0.size(1)}, {t0.size(1), 1}, t0.storage_offset());
+}
+
 // nf4_dequant._launch: W[r0:r1, c0:c1] into `out` (contiguous), one program per NB whole quantization blocks.
 void dequant(const Call& c, Work& work, const at::Tensor& out, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   const int64_t half_bs = c.blocksize / 2;
@@ -2188,9 +2207,9 @@ py::object group_call(const at::Tensor& x, const at::Tensor& w, const std::optio
   args.rows = args.stacked() && rows_way(args.r, args.one_scaling);
   if (args.stacked()) {
     at::NoGradGuard no_grad;  // GroupFunction's backward gives each member's A_i and B_i its gradient
-    a_cat = at::cat(As, 0);
+    a_cat = stack_rows(As);
     if (args.rows) {
-      b_bd = at::cat(Bs, 0);  // B_rows: the kernels read it as block_diag(B_i)
+      b_bd = stack_rows(Bs);  // B_rows: the kernels read it as block_diag(B_i)
     } else if (args.one_scaling) {
       b_bd = at::block_diag(Bs);
     } else {

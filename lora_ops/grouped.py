@@ -209,7 +209,21 @@ class ProjectionGroup(nn.Module):
                     self._view_into(absmax, "weight_absmax", [w.absmax.numel() for w in ws])
                 shape = torch.Size((sum(self.sizes), ms[0].in_features))
                 object.__setattr__(self, "_base", NF4Weight(data, absmax, shape, ws[0].dtype, ws[0].blocksize))
+            self._pack_adapters()
         self._remember_signature()
+
+    def _pack_adapters(self) -> None:
+        """Make the members' lora_A (and lora_B) row views of one buffer each, so that the C++ group reads A_cat
+        (and, with equal ranks, B_rows = cat(B_i)) as a view instead of concatenating them in every call. Each
+        Parameter stays the same object with its own version counter (optimizers, hooks and state_dict keys
+        are unchanged); an in-place update of one member's adapter is an update of its rows. Adapters of
+        mixed dtypes stay where they are (the group then concatenates them per call)."""
+        for pname in ("lora_A", "lora_B"):
+            ts = [m._parameters.get(pname) for m in self._members]
+            if any(t is None or not _plain_tensor(t) for t in ts) or len({(t.dtype, t.device) for t in ts}) != 1:
+                continue
+            buf = torch.cat([t.detach().reshape(-1) for t in ts])
+            self._view_into(buf, pname, [t.numel() for t in ts])
 
     def _view_into(self, buf: torch.Tensor, pname: str, lengths: List[int]) -> None:
         off = 0

@@ -135,6 +135,42 @@ def test_base_is_stored_once(quantize):
     assert not list(group.parameters()) and not list(group.buffers())
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_adapters_are_packed_and_train_like_ungrouped(quantize):
+    """Each group's lora_A (and lora_B) are row views of one buffer, in member order, so the C++ group reads
+    A_cat / B_rows without a copy; they stay the same Parameter objects with their own version counters, and
+    optimizer steps (AdamW, foreach) train the grouped model as the ungrouped one."""
+    model = _base("llama")
+    lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, quantize=quantize)
+    randomize_adapters(model, scale=0.3)
+    ref = copy.deepcopy(model)
+    attn = model.model.layers[0].self_attn
+    members = (attn.q_proj, attn.k_proj, attn.v_proj)
+    before = [id(p) for m in members for p in (m.lora_A, m.lora_B)]
+    grouped.group_projections(model)
+    assert [id(p) for m in members for p in (m.lora_A, m.lora_B)] == before
+    for name in ("lora_A", "lora_B"):
+        ts = [getattr(m, name) for m in members]
+        assert len({t.untyped_storage().data_ptr() for t in ts}) == 1, name
+        for t0, t1 in zip(ts, ts[1:]):
+            assert t1.data_ptr() == t0.data_ptr() + t0.numel() * t0.element_size(), name
+    versions = [m.lora_A._version for m in members]
+    with torch.no_grad():
+        attn.k_proj.lora_A.add_(0.0)
+    assert [m.lora_A._version for m in members] == [versions[0], versions[1] + 1, versions[2]]
+    opts = [torch.optim.AdamW([p for p in mdl.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+            for mdl in (model, ref)]
+    ids = ids_for()
+    for i in range(2):  # (later steps differ by more than fp32's tolerance: their sums run in another order)
+        got, want = step(model, ids), step(ref, ids)
+        assert_same_step(got, want, f"step {i}")
+        for mdl, opt in zip((model, ref), opts):
+            mdl(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert_rel_close(attn.v_proj.lora_B, ref.model.layers[0].self_attn.v_proj.lora_B, F32, "trained lora_B")
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_gradient_checkpointing(reentrant, quantize, monkeypatch):

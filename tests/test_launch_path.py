@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ops
@@ -940,6 +941,62 @@ def test_cpp_group_under_checkpointing(dry, monkeypatch, way):
 
     for got, want in zip(run(True), run(False)):
         assert torch.equal(got, want)
+
+
+def _packed(ts):
+    """Leaves with the values of ``ts`` that are row views of one buffer each (as ProjectionGroup packs a group's
+    adapters)."""
+    buf = torch.cat([t.reshape(-1) for t in ts])
+    out, off = [], 0
+    for t in ts:
+        p = nn.Parameter(torch.empty(0))
+        p.data = buf[off:off + t.numel()].view(t.shape)
+        out.append(p)
+        off += t.numel()
+    return out
+
+
+@pytest.mark.parametrize("b_way", ["rows", "blockdiag"])
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (8, 4, 4)])
+def test_group_reads_packed_adapters_as_views(dry, monkeypatch, b_way, ranks):
+    """Adapters that lie one after another in one storage (a group's packed lora_A / lora_B) are stacked as a view:
+    the forward dispatches no cat for A_cat (nor for B_rows, with equal ranks), and the outputs and every
+    gradient equal those of the same values in separate tensors bit for bit (the Python launchers in this build).
+    Adapters out of order in their buffer are concatenated as before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("LORA_OPS_BACKEND", "triton")
+    monkeypatch.setenv("LORA_OPS_GROUP_FWD", "concat")
+    monkeypatch.setenv("LORA_OPS_GROUP_BWD", "concat")
+    monkeypatch.setenv("LORA_OPS_GROUP_B", b_way)
+    sizes, m, k = (128, 64, 64), 16, 64
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(sum(sizes), k, generator=g) / 8
+    x0 = torch.randn(m, k, generator=g)
+    As0 = [torch.randn(r, k, generator=g) / 8 for r in ranks]
+    Bs0 = [torch.randn(n, r, generator=g) for n, r in zip(sizes, ranks)]
+    dys = [torch.randn(m, n, generator=g) for n in sizes]
+
+    def run(make):
+        x = x0.clone().requires_grad_()
+        As, Bs = make(As0), make(Bs0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ys = dry.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [2.0] * 3, None, 0.0, 0, True)
+        cats = sum(e.count for e in prof.key_averages() if e.key == "aten::cat")
+        torch.autograd.backward(list(ys), dys)
+        return cats, [y.detach() for y in ys] + [x.grad] + [t.grad for t in As + Bs]
+
+    separate = lambda ts: [t.clone().requires_grad_() for t in ts]  # noqa: E731
+    swapped = lambda ts: (lambda p: [p[1], p[0], p[2]])(_packed([ts[1], ts[0], ts[2]]))  # noqa: E731
+    cats_sep, want = run(separate)
+    cats_packed, got = run(_packed)
+    cats_swapped, got_swapped = run(swapped)
+    rows = b_way == "rows" and len(set(ranks)) == 1
+    assert cats_sep == (2 if rows else 1)  # A_cat (and B_rows); block_diag is not a cat
+    assert cats_packed == 0
+    assert cats_swapped == cats_sep
+    for i, (a, b, c) in enumerate(zip(got, want, got_swapped)):
+        assert torch.equal(a, b) and torch.equal(c, b), i
 
 
 class _RecordingModule:
