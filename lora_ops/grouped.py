@@ -12,7 +12,9 @@ In a transformer block q/k/v read the same hidden states, and so do the MLP's ga
   (exactly the values the kernels decode: ``nf4.reference_absmax``), nblocks * 4 bytes per group.
 * ``A_cat`` (sum r_i, K): the members' lora_A stacked; ``B_bd`` (sum N_i, sum r_i): block diagonal with member
   i's block s_i * B_i (or B_i with ``scaling`` = s when every member has the same scaling), built from the
-  members' Parameters in every call, so autograd hands each member's lora_A / lora_B its own gradient.
+  members' Parameters in every call, so autograd hands each member's lora_A / lora_B its own gradient. The
+  members' lora_A (and lora_B) are row views of one buffer each, so the C++ group reads A_cat (and, with equal
+  ranks, B_rows = cat(B_i)) as a view instead of copying them per call.
 * In eager mode on CUDA the group is one C++ autograd Function (csrc/lora_launch.cpp ``GroupFunction``), whose
   forward and backward each run either on the stacked call above (one base GEMM over the concatenated N, the
   outputs as views; q/k/v) or per member, each member's single-layer launches on its rows of the base (the
@@ -500,8 +502,8 @@ def group_projections(model: nn.Module, groups: GroupSpec = True, *,
 
 
 def ungroup_projections(model: nn.Module) -> int:
-    """Remove every ProjectionGroup from ``model`` (members compute alone again; their weights stay views of
-    the shared buffer, which is freed with them); return how many were removed."""
+    """Remove every ProjectionGroup from ``model`` (members compute alone again; their weights and adapters stay
+    views of the shared buffers, which are freed with them); return how many were removed."""
     n = 0
     for name, group in list(projection_groups(model).items()):
         group._detach()
