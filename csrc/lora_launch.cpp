@@ -2055,6 +2055,13 @@ struct GroupFunction : public torch::autograd::Function<GroupFunction> {
     std::vector<at::Tensor> extra;  // unstacked: A_i, B_i, S_i
     for (const auto* list : {&own_a, &own_b, &own_s})
       if (!args.stacked()) extra.insert(extra.end(), list->begin(), list->end());
+    // A_cat / B_rows as a view of packed adapters (stack_rows) shares only the first member's version counter:
+    // saving the members too makes the backward's unpacking catch an in-place change of any of them, as the
+    // single layer's does, where a copy would have kept the forward's values.
+    if (args.stacked()) {
+      if (c.A.is_alias_of(As[0])) extra.insert(extra.end(), As.begin(), As.end());
+      if (args.rows && c.B.is_alias_of(Bs[0])) extra.insert(extra.end(), Bs.begin(), Bs.end());
+    }
     save_call(ctx, c, s, x, extra);
     ctx->saved_data["n"] = args.n;
     ctx->saved_data["r"] = args.r;

@@ -997,6 +997,18 @@ def test_group_reads_packed_adapters_as_views(dry, monkeypatch, b_way, ranks):
     assert cats_swapped == cats_sep
     for i, (a, b, c) in enumerate(zip(got, want, got_swapped)):
         assert torch.equal(a, b) and torch.equal(c, b), i
+    # The stacked view shares the first member's version counter only; an in-place change of another member
+    # between the forward and the backward is still caught, as the single layer's saved adapters are.
+    for j, what in ((1, "A"), (2, "B")):
+        if what == "B" and not rows:
+            continue  # block_diag(B_i) is a copy: the forward's values stay
+        x = x0.clone().requires_grad_()
+        As, Bs = _packed(As0), _packed(Bs0)
+        ys = dry.launch_group_call(x, w, None, None, None, None, 0, 0, 0, As, Bs, [2.0] * 3, None, 0.0, 0, True)
+        with torch.no_grad():
+            (As if what == "A" else Bs)[j].mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.backward(list(ys), dys)
 
 
 class _RecordingModule:
