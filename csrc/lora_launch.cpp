@@ -529,18 +529,18 @@ at::Tensor narrow_view(const at::Tensor& t, int64_t dim, int64_t start, int64_t 
 // another in one storage, as a projection group packs its members' adapters (lora_ops/grouped.py); else at::cat.
 at::Tensor stack_rows(const std::vector<at::Tensor>& ts) {
   const at::Tensor& t0 = ts[0];
-  bool adjacent = t0.dim() == 2 && t0.numel() > 0 && t0.is_contiguous();
-  int64_t rows = adjacent ? t0.size(0) : 0;
-  const char* end = adjacent ? static_cast<const char*>(t0.data_ptr()) + t0.nbytes() : nullptr;
-  for (size_t i = 1; i < ts.size() && adjacent; ++i) {
+  if (t0.dim() != 2 || t0.numel() == 0 || !t0.is_contiguous()) return at::cat(ts, 0);
+  int64_t rows = t0.size(0);
+  const char* end = static_cast<const char*>(t0.data_ptr()) + t0.nbytes();
+  for (size_t i = 1; i < ts.size(); ++i) {
     const at::Tensor& t = ts[i];
-    adjacent = t.dim() == 2 && t.numel() > 0 && t.size(1) == t0.size(1) && t.scalar_type() == t0.scalar_type()
-               && t.is_contiguous() && t.storage().is_alias_of(t0.storage())
-               && static_cast<const char*>(t.data_ptr()) == end;
-    rows += adjacent ? t.size(0) : 0;
-    end += adjacent ? t.nbytes() : 0;
+    if (t.dim() != 2 || t.numel() == 0 || t.size(1) != t0.size(1) || t.scalar_type() != t0.scalar_type()
+        || !t.is_contiguous() || !t.storage().is_alias_of(t0.storage())
+        || static_cast<const char*>(t.data_ptr()) != end)
+      return at::cat(ts, 0);
+    rows += t.size(0);
+    end += t.nbytes();
   }
-  if (!adjacent) return at::cat(ts, 0);
   return t0.as_strided({rows, t0.size(1)}, {t0.size(1), 1}, t0.storage_offset());
 }
 

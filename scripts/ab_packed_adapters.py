@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from profile_block import block_step
 from profile_layer import loop_us
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,14 +45,9 @@ def main():
     data = block.make_block_data(case, torch.device("cuda"))
     for provider in args.providers.split(","):
         built = block.BUILDERS[provider](case, data.sets[0])
-        params = list(built.params or ())
         groups = list(projection_groups(built.module).values())
         members = [m for g in groups for m in g.members]
-
-        def step():
-            for t in list(data.x) + params:
-                t.grad = None
-            torch.autograd.backward(built.forward(data.x), data.dy)
+        step = block_step(data, built)
 
         def packed(on: bool):
             with torch.no_grad():

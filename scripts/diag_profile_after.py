@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from profile_block import block_step
 from profile_layer import loop_us
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -19,12 +20,7 @@ def main():
     from torch.profiler import ProfilerActivity, profile
     for provider in ("floor_grouped", "fused_grouped", "fused_qlora_grouped"):
         built = block.BUILDERS[provider](case, data.sets[0])
-        params = list(built.params or ())
-
-        def step():
-            for t in list(data.x) + params:
-                t.grad = None
-            torch.autograd.backward(built.forward(data.x), data.dy)
+        step = block_step(data, built)
 
         def measure():
             e = statistics.median(loop_us(step, 30, warmup=2) for _ in range(5))

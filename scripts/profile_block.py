@@ -24,6 +24,18 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
 from benchmarks import block, presets  # noqa: E402
 
 
+def block_step(data, built):
+    """One eager fwd+bwd of a built block provider on ``data`` (its inputs' and trainable tensors' .grad cleared
+    first), as the block preset times it."""
+    params = list(built.params or ())
+
+    def step():
+        for t in list(data.x) + params:
+            t.grad = None
+        torch.autograd.backward(built.forward(data.x), data.dy)
+    return step
+
+
 def _launch_totals():
     """(launches made by the C++ launch path, launches made by the Python launchers) since import."""
     from lora_ops import _launch
@@ -75,11 +87,7 @@ def main():
     for provider in args.providers.split(","):
         built = block.BUILDERS[provider](case, data.sets[0])
         params = list(built.params or ())
-
-        def step(built=built, params=params):
-            for t in list(data.x) + params:
-                t.grad = None
-            torch.autograd.backward(built.forward(data.x), data.dy)
+        step = block_step(data, built)
 
         cpp0, py0 = _launch_totals()
         print_kernels(f"\n==== {case.name} {provider}", step, args.steps, args.top, args.cpu_top)

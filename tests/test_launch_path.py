@@ -986,8 +986,13 @@ def test_group_reads_packed_adapters_as_views(dry, monkeypatch, b_way, ranks):
         torch.autograd.backward(list(ys), dys)
         return cats, [y.detach() for y in ys] + [x.grad] + [t.grad for t in As + Bs]
 
-    separate = lambda ts: [t.clone().requires_grad_() for t in ts]  # noqa: E731
-    swapped = lambda ts: (lambda p: [p[1], p[0], p[2]])(_packed([ts[1], ts[0], ts[2]]))  # noqa: E731
+    def separate(ts):
+        return [t.clone().requires_grad_() for t in ts]
+
+    def swapped(ts):  # packed with the first two members' places exchanged in the buffer, handed over in order
+        p = _packed([ts[1], ts[0], ts[2]])
+        return [p[1], p[0], p[2]]
+
     cats_sep, want = run(separate)
     cats_packed, got = run(_packed)
     cats_swapped, got_swapped = run(swapped)
