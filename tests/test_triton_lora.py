@@ -628,6 +628,17 @@ def test_tma_default_runs_only_on_the_shapes_it_measured_faster(monkeypatch):
         usable(8192, 4096, 14336)
 
 
+def test_tma_tile_knob_sets_the_large_tile_and_names_bad_specs():
+    """LORA_OPS_TMA_TILE ("BMxBNxBK/warps/stages") replaces the large TMA config, keeps the small one, and a
+    malformed or impossible tile is refused with the variable's name and the expected form."""
+    got = LT._tma_tile("256x128x64/8/3")
+    assert got[0] == (128, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 3)
+    assert got[1:] == LT._TMA_CONFIGS[1:]
+    for bad in ("256x128/8/3", "256x128x64", "96x128x64/8/3", "128x128x64/2/3", "128x128x64/8/0", "axbxc/8/3"):
+        with pytest.raises(ValueError, match=r"LORA_OPS_TMA_TILE=.*(BMxBNxBK|BM >= 64)"):
+            LT._tma_tile(bad)
+
+
 def test_tma_gemm_skipped_when_strides_break_its_rules(monkeypatch):
     """N = 57: y's rows are 114 bytes, not a multiple of 16, so neither GEMM can use TMA (dY has that row
     stride too); fp32 never does (TMA path is 16-bit only). Both fall back to the pointer kernels, correctly."""

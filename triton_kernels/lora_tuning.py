@@ -275,6 +275,25 @@ _DA_KERNEL = _Kernel(_lora_bwd_da_kernel, "lora_bwd_da", _reduce_configs("BLOCK_
 # GROUP_M 8: 4 and 16 were no faster in the 8192-row layers' CUDA-graph replay on the H200 (PERF_NOTES item 23).
 _TMA_CONFIGS = ((128, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
                 (0, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4))
+
+
+def _tma_tile(spec: str):
+    """``LORA_OPS_TMA_TILE`` = "BMxBNxBK/warps/stages" (e.g. "256x128x64/8/3"): the large TMA config, for A/B
+    timings of the tile without editing this file (read at import, as the launch plans keep what they saw)."""
+    try:
+        blocks, warps, stages = spec.split("/")
+        bm, bn, bk = (int(v) for v in blocks.lower().split("x"))
+        warps, stages = int(warps), int(stages)
+    except ValueError:
+        raise ValueError(f"LORA_OPS_TMA_TILE={spec!r}: use BMxBNxBK/warps/stages, e.g. 128x256x64/8/3") from None
+    if bm < 64 or min(bn, bk) < 16 or any(v & (v - 1) for v in (bm, bn, bk)) or warps not in (4, 8) or stages < 1:
+        raise ValueError(f"LORA_OPS_TMA_TILE={spec!r}: BM >= 64, BN and BK >= 16, each a power of two; "
+                         "4 or 8 warps; 1 or more stages")
+    return ((128, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages),) + _TMA_CONFIGS[1:]
+
+
+if os.environ.get("LORA_OPS_TMA_TILE", "").strip():
+    _TMA_CONFIGS = _tma_tile(os.environ["LORA_OPS_TMA_TILE"].strip())
 _TMA_KERNEL = _Kernel(_lora_gemm_tma_kernel, "lora_gemm_tma", [], None, None, None)
 # An elementwise pass over a few hundred KB: one fixed config, passed with each call (FINISH_CONFIG).
 _FINISH_KERNEL = _Kernel(_lora_bwd_finish_kernel, "lora_bwd_finish", [], None, None, None)

@@ -1,0 +1,105 @@
+"""GPU: the TMA GEMM's large tile A/B-timed on a block-preset case, every tile in one process.
+
+For each tile (``BMxBNxBK/warps/stages``, the format of ``LORA_OPS_TMA_TILE``) the grouped providers' fwd+bwd is
+warmed up and captured in a CUDA graph with that tile (the launch plans dropped between tiles, so the C++ path
+registers the new kernels), and so is the floor's. Then ``--rounds`` rounds replay every graph ``--replays`` times,
+in turn, timed with CUDA events: device time only, the tiles interleaved, so clock drift between the tiles cancels.
+Per provider and tile: the median per fwd+bwd over the rounds and the median of each round's ratio to the floor.
+
+    python scripts/ab_tma_tile.py [--part qkv] [--m 2048 8192] [--tiles 128x256x64/8/3,256x128x64/8/3]
+"""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from profile_block import block_step
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import block, presets  # noqa: E402
+
+
+def _use_tile(spec):
+    """Make ``spec`` the large TMA tile for the following launches (Python launchers and, once they have
+    registered again, the C++ path)."""
+    from lora_ops import _launch
+    from lora_ops.triton_kernels import lora as L, lora_tuning as T
+    L._TMA_CONFIGS = T._tma_tile(spec)
+    _launch.forget_plans()
+
+
+def _capture(step, params):
+    """A CUDA graph of one ``step`` (after three warm-up calls on a side stream, which compile what is new)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    for t in params:
+        t.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", default="qkv", choices=list(presets.BLOCK_PARTS))
+    ap.add_argument("--m", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--providers", default="fused_grouped,fused_qlora_grouped")
+    ap.add_argument("--tiles", default="128x256x64/8/3,256x128x64/8/3")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--replays", type=int, default=10)
+    args = ap.parse_args()
+    tiles = args.tiles.split(",")
+    for m in args.m:
+        case = presets.block_case("block", "llama3-8b", m, "bfloat16", part=args.part)
+        data = block.make_block_data(case, torch.device("cuda"))
+        graphs = {}
+        keep = []  # the built providers stay alive while their graphs replay
+        floor = block.BUILDERS["floor_grouped"](case, data.sets[0])
+        keep.append(floor)
+        graphs[("floor_grouped", "-")] = _capture(block_step(data, floor), list(data.x))
+        for provider in args.providers.split(","):
+            built = block.BUILDERS[provider](case, data.sets[0])
+            keep.append(built)
+            params = list(data.x) + list(built.params or ())
+            for tile in tiles:
+                _use_tile(tile)
+                graphs[(provider, tile)] = _capture(block_step(data, built), params)
+        _use_tile(tiles[0])
+        times = {k: [] for k in graphs}
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(args.rounds):
+            for k, g in graphs.items():
+                start.record()
+                for _ in range(args.replays):
+                    g.replay()
+                end.record()
+                end.synchronize()
+                times[k].append(start.elapsed_time(end) * 1e3 / args.replays)
+        fl = times[("floor_grouped", "-")]
+        print(f"\n==== {case.name}: CUDA-graph replay, us per fwd+bwd, median of {args.rounds} interleaved rounds "
+              f"of {args.replays} replays; ratio = median of the rounds' ratios to floor_grouped")
+        print(f"  floor_grouped {statistics.median(fl):9.1f} us")
+        for (provider, tile), ts in times.items():
+            if provider == "floor_grouped":
+                continue
+            ratio = statistics.median(t / f for t, f in zip(ts, fl))
+            print(f"  {provider:22s} {tile:16s} {statistics.median(ts):9.1f} us  {ratio:.3f}x  "
+                  f"[{min(ts):.1f}, {max(ts):.1f}]")
+        graphs = keep = floor = built = None
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
