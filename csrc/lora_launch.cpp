@@ -440,7 +440,7 @@ bool check_call(Call& c, bool backward) {
     if (!same(c.w, x) || c.w.dim() != 2 || c.w.size(0) != c.n || c.w.size(1) != c.k) return false;
   }
   if (backward && !c.dys.empty()) {  // lora.py _segments_ok
-    if (c.groups.size() != c.dys.size() || g_settings.base_mm) return false;
+    if (c.groups.size() != c.dys.size() || (g_settings.base_mm & 2)) return false;
     const int64_t unit = x.is_cuda() ? g_settings.split_unit : g_settings.split_unit_interp;
     for (size_t i = 0; i < c.dys.size(); ++i) {
       const at::Tensor& d = c.dys[i];
@@ -793,8 +793,8 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
 }
 
 // lora.py _base_mm: the base product from torch's matmul, for a dense weight in one piece.
-bool base_mm_ok(const WArgs& w) {
-  return g_settings.base_mm && !w.nf4_inloop && w.chunks.empty() && w.dense.defined();
+bool base_mm_ok(const WArgs& w, bool forward) {
+  return (g_settings.base_mm & (forward ? 1 : 2)) && !w.nf4_inloop && w.chunks.empty() && w.dense.defined();
 }
 
 // lora.py _splits: M splits of a reduction over M with `tiles` programs per split.
@@ -884,7 +884,7 @@ FwdOut build_forward(const Call& c, Work& work) {
   const int64_t block_r = block_r_of(c.r);
   const int64_t r_chunks = cdiv(c.r, block_r);
   const int64_t m_bucket = next_pow2(c.m);
-  const bool base_mm = base_mm_ok(w);
+  const bool base_mm = base_mm_ok(w, true);
   const bool tma = !base_mm && use_tma(c, c.x, w, o.y);
   // S in K slices: fp32 partials the one forward GEMM sums and stores rounded (or see slices_of).
   // Under base_mm the GEMM's tiles read nothing but the slices: they split as before the TMA GEMM.
@@ -1013,7 +1013,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const int64_t rb = c.groups.empty() ? c.r : c.rb;  // dB's columns (lora.py: B_rows' rb for a group)
   const at::Tensor& scratch = c.dt->scratch;
   const bool segs = !c.dys.empty();
-  const bool base_mm = c.need_dx && base_mm_ok(w);
+  const bool base_mm = c.need_dx && base_mm_ok(w, false);
   const bool tma_dx = c.need_dx && !base_mm && use_tma(c, c.dy, w, o.dx, segs ? c.n * c.k : -1);
   // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
   const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty();

@@ -446,7 +446,7 @@ def test_base_mm_equals_the_python_launchers_and_the_fused_gemms(monkeypatch, ca
     fused = _run(inp, 0.1)
     mod = _launch.module()
     try:
-        monkeypatch.setattr(L, "_BASE_MM", True)
+        monkeypatch.setattr(L, "_BASE_MM", 3)
         _launch._sync_settings(mod)
         want = _python_launchers(monkeypatch, lambda: _run(inp, 0.1))
         _run(inp, 0.1)  # the first call of this configuration registers it

@@ -355,12 +355,14 @@ BASE_MM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("way", [3, 1, 2], ids=["both", "fwd", "dx"])
 @pytest.mark.parametrize("case", BASE_MM_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_base_mm_launch_lists_and_values(dry, monkeypatch, case):
-    """LORA_OPS_BASE_MM=1: where W is dense in one piece, the forward and dX GEMMs launch with an empty K-loop
-    (their LoRA term, bias and dropout alone) and torch's addmm_ adds x @ W^T / dY @ W after them. The C++ launch
-    lists equal the Python launchers'; y, dx, dA, dB and dbias equal the fused kernels' within the dtype's
-    tolerance (the LoRA term is rounded once more). An NF4 weight decoded in the K-loop keeps the fused GEMMs."""
+def test_base_mm_launch_lists_and_values(dry, monkeypatch, case, way):
+    """LORA_OPS_BASE_MM=1 / fwd / dx: where W is dense in one piece, the forward and / or dX GEMM launch with an
+    empty K-loop (their LoRA term, bias and dropout alone) and torch's addmm_ adds x @ W^T / dY @ W after them.
+    The C++ launch lists equal the Python launchers'; y, dx, dA, dB and dbias equal the fused kernels' within the
+    dtype's tolerance (the LoRA term is rounded once more). An NF4 weight decoded in the K-loop keeps the fused
+    GEMMs."""
     case = dict(case)
     dequant = case.pop("dequant", False)
     fwd, dy = _inputs(**case)
@@ -372,7 +374,7 @@ def test_base_mm_launch_lists_and_values(dry, monkeypatch, case):
         _launch._sync_settings(dry)
         y0, s0 = L.lora_forward(*fwd)
         want = [L.lora_backward(dy, *fwd[:9], s0, scaling, p_, seed, *need) for need in needs]
-        monkeypatch.setattr(L, "_BASE_MM", True)
+        monkeypatch.setattr(L, "_BASE_MM", way)
         _launch._sync_settings(dry)
         y, s = _check(dry, 0, fwd)
         got = [_check(dry, 1, (dy, *fwd[:9], s, scaling, p_, seed, *need)) for need in needs]
@@ -384,8 +386,9 @@ def test_base_mm_launch_lists_and_values(dry, monkeypatch, case):
         _launch._sync_settings(dry)
     gemms = [r_ for r_ in records if r_.name in ("lora_fwd", "lora_bwd_dx")]
     assert len(gemms) == 2
-    empty = case.get("weight", "dense") == "dense" or dequant
+    dense = case.get("weight", "dense") == "dense" or dequant
     for r_ in gemms:
+        empty = dense and bool(way & (L._BASE_MM_FWD if r_.name == "lora_fwd" else L._BASE_MM_DX))
         assert (r_.args[r_.fn.arg_names.index("K")] == 0) == empty, (r_.name, empty)
     assert_rel_close(s, s0, dt, "S")
     assert_rel_close(y, y0, dt, "y")
@@ -396,10 +399,11 @@ def test_base_mm_launch_lists_and_values(dry, monkeypatch, case):
                 assert_rel_close(gv, wv, dt, name)
 
 
-def test_base_mm_in_a_group(dry, monkeypatch):
-    """LORA_OPS_BASE_MM=1 in a B_rows group's stacked calls: the LoRA term of block_diag(B_i) alone, then addmm_
-    over W_cat; dY as the members' tensors is concatenated first (torch's matmul takes one tensor), in the C++
-    path as in the Python launchers; values within tolerance of the fused kernels'."""
+@pytest.mark.parametrize("way", [3, 1, 2], ids=["both", "fwd", "dx"])
+def test_base_mm_in_a_group(dry, monkeypatch, way):
+    """LORA_OPS_BASE_MM=1 / fwd / dx in a B_rows group's stacked calls: the LoRA term of block_diag(B_i) alone,
+    then addmm_ over W_cat; for the dX GEMM dY as the members' tensors is concatenated first (torch's matmul takes
+    one tensor), in the C++ path as in the Python launchers; values within tolerance of the fused kernels'."""
     sizes, rb = (128, 64, 64), 8
     fwd, dy = _inputs(m=70, k=128, n=sum(sizes), r=rb * len(sizes), dtype=torch.float32, bias=True)
     x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
@@ -409,11 +413,12 @@ def test_base_mm_in_a_group(dry, monkeypatch):
     y0, s0 = L.lora_forward(*rows, list(sizes))
     want = L.lora_backward(dys, *rows[:8], b, s0, scaling, p_, seed, True, True, True, True, list(sizes))
     try:
-        monkeypatch.setattr(L, "_BASE_MM", True)
+        monkeypatch.setattr(L, "_BASE_MM", way)
         _launch._sync_settings(dry)
         y, s = _check(dry, 0, rows, sizes)
         got = _check(dry, 1, (dy, *rows[:8], b, s, scaling, p_, seed, True, True, True, True), sizes)
-        assert not L._segments_ok(dys, L._group(list(sizes), sum(sizes), rb * len(sizes)), x.device)
+        segs = L._segments_ok(dys, L._group(list(sizes), sum(sizes), rb * len(sizes)), x.device)
+        assert segs == (way == L._BASE_MM_FWD)
     finally:
         monkeypatch.undo()
         _launch._sync_settings(dry)
@@ -1083,7 +1088,7 @@ def test_modules_reach_the_cpp_functions_with_any_device(dry, monkeypatch, quant
         monkeypatch.setenv("LORA_OPS_GROUP_B", "rows")
         monkeypatch.setenv("LORA_OPS_GROUP_DY", "segments")
         monkeypatch.setattr(L, "_FINISH_KERNEL", True)
-        monkeypatch.setattr(L, "_BASE_MM", True)
+        monkeypatch.setattr(L, "_BASE_MM", 3)
     try:
         _launch._sync_settings(dry)
         y, dx, grads, names = run("triton", True)

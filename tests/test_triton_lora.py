@@ -639,6 +639,15 @@ def test_tma_tile_knob_sets_the_large_tile_and_names_bad_specs():
             LT._tma_tile(bad)
 
 
+def test_base_mm_setting_names_the_gemms_it_covers():
+    """LORA_OPS_BASE_MM: 1 / both the forward and dX GEMMs, fwd or dx one of them, 0 or unset neither; anything
+    else is refused with the accepted values."""
+    for v, want in (("", 0), ("0", 0), ("1", 3), ("both", 3), ("fwd", L._BASE_MM_FWD), (" DX ", L._BASE_MM_DX)):
+        assert L._base_mm_setting(v) == want, v
+    with pytest.raises(ValueError, match="LORA_OPS_BASE_MM='2'.*fwd or dx"):
+        L._base_mm_setting("2")
+
+
 def test_tma_gemm_skipped_when_strides_break_its_rules(monkeypatch):
     """N = 57: y's rows are 114 bytes, not a multiple of 16, so neither GEMM can use TMA (dY has that row
     stride too); fp32 never does (TMA path is 16-bit only). Both fall back to the pointer kernels, correctly."""

@@ -135,9 +135,21 @@ _FINISH_KERNEL = _env_int("LORA_OPS_FINISH_KERNEL", 1, 0) > 0
 # run as the GEMM kernel's LoRA term alone (its K-loop empty: dropout(s * L @ Rt) + bias into the output) and then
 # torch's addmm_ adding x @ W^T / dY @ W into it (cuBLAS on CUDA): cuBLAS's mainloop (1.06-1.18x faster than the
 # TMA kernel's on the H200, docs/GROUPED.md) for one more pass over the output and one more aten op per GEMM.
-# The LoRA term is then rounded to the output dtype before the base product is added. Off: on the H200 the extra
-# pass over the outputs costs what cuBLAS's mainloop saves (docs/GROUPED.md).
-_BASE_MM = _env_int("LORA_OPS_BASE_MM", 0, 0) > 0
+# The LoRA term is then rounded to the output dtype before the base product is added. "fwd" / "dx": the forward or
+# the dX GEMM alone. Off: on the H200 the extra pass over the outputs costs what cuBLAS's mainloop saves
+# (docs/GROUPED.md). _BASE_MM holds the GEMMs it covers as bits: 1 the forward, 2 the dX GEMM.
+_BASE_MM_FWD, _BASE_MM_DX = 1, 2
+
+
+def _base_mm_setting(v: str) -> int:
+    v = v.strip().lower()
+    ways = {"": 0, "0": 0, "1": 3, "both": 3, "fwd": _BASE_MM_FWD, "dx": _BASE_MM_DX}
+    if v not in ways:
+        raise ValueError(f"LORA_OPS_BASE_MM={v!r}: use 0 (off, the default), 1 (forward and dX), fwd or dx")
+    return ways[v]
+
+
+_BASE_MM = _base_mm_setting(os.environ.get("LORA_OPS_BASE_MM", ""))
 
 # LORA_OPS_DS_MEMBERS=1: a B_rows group's dS pass runs one program per member (rank columns i rb.. of dS) over that
 # member's output columns only (lora_kernels MEMBER_R), instead of rank chunks that sweep every column and multiply
@@ -333,10 +345,10 @@ def _segments_ok(dys, group: _Group, device: torch.device) -> bool:
     """Whether the kernels read a projection group's dY as the members' own tensors (``SEG_DY`` / ``SEG_A``,
     ``lora_kernels._dy_column``): a B_rows group whose every N_i is a multiple of the split unit (so no dS slice or
     tile straddles two members), each dY_i contiguous and 16-byte aligned (TMA's rules), and not under _BASE_MM
-    (torch's matmul takes one dY). Otherwise the launcher concatenates them."""
+    (its dX GEMM: torch's matmul takes one dY). Otherwise the launcher concatenates them."""
     unit = _SPLIT_UNIT if device.type == "cuda" else _SPLIT_UNIT_INTERP
-    return group.on and not _BASE_MM and all(t.shape[1] % unit == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0
-                                             for t in dys)
+    return group.on and not (_BASE_MM & _BASE_MM_DX) and all(
+        t.shape[1] % unit == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in dys)
 
 
 def _check_lora(x, lora_A, lora_B, bias=None, groups=None) -> Tuple[int, int, int, int, _Group]:
@@ -554,10 +566,11 @@ def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor, nk: Optional[int] = None
     return w.chunks is None and not w.meta["IS_NF4"] and c.shape[1] > 0 and _tma_usable(a, w.ptrs[0], c, nk)
 
 
-def _base_mm(w: "_W") -> bool:
-    """Whether a GEMM over ``w`` takes its base product from torch's matmul (_BASE_MM): a dense weight in one
-    piece (a dense layer, or NF4 dequantized whole; not decoded in the K-loop, not in chunks)."""
-    return _BASE_MM and w.chunks is None and not w.meta["IS_NF4"]
+def _base_mm(w: "_W", way: int) -> bool:
+    """Whether a GEMM over ``w`` takes its base product from torch's matmul (_BASE_MM has ``way``, _BASE_MM_FWD or
+    _BASE_MM_DX): a dense weight in one piece (a dense layer, or NF4 dequantized whole; not decoded in the
+    K-loop, not in chunks)."""
+    return bool(_BASE_MM & way) and w.chunks is None and not w.meta["IS_NF4"]
 
 
 def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket,
@@ -672,7 +685,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     block_r = _block_r(r)
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
-    base_mm = _base_mm(w)
+    base_mm = _base_mm(w, _BASE_MM_FWD)
     tma = not base_mm and _use_tma(x, w, y)
     # S in K slices: fp32 partials the one forward GEMM sums, then stores S rounded (or see _slices). Under base_mm
     # the GEMM's tiles read nothing but the slices, so they split as before the TMA GEMM.
@@ -753,7 +766,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     atomics = need_ds and not deterministic and m <= _ATOMIC_DB_MAX_M
     fused_db = atomics and need_dB
     fused_dbias = atomics and need_dbias
-    base_mm = need_dx and _base_mm(w)
+    base_mm = need_dx and _base_mm(w, _BASE_MM_DX)
     tma_dx = need_dx and not base_mm and _use_tma(dy, w, dx, n * k if segs else None)
     # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
     dx_sums = need_dx and k > 0 and w.chunks is None

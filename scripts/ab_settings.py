@@ -1,14 +1,17 @@
-"""GPU: the TMA GEMM's large tile A/B-timed on a block-preset case, every tile in one process.
+"""GPU: launcher settings A/B-timed on a block-preset case, every setting in one process.
 
-For each tile (``BMxBNxBK/warps/stages``, the format of ``LORA_OPS_TMA_TILE``) the grouped providers' fwd+bwd is
-warmed up and captured in a CUDA graph with that tile (the launch plans dropped between tiles, so the C++ path
-registers the new kernels), and so is the floor's. Then ``--rounds`` rounds replay every graph ``--replays`` times,
-in turn, timed with CUDA events: device time only, the tiles interleaved, so clock drift between the tiles cancels.
-Per provider and tile: the median per fwd+bwd over the rounds and the median of each round's ratio to the floor.
+A variant is a space-separated list of ``tile=BMxBNxBK/warps/stages`` (the TMA GEMM's large tile, as
+``LORA_OPS_TMA_TILE``) and ``base_mm=0|1|fwd|dx`` (as ``LORA_OPS_BASE_MM``), or ``default``. For each variant the
+grouped providers' fwd+bwd is warmed up and captured in a CUDA graph under it (the launch plans dropped between
+variants, so the C++ path registers its kernels and settings again), and so is the floor's. Then ``--rounds``
+rounds replay every graph ``--replays`` times, in turn, timed with CUDA events: device time only, the variants
+interleaved, so clock drift between them cancels. Per provider and variant: the median per fwd+bwd over the rounds
+and the median of each round's ratio to the floor.
 
-    python scripts/ab_tma_tile.py [--part qkv] [--m 2048 8192] [--tiles 128x256x64/8/3,256x128x64/8/3]
+    python scripts/ab_settings.py [--part qkv] [--m 2048 8192] [--variants "default;base_mm=fwd;tile=256x128x64/8/3"]
 """
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,12 +27,20 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
 from benchmarks import block, presets  # noqa: E402
 
 
-def _use_tile(spec):
-    """Make ``spec`` the large TMA tile for the following launches (Python launchers and, once they have
-    registered again, the C++ path)."""
+def _use(variant):
+    """Make ``variant``'s settings those of the following launches (the Python launchers and, once they have
+    registered again, the C++ path), the others at their defaults."""
     from lora_ops import _launch
     from lora_ops.triton_kernels import lora as L, lora_tuning as T
-    L._TMA_CONFIGS = T._tma_tile(spec)
+    L._TMA_CONFIGS, L._BASE_MM = T._TMA_CONFIGS, L._base_mm_setting(os.environ.get("LORA_OPS_BASE_MM", ""))
+    for item in variant.split():
+        key, _, value = item.partition("=")
+        if key == "tile":
+            L._TMA_CONFIGS = T._tma_tile(value)
+        elif key == "base_mm":
+            L._BASE_MM = L._base_mm_setting(value)
+        elif item != "default":
+            raise ValueError(f"variant item {item!r}: use tile=BMxBNxBK/warps/stages, base_mm=0|1|fwd|dx or default")
     _launch.forget_plans()
 
 
@@ -56,11 +67,11 @@ def main():
     ap.add_argument("--part", default="qkv", choices=list(presets.BLOCK_PARTS))
     ap.add_argument("--m", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--providers", default="fused_grouped,fused_qlora_grouped")
-    ap.add_argument("--tiles", default="128x256x64/8/3,256x128x64/8/3")
+    ap.add_argument("--variants", default="default;base_mm=1")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--replays", type=int, default=10)
     args = ap.parse_args()
-    tiles = args.tiles.split(",")
+    variants = [v.strip() for v in args.variants.split(";")]
     for m in args.m:
         case = presets.block_case("block", "llama3-8b", m, "bfloat16", part=args.part)
         data = block.make_block_data(case, torch.device("cuda"))
@@ -73,10 +84,10 @@ def main():
             built = block.BUILDERS[provider](case, data.sets[0])
             keep.append(built)
             params = list(data.x) + list(built.params or ())
-            for tile in tiles:
-                _use_tile(tile)
-                graphs[(provider, tile)] = _capture(block_step(data, built), params)
-        _use_tile(tiles[0])
+            for variant in variants:
+                _use(variant)
+                graphs[(provider, variant)] = _capture(block_step(data, built), params)
+        _use("default")
         times = {k: [] for k in graphs}
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(args.rounds):
@@ -91,11 +102,11 @@ def main():
         print(f"\n==== {case.name}: CUDA-graph replay, us per fwd+bwd, median of {args.rounds} interleaved rounds "
               f"of {args.replays} replays; ratio = median of the rounds' ratios to floor_grouped")
         print(f"  floor_grouped {statistics.median(fl):9.1f} us")
-        for (provider, tile), ts in times.items():
+        for (provider, variant), ts in times.items():
             if provider == "floor_grouped":
                 continue
             ratio = statistics.median(t / f for t, f in zip(ts, fl))
-            print(f"  {provider:22s} {tile:16s} {statistics.median(ts):9.1f} us  {ratio:.3f}x  "
+            print(f"  {provider:22s} {variant:24s} {statistics.median(ts):9.1f} us  {ratio:.3f}x  "
                   f"[{min(ts):.1f}, {max(ts):.1f}]")
         graphs = keep = floor = built = None
         torch.cuda.empty_cache()
