@@ -5,7 +5,8 @@ group, warp count or stage count than lora.py's _TMA_CONFIGS closes part of the 
 
     python scripts/probe_tma.py [--shapes 8192x4096x6144x48,8192x4096x14336x16] [--configs 128x256x64x8x8x3,...]
 
-A shape is MxKxNxR (x (M, K), W (N, K), rank R); a config BMxBNxBKxGROUP_MxWARPSxSTAGES. Each line: do_bench
+A shape is MxKxNxR[xS] (x (M, K), W (N, K), rank R; with S > 1 the LoRA term's L arrives as S fp32 slices that
+the kernel sums, as the S / dS passes split at up to 2048 rows); a config BMxBNxBKxGROUP_MxWARPSxSTAGES. Each line: do_bench
 median µs (L2 flushed before each call), the ratio to cuBLAS, and the output's error against an fp32 product.
 ``LORA_OPS_TMA_FLATTEN=1`` times the flattened tile loop instead.
 """
@@ -47,27 +48,31 @@ def main():
     cuda = torch.device(dev).type == "cuda"
     configs = [_config(c) for c in args.configs.split(",")]
     for shape in args.shapes.split(","):
-        m, k, n, r = (int(v) for v in shape.split("x"))
+        m, k, n, r, *rest = (int(v) for v in shape.split("x"))
+        splits = rest[0] if rest else 1
         x = torch.randn(m, k, device=dev, dtype=dt)
         w = torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5
         dy = torch.randn(m, n, device=dev, dtype=dt)
         a = torch.randn(r, k, device=dev, dtype=dt) / k ** 0.5
         b = torch.randn(n, r, device=dev, dtype=dt)
         s = torch.randn(m, r, device=dev, dtype=dt)
+        lt = s if splits == 1 else torch.randn(splits, m, r, device=dev, dtype=torch.float32) / splits
+        if splits > 1:
+            s = lt.sum(0).to(dt)  # what the kernel sums and rounds
         y = torch.empty(m, n, device=dev, dtype=dt)
         dx = torch.empty(m, k, device=dev, dtype=dt)
         no_drop = L._Dropout(0.0, None, x)
         cases = {  # direction: (cuBLAS's product, the TMA GEMM's call)
             "forward": (lambda: torch.mm(x, w.t(), out=y),
-                        lambda: L._tma_gemm(x, w, y, s, b, b.stride(1), b.stride(0), None, no_drop, 1.0, True, r, n,
+                        lambda: L._tma_gemm(x, w, y, lt, b, b.stride(1), b.stride(0), None, no_drop, 1.0, True, r, n,
                                             0)),
             "dX": (lambda: torch.mm(dy, w, out=dx),
-                   lambda: L._tma_gemm(dy, w, dx, s, a, a.stride(0), a.stride(1), None, no_drop, 1.0, False, r, k,
+                   lambda: L._tma_gemm(dy, w, dx, lt, a, a.stride(0), a.stride(1), None, no_drop, 1.0, False, r, k,
                                        0)),
         }
         want = {"forward": (x.float() @ w.float().t() + s.float() @ b.float().t(), y),
                 "dX": (dy.float() @ w.float() + s.float() @ a.float(), dx)}
-        print(f"M={m} K={k} N={n} r={r}")
+        print(f"M={m} K={k} N={n} r={r} L slices={splits}")
         for direction, (cublas, tma) in cases.items():
             base = _us(cublas, cuda)
             print(f"  {direction}: cuBLAS {base:8.1f} us")
