@@ -88,6 +88,7 @@ struct Settings {
   int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
   int64_t finish_kernel = 0;            // _FINISH_KERNEL
   int64_t base_mm = 0;                  // _BASE_MM
+  int64_t presum = 0;                   // _PRESUM
   int64_t ds_members = 0;               // _DS_MEMBERS
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
@@ -889,7 +890,7 @@ FwdOut build_forward(const Call& c, Work& work) {
   // S in K slices: fp32 partials the one forward GEMM sums and stores rounded (or see slices_of).
   // Under base_mm the GEMM's tiles read nothing but the slices: they split as before the TMA GEMM.
   const auto [splits, cols, summed] =
-      slices_of(c, c.k, r_chunks, !(c.n == 0 || !w.chunks.empty()), tma || base_mm);
+      slices_of(c, c.k, r_chunks, !(c.n == 0 || !w.chunks.empty() || g_settings.presum), tma || base_mm);
   at::Tensor s_part = splits == 1 ? o.s : at::empty({splits, c.m, c.r}, c.x.options().dtype(at::kFloat));
   if (splits > 1) work.keep.push_back(s_part);
   Launch l;  // lora.py lora_forward: S = dropout(x) @ A^T
@@ -1016,7 +1017,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const bool base_mm = c.need_dx && base_mm_ok(w, false);
   const bool tma_dx = c.need_dx && !base_mm && use_tma(c, c.dy, w, o.dx, segs ? c.n * c.k : -1);
   // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
-  const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty();
+  const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty() && !g_settings.presum;
   // lora.py _DS_MEMBERS: with B_rows, the dS pass's programs per member (MEMBER_R), its slices counted as one chunk's.
   const bool members = !c.groups.empty() && g_settings.ds_members;
   const auto [splits_ds, cols_ds, ds_summed] =
@@ -1707,6 +1708,7 @@ void configure(const py::dict& s) {
   get("dequant_on_cpu", g_settings.dequant_on_cpu);
   get("finish_kernel", g_settings.finish_kernel);
   get("base_mm", g_settings.base_mm);
+  get("presum", g_settings.presum);
   get("ds_members", g_settings.ds_members);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }

@@ -64,6 +64,7 @@ def _settings() -> dict:
                 dequant_on_cpu=int(L._DEQUANT_ON_CPU),
                 finish_kernel=int(L._FINISH_KERNEL),
                 base_mm=int(L._BASE_MM),
+                presum=int(L._PRESUM),
                 ds_members=int(L._DS_MEMBERS),
                 blocksizes=list(_nf4.VALID_BLOCKSIZES))
 

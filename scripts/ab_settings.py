@@ -1,7 +1,8 @@
 """GPU: launcher settings A/B-timed on a block-preset case, every setting in one process.
 
 A variant is a space-separated list of ``tile=BMxBNxBK/warps/stages`` (the TMA GEMM's large tile, as
-``LORA_OPS_TMA_TILE``) and ``base_mm=0|1|fwd|dx`` (as ``LORA_OPS_BASE_MM``), or ``default``. For each variant the
+``LORA_OPS_TMA_TILE``), ``base_mm=0|1|fwd|dx`` (as ``LORA_OPS_BASE_MM``) and ``presum=0|1`` (as
+``LORA_OPS_SPLIT_PRESUM``), or ``default``. For each variant the
 grouped providers' fwd+bwd is warmed up and captured in a CUDA graph under it (the launch plans dropped between
 variants, so the C++ path registers its kernels and settings again), and so is the floor's. Then ``--rounds``
 rounds replay every graph ``--replays`` times, in turn, timed with CUDA events: device time only, the variants
@@ -33,14 +34,17 @@ def _use(variant):
     from lora_ops import _launch
     from lora_ops.triton_kernels import lora as L, lora_tuning as T
     L._TMA_CONFIGS, L._BASE_MM = T._TMA_CONFIGS, L._base_mm_setting(os.environ.get("LORA_OPS_BASE_MM", ""))
+    L._PRESUM = os.environ.get("LORA_OPS_SPLIT_PRESUM", "0") not in ("", "0")
     for item in variant.split():
         key, _, value = item.partition("=")
         if key == "tile":
             L._TMA_CONFIGS = T._tma_tile(value)
         elif key == "base_mm":
             L._BASE_MM = L._base_mm_setting(value)
+        elif key == "presum":
+            L._PRESUM = value not in ("", "0")
         elif item != "default":
-            raise ValueError(f"variant item {item!r}: use tile=BMxBNxBK/warps/stages, base_mm=0|1|fwd|dx or default")
+            raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1 or default")
     _launch.forget_plans()
 
 

@@ -149,6 +149,39 @@ def test_tma_gemm_launch_lists(dry, monkeypatch):
     torch.testing.assert_close(s2.float(), xd @ a.float().t(), rtol=2e-3, atol=2e-3)
 
 
+def test_presum_hands_the_tma_gemms_rounded_s_and_ds(dry, monkeypatch):
+    """LORA_OPS_SPLIT_PRESUM=1: S and dS still split, but one torch reduction sums and rounds each right after its
+    pass and the TMA GEMMs read the rounded S / dS (one slice): the C++ launch lists equal Python's, the slices are
+    reduced once each, and the outputs and gradients equal the GEMM-summed way's within the dtype's tolerance."""
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    fwd, dy = _inputs(m=64, k=128, n=128, r=16, dtype=torch.float16, bias=True, p=0.1)
+    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd
+    y0, s0 = L.lora_forward(*fwd)
+    bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s0, scaling, p, seed, True, True, True, True)
+    want = L.lora_backward(*bargs)
+    try:
+        monkeypatch.setattr(L, "_PRESUM", True)
+        _launch._sync_settings(dry)
+        y, s = _check(dry, 0, fwd)
+        got = _check(dry, 1, bargs)
+        with L.recording() as records, _SumCounter() as sums:
+            L.lora_forward(*fwd)
+            forward_sums = sums.n
+            L.lora_backward(*bargs)
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
+    grids = {r.name: r.grid for r in records}
+    assert grids["lora_s"][2] == 2 and grids["lora_bwd_ds"][2] == 2, grids
+    assert [r.name for r in records].count("lora_gemm_tma") == 2
+    # Counted from the forward on: S's slices once, then dS's once, and dA's M splits where torch sums them.
+    assert (forward_sums, sums.n) == (1, 2 + (1 - L._FINISH_KERNEL)), (forward_sums, sums.n)
+    assert_rel_close(s, s0, torch.float16, "S")
+    assert_rel_close(y, y0, torch.float16, "y")
+    for name, gv, wv in zip(("dx", "dA", "dB", "dbias"), got, want):
+        assert_rel_close(gv, wv, torch.float16, name)
+
+
 class _SumCounter(TorchDispatchMode):
     """Counts aten.sum calls (torch reductions) inside the block."""
 

@@ -118,6 +118,12 @@ _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
 _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 
 
+# LORA_OPS_SPLIT_PRESUM=1: the S / dS slices are summed and rounded by one torch reduction right after their pass,
+# and the GEMMs read the rounded S / dS, instead of each GEMM tile summing the fp32 slices it needs (for A/B runs:
+# the TMA GEMM's tiles of one row each sum the same slices again, a few microseconds per GEMM at 2048 rows on an
+# H100 in scripts/probe_tma.py, against a reduction's launch and pass).
+_PRESUM = _env_int("LORA_OPS_SPLIT_PRESUM", 0, 0) > 0
+
 # LORA_OPS_DS_SPLITS: above _SPLIT_SUM_MAX_M rows the dS pass (with dB's atomics) still runs as this many slices
 # of N (1: one pass) before the TMA dX GEMM, which sums them (NF4 chunks: one reduction before them). In one slice
 # it keeps one program per 64 or 128 rows, too few bytes in flight to stream dY: H200, dS with dB alone,
@@ -689,7 +695,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     tma = not base_mm and _use_tma(x, w, y)
     # S in K slices: fp32 partials the one forward GEMM sums, then stores S rounded (or see _slices). Under base_mm
     # the GEMM's tiles read nothing but the slices, so they split as before the TMA GEMM.
-    splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or w.chunks), tma or base_mm)
+    splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or w.chunks or _PRESUM), tma or base_mm)
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     with _on_device(x.device):
         _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits),
@@ -769,7 +775,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     base_mm = need_dx and _base_mm(w, _BASE_MM_DX)
     tma_dx = need_dx and not base_mm and _use_tma(dy, w, dx, n * k if segs else None)
     # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
-    dx_sums = need_dx and k > 0 and w.chunks is None
+    dx_sums = need_dx and k > 0 and w.chunks is None and not _PRESUM
     members = group.on and _DS_MEMBERS  # the dS pass's programs per member (MEMBER_R), see _DS_MEMBERS
     ds_block_r = _block_r(group.rb) if members else block_r
     ds_chunks = r // group.rb if members else r_chunks
