@@ -64,6 +64,8 @@ int kernel_id(const std::string& name) {
   TORCH_CHECK(false, "lora_ops launch: unknown kernel name '", name, "'");
 }
 
+constexpr int64_t kBaseMmFwd = 1, kBaseMmDx = 2;  // lora.py _BASE_MM_FWD, _BASE_MM_DX: bits of Settings::base_mm
+
 // Settings the Python launchers read from module constants; lora_ops/_launch.py sends them (again on a change).
 struct Settings {
   int64_t max_stride = 1 << 22;   // lora_kernels.py MAX_STRIDE
@@ -87,7 +89,7 @@ struct Settings {
   int64_t nf4_chunk_min_m = 4096;       // NF4_CHUNK_MIN_M
   int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
   int64_t finish_kernel = 0;            // _FINISH_KERNEL
-  int64_t base_mm = 0;                  // _BASE_MM
+  int64_t base_mm = 0;                  // _BASE_MM: bit 1 the forward GEMM, bit 2 the dX GEMM
   int64_t presum = 0;                   // _PRESUM
   int64_t ds_members = 0;               // _DS_MEMBERS
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
@@ -441,7 +443,7 @@ bool check_call(Call& c, bool backward) {
     if (!same(c.w, x) || c.w.dim() != 2 || c.w.size(0) != c.n || c.w.size(1) != c.k) return false;
   }
   if (backward && !c.dys.empty()) {  // lora.py _segments_ok
-    if (c.groups.size() != c.dys.size() || (g_settings.base_mm & 2)) return false;
+    if (c.groups.size() != c.dys.size() || (g_settings.base_mm & kBaseMmDx)) return false;
     const int64_t unit = x.is_cuda() ? g_settings.split_unit : g_settings.split_unit_interp;
     for (size_t i = 0; i < c.dys.size(); ++i) {
       const at::Tensor& d = c.dys[i];
@@ -795,7 +797,8 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
 
 // lora.py _base_mm: the base product from torch's matmul, for a dense weight in one piece.
 bool base_mm_ok(const WArgs& w, bool forward) {
-  return (g_settings.base_mm & (forward ? 1 : 2)) && !w.nf4_inloop && w.chunks.empty() && w.dense.defined();
+  return (g_settings.base_mm & (forward ? kBaseMmFwd : kBaseMmDx)) && !w.nf4_inloop && w.chunks.empty()
+      && w.dense.defined();
 }
 
 // lora.py _splits: M splits of a reduction over M with `tiles` programs per split.

@@ -630,12 +630,14 @@ def test_tma_default_runs_only_on_the_shapes_it_measured_faster(monkeypatch):
 
 def test_tma_tile_knob_sets_the_large_tile_and_names_bad_specs():
     """LORA_OPS_TMA_TILE ("BMxBNxBK/warps/stages") replaces the large TMA config, keeps the small one, and a
-    malformed or impossible tile is refused with the variable's name and the expected form."""
+    malformed or impossible tile (BLOCK_M under 128 included: the C++ path tells the large tile by it) is refused
+    with the variable's name and the expected form."""
     got = LT._tma_tile("256x128x64/8/3")
     assert got[0] == (128, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 3)
     assert got[1:] == LT._TMA_CONFIGS[1:]
-    for bad in ("256x128/8/3", "256x128x64", "96x128x64/8/3", "128x128x64/2/3", "128x128x64/8/0", "axbxc/8/3"):
-        with pytest.raises(ValueError, match=r"LORA_OPS_TMA_TILE=.*(BMxBNxBK|BM >= 64)"):
+    for bad in ("256x128/8/3", "256x128x64", "96x128x64/8/3", "64x256x64/8/3", "128x128x64/2/3", "128x128x64/8/0",
+                "axbxc/8/3"):
+        with pytest.raises(ValueError, match=r"LORA_OPS_TMA_TILE=.*(BMxBNxBK|BM >= 128)"):
             LT._tma_tile(bad)
 
 

@@ -148,6 +148,7 @@ _BASE_MM_FWD, _BASE_MM_DX = 1, 2
 
 
 def _base_mm_setting(v: str) -> int:
+    """_BASE_MM's bits from a LORA_OPS_BASE_MM value."""
     v = v.strip().lower()
     ways = {"": 0, "0": 0, "1": 3, "both": 3, "fwd": _BASE_MM_FWD, "dx": _BASE_MM_DX}
     if v not in ways:

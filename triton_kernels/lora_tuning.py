@@ -286,8 +286,9 @@ def _tma_tile(spec: str):
         warps, stages = int(warps), int(stages)
     except ValueError:
         raise ValueError(f"LORA_OPS_TMA_TILE={spec!r}: use BMxBNxBK/warps/stages, e.g. 128x256x64/8/3") from None
-    if bm < 64 or min(bn, bk) < 16 or any(v & (v - 1) for v in (bm, bn, bk)) or warps not in (4, 8) or stages < 1:
-        raise ValueError(f"LORA_OPS_TMA_TILE={spec!r}: BM >= 64, BN and BK >= 16, each a power of two; "
+    # BM >= 128: the C++ launch path tells the large config from the small one by BLOCK_M (tma_small_m).
+    if bm < 128 or min(bn, bk) < 16 or any(v & (v - 1) for v in (bm, bn, bk)) or warps not in (4, 8) or stages < 1:
+        raise ValueError(f"LORA_OPS_TMA_TILE={spec!r}: BM >= 128, BN and BK >= 16, each a power of two; "
                          "4 or 8 warps; 1 or more stages")
     return ((128, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages),) + _TMA_CONFIGS[1:]
 
