@@ -12,7 +12,6 @@ and the median of each round's ratio to the floor.
     python scripts/ab_settings.py [--part qkv] [--m 2048 8192] [--variants "default;base_mm=fwd;tile=256x128x64/8/3"]
 """
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from profile_block import block_step
+from profile_layer import capture_graph
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
@@ -27,14 +27,19 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
 
 from benchmarks import block, presets  # noqa: E402
 
+_DEFAULTS = {}  # the launcher settings as imported (environment included), restored before each variant
+
 
 def _use(variant):
     """Make ``variant``'s settings those of the following launches (the Python launchers and, once they have
     registered again, the C++ path), the others at their defaults."""
     from lora_ops import _launch
     from lora_ops.triton_kernels import lora as L, lora_tuning as T
-    L._TMA_CONFIGS, L._BASE_MM = T._TMA_CONFIGS, L._base_mm_setting(os.environ.get("LORA_OPS_BASE_MM", ""))
-    L._PRESUM = os.environ.get("LORA_OPS_SPLIT_PRESUM", "0") not in ("", "0")
+    names = ("_TMA_CONFIGS", "_BASE_MM", "_PRESUM")
+    if not _DEFAULTS:
+        _DEFAULTS.update((n, getattr(L, n)) for n in names)
+    for n in names:
+        setattr(L, n, _DEFAULTS[n])
     for item in variant.split():
         key, _, value = item.partition("=")
         if key == "tile":
@@ -46,24 +51,6 @@ def _use(variant):
         elif item != "default":
             raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1 or default")
     _launch.forget_plans()
-
-
-def _capture(step, params):
-    """A CUDA graph of one ``step`` (after three warm-up calls on a side stream, which compile what is new)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    for t in params:
-        t.grad = None
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    g.replay()
-    torch.cuda.synchronize()
-    return g
 
 
 def main():
@@ -83,14 +70,14 @@ def main():
         keep = []  # the built providers stay alive while their graphs replay
         floor = block.BUILDERS["floor_grouped"](case, data.sets[0])
         keep.append(floor)
-        graphs[("floor_grouped", "-")] = _capture(block_step(data, floor), list(data.x))
+        graphs[("floor_grouped", "-")] = capture_graph(block_step(data, floor), list(data.x))
         for provider in args.providers.split(","):
             built = block.BUILDERS[provider](case, data.sets[0])
             keep.append(built)
             params = list(data.x) + list(built.params or ())
             for variant in variants:
                 _use(variant)
-                graphs[(provider, variant)] = _capture(block_step(data, built), params)
+                graphs[(provider, variant)] = capture_graph(block_step(data, built), params)
         _use("default")
         times = {k: [] for k in graphs}
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -5,7 +5,7 @@ per kernel (torch.profiler, averaged over a few eager calls).
     python scripts/profile_layer.py [--cases 8192x4096x4096 2048x4096x4096] [--nf4 | --both] [--no-tables]
 
 Also the eager loop of each, with the C++ launch path's host time by phase, and the timing helpers the other
-profiling scripts share (loop_us, cprofile_calls, print_kernels, graph_ms, phases_line).
+profiling scripts share (loop_us, cprofile_calls, print_kernels, capture_graph, graph_ms, phases_line).
 """
 import argparse
 import cProfile
@@ -103,8 +103,9 @@ def layer_case(m, k, n, r=16, nf4=False):
     return SimpleNamespace(x=x, w=w, a=a, b=b, dy=dy, wt=wt, fused=fused, floor=floor)
 
 
-def graph_ms(fn, grads, replays=50):
-    """Device ms per call of fn replayed from one CUDA graph (captured after warm-up; no host time)."""
+def capture_graph(fn, grads):
+    """A CUDA graph of one call of fn, captured after three warm-up calls on a side stream (which compile and
+    autotune what is new) with ``grads`` cleared, and replayed three times."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -118,6 +119,12 @@ def graph_ms(fn, grads, replays=50):
         fn()
     for _ in range(3):
         g.replay()
+    return g
+
+
+def graph_ms(fn, grads, replays=50):
+    """Device ms per call of fn replayed from one CUDA graph (``capture_graph``; no host time)."""
+    g = capture_graph(fn, grads)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(5):
