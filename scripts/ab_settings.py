@@ -1,17 +1,18 @@
 """GPU: launcher settings A/B-timed on a block-preset case, every setting in one process.
 
 A variant is a space-separated list of ``tile=BMxBNxBK/warps/stages`` (the TMA GEMM's large tile, as
-``LORA_OPS_TMA_TILE``), ``base_mm=0|1|fwd|dx`` (as ``LORA_OPS_BASE_MM``) and ``presum=0|1`` (as
-``LORA_OPS_SPLIT_PRESUM``), or ``default``. For each variant the
-grouped providers' fwd+bwd is warmed up and captured in a CUDA graph under it (the launch plans dropped between
-variants, so the C++ path registers its kernels and settings again), and so is the floor's. Then ``--rounds``
-rounds replay every graph ``--replays`` times, in turn, timed with CUDA events: device time only, the variants
-interleaved, so clock drift between them cancels. Per provider and variant: the median per fwd+bwd over the rounds
-and the median of each round's ratio to the floor.
+``LORA_OPS_TMA_TILE``), ``base_mm=0|1|fwd|dx`` (as ``LORA_OPS_BASE_MM``), ``presum=0|1`` (as
+``LORA_OPS_SPLIT_PRESUM``) and ``launch=python`` (the Python launchers, as ``LORA_OPS_LAUNCH``), or ``default``.
+For each variant the grouped providers' fwd+bwd is warmed up and captured in a CUDA graph under it (the launch plans
+dropped between variants, so the C++ path registers its kernels and settings again), and so is the floor's. Then
+``--rounds`` rounds replay every graph ``--replays`` times, in turn, timed with CUDA events: device time only, the
+variants interleaved, so clock drift between them cancels. Per provider and variant: the median per fwd+bwd over
+the rounds and the median of each round's ratio to the floor.
 
     python scripts/ab_settings.py [--part qkv] [--m 2048 8192] [--variants "default;base_mm=fwd;tile=256x128x64/8/3"]
 """
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -38,8 +39,13 @@ def _use(variant):
     names = ("_TMA_CONFIGS", "_BASE_MM", "_PRESUM")
     if not _DEFAULTS:
         _DEFAULTS.update((n, getattr(L, n)) for n in names)
+        _DEFAULTS["LORA_OPS_LAUNCH"] = os.environ.get("LORA_OPS_LAUNCH")
     for n in names:
         setattr(L, n, _DEFAULTS[n])
+    if _DEFAULTS["LORA_OPS_LAUNCH"] is None:
+        os.environ.pop("LORA_OPS_LAUNCH", None)
+    else:
+        os.environ["LORA_OPS_LAUNCH"] = _DEFAULTS["LORA_OPS_LAUNCH"]
     for item in variant.split():
         key, _, value = item.partition("=")
         if key == "tile":
@@ -48,8 +54,11 @@ def _use(variant):
             L._BASE_MM = L._base_mm_setting(value)
         elif key == "presum":
             L._PRESUM = value not in ("", "0")
+        elif key == "launch":
+            os.environ["LORA_OPS_LAUNCH"] = value
         elif item != "default":
-            raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1 or default")
+            raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1, launch=python "
+                             "or default")
     _launch.forget_plans()
 
 
