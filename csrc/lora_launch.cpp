@@ -90,7 +90,7 @@ struct Settings {
   int64_t dequant_on_cpu = 0;           // _DEQUANT_ON_CPU (the interpreter tests' dry runs)
   int64_t finish_kernel = 0;            // _FINISH_KERNEL
   int64_t base_mm = 0;                  // _BASE_MM: bit 1 the forward GEMM, bit 2 the dX GEMM
-  int64_t presum = 0;                   // _PRESUM
+  int64_t presum = 1;                   // _PRESUM
   int64_t ds_members = 0;               // _DS_MEMBERS
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
@@ -873,6 +873,44 @@ Slices ds_slices_of(const Call& c, int64_t n, int64_t r_chunks, bool gemm_sums, 
   return {splits, per, splits > 1 && !gemm_sums};
 }
 
+// One job of the finish kernel (lora.py _Finish): dst = src's `splits` slices `stride` apart summed in fp32, rounded.
+struct FinishJob {
+  at::Tensor src, dst;
+  int64_t n, splits, stride;
+};
+
+// The finish kernel's launch for up to three jobs; an absent job repeats the first one's tensors with 0 elements.
+Launch finish_of(const std::vector<FinishJob>& jobs) {
+  Launch l;
+  l.kernel = K_FIN;
+  l.grid[0] = -1;  // the jobs' cdiv(n, BLOCK_N), summed
+  l.grid[1] = l.grid[2] = 1;
+  for (int j = 0; j < 3; ++j) {
+    const FinishJob& job = j < static_cast<int>(jobs.size()) ? jobs[j] : jobs[0];
+    l.ptr(job.src);
+    l.ptr(job.dst);
+  }
+  for (int j = 0; j < 3; ++j) {
+    const bool real = j < static_cast<int>(jobs.size());
+    l.elems[j] = real ? jobs[j].n : 0;
+    l.i(l.elems[j]);
+    l.i(real ? jobs[j].splits : 1);
+    l.i(real ? jobs[j].stride : 0);
+  }
+  return l;
+}
+
+// lora.py _sum_into: `out` = the fp32 slices `parts` the last launch wrote, summed and rounded right after it: by
+// one finish launch, or by torch after that launch (after_launch) without the finish kernel.
+void sum_slices(Work& work, const at::Tensor& parts, const at::Tensor& out) {
+  if (!g_settings.finish_kernel) {
+    work.launches.back().sum_parts = parts;
+    work.launches.back().sum_out = out;
+    return;
+  }
+  work.launches.push_back(finish_of({{parts, out, out.numel(), parts.size(0), parts.stride(0)}}));
+}
+
 // ------------------------------------------------------------------------------------------------- forward
 
 struct FwdOut {
@@ -893,7 +931,7 @@ FwdOut build_forward(const Call& c, Work& work) {
   // S in K slices: fp32 partials the one forward GEMM sums and stores rounded (or see slices_of).
   // Under base_mm the GEMM's tiles read nothing but the slices: they split as before the TMA GEMM.
   const auto [splits, cols, summed] =
-      slices_of(c, c.k, r_chunks, !(c.n == 0 || !w.chunks.empty() || g_settings.presum), tma || base_mm);
+      slices_of(c, c.k, r_chunks, !(c.n == 0 || !w.chunks.empty() || (g_settings.presum && tma)), tma || base_mm);
   at::Tensor s_part = splits == 1 ? o.s : at::empty({splits, c.m, c.r}, c.x.options().dtype(at::kFloat));
   if (splits > 1) work.keep.push_back(s_part);
   Launch l;  // lora.py lora_forward: S = dropout(x) @ A^T
@@ -919,11 +957,8 @@ FwdOut build_forward(const Call& c, Work& work) {
   l.i(drop.threshold);
   l.f(drop.scale);
   l.i(m_bucket);
-  if (summed) {
-    l.sum_parts = s_part;
-    l.sum_out = o.s;
-  }
   work.launches.push_back(l);
+  if (summed) sum_slices(work, s_part, o.s);
   const Dropout off = make_dropout(c, false);
   if (!w.chunks.empty()) {
     // y's columns n0:n1 from W's rows n0:n1, each chunk dequantized into the one workspace.
@@ -959,11 +994,7 @@ struct BwdOut {
 void finish_launch(const Call& c, BwdOut& o, Work& work) {
   const at::ScalarType dt = c.x.scalar_type();
   const auto opts = c.x.options();
-  struct Job {
-    at::Tensor src, dst;
-    int64_t n, splits, stride;
-  };
-  std::vector<Job> jobs;
+  std::vector<FinishJob> jobs;
   auto sum = [&](const at::Tensor& parts, at::IntArrayRef shape, at::Tensor& out) {
     if (parts.size(0) == 1) return;
     out = at::empty(shape, opts);
@@ -980,24 +1011,7 @@ void finish_launch(const Call& c, BwdOut& o, Work& work) {
   if (o.db_parts.defined()) sum(o.db_parts, {c.n, rb}, o.dB);
   if (o.dbias_parts.defined()) sum(o.dbias_parts, {c.n}, o.dbias);
   if (o.da_parts.defined()) sum(o.da_parts, {c.r, c.k}, o.dA);
-  if (jobs.empty()) return;
-  Launch l;
-  l.kernel = K_FIN;
-  l.grid[0] = -1;  // the jobs' cdiv(n, BLOCK_N), summed
-  l.grid[1] = l.grid[2] = 1;
-  for (int j = 0; j < 3; ++j) {
-    const Job& job = j < static_cast<int>(jobs.size()) ? jobs[j] : jobs[0];
-    l.ptr(job.src);
-    l.ptr(job.dst);
-  }
-  for (int j = 0; j < 3; ++j) {
-    const bool real = j < static_cast<int>(jobs.size());
-    l.elems[j] = real ? jobs[j].n : 0;
-    l.i(l.elems[j]);
-    l.i(real ? jobs[j].splits : 1);
-    l.i(real ? jobs[j].stride : 0);
-  }
-  work.launches.push_back(l);
+  if (!jobs.empty()) work.launches.push_back(finish_of(jobs));
 }
 
 BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
@@ -1020,7 +1034,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const bool base_mm = c.need_dx && base_mm_ok(w, false);
   const bool tma_dx = c.need_dx && !base_mm && use_tma(c, c.dy, w, o.dx, segs ? c.n * c.k : -1);
   // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
-  const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty() && !g_settings.presum;
+  const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty() && !(g_settings.presum && tma_dx);
   // lora.py _DS_MEMBERS: with B_rows, the dS pass's programs per member (MEMBER_R), its slices counted as one chunk's.
   const bool members = !c.groups.empty() && g_settings.ds_members;
   const auto [splits_ds, cols_ds, ds_summed] =
@@ -1065,11 +1079,8 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.i(m_bucket);
     group_args(l, c, true);
     seg_ptrs(l, c, segs);
-    if (ds_summed) {
-      l.sum_parts = ds_part;
-      l.sum_out = ds;
-    }
     work.launches.push_back(l);
+    if (ds_summed) sum_slices(work, ds_part, ds);
   }
   const bool do_db = c.need_dB && !o.fused_db;
   const bool do_dbias = c.need_dbias && !o.fused_dbias;

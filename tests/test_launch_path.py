@@ -125,17 +125,24 @@ def test_deterministic_backward(dry):
 
 def test_tma_gemm_launch_lists(dry, monkeypatch):
     monkeypatch.setenv("LORA_OPS_TMA", "1")
-    # K and N of two split units: S and dS in two fp32 slices, which the TMA GEMMs sum and store rounded.
+    # K and N of two split units: S and dS in two fp32 slices, which the TMA GEMMs sum and store rounded
+    # (LORA_OPS_SPLIT_PRESUM=0; by default one finish launch sums them first, the next test).
+    monkeypatch.setattr(L, "_PRESUM", False)
+    _launch._sync_settings(dry)
     fwd, dy = _inputs(m=64, k=128, n=128, r=16, dtype=torch.float16, bias=True, p=0.1)
-    y, s = _check(dry, 0, fwd)
-    assert any(r[0] == "lora_gemm_tma" for r in dry.launch_fwd(*fwd, [], True)[1])
-    x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd
-    bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p, seed, True, True, True, True)
-    _check(dry, 1, bargs)
-    with L.recording() as records, _SumCounter() as sums:
-        y2, s2 = L.lora_forward(*fwd)
-        forward_sums = sums.n
-        L.lora_backward(*bargs)
+    try:
+        y, s = _check(dry, 0, fwd)
+        assert any(r[0] == "lora_gemm_tma" for r in dry.launch_fwd(*fwd, [], True)[1])
+        x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd
+        bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p, seed, True, True, True, True)
+        _check(dry, 1, bargs)
+        with L.recording() as records, _SumCounter() as sums:
+            y2, s2 = L.lora_forward(*fwd)
+            forward_sums = sums.n
+            L.lora_backward(*bargs)
+    finally:
+        monkeypatch.undo()
+        _launch._sync_settings(dry)
     grids = {r.name: r.grid for r in records}
     assert grids["lora_s"][2] == 2 and grids["lora_bwd_ds"][2] == 2, grids
     assert [r.name for r in records].count("lora_gemm_tma") == 2
@@ -149,33 +156,45 @@ def test_tma_gemm_launch_lists(dry, monkeypatch):
     torch.testing.assert_close(s2.float(), xd @ a.float().t(), rtol=2e-3, atol=2e-3)
 
 
-def test_presum_hands_the_tma_gemms_rounded_s_and_ds(dry, monkeypatch):
-    """LORA_OPS_SPLIT_PRESUM=1: S and dS still split, but one torch reduction sums and rounds each right after its
-    pass and the TMA GEMMs read the rounded S / dS (one slice): the C++ launch lists equal Python's, the slices are
-    reduced once each, and the outputs and gradients equal the GEMM-summed way's within the dtype's tolerance."""
+@pytest.mark.parametrize("finish", [True, False], ids=["finish-kernel", "torch"])
+def test_presum_hands_the_tma_gemms_rounded_s_and_ds(dry, monkeypatch, finish):
+    """LORA_OPS_SPLIT_PRESUM (the default): S and dS still split before the TMA GEMMs, but each pass's slices are
+    summed and rounded right after it (one finish launch; torch's sum without the finish kernel) and the GEMMs read
+    the rounded S / dS: the C++ launch lists equal Python's, each pass is reduced once, and the outputs and
+    gradients equal the GEMM-summed way's (LORA_OPS_SPLIT_PRESUM=0) within the dtype's tolerance."""
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     fwd, dy = _inputs(m=64, k=128, n=128, r=16, dtype=torch.float16, bias=True, p=0.1)
     x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p, seed = fwd
-    y0, s0 = L.lora_forward(*fwd)
-    bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s0, scaling, p, seed, True, True, True, True)
-    want = L.lora_backward(*bargs)
     try:
+        monkeypatch.setattr(L, "_PRESUM", False)
+        y0, s0 = L.lora_forward(*fwd)
+        bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s0, scaling, p, seed, True, True, True, True)
+        want = L.lora_backward(*bargs)
         monkeypatch.setattr(L, "_PRESUM", True)
+        monkeypatch.setattr(L, "_FINISH_KERNEL", finish)
         _launch._sync_settings(dry)
         y, s = _check(dry, 0, fwd)
         got = _check(dry, 1, bargs)
         with L.recording() as records, _SumCounter() as sums:
             L.lora_forward(*fwd)
-            forward_sums = sums.n
+            forward_sums, forward_launches = sums.n, len(records)
             L.lora_backward(*bargs)
     finally:
         monkeypatch.undo()
         _launch._sync_settings(dry)
+    names = [r.name for r in records]
     grids = {r.name: r.grid for r in records}
     assert grids["lora_s"][2] == 2 and grids["lora_bwd_ds"][2] == 2, grids
-    assert [r.name for r in records].count("lora_gemm_tma") == 2
-    # Counted from the forward on: S's slices once, then dS's once, and dA's M splits where torch sums them.
-    assert (forward_sums, sums.n) == (1, 2 + (1 - L._FINISH_KERNEL)), (forward_sums, sums.n)
+    assert names.count("lora_gemm_tma") == 2
+    if finish:
+        # Right after each pass, and the backward's gradients at the end.
+        assert names[:forward_launches] == ["lora_s", "lora_bwd_finish", "lora_gemm_tma"], names
+        bwd = names[forward_launches:]
+        assert bwd[:3] == ["lora_bwd_ds", "lora_bwd_finish", "lora_gemm_tma"] and bwd[-1] == "lora_bwd_finish", bwd
+        assert (forward_sums, sums.n) == (0, 0)
+    else:
+        # Counted from the forward on: S's slices once, then dS's once, then dA's M splits.
+        assert "lora_bwd_finish" not in names and (forward_sums, sums.n) == (1, 3), (names, forward_sums, sums.n)
     assert_rel_close(s, s0, torch.float16, "S")
     assert_rel_close(y, y0, torch.float16, "y")
     for name, gv, wv in zip(("dx", "dA", "dB", "dbias"), got, want):
@@ -367,7 +386,10 @@ def test_finish_kernel_launch_lists_and_values(dry, monkeypatch, case, way):
         for c, w_ in zip(calls, want):
             got = _check(dry, 1, c)
             names = [r[0] for r in dry.launch_bwd(*c, [], True)[1]]
-            assert "lora_bwd_finish" not in names[:-1], names  # one launch, after every other
+            # One launch for the gradients, after every other; another one only right after a split dS pass
+            # (summing its slices where no dX GEMM does).
+            assert all(names[i - 1] == "lora_bwd_ds" for i, v in enumerate(names[:-1]) if v == "lora_bwd_finish"), \
+                names
             finished += names[-1] == "lora_bwd_finish"
             assert names[-1] != "lora_bwd_finish" or any(c[-3:]), names  # never for dX alone
             for name, g_, e in zip(("dx", "dA", "dB", "dbias"), got, w_):

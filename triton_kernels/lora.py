@@ -118,11 +118,14 @@ _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
 _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 
 
-# LORA_OPS_SPLIT_PRESUM=1: the S / dS slices are summed and rounded by one torch reduction right after their pass,
-# and the GEMMs read the rounded S / dS, instead of each GEMM tile summing the fp32 slices it needs (for A/B runs:
-# the TMA GEMM's tiles of one row each sum the same slices again, a few microseconds per GEMM at 2048 rows on an
-# H100 in scripts/probe_tma.py, against a reduction's launch and pass).
-_PRESUM = _env_int("LORA_OPS_SPLIT_PRESUM", 0, 0) > 0
+# LORA_OPS_SPLIT_PRESUM (default 1): before a TMA GEMM, the S / dS slices are summed and rounded right after their
+# pass (one finish launch, _sum_into) and the GEMM reads the rounded S / dS; =0: each GEMM tile sums the fp32
+# slices it needs, where the TMA GEMM's tiles of one row sum the same slices again before their K loop
+# (scripts/probe_tma.py, H100: the forward GEMM 1.08x cuBLAS with one slice, 1.115x with three at 2048 rows).
+# q/k/v grouped at 2048 rows, CUDA-graph replay (scripts/ab_settings.py, docs/PERF_NOTES.md): LoRA 1.260x -> 1.216x
+# the floor, QLoRA 1.458x -> 1.400x on an H100; 1.299x -> 1.232x, 1.432x -> 1.364x on the H200 (timed with torch's
+# sum and copy where the finish launch now sums).
+_PRESUM = _env_int("LORA_OPS_SPLIT_PRESUM", 1, 0) > 0
 
 # LORA_OPS_DS_SPLITS: above _SPLIT_SUM_MAX_M rows the dS pass (with dB's atomics) still runs as this many slices
 # of N (1: one pass) before the TMA dX GEMM, which sums them (NF4 chunks: one reduction before them). In one slice
@@ -273,6 +276,17 @@ class _Finish:
         sizes = [n for _, _, n, _, _ in jobs]
         _FINISH_KERNEL_FN(lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in sizes),), *args,
                           _config=_FINISH_CONFIG)
+
+
+def _sum_into(parts: torch.Tensor, out: torch.Tensor) -> None:
+    """out (contiguous) = parts (splits, *out.shape), fp32 slices, summed in slice order and rounded once to out's
+    dtype: one finish launch (one job), or torch's sum and copy without _FINISH_KERNEL."""
+    if not _FINISH_KERNEL:
+        out.copy_(parts.sum(0))
+        return
+    fin = _Finish(out.dtype, out.device)
+    fin.jobs.append((parts, out, out.numel(), parts.shape[0], parts.stride(0)))
+    fin.launch()
 
 
 def _block_r(r: int) -> int:
@@ -696,7 +710,8 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     tma = not base_mm and _use_tma(x, w, y)
     # S in K slices: fp32 partials the one forward GEMM sums, then stores S rounded (or see _slices). Under base_mm
     # the GEMM's tiles read nothing but the slices, so they split as before the TMA GEMM.
-    splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or w.chunks or _PRESUM), tma or base_mm)
+    presum = _PRESUM and tma
+    splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or w.chunks or presum), tma or base_mm)
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     with _on_device(x.device):
         _S_KERNEL(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), r_chunks, splits),
@@ -706,7 +721,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
                   m, k, r, cols, drop.threshold, drop.scale, m_bucket,
                   HAS_DROPOUT=drop.on, BLOCK_R=block_r)
         if summed:
-            s.copy_(s_part.sum(0))
+            _sum_into(s_part, s)
         no_drop = _Dropout(0.0, None, x)
         if w.chunks:
             # y's columns n0:n1 from W's rows n0:n1; each temporary is freed before the next is made.
@@ -776,7 +791,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     base_mm = need_dx and _base_mm(w, _BASE_MM_DX)
     tma_dx = need_dx and not base_mm and _use_tma(dy, w, dx, n * k if segs else None)
     # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
-    dx_sums = need_dx and k > 0 and w.chunks is None and not _PRESUM
+    dx_sums = need_dx and k > 0 and w.chunks is None and not (_PRESUM and tma_dx)
     members = group.on and _DS_MEMBERS  # the dS pass's programs per member (MEMBER_R), see _DS_MEMBERS
     ds_block_r = _block_r(group.rb) if members else block_r
     ds_chunks = r // group.rb if members else r_chunks
@@ -800,7 +815,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                        DO_DB=fused_db, DO_DBIAS=fused_dbias, GROUPED=group.on, SEG_DY=segs is not None,
                        BLOCK_R=ds_block_r, **({"MEMBER_R": True} if members else {}))
             if ds_summed:
-                ds.copy_(ds_part.sum(0))
+                _sum_into(ds_part, ds)
             if fused_db:
                 dB = fin.cast(db_acc, (n, rb))
             if fused_dbias:
