@@ -2,12 +2,13 @@
 
 A variant is a space-separated list of ``tile=BMxBNxBK/warps/stages`` (the TMA GEMM's large tile, as
 ``LORA_OPS_TMA_TILE``), ``base_mm=0|1|fwd|dx`` (as ``LORA_OPS_BASE_MM``), ``presum=0|1`` (as
-``LORA_OPS_SPLIT_PRESUM``) and ``launch=python`` (the Python launchers, as ``LORA_OPS_LAUNCH``), or ``default``.
-For each variant the grouped providers' fwd+bwd is warmed up and captured in a CUDA graph under it (the launch plans
-dropped between variants, so the C++ path registers its kernels and settings again), and so is the floor's. Then
-``--rounds`` rounds replay every graph ``--replays`` times, in turn, timed with CUDA events: device time only, the
-variants interleaved, so clock drift between them cancels. Per provider and variant: the median per fwd+bwd over
-the rounds and the median of each round's ratio to the floor.
+``LORA_OPS_SPLIT_PRESUM``), ``launch=python`` (the Python launchers, as ``LORA_OPS_LAUNCH``) and ``flatten=0|1``
+(the TMA GEMM's flattened tile loop, as ``LORA_OPS_TMA_FLATTEN``), or ``default``. For each variant the grouped
+providers' fwd+bwd is warmed up and captured in a CUDA graph under it (the launch plans dropped between variants,
+so the C++ path registers its kernels and settings again), and so is the floor's. Then ``--rounds`` rounds replay
+every graph ``--replays`` times, in turn, timed with CUDA events: device time only, the variants interleaved, so
+clock drift between them cancels. Per provider and variant: the median per fwd+bwd over the rounds and the median
+of each round's ratio to the floor.
 
     python scripts/ab_settings.py [--part qkv] [--m 2048 8192] [--variants "default;base_mm=fwd;tile=256x128x64/8/3"]
 """
@@ -29,6 +30,9 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
 from benchmarks import block, presets  # noqa: E402
 
 _DEFAULTS = {}  # the launcher settings as imported (environment included), restored before each variant
+# Settings the launchers read from the environment at each call (the C++ path keys its plans on them): variable ->
+# the variant's key.
+_ENV = {"LORA_OPS_LAUNCH": "launch", "LORA_OPS_TMA_FLATTEN": "flatten"}
 
 
 def _use(variant):
@@ -39,13 +43,14 @@ def _use(variant):
     names = ("_TMA_CONFIGS", "_BASE_MM", "_PRESUM")
     if not _DEFAULTS:
         _DEFAULTS.update((n, getattr(L, n)) for n in names)
-        _DEFAULTS["LORA_OPS_LAUNCH"] = os.environ.get("LORA_OPS_LAUNCH")
+        _DEFAULTS.update((v, os.environ.get(v)) for v in _ENV)
     for n in names:
         setattr(L, n, _DEFAULTS[n])
-    if _DEFAULTS["LORA_OPS_LAUNCH"] is None:
-        os.environ.pop("LORA_OPS_LAUNCH", None)
-    else:
-        os.environ["LORA_OPS_LAUNCH"] = _DEFAULTS["LORA_OPS_LAUNCH"]
+    for v in _ENV:
+        if _DEFAULTS[v] is None:
+            os.environ.pop(v, None)
+        else:
+            os.environ[v] = _DEFAULTS[v]
     for item in variant.split():
         key, _, value = item.partition("=")
         if key == "tile":
@@ -54,11 +59,11 @@ def _use(variant):
             L._BASE_MM = L._base_mm_setting(value)
         elif key == "presum":
             L._PRESUM = value not in ("", "0")
-        elif key == "launch":
-            os.environ["LORA_OPS_LAUNCH"] = value
+        elif key in _ENV.values():
+            os.environ[next(v for v, k in _ENV.items() if k == key)] = value
         elif item != "default":
-            raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1, launch=python "
-                             "or default")
+            raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1, launch=python, "
+                             "flatten=0|1 or default")
     _launch.forget_plans()
 
 

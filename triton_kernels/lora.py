@@ -522,10 +522,12 @@ class _Dropout:
 # below 128 rows. For 16-bit dense weights (and the NF4 temporary) on sm_90+ when every operand meets TMA's
 # rules (16-byte aligned base and row stride, unit last stride); otherwise the pointer kernels run.
 # As first written it measured ~1.8x SLOWER than the pointer GEMMs (layer preset, 8192x4096->14336 fused 5.88 ms
-# vs 3.28 ms; docs/PERF_NOTES.md): the flattened tile loop with the LoRA seed in it keeps 2 TMA copies in its
-# TTGIR (the K-loop is not software-pipelined) where the unflattened one has 6 (3 stages, pipelined), so the tile
-# loop is unflattened (LORA_OPS_TMA_FLATTEN=1 flattens it). Unflattened, the layer preset on the H200
-# (floor + fused, LORA_OPS_TMA=1 vs 0 in one call; docs/PERF_NOTES.md item 9):
+# vs 3.28 ms; docs/PERF_NOTES.md) with its tile loop flattened, so the tile loop is unflattened
+# (LORA_OPS_TMA_FLATTEN=1 flattens it). Compiled for sm_90 by Triton 3.6, the flattened loop is multi-buffered (3
+# stages of A and W, two output tiles, so a tile's store overlaps the next tile's loads) when L arrives in one slice
+# (L_SPLITS = 1, which Triton specializes); with a slice loop in the tile it is not flattened at all
+# (docs/PERF_NOTES.md item 42): not timed that way since the first measurement. Unflattened, the layer preset on
+# the H200 (floor + fused, LORA_OPS_TMA=1 vs 0 in one call; docs/PERF_NOTES.md item 9):
 # 8192 x 4096->14336 dense 1.093x vs 1.205x the floor, NF4 1.091x vs 1.125x; 8192 x 14336->4096 dense 1.084x
 # vs 1.159x, NF4 1.075x vs 1.098x; but 8192 x 4096->4096 dense 1.967x vs 1.724x. So by default (LORA_OPS_TMA
 # unset) it runs where it measured faster: M >= _TMA_MIN_M and N*K >= _TMA_MIN_NK; LORA_OPS_TMA=1 everywhere it
