@@ -844,8 +844,8 @@ std::pair<int64_t, int64_t> inner_splits_of(const Call& c, int64_t cols, int64_t
 }
 
 // lora.py _slices: the S (cols = K) or dS (cols = N) pass's slices; `gemm_sums`: the one GEMM reading them sums fp32
-// slices itself (`tma`: the TMA GEMM, which splits up to split_sum_max_m rows like the reduction); otherwise, up to
-// split_sum_max_m rows, one reduction sums them first (`summed`).
+// slices itself (`tma`: the TMA GEMM, which splits up to split_sum_max_m rows like the sum); otherwise, up to
+// split_sum_max_m rows, sum_slices sums them right after the pass (`summed`).
 struct Slices {
   int64_t splits, cols;
   bool summed;
@@ -863,8 +863,8 @@ Slices slices_of(const Call& c, int64_t cols, int64_t r_chunks, bool gemm_sums, 
   return {1, cols, false};
 }
 
-// lora.py _ds_slices: the dS pass's slices; above split_sum_max_m rows, before the TMA dX GEMM (which sums them) or NF4
-// chunks (one reduction sums them), ds_splits slices of N (whole split units).
+// lora.py _ds_slices: the dS pass's slices; above split_sum_max_m rows, before the TMA dX GEMM or NF4 chunks, ds_splits
+// slices of N (whole split units), summed as in slices_of.
 Slices ds_slices_of(const Call& c, int64_t n, int64_t r_chunks, bool gemm_sums, bool tma) {
   if (c.m <= g_settings.split_sum_max_m || (gemm_sums && !tma) || g_settings.ds_splits == 1)
     return slices_of(c, n, r_chunks, gemm_sums, tma);
@@ -928,7 +928,8 @@ FwdOut build_forward(const Call& c, Work& work) {
   const int64_t m_bucket = next_pow2(c.m);
   const bool base_mm = base_mm_ok(w, true);
   const bool tma = !base_mm && use_tma(c, c.x, w, o.y);
-  // S in K slices: fp32 partials the one forward GEMM sums and stores rounded (or see slices_of).
+  // S in K slices: summed right after the pass before a TMA GEMM (presum), else by the one forward GEMM, which
+  // stores S rounded (see slices_of).
   // Under base_mm the GEMM's tiles read nothing but the slices: they split as before the TMA GEMM.
   const auto [splits, cols, summed] =
       slices_of(c, c.k, r_chunks, !(c.n == 0 || !w.chunks.empty() || (g_settings.presum && tma)), tma || base_mm);
@@ -1033,7 +1034,8 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
   const bool segs = !c.dys.empty();
   const bool base_mm = c.need_dx && base_mm_ok(w, false);
   const bool tma_dx = c.need_dx && !base_mm && use_tma(c, c.dy, w, o.dx, segs ? c.n * c.k : -1);
-  // dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see slices_of.
+  // dS in N slices: summed first before a TMA dX GEMM (presum), else fp32 partials the one dX GEMM sums (it stores
+  // dS rounded for the dA kernel); see slices_of.
   const bool dx_sums = c.need_dx && c.k > 0 && w.chunks.empty() && !(g_settings.presum && tma_dx);
   // lora.py _DS_MEMBERS: with B_rows, the dS pass's programs per member (MEMBER_R), its slices counted as one chunk's.
   const bool members = !c.groups.empty() && g_settings.ds_members;

@@ -108,13 +108,13 @@ _SPLIT_MAX_M = _env_int("LORA_OPS_SPLIT_MAX_M", 1024, 0)
 # measured the same within noise at M = 8192 (4096->4096 dense 1.186x vs 1.191x the floor, NF4 1.235x vs 1.228x;
 # 4096->14336 1.065x vs 1.053x; H200 CUDA-graph replay, docs/PERF_NOTES.md item 16), so the launch is saved.
 _ATOMIC_DB_MAX_M = _env_int("LORA_OPS_ATOMIC_DB_MAX_M", 1 << 40, 0)
-# LORA_OPS_SPLIT_SUM_MAX_M: up to this M (0: never), the S / dS passes split before the TMA GEMM (which sums the
-# slices) and before a chunked NF4 weight's GEMMs (one torch reduction sums and rounds them first), where the
+# LORA_OPS_SPLIT_SUM_MAX_M: up to this M (0: never), the S / dS passes split before the TMA GEMM and before a
+# chunked NF4 weight's GEMMs (the slices summed and rounded first, _sum_into, or by the TMA GEMM), where the
 # pointer GEMM splits up to _SPLIT_MAX_M. At 2048 x 4096->4096 on the TMA GEMM, S took 13.6 us and dS/dB 22.9 us in
 # one slice (H200 profile, docs/PERF_NOTES.md item 17), ~3x their read of x / dY; splitting up to 4096 rows
 # measured 1.311x -> 1.234x the floor (NF4 1.503x -> 1.466x) at 2048 rows, 4096->14336 1.125x -> 1.071x, but at
 # 4096 rows 1.089x -> 1.119x dense (NF4 1.256x -> 1.228x) (CUDA-graph replay, item 18): so up to 2048 rows, where
-# it measured 1.304x -> 1.235x dense, 14336->4096 1.116x -> 1.049x (item 19; then summed by a torch reduction).
+# it measured 1.304x -> 1.235x dense, 14336->4096 1.116x -> 1.049x (item 19; the TMA GEMM then summed them).
 _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 
 
@@ -128,7 +128,7 @@ _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 _PRESUM = _env_int("LORA_OPS_SPLIT_PRESUM", 1, 0) > 0
 
 # LORA_OPS_DS_SPLITS: above _SPLIT_SUM_MAX_M rows the dS pass (with dB's atomics) still runs as this many slices
-# of N (1: one pass) before the TMA dX GEMM, which sums them (NF4 chunks: one reduction before them). In one slice
+# of N (1: one pass) before the TMA dX GEMM (summed first with presum, else by the GEMM). In one slice
 # it keeps one program per 64 or 128 rows, too few bytes in flight to stream dY: H200, dS with dB alone,
 # `scripts/probe_ds.py --splits 1,2,4,8` (docs/PERF_NOTES.md item 21), 8192 x 14336 at r = 16 98 -> 77 us in four
 # slices, 8192 x 28672 at r = 32 242 -> 152, 8192 x 6144 at r = 48 76 -> 47.
@@ -201,7 +201,8 @@ def _slices(m: int, cols: int, r_chunks: int, device: torch.device, gemm_sums: b
     """(splits, columns per split, summed) of the S pass (cols = K) or the dS pass (cols = N). ``gemm_sums``: the
     one GEMM that reads S (dS) sums fp32 slices itself and stores the rounded sum; ``tma``: that GEMM is the TMA
     one. The pointer GEMM's slices follow _SPLIT_MAX_M. Up to _SPLIT_SUM_MAX_M rows the TMA GEMM sums its slices,
-    and where no one GEMM reads them (NF4 chunks) one torch reduction sums and rounds them before (``summed``)."""
+    and otherwise (presum, NF4 chunks, no GEMM reading them) ``_sum_into`` sums and rounds them right after the
+    pass (``summed``)."""
     if gemm_sums and not tma:
         return (*_inner_splits(m, cols, r_chunks, device), False)
     if m <= _SPLIT_SUM_MAX_M:
@@ -213,8 +214,8 @@ def _slices(m: int, cols: int, r_chunks: int, device: torch.device, gemm_sums: b
 def _ds_slices(m: int, n: int, r_chunks: int, device: torch.device, gemm_sums: bool,
                tma: bool = False) -> Tuple[int, int, bool]:
     """(splits, columns per split, summed) of the dS pass: ``_slices`` up to _SPLIT_SUM_MAX_M rows or before the
-    pointer dX GEMM; above, before the TMA dX GEMM (which sums them) or NF4 chunks (one reduction sums them),
-    _DS_SPLITS slices of N (whole split units)."""
+    pointer dX GEMM; above, before the TMA dX GEMM or NF4 chunks, _DS_SPLITS slices of N (whole split units),
+    summed as in ``_slices``."""
     if m <= _SPLIT_SUM_MAX_M or (gemm_sums and not tma) or _DS_SPLITS == 1:
         return _slices(m, n, r_chunks, device, gemm_sums, tma)
     splits, per = _unit_slices(n, _DS_SPLITS, _SPLIT_UNIT if device.type == "cuda" else _SPLIT_UNIT_INTERP)
@@ -710,8 +711,9 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     m_bucket = _next_pow2(m)
     base_mm = _base_mm(w, _BASE_MM_FWD)
     tma = not base_mm and _use_tma(x, w, y)
-    # S in K slices: fp32 partials the one forward GEMM sums, then stores S rounded (or see _slices). Under base_mm
-    # the GEMM's tiles read nothing but the slices, so they split as before the TMA GEMM.
+    # S in K slices: fp32 partials summed and rounded right after the pass before a TMA GEMM (presum), else by the
+    # one forward GEMM, which then stores S rounded (see _slices). Under base_mm the GEMM's tiles read nothing but
+    # the slices, so they split as before the TMA GEMM.
     presum = _PRESUM and tma
     splits, cols, summed = _slices(m, k, r_chunks, x.device, not (n == 0 or w.chunks or presum), tma or base_mm)
     s_part = s if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
@@ -792,7 +794,8 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
     fused_dbias = atomics and need_dbias
     base_mm = need_dx and _base_mm(w, _BASE_MM_DX)
     tma_dx = need_dx and not base_mm and _use_tma(dy, w, dx, n * k if segs else None)
-    # dS in N slices: fp32 partials the one dX GEMM sums (it stores dS rounded for the dA kernel), or see _slices.
+    # dS in N slices: summed first before a TMA dX GEMM (presum), else fp32 partials the one dX GEMM sums (it
+    # stores dS rounded for the dA kernel); see _slices.
     dx_sums = need_dx and k > 0 and w.chunks is None and not (_PRESUM and tma_dx)
     members = group.on and _DS_MEMBERS  # the dS pass's programs per member (MEMBER_R), see _DS_MEMBERS
     ds_block_r = _block_r(group.rb) if members else block_r
