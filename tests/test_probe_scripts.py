@@ -1,0 +1,50 @@
+"""The GPU probes' arithmetic, checked on the CPU: what scripts/probe_compose.py times must be the group's
+fwd+bwd, or its numbers (docs/PERF_NOTES.md) would time other work."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.fixture
+def probe_compose(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.syspath_prepend(str(SCRIPTS.parent))
+    import probe_compose as module
+    yield module
+    sys.modules.pop("probe_compose", None)
+
+
+@pytest.mark.parametrize("part", ["qkv", "gate_up"])
+@pytest.mark.parametrize("kcat", [False, True], ids=["beta1", "kcat"])
+def test_compose_is_the_groups_fwd_and_bwd(probe_compose, part, kcat):
+    """y, dX, dA and the block-diagonal B's gradient of the composed step equal autograd's through
+    y = x·W_catᵀ + (x·A_catᵀ)·(s·B_bd)ᵀ, for a q/k/v and a gate/up group (fp32, M = 64)."""
+    from benchmarks import block, presets
+
+    case = presets.block_case("block", "llama3-8b", 64, "float32", part=part)
+    data = block.make_block_data(case, torch.device("cpu"))
+    t = probe_compose._group_tensors(case, data)
+    y, dx, da, db = probe_compose._compose(t, kcat)()
+    x = t["x"].clone().requires_grad_(True)
+    a = t["a"].clone().requires_grad_(True)
+    b = t["b"].clone().requires_grad_(True)
+    want_y = x @ t["w"].t() + (x @ a.t()) @ b.t()
+    want_y.backward(torch.cat(t["dys"], dim=1))
+    for name, got, want in (("y", y, want_y), ("dX", dx, x.grad), ("dA", da, a.grad), ("dB", db, b.grad)):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_compose_pieces_run(probe_compose):
+    """Each timed piece runs on the group's operands (shapes agree), q/k/v at M = 64."""
+    from benchmarks import block, presets
+
+    case = presets.block_case("block", "llama3-8b", 64, "float32", part="qkv")
+    t = probe_compose._group_tensors(case, block.make_block_data(case, torch.device("cpu")))
+    pieces = probe_compose._pieces(t)
+    assert len(pieces) == 13
+    for fn in pieces.values():
+        fn()
