@@ -95,7 +95,7 @@ def _compose(t, kcat):
             for d in dys:  # what a dS pass reading the members' dY would write as it goes
                 dy[:, col:col + d.shape[1]].copy_(d)
                 col += d.shape[1]
-            ds = torch.mm(dy, b, out=None)
+            ds = dy @ b
             wide[:, n:].copy_(ds)
             db = dy.t() @ s
             da = ds.t() @ x
