@@ -698,11 +698,11 @@ print(json.dumps(out))
 
 
 def test_tma_gemm_mainloop_is_pipelined_for_sm90():
-    """The TMA GEMM's K-loop must be software-pipelined: with the default 3 stages its TTGIR holds the
-    prologue's and the loop's TMA copies of A and W (>= 6). The flattened tile loop with the LoRA seed in it
-    compiled to 2 (unpipelined) and measured 1.8x slower than the pointer GEMMs on the H200 (2026-11-29); shared
-    memory must also fit an H200 SM (227 KB). The dX GEMM on a group's dY segments (SEG_A) has one K loop per
-    member (four), each pipelined: >= 24 copies."""
+    """The TMA GEMM's K-loop must be software-pipelined: with the default 3 stages (tile loop not flattened) its
+    TTGIR holds the prologue's and the loop's TMA copies of A and W (>= 6); shared memory must also fit an H200 SM
+    (227 KB). The dX GEMM on a group's dY segments (SEG_A) has one K loop per member (four), each pipelined: >= 24
+    copies. (A flattened tile loop counts 2 copies in 3-stage buffers, its prologue predicated inside the loop:
+    docs/PERF_NOTES.md item 42.)"""
     res = run_sm90_probe(_TMA_PIPELINE_PROBE)
     assert sorted(res) == ["dx", "dx_segments", "fwd"]
     for name, r in res.items():
