@@ -1,7 +1,8 @@
 """GPU diagnostic: does the benchmark process's history slow a host-bound step? The q/k/v block case at 2048 rows:
-the eager loop, host time and do_bench median of floor_grouped and fused_grouped in a fresh process, then after the block preset's
-other providers (PEFT, PEFT+bitsandbytes, the ungrouped fused layers) were built and run a few steps and freed, as
-the preset does between providers, then with Python's garbage collector frozen. One process.
+the eager loop, host time and do_bench median of floor_grouped and fused_grouped in a fresh process, then after
+the block preset's other providers (PEFT, PEFT+bitsandbytes, the ungrouped fused layers) were built and run a few
+steps and freed, as the preset does between providers, then with Python's garbage collector frozen, then
+disabled. One process.
 
     python scripts/diag_host_state.py [--m 2048] [--others peft,peft_bnb,fused,fused_qlora]
 """

@@ -6,8 +6,9 @@ group, warp count or stage count than lora.py's _TMA_CONFIGS closes part of the 
     python scripts/probe_tma.py [--shapes 8192x4096x6144x48,8192x4096x14336x16] [--configs 128x256x64x8x8x3,...]
 
 A shape is MxKxNxR[xS] (x (M, K), W (N, K), rank R; with S > 1 the LoRA term's L arrives as S fp32 slices that
-the kernel sums, as the S / dS passes split at up to 2048 rows); a config BMxBNxBKxGROUP_MxWARPSxSTAGES. Each line: do_bench
-median µs (L2 flushed before each call), the ratio to cuBLAS, and the output's error against an fp32 product.
+the kernel sums, as the S / dS passes hand them with LORA_OPS_SPLIT_PRESUM=0 at up to 2048 rows); a config
+BMxBNxBKxGROUP_MxWARPSxSTAGES. Each line: do_bench median µs (L2 flushed before each call), the ratio to cuBLAS,
+and the output's error against an fp32 product.
 ``LORA_OPS_TMA_FLATTEN=1`` times the flattened tile loop instead.
 """
 import argparse

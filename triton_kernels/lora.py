@@ -262,8 +262,12 @@ class _Finish:
             return acc.clone() if self.dtype == torch.float32 else acc.to(self.dtype)
         return self._job(acc, shape, 1, 0)
 
-    def _job(self, src: torch.Tensor, shape, splits: int, stride: int) -> torch.Tensor:
-        dst = torch.empty(shape, dtype=self.dtype, device=self.device)
+    def _job(self, src: torch.Tensor, shape, splits: int, stride: int,
+             dst: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Collect dst = src's ``splits`` slices ``stride`` apart, summed and rounded (dst made here unless given,
+        contiguous)."""
+        if dst is None:
+            dst = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.jobs.append((src, dst, dst.numel(), splits, stride))
         return dst
 
@@ -286,7 +290,7 @@ def _sum_into(parts: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(parts.sum(0))
         return
     fin = _Finish(out.dtype, out.device)
-    fin.jobs.append((parts, out, out.numel(), parts.shape[0], parts.stride(0)))
+    fin._job(parts, out.shape, parts.shape[0], parts.stride(0), dst=out)
     fin.launch()
 
 
