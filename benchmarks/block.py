@@ -31,7 +31,9 @@ projections are found under, as in a transformers decoder layer) built from thos
 After the providers, ``measure_pairs`` times each grouped provider against the case's floor once more, the two
 built side by side and their eager loops alternating in rounds (mode ``paired``, metric ``paired_ratio``: median
 and p20 / p80 of the rounds' ratios), so that a drift of the lent machine's host or clocks between two providers'
-timings cancels in each round.
+timings cancels in each round. On CUDA the same pair is then captured in CUDA graphs and their replays alternate
+the same way (mode ``paired_graph``, metric ``paired_graph_ratio``): device time alone, the instrument for a case
+whose eager loop is host-bound.
 
 A grouped provider whose groups did not form (``lora_ops.grouped.explain_groups``) fails its build, so an
 ungrouped model is never timed under a grouped name. FLOPs and bytes (TFLOP/s, GB/s columns) are the seven
@@ -335,6 +337,7 @@ def block_cost(case: BlockCase, provider: str, mode: str) -> Tuple[float, float]
 PAIRED = ("fused_grouped", "fused_qlora_grouped")
 PAIRED_ROUNDS = 15  # CUDA; the CPU quick mode runs 3
 PAIRED_LOOP_MS = 25.0  # wall time of one provider's loop in a round
+GRAPH_REPLAYS = 10  # CUDA-graph replays per provider in a round (mode paired_graph)
 
 
 def _paired_ready(rows: List[Dict], case: BlockCase) -> List[str]:
@@ -344,17 +347,32 @@ def _paired_ready(rows: List[Dict], case: BlockCase) -> List[str]:
     return [p for p in PAIRED if p in ok] if case.floor in ok else []
 
 
+def interleaved(timers: Dict[str, Callable[[], float]], rounds: int) -> Dict[str, List[float]]:
+    """{name: one time per round}: each round calls every timer once, in the given order in even rounds and in
+    reverse in odd ones, so that drift of the host or the clocks falls on all of them alike."""
+    out: Dict[str, List[float]] = {name: [] for name in timers}
+    names = list(timers)
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            out[name].append(timers[name]())
+    return out
+
+
 def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> List[Dict]:
-    """Each grouped provider ÷ the case's floor from interleaved rounds: both built side by side, each round one
-    loop of ``n`` eager fwd+bwd calls per provider (one synchronize at its end), the order alternating; the rows
-    give the median and p20 / p80 of the per-round ratios (mode ``paired``, metric ``paired_ratio``).
+    """Each grouped provider ÷ the case's floor from interleaved rounds, both built side by side.
+
+    Mode ``paired`` (metric ``paired_ratio``): each round one loop of ``n`` eager fwd+bwd calls per provider (one
+    synchronize at its end), the order alternating. Mode ``paired_graph`` (metric ``paired_graph_ratio``, CUDA
+    only): the same two fwd+bwd captured in CUDA graphs, each round ``GRAPH_REPLAYS`` replays per provider timed
+    with CUDA events: device time alone, which a host-bound eager loop cannot show. Each gives the median and
+    p20 / p80 of the per-round ratios.
 
     A do_bench median of each provider taken one after the other moves with the lent machine's host and clocks
     between the two measurements (a floor timed again has read 0.45x of itself at 2048 rows); rounds that
     alternate put both in the same conditions, so drift cancels in each round's ratio."""
     import time
 
-    from .harness import Rows, _clear, make_calls, quantiles
+    from .harness import Rows, _clear, _reason, _skip_rows, make_calls, quantiles
 
     dev = run.dev
     out: List[Dict] = []
@@ -365,6 +383,7 @@ def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> Li
                  and r["metric"] == "eager_ms" and r["provider"] in (provider, case.floor)}
         builts: Dict[str, Built] = {}
         calls: Dict[str, Tuple] = {}
+        timers: Dict[str, Callable[[], float]] = {}
         try:
             for p in (case.floor, provider):
                 builts[p] = run.block_builders[p](case, data.sets[0])
@@ -374,11 +393,8 @@ def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> Li
             rounds = PAIRED_ROUNDS if dev.cuda else 3
             for fn, grads, _ in calls.values():  # warm-up: first calls compile, autotune, allocate
                 dev.loop_ms(fn, grads, 3)
-            ms: Dict[str, List[float]] = {case.floor: [], provider: []}
-            for i in range(rounds):
-                for p in ((case.floor, provider) if i % 2 == 0 else (provider, case.floor)):
-                    fn, grads, _ = calls[p]
-                    ms[p].append(dev.loop_ms(fn, grads, n))
+            ms = interleaved({p: (lambda fn=fn, grads=grads: dev.loop_ms(fn, grads, n))
+                              for p, (fn, grads, _) in calls.items()}, rounds)
             p50, p20, p80 = quantiles([a / b for a, b in zip(ms[provider], ms[case.floor])])
             config = dict(case.config(), mode="paired", floor=case.floor, rounds=rounds, calls_per_loop=n,
                           timer="time.perf_counter, one synchronize per loop", cuda_graphs=False,
@@ -388,11 +404,27 @@ def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> Li
                   note=f"median over {rounds} interleaved rounds of ({provider} loop ÷ {case.floor} loop), "
                        f"{n} eager fwd+bwd calls per loop, both built side by side")
             out += r.rows
+            if dev.graphs:
+                try:
+                    for p, (fn, grads, _) in calls.items():
+                        timers[p] = dev.graph_timer(fn, grads, GRAPH_REPLAYS)
+                    gms = interleaved(timers, rounds)
+                    p50, p20, p80 = quantiles([a / b for a, b in zip(gms[provider], gms[case.floor])])
+                    config = dict(case.config(), mode="paired_graph", floor=case.floor, rounds=rounds,
+                                  replays_per_round=GRAPH_REPLAYS, cuda_graphs=True,
+                                  timer="CUDA events around the replays of one captured fwd+bwd",
+                                  order="floor first in even rounds, provider first in odd rounds")
+                    r = Rows(run, case, provider, "paired_graph", config)
+                    r.add("paired_graph_ratio", p50, "x", p20, p80,
+                          note=f"median over {rounds} interleaved rounds of ({provider} ÷ {case.floor}) device "
+                               f"time, {GRAPH_REPLAYS} CUDA-graph replays of one fwd+bwd per provider a round")
+                    out += r.rows
+                except Exception as e:  # noqa: BLE001 - the eager pair stands; this one is recorded as skipped
+                    out += _skip_rows(run, case, provider, ["paired_graph"], "CUDA-graph rounds failed: " + _reason(e))
         except Exception as e:  # noqa: BLE001 - recorded, the rest of the run goes on
-            from .harness import _reason, _skip_rows
-
             out += _skip_rows(run, case, provider, ["paired"], "paired rounds failed: " + _reason(e))
         finally:
+            timers.clear()  # the graphs and their memory pools go with their timers
             for _, grads, keep in calls.values():
                 keep.clear()
                 _clear(grads)

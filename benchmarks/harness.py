@@ -10,7 +10,8 @@ Per (case, provider, mode), outside any timed region unless stated:
    flushed before every call, gradients set to None before every call through ``grad_to_none``); on the CPU,
    ``time.perf_counter`` around each call, median and p20/p80 of the samples.
 3. eager: a plain Python loop of n calls (gradients set to None inside the loop), synchronize, wall clock / n.
-   It shows the host time that do_bench's queued L2 flushes hide. No CUDA graphs anywhere.
+   It shows the host time that do_bench's queued L2 flushes hide. No CUDA graphs here; decode's ``graph_ms``
+   and the block preset's ``paired_graph`` rounds (benchmarks/block.py) are the CUDA-graph timings.
    The ``host`` mode (host preset) is fwd+bwd timed only this way, at a shape whose GPU work is a few
    microseconds: loops of ``host_calls`` calls with one synchronize at the end, median of ``host_loops`` loops,
    as microseconds per call (``host_us``): the host cost of one training call of the layer.
@@ -166,6 +167,37 @@ class Device:
                 raise RuntimeError("no CUDA device is visible; run the CPU quick mode with --cpu")
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda = self.device.type == "cuda"
+        self.graphs = self.cuda  # whether graph_timer can capture (the CPU quick mode has no device time)
+
+    def graph_timer(self, fn: Callable, grads: Sequence[torch.Tensor], replays: int) -> Callable[[], float]:
+        """fn's call captured in a CUDA graph (after three warm-up calls on a side stream, ``grads`` cleared
+        before the capture, so the replays write the same output and gradient buffers); returns a timer: ms per
+        replay of ``replays`` back-to-back replays between two CUDA events, i.e. device time without the host.
+        The graph lives as long as the timer."""
+        if not self.graphs:
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                _clear(grads)
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        _clear(grads)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def timer(graph=graph) -> float:
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / replays
+        timer()  # the first replays upload the graph
+        return timer
 
     def sync(self) -> None:
         if self.cuda:

@@ -348,26 +348,35 @@ def _block_label(provs: Dict) -> str:
             + (f", r={cfg['r']}" if cfg.get("r", 16) != 16 else ""))
 
 
+_PAIRED_KINDS = (
+    ("paired", "paired_ratio", "Interleaved rounds (the provider's loop of eager fwd+bwd calls ÷ `{floor}`'s, "
+     "alternating in one process; median [p20, p80] of the rounds' ratios):"),
+    ("paired_graph", "paired_graph_ratio", "Device time alone (each fwd+bwd captured in a CUDA graph, its replays "
+     "÷ `{floor}`'s, alternating in the same rounds; median [p20, p80] of the rounds' ratios):"))
+
+
 def _paired_lines(cases: Dict, first: str, floor: str) -> List[str]:
-    """The grouped providers' interleaved rounds against ``floor`` (block.measure_pairs), one line per case that
-    has them: median [p20, p80] of the per-round ratios."""
-    rows = []
-    for case, provs in cases.items():
-        cells, rounds = [_block_label(provs)], None
-        for p in ("fused_grouped", "fused_qlora_grouped"):
-            r = provs.get(p, {}).get("paired", {}).get("paired_ratio")
-            if r is None or r["status"] != "ok":
-                cells.append("–")
-                continue
-            rounds = report._cfg(r).get("rounds")
-            cells.append(f"{_x(r['value'])} [{_x(r['p20'])}, {_x(r['p80'])}]")
-        if rounds is not None:
-            rows.append("| " + " | ".join(cells + [str(rounds)]) + " |")
-    if not rows:
-        return []
-    return (["", f"Interleaved rounds (the provider's loop of eager fwd+bwd calls ÷ `{floor}`'s, alternating in one "
-             "process; median [p20, p80] of the rounds' ratios):", ""]
-            + _head(first, "**lora_ops LoRA grouped**", "**lora_ops QLoRA grouped**", "rounds") + rows)
+    """The grouped providers' interleaved rounds against ``floor`` (block.measure_pairs), eager and, where the run
+    has them, CUDA-graph replays: a table each, one line per case that has them, median [p20, p80] of the per-round
+    ratios."""
+    out = []
+    for mode, metric, title in _PAIRED_KINDS:
+        rows = []
+        for case, provs in cases.items():
+            cells, rounds = [_block_label(provs)], None
+            for p in ("fused_grouped", "fused_qlora_grouped"):
+                r = provs.get(p, {}).get(mode, {}).get(metric)
+                if r is None or r["status"] != "ok":
+                    cells.append("–")
+                    continue
+                rounds = report._cfg(r).get("rounds")
+                cells.append(f"{_x(r['value'])} [{_x(r['p20'])}, {_x(r['p80'])}]")
+            if rounds is not None:
+                rows.append("| " + " | ".join(cells + [str(rounds)]) + " |")
+        if rows:
+            out += (["", title.format(floor=floor), ""]
+                    + _head(first, "**lora_ops LoRA grouped**", "**lora_ops QLoRA grouped**", "rounds") + rows)
+    return out
 
 
 def block_section(idx: Dict, csv_dir: str) -> List[str]:

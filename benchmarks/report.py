@@ -268,10 +268,11 @@ def _case_table(case: str, providers: Dict) -> List[str]:
                 continue
             t = m.get("time_ms")
             h = m.get("host_us")
-            pr = m.get("paired_ratio")
+            pr = m.get("paired_ratio") or m.get("paired_graph_ratio")
             if t is None and pr is not None:
-                out.append(f"| {provider} | paired | | {_x(pr['value'])} [{_x(pr['p20'])}, {_x(pr['p80'])}] "
-                           f"interleaved with {floor} | | | | | | | |")
+                how = "CUDA-graph replays interleaved" if "paired_graph_ratio" in m else "interleaved"
+                out.append(f"| {provider} | {mode} | | {_x(pr['value'])} [{_x(pr['p20'])}, {_x(pr['p80'])}] "
+                           f"{how} with {_cfg(pr).get('floor', floor)} | | | | | | | |")
                 continue
             if t is None and h is not None:
                 out.append(f"| {provider} | host | host {_f(h['value'])} us per call [{_f(h['p20'])}, {_f(h['p80'])}] "

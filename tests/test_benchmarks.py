@@ -462,6 +462,68 @@ def test_block_pairs_time_the_provider_against_the_floor(monkeypatch):
     assert block.measure_pairs(run, case, data, done) == []
 
 
+
+def test_block_pairs_add_device_time_from_graph_replays(monkeypatch):
+    """Where the device can capture CUDA graphs, measure_pairs also times the pair from graph replays in
+    interleaved rounds (mode paired_graph): the ratio is the provider's replay time ÷ the floor's, its rows carry
+    the rounds and replays, the README's block section shows them in their own table, and a capture that fails
+    leaves the eager pair standing with a skipped paired_graph row. The CPU quick mode takes none."""
+    from benchmarks import block, readme
+
+    case = presets.block_case("t", "tiny", 8, "float32", part="qkv")
+    data = block.make_block_data(case, torch.device("cpu"))
+    run = harness.Run(harness.Device(harness.Settings(cpu=True)), harness.Settings(cpu=True), {}, "test-run")
+    done = [dict(case=case.name, mode="full", metric="time_ms", status="ok", provider=p)
+            for p in ("floor_grouped", "fused_grouped")]
+    assert run.dev.graphs is False
+    assert {r["mode"] for r in block.measure_pairs(run, case, data, done)} == {"paired"}
+
+    captured, calls = [], []
+    fake_ms = {"floor_grouped": 2.0, "fused_grouped": 2.5}
+
+    def graph_timer(fn, grads, replays):
+        name = "floor_grouped" if not captured else "fused_grouped"  # captured in the order floor, provider
+        captured.append((name, replays))
+        fn()  # the captured call runs once, as a capture would
+
+        def timer():
+            calls.append(name)
+            return fake_ms[name] * (1 + 0.01 * len(calls))  # drifts: each round's ratio stays near 1.25
+        return timer
+
+    run.dev.graphs = True
+    monkeypatch.setattr(run.dev, "graph_timer", graph_timer)
+    rows = block.measure_pairs(run, case, data, done)
+    assert [(r["mode"], r["metric"], r["status"]) for r in rows] == [("paired", "paired_ratio", "ok"),
+                                                                    ("paired_graph", "paired_graph_ratio", "ok")]
+    assert captured == [("floor_grouped", block.GRAPH_REPLAYS), ("fused_grouped", block.GRAPH_REPLAYS)]
+    assert calls == ["floor_grouped", "fused_grouped", "fused_grouped", "floor_grouped",
+                     "floor_grouped", "fused_grouped"]  # 3 rounds, the order alternating
+    g = rows[1]
+    assert 1.2 < g["p20"] <= g["value"] <= g["p80"] < 1.3
+    cfg = json.loads(g["config"])
+    assert (cfg["mode"], cfg["floor"], cfg["rounds"], cfg["cuda_graphs"]) == ("paired_graph", case.floor, 3, True)
+    md = "\n".join(report._case_table(case.name, report._index(rows)[case.preset][case.name]))
+    assert "| fused_grouped | paired_graph | | 1.2" in md and "CUDA-graph replays interleaved with floor_grouped" in md
+    section = "\n".join(readme._paired_lines(report._index(rows)[case.preset], "group, M", "floor_grouped"))
+    assert "Interleaved rounds" in section and "Device time alone" in section
+
+    def failing(fn, grads, replays):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(run.dev, "graph_timer", failing)
+    rows = block.measure_pairs(run, case, data, done)
+    assert [(r["mode"], r["status"]) for r in rows] == [("paired", "ok"), ("paired_graph", "skipped")]
+    assert "CUDA-graph rounds failed" in rows[1]["note"] and "capturing" in rows[1]["note"]
+
+
+def test_interleaved_rounds_alternate_the_order():
+    from benchmarks import block
+
+    seen = []
+    got = block.interleaved({"a": lambda: seen.append("a") or 1.0, "b": lambda: seen.append("b") or 2.0}, 4)
+    assert seen == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert got == {"a": [1.0] * 4, "b": [2.0] * 4}
+
 def _block_run(built, data):
     """One fwd+bwd of a built block provider: (outputs, input grads, {(projection, 'A'|'B'): grad})."""
     for x in data.x:
@@ -659,3 +721,7 @@ def test_gpu_block_case_runs_every_provider(cuda):
             info = json.loads(by[(p, "time_ms")]["config"])["provider_info"]
             assert info["lora_fwd"] != "reference", info
             assert set(info["groups"].values()) == ({"grouped"} if p.endswith("_grouped") else {"ungrouped"})
+    for p in ("fused_grouped", "fused_qlora_grouped"):  # eager and CUDA-graph rounds against the floor
+        for metric in ("paired_ratio", "paired_graph_ratio"):
+            r = by[(p, metric)]
+            assert r["status"] == "ok" and 0 < r["p20"] <= r["value"] <= r["p80"], r["note"]

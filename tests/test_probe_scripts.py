@@ -48,3 +48,34 @@ def test_compose_pieces_run(probe_compose):
     assert len(pieces) == 13
     for fn in pieces.values():
         fn()
+
+
+@pytest.fixture
+def ab_settings(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.syspath_prepend(str(SCRIPTS.parent))
+    import ab_settings as module
+    yield module
+    module._use("default")
+    sys.modules.pop("ab_settings", None)
+
+
+def test_ab_settings_variants_set_and_restore_the_launcher_settings(ab_settings, monkeypatch):
+    """A variant sets the launcher settings it names (the NF4 chunk bound and row limit, presum, flattening) and
+    leaves the rest at their defaults; the next variant starts from the defaults again; a typo is refused."""
+    from lora_ops.triton_kernels import lora as L
+
+    monkeypatch.delenv("LORA_OPS_TMA_FLATTEN", raising=False)
+    before = (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM)
+    ab_settings._use("chunk_mib=8 chunk_min_m=2048 presum=0 flatten=1")
+    assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM) == (8 << 20, 2048, False)
+    assert len(L._nf4_chunks(6144, 4096, 64, 2, "rows")) == 6  # q/k/v's 48 MiB temporary in 8 MiB chunks
+    import os
+    assert os.environ["LORA_OPS_TMA_FLATTEN"] == "1"
+    ab_settings._use("chunk_mib=16")
+    assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM) == (16 << 20, before[1], before[2])
+    assert "LORA_OPS_TMA_FLATTEN" not in os.environ
+    ab_settings._use("default")
+    assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM) == before
+    with pytest.raises(ValueError, match="chunk_mib"):
+        ab_settings._use("chunk_mb=8")
