@@ -33,7 +33,9 @@ built side by side and their eager loops alternating in rounds (mode ``paired``,
 and p20 / p80 of the rounds' ratios), so that a drift of the lent machine's host or clocks between two providers'
 timings cancels in each round. On CUDA the same pair is then captured in CUDA graphs and their replays alternate
 the same way (mode ``paired_graph``, metric ``paired_graph_ratio``): device time alone, the instrument for a case
-whose eager loop is host-bound.
+whose eager loop is host-bound. Each grouped provider is then paired the same two ways with its ungrouped twin
+(``fused_grouped`` with ``fused``; metrics ``grouping_ratio`` and ``grouping_graph_ratio``): what grouping itself
+changes, the evidence ``group_projections``' default waits for.
 
 A grouped provider whose groups did not form (``lora_ops.grouped.explain_groups``) fails its build, so an
 ungrouped model is never timed under a grouped name. FLOPs and bytes (TFLOP/s, GB/s columns) are the seven
@@ -333,18 +335,25 @@ def block_cost(case: BlockCase, provider: str, mode: str) -> Tuple[float, float]
 
 # ------------------------------------------------------------------------------------------------ paired rounds
 
-# The grouped providers timed against the case's floor in interleaved rounds (``measure_pairs``).
+# The grouped providers timed against the case's floor, and against their ungrouped twins, in interleaved rounds
+# (``measure_pairs``).
 PAIRED = ("fused_grouped", "fused_qlora_grouped")
+TWIN = {"fused_grouped": "fused", "fused_qlora_grouped": "fused_qlora"}
 PAIRED_ROUNDS = 15  # CUDA; the CPU quick mode runs 3
 PAIRED_LOOP_MS = 25.0  # wall time of one provider's loop in a round
 GRAPH_REPLAYS = 10  # CUDA-graph replays per provider in a round (mode paired_graph)
+# The metrics of a pair, (eager rounds, CUDA-graph rounds), by what the provider is divided by.
+PAIR_METRICS = {"floor": ("paired_ratio", "paired_graph_ratio"), "twin": ("grouping_ratio", "grouping_graph_ratio")}
 
 
-def _paired_ready(rows: List[Dict], case: BlockCase) -> List[str]:
-    """The PAIRED providers whose full mode was timed in ``rows`` (and the case's floor too)."""
+def _paired_ready(rows: List[Dict], case: BlockCase) -> List[Tuple[str, str, str]]:
+    """(provider, reference, 'floor' or 'twin'): each PAIRED provider whose full mode was timed in ``rows`` against
+    the case's floor, then against its ungrouped twin, where those were timed too."""
     ok = {r["provider"] for r in rows if r["case"] == case.name and r["mode"] == "full" and r["metric"] == "time_ms"
           and r["status"] == "ok"}
-    return [p for p in PAIRED if p in ok] if case.floor in ok else []
+    ready = [p for p in PAIRED if p in ok]
+    return ([(p, case.floor, "floor") for p in ready if case.floor in ok]
+            + [(p, TWIN[p], "twin") for p in ready if TWIN[p] in ok])
 
 
 def interleaved(timers: Dict[str, Callable[[], float]], rounds: int) -> Dict[str, List[float]]:
@@ -359,13 +368,14 @@ def interleaved(timers: Dict[str, Callable[[], float]], rounds: int) -> Dict[str
 
 
 def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> List[Dict]:
-    """Each grouped provider ÷ the case's floor from interleaved rounds, both built side by side.
+    """Each grouped provider ÷ the case's floor, then ÷ its ungrouped twin (``fused_grouped`` ÷ ``fused``: what
+    grouping itself changes), from interleaved rounds, the two built side by side.
 
-    Mode ``paired`` (metric ``paired_ratio``): each round one loop of ``n`` eager fwd+bwd calls per provider (one
-    synchronize at its end), the order alternating. Mode ``paired_graph`` (metric ``paired_graph_ratio``, CUDA
-    only): the same two fwd+bwd captured in CUDA graphs, each round ``GRAPH_REPLAYS`` replays per provider timed
-    with CUDA events: device time alone, which a host-bound eager loop cannot show. Each gives the median and
-    p20 / p80 of the per-round ratios.
+    Mode ``paired`` (metrics ``paired_ratio`` against the floor, ``grouping_ratio`` against the twin): each round
+    one loop of ``n`` eager fwd+bwd calls per provider (one synchronize at its end), the order alternating. Mode
+    ``paired_graph`` (``paired_graph_ratio``, ``grouping_graph_ratio``; CUDA only): the same two fwd+bwd captured
+    in CUDA graphs, each round ``GRAPH_REPLAYS`` replays per provider timed with CUDA events: device time alone,
+    which a host-bound eager loop cannot show. Each gives the median and p20 / p80 of the per-round ratios.
 
     A do_bench median of each provider taken one after the other moves with the lent machine's host and clocks
     between the two measurements (a floor timed again has read 0.45x of itself at 2048 rows); rounds that
@@ -376,16 +386,17 @@ def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> Li
 
     dev = run.dev
     out: List[Dict] = []
-    for provider in _paired_ready(rows, case):
+    for provider, ref, kind in _paired_ready(rows, case):
         if run.deadline is not None and time.monotonic() > run.deadline:
             break  # budget: the pair is left out (its providers' own rows stand)
+        eager_metric, graph_metric = PAIR_METRICS[kind]
         eager = {r["provider"]: r["value"] for r in rows if r["case"] == case.name and r["mode"] == "full"
-                 and r["metric"] == "eager_ms" and r["provider"] in (provider, case.floor)}
+                 and r["metric"] == "eager_ms" and r["provider"] in (provider, ref)}
         builts: Dict[str, Built] = {}
         calls: Dict[str, Tuple] = {}
         timers: Dict[str, Callable[[], float]] = {}
         try:
-            for p in (case.floor, provider):
+            for p in (ref, provider):
                 builts[p] = run.block_builders[p](case, data.sets[0])
                 calls[p] = make_calls(data, [builts[p]], "full")
             slowest = max(eager.values()) if len(eager) == 2 else PAIRED_LOOP_MS
@@ -395,13 +406,14 @@ def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> Li
                 dev.loop_ms(fn, grads, 3)
             ms = interleaved({p: (lambda fn=fn, grads=grads: dev.loop_ms(fn, grads, n))
                               for p, (fn, grads, _) in calls.items()}, rounds)
-            p50, p20, p80 = quantiles([a / b for a, b in zip(ms[provider], ms[case.floor])])
-            config = dict(case.config(), mode="paired", floor=case.floor, rounds=rounds, calls_per_loop=n,
-                          timer="time.perf_counter, one synchronize per loop", cuda_graphs=False,
-                          order="floor first in even rounds, provider first in odd rounds")
+            p50, p20, p80 = quantiles([a / b for a, b in zip(ms[provider], ms[ref])])
+            order = f"{ref} first in even rounds, {provider} first in odd rounds"
+            config = dict(case.config(), mode="paired", floor=case.floor, against=ref, rounds=rounds,
+                          calls_per_loop=n, timer="time.perf_counter, one synchronize per loop", cuda_graphs=False,
+                          order=order)
             r = Rows(run, case, provider, "paired", config)
-            r.add("paired_ratio", p50, "x", p20, p80,
-                  note=f"median over {rounds} interleaved rounds of ({provider} loop ÷ {case.floor} loop), "
+            r.add(eager_metric, p50, "x", p20, p80,
+                  note=f"median over {rounds} interleaved rounds of ({provider} loop ÷ {ref} loop), "
                        f"{n} eager fwd+bwd calls per loop, both built side by side")
             out += r.rows
             if dev.graphs:
@@ -409,20 +421,20 @@ def measure_pairs(run, case: BlockCase, data: BlockData, rows: List[Dict]) -> Li
                     for p, (fn, grads, _) in calls.items():
                         timers[p] = dev.graph_timer(fn, grads, GRAPH_REPLAYS)
                     gms = interleaved(timers, rounds)
-                    p50, p20, p80 = quantiles([a / b for a, b in zip(gms[provider], gms[case.floor])])
-                    config = dict(case.config(), mode="paired_graph", floor=case.floor, rounds=rounds,
+                    p50, p20, p80 = quantiles([a / b for a, b in zip(gms[provider], gms[ref])])
+                    config = dict(case.config(), mode="paired_graph", floor=case.floor, against=ref, rounds=rounds,
                                   replays_per_round=GRAPH_REPLAYS, cuda_graphs=True,
-                                  timer="CUDA events around the replays of one captured fwd+bwd",
-                                  order="floor first in even rounds, provider first in odd rounds")
+                                  timer="CUDA events around the replays of one captured fwd+bwd", order=order)
                     r = Rows(run, case, provider, "paired_graph", config)
-                    r.add("paired_graph_ratio", p50, "x", p20, p80,
-                          note=f"median over {rounds} interleaved rounds of ({provider} ÷ {case.floor}) device "
-                               f"time, {GRAPH_REPLAYS} CUDA-graph replays of one fwd+bwd per provider a round")
+                    r.add(graph_metric, p50, "x", p20, p80,
+                          note=f"median over {rounds} interleaved rounds of ({provider} ÷ {ref}) device time, "
+                               f"{GRAPH_REPLAYS} CUDA-graph replays of one fwd+bwd per provider a round")
                     out += r.rows
                 except Exception as e:  # noqa: BLE001 - the eager pair stands; this one is recorded as skipped
-                    out += _skip_rows(run, case, provider, ["paired_graph"], "CUDA-graph rounds failed: " + _reason(e))
+                    out += _skip_rows(run, case, provider, ["paired_graph"],
+                                      f"CUDA-graph rounds against {ref} failed: " + _reason(e))
         except Exception as e:  # noqa: BLE001 - recorded, the rest of the run goes on
-            out += _skip_rows(run, case, provider, ["paired"], "paired rounds failed: " + _reason(e))
+            out += _skip_rows(run, case, provider, ["paired"], f"paired rounds against {ref} failed: " + _reason(e))
         finally:
             timers.clear()  # the graphs and their memory pools go with their timers
             for _, grads, keep in calls.values():

@@ -352,13 +352,17 @@ _PAIRED_KINDS = (
     ("paired", "paired_ratio", "Interleaved rounds (the provider's loop of eager fwd+bwd calls ÷ `{floor}`'s, "
      "alternating in one process; median [p20, p80] of the rounds' ratios):"),
     ("paired_graph", "paired_graph_ratio", "Device time alone (each fwd+bwd captured in a CUDA graph, its replays "
-     "÷ `{floor}`'s, alternating in the same rounds; median [p20, p80] of the rounds' ratios):"))
+     "÷ `{floor}`'s, alternating in the same rounds; median [p20, p80] of the rounds' ratios):"),
+    ("paired", "grouping_ratio", "Grouped ÷ ungrouped (the same lora_ops provider with `group_projections` off, "
+     "eager loops alternating in one process; median [p20, p80] of the rounds' ratios; < 1: grouping is faster):"),
+    ("paired_graph", "grouping_graph_ratio", "Grouped ÷ ungrouped in device time alone (CUDA-graph replays "
+     "alternating; median [p20, p80] of the rounds' ratios; < 1: grouping is faster):"))
 
 
 def _paired_lines(cases: Dict, first: str, floor: str) -> List[str]:
-    """The grouped providers' interleaved rounds against ``floor`` (block.measure_pairs), eager and, where the run
-    has them, CUDA-graph replays: a table each, one line per case that has them, median [p20, p80] of the per-round
-    ratios."""
+    """The grouped providers' interleaved rounds (block.measure_pairs) against ``floor`` and against their
+    ungrouped twins, eager and, where the run has them, CUDA-graph replays: a table each, one line per case that
+    has them, median [p20, p80] of the per-round ratios."""
     out = []
     for mode, metric, title in _PAIRED_KINDS:
         rows = []

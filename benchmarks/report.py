@@ -24,6 +24,8 @@ COLUMNS = ("run_id", "preset", "case", "shape", "provider", "mode", "metric", "v
            "ratio_to_floor", "status", "note", "config", "env")
 NUMERIC = ("value", "p20", "p80", "ratio_to_floor")
 RATIO_METRICS = ("time_ms", "eager_ms", "graph_ms", "peak_extra_mib", "tokens_per_s", "host_us")
+# The block preset's interleaved pairs (benchmarks/block.py measure_pairs), in the order the case tables list them.
+PAIR_METRICS = ("paired_ratio", "grouping_ratio", "paired_graph_ratio", "grouping_graph_ratio")
 MERGE_KEY = ("preset", "case", "provider", "mode")
 HIDDEN_IN_SUMMARY = ("floor_repeat",)
 FLOORS = ("floor", "copy")
@@ -268,11 +270,13 @@ def _case_table(case: str, providers: Dict) -> List[str]:
                 continue
             t = m.get("time_ms")
             h = m.get("host_us")
-            pr = m.get("paired_ratio") or m.get("paired_graph_ratio")
-            if t is None and pr is not None:
-                how = "CUDA-graph replays interleaved" if "paired_graph_ratio" in m else "interleaved"
-                out.append(f"| {provider} | {mode} | | {_x(pr['value'])} [{_x(pr['p20'])}, {_x(pr['p80'])}] "
-                           f"{how} with {_cfg(pr).get('floor', floor)} | | | | | | | |")
+            pairs = [m[k] for k in PAIR_METRICS if k in m]
+            if t is None and pairs:
+                for pr in pairs:  # block.measure_pairs: against the floor, then against the ungrouped twin
+                    how = "CUDA-graph replays interleaved" if mode == "paired_graph" else "interleaved"
+                    ref = _cfg(pr).get("against") or _cfg(pr).get("floor", floor)
+                    out.append(f"| {provider} | {mode} | | {_x(pr['value'])} [{_x(pr['p20'])}, {_x(pr['p80'])}] "
+                               f"{how} with {ref} | | | | | | | |")
                 continue
             if t is None and h is not None:
                 out.append(f"| {provider} | host | host {_f(h['value'])} us per call [{_f(h['p20'])}, {_f(h['p80'])}] "

@@ -403,21 +403,26 @@ def test_cpu_block_preset_rows(one_thread):
             assert len(vals) == len(want) and all(math.isfinite(v) and v > 0 for v in vals)
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert [(r["provider"], r["note"]) for r in skipped] == [("peft_bnb", bnb)] * (len(cases) if bnb else 0)
-    for case in cases:  # the grouped providers' interleaved rounds against the case's floor
-        paired = {r["provider"]: r for r in rows if r["case"] == case.name and r["mode"] == "paired"}
-        assert sorted(paired) == ["fused_grouped", "fused_qlora_grouped"]
-        for r in paired.values():
-            assert r["metric"] == "paired_ratio" and r["status"] == "ok", r["note"]
+    for case in cases:  # the grouped providers' interleaved rounds against the case's floor and their twins
+        paired = {(r["provider"], r["metric"]): r for r in rows if r["case"] == case.name and r["mode"] == "paired"}
+        assert sorted(paired) == [(p, m) for p in ("fused_grouped", "fused_qlora_grouped")
+                                  for m in ("grouping_ratio", "paired_ratio")]
+        for (p, metric), r in paired.items():
+            assert r["status"] == "ok", r["note"]
             assert math.isfinite(r["value"]) and 0 < r["p20"] <= r["value"] <= r["p80"]
             cfg = json.loads(r["config"])
-            assert (cfg["floor"], cfg["rounds"], cfg["mode"]) == (case.floor, 3, "paired")
+            against = case.floor if metric == "paired_ratio" else p.removesuffix("_grouped")
+            assert (cfg["floor"], cfg["against"], cfg["rounds"], cfg["mode"]) == (case.floor, against, 3, "paired")
+        assert not [r for r in rows if r["mode"] == "paired_graph"]  # the CPU quick mode has no device time
     md = report.markdown(rows)
     assert "| tiny block M=256 r16 | fused_grouped (reference path) |" in md
     assert "| tiny qkv M=64 r16 | floor_grouped | " in md and "| 1.000× (1.000×) |" in md
     assert "| fused_grouped | paired | | " in md and "interleaved with floor_grouped" in md
+    assert "interleaved with fused |" in md and "interleaved with fused_qlora |" in md
     from benchmarks import readme
     section = "\n".join(readme.block_section(report._index(rows), "x"))
     assert section.count("Interleaved rounds") == 2 and "| q/k/v, 64 tokens | " in section
+    assert section.count("Grouped ÷ ungrouped (the same") == 2 and "Device time alone" not in section
 
 
 def test_block_pairs_time_the_provider_against_the_floor(monkeypatch):
@@ -464,56 +469,65 @@ def test_block_pairs_time_the_provider_against_the_floor(monkeypatch):
 
 
 def test_block_pairs_add_device_time_from_graph_replays(monkeypatch):
-    """Where the device can capture CUDA graphs, measure_pairs also times the pair from graph replays in
-    interleaved rounds (mode paired_graph): the ratio is the provider's replay time ÷ the floor's, its rows carry
-    the rounds and replays, the README's block section shows them in their own table, and a capture that fails
-    leaves the eager pair standing with a skipped paired_graph row. The CPU quick mode takes none."""
+    """Where the device can capture CUDA graphs, measure_pairs also times each pair from graph replays in
+    interleaved rounds (mode paired_graph), against the floor and against the ungrouped twin: the ratio is the
+    provider's replay time ÷ the reference's, its rows carry the rounds and the reference, the case table and the
+    README's block section show them, and a capture that fails leaves the eager pair standing with a skipped
+    paired_graph row. The CPU quick mode takes none."""
     from benchmarks import block, readme
 
     case = presets.block_case("t", "tiny", 8, "float32", part="qkv")
     data = block.make_block_data(case, torch.device("cpu"))
     run = harness.Run(harness.Device(harness.Settings(cpu=True)), harness.Settings(cpu=True), {}, "test-run")
     done = [dict(case=case.name, mode="full", metric="time_ms", status="ok", provider=p)
-            for p in ("floor_grouped", "fused_grouped")]
+            for p in ("floor_grouped", "fused", "fused_grouped")]
     assert run.dev.graphs is False
     assert {r["mode"] for r in block.measure_pairs(run, case, data, done)} == {"paired"}
 
     captured, calls = [], []
-    fake_ms = {"floor_grouped": 2.0, "fused_grouped": 2.5}
+    order = iter(["floor_grouped", "fused_grouped", "fused", "fused_grouped"])  # each pair: reference, provider
+    fake_ms = {"floor_grouped": 2.0, "fused_grouped": 2.5, "fused": 2.6}
 
     def graph_timer(fn, grads, replays):
-        name = "floor_grouped" if not captured else "fused_grouped"  # captured in the order floor, provider
+        name = next(order)
         captured.append((name, replays))
         fn()  # the captured call runs once, as a capture would
 
         def timer():
             calls.append(name)
-            return fake_ms[name] * (1 + 0.01 * len(calls))  # drifts: each round's ratio stays near 1.25
+            return fake_ms[name] * (1 + 0.01 * len(calls))  # drifts: each round's ratio stays near its pair's
         return timer
 
     run.dev.graphs = True
     monkeypatch.setattr(run.dev, "graph_timer", graph_timer)
     rows = block.measure_pairs(run, case, data, done)
-    assert [(r["mode"], r["metric"], r["status"]) for r in rows] == [("paired", "paired_ratio", "ok"),
-                                                                    ("paired_graph", "paired_graph_ratio", "ok")]
-    assert captured == [("floor_grouped", block.GRAPH_REPLAYS), ("fused_grouped", block.GRAPH_REPLAYS)]
-    assert calls == ["floor_grouped", "fused_grouped", "fused_grouped", "floor_grouped",
-                     "floor_grouped", "fused_grouped"]  # 3 rounds, the order alternating
-    g = rows[1]
-    assert 1.2 < g["p20"] <= g["value"] <= g["p80"] < 1.3
+    assert [(r["mode"], r["metric"], r["status"]) for r in rows] == [
+        ("paired", "paired_ratio", "ok"), ("paired_graph", "paired_graph_ratio", "ok"),
+        ("paired", "grouping_ratio", "ok"), ("paired_graph", "grouping_graph_ratio", "ok")]
+    assert [r for r, _ in captured] == ["floor_grouped", "fused_grouped", "fused", "fused_grouped"]
+    assert {n for _, n in captured} == {block.GRAPH_REPLAYS}
+    assert calls[:6] == ["floor_grouped", "fused_grouped", "fused_grouped", "floor_grouped",
+                         "floor_grouped", "fused_grouped"]  # 3 rounds, the order alternating
+    g, t = rows[1], rows[3]
+    assert 1.2 < g["p20"] <= g["value"] <= g["p80"] < 1.3 and 0.9 < t["p20"] <= t["value"] <= t["p80"] < 1.0
     cfg = json.loads(g["config"])
-    assert (cfg["mode"], cfg["floor"], cfg["rounds"], cfg["cuda_graphs"]) == ("paired_graph", case.floor, 3, True)
+    assert (cfg["mode"], cfg["floor"], cfg["against"], cfg["rounds"], cfg["cuda_graphs"]) == \
+        ("paired_graph", case.floor, case.floor, 3, True)
+    assert json.loads(t["config"])["against"] == "fused"
     md = "\n".join(report._case_table(case.name, report._index(rows)[case.preset][case.name]))
     assert "| fused_grouped | paired_graph | | 1.2" in md and "CUDA-graph replays interleaved with floor_grouped" in md
+    assert "| fused_grouped | paired_graph | | 0.9" in md and "CUDA-graph replays interleaved with fused |" in md
     section = "\n".join(readme._paired_lines(report._index(rows)[case.preset], "group, M", "floor_grouped"))
-    assert "Interleaved rounds" in section and "Device time alone" in section
+    for title in ("Interleaved rounds", "Device time alone", "Grouped ÷ ungrouped (the same",
+                  "Grouped ÷ ungrouped in device time alone"):
+        assert section.count(title) == 1, title
 
     def failing(fn, grads, replays):
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(run.dev, "graph_timer", failing)
     rows = block.measure_pairs(run, case, data, done)
-    assert [(r["mode"], r["status"]) for r in rows] == [("paired", "ok"), ("paired_graph", "skipped")]
-    assert "CUDA-graph rounds failed" in rows[1]["note"] and "capturing" in rows[1]["note"]
+    assert [(r["mode"], r["status"]) for r in rows] == [("paired", "ok"), ("paired_graph", "skipped")] * 2
+    assert "CUDA-graph rounds against floor_grouped failed" in rows[1]["note"] and "capturing" in rows[1]["note"]
 
 
 def test_interleaved_rounds_alternate_the_order():
@@ -721,7 +735,7 @@ def test_gpu_block_case_runs_every_provider(cuda):
             info = json.loads(by[(p, "time_ms")]["config"])["provider_info"]
             assert info["lora_fwd"] != "reference", info
             assert set(info["groups"].values()) == ({"grouped"} if p.endswith("_grouped") else {"ungrouped"})
-    for p in ("fused_grouped", "fused_qlora_grouped"):  # eager and CUDA-graph rounds against the floor
-        for metric in ("paired_ratio", "paired_graph_ratio"):
+    for p in ("fused_grouped", "fused_qlora_grouped"):  # eager and CUDA-graph rounds: floor, ungrouped twin
+        for metric in ("paired_ratio", "paired_graph_ratio", "grouping_ratio", "grouping_graph_ratio"):
             r = by[(p, metric)]
             assert r["status"] == "ok" and 0 < r["p20"] <= r["value"] <= r["p80"], r["note"]

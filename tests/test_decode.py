@@ -183,6 +183,8 @@ def test_dispatch_leading_dims_count_rows(cpu_kernel):
 
 @pytest.mark.parametrize("backend,expected", [("auto", "lora_decode"), ("cuda", "lora_decode"),
                                               ("reference", "lora_fwd"), ("triton", "lora_fwd")])
+# LORA_OPS_BACKEND=cuda on CPU tensors warns that it falls back to the reference (test_lora_reference.py tests it)
+@pytest.mark.filterwarnings("ignore:lora_ops. LORA_OPS_BACKEND=cuda has no kernels for cpu tensors")
 def test_dispatch_forced_backends_bypass_decode(cpu_kernel, backend, expected):
     cpu_kernel.setenv("LORA_OPS_BACKEND", backend)
     x, w, a, b, bias = _inputs(3, 67, 9, 3)
