@@ -2,9 +2,10 @@
 the eager loop, host time and do_bench median of floor_grouped and fused_grouped in a fresh process, then after
 the block preset's other providers (PEFT, PEFT+bitsandbytes, the ungrouped fused layers) were built and run a few
 steps and freed, as the preset does between providers, then with Python's garbage collector frozen, then
-disabled. One process. Each line also gives, over the eager loops, the CPU time the process spent per call next
-to the wall time (a host that waits, or is preempted, shows wall above CPU) and the caching allocator's calls to
-the driver (cudaMalloc / cudaFree, allocation retries, whole-device syncs: what a fragmented pool costs).
+disabled. One process. Each line also gives, over the eager loops, the CPU time of all the process's threads
+per call next to the wall time (a preempted host shows wall above CPU; a synchronize that spin-waits counts as
+CPU) and the caching allocator's calls to the driver (cudaMalloc / cudaFree, allocation retries, whole-device
+syncs: what a fragmented pool costs).
 
     python scripts/diag_host_state.py [--m 2048] [--others peft,peft_bnb,fused,fused_qlora]
 """
