@@ -265,12 +265,13 @@ def _case_table(case: str, providers: Dict) -> List[str]:
     skipped, other_run = [], False
     for provider, modes in providers.items():
         for mode, m in modes.items():
+            pairs = [m[k] for k in PAIR_METRICS if k in m]
             if "skipped" in m:
                 skipped.append(f"{provider} {mode}: {m['skipped']['note']}")
-                continue
+                if not pairs:  # a pair mode keeps the pairs that were timed beside the one that was not
+                    continue
             t = m.get("time_ms")
             h = m.get("host_us")
-            pairs = [m[k] for k in PAIR_METRICS if k in m]
             if t is None and pairs:
                 for pr in pairs:  # block.measure_pairs: against the floor, then against the ungrouped twin
                     how = "CUDA-graph replays interleaved" if mode == "paired_graph" else "interleaved"

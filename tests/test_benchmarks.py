@@ -528,6 +528,25 @@ def test_block_pairs_add_device_time_from_graph_replays(monkeypatch):
     rows = block.measure_pairs(run, case, data, done)
     assert [(r["mode"], r["status"]) for r in rows] == [("paired", "ok"), ("paired_graph", "skipped")] * 2
     assert "CUDA-graph rounds against floor_grouped failed" in rows[1]["note"] and "capturing" in rows[1]["note"]
+    eager_only = [r for r in rows if r["mode"] == "paired"]
+    monkeypatch.setattr(run.dev, "graph_timer", graph_timer)
+    order = iter(["floor_grouped", "fused_grouped"])  # the floor pair captures, then the twin pair's fails
+    calls.clear()
+
+    def twin_fails(fn, grads, replays):
+        try:
+            return graph_timer(fn, grads, replays)
+        except StopIteration:
+            raise RuntimeError("capture failed") from None
+    monkeypatch.setattr(run.dev, "graph_timer", twin_fails)
+    rows = block.measure_pairs(run, case, data, done)
+    assert [(r["mode"], r["metric"]) for r in rows] == [
+        ("paired", "paired_ratio"), ("paired_graph", "paired_graph_ratio"), ("paired", "grouping_ratio"),
+        ("paired_graph", "skipped")]
+    md = "\n".join(report._case_table(case.name, report._index(rows)[case.preset][case.name]))
+    assert "CUDA-graph replays interleaved with floor_grouped" in md  # kept beside the skipped twin pair
+    assert "fused_grouped paired_graph: CUDA-graph rounds against fused failed" in md
+    assert len(eager_only) == 2
 
 
 def test_interleaved_rounds_alternate_the_order():
