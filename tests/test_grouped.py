@@ -829,3 +829,23 @@ def test_gpu_torch_compile_inductor(gpu):
     assert graphs == [4 * layers]  # one graph, one lora_fwd per group
     assert_same_bf16_step(step(compiled, ids), want, oracle, "inductor-compiled grouped, second call", layers)
     assert len(graphs) == 1  # no recompilation
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_gpu_torch_compile_reduce_overhead(gpu, quantize):
+    """The grouped model under torch.compile(mode="reduce-overhead") (Inductor with CUDA-graph trees: what runs an
+    eager-host-bound step with a few graph launches) against the eager ungrouped model, step after step, with the
+    gradients set to None between steps as zero_grad(set_to_none=True) does (``step``). Each step is compared
+    before the next one runs: a CUDA-graph tree's replay writes its outputs into the same memory."""
+    layers = 2
+    ref = build_on(gpu, quantize=quantize, layers=layers)
+    grp = build_on(gpu, quantize=quantize, group=True, layers=layers)
+    ids = ids_for().to(gpu)
+    want = step(ref, ids)
+    oracle = step(fp32_copy(ref), ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(grp, mode="reduce-overhead")
+    for i in range(4):  # warm-up, recording, then replays
+        assert_same_bf16_step(step(compiled, ids), want, oracle, f"reduce-overhead grouped, step {i}", layers)
+    assert {e["status"] for e in explain_groups(grp)} == {"grouped"}
