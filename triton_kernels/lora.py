@@ -531,7 +531,8 @@ class _Dropout:
 # (LORA_OPS_TMA_FLATTEN=1 flattens it). Compiled for sm_90 by Triton 3.6, the flattened loop is multi-buffered (3
 # stages of A and W, two output tiles, so a tile's store overlaps the next tile's loads) when L arrives in one slice
 # (L_SPLITS = 1, which Triton specializes); with a slice loop in the tile it is not flattened at all
-# (docs/PERF_NOTES.md item 42): not timed that way since the first measurement. Unflattened, the layer preset on
+# (docs/PERF_NOTES.md item 42). Timed again with L in one slice, it is still 1.6-2.6x slower than the unflattened
+# loop on the H200 (grouped q/k/v and gate/up, docs/PERF_NOTES.md item 44). Unflattened, the layer preset on
 # the H200 (floor + fused, LORA_OPS_TMA=1 vs 0 in one call; docs/PERF_NOTES.md item 9):
 # 8192 x 4096->14336 dense 1.093x vs 1.205x the floor, NF4 1.091x vs 1.125x; 8192 x 14336->4096 dense 1.084x
 # vs 1.159x, NF4 1.075x vs 1.098x; but 8192 x 4096->4096 dense 1.967x vs 1.724x. So by default (LORA_OPS_TMA
