@@ -124,7 +124,7 @@ _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 # (scripts/probe_tma.py, H100: the forward GEMM 1.08x cuBLAS with one slice, 1.115x with three at 2048 rows).
 # q/k/v grouped at 2048 rows, CUDA-graph replay (scripts/ab_settings.py, docs/PERF_NOTES.md): LoRA 1.260x -> 1.216x
 # the floor, QLoRA 1.458x -> 1.400x on an H100; 1.299x -> 1.232x, 1.432x -> 1.364x on the H200 (timed with torch's
-# sum and copy where the finish launch now sums).
+# sum and copy in place of the finish launch).
 _PRESUM = _env_int("LORA_OPS_SPLIT_PRESUM", 1, 0) > 0
 
 # LORA_OPS_DS_SPLITS: above _SPLIT_SUM_MAX_M rows the dS pass (with dB's atomics) still runs as this many slices
