@@ -9,10 +9,11 @@ median of the rounds) of y (M, N) = x (M, K) @ W (N, K)^T [+ s * S (M, R) @ B (N
 - ``tma_r0``: the same kernel with no rank chunks (no seed): what the seed costs;
 - ``plain``: a minimal persistent TMA kernel (this file) with the same tile and raster, no LoRA term: whether the
   kernel's own loop structure costs beyond Triton's mainloop;
-- ``ext_after`` / ``ext_before``: the minimal kernel with the LoRA term as one more K step through TMA
-  descriptors (S padded to BLOCK_K columns, [s * B | 0] the same), after or before the K loop;
+- ``ext_after``: the minimal kernel with the LoRA term as one more K step through TMA descriptors after the K loop
+  (S and B padded to BLOCK_K columns, the accumulator divided by s before it and multiplied after);
+  ``ext16_after`` / ``ext16_before``: the same in rank chunks of 16 (S and B as they are), after or before;
 - ``subtile``: the minimal kernel storing its output tile in two halves (half the epilogue's shared memory);
-  ``subtile4``: that with four pipeline stages.
+  ``subtile4``: that with four pipeline stages; ``*_ext16``: with the LoRA term as ``ext16_after``.
 
 Part 2 (NF4). ``dequantize_nf4`` of the (N, K) weight at several bytes per program / warps; GB/s counts the
 packed bytes and absmax read and the bf16 written.
@@ -36,10 +37,13 @@ from lora_ops.triton_kernels.lora_kernels import _grouped_tile, _lora_gemm_tma_k
 
 
 @triton.jit
-def _probe_kernel(a_desc, w_desc, c_desc, s_desc, b_desc, M, N, K,
-                  EXT: tl.constexpr, SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
-    # EXT: 0 no LoRA term, 1 one TMA K step of [S | 0] and [sB | 0] after the K loop, 2 the same before it.
+def _probe_kernel(a_desc, w_desc, c_desc, s_desc, b_desc, M, N, K, scaling, inv_scaling,
+                  EXT: tl.constexpr, EXT_BK: tl.constexpr, EXT_CHUNKS: tl.constexpr, SUBTILE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                  NUM_SMS: tl.constexpr):
+    # EXT: 0 no LoRA term; 1 the LoRA term as EXT_CHUNKS more K steps of EXT_BK columns of S and B through TMA
+    # after the K loop, the accumulator divided by s first and multiplied by s after (B unscaled, one
+    # accumulator); 2 the same before the K loop.
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -52,13 +56,18 @@ def _probe_kernel(a_desc, w_desc, c_desc, s_desc, b_desc, M, N, K,
         on = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if EXT == 2:
-            acc = tl.dot(s_desc.load([om, 0]), b_desc.load([on, 0]).T, acc)
+            for c in tl.static_range(EXT_CHUNKS):
+                acc = tl.dot(s_desc.load([om, c * EXT_BK]), b_desc.load([on, c * EXT_BK]).T, acc)
+            acc = acc * scaling
         for ki in range(k_tiles):
             a = a_desc.load([om, ki * BLOCK_K])
             w = w_desc.load([on, ki * BLOCK_K])
             acc = tl.dot(a, w.T, acc)
         if EXT == 1:
-            acc = tl.dot(s_desc.load([om, 0]), b_desc.load([on, 0]).T, acc)
+            acc = acc * inv_scaling
+            for c in tl.static_range(EXT_CHUNKS):
+                acc = tl.dot(s_desc.load([om, c * EXT_BK]), b_desc.load([on, c * EXT_BK]).T, acc)
+            acc = acc * scaling
         if SUBTILE:
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             c0, c1 = tl.split(halves)
@@ -79,9 +88,11 @@ def _variants(x, w, s, b, scaling, y):
     s_pad = torch.zeros(m, bk, dtype=x.dtype, device=x.device)
     s_pad[:, :r] = s
     b_pad = torch.zeros(n, bk, dtype=x.dtype, device=x.device)
-    b_pad[:, :r] = (b.float() * scaling).to(x.dtype)
+    b_pad[:, :r] = b
+    eb = 16
     a_d, w_d = TD(x, [m, k], [k, 1], [bm, bk]), TD(w, [n, k], [k, 1], [bn, bk])
-    s_d, b_d = TD(s_pad, [m, bk], [bk, 1], [bm, bk]), TD(b_pad, [n, bk], [bk, 1], [bn, bk])
+    wide = TD(s_pad, [m, bk], [bk, 1], [bm, bk]), TD(b_pad, [n, bk], [bk, 1], [bn, bk])
+    narrow = TD(s, [m, r], [r, 1], [bm, eb]), TD(b, [n, r], [r, 1], [bn, eb])
     c_full, c_half = TD(y, [m, n], [n, 1], [bm, bn]), TD(y, [m, n], [n, 1], [bm, bn // 2])
 
     def tma(rank):
@@ -90,16 +101,20 @@ def _variants(x, w, s, b, scaling, y):
                         n, 0)
         return run
 
-    def probe(ext, subtile, st=stages):
+    def probe(ext, subtile, st=stages, descs=wide):
+        ebk, chunks = (bk, 1) if descs is wide else (eb, triton.cdiv(r, eb))
+
         def run():
-            _probe_kernel[grid](a_d, w_d, c_half if subtile else c_full, s_d, b_d, m, n, k, EXT=ext,
-                                SUBTILE=subtile, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, NUM_SMS=sms,
-                                num_warps=warps, num_stages=st)
+            _probe_kernel[grid](a_d, w_d, c_half if subtile else c_full, *descs, m, n, k, scaling, 1.0 / scaling,
+                                EXT=ext, EXT_BK=ebk, EXT_CHUNKS=chunks, SUBTILE=subtile, BLOCK_M=bm, BLOCK_N=bn,
+                                BLOCK_K=bk, GROUP_M=gm, NUM_SMS=sms, num_warps=warps, num_stages=st)
         return run
 
     return {"cublas": lambda: torch.mm(x, w.t(), out=y), "tma": tma(r), "tma_r0": tma(0),
-            "plain": probe(0, False), "ext_after": probe(1, False), "ext_before": probe(2, False),
-            "subtile": probe(0, True), "subtile_ext": probe(1, True), "subtile4": probe(0, True, stages + 1)}
+            "plain": probe(0, False), "ext_after": probe(1, False), "ext16_after": probe(1, False, descs=narrow),
+            "ext16_before": probe(2, False, descs=narrow), "subtile": probe(0, True),
+            "subtile_ext16": probe(1, True, descs=narrow), "subtile4": probe(0, True, stages + 1),
+            "subtile4_ext16": probe(1, True, stages + 1, descs=narrow)}
 
 
 def _graph_us(fn, calls):
