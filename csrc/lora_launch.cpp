@@ -93,7 +93,7 @@ struct Settings {
   int64_t base_mm = 0;                  // _BASE_MM: bit 1 the forward GEMM, bit 2 the dX GEMM
   int64_t presum = 1;                   // _PRESUM
   int64_t ds_members = 0;               // _DS_MEMBERS
-  int64_t seed_tma = 0;                 // _SEED_TMA
+  int64_t seed_tma = 0;                 // _SEED_TMA: bit 1 the forward GEMM, bit 2 the dX GEMM
   int64_t tma_block_r = 16;             // _TMA_BLOCK_R
   int64_t tma_bn_large = 256, tma_bn_small = 128;  // lora_tuning.py _TMA_CONFIGS: BLOCK_N of the two tiles
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
@@ -703,16 +703,19 @@ bool tma_tile_ok(const at::Tensor& t) {
          && (t.stride(0) * t.element_size()) % 16 == 0;
 }
 
-// lora.py _seed_tma: whether the TMA forward GEMM takes its LoRA term through TMA after the K loop (SEED_TMA).
+// lora.py _seed_tma: whether the TMA GEMM takes its LoRA term through TMA after the K loop (SEED_TMA).
 // group_n0: the launch's first output column in the call's (a chunk's), as group_args shifts the boundaries.
-bool seed_tma_ok(const Call& c, const at::Tensor& lt, const at::Tensor& rt, int64_t stride_rr, double scaling,
-                 bool trans_w, const Dropout& drop, const at::Tensor* l_out, int64_t group_n0, int64_t bn) {
-  if (!g_settings.seed_tma || !trans_w || lt.dim() != 2 || l_out != nullptr || drop.on || stride_rr != 1) return false;
+bool seed_tma_ok(const Call& c, const at::Tensor& lt, const at::Tensor& rt, int64_t stride_rr, int64_t stride_rn,
+                 double scaling, bool trans_w, const Dropout& drop, const at::Tensor* l_out, int64_t group_n0,
+                 int64_t bn) {
+  if (!(g_settings.seed_tma & (trans_w ? 1 : 2)) || lt.dim() != 2 || l_out != nullptr || drop.on
+      || (trans_w ? stride_rr : stride_rn) != 1)
+    return false;
   // The accumulator is divided by the scaling (fp32 arguments): both it and its inverse must be finite floats.
   const double flt_max = std::numeric_limits<float>::max();
   if (!(std::abs(scaling) > 0.0 && std::abs(scaling) <= flt_max && std::abs(1.0 / scaling) <= flt_max)) return false;
   if (!tma_tile_ok(lt) || !tma_tile_ok(rt)) return false;
-  if (c.groups.empty()) return true;
+  if (c.groups.empty() || !trans_w) return true;
   if (c.rb % g_settings.tma_block_r != 0) return false;
   for (int i = 0; i < 3; ++i) {
     const int64_t nb = c.nb[i] - group_n0;
@@ -774,7 +777,7 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
     l.i(drop_c0);
     group_args(l, c, trans_w || segs, group_n0);
     for (int i = 1; i < 4; ++i) l.desc(segs && i < static_cast<int>(c.dys.size()) ? c.dys[i] : a, 0, 0);  // _more
-    l.seed_tma = seed_tma_ok(c, lt, rt, stride_rr, scaling, trans_w, drop, l_out, group_n0,
+    l.seed_tma = seed_tma_ok(c, lt, rt, stride_rr, stride_rn, scaling, trans_w, drop, l_out, group_n0,
                              m >= g_settings.tma_small_m ? g_settings.tma_bn_large : g_settings.tma_bn_small);
     l.desc(l.seed_tma ? lt : a, 0, 0);
     l.desc(l.seed_tma ? rt : a, 0, 0);
@@ -1270,10 +1273,11 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
           l.descs[i].block[0] = bm;
           l.descs[i].block[1] = bk;
         }
-        if (l.seed_tma) {  // S [BM, BLOCK_R], B [BN, BLOCK_R]
+        if (l.seed_tma) {  // L [BM, BLOCK_R]; the forward's B [BN, BLOCK_R], dX's A [BLOCK_R, BN]
           l.descs[6].block[0] = bm;
-          l.descs[7].block[0] = bn;
-          l.descs[6].block[1] = l.descs[7].block[1] = g_settings.tma_block_r;
+          l.descs[6].block[1] = g_settings.tma_block_r;
+          l.descs[7].block[0] = trans_w ? bn : g_settings.tma_block_r;
+          l.descs[7].block[1] = trans_w ? g_settings.tma_block_r : bn;
         }
         const int64_t tiles = cdiv(l.descs[2].shape[0], bm) * cdiv(l.descs[2].shape[1], bn);
         const int64_t sms = c.x.is_cuda() ? c.dt->sms : 4;

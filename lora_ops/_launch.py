@@ -66,7 +66,7 @@ def _settings() -> dict:
                 base_mm=int(L._BASE_MM),
                 presum=int(L._PRESUM),
                 ds_members=int(L._DS_MEMBERS),
-                seed_tma=int(L._SEED_TMA), tma_block_r=L._TMA_BLOCK_R,
+                seed_tma=L._SEED_TMA, tma_block_r=L._TMA_BLOCK_R,
                 tma_bn_large=L._TMA_CONFIGS[0][1]["BLOCK_N"], tma_bn_small=L._TMA_CONFIGS[-1][1]["BLOCK_N"],
                 blocksizes=list(_nf4.VALID_BLOCKSIZES))
 

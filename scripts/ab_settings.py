@@ -2,7 +2,7 @@
 
 A variant is a space-separated list of ``tile=BMxBNxBK/warps/stages`` (the TMA GEMM's large tile, as
 ``LORA_OPS_TMA_TILE``), ``base_mm=0|1|fwd|dx`` (as ``LORA_OPS_BASE_MM``), ``presum=0|1`` (as
-``LORA_OPS_SPLIT_PRESUM``), ``seed_tma=0|1`` (as ``LORA_OPS_TMA_SEED``), ``launch=python`` (the Python launchers,
+``LORA_OPS_SPLIT_PRESUM``), ``seed_tma=0|1|2|3`` (as ``LORA_OPS_TMA_SEED``: 1 forward, 2 dX), ``launch=python`` (the Python launchers,
 as ``LORA_OPS_LAUNCH``), ``flatten=0|1`` (the TMA GEMM's flattened tile loop, as ``LORA_OPS_TMA_FLATTEN``),
 ``chunk_mib=N`` and ``chunk_min_m=M`` (the NF4 temporary's chunk bound in MiB and the fewest rows that chunk it, as
 ``LORA_OPS_NF4_CHUNK_MIB`` / ``LORA_OPS_NF4_CHUNK_MIN_M``), or ``default``. For each variant the grouped providers' fwd+bwd is warmed up and
@@ -61,7 +61,7 @@ def _use(variant):
         elif key == "presum":
             L._PRESUM = value not in ("", "0")
         elif key == "seed_tma":
-            L._SEED_TMA = value not in ("", "0")
+            L._SEED_TMA = int(value) & 3
         elif key == "chunk_mib":
             L.NF4_CHUNK_BYTES = int(value) << 20
         elif key == "chunk_min_m":
@@ -69,7 +69,7 @@ def _use(variant):
         elif key in _ENV.values():
             os.environ[next(v for v, k in _ENV.items() if k == key)] = value
         elif item != "default":
-            raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1, seed_tma=0|1, "
+            raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1, seed_tma=0..3, "
                              "launch=python, flatten=0|1, chunk_mib=N, chunk_min_m=M or default")
     _launch.forget_plans()
 

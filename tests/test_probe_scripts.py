@@ -68,8 +68,8 @@ def test_ab_settings_variants_set_and_restore_the_launcher_settings(ab_settings,
     monkeypatch.delenv("LORA_OPS_TMA_FLATTEN", raising=False)
     before = (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM)
     seed = L._SEED_TMA
-    ab_settings._use("chunk_mib=8 chunk_min_m=2048 presum=0 flatten=1 seed_tma=1")
-    assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM, L._SEED_TMA) == (8 << 20, 2048, False, True)
+    ab_settings._use("chunk_mib=8 chunk_min_m=2048 presum=0 flatten=1 seed_tma=3")
+    assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM, L._SEED_TMA) == (8 << 20, 2048, False, 3)
     assert len(L._nf4_chunks(6144, 4096, 64, 2, "rows")) == 6  # q/k/v's 48 MiB temporary in 8 MiB chunks
     import os
     assert os.environ["LORA_OPS_TMA_FLATTEN"] == "1"

@@ -601,14 +601,19 @@ def test_tma_gemm_matches_reference(monkeypatch, name):
     assert L.LAUNCHES["lora_gemm_tma"] - before == want_launches
 
 
-@pytest.mark.parametrize("name", list(TMA_CASES))
+SEED_CASES = dict(TMA_CASES, **{"r=16, no dropout: both GEMMs seed through TMA": (70, 72, 136, 16, "dense", 0.0, True),
+                                 "a rank chunk and a half": (33, 64, 72, 24, "dense", 0.0, False)})
+
+
+@pytest.mark.parametrize("name", list(SEED_CASES))
 def test_tma_seed_through_tma_matches_reference(monkeypatch, name):
-    """LORA_OPS_TMA_SEED: the forward TMA GEMM's LoRA term as TMA K steps after its K loop (``SEED_TMA``). Same
-    oracle as the pointer seed; it is taken where S and B meet TMA's rules (r = 8 here: 16-byte rows; r = 5 and 70
-    are not, and stay on the pointer seed), with dropout on the branch too (dropout acts on x for S)."""
-    m, k, n, r, weight, p, bias = TMA_CASES[name]
+    """LORA_OPS_TMA_SEED=3: both TMA GEMMs' LoRA terms as TMA K steps after the K loop (``SEED_TMA``). Same oracle
+    as the pointer seed; taken where L and Rt meet TMA's rules (r = 8 here: 16-byte rows; r = 5 and 70 are not, and
+    stay on the pointer seed): the forward with dropout too (it acts on x for S), dX only without dropout (dX's
+    dropout masks the LoRA term alone)."""
+    m, k, n, r, weight, p, bias = SEED_CASES[name]
     monkeypatch.setenv("LORA_OPS_TMA", "1")
-    monkeypatch.setattr(L, "_SEED_TMA", True)
+    monkeypatch.setattr(L, "_SEED_TMA", 3)
     taken = []
     real = L._seed_tma
     monkeypatch.setattr(L, "_seed_tma", lambda *a: taken.append(real(*a)) or taken[-1])
@@ -616,7 +621,7 @@ def test_tma_seed_through_tma_matches_reference(monkeypatch, name):
     got, mask = run_layer(case, 1.5, p, monkeypatch)
     assert_layer_close(got, _want(oracle(case, 1.5, p, mask)), torch.float16, f"{name}: ")
     if weight == "dense":
-        assert taken == [r % 8 == 0, False], taken  # the forward, then dX (always the pointer seed)
+        assert taken == [r % 8 == 0, r % 8 == 0 and p == 0], taken  # the forward, then dX
 
 
 @pytest.mark.parametrize("sizes,rb,taken", [((128, 128, 256), 16, True), ((128, 64, 64), 16, False),
@@ -626,7 +631,7 @@ def test_tma_seed_of_a_group_reads_each_tiles_member(monkeypatch, sizes, rb, tak
     multiplies S's columns of its own member (from i * rb). Taken only when every member boundary is a tile
     boundary (BLOCK_N = 128 at these rows) and rb a multiple of 16; y equals the block-diagonal product either way."""
     monkeypatch.setenv("LORA_OPS_TMA", "1")
-    monkeypatch.setattr(L, "_SEED_TMA", True)
+    monkeypatch.setattr(L, "_SEED_TMA", 1)
     seen = []
     real = L._seed_tma
     monkeypatch.setattr(L, "_seed_tma", lambda *a: seen.append(real(*a)) or seen[-1])

@@ -127,10 +127,11 @@ _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 # sum and copy in place of the finish launch).
 _PRESUM = _env_int("LORA_OPS_SPLIT_PRESUM", 1, 0) > 0
 
-# LORA_OPS_TMA_SEED (default 0 until timed): the TMA forward GEMM takes its LoRA term S @ B^T through TMA after its K
-# loop (_seed_tma) instead of the pointer-loaded seed before it, whose loads stall every tile with nothing to overlap
-# them (scripts/probe_seed.py times both against cuBLAS).
-_SEED_TMA = _env_int("LORA_OPS_TMA_SEED", 0, 0) > 0
+# LORA_OPS_TMA_SEED (default 0 until timed): the TMA GEMMs take their LoRA term (S @ B^T, dS @ A) through TMA after
+# the K loop (_seed_tma) instead of the pointer-loaded seed before it, whose loads stall every tile with nothing to
+# overlap them (scripts/probe_seed.py times both against cuBLAS). Bits: 1 the forward GEMM, 2 the dX GEMM.
+_SEED_FWD, _SEED_DX = 1, 2
+_SEED_TMA = _env_int("LORA_OPS_TMA_SEED", 0, 0) & 3
 _FLT_MAX = float(torch.finfo(torch.float32).max)
 
 # LORA_OPS_DS_SPLITS: above _SPLIT_SUM_MAX_M rows the dS pass (with dB's atomics) still runs as this many slices
@@ -682,11 +683,12 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     (stride_ls, stride_lm, stride_lr), (lo, *stride_lo) = _l_args(lt, l_out, scratch)
     sms = _sm_count(c.device)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    seed_tma = _seed_tma(lt, rt_ptr, stride_rr, scaling, trans_w, drop, l_out, group, bn)
-    r_chunks = triton.cdiv(group.rb if seed_tma and group.on else r, _TMA_BLOCK_R)
+    seed_tma = _seed_tma(lt, rt_ptr, stride_rr, stride_rn, scaling, trans_w, drop, l_out, group, bn)
+    r_chunks = triton.cdiv(group.rb if seed_tma and group.on and trans_w else r, _TMA_BLOCK_R)
     if seed_tma:
         l_d = TensorDescriptor(lt, list(lt.shape), list(lt.stride()), [bm, _TMA_BLOCK_R])
-        r_d = TensorDescriptor(rt_ptr, list(rt_ptr.shape), list(rt_ptr.stride()), [bn, _TMA_BLOCK_R])
+        r_d = TensorDescriptor(rt_ptr, list(rt_ptr.shape), list(rt_ptr.stride()),
+                               [bn, _TMA_BLOCK_R] if trans_w else [_TMA_BLOCK_R, bn])
     else:
         l_d = r_d = a_d  # never read (SEED_TMA off): one more descriptor of a known type
     _TMA_KERNEL(lambda meta: (max(1, min(sms, tiles)),),
@@ -702,13 +704,15 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
                 _config=(blocks, warps, stages))
 
 
-def _seed_tma(lt, rt, stride_rr, scaling, trans_w, drop, l_out, group, bn) -> bool:
-    """Whether the TMA GEMM takes its LoRA term through TMA after the K loop (``SEED_TMA``, _SEED_TMA): the
-    forward, S in one slice that is not stored again, no dropout on the term, a finite nonzero scaling (the
-    accumulator is divided by it), S (M, R) and B (N, R) (a group's B_rows) as TMA tiles (16-byte aligned base and
-    row stride, unit column stride), and for a group rb a multiple of the rank chunk with every member boundary on
-    a tile boundary (a tile reads one member's S columns)."""
-    if not (_SEED_TMA and trans_w and lt.dim() == 2 and l_out is None and not drop.on and stride_rr == 1):
+def _seed_tma(lt, rt, stride_rr, stride_rn, scaling, trans_w, drop, l_out, group, bn) -> bool:
+    """Whether the TMA GEMM takes its LoRA term through TMA after the K loop (``SEED_TMA``, _SEED_TMA: the forward
+    and / or the dX GEMM): L in one slice that is not stored again, no dropout on the term, a finite nonzero
+    scaling (the accumulator is divided by it), L (M, R) and Rt's tensor (the forward's B (N, R) or a group's B_rows;
+    dX's A (R, K)) as TMA tiles (16-byte aligned base and row stride, unit column stride), and for a group's
+    forward rb a multiple of the rank chunk with every member boundary on a tile boundary (a tile reads one
+    member's S columns)."""
+    if not (_SEED_TMA & (_SEED_FWD if trans_w else _SEED_DX) and lt.dim() == 2 and l_out is None and not drop.on
+            and (stride_rr if trans_w else stride_rn) == 1):
         return False
     s = abs(float(scaling))
     if not (0.0 < s <= _FLT_MAX and 1.0 / s <= _FLT_MAX):  # fp32 arguments: s and 1 / s finite floats
@@ -716,7 +720,7 @@ def _seed_tma(lt, rt, stride_rr, scaling, trans_w, drop, l_out, group, bn) -> bo
     for t in (lt, rt):
         if t.dim() != 2 or t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
             return False
-    if group.on:
+    if group.on and trans_w:
         n = rt.shape[0]
         return group.rb % _TMA_BLOCK_R == 0 and all(nb % bn == 0 for nb in (group.nb1, group.nb2, group.nb3)
                                                     if nb < n)

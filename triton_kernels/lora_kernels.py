@@ -418,10 +418,11 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
     projection group's members' own (M, N_i) tensors, one descriptor each (a_desc, a2_desc, ...; an unused one
     repeats a_desc), read in one K loop per member: a TMA load cannot pick its descriptor per tile.
 
-    SEED_TMA (the forward only; one slice of L, no WRITE_L, no dropout): the LoRA term is R_CHUNKS more K steps
-    after the K loop, through TMA like the base product: l_desc tiles [BLOCK_M, BLOCK_R] of S (M, R) and r_desc tiles
-    [BLOCK_N, BLOCK_R] of B (N, R) (a group's B_rows (N, rb): the tile's member i reads S's columns from i * rb; the
-    launcher takes this only when no tile straddles two members and rb is a multiple of BLOCK_R). One accumulator:
+    SEED_TMA (one slice of L, no WRITE_L, no dropout): the LoRA term is R_CHUNKS more K steps after the K loop,
+    through TMA like the base product: l_desc tiles [BLOCK_M, BLOCK_R] of L (M, R), r_desc tiles [BLOCK_N, BLOCK_R]
+    of the forward's B (N, R) or [BLOCK_R, BLOCK_N] of dX's A (R, K) (a group's forward: B_rows (N, rb), the
+    tile's member i reads S's columns from i * rb; the launcher takes this only when no tile straddles two members
+    and rb is a multiple of BLOCK_R). One accumulator:
     it is divided by the scaling before those steps and multiplied after (``inv_scaling`` = 1 / scaling), which
     moves the base product by a few fp32 ulps. The pointer-loaded seed before the K loop stalls each tile on
     loads that nothing overlaps."""
@@ -494,7 +495,11 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
             if GROUPED:
                 l0 = rb * ((on >= nb1).to(tl.int32) + (on >= nb2).to(tl.int32) + (on >= nb3).to(tl.int32))
             for c in tl.static_range(R_CHUNKS):
-                acc = tl.dot(l_desc.load([om, l0 + c * BLOCK_R]), r_desc.load([on, c * BLOCK_R]).T, acc)
+                if TRANS_W:
+                    rt = r_desc.load([on, c * BLOCK_R]).T
+                else:
+                    rt = r_desc.load([c * BLOCK_R, on])
+                acc = tl.dot(l_desc.load([om, l0 + c * BLOCK_R]), rt, acc)
             acc = acc * scaling
             if HAS_BIAS:
                 bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
