@@ -95,6 +95,7 @@ struct Settings {
   int64_t ds_members = 0;               // _DS_MEMBERS
   int64_t seed_tma = 0;                 // _SEED_TMA: bit 1 the forward GEMM, bit 2 the dX GEMM
   int64_t tma_block_r = 16;             // _TMA_BLOCK_R
+  int64_t subtile = 0;                  // _SUBTILE
   int64_t tma_bn_large = 256, tma_bn_small = 128;  // lora_tuning.py _TMA_CONFIGS: BLOCK_N of the two tiles
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
@@ -1268,7 +1269,7 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
         l.descs[1].block[0] = trans_w ? bn : bk;
         l.descs[1].block[1] = trans_w ? bk : bn;
         l.descs[2].block[0] = bm;
-        l.descs[2].block[1] = bn;
+        l.descs[2].block[1] = g_settings.subtile ? bn / 2 : bn;  // SUBTILE: C in two halves
         for (int i = 3; i < l.ndesc; ++i) {  // a2, a3, a4 and (SEED_TMA off) the unread S / B: tiles of A
           l.descs[i].block[0] = bm;
           l.descs[i].block[1] = bk;
@@ -1774,6 +1775,7 @@ void configure(const py::dict& s) {
   get("ds_members", g_settings.ds_members);
   get("seed_tma", g_settings.seed_tma);
   get("tma_block_r", g_settings.tma_block_r);
+  get("subtile", g_settings.subtile);
   get("tma_bn_large", g_settings.tma_bn_large);
   get("tma_bn_small", g_settings.tma_bn_small);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();

@@ -718,11 +718,13 @@ from triton.compiler import ASTSource
 from lora_ops.triton_kernels import lora as L
 from lora_ops.triton_kernels import lora_kernels as LK
 out = {}
-for trans, seg, seed in ((True, False, False), (False, False, False), (False, True, False), (True, False, True)):
+for trans, seg, seed, sub in ((True, False, False, False), (False, False, False, False), (False, True, False, False),
+                              (True, False, True, False), (True, False, True, True)):
     blocks, warps, stages = L._TMA_CONFIGS[0][1], L._TMA_CONFIGS[0][2], L._TMA_CONFIGS[0][3]
+    stages += sub  # SUBTILE's half-size epilogue leaves room for a fourth stage beside the TMA seed
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
     consts = dict(TRANS_W=trans, HAS_BIAS=trans, HAS_DROPOUT=not trans, WRITE_L=not seed, GROUPED=trans, SEG_A=seg,
-                  R_CHUNKS=1, R=16, BLOCK_R=L._TMA_BLOCK_R, SEED_TMA=seed,
+                  R_CHUNKS=1, R=16, BLOCK_R=L._TMA_BLOCK_R, SEED_TMA=seed, SUBTILE=sub,
                   NUM_SMS=132, FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                   stride_lr=1, stride_bias=1, **blocks)
     consts["stride_rr" if trans else "stride_rn"] = 1
@@ -732,8 +734,8 @@ for trans, seg, seed in ((True, False, False), (False, False, False), (False, Tr
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_desc"):
-            shape = {"w_desc": [bn, bk] if trans else [bk, bn], "c_desc": [bm, bn], "l_desc": [bm, br],
-                     "r_desc": [bn if seed else bm, br]}.get(name, [bm, bk])
+            shape = {"w_desc": [bn, bk] if trans else [bk, bn], "c_desc": [bm, bn // 2 if sub else bn],
+                     "l_desc": [bm, br], "r_desc": [bn if seed else bm, br]}.get(name, [bm, bk])
             sig[name] = f"tensordesc<bf16[{shape[0]}, {shape[1]}]>"
         elif name.endswith("_ptr"):
             sig[name] = "*i64" if name == "seed_ptr" else "*bf16"
@@ -741,7 +743,8 @@ for trans, seg, seed in ((True, False, False), (False, False, False), (False, Tr
             sig[name] = "fp32" if name in ("scaling", "drop_scale", "inv_scaling") else "i32"
     ck = triton.compile(ASTSource(LK._lora_gemm_tma_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                         options=dict(num_warps=warps, num_stages=stages))
-    out["fwd_seed_tma" if seed else "fwd" if trans else "dx_segments" if seg else "dx"] = dict(
+    out["fwd_seed_subtile_4_stages" if sub else "fwd_seed_tma" if seed else "fwd" if trans else "dx_segments" if seg
+        else "dx"] = dict(
         tma_copies=ck.asm["ttgir"].count("async_tma_copy_global_to_local"), shared=ck.metadata.shared)
 print(json.dumps(out))
 """
@@ -754,7 +757,7 @@ def test_tma_gemm_mainloop_is_pipelined_for_sm90():
     copies. (A flattened tile loop counts 2 copies in 3-stage buffers, its prologue predicated inside the loop:
     docs/PERF_NOTES.md item 42.)"""
     res = run_sm90_probe(_TMA_PIPELINE_PROBE)
-    assert sorted(res) == ["dx", "dx_segments", "fwd", "fwd_seed_tma"]
+    assert sorted(res) == ["dx", "dx_segments", "fwd", "fwd_seed_subtile_4_stages", "fwd_seed_tma"]
     for name, r in res.items():
         least = 24 if name == "dx_segments" else 6
         assert r["tma_copies"] >= least, f"{name}: {r['tma_copies']} TMA copies in the TTGIR: mainloop not pipelined"

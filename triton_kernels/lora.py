@@ -132,6 +132,9 @@ _PRESUM = _env_int("LORA_OPS_SPLIT_PRESUM", 1, 0) > 0
 # overlap them (scripts/probe_seed.py times both against cuBLAS). Bits: 1 the forward GEMM, 2 the dX GEMM.
 _SEED_FWD, _SEED_DX = 1, 2
 _SEED_TMA = _env_int("LORA_OPS_TMA_SEED", 0, 0) & 3
+# LORA_OPS_TMA_SUBTILE=1: the TMA GEMMs store their output tile in two halves (SUBTILE; half the epilogue's shared
+# memory, so LORA_OPS_TMA_TILE=128x256x64/8/4 fits beside the TMA seed).
+_SUBTILE = _env_int("LORA_OPS_TMA_SUBTILE", 0, 0) > 0
 _FLT_MAX = float(torch.finfo(torch.float32).max)
 
 # LORA_OPS_DS_SPLITS: above _SPLIT_SUM_MAX_M rows the dS pass (with dB's atomics) still runs as this many slices
@@ -677,7 +680,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     more = _more([a_d] + [TensorDescriptor(t, list(t.shape), list(t.stride()), [bm, bk]) for t in segs[1:]]
                  if segs else None, a_d)
     w_d = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk] if trans_w else [bk, bn])
-    c_d = TensorDescriptor(c, list(c.shape), list(c.stride()), [bm, bn])
+    c_d = TensorDescriptor(c, list(c.shape), list(c.stride()), [bm, bn // 2 if _SUBTILE else bn])
     scratch = _scratch(c.device)
     b = bias if bias is not None else scratch
     (stride_ls, stride_lm, stride_lr), (lo, *stride_lo) = _l_args(lt, l_out, scratch)
@@ -701,7 +704,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
                 GROUPED=group.on and trans_w, SEG_A=segs is not None, R_CHUNKS=r_chunks, R=r,
                 BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
                 FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"), SEED_TMA=seed_tma,
-                _config=(blocks, warps, stages))
+                SUBTILE=_SUBTILE, _config=(blocks, warps, stages))
 
 
 def _seed_tma(lt, rt, stride_rr, stride_rn, scaling, trans_w, drop, l_out, group, bn) -> bool:

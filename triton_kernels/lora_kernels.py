@@ -398,7 +398,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
                           R_CHUNKS: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-                          FLATTEN: tl.constexpr, SEED_TMA: tl.constexpr = False):
+                          FLATTEN: tl.constexpr, SEED_TMA: tl.constexpr = False, SUBTILE: tl.constexpr = False):
     """The forward GEMM and the dX GEMM of 16-bit dense weights in one persistent TMA kernel:
 
         C (M, N) = lora + A (M, K) @ op(W),   lora = dropout(scaling * L (M, R) @ Rt (R, N)) (+ bias)
@@ -425,7 +425,10 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
     and rb is a multiple of BLOCK_R). One accumulator:
     it is divided by the scaling before those steps and multiplied after (``inv_scaling`` = 1 / scaling), which
     moves the base product by a few fp32 ulps. The pointer-loaded seed before the K loop stalls each tile on
-    loads that nothing overlaps."""
+    loads that nothing overlaps.
+
+    SUBTILE: C leaves in two (BLOCK_M, BLOCK_N / 2) halves (c_desc's tile), which halves the epilogue's shared
+    memory (room for a fourth pipeline stage beside the TMA seed)."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -504,7 +507,12 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
             if HAS_BIAS:
                 bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
                 acc += bias.to(tl.float32)[None, :]
-        c_desc.store([om, on], acc.to(dtype))
+        if SUBTILE:
+            c0, c1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            c_desc.store([om, on], c0.to(dtype))
+            c_desc.store([om, on + BLOCK_N // 2], c1.to(dtype))
+        else:
+            c_desc.store([om, on], acc.to(dtype))
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "nb1", "nb2", "nb3"])
