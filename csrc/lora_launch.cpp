@@ -31,7 +31,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <mutex>
 #include <numeric>
 #include <string>
@@ -93,10 +92,6 @@ struct Settings {
   int64_t base_mm = 0;                  // _BASE_MM: bit 1 the forward GEMM, bit 2 the dX GEMM
   int64_t presum = 1;                   // _PRESUM
   int64_t ds_members = 0;               // _DS_MEMBERS
-  int64_t seed_tma = 0;                 // _SEED_TMA: bit 1 the forward GEMM, bit 2 the dX GEMM
-  int64_t tma_block_r = 16;             // _TMA_BLOCK_R
-  int64_t subtile = 0;                  // _SUBTILE
-  int64_t tma_bn_large = 256, tma_bn_small = 128;  // lora_tuning.py _TMA_CONFIGS: BLOCK_N of the two tiles
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -135,7 +130,6 @@ struct Variant {
   int num_warps = 4;
   int shared = 0;
   int64_t block_m = 0, block_n = 0, block_k = 0, nb = 0;  // the config's tiles (grids, descriptors)
-  bool seed_tma = false;                                    // the TMA GEMM's SEED_TMA
   std::vector<std::array<int64_t, 5>> tma;                  // per descriptor: swizzle, elem_size, elem_type, box0, box1
   bool verified = false;
 };
@@ -146,11 +140,10 @@ struct Launch {
   int nargs = 0;
   Arg args[kMaxArgs];
   int ndesc = 0;
-  Desc descs[8];  // the TMA GEMM: a, w, out, a group's further dY members (or a again), then S and B (or a twice)
+  Desc descs[6];  // the TMA GEMM: a, w, out, then a group's further dY members (or a again)
   const Variant* variant = nullptr;
   int64_t want_config = 0;   // which config a variant must have: the TMA tile (0 small, 1 large), dequantize NB
   bool trans_w = false;      // the TMA GEMM: forward (W^T) or dX (W)
-  bool seed_tma = false;     // the TMA GEMM: its LoRA term through TMA after the K loop (lora.py _seed_tma)
   int64_t gemm_n = 0;        // the pointer GEMMs: their output's column count (a chunk's, when W is chunked)
   int64_t elems[3] = {0, 0, 0};  // the finish kernel: its three jobs' element counts (its grid)
   at::Tensor sum_parts, sum_out;  // S / dS slices the launch wrote, summed and rounded into sum_out right after it
@@ -699,32 +692,6 @@ bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tenso
   return !w.nf4_inloop && w.chunks.empty() && out.size(1) > 0 && tma_usable(c, a, w.dense, out, nk);
 }
 
-bool tma_tile_ok(const at::Tensor& t) {
-  return t.dim() == 2 && t.stride(1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0
-         && (t.stride(0) * t.element_size()) % 16 == 0;
-}
-
-// lora.py _seed_tma: whether the TMA GEMM takes its LoRA term through TMA after the K loop (SEED_TMA).
-// group_n0: the launch's first output column in the call's (a chunk's), as group_args shifts the boundaries.
-bool seed_tma_ok(const Call& c, const at::Tensor& lt, const at::Tensor& rt, int64_t stride_rr, int64_t stride_rn,
-                 double scaling, bool trans_w, const Dropout& drop, const at::Tensor* l_out, int64_t group_n0,
-                 int64_t bn) {
-  if (!(g_settings.seed_tma & (trans_w ? 1 : 2)) || lt.dim() != 2 || l_out != nullptr || drop.on
-      || (trans_w ? stride_rr : stride_rn) != 1)
-    return false;
-  // The accumulator is divided by the scaling (fp32 arguments): both it and its inverse must be finite floats.
-  const double flt_max = std::numeric_limits<float>::max();
-  if (!(std::abs(scaling) > 0.0 && std::abs(scaling) <= flt_max && std::abs(1.0 / scaling) <= flt_max)) return false;
-  if (!tma_tile_ok(lt) || !tma_tile_ok(rt)) return false;
-  if (c.groups.empty() || !trans_w) return true;
-  if (c.rb % g_settings.tma_block_r != 0) return false;
-  for (int i = 0; i < 3; ++i) {
-    const int64_t nb = c.nb[i] - group_n0;
-    if (nb < rt.size(0) && nb % bn != 0) return false;
-  }
-  return true;
-}
-
 // lora.py _lora_gemm: out (M, N') = dropout(scaling * L @ Rt) (+ bias) + a @ op(W); the forward (trans_w) or dX.
 // l: L (M, r), or (splits, M, r) fp32 partials the kernel sums; l_out (optional) receives the rounded L.
 // drop_ld / drop_c0: x's column count and the window's first column when out is a column window of dX.
@@ -778,11 +745,6 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
     l.i(drop_c0);
     group_args(l, c, trans_w || segs, group_n0);
     for (int i = 1; i < 4; ++i) l.desc(segs && i < static_cast<int>(c.dys.size()) ? c.dys[i] : a, 0, 0);  // _more
-    l.seed_tma = seed_tma_ok(c, lt, rt, stride_rr, stride_rn, scaling, trans_w, drop, l_out, group_n0,
-                             m >= g_settings.tma_small_m ? g_settings.tma_bn_large : g_settings.tma_bn_small);
-    l.desc(l.seed_tma ? lt : a, 0, 0);
-    l.desc(l.seed_tma ? rt : a, 0, 0);
-    l.f(l.seed_tma ? 1.0 / scaling : 1.0);
     work.launches.push_back(l);
     return;
   }
@@ -1229,9 +1191,7 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
   for (Launch& l : work.launches) {
     const Variant* found = nullptr;
     for (const Variant& v : plan.variants[l.kernel]) {
-      if (l.kernel == K_TMA && ((v.block_m >= g_settings.tma_small_m ? 1 : 0) != l.want_config
-                                || v.seed_tma != l.seed_tma))
-        continue;
+      if (l.kernel == K_TMA && (v.block_m >= g_settings.tma_small_m ? 1 : 0) != l.want_config) continue;
       if (l.kernel == K_DQ && v.nb != l.want_config) continue;
       if (variant_matches(l, v, any)) {
         found = &v;
@@ -1269,16 +1229,10 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
         l.descs[1].block[0] = trans_w ? bn : bk;
         l.descs[1].block[1] = trans_w ? bk : bn;
         l.descs[2].block[0] = bm;
-        l.descs[2].block[1] = g_settings.subtile ? bn / 2 : bn;  // SUBTILE: C in two halves
-        for (int i = 3; i < l.ndesc; ++i) {  // a2, a3, a4 and (SEED_TMA off) the unread S / B: tiles of A
+        l.descs[2].block[1] = bn;
+        for (int i = 3; i < l.ndesc; ++i) {  // a2, a3, a4: tiles of A
           l.descs[i].block[0] = bm;
           l.descs[i].block[1] = bk;
-        }
-        if (l.seed_tma) {  // L [BM, BLOCK_R]; the forward's B [BN, BLOCK_R], dX's A [BLOCK_R, BN]
-          l.descs[6].block[0] = bm;
-          l.descs[6].block[1] = g_settings.tma_block_r;
-          l.descs[7].block[0] = trans_w ? bn : g_settings.tma_block_r;
-          l.descs[7].block[1] = trans_w ? g_settings.tma_block_r : bn;
         }
         const int64_t tiles = cdiv(l.descs[2].shape[0], bm) * cdiv(l.descs[2].shape[1], bn);
         const int64_t sms = c.x.is_cuda() ? c.dt->sms : 4;
@@ -1672,7 +1626,6 @@ void add_variants(int64_t id, const py::list& records) {
     v.block_n = blocks[1].cast<int64_t>();
     v.block_k = blocks[2].cast<int64_t>();
     v.nb = blocks[3].cast<int64_t>();
-    v.seed_tma = blocks.size() > 4 && blocks[4].cast<int64_t>() != 0;
     for (const py::handle& m : rec[6].cast<py::list>()) {
       const py::tuple t = m.cast<py::tuple>();
       v.tma.push_back({t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3].cast<int64_t>(),
@@ -1773,11 +1726,6 @@ void configure(const py::dict& s) {
   get("base_mm", g_settings.base_mm);
   get("presum", g_settings.presum);
   get("ds_members", g_settings.ds_members);
-  get("seed_tma", g_settings.seed_tma);
-  get("tma_block_r", g_settings.tma_block_r);
-  get("subtile", g_settings.subtile);
-  get("tma_bn_large", g_settings.tma_bn_large);
-  get("tma_bn_small", g_settings.tma_bn_small);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

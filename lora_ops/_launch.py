@@ -66,8 +66,6 @@ def _settings() -> dict:
                 base_mm=int(L._BASE_MM),
                 presum=int(L._PRESUM),
                 ds_members=int(L._DS_MEMBERS),
-                seed_tma=L._SEED_TMA, tma_block_r=L._TMA_BLOCK_R, subtile=int(L._SUBTILE),
-                tma_bn_large=L._TMA_CONFIGS[0][1]["BLOCK_N"], tma_bn_small=L._TMA_CONFIGS[-1][1]["BLOCK_N"],
                 blocksizes=list(_nf4.VALID_BLOCKSIZES))
 
 
@@ -375,7 +373,7 @@ def _variant(rec, problems: List[str]):
         specs.append(spec)
         types.append(ty)
     named = rec.named
-    blocks = tuple(int(named.get(k, 0)) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NB", "SEED_TMA", "SUBTILE"))
+    blocks = tuple(int(named.get(k, 0)) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NB"))
     kernel = rec.kernel
     if kernel is None:  # the interpreter: nothing to launch, only argument lists to compare
         tma = [(0, a.base.element_size(), 0, *a.block_shape) for a in rec.args

@@ -2,11 +2,10 @@
 
 A variant is a space-separated list of ``tile=BMxBNxBK/warps/stages`` (the TMA GEMM's large tile, as
 ``LORA_OPS_TMA_TILE``), ``base_mm=0|1|fwd|dx`` (as ``LORA_OPS_BASE_MM``), ``presum=0|1`` (as
-``LORA_OPS_SPLIT_PRESUM``), ``seed_tma=0|1|2|3`` (as ``LORA_OPS_TMA_SEED``: 1 forward, 2 dX), ``subtile=0|1`` (as
-``LORA_OPS_TMA_SUBTILE``), ``launch=python`` (the Python launchers,
-as ``LORA_OPS_LAUNCH``), ``flatten=0|1`` (the TMA GEMM's flattened tile loop, as ``LORA_OPS_TMA_FLATTEN``),
-``chunk_mib=N`` and ``chunk_min_m=M`` (the NF4 temporary's chunk bound in MiB and the fewest rows that chunk it, as
-``LORA_OPS_NF4_CHUNK_MIB`` / ``LORA_OPS_NF4_CHUNK_MIN_M``), or ``default``. For each variant the grouped providers' fwd+bwd is warmed up and
+``LORA_OPS_SPLIT_PRESUM``), ``launch=python`` (the Python launchers, as ``LORA_OPS_LAUNCH``), ``flatten=0|1``
+(the TMA GEMM's flattened tile loop, as ``LORA_OPS_TMA_FLATTEN``), ``chunk_mib=N`` and ``chunk_min_m=M`` (the NF4
+temporary's chunk bound in MiB and the fewest rows that chunk it, as ``LORA_OPS_NF4_CHUNK_MIB`` /
+``LORA_OPS_NF4_CHUNK_MIN_M``), or ``default``. For each variant the grouped providers' fwd+bwd is warmed up and
 captured in a CUDA graph under it (the launch plans dropped between variants, so the C++ path registers its kernels
 and settings again), and so is the floor's. Then ``--rounds`` rounds replay every graph ``--replays`` times, in
 turn, timed with CUDA events: device time only, the variants interleaved, so clock drift between them cancels. Per
@@ -42,7 +41,7 @@ def _use(variant):
     registered again, the C++ path), the others at their defaults."""
     from lora_ops import _launch
     from lora_ops.triton_kernels import lora as L, lora_tuning as T
-    names = ("_TMA_CONFIGS", "_BASE_MM", "_PRESUM", "NF4_CHUNK_BYTES", "NF4_CHUNK_MIN_M", "_SEED_TMA", "_SUBTILE")
+    names = ("_TMA_CONFIGS", "_BASE_MM", "_PRESUM", "NF4_CHUNK_BYTES", "NF4_CHUNK_MIN_M")
     if not _DEFAULTS:
         _DEFAULTS.update((n, getattr(L, n)) for n in names)
         _DEFAULTS.update((v, os.environ.get(v)) for v in _ENV)
@@ -61,10 +60,6 @@ def _use(variant):
             L._BASE_MM = L._base_mm_setting(value)
         elif key == "presum":
             L._PRESUM = value not in ("", "0")
-        elif key == "seed_tma":
-            L._SEED_TMA = int(value) & 3
-        elif key == "subtile":
-            L._SUBTILE = value not in ("", "0")
         elif key == "chunk_mib":
             L.NF4_CHUNK_BYTES = int(value) << 20
         elif key == "chunk_min_m":
@@ -72,8 +67,8 @@ def _use(variant):
         elif key in _ENV.values():
             os.environ[next(v for v, k in _ENV.items() if k == key)] = value
         elif item != "default":
-            raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1, seed_tma=0..3, subtile=0|1, "
-                             "launch=python, flatten=0|1, chunk_mib=N, chunk_min_m=M or default")
+            raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1, launch=python, "
+                             "flatten=0|1, chunk_mib=N, chunk_min_m=M or default")
     _launch.forget_plans()
 
 

@@ -156,42 +156,6 @@ def test_tma_gemm_launch_lists(dry, monkeypatch):
     torch.testing.assert_close(s2.float(), xd @ a.float().t(), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("groups,p,subtile", [((), 0.0, False), ((), 0.1, True), ((128, 128, 128), 0.0, True),
-                                              ((128, 64, 64), 0.0, False)],
-                         ids=["layer", "layer-dropout-subtile", "group-on-tiles-subtile", "group-straddles"])
-def test_tma_seed_launch_lists(dry, monkeypatch, groups, p, subtile):
-    """LORA_OPS_TMA_SEED=3 (the TMA GEMMs' LoRA term through TMA after the K loop): the C++ launch lists equal the
-    Python launchers', S / dS and B / A descriptors and 1 / scaling included, forward and backward, where the seed
-    is taken (a layer; a group whose member boundaries fall on the 128-column tiles; dX without dropout) and where it
-    is not (dX with dropout; a group member straddling a tile keeps the forward's pointer seed); with
-    LORA_OPS_TMA_SUBTILE the output descriptor's tile is half as wide. y and S equal the float64 oracle's."""
-    monkeypatch.setenv("LORA_OPS_TMA", "1")
-    monkeypatch.setattr(L, "_SEED_TMA", 3)
-    monkeypatch.setattr(L, "_SUBTILE", subtile)
-    taken = []
-    real = L._seed_tma
-    monkeypatch.setattr(L, "_seed_tma", lambda *a: taken.append(real(*a)) or taken[-1])
-    _launch._sync_settings(dry)
-    n = sum(groups) or 128
-    rb = 16
-    fwd, dy = _inputs(m=70, k=128, n=n, r=rb * (len(groups) or 1), dtype=torch.float16, bias=True, p=p)
-    try:
-        x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed = fwd
-        if groups:
-            b = b[:, :rb].contiguous()  # B_rows
-            fwd = (x, w, absmax, nabs, ncode, offset, bs, a, b, scaling, bias, p_, seed)
-        y, s = _check(dry, 0, fwd, groups)
-        bargs = (dy, x, w, absmax, nabs, ncode, offset, bs, a, b, s, scaling, p_, seed, True, True, True, True)
-        _check(dry, 1, bargs, groups)
-        b_bd = torch.block_diag(*b.double().split(list(groups), 0)) if groups else b.double()
-        want = x.double() @ w.double().t() + scaling * (s.double() @ b_bd.t()) + bias.double()
-        torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=2e-3)
-    finally:
-        monkeypatch.undo()
-        _launch._sync_settings(dry)
-    assert taken == [groups != (128, 64, 64), p == 0.0], taken
-
-
 @pytest.mark.parametrize("finish", [True, False], ids=["finish-kernel", "torch"])
 def test_presum_hands_the_tma_gemms_rounded_s_and_ds(dry, monkeypatch, finish):
     """LORA_OPS_SPLIT_PRESUM (the default): S and dS still split before the TMA GEMMs, but each pass's slices are

@@ -67,16 +67,14 @@ def test_ab_settings_variants_set_and_restore_the_launcher_settings(ab_settings,
 
     monkeypatch.delenv("LORA_OPS_TMA_FLATTEN", raising=False)
     before = (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM)
-    seed = L._SEED_TMA
-    ab_settings._use("chunk_mib=8 chunk_min_m=2048 presum=0 flatten=1 seed_tma=3")
-    assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM, L._SEED_TMA) == (8 << 20, 2048, False, 3)
+    ab_settings._use("chunk_mib=8 chunk_min_m=2048 presum=0 flatten=1")
+    assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM) == (8 << 20, 2048, False)
     assert len(L._nf4_chunks(6144, 4096, 64, 2, "rows")) == 6  # q/k/v's 48 MiB temporary in 8 MiB chunks
     import os
     assert os.environ["LORA_OPS_TMA_FLATTEN"] == "1"
     ab_settings._use("chunk_mib=16")
     assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM) == (16 << 20, before[1], before[2])
     assert "LORA_OPS_TMA_FLATTEN" not in os.environ
-    assert L._SEED_TMA == seed
     ab_settings._use("default")
     assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM) == before
     with pytest.raises(ValueError, match="chunk_mib"):

@@ -601,54 +601,6 @@ def test_tma_gemm_matches_reference(monkeypatch, name):
     assert L.LAUNCHES["lora_gemm_tma"] - before == want_launches
 
 
-SEED_CASES = dict(TMA_CASES, **{"r=16, no dropout: both GEMMs seed through TMA": (70, 72, 136, 16, "dense", 0.0, True),
-                                 "a rank chunk and a half": (33, 64, 72, 24, "dense", 0.0, False)})
-
-
-@pytest.mark.parametrize("name", list(SEED_CASES))
-def test_tma_seed_through_tma_matches_reference(monkeypatch, name):
-    """LORA_OPS_TMA_SEED=3: both TMA GEMMs' LoRA terms as TMA K steps after the K loop (``SEED_TMA``). Same oracle
-    as the pointer seed; taken where L and Rt meet TMA's rules (r = 8 here: 16-byte rows; r = 5 and 70 are not, and
-    stay on the pointer seed): the forward with dropout too (it acts on x for S), dX only without dropout (dX's
-    dropout masks the LoRA term alone)."""
-    m, k, n, r, weight, p, bias = SEED_CASES[name]
-    monkeypatch.setenv("LORA_OPS_TMA", "1")
-    monkeypatch.setattr(L, "_SEED_TMA", 3)
-    taken = []
-    real = L._seed_tma
-    monkeypatch.setattr(L, "_seed_tma", lambda *a: taken.append(real(*a)) or taken[-1])
-    case = make_case(m, k, n, r, torch.float16, weight, 64, bias, seed=7)
-    got, mask = run_layer(case, 1.5, p, monkeypatch)
-    assert_layer_close(got, _want(oracle(case, 1.5, p, mask)), torch.float16, f"{name}: ")
-    if weight == "dense":
-        assert taken == [r % 8 == 0, r % 8 == 0 and p == 0], taken  # the forward, then dX
-
-
-@pytest.mark.parametrize("sizes,rb,taken", [((128, 128, 256), 16, True), ((128, 64, 64), 16, False),
-                                            ((128, 256), 8, False)])
-def test_tma_seed_of_a_group_reads_each_tiles_member(monkeypatch, sizes, rb, taken):
-    """A projection group's forward (B_rows standing for block_diag(B_i)) with the seed through TMA: each output tile
-    multiplies S's columns of its own member (from i * rb). Taken only when every member boundary is a tile
-    boundary (BLOCK_N = 128 at these rows) and rb a multiple of 16; y equals the block-diagonal product either way."""
-    monkeypatch.setenv("LORA_OPS_TMA", "1")
-    monkeypatch.setattr(L, "_SEED_TMA", 1)
-    seen = []
-    real = L._seed_tma
-    monkeypatch.setattr(L, "_seed_tma", lambda *a: seen.append(real(*a)) or seen[-1])
-    g = torch.Generator().manual_seed(3)
-    m, k, n, r = 96, 64, sum(sizes), rb * len(sizes)
-    x = torch.randn(m, k, generator=g).half().to(DEVICE)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).half().to(DEVICE)
-    a = (torch.randn(r, k, generator=g) / k ** 0.5).half().to(DEVICE)
-    b_rows = torch.randn(n, rb, generator=g).half().to(DEVICE)
-    bias = torch.randn(n, generator=g).half().to(DEVICE)
-    y, s = L.lora_forward(x, w, None, None, None, None, 64, a, b_rows, 0.75, bias, 0.0, None, groups=sizes)
-    blocks = torch.block_diag(*b_rows.double().split(list(sizes), 0))
-    want = x.double() @ w.double().t() + 0.75 * (s.double() @ blocks.t()) + bias.double()
-    assert_rel_close(y, want, torch.float16, "grouped y")
-    assert seen == [taken], seen
-
-
 def test_tma_default_runs_only_on_the_shapes_it_measured_faster(monkeypatch):
     """LORA_OPS_TMA unset ("auto"): the TMA GEMM for M >= 2048, N*K >= 2^22 and M*N*K >= 2^35 (from 2048 x
     4096->4096 and 8192 x 4096->1024 on the H200), not for GQA's 4096->1024 below 8192 rows nor M = 1024; "1"
@@ -718,33 +670,28 @@ from triton.compiler import ASTSource
 from lora_ops.triton_kernels import lora as L
 from lora_ops.triton_kernels import lora_kernels as LK
 out = {}
-for trans, seg, seed, sub in ((True, False, False, False), (False, False, False, False), (False, True, False, False),
-                              (True, False, True, False), (True, False, True, True)):
+for trans, seg in ((True, False), (False, False), (False, True)):
     blocks, warps, stages = L._TMA_CONFIGS[0][1], L._TMA_CONFIGS[0][2], L._TMA_CONFIGS[0][3]
-    stages += sub  # SUBTILE's half-size epilogue leaves room for a fourth stage beside the TMA seed
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
-    consts = dict(TRANS_W=trans, HAS_BIAS=trans, HAS_DROPOUT=not trans, WRITE_L=not seed, GROUPED=trans, SEG_A=seg,
-                  R_CHUNKS=1, R=16, BLOCK_R=L._TMA_BLOCK_R, SEED_TMA=seed, SUBTILE=sub,
+    consts = dict(TRANS_W=trans, HAS_BIAS=trans, HAS_DROPOUT=not trans, WRITE_L=True, GROUPED=trans, SEG_A=seg,
+                  R_CHUNKS=1, R=16, BLOCK_R=L._TMA_BLOCK_R,
                   NUM_SMS=132, FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                   stride_lr=1, stride_bias=1, **blocks)
     consts["stride_rr" if trans else "stride_rn"] = 1
-    br = L._TMA_BLOCK_R if seed else bk
     sig = {}
     for name in LK._lora_gemm_tma_kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_desc"):
-            shape = {"w_desc": [bn, bk] if trans else [bk, bn], "c_desc": [bm, bn // 2 if sub else bn],
-                     "l_desc": [bm, br], "r_desc": [bn if seed else bm, br]}.get(name, [bm, bk])
+            shape = {"w_desc": [bn, bk] if trans else [bk, bn], "c_desc": [bm, bn]}.get(name, [bm, bk])
             sig[name] = f"tensordesc<bf16[{shape[0]}, {shape[1]}]>"
         elif name.endswith("_ptr"):
             sig[name] = "*i64" if name == "seed_ptr" else "*bf16"
         else:
-            sig[name] = "fp32" if name in ("scaling", "drop_scale", "inv_scaling") else "i32"
+            sig[name] = "fp32" if name in ("scaling", "drop_scale") else "i32"
     ck = triton.compile(ASTSource(LK._lora_gemm_tma_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                         options=dict(num_warps=warps, num_stages=stages))
-    out["fwd_seed_subtile_4_stages" if sub else "fwd_seed_tma" if seed else "fwd" if trans else "dx_segments" if seg
-        else "dx"] = dict(
+    out["fwd" if trans else "dx_segments" if seg else "dx"] = dict(
         tma_copies=ck.asm["ttgir"].count("async_tma_copy_global_to_local"), shared=ck.metadata.shared)
 print(json.dumps(out))
 """
@@ -757,7 +704,7 @@ def test_tma_gemm_mainloop_is_pipelined_for_sm90():
     copies. (A flattened tile loop counts 2 copies in 3-stage buffers, its prologue predicated inside the loop:
     docs/PERF_NOTES.md item 42.)"""
     res = run_sm90_probe(_TMA_PIPELINE_PROBE)
-    assert sorted(res) == ["dx", "dx_segments", "fwd", "fwd_seed_subtile_4_stages", "fwd_seed_tma"]
+    assert sorted(res) == ["dx", "dx_segments", "fwd"]
     for name, r in res.items():
         least = 24 if name == "dx_segments" else 6
         assert r["tma_copies"] >= least, f"{name}: {r['tma_copies']} TMA copies in the TTGIR: mainloop not pipelined"

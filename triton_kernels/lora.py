@@ -127,16 +127,6 @@ _SPLIT_SUM_MAX_M = _env_int("LORA_OPS_SPLIT_SUM_MAX_M", 2048, 0)
 # sum and copy in place of the finish launch).
 _PRESUM = _env_int("LORA_OPS_SPLIT_PRESUM", 1, 0) > 0
 
-# LORA_OPS_TMA_SEED (default 0 until timed): the TMA GEMMs take their LoRA term (S @ B^T, dS @ A) through TMA after
-# the K loop (_seed_tma) instead of the pointer-loaded seed before it, whose loads stall every tile with nothing to
-# overlap them (scripts/probe_seed.py times both against cuBLAS). Bits: 1 the forward GEMM, 2 the dX GEMM.
-_SEED_FWD, _SEED_DX = 1, 2
-_SEED_TMA = _env_int("LORA_OPS_TMA_SEED", 0, 0) & 3
-# LORA_OPS_TMA_SUBTILE=1: the TMA GEMMs store their output tile in two halves (SUBTILE; half the epilogue's shared
-# memory, so LORA_OPS_TMA_TILE=128x256x64/8/4 fits beside the TMA seed).
-_SUBTILE = _env_int("LORA_OPS_TMA_SUBTILE", 0, 0) > 0
-_FLT_MAX = float(torch.finfo(torch.float32).max)
-
 # LORA_OPS_DS_SPLITS: above _SPLIT_SUM_MAX_M rows the dS pass (with dB's atomics) still runs as this many slices
 # of N (1: one pass) before the TMA dX GEMM (summed first with presum, else by the GEMM). In one slice
 # it keeps one program per 64 or 128 rows, too few bytes in flight to stream dY: H200, dS with dB alone,
@@ -680,54 +670,22 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     more = _more([a_d] + [TensorDescriptor(t, list(t.shape), list(t.stride()), [bm, bk]) for t in segs[1:]]
                  if segs else None, a_d)
     w_d = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk] if trans_w else [bk, bn])
-    c_d = TensorDescriptor(c, list(c.shape), list(c.stride()), [bm, bn // 2 if _SUBTILE else bn])
+    c_d = TensorDescriptor(c, list(c.shape), list(c.stride()), [bm, bn])
     scratch = _scratch(c.device)
     b = bias if bias is not None else scratch
     (stride_ls, stride_lm, stride_lr), (lo, *stride_lo) = _l_args(lt, l_out, scratch)
     sms = _sm_count(c.device)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    seed_tma = _seed_tma(lt, rt_ptr, stride_rr, stride_rn, scaling, trans_w, drop, l_out, group, bn)
-    r_chunks = triton.cdiv(group.rb if seed_tma and group.on and trans_w else r, _TMA_BLOCK_R)
-    if seed_tma:
-        l_d = TensorDescriptor(lt, list(lt.shape), list(lt.stride()), [bm, _TMA_BLOCK_R])
-        r_d = TensorDescriptor(rt_ptr, list(rt_ptr.shape), list(rt_ptr.stride()),
-                               [bn, _TMA_BLOCK_R] if trans_w else [_TMA_BLOCK_R, bn])
-    else:
-        l_d = r_d = a_d  # never read (SEED_TMA off): one more descriptor of a known type
     _TMA_KERNEL(lambda meta: (max(1, min(sms, tiles)),),
                 a_d, w_d, c_d, lt, rt_ptr, b, drop.seed, lo,
                 stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0), *stride_lo,
                 m, n, k, lt.shape[0] if lt.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale, drop_ld,
                 drop_c0, *(group.args() if trans_w or segs else _NO_GROUP.args()), *more,
-                l_d, r_d, 1.0 / float(scaling) if seed_tma else 1.0,
                 TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
-                GROUPED=group.on and trans_w, SEG_A=segs is not None, R_CHUNKS=r_chunks, R=r,
+                GROUPED=group.on and trans_w, SEG_A=segs is not None, R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r,
                 BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
-                FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"), SEED_TMA=seed_tma,
-                SUBTILE=_SUBTILE, _config=(blocks, warps, stages))
-
-
-def _seed_tma(lt, rt, stride_rr, stride_rn, scaling, trans_w, drop, l_out, group, bn) -> bool:
-    """Whether the TMA GEMM takes its LoRA term through TMA after the K loop (``SEED_TMA``, _SEED_TMA: the forward
-    and / or the dX GEMM): L in one slice that is not stored again, no dropout on the term, a finite nonzero
-    scaling (the accumulator is divided by it), L (M, R) and Rt's tensor (the forward's B (N, R) or a group's B_rows;
-    dX's A (R, K)) as TMA tiles (16-byte aligned base and row stride, unit column stride), and for a group's
-    forward rb a multiple of the rank chunk with every member boundary on a tile boundary (a tile reads one
-    member's S columns)."""
-    if not (_SEED_TMA & (_SEED_FWD if trans_w else _SEED_DX) and lt.dim() == 2 and l_out is None and not drop.on
-            and (stride_rr if trans_w else stride_rn) == 1):
-        return False
-    s = abs(float(scaling))
-    if not (0.0 < s <= _FLT_MAX and 1.0 / s <= _FLT_MAX):  # fp32 arguments: s and 1 / s finite floats
-        return False
-    for t in (lt, rt):
-        if t.dim() != 2 or t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-            return False
-    if group.on and trans_w:
-        n = rt.shape[0]
-        return group.rb % _TMA_BLOCK_R == 0 and all(nb % bn == 0 for nb in (group.nb1, group.nb2, group.nb3)
-                                                    if nb < n)
-    return True
+                FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
+                _config=(blocks, warps, stages))
 
 
 # ------------------------------------------------------------------------------------------------ launchers

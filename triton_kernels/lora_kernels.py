@@ -392,13 +392,13 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
 def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_ptr, lo_ptr,
                           stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_lom, stride_lor,
                           M, N, K, L_SPLITS, scaling, threshold, drop_scale, drop_ld, drop_c0, rb, nb1, nb2, nb3,
-                          a2_desc, a3_desc, a4_desc, l_desc, r_desc, inv_scaling,
+                          a2_desc, a3_desc, a4_desc,
                           TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           WRITE_L: tl.constexpr, GROUPED: tl.constexpr, SEG_A: tl.constexpr,
                           R_CHUNKS: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-                          FLATTEN: tl.constexpr, SEED_TMA: tl.constexpr = False, SUBTILE: tl.constexpr = False):
+                          FLATTEN: tl.constexpr):
     """The forward GEMM and the dX GEMM of 16-bit dense weights in one persistent TMA kernel:
 
         C (M, N) = lora + A (M, K) @ op(W),   lora = dropout(scaling * L (M, R) @ Rt (R, N)) (+ bias)
@@ -416,19 +416,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
     tiles of the first column store that rounded L (M, R) to lo_ptr, as the pointer kernel does. GROUPED: Rt is a
     projection group's B_bd^T read from B_rows (N, rb), as in the pointer kernel. SEG_A (dX only): A = dY is a
     projection group's members' own (M, N_i) tensors, one descriptor each (a_desc, a2_desc, ...; an unused one
-    repeats a_desc), read in one K loop per member: a TMA load cannot pick its descriptor per tile.
-
-    SEED_TMA (one slice of L, no WRITE_L, no dropout): the LoRA term is R_CHUNKS more K steps after the K loop,
-    through TMA like the base product: l_desc tiles [BLOCK_M, BLOCK_R] of L (M, R), r_desc tiles [BLOCK_N, BLOCK_R]
-    of the forward's B (N, R) or [BLOCK_R, BLOCK_N] of dX's A (R, K) (a group's forward: B_rows (N, rb), the
-    tile's member i reads S's columns from i * rb; the launcher takes this only when no tile straddles two members
-    and rb is a multiple of BLOCK_R). One accumulator:
-    it is divided by the scaling before those steps and multiplied after (``inv_scaling`` = 1 / scaling), which
-    moves the base product by a few fp32 ulps. The pointer-loaded seed before the K loop stalls each tile on
-    loads that nothing overlaps.
-
-    SUBTILE: C leaves in two (BLOCK_M, BLOCK_N / 2) halves (c_desc's tile), which halves the epilogue's shared
-    memory (room for a fourth pipeline stage beside the TMA seed)."""
+    repeats a_desc), read in one K loop per member: a TMA load cannot pick its descriptor per tile."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -447,24 +435,23 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         m_ok = rm < M - m0
         n_ok = rn < N - n0
         ro = 0
-        if GROUPED and not SEED_TMA:
+        if GROUPED:
             ro = _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if not SEED_TMA:
-            for c in tl.static_range(R_CHUNKS):
-                rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
-                r_ok = rr < R
-                lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm,
-                             stride_lr, stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
-                rt = _rt_tile(r_ptr, n0, rr, rn, r_ok, n_ok, ro, rb, stride_rr, stride_rn, GROUPED)
-                acc = tl.dot(lt, rt.to(dtype), acc)
-            acc = acc * scaling
-            if HAS_DROPOUT:
-                acc = _apply_dropout(acc, m0 * drop_ld + drop_c0 + n0, rm[:, None] * drop_ld + rn[None, :], seed,
-                                     threshold, drop_scale)
-            if HAS_BIAS:
-                bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
+        for c in tl.static_range(R_CHUNKS):
+            rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm, stride_lr,
+                         stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
+            rt = _rt_tile(r_ptr, n0, rr, rn, r_ok, n_ok, ro, rb, stride_rr, stride_rn, GROUPED)
+            acc = tl.dot(lt, rt.to(dtype), acc)
+        acc = acc * scaling
+        if HAS_DROPOUT:
+            acc = _apply_dropout(acc, m0 * drop_ld + drop_c0 + n0, rm[:, None] * drop_ld + rn[None, :], seed,
+                                 threshold, drop_scale)
+        if HAS_BIAS:
+            bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         if SEG_A:
@@ -492,27 +479,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
                 else:
                     w = w_desc.load([ok, on])
                     acc = tl.dot(a, w, acc)
-        if SEED_TMA:
-            acc = acc * inv_scaling
-            l0 = 0
-            if GROUPED:
-                l0 = rb * ((on >= nb1).to(tl.int32) + (on >= nb2).to(tl.int32) + (on >= nb3).to(tl.int32))
-            for c in tl.static_range(R_CHUNKS):
-                if TRANS_W:
-                    rt = r_desc.load([on, c * BLOCK_R]).T
-                else:
-                    rt = r_desc.load([c * BLOCK_R, on])
-                acc = tl.dot(l_desc.load([om, l0 + c * BLOCK_R]), rt, acc)
-            acc = acc * scaling
-            if HAS_BIAS:
-                bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
-        if SUBTILE:
-            c0, c1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            c_desc.store([om, on], c0.to(dtype))
-            c_desc.store([om, on + BLOCK_N // 2], c1.to(dtype))
-        else:
-            c_desc.store([om, on], acc.to(dtype))
+        c_desc.store([om, on], acc.to(dtype))
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "nb1", "nb2", "nb3"])
