@@ -225,8 +225,9 @@ def main():
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--dequant-configs", default="2048/4,4096/4,4096/8,8192/8,1024/4,2048/8")
     ap.add_argument("--no-dequant", action="store_true")
+    ap.add_argument("--no-gemm", action="store_true")
     args = ap.parse_args()
-    for shape in args.shapes.split(","):
+    for shape in args.shapes.split(",") if not args.no_gemm else ():
         _gemm(shape, args)
     if not args.no_dequant:
         for shape in args.shapes.split(",")[:1]:
