@@ -79,3 +79,21 @@ def test_ab_settings_variants_set_and_restore_the_launcher_settings(ab_settings,
     assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM) == before
     with pytest.raises(ValueError, match="chunk_mib"):
         ab_settings._use("chunk_mb=8")
+
+
+def test_probe_seed_variants_compute_their_products_in_the_interpreter():
+    """scripts/probe_seed.py under the Triton interpreter (fp16, tiny shapes): every GEMM variant it times gives its
+    product (the base alone, or with the LoRA term) within 1e-2 of the fp32 one, and every dequantize config is
+    bit-identical to the default's; the script asserts both and exits non-zero otherwise."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "probe_seed.py"), "--device", "cpu", "--dtype", "float16",
+                           "--shapes", "200x192x384x48", "--dequant-configs", "2048/4,4096/8"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=SCRIPTS.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert sum("max rel err" in line for line in lines) == 11, proc.stdout
+    assert any("every config bit-identical" in line for line in lines), proc.stdout
