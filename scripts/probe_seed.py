@@ -15,8 +15,8 @@ median of the rounds) of y (M, N) = x (M, K) @ W (N, K)^T [+ s * S (M, R) @ B (N
 - ``subtile``: the minimal kernel storing its output tile in two halves (half the epilogue's shared memory);
   ``subtile4``: that with four pipeline stages; ``*_ext16``: with the LoRA term as ``ext16_after``.
 
-Part 2 (NF4). ``dequantize_nf4`` of the (N, K) weight at several bytes per program / warps; GB/s counts the
-packed bytes and absmax read and the bf16 written.
+Part 2 (NF4). The dequantize launcher (``nf4_dequant._launch``, what ``dequantize_nf4`` calls) on the (N, K)
+weight at several bytes per program / warps; GB/s counts the packed bytes and absmax read and the bf16 written.
 
     python scripts/probe_seed.py [--shapes 8192x4096x6144x48,2048x4096x6144x48] [--rounds 7]
 
