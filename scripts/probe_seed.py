@@ -1,7 +1,8 @@
 """GPU probe: what the TMA GEMM's LoRA seed costs, and the NF4 dequantize's bandwidth per program size.
 
-Part 1 (GEMM). Device time per launch (CUDA graphs of ``--calls`` launches each, replayed in interleaved rounds,
-median of the rounds) of y (M, N) = x (M, K) @ W (N, K)^T [+ s * S (M, R) @ B (N, R)^T] at the forward shapes:
+Part 1 (GEMM). Device time per launch (one launch captured in a CUDA graph, ``--calls`` replays per timing, the
+variants in interleaved rounds, median of the rounds) of y (M, N) = x (M, K) @ W (N, K)^T [+ s * S (M, R) @
+B (N, R)^T] at the forward shapes:
 
 - ``cublas``: torch.mm, no LoRA term (the floor's product);
 - ``tma``: lora.py's ``_lora_gemm_tma_kernel`` at its default tile, the seed (pointer loads of S and B^T in rank
@@ -25,6 +26,8 @@ fp32 product instead of timing.
 """
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -33,7 +36,13 @@ import triton.language as tl
 from lora_ops import nf4 as _nf4
 from lora_ops.triton_kernels import lora as L
 from lora_ops.triton_kernels import nf4_dequant as D
-from lora_ops.triton_kernels.lora_kernels import _grouped_tile, _lora_gemm_tma_kernel
+from lora_ops.triton_kernels.lora_kernels import _grouped_tile
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
+    sys.path.insert(0, str(REPO))
+from benchmarks.block import interleaved  # noqa: E402
+from benchmarks.harness import Device, Settings  # noqa: E402
 
 
 @triton.jit
@@ -117,38 +126,12 @@ def _variants(x, w, s, b, scaling, y):
             "subtile4_ext16": probe(1, True, stages + 1, descs=narrow)}
 
 
-def _graph_us(fn, calls):
-    fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def once():
-        g.replay()
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3 / calls
-    return once
-
-
-def _interleaved(timers, rounds):
-    out = {k: [] for k in timers}
-    for i in range(rounds):
-        keys = list(timers) if i % 2 == 0 else list(reversed(list(timers)))
-        for k in keys:
-            out[k].append(timers[k]())
-    return {k: statistics.median(v) for k, v in out.items()}
+def _timers(fns, args):
+    """{name: µs per call}: each call captured in a CUDA graph (harness.Device.graph_timer), ``--calls`` replays
+    per timing, the timers run in ``--rounds`` interleaved rounds (block.interleaved), median per name."""
+    dev = Device(Settings())
+    timers = {name: dev.graph_timer(fn, (), args.calls) for name, fn in fns.items()}
+    return {name: statistics.median(ms) * 1e3 for name, ms in interleaved(timers, args.rounds).items()}
 
 
 def _gemm(shape, args):
@@ -180,8 +163,7 @@ def _gemm(shape, args):
             print(f"{shape} {name:12s} max rel err {e:.2e}")
             assert e < 1e-2, (name, e)
         return
-    timers = {name: _graph_us(fn, args.calls) for name, fn in variants.items()}
-    med = _interleaved(timers, args.rounds)
+    med = _timers(variants, args)
     flops = 2 * m * n * k
     for name, us in med.items():
         print(f"{shape} {name:12s} {us:9.1f} us  {us / med['cublas']:.3f}x cublas  "
@@ -201,16 +183,16 @@ def _dequant(shape, args):
         out = D._launch(packed, absmax, None, None, None, 64, n, k, torch.bfloat16, bpp, warps)
         assert torch.equal(out, ref), (bpp, warps)
         if dev.type == "cuda":
-            timers[f"{bpp}/{warps}"] = _graph_us(
+            timers[f"{bpp}/{warps}"] = (
                 lambda bpp=bpp, warps=warps: D._launch(packed, absmax, None, None, None, 64, n, k, torch.bfloat16,
-                                                       bpp, warps), args.calls)
+                                                       bpp, warps))
     big = torch.empty(n * k * 2 + packed.numel(), dtype=torch.uint8, device=dev)
     if dev.type != "cuda":
         print(f"dequant {n}x{k}: every config bit-identical")
         return
     dst = torch.empty_like(big)
-    timers["copy"] = _graph_us(lambda: dst.copy_(big), args.calls)
-    med = _interleaved(timers, args.rounds)
+    timers["copy"] = lambda: dst.copy_(big)
+    med = _timers(timers, args)
     for name, us in med.items():
         nbytes = 2 * big.numel() if name == "copy" else moved
         print(f"dequant {n}x{k} {name:10s} {us:8.1f} us  {nbytes / us / 1e3:7.0f} GB/s", flush=True)
@@ -222,7 +204,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=5, help="graph replays per timing")
     ap.add_argument("--dequant-configs", default="2048/4,4096/4,4096/8,8192/8,1024/4,2048/8")
     ap.add_argument("--no-dequant", action="store_true")
     ap.add_argument("--no-gemm", action="store_true")
