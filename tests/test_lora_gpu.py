@@ -417,5 +417,10 @@ def test_tma_gemm_real_shapes(monkeypatch, case):
     before = L.LAUNCHES["lora_gemm_tma"]
     inp = make_inputs(m, k, n, r, dtype, weight, bias=bias)
     got, mask = run_layer(inp, 2.0, p, monkeypatch)
-    assert L.LAUNCHES["lora_gemm_tma"] - before == 2, "forward and dX should both have run on the TMA kernel"
+    # An NF4 weight whose dense copy passes NF4_CHUNK_BYTES runs one GEMM per dequantized chunk (rows of W for the
+    # forward, columns for dX) from NF4_CHUNK_MIN_M rows on.
+    chunked = weight != "dense" and m >= L.NF4_CHUNK_MIN_M
+    elt = torch.tensor([], dtype=dtype).element_size()
+    want = sum(len(L._nf4_chunks(n, k, 64, elt, along) or [None]) if chunked else 1 for along in ("rows", "cols"))
+    assert L.LAUNCHES["lora_gemm_tma"] - before == want, "forward and dX should all have run on the TMA kernel"
     check_and_report(got, oracle(inp, 2.0, p, mask), dtype, f"TMA M={m} {k}->{n} r={r} {dtype} {weight} p={p}")
