@@ -2,14 +2,16 @@
 
 A variant is a space-separated list of ``tile=BMxBNxBK/warps/stages`` (the TMA GEMM's large tile, as
 ``LORA_OPS_TMA_TILE``), ``base_mm=0|1|fwd|dx`` (as ``LORA_OPS_BASE_MM``), ``presum=0|1`` (as
-``LORA_OPS_SPLIT_PRESUM``), ``launch=python`` (the Python launchers, as ``LORA_OPS_LAUNCH``), ``flatten=0|1``
-(the TMA GEMM's flattened tile loop, as ``LORA_OPS_TMA_FLATTEN``), ``chunk_mib=N`` and ``chunk_min_m=M`` (the NF4
+``LORA_OPS_SPLIT_PRESUM``), ``launch=python`` (the Python launchers, as ``LORA_OPS_LAUNCH``), ``flatten=0|1`` (the
+TMA GEMM's flattened tile loop, as ``LORA_OPS_TMA_FLATTEN``), ``chunk_mib=N`` and ``chunk_min_m=M`` (the NF4
 temporary's chunk bound in MiB and the fewest rows that chunk it, as ``LORA_OPS_NF4_CHUNK_MIB`` /
-``LORA_OPS_NF4_CHUNK_MIN_M``), or ``default``. For each variant the grouped providers' fwd+bwd is warmed up and
-captured in a CUDA graph under it (the launch plans dropped between variants, so the C++ path registers its kernels
-and settings again), and so is the floor's. Then ``--rounds`` rounds replay every graph ``--replays`` times, in
-turn, timed with CUDA events: device time only, the variants interleaved, so clock drift between them cancels. Per
-provider and variant: the median per fwd+bwd over the rounds and the median of each round's ratio to the floor.
+``LORA_OPS_NF4_CHUNK_MIN_M``), ``side=0|1`` (dA on a second stream beside a narrower dX GEMM, as
+``LORA_OPS_SIDE_DA``; the Python launchers only, so pair it with ``launch=python``), or ``default``. For each
+variant the grouped providers' fwd+bwd is warmed up and captured in a CUDA graph under it (the launch plans dropped
+between variants, so the C++ path registers its kernels and settings again), and so is the floor's. Then
+``--rounds`` rounds replay every graph ``--replays`` times, in turn, timed with CUDA events: device time only, the
+variants interleaved, so clock drift between them cancels. Per provider and variant: the median per fwd+bwd over the
+rounds and the median of each round's ratio to the floor.
 
     python scripts/ab_settings.py [--part qkv] [--m 2048 8192] [--variants "default;base_mm=fwd;tile=256x128x64/8/3"]
 """
@@ -41,7 +43,7 @@ def _use(variant):
     registered again, the C++ path), the others at their defaults."""
     from lora_ops import _launch
     from lora_ops.triton_kernels import lora as L, lora_tuning as T
-    names = ("_TMA_CONFIGS", "_BASE_MM", "_PRESUM", "NF4_CHUNK_BYTES", "NF4_CHUNK_MIN_M")
+    names = ("_TMA_CONFIGS", "_BASE_MM", "_PRESUM", "NF4_CHUNK_BYTES", "NF4_CHUNK_MIN_M", "_SIDE_DA")
     if not _DEFAULTS:
         _DEFAULTS.update((n, getattr(L, n)) for n in names)
         _DEFAULTS.update((v, os.environ.get(v)) for v in _ENV)
@@ -64,11 +66,13 @@ def _use(variant):
             L.NF4_CHUNK_BYTES = int(value) << 20
         elif key == "chunk_min_m":
             L.NF4_CHUNK_MIN_M = int(value)
+        elif key == "side":
+            L._SIDE_DA = value not in ("", "0")
         elif key in _ENV.values():
             os.environ[next(v for v, k in _ENV.items() if k == key)] = value
         elif item != "default":
             raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1, launch=python, "
-                             "flatten=0|1, chunk_mib=N, chunk_min_m=M or default")
+                             "flatten=0|1, chunk_mib=N, chunk_min_m=M, side=0|1 or default")
     _launch.forget_plans()
 
 

@@ -424,3 +424,56 @@ def test_tma_gemm_real_shapes(monkeypatch, case):
     want = sum(len(L._nf4_chunks(n, k, 64, elt, along) or [None]) if chunked else 1 for along in ("rows", "cols"))
     assert L.LAUNCHES["lora_gemm_tma"] - before == want, "forward and dX should all have run on the TMA kernel"
     check_and_report(got, oracle(inp, 2.0, p, mask), dtype, f"TMA M={m} {k}->{n} r={r} {dtype} {weight} p={p}")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05], ids=["no-dropout", "dropout"])
+def test_side_stream_da(monkeypatch, p):
+    """LORA_OPS_SIDE_DA (the Python launchers): dA on a second stream beside the TMA dX GEMM, which then runs on
+    the fewest programs that keep its wave count; every output matches the oracle, eagerly and replayed from a CUDA
+    graph (the side stream forked and joined inside the capture)."""
+    L = _lora()
+    monkeypatch.setenv("LORA_OPS_LAUNCH", "python")
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    monkeypatch.setattr(L, "_SIDE_DA", True)
+    grids = []
+    real = L._tma_gemm
+
+    def spy(*args, **kw):
+        grids.append(kw.get("programs", args[17] if len(args) > 17 else None))
+        return real(*args, **kw)
+    monkeypatch.setattr(L, "_tma_gemm", spy)
+    m, k, n, r = 2048, 4096, 6144, 48
+    inp = make_inputs(m, k, n, r, BF16, "dense")
+    got, mask = run_layer(inp, 2.0, p, monkeypatch)
+    want = oracle(inp, 2.0, p, mask)
+    check_and_report(got, want, BF16, f"side-stream dA, eager, p={p}")
+    sms = L._sm_count(torch.device("cuda"))
+    assert grids == [None, L._fewest_programs(L._tma_tiles(m, k), sms)], grids
+    assert grids[1] < sms, "the dX GEMM should have left SMs to the dA pass"
+
+    x, a, b = (inp[t].detach().clone().requires_grad_(True) for t in ("x", "a", "b"))
+    bias = inp["bias"].detach().clone().requires_grad_(True)
+
+    def step():
+        for t in (x, a, b, bias):
+            t.grad = None
+        y = lora_ops.lora_linear(x, inp["w"], a, b, 2.0, bias, dropout_p=p)
+        y.backward(inp["dy"])
+        return y
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    if p > 0:  # the replay draws the seed that the capture saw; only the no-dropout outputs are fixed
+        return
+    for _ in range(3):
+        for t in (x, a, b, bias):
+            t.grad.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_and_report((y, x.grad, a.grad, b.grad, bias.grad), want, BF16, "side-stream dA, graph replay")

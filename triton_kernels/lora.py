@@ -168,6 +168,27 @@ _BASE_MM = _base_mm_setting(os.environ.get("LORA_OPS_BASE_MM", ""))
 # Off until timed on a GPU.
 _DS_MEMBERS = _env_int("LORA_OPS_DS_MEMBERS", 0, 0) > 0
 
+# LORA_OPS_SIDE_DA=1: the dA pass runs on a second stream beside the TMA dX GEMM, and that GEMM on the fewest
+# programs that keep its wave count (1024 tiles take 8 waves on 132 SMs and on 128 programs), so the SMs it leaves
+# idle serve dA for the GEMM's whole run instead of only its last wave (docs/PERF_NOTES.md item 40 timed the
+# latter). The Python launchers only; the C++ launch path leaves such calls to them. Off until timed on a GPU.
+_SIDE_DA = _env_int("LORA_OPS_SIDE_DA", 0, 0) > 0
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One second stream per CUDA device, made once."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(idx)
+    return _SIDE_STREAMS[idx]
+
+
+def _fewest_programs(tiles: int, sms: int) -> int:
+    """The fewest persistent programs that run ``tiles`` tiles in as many waves as ``sms`` programs do."""
+    waves = -(-tiles // max(1, min(sms, tiles)))
+    return -(-tiles // waves)
+
 
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
                   max_m: Optional[int] = None) -> Tuple[int, int]:
@@ -603,7 +624,7 @@ def _base_mm(w: "_W", way: int) -> bool:
 
 
 def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, block_r, m_bucket,
-               tma, l_out=None, drop_cols=None, group=_NO_GROUP, segs=None, base_mm=False):
+               tma, l_out=None, drop_cols=None, group=_NO_GROUP, segs=None, base_mm=False, programs=None):
     """c (M, N) = dropout(scaling * L (M, r) @ Rt (r, N)) (+ bias) + a (M, K) @ op(W): the forward
     (trans_w, W (N, K): op(W) = W^T, Rt = B^T) or the dX GEMM (W (K, N) itself, Rt = A_lora). ``w``: a _W;
     Rt is addressed through ``rt`` with (stride_rr, stride_rn). ``l``: L (M, r), or (splits, M, r) fp32 partials
@@ -613,12 +634,12 @@ def _lora_gemm(kernel, a, w, c, l, rt, stride_rr, stride_rn, bias, drop, scaling
     group): a = dY is the members' own tensors (a is segs[0]; ``_segments_ok``). The TMA kernel when
     ``tma`` (one slice only), else the pointer kernel ``kernel`` (_FWD_KERNEL / _DX_KERNEL: their own configs and
     counters). ``base_mm`` (``_base_mm``): the kernel adds the LoRA term alone (its K-loop empty) and torch's
-    addmm_ the base product after it."""
+    addmm_ the base product after it. ``programs``: the TMA GEMM's persistent grid (_tma_gemm)."""
     m, n = c.shape
     drop_ld, drop_c0 = drop_cols or (n, 0)
     if tma:
         _tma_gemm(a, w.ptrs[0], c, l, rt, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0,
-                  l_out, group, segs)
+                  l_out, group, segs, programs)
         return
     scratch = _scratch(c.device)
     b = bias if bias is not None else scratch
@@ -657,10 +678,16 @@ def _l_args(l, l_out, scratch):
     return strides, (l_out, l_out.stride(0), l_out.stride(1))
 
 
+def _tma_tiles(m: int, n: int) -> int:
+    """Output tiles of the TMA GEMM's config for an (m, n) output."""
+    blocks = next(c_ for c_ in _TMA_CONFIGS if m >= c_[0])[1]
+    return triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"])
+
+
 def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0,
-              l_out=None, group=_NO_GROUP, segs=None):
+              l_out=None, group=_NO_GROUP, segs=None, programs=None):
     """c = lora + a @ (w^T if trans_w else w) through _lora_gemm_tma_kernel (see there); ``lt`` and ``l_out`` as
-    in _lora_gemm."""
+    in _lora_gemm; ``programs``: the persistent grid (default one program per SM)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, n = c.shape
     k = sum(t.shape[1] for t in segs) if segs else a.shape[1]
@@ -674,7 +701,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     scratch = _scratch(c.device)
     b = bias if bias is not None else scratch
     (stride_ls, stride_lm, stride_lr), (lo, *stride_lo) = _l_args(lt, l_out, scratch)
-    sms = _sm_count(c.device)
+    sms = programs or _sm_count(c.device)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     _TMA_KERNEL(lambda meta: (max(1, min(sms, tiles)),),
                 a_d, w_d, c_d, lt, rt_ptr, b, drop.seed, lo,
@@ -860,21 +887,33 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
                            drop, 1.0, False, r, block_r, m_bucket, _use_tma(dy, wc, dxc, n * k), drop_cols=(k, k0),
                            group=group, segs=segs)
                 del wc
-        elif need_dx and k > 0:
+        # _SIDE_DA: dA on the side stream, forked before the dX GEMM (when that GEMM does not write the dS dA
+        # reads) and joined before the finish launch; its buffers are made on this stream first.
+        side = (_SIDE_DA and tma_dx and need_dA and k > 0 and w.chunks is None and (splits_ds == 1 or ds_summed)
+                and dev.type == "cuda" and not _backend.triton_interpreter())
+        if side:
+            main_stream, side_stream = torch.cuda.current_stream(dev), _side_stream(dev)
+            side_stream.wait_stream(main_stream)
+        if need_dA and k > 0:
+            splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)
+            da_out = _split_partials(splits, (r, k), dt, dev)
+        if need_dx and k > 0 and not w.chunks:
             dx_parts = splits_ds > 1 and not ds_summed
             _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part if dx_parts else ds, lora_A, lora_A.stride(0), lora_A.stride(1),
                        None, drop, 1.0, False, r, block_r, m_bucket, tma_dx, ds if dx_parts and need_dA else None,
-                       group=group, segs=segs, base_mm=base_mm)
+                       group=group, segs=segs, base_mm=base_mm,
+                       programs=_fewest_programs(_tma_tiles(m, k), _sm_count(dev)) if side else None)
         if need_dA:
             if k > 0:
-                splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)
-                da_out = _split_partials(splits, (r, k), dt, dev)
-                _DA_KERNEL(lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), r_chunks, splits),
-                           x, ds, drop.seed, da_out,
-                           x.stride(0), x.stride(1), ds.stride(0), ds.stride(1),
-                           da_out.stride(0) if splits > 1 else 0, da_out.stride(1), da_out.stride(2),
-                           m, k, r, rows, drop.threshold, drop.scale, m_bucket,
-                           HAS_DROPOUT=drop.on, BLOCK_R=block_r)
+                with torch.cuda.stream(side_stream) if side else contextlib.nullcontext():
+                    _DA_KERNEL(lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), r_chunks, splits),
+                               x, ds, drop.seed, da_out,
+                               x.stride(0), x.stride(1), ds.stride(0), ds.stride(1),
+                               da_out.stride(0) if splits > 1 else 0, da_out.stride(1), da_out.stride(2),
+                               m, k, r, rows, drop.threshold, drop.scale, m_bucket,
+                               HAS_DROPOUT=drop.on, BLOCK_R=block_r)
+                if side:
+                    main_stream.wait_stream(side_stream)
                 dA = fin.sum(da_out, (r, k))
             else:
                 dA = torch.zeros_like(lora_A)
