@@ -92,6 +92,7 @@ struct Settings {
   int64_t base_mm = 0;                  // _BASE_MM: bit 1 the forward GEMM, bit 2 the dX GEMM
   int64_t presum = 1;                   // _PRESUM
   int64_t ds_members = 0;               // _DS_MEMBERS
+  int64_t side_da = 0;                  // _SIDE_DA
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -148,6 +149,9 @@ struct Launch {
   int64_t elems[3] = {0, 0, 0};  // the finish kernel: its three jobs' element counts (its grid)
   at::Tensor sum_parts, sum_out;  // S / dS slices the launch wrote, summed and rounded into sum_out right after it
   at::Tensor mm_out, mm_a, mm_b;  // lora.py _BASE_MM: mm_out.addmm_(mm_a, mm_b) right after the launch
+  // lora.py _SIDE_DA: the TMA GEMM on the fewest programs that keep its waves (narrow) with the second stream
+  // forked before it (fork); a launch on that stream (on_side), which the current stream then waits for.
+  bool narrow = false, fork = false, on_side = false;
 
   void ptr(const at::Tensor& t) { ptr_raw(reinterpret_cast<uintptr_t>(t.data_ptr())); }
   void ptr_raw(uint64_t p) { args[nargs++] = Arg{'P', static_cast<int64_t>(p), 0.0}; }
@@ -1129,10 +1133,15 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
       gemm(c, work, K_DX, c.dy, wc, dxc, ds, ac, ac.stride(0), ac.stride(1), nullptr, drop, 1.0, false, m_bucket,
            use_tma(c, c.dy, wc, dxc, c.n * c.k), nullptr, c.k, k0, 0, segs);
     }
-  } else if (c.need_dx && c.k > 0) {
+  }
+  // lora.py _SIDE_DA: dA on the second stream beside the dX GEMM, when that GEMM does not write the dS dA reads.
+  const bool side = g_settings.side_da && tma_dx && c.need_dA && c.k > 0 && w.chunks.empty()
+                    && (splits_ds == 1 || ds_summed) && c.x.is_cuda();
+  if (c.need_dx && c.k > 0 && w.chunks.empty()) {
     const bool dx_parts = splits_ds > 1 && !ds_summed;
     gemm(c, work, K_DX, c.dy, w, o.dx, dx_parts ? ds_part : ds, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop,
          1.0, false, m_bucket, tma_dx, dx_parts && c.need_dA ? &ds : nullptr, -1, 0, 0, segs, base_mm);
+    work.launches.back().narrow = work.launches.back().fork = side;
   }
   if (c.need_dA) {
     auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);
@@ -1161,6 +1170,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     l.i(drop.threshold);
     l.f(drop.scale);
     l.i(m_bucket);
+    l.on_side = side;
     work.launches.push_back(l);
   }
   work.keep.push_back(ds);
@@ -1237,6 +1247,7 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
         const int64_t tiles = cdiv(l.descs[2].shape[0], bm) * cdiv(l.descs[2].shape[1], bn);
         const int64_t sms = c.x.is_cuda() ? c.dt->sms : 4;
         l.grid[0] = std::max<int64_t>(1, std::min(sms, tiles));
+        if (l.narrow) l.grid[0] = cdiv(tiles, cdiv(tiles, l.grid[0]));  // lora.py _fewest_programs
         break;
       }
       default:
@@ -1414,6 +1425,24 @@ void launch_one(const Launch& l, CUstream stream, bool map_cache) {
   lap(PH_LAUNCH, t);
 }
 
+// lora.py _side_stream: one second stream per device, and the two events that fork it from the current stream
+// and join it back (made once, without timing).
+struct Side {
+  c10::cuda::CUDAStream stream;
+  cudaEvent_t fork, join;
+};
+Side& side_of(int dev) {
+  static std::unordered_map<int, Side>& sides = *new std::unordered_map<int, Side>();
+  auto it = sides.find(dev);
+  if (it == sides.end()) {
+    Side s{c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(dev)), nullptr, nullptr};
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming));
+    it = sides.emplace(dev, s).first;
+  }
+  return it->second;
+}
+
 void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(c.dev);
   int64_t t = g_timing.on ? now_ns() : 0;
@@ -1422,6 +1451,20 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
   lap(PH_LAUNCH, t);
   const bool map_cache = env_flag("LORA_OPS_TMA_CACHE", true);
   for (const Launch& l : work.launches) {
+    if (l.fork) {
+      // The side stream starts after everything before this launch (dS), not after it.
+      Side& side = side_of(c.dev);
+      C10_CUDA_CHECK(cudaEventRecord(side.fork, stream.stream()));
+      C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream.stream(), side.fork, 0));
+    }
+    if (l.on_side) {
+      Side& side = side_of(c.dev);
+      launch_one(l, side.stream.stream(), map_cache);
+      C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream.stream()));
+      C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), side.join, 0));
+      ++g_launches[l.kernel];
+      continue;
+    }
     launch_one(l, stream.stream(), map_cache);
     ++g_launches[l.kernel];
     if (l.sum_parts.defined() || l.mm_out.defined()) {
@@ -1726,6 +1769,7 @@ void configure(const py::dict& s) {
   get("base_mm", g_settings.base_mm);
   get("presum", g_settings.presum);
   get("ds_members", g_settings.ds_members);
+  get("side_da", g_settings.side_da);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

@@ -66,6 +66,7 @@ def _settings() -> dict:
                 base_mm=int(L._BASE_MM),
                 presum=int(L._PRESUM),
                 ds_members=int(L._DS_MEMBERS),
+                side_da=int(L._SIDE_DA),
                 blocksizes=list(_nf4.VALID_BLOCKSIZES))
 
 

@@ -426,13 +426,20 @@ def test_tma_gemm_real_shapes(monkeypatch, case):
     check_and_report(got, oracle(inp, 2.0, p, mask), dtype, f"TMA M={m} {k}->{n} r={r} {dtype} {weight} p={p}")
 
 
+@pytest.mark.parametrize("launch", ["python", "cpp"])
 @pytest.mark.parametrize("p", [0.0, 0.05], ids=["no-dropout", "dropout"])
-def test_side_stream_da(monkeypatch, p):
-    """LORA_OPS_SIDE_DA (the Python launchers): dA on a second stream beside the TMA dX GEMM, which then runs on
-    the fewest programs that keep its wave count; every output matches the oracle, eagerly and replayed from a CUDA
-    graph (the side stream forked and joined inside the capture)."""
+def test_side_stream_da(monkeypatch, p, launch):
+    """LORA_OPS_SIDE_DA: dA on a second stream beside the TMA dX GEMM, which then runs on the fewest programs that
+    keep its wave count; every output matches the oracle, eagerly (the Python launchers, or the C++ launch path
+    after its first call registered, strict) and replayed from a CUDA graph (the side stream forked and joined
+    inside the capture)."""
+    from lora_ops import _launch
     L = _lora()
-    monkeypatch.setenv("LORA_OPS_LAUNCH", "python")
+    if launch == "python":
+        monkeypatch.setenv("LORA_OPS_LAUNCH", "python")
+    else:
+        monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
+        monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     monkeypatch.setattr(L, "_SIDE_DA", True)
     grids = []
@@ -446,10 +453,17 @@ def test_side_stream_da(monkeypatch, p):
     inp = make_inputs(m, k, n, r, BF16, "dense")
     got, mask = run_layer(inp, 2.0, p, monkeypatch)
     want = oracle(inp, 2.0, p, mask)
-    check_and_report(got, want, BF16, f"side-stream dA, eager, p={p}")
+    check_and_report(got, want, BF16, f"side-stream dA, eager, {launch}, p={p}")
     sms = L._sm_count(torch.device("cuda"))
-    assert grids == [None, L._fewest_programs(L._tma_tiles(m, k), sms)], grids
+    assert grids[:2] == [None, L._fewest_programs(L._tma_tiles(m, k), sms)], grids
     assert grids[1] < sms, "the dX GEMM should have left SMs to the dA pass"
+    if launch == "cpp":
+        before = dict(_launch.launch_counts())
+        got, mask = run_layer(inp, 2.0, p, monkeypatch)
+        check_and_report(got, oracle(inp, 2.0, p, mask), BF16, f"side-stream dA, eager, C++ path, p={p}")
+        after = _launch.launch_counts()
+        assert after.get("lora_bwd_da", 0) > before.get("lora_bwd_da", 0), "the C++ path did not run the backward"
+        assert after.get("lora_gemm_tma", 0) >= before.get("lora_gemm_tma", 0) + 2
 
     x, a, b = (inp[t].detach().clone().requires_grad_(True) for t in ("x", "a", "b"))
     bias = inp["bias"].detach().clone().requires_grad_(True)
@@ -476,4 +490,4 @@ def test_side_stream_da(monkeypatch, p):
             t.grad.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        check_and_report((y, x.grad, a.grad, b.grad, bias.grad), want, BF16, "side-stream dA, graph replay")
+        check_and_report((y, x.grad, a.grad, b.grad, bias.grad), want, BF16, f"side-stream dA, graph replay, {launch}")
