@@ -650,6 +650,17 @@ def test_base_mm_setting_names_the_gemms_it_covers():
         L._base_mm_setting("2")
 
 
+def test_fewest_programs_keep_the_wave_count():
+    """LORA_OPS_SIDE_DA narrows the dX GEMM to the fewest persistent programs that take as many waves of tiles as
+    one program per SM: q/k/v's dX at 8192 rows (1024 tiles) and 2048 rows (256) on 132 SMs take 128, an exact
+    multiple keeps every SM, fewer tiles than SMs keep one program per tile."""
+    for tiles, sms, want in ((1024, 132, 128), (256, 132, 128), (1536, 132, 128), (896, 132, 128),
+                             (264, 132, 132), (100, 132, 100), (133, 132, 67), (1, 132, 1)):
+        got = L._fewest_programs(tiles, sms)
+        assert got == want, (tiles, sms, got)
+        assert -(-tiles // got) == -(-tiles // min(sms, tiles)), (tiles, sms)
+
+
 def test_tma_gemm_skipped_when_strides_break_its_rules(monkeypatch):
     """N = 57: y's rows are 114 bytes, not a multiple of 16, so neither GEMM can use TMA (dY has that row
     stride too); fp32 never does (TMA path is 16-bit only). Both fall back to the pointer kernels, correctly."""
