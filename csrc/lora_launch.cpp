@@ -93,6 +93,7 @@ struct Settings {
   int64_t presum = 1;                   // _PRESUM
   int64_t ds_members = 0;               // _DS_MEMBERS
   int64_t side_da = 0;                  // _SIDE_DA
+  int64_t side_dq = 0;                  // _SIDE_DQ
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -149,9 +150,11 @@ struct Launch {
   int64_t elems[3] = {0, 0, 0};  // the finish kernel: its three jobs' element counts (its grid)
   at::Tensor sum_parts, sum_out;  // S / dS slices the launch wrote, summed and rounded into sum_out right after it
   at::Tensor mm_out, mm_a, mm_b;  // lora.py _BASE_MM: mm_out.addmm_(mm_a, mm_b) right after the launch
-  // lora.py _SIDE_DA: the TMA GEMM on the fewest programs that keep its waves (narrow) with the second stream
-  // forked before it (fork); a launch on that stream (on_side), which the current stream then waits for.
-  bool narrow = false, fork = false, on_side = false;
+  // lora.py _SIDE_DA / _SIDE_DQ: the TMA GEMM on the fewest programs that keep its waves (narrow); the second
+  // stream forked from the current one before this launch (fork: it waits for what came before, not for this
+  // launch), this launch on the second stream (on_side), the current stream waiting for the second before this
+  // launch (join). Order at one launch: join, fork, launch.
+  bool narrow = false, fork = false, on_side = false, join = false;
 
   void ptr(const at::Tensor& t) { ptr_raw(reinterpret_cast<uintptr_t>(t.data_ptr())); }
   void ptr_raw(uint64_t p) { args[nargs++] = Arg{'P', static_cast<int64_t>(p), 0.0}; }
@@ -517,6 +520,7 @@ struct WArgs {
   std::vector<std::pair<int64_t, int64_t>> chunks;
   bool rows = true;     // chunks along W's rows (else columns)
   at::Tensor workspace; // one chunk's temporary, reused by every chunk (launches run in stream order)
+  int whole_dq = -1;    // the launch that dequantizes the whole weight (an index into work.launches), if any
 };
 
 uint64_t addr_of(const at::Tensor& t) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); }
@@ -643,6 +647,7 @@ WArgs weight_args(const Call& c, Work& work, bool rows) {
       return w;
     }
     at::Tensor out = at::empty({c.n, c.k}, c.x.options());
+    w.whole_dq = static_cast<int>(work.launches.size());
     dequant(c, work, out, 0, c.n, 0, c.k);
     work.keep.push_back(out);
     set_dense(c, w, out);
@@ -921,6 +926,11 @@ struct FwdOut {
   at::Tensor y, s;
 };
 
+// lora.py _side_dq: whether the whole-weight dequantization runs on the second stream.
+bool side_dq_of(const Call& c, const WArgs& w) {
+  return g_settings.side_dq && w.whole_dq >= 0 && c.x.is_cuda() && c.n > 0 && c.k > 0;
+}
+
 FwdOut build_forward(const Call& c, Work& work) {
   WArgs w = weight_args(c, work, true);
   const Dropout drop = make_dropout(c, true);
@@ -980,6 +990,10 @@ FwdOut build_forward(const Call& c, Work& work) {
     gemm(c, work, K_FWD, c.x, w, o.y, gemm_sums ? s_part : o.s, c.B, c.B.stride(1), c.B.stride(0),
          c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma, gemm_sums ? &o.s : nullptr, -1, 0,
          0, false, base_mm);
+    if (side_dq_of(c, w)) {  // lora.py _SIDE_DQ: the dequantization beside the S pass, the GEMM after both
+      work.launches[w.whole_dq].on_side = work.launches[w.whole_dq].fork = true;
+      work.launches.back().join = true;
+    }
   }
   return o;
 }
@@ -1142,6 +1156,10 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     gemm(c, work, K_DX, c.dy, w, o.dx, dx_parts ? ds_part : ds, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop,
          1.0, false, m_bucket, tma_dx, dx_parts && c.need_dA ? &ds : nullptr, -1, 0, 0, segs, base_mm);
     work.launches.back().narrow = work.launches.back().fork = side;
+    if (side_dq_of(c, w)) {  // lora.py _SIDE_DQ: the dequantization beside the dS pass, the GEMM after both
+      work.launches[w.whole_dq].on_side = work.launches[w.whole_dq].fork = true;
+      work.launches.back().join = true;
+    }
   }
   if (c.need_dA) {
     auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);
@@ -1174,7 +1192,9 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     work.launches.push_back(l);
   }
   work.keep.push_back(ds);
+  const size_t before_finish = work.launches.size();
   if (g_settings.finish_kernel) finish_launch(c, o, work);
+  if (side && work.launches.size() > before_finish) work.launches.back().join = true;
   return o;
 }
 
@@ -1450,22 +1470,30 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
     C10_CUDA_CHECK(cudaMemsetAsync(zero_first.data_ptr(), 0, zero_first.nbytes(), stream.stream()));
   lap(PH_LAUNCH, t);
   const bool map_cache = env_flag("LORA_OPS_TMA_CACHE", true);
+  Side* side = nullptr;
+  bool pending = false;  // work on the side stream the current stream has not waited for yet
+  auto join = [&]() {
+    C10_CUDA_CHECK(cudaEventRecord(side->join, side->stream.stream()));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), side->join, 0));
+    pending = false;
+  };
   for (const Launch& l : work.launches) {
+    if (l.join && pending) join();
     if (l.fork) {
-      // The side stream starts after everything before this launch (dS), not after it.
-      Side& side = side_of(c.dev);
-      C10_CUDA_CHECK(cudaEventRecord(side.fork, stream.stream()));
-      C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream.stream(), side.fork, 0));
+      // The side stream starts after everything enqueued before this launch, not after this launch.
+      if (side == nullptr) side = &side_of(c.dev);
+      C10_CUDA_CHECK(cudaEventRecord(side->fork, stream.stream()));
+      C10_CUDA_CHECK(cudaStreamWaitEvent(side->stream.stream(), side->fork, 0));
     }
     if (l.on_side) {
-      Side& side = side_of(c.dev);
-      launch_one(l, side.stream.stream(), map_cache);
-      C10_CUDA_CHECK(cudaEventRecord(side.join, side.stream.stream()));
-      C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), side.join, 0));
-      ++g_launches[l.kernel];
-      continue;
+      TORCH_CHECK(side != nullptr, "lora_ops launch: a side-stream launch without a fork before it");
+      launch_one(l, side->stream.stream(), map_cache);
+      pending = true;
+      // The tensor ops after a launch run on the current stream: they must see it.
+      if (l.sum_parts.defined() || l.mm_out.defined()) join();
+    } else {
+      launch_one(l, stream.stream(), map_cache);
     }
-    launch_one(l, stream.stream(), map_cache);
     ++g_launches[l.kernel];
     if (l.sum_parts.defined() || l.mm_out.defined()) {
       t = g_timing.on ? now_ns() : 0;
@@ -1473,6 +1501,7 @@ void run_launches(const Call& c, Work& work, const at::Tensor& zero_first) {
       lap(PH_AFTER, t);
     }
   }
+  if (pending) join();  // nothing the call returns may still be written on the side stream
 }
 
 #else
@@ -1770,6 +1799,7 @@ void configure(const py::dict& s) {
   get("presum", g_settings.presum);
   get("ds_members", g_settings.ds_members);
   get("side_da", g_settings.side_da);
+  get("side_dq", g_settings.side_dq);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

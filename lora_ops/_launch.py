@@ -67,6 +67,7 @@ def _settings() -> dict:
                 presum=int(L._PRESUM),
                 ds_members=int(L._DS_MEMBERS),
                 side_da=int(L._SIDE_DA),
+                side_dq=int(L._SIDE_DQ),
                 blocksizes=list(_nf4.VALID_BLOCKSIZES))
 
 

@@ -427,12 +427,13 @@ def test_tma_gemm_real_shapes(monkeypatch, case):
 
 
 @pytest.mark.parametrize("launch", ["python", "cpp"])
-@pytest.mark.parametrize("p", [0.0, 0.05], ids=["no-dropout", "dropout"])
-def test_side_stream_da(monkeypatch, p, launch):
+@pytest.mark.parametrize("case", ["dense-da", "dense-da-dropout", "nf4-dq", "nf4-dq-da"])
+def test_side_stream(monkeypatch, case, launch):
     """LORA_OPS_SIDE_DA: dA on a second stream beside the TMA dX GEMM, which then runs on the fewest programs that
-    keep its wave count; every output matches the oracle, eagerly (the Python launchers, or the C++ launch path
-    after its first call registered, strict) and replayed from a CUDA graph (the side stream forked and joined
-    inside the capture)."""
+    keep its wave count. LORA_OPS_SIDE_DQ: an NF4 weight's whole dequantization on the second stream beside the S
+    and dS passes. Every output matches the oracle, eagerly (the Python launchers, or the C++ launch path after
+    its first call registered, strict) and replayed from a CUDA graph (the stream forked and joined inside the
+    capture)."""
     from lora_ops import _launch
     L = _lora()
     if launch == "python":
@@ -441,45 +442,56 @@ def test_side_stream_da(monkeypatch, p, launch):
         monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
         monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
     monkeypatch.setenv("LORA_OPS_TMA", "1")
-    monkeypatch.setattr(L, "_SIDE_DA", True)
-    grids = []
-    real = L._tma_gemm
+    side_da, side_dq = case.endswith("da") or "da-" in case, case.startswith("nf4")
+    monkeypatch.setattr(L, "_SIDE_DA", side_da)
+    monkeypatch.setattr(L, "_SIDE_DQ", side_dq)
+    p = 0.05 if case.endswith("dropout") else 0.0
+    grids, forks = [], []
+    real_gemm, real_stream = L._tma_gemm, L._side_stream
 
     def spy(*args, **kw):
         grids.append(kw.get("programs", args[17] if len(args) > 17 else None))
-        return real(*args, **kw)
+        return real_gemm(*args, **kw)
+
+    def stream_spy(device):
+        forks.append(device)
+        return real_stream(device)
     monkeypatch.setattr(L, "_tma_gemm", spy)
+    monkeypatch.setattr(L, "_side_stream", stream_spy)
     m, k, n, r = 2048, 4096, 6144, 48
-    inp = make_inputs(m, k, n, r, BF16, "dense")
+    inp = make_inputs(m, k, n, r, BF16, "nf4-dq" if side_dq else "dense")
     got, mask = run_layer(inp, 2.0, p, monkeypatch)
     want = oracle(inp, 2.0, p, mask)
-    check_and_report(got, want, BF16, f"side-stream dA, eager, {launch}, p={p}")
+    check_and_report(got, want, BF16, f"side stream {case}, eager, {launch}")
     sms = L._sm_count(torch.device("cuda"))
-    assert grids[:2] == [None, L._fewest_programs(L._tma_tiles(m, k), sms)], grids
-    assert grids[1] < sms, "the dX GEMM should have left SMs to the dA pass"
+    narrow = L._fewest_programs(L._tma_tiles(m, k), sms)
+    assert grids[:2] == [None, narrow if side_da else None], grids
+    assert narrow < sms, "the dX GEMM should have left SMs to the dA pass"
+    assert len(forks) == side_da + 2 * side_dq, forks  # forward and backward dequantize, dA once
     if launch == "cpp":
         before = dict(_launch.launch_counts())
         got, mask = run_layer(inp, 2.0, p, monkeypatch)
-        check_and_report(got, oracle(inp, 2.0, p, mask), BF16, f"side-stream dA, eager, C++ path, p={p}")
+        check_and_report(got, oracle(inp, 2.0, p, mask), BF16, f"side stream {case}, eager, C++ path")
         after = _launch.launch_counts()
         assert after.get("lora_bwd_da", 0) > before.get("lora_bwd_da", 0), "the C++ path did not run the backward"
         assert after.get("lora_gemm_tma", 0) >= before.get("lora_gemm_tma", 0) + 2
 
     x, a, b = (inp[t].detach().clone().requires_grad_(True) for t in ("x", "a", "b"))
     bias = inp["bias"].detach().clone().requires_grad_(True)
+    w = inp["w"]
 
     def step():
         for t in (x, a, b, bias):
             t.grad = None
-        y = lora_ops.lora_linear(x, inp["w"], a, b, 2.0, bias, dropout_p=p)
+        y = lora_ops.lora_linear(x, w, a, b, 2.0, bias, dropout_p=p)
         y.backward(inp["dy"])
         return y
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
         for _ in range(2):
             step()
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = step()
@@ -490,4 +502,4 @@ def test_side_stream_da(monkeypatch, p, launch):
             t.grad.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        check_and_report((y, x.grad, a.grad, b.grad, bias.grad), want, BF16, f"side-stream dA, graph replay, {launch}")
+        check_and_report((y, x.grad, a.grad, b.grad, bias.grad), want, BF16, f"side stream {case}, graph, {launch}")

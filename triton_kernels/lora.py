@@ -173,6 +173,11 @@ _DS_MEMBERS = _env_int("LORA_OPS_DS_MEMBERS", 0, 0) > 0
 # idle serve dA for the GEMM's whole run instead of only its last wave (docs/PERF_NOTES.md item 40 timed the
 # latter). The C++ launch path does the same (its side stream and events made once per device). Off until timed.
 _SIDE_DA = _env_int("LORA_OPS_SIDE_DA", 0, 0) > 0
+# LORA_OPS_SIDE_DQ=1: an NF4 weight dequantized whole (below NF4_CHUNK_MIN_M rows) is dequantized on the second
+# stream while the S pass (forward) or the dS pass (backward) runs on this one; the GEMM waits for both. Both passes
+# are memory-bound but at 2048 rows neither fills the memory system alone (S and dS read x / dY at well under
+# the copy bandwidth, PERF_NOTES item 17), so their bytes can overlap. Off until timed.
+_SIDE_DQ = _env_int("LORA_OPS_SIDE_DQ", 0, 0) > 0
 _SIDE_STREAMS: dict = {}
 
 
@@ -182,6 +187,13 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     if idx not in _SIDE_STREAMS:
         _SIDE_STREAMS[idx] = torch.cuda.Stream(idx)
     return _SIDE_STREAMS[idx]
+
+
+def _side_dq(x: torch.Tensor, absmax, n: int, k: int, blocksize: int, along: str) -> bool:
+    """Whether _SIDE_DQ puts this call's whole-weight dequantization on the side stream (see _W)."""
+    return (_SIDE_DQ and absmax is not None and x.is_cuda and not _backend.triton_interpreter()
+            and _dequant_first(x) and n > 0 and k > 0
+            and (x.shape[0] < NF4_CHUNK_MIN_M or _nf4_chunks(n, k, blocksize, x.element_size(), along) is None))
 
 
 def _fewest_programs(tiles: int, sms: int) -> int:
@@ -479,7 +491,8 @@ class _W:
 
     chunks: Optional[list] = None
 
-    def __init__(self, weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, along="rows"):
+    def __init__(self, weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, along="rows",
+                 side=None):
         scratch = self.scratch = _scratch(x.device)
         if absmax is None:
             _check_same("weight", weight, x, (n, k))
@@ -495,7 +508,14 @@ class _W:
             chunked = x.shape[0] >= NF4_CHUNK_MIN_M
             self.chunks = _nf4_chunks(n, k, blocksize, x.element_size(), along) if chunked else None
             self.along = along
-            if self.chunks is None:
+            if self.chunks is None and side is not None:
+                # _SIDE_DQ: on the side stream (forked by the caller); the GEMM reads it on this one.
+                main = torch.cuda.current_stream(x.device)
+                with torch.cuda.stream(side):
+                    dense = _dq._launch(*self.state)
+                dense.record_stream(main)
+                self._dense(dense, scratch)
+            elif self.chunks is None:
                 self._dense(_dq._launch(*self.state), scratch)
             return
         if nested:
@@ -732,7 +752,12 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     """
     m, k, n, r, group = _check_lora(x, lora_A, lora_B, bias, groups)
     x, lora_A, lora_B, bias = (_narrow(t) for t in (x, lora_A, lora_B, bias))
-    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x)
+    side_dq = _side_dq(x, absmax, n, k, blocksize, "rows")
+    if side_dq:
+        main_stream, side_stream = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        side_stream.wait_stream(main_stream)
+    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x,
+           side=side_stream if side_dq else None)
     drop = _Dropout(dropout_p, seed, x)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     s = torch.empty((m, r), dtype=x.dtype, device=x.device)
@@ -759,6 +784,8 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
         if summed:
             _sum_into(s_part, s)
         no_drop = _Dropout(0.0, None, x)
+        if side_dq:
+            main_stream.wait_stream(side_stream)
         if w.chunks:
             # y's columns n0:n1 from W's rows n0:n1; each temporary is freed before the next is made.
             for n0, n1 in w.chunks:
@@ -814,7 +841,12 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         # Sums over zero rows are zero; nothing to launch.
         return (dx, torch.zeros_like(lora_A) if need_dA else dA, torch.zeros_like(lora_B) if need_dB else dB,
                 dy.new_zeros((n,)) if need_dbias else dbias)
-    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, "cols") if need_dx else None
+    side_dq = need_dx and _side_dq(x, absmax, n, k, blocksize, "cols")
+    if side_dq:
+        main_stream, side_stream = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        side_stream.wait_stream(main_stream)
+    w = (_W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, "cols",
+            side=side_stream if side_dq else None) if need_dx else None)
     block_r = _block_r(r)
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
@@ -891,6 +923,8 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         # reads) and joined before the finish launch; its buffers are made on this stream first.
         side = (_SIDE_DA and tma_dx and need_dA and k > 0 and w.chunks is None and (splits_ds == 1 or ds_summed)
                 and dev.type == "cuda" and not _backend.triton_interpreter())
+        if side_dq:
+            main_stream.wait_stream(side_stream)
         if side:
             main_stream, side_stream = torch.cuda.current_stream(dev), _side_stream(dev)
             side_stream.wait_stream(main_stream)
