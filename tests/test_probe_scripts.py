@@ -79,6 +79,13 @@ def test_ab_settings_variants_set_and_restore_the_launcher_settings(ab_settings,
     assert (L.NF4_CHUNK_BYTES, L.NF4_CHUNK_MIN_M, L._PRESUM) == before
     with pytest.raises(ValueError, match="chunk_mib"):
         ab_settings._use("chunk_mb=8")
+    sides = (L._SIDE_DA, L._SIDE_DQ)
+    ab_settings._use("side=1 side_dq=1")
+    assert (L._SIDE_DA, L._SIDE_DQ) == (True, True)
+    ab_settings._use("side_dq=1")
+    assert (L._SIDE_DA, L._SIDE_DQ) == (sides[0], True)
+    ab_settings._use("default")
+    assert (L._SIDE_DA, L._SIDE_DQ) == sides
 
 
 def test_probe_seed_variants_compute_their_products_in_the_interpreter():
