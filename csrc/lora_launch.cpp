@@ -520,6 +520,7 @@ struct WArgs {
   std::vector<std::pair<int64_t, int64_t>> chunks;
   bool rows = true;     // chunks along W's rows (else columns)
   at::Tensor workspace; // one chunk's temporary, reused by every chunk (launches run in stream order)
+  at::Tensor workspace2;  // lora.py _chunk_gemms under _SIDE_DQ: the next chunk's, dequantized beside a GEMM
   int whole_dq = -1;    // the launch that dequantizes the whole weight (an index into work.launches), if any
 };
 
@@ -644,6 +645,10 @@ WArgs weight_args(const Call& c, Work& work, bool rows) {
       for (const auto& ch : w.chunks) most = std::max(most, ch.second - ch.first);
       w.workspace = at::empty({most * (rows ? c.k : c.n)}, c.x.options());
       work.keep.push_back(w.workspace);
+      if (g_settings.side_dq && w.chunks.size() > 1 && c.x.is_cuda()) {
+        w.workspace2 = at::empty({most * (rows ? c.k : c.n)}, c.x.options());
+        work.keep.push_back(w.workspace2);
+      }
       return w;
     }
     at::Tensor out = at::empty({c.n, c.k}, c.x.options());
@@ -667,16 +672,35 @@ WArgs weight_args(const Call& c, Work& work, bool rows) {
 }
 
 // _W.block: chunk (lo, hi) dequantized into the workspace, as its own dense WArgs.
-WArgs weight_block(const Call& c, Work& work, const WArgs& w, int64_t lo, int64_t hi) {
+WArgs weight_block(const Call& c, Work& work, const WArgs& w, int64_t lo, int64_t hi, bool second = false) {
   WArgs b;
   const int64_t r = w.rows ? hi - lo : c.n, cols = w.rows ? c.k : hi - lo;
-  at::Tensor out = narrow_view(w.workspace, 0, 0, r * cols).view({r, cols});
+  at::Tensor out = narrow_view(second ? w.workspace2 : w.workspace, 0, 0, r * cols).view({r, cols});
   if (w.rows)
     dequant(c, work, out, lo, hi, 0, c.k);
   else
     dequant(c, work, out, 0, c.n, lo, hi);
   set_dense(c, b, out);
   return b;
+}
+
+// lora.py _chunk_gemms: each chunk dequantized, then its GEMM (gemm_of pushes it). With workspace2 (_SIDE_DQ) the
+// next chunk is dequantized on the side stream, into the other workspace, beside a TMA GEMM narrowed to the
+// fewest programs that keep its waves; the GEMM after it joins the side stream first.
+template <typename F>
+void chunk_gemms(const Call& c, Work& work, const WArgs& w, F gemm_of) {
+  const bool pipe = w.workspace2.defined();
+  bool beside = false;  // this chunk's dequantization goes on the side stream
+  for (size_t i = 0; i < w.chunks.size(); ++i) {
+    const auto [lo, hi] = w.chunks[i];
+    const WArgs wc = weight_block(c, work, w, lo, hi, pipe && i % 2 == 1);
+    if (beside) work.launches.back().on_side = true;
+    gemm_of(wc, lo, hi);
+    Launch& g = work.launches.back();
+    g.join = beside;
+    beside = pipe && g.kernel == K_TMA && i + 1 < w.chunks.size();
+    g.fork = g.narrow = beside;
+  }
 }
 
 // nk: the layer's N*K for the auto rule (-1: out's N times a's K).
@@ -976,15 +1000,14 @@ FwdOut build_forward(const Call& c, Work& work) {
   if (summed) sum_slices(work, s_part, o.s);
   const Dropout off = make_dropout(c, false);
   if (!w.chunks.empty()) {
-    // y's columns n0:n1 from W's rows n0:n1, each chunk dequantized into the one workspace.
-    for (const auto& [n0, n1] : w.chunks) {
-      const WArgs wc = weight_block(c, work, w, n0, n1);
+    // y's columns n0:n1 from W's rows n0:n1.
+    chunk_gemms(c, work, w, [&](const WArgs& wc, int64_t n0, int64_t n1) {
       const at::Tensor yc = narrow_view(o.y, 1, n0, n1 - n0);
       const at::Tensor bc = narrow_view(c.B, 0, n0, n1 - n0);
       const at::Tensor biasc = c.bias.defined() ? narrow_view(c.bias, 0, n0, n1 - n0) : at::Tensor();
       gemm(c, work, K_FWD, c.x, wc, yc, o.s, bc, bc.stride(1), bc.stride(0), c.bias.defined() ? &biasc : nullptr,
            off, c.scaling, true, m_bucket, use_tma(c, c.x, wc, yc, c.n * c.k), nullptr, -1, 0, n0);
-    }
+    });
   } else if (c.n > 0) {
     const bool gemm_sums = splits > 1 && !summed;
     gemm(c, work, K_FWD, c.x, w, o.y, gemm_sums ? s_part : o.s, c.B, c.B.stride(1), c.B.stride(0),
@@ -1139,14 +1162,13 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     work.launches.push_back(l);
   }
   if (c.need_dx && c.k > 0 && !w.chunks.empty()) {
-    // dX's columns k0:k1 from W's columns k0:k1, each chunk dequantized into the one workspace.
-    for (const auto& [k0, k1] : w.chunks) {
-      const WArgs wc = weight_block(c, work, w, k0, k1);
+    // dX's columns k0:k1 from W's columns k0:k1.
+    chunk_gemms(c, work, w, [&](const WArgs& wc, int64_t k0, int64_t k1) {
       const at::Tensor dxc = narrow_view(o.dx, 1, k0, k1 - k0);
       const at::Tensor ac = narrow_view(c.A, 1, k0, k1 - k0);
       gemm(c, work, K_DX, c.dy, wc, dxc, ds, ac, ac.stride(0), ac.stride(1), nullptr, drop, 1.0, false, m_bucket,
            use_tma(c, c.dy, wc, dxc, c.n * c.k), nullptr, c.k, k0, 0, segs);
-    }
+    });
   }
   // lora.py _SIDE_DA: dA on the second stream beside the dX GEMM, when that GEMM does not write the dS dA reads.
   const bool side = g_settings.side_da && tma_dx && c.need_dA && c.k > 0 && w.chunks.empty()

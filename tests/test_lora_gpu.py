@@ -427,11 +427,12 @@ def test_tma_gemm_real_shapes(monkeypatch, case):
 
 
 @pytest.mark.parametrize("launch", ["python", "cpp"])
-@pytest.mark.parametrize("case", ["dense-da", "dense-da-dropout", "nf4-dq", "nf4-dq-da"])
+@pytest.mark.parametrize("case", ["dense-da", "dense-da-dropout", "nf4-dq", "nf4-dq-da", "nf4-chunks"])
 def test_side_stream(monkeypatch, case, launch):
     """LORA_OPS_SIDE_DA: dA on a second stream beside the TMA dX GEMM, which then runs on the fewest programs that
     keep its wave count. LORA_OPS_SIDE_DQ: an NF4 weight's whole dequantization on the second stream beside the S
-    and dS passes. Every output matches the oracle, eagerly (the Python launchers, or the C++ launch path after
+    and dS passes, or (4096 rows: the 48 MiB weight in two chunks) the second chunk's beside the first chunk's
+    narrowed GEMM. Every output matches the oracle, eagerly (the Python launchers, or the C++ launch path after
     its first call registered, strict) and replayed from a CUDA graph (the stream forked and joined inside the
     capture)."""
     from lora_ops import _launch
@@ -458,16 +459,23 @@ def test_side_stream(monkeypatch, case, launch):
         return real_stream(device)
     monkeypatch.setattr(L, "_tma_gemm", spy)
     monkeypatch.setattr(L, "_side_stream", stream_spy)
-    m, k, n, r = 2048, 4096, 6144, 48
+    chunks = case == "nf4-chunks"
+    m, k, n, r = 4096 if chunks else 2048, 4096, 6144, 48
     inp = make_inputs(m, k, n, r, BF16, "nf4-dq" if side_dq else "dense")
     got, mask = run_layer(inp, 2.0, p, monkeypatch)
     want = oracle(inp, 2.0, p, mask)
     check_and_report(got, want, BF16, f"side stream {case}, eager, {launch}")
     sms = L._sm_count(torch.device("cuda"))
     narrow = L._fewest_programs(L._tma_tiles(m, k), sms)
-    assert grids[:2] == [None, narrow if side_da else None], grids
     assert narrow < sms, "the dX GEMM should have left SMs to the dA pass"
-    assert len(forks) == side_da + 2 * side_dq, forks  # forward and backward dequantize, dA once
+    if chunks:  # y's two column chunks, then dX's: each first chunk's GEMM narrowed, the second dequantized beside
+        assert L._nf4_chunks(n, k, 64, 2, "rows") == [(0, 3072), (3072, 6144)]
+        assert grids[:4] == [L._fewest_programs(L._tma_tiles(m, 3072), sms), None,
+                             L._fewest_programs(L._tma_tiles(m, 2048), sms), None], grids
+        assert len(forks) == 2, forks
+    else:
+        assert grids[:2] == [None, narrow if side_da else None], grids
+        assert len(forks) == side_da + 2 * side_dq, forks  # forward and backward dequantize, dA once
     if launch == "cpp":
         before = dict(_launch.launch_counts())
         got, mask = run_layer(inp, 2.0, p, monkeypatch)

@@ -176,7 +176,9 @@ _SIDE_DA = _env_int("LORA_OPS_SIDE_DA", 0, 0) > 0
 # LORA_OPS_SIDE_DQ=1: an NF4 weight dequantized whole (below NF4_CHUNK_MIN_M rows) is dequantized on the second
 # stream while the S pass (forward) or the dS pass (backward) runs on this one; the GEMM waits for both. Both passes
 # are memory-bound but at 2048 rows neither fills the memory system alone (S and dS read x / dY at well under
-# the copy bandwidth, PERF_NOTES item 17), so their bytes can overlap. Off until timed.
+# the copy bandwidth, PERF_NOTES item 17), so their bytes can overlap. A weight in chunks has its next chunk
+# dequantized there while a chunk's TMA GEMM runs on the fewest programs that keep its waves (_chunk_gemms; two
+# chunk temporaries alive instead of one). Off by default (PERF_NOTES item 46).
 _SIDE_DQ = _env_int("LORA_OPS_SIDE_DQ", 0, 0) > 0
 _SIDE_STREAMS: dict = {}
 
@@ -535,12 +537,46 @@ class _W:
         self.meta = dict(IS_NF4=False, NESTED=False, BLOCKSIZE=64)
         self.opts = {}
 
-    def block(self, lo: int, hi: int) -> "_W":
-        """The dense temporary of chunk (lo, hi) of ``chunks`` as its own _W (rows or columns of W)."""
+    def block(self, lo: int, hi: int, side=None) -> "_W":
+        """The dense temporary of chunk (lo, hi) of ``chunks`` as its own _W (rows or columns of W); dequantized on
+        the stream ``side`` when given (for use on the current one)."""
         rng = dict(row_range=(lo, hi)) if self.along == "rows" else dict(col_range=(lo, hi))
         w = _W.__new__(_W)
-        w._dense(_dq._launch(*self.state, **rng), self.scratch)
+        if side is None:
+            w._dense(_dq._launch(*self.state, **rng), self.scratch)
+            return w
+        main = torch.cuda.current_stream(self.scratch.device)
+        with torch.cuda.stream(side):
+            dense = _dq._launch(*self.state, **rng)
+        dense.record_stream(main)
+        w._dense(dense, self.scratch)
         return w
+
+
+def _chunk_gemms(w: _W, m: int, device: torch.device, use_tma, launch) -> None:
+    """Each chunk (lo, hi) of ``w.chunks`` dequantized, then its GEMM: ``launch(wc, lo, hi, tma, programs)`` with
+    ``tma = use_tma(wc, lo, hi)``; the output's chunk has m rows and hi - lo columns. With _SIDE_DQ on CUDA the
+    next chunk is dequantized on the side stream while a TMA GEMM runs on the fewest programs that keep its waves
+    (so two temporaries are alive at a time instead of one); otherwise each temporary is freed before the next is
+    made."""
+    pipe = _SIDE_DQ and device.type == "cuda" and not _backend.triton_interpreter() and len(w.chunks) > 1
+    main = side = nxt = None
+    if pipe:
+        main, side = torch.cuda.current_stream(device), _side_stream(device)
+    for i, (lo, hi) in enumerate(w.chunks):
+        if nxt is None:
+            wc = w.block(lo, hi)
+        else:
+            wc, nxt = nxt, None
+            main.wait_stream(side)
+        tma = use_tma(wc, lo, hi)
+        more = pipe and tma and i + 1 < len(w.chunks)
+        if more:
+            side.wait_stream(main)
+        launch(wc, lo, hi, tma, _fewest_programs(_tma_tiles(m, hi - lo), _sm_count(device)) if more else None)
+        del wc
+        if more:
+            nxt = w.block(*w.chunks[i + 1], side=side)
 
 
 class _Dropout:
@@ -787,13 +823,12 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
         if side_dq:
             main_stream.wait_stream(side_stream)
         if w.chunks:
-            # y's columns n0:n1 from W's rows n0:n1; each temporary is freed before the next is made.
-            for n0, n1 in w.chunks:
-                wc, yc = w.block(n0, n1), y[:, n0:n1]
-                _lora_gemm(_FWD_KERNEL, x, wc, yc, s, lora_B[n0:n1], lora_B.stride(1), lora_B.stride(0),
-                           None if bias is None else bias[n0:n1], no_drop, scaling, True, r, block_r, m_bucket,
-                           _use_tma(x, wc, yc, n * k), group=group.shifted(n0))
-                del wc
+            # y's columns n0:n1 from W's rows n0:n1.
+            _chunk_gemms(w, m, x.device, lambda wc, n0, n1: _use_tma(x, wc, y[:, n0:n1], n * k),
+                         lambda wc, n0, n1, tma, programs: _lora_gemm(
+                             _FWD_KERNEL, x, wc, y[:, n0:n1], s, lora_B[n0:n1], lora_B.stride(1), lora_B.stride(0),
+                             None if bias is None else bias[n0:n1], no_drop, scaling, True, r, block_r, m_bucket,
+                             tma, group=group.shifted(n0), programs=programs))
         elif n > 0:
             gemm_sums = splits > 1 and not summed
             _lora_gemm(_FWD_KERNEL, x, w, y, s_part if gemm_sums else s, lora_B, lora_B.stride(1), lora_B.stride(0),
@@ -912,13 +947,12 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
             dB = torch.zeros_like(lora_B) if do_db else dB
             dbias = dy.new_zeros((n,)) if do_dbias else dbias
         if need_dx and k > 0 and w.chunks:
-            # dX's columns k0:k1 from W's columns k0:k1; each temporary is freed before the next is made.
-            for k0, k1 in w.chunks:
-                wc, dxc = w.block(k0, k1), dx[:, k0:k1]
-                _lora_gemm(_DX_KERNEL, dy, wc, dxc, ds, lora_A[:, k0:k1], lora_A.stride(0), lora_A.stride(1), None,
-                           drop, 1.0, False, r, block_r, m_bucket, _use_tma(dy, wc, dxc, n * k), drop_cols=(k, k0),
-                           group=group, segs=segs)
-                del wc
+            # dX's columns k0:k1 from W's columns k0:k1.
+            _chunk_gemms(w, m, dev, lambda wc, k0, k1: _use_tma(dy, wc, dx[:, k0:k1], n * k),
+                         lambda wc, k0, k1, tma, programs: _lora_gemm(
+                             _DX_KERNEL, dy, wc, dx[:, k0:k1], ds, lora_A[:, k0:k1], lora_A.stride(0),
+                             lora_A.stride(1), None, drop, 1.0, False, r, block_r, m_bucket, tma, drop_cols=(k, k0),
+                             group=group, segs=segs, programs=programs))
         # _SIDE_DA: dA on the side stream, forked before the dX GEMM (when that GEMM does not write the dS dA
         # reads) and joined before the finish launch; its buffers are made on this stream first.
         side = (_SIDE_DA and tma_dx and need_dA and k > 0 and w.chunks is None and (splits_ds == 1 or ds_summed)
