@@ -36,21 +36,11 @@ from benchmarks.block import interleaved  # noqa: E402
 from benchmarks.harness import Device, Settings  # noqa: E402
 
 
-def fewest_programs(tiles: int, sms: int) -> int:
-    """The fewest programs that run ``tiles`` tiles in as many waves as ``sms`` programs do."""
-    waves = triton.cdiv(tiles, min(sms, tiles))
-    return triton.cdiv(tiles, waves)
-
-
 def _gemm(dy, w, dx, ds, a, programs):
-    """The dX GEMM through the launcher's _tma_gemm, its grid and NUM_SMS set to ``programs``."""
-    real = L._sm_count
-    L._sm_count = lambda device: programs
-    try:
-        drop = L._Dropout(0.0, None, dy)
-        L._tma_gemm(dy, w, dx, ds, a, a.stride(0), a.stride(1), None, drop, 1.0, False, a.shape[0], dx.shape[1], 0)
-    finally:
-        L._sm_count = real
+    """The dX GEMM through the launcher's _tma_gemm on ``programs`` persistent programs."""
+    drop = L._Dropout(0.0, None, dy)
+    L._tma_gemm(dy, w, dx, ds, a, a.stride(0), a.stride(1), None, drop, 1.0, False, a.shape[0], dx.shape[1], 0,
+                programs=programs)
 
 
 def _da(x, ds, out):
@@ -89,10 +79,8 @@ def probe(shape, args):
     x = torch.randn(m, k, device=dev, dtype=dt, generator=g)
     dx, da = torch.empty(m, k, device=dev, dtype=dt), torch.empty(r, k, device=dev, dtype=dt)
     sms = L._sm_count(dev)
-    blocks = next(c for c in L._TMA_CONFIGS if m >= c[0])[1]
-    bm, bn = blocks["BLOCK_M"], blocks["BLOCK_N"]
-    tiles = triton.cdiv(m, bm) * triton.cdiv(k, bn)
-    p = fewest_programs(tiles, sms) if args.programs == 0 else args.programs
+    tiles = L._tma_tiles(m, k)
+    p = L._fewest_programs(tiles, sms) if args.programs == 0 else args.programs
     side = torch.cuda.Stream(dev)
     variants = {
         "gemm": lambda: _gemm(dy, w, dx, ds, a, sms),
