@@ -6,12 +6,13 @@ A variant is a space-separated list of ``tile=BMxBNxBK/warps/stages`` (the TMA G
 TMA GEMM's flattened tile loop, as ``LORA_OPS_TMA_FLATTEN``), ``chunk_mib=N`` and ``chunk_min_m=M`` (the NF4
 temporary's chunk bound in MiB and the fewest rows that chunk it, as ``LORA_OPS_NF4_CHUNK_MIB`` /
 ``LORA_OPS_NF4_CHUNK_MIN_M``), ``side=0|1`` (dA on a second stream beside a narrower dX GEMM, as
-``LORA_OPS_SIDE_DA``), ``side_dq=0|1`` (a whole NF4 dequantization on a second stream beside the S / dS pass, as
-``LORA_OPS_SIDE_DQ``), or ``default``. For each variant the grouped providers' fwd+bwd is warmed up and captured in
-a CUDA graph under it (the launch plans dropped between variants, so the C++ path registers its kernels and settings
-again), and so is the floor's. Then ``--rounds`` rounds replay every graph ``--replays`` times, in turn, timed with
-CUDA events: device time only, the variants interleaved, so clock drift between them cancels. Per provider and
-variant: the median per fwd+bwd over the rounds and the median of each round's ratio to the floor.
+``LORA_OPS_SIDE_DA``), ``side_dq=0|1`` (NF4 dequantizations on a second stream: a whole weight's beside the S / dS
+pass, a chunk's beside the previous chunk's GEMM, as ``LORA_OPS_SIDE_DQ``), or ``default``. For each variant the
+grouped providers' fwd+bwd is warmed up and captured in a CUDA graph under it (the launch plans dropped between
+variants, so the C++ path registers its kernels and settings again), and so is the floor's. Then ``--rounds`` rounds
+replay every graph ``--replays`` times, in turn, timed with CUDA events: device time only, the variants interleaved,
+so clock drift between them cancels. Per provider and variant: the median per fwd+bwd over the rounds and the median
+of each round's ratio to the floor.
 
     python scripts/ab_settings.py [--part qkv] [--m 2048 8192] [--variants "default;base_mm=fwd;tile=256x128x64/8/3"]
 """

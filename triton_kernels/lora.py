@@ -171,7 +171,8 @@ _DS_MEMBERS = _env_int("LORA_OPS_DS_MEMBERS", 0, 0) > 0
 # LORA_OPS_SIDE_DA=1: the dA pass runs on a second stream beside the TMA dX GEMM, and that GEMM on the fewest
 # programs that keep its wave count (1024 tiles take 8 waves on 132 SMs and on 128 programs), so the SMs it leaves
 # idle serve dA for the GEMM's whole run instead of only its last wave (docs/PERF_NOTES.md item 40 timed the
-# latter). The C++ launch path does the same (its side stream and events made once per device). Off until timed.
+# latter). The C++ launch path does the same (its side stream and events made once per device). Off by default
+# (one H100 A/B, PERF_NOTES item 46).
 _SIDE_DA = _env_int("LORA_OPS_SIDE_DA", 0, 0) > 0
 # LORA_OPS_SIDE_DQ=1: an NF4 weight dequantized whole (below NF4_CHUNK_MIN_M rows) is dequantized on the second
 # stream while the S pass (forward) or the dS pass (backward) runs on this one; the GEMM waits for both. Both passes
