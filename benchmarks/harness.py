@@ -387,6 +387,17 @@ def slugify(gpu_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s).strip("-") or "gpu"
 
 
+# LORA_OPS_* variables that do not change what a run measures (its commit label, the device scripts' install
+# marker, checking modes, the golden-vector switch); every other one set in the environment is recorded with the run.
+_NOT_SETTINGS = ("LORA_OPS_GIT_COMMIT", "LORA_OPS_INSTALLED", "LORA_OPS_LAUNCH_STRICT", "LORA_OPS_NF4_GOLDEN")
+
+
+def launcher_settings() -> Dict[str, str]:
+    """The LORA_OPS_* launcher settings set in the environment (name -> value), e.g. an A/B knob such as
+    LORA_OPS_SIDE_DA=1: rows timed under them do not describe the defaults, and the report says so."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORA_OPS_") and k not in _NOT_SETTINGS}
+
+
 def collect_env(dev: Device, argv: Sequence[str], ceilings: Dict, run_id: str) -> Dict:
     import lora_ops
 
@@ -406,6 +417,7 @@ def collect_env(dev: Device, argv: Sequence[str], ceilings: Dict, run_id: str) -
         "command": shlex.join(["python", "-m", "benchmarks", *argv]),
         "LORA_OPS_BACKEND": os.environ.get("LORA_OPS_BACKEND", ""),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
+        "settings": launcher_settings(),
         "cuda_graphs": False,
         "cpu_threads": torch.get_num_threads(),
         "ceilings": ceilings,

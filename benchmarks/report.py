@@ -196,7 +196,9 @@ def markdown(rows: Sequence[Dict], title: str = "Benchmark results") -> str:
                      f"triton {e.get('triton', '?')}, peft {e.get('peft', '?')}, bitsandbytes "
                      f"{e.get('bitsandbytes', '?')}, lora_ops {e.get('lora_ops', '?')}; {e.get('date_utc', '?')}; "
                      f"commit {e.get('git_commit', '?')}; `{e.get('command', '?')}`; CUDA graphs: "
-                     f"{'yes' if e.get('cuda_graphs') else 'only in graph_ms and paired_graph rows'}")
+                     f"{'yes' if e.get('cuda_graphs') else 'only in graph_ms and paired_graph rows'}"
+                     + (f"; launcher settings {', '.join(f'{k}={v}' for k, v in e['settings'].items())} (not the "
+                        "defaults)" if e.get("settings") else ""))
     lines.append("")
     idx = _index(rows)
     for preset, cases in idx.items():

@@ -68,6 +68,26 @@ def test_cpu_quick_layer_end_to_end(tmp_path):
     assert "512x256->896 r16 nf4 drop0.05 | fused (reference path) |" in tail  # CPU rows say what ran
 
 
+def test_run_records_launcher_settings_set_in_the_environment(monkeypatch):
+    """A LORA_OPS_* setting set for a run (an A/B knob) is recorded with the run and named in the report's run
+    line; the commit label and the checking modes are not settings."""
+    from benchmarks import harness
+    monkeypatch.setenv("LORA_OPS_SIDE_DA", "1")
+    monkeypatch.setenv("LORA_OPS_GIT_COMMIT", "abc")
+    monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
+    monkeypatch.delenv("LORA_OPS_BACKEND", raising=False)
+    got = harness.launcher_settings()
+    assert got.get("LORA_OPS_SIDE_DA") == "1"
+    assert "LORA_OPS_GIT_COMMIT" not in got and "LORA_OPS_LAUNCH_STRICT" not in got
+    row = {"run_id": "r1", "preset": "layer", "case": "c", "provider": "floor", "mode": "fwd_bwd",
+           "metric": "time_ms", "value": 1.0, "p20": 1.0, "p80": 1.0, "ratio_to_floor": 1.0, "status": "ok",
+           "note": "", "config": "{}", "env": json.dumps({"settings": got, "git_commit": "abc"})}
+    md = report.markdown([row])
+    assert "launcher settings LORA_OPS_SIDE_DA=1" in md and "(not the defaults)" in md
+    row["env"] = json.dumps({"settings": {}, "git_commit": "abc"})
+    assert "launcher settings" not in report.markdown([row])
+
+
 def test_run_cases_records_failing_provider_as_skipped():
     case = layer_case("t", 17, 24, 40, 3, "dense", 0.0, ("forward",), "float32")
 
