@@ -127,6 +127,24 @@ def _clear(grads: Sequence[torch.Tensor]) -> None:
         t.grad = None
 
 
+def capture_graph(fn: Callable, grads: Sequence[torch.Tensor] = (), warmup: int = 3):
+    """(graph, fn()'s return value inside the capture): fn called ``warmup`` times on a side stream (which compiles,
+    registers and allocates what is new), the ``.grad`` of ``grads`` cleared before each call and before the
+    capture, then one call captured in a CUDA graph (not replayed here)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            _clear(grads)
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    _clear(grads)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 @dataclass
 class Settings:
     cpu: bool = False
@@ -176,17 +194,8 @@ class Device:
         The graph lives as long as the timer."""
         if not self.graphs:
             raise RuntimeError("CUDA graphs need a CUDA device")
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                _clear(grads)
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        _clear(grads)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        with torch.cuda.device(self.device):
+            graph, _ = capture_graph(fn, grads)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
         def timer(graph=graph) -> float:

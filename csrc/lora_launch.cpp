@@ -950,9 +950,12 @@ struct FwdOut {
   at::Tensor y, s;
 };
 
-// lora.py _side_dq: whether the whole-weight dequantization runs on the second stream.
-bool side_dq_of(const Call& c, const WArgs& w) {
-  return g_settings.side_dq && w.whole_dq >= 0 && c.x.is_cuda() && c.n > 0 && c.k > 0;
+// lora.py _W under _SIDE_DQ: the whole-weight dequantization on the second stream, beside the S / dS pass that
+// follows it; the GEMM just pushed (work.launches.back()) joins it (_W.join).
+void dequant_beside(const Call& c, Work& work, const WArgs& w) {
+  if (!(g_settings.side_dq && w.whole_dq >= 0 && c.x.is_cuda() && c.n > 0 && c.k > 0)) return;
+  work.launches[w.whole_dq].on_side = work.launches[w.whole_dq].fork = true;
+  work.launches.back().join = true;
 }
 
 FwdOut build_forward(const Call& c, Work& work) {
@@ -1013,10 +1016,7 @@ FwdOut build_forward(const Call& c, Work& work) {
     gemm(c, work, K_FWD, c.x, w, o.y, gemm_sums ? s_part : o.s, c.B, c.B.stride(1), c.B.stride(0),
          c.bias.defined() ? &c.bias : nullptr, off, c.scaling, true, m_bucket, tma, gemm_sums ? &o.s : nullptr, -1, 0,
          0, false, base_mm);
-    if (side_dq_of(c, w)) {  // lora.py _SIDE_DQ: the dequantization beside the S pass, the GEMM after both
-      work.launches[w.whole_dq].on_side = work.launches[w.whole_dq].fork = true;
-      work.launches.back().join = true;
-    }
+    dequant_beside(c, work, w);
   }
   return o;
 }
@@ -1178,10 +1178,7 @@ BwdOut build_backward(const Call& c, Work& work, bool deterministic) {
     gemm(c, work, K_DX, c.dy, w, o.dx, dx_parts ? ds_part : ds, c.A, c.A.stride(0), c.A.stride(1), nullptr, drop,
          1.0, false, m_bucket, tma_dx, dx_parts && c.need_dA ? &ds : nullptr, -1, 0, 0, segs, base_mm);
     work.launches.back().narrow = work.launches.back().fork = side;
-    if (side_dq_of(c, w)) {  // lora.py _SIDE_DQ: the dequantization beside the dS pass, the GEMM after both
-      work.launches[w.whole_dq].on_side = work.launches[w.whole_dq].fork = true;
-      work.launches.back().join = true;
-    }
+    dequant_beside(c, work, w);
   }
   if (c.need_dA) {
     auto [splits, rows] = splits_of(c, cdiv(c.k, 64) * r_chunks);

@@ -9,7 +9,9 @@ profiling scripts share (loop_us, cprofile_calls, print_kernels, capture_graph, 
 """
 import argparse
 import cProfile
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -17,6 +19,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import lora_ops
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
+    sys.path.insert(0, str(REPO))
+from benchmarks import harness  # noqa: E402
 
 
 def loop_us(fn, iters, warmup=3, host_only=False):
@@ -104,19 +111,9 @@ def layer_case(m, k, n, r=16, nf4=False):
 
 
 def capture_graph(fn, grads):
-    """A CUDA graph of one call of fn, captured after three warm-up calls on a side stream (which compile and
-    autotune what is new) with ``grads`` cleared, and replayed three times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    for t in grads:
-        t.grad = None
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    """A CUDA graph of one call of fn (benchmarks.harness.capture_graph: three warm-up calls on a side stream,
+    which compile and autotune what is new, ``grads`` cleared), replayed three times."""
+    g, _ = harness.capture_graph(fn, grads)
     for _ in range(3):
         g.replay()
     return g

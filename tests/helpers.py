@@ -143,6 +143,17 @@ def kernels_only(monkeypatch, expected=(), absent=()):
             assert tma == 0, "the TMA GEMM launched in a backward that needs no dX"
 
 
+def capture_graph(fn, grads=(), warmup=3):
+    """benchmarks.harness.capture_graph: (graph, fn()'s value in the capture). The repository's benchmarks/ is
+    put on the path here, at call time, as tests/test_benchmarks.py does at import (lora_ops is imported by then,
+    so an installed lora_ops is not shadowed)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from benchmarks.harness import capture_graph as capture
+    return capture(fn, grads, warmup)
+
+
 def run_sm90_probe(source: str, timeout: int = 600):
     """Run ``source`` (a script that compiles Triton kernels for sm_90 and prints one JSON line last) in a
     subprocess without TRITON_INTERPRET (this process may run Triton's interpreter), and return that JSON.

@@ -11,7 +11,7 @@ import torch
 
 import lora_ops
 from lora_ops import _launch
-from helpers import assert_rel_close
+from helpers import assert_rel_close, capture_graph
 
 pytestmark = pytest.mark.gpu
 
@@ -219,18 +219,12 @@ def test_cuda_graph_capture_replays_the_layer():
     with torch.no_grad():
         layer.lora_B.normal_()
     x = inp["x"].detach().clone().requires_grad_(True)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):  # warm-up: compile, register, allocate
-            layer(x).backward(inp["dy"])
-    torch.cuda.current_stream().wait_stream(s)
-    for t in (x, layer.lora_A, layer.lora_B):
-        t.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def step():
         y = layer(x)
         y.backward(inp["dy"])
+        return y
+    graph, y = capture_graph(step, (x, layer.lora_A, layer.lora_B))
     x2 = torch.randn_like(x)
     x.data.copy_(x2)
     graph.replay()

@@ -21,7 +21,7 @@ import torch
 import lora_ops
 from lora_ops import nf4, reference
 from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
-from helpers import assert_rel_close, kernels_only, rel_error
+from helpers import assert_rel_close, capture_graph, kernels_only, rel_error
 
 pytestmark = pytest.mark.gpu
 
@@ -494,15 +494,7 @@ def test_side_stream(monkeypatch, case, launch):
         y = lora_ops.lora_linear(x, w, a, b, 2.0, bias, dropout_p=p)
         y.backward(inp["dy"])
         return y
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step()
+    graph, y = capture_graph(step, warmup=2)
     if p > 0:  # the replay draws the seed that the capture saw; only the no-dropout outputs are fixed
         return
     for _ in range(3):

@@ -192,17 +192,22 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return _SIDE_STREAMS[idx]
 
 
-def _side_dq(x: torch.Tensor, absmax, n: int, k: int, blocksize: int, along: str) -> bool:
-    """Whether _SIDE_DQ puts this call's whole-weight dequantization on the side stream (see _W)."""
-    return (_SIDE_DQ and absmax is not None and x.is_cuda and not _backend.triton_interpreter()
-            and _dequant_first(x) and n > 0 and k > 0
-            and (x.shape[0] < NF4_CHUNK_MIN_M or _nf4_chunks(n, k, blocksize, x.element_size(), along) is None))
+def _fork(device: torch.device) -> Tuple["torch.cuda.Stream", "torch.cuda.Stream"]:
+    """(the current stream, the side stream), the side stream made to wait for everything enqueued so far."""
+    main, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(main)
+    return main, side
 
 
 def _fewest_programs(tiles: int, sms: int) -> int:
     """The fewest persistent programs that run ``tiles`` tiles in as many waves as ``sms`` programs do."""
     waves = -(-tiles // max(1, min(sms, tiles)))
     return -(-tiles // waves)
+
+
+def _narrow_programs(m: int, n: int, device: torch.device) -> int:
+    """The TMA GEMM's programs for an (m, n) output that leave SMs free at no cost in waves (_fewest_programs)."""
+    return _fewest_programs(_tma_tiles(m, n), _sm_count(device))
 
 
 def _inner_splits(m: int, cols: int, r_chunks: int, device: torch.device,
@@ -494,8 +499,11 @@ class _W:
 
     chunks: Optional[list] = None
 
-    def __init__(self, weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, along="rows",
-                 side=None):
+    # (current stream, side stream) when _SIDE_DQ put the whole dequantization on the side stream: the caller
+    # makes the current stream wait for it (``join``) before the GEMM.
+    forked: Optional[tuple] = None
+
+    def __init__(self, weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, along="rows"):
         scratch = self.scratch = _scratch(x.device)
         if absmax is None:
             _check_same("weight", weight, x, (n, k))
@@ -511,15 +519,11 @@ class _W:
             chunked = x.shape[0] >= NF4_CHUNK_MIN_M
             self.chunks = _nf4_chunks(n, k, blocksize, x.element_size(), along) if chunked else None
             self.along = along
-            if self.chunks is None and side is not None:
-                # _SIDE_DQ: on the side stream (forked by the caller); the GEMM reads it on this one.
-                main = torch.cuda.current_stream(x.device)
-                with torch.cuda.stream(side):
-                    dense = _dq._launch(*self.state)
-                dense.record_stream(main)
-                self._dense(dense, scratch)
-            elif self.chunks is None:
-                self._dense(_dq._launch(*self.state), scratch)
+            if self.chunks is None:
+                # _SIDE_DQ: beside the pass the caller launches next (S / dS), on the side stream.
+                if _SIDE_DQ and x.is_cuda and n > 0 and k > 0:
+                    self.forked = _fork(x.device)
+                self._dense(self._dequant(self.forked[1] if self.forked else None), scratch)
             return
         if nested:
             self.ptrs = (packed, absmax.reshape(-1), nested_absmax.reshape(-1).float(),
@@ -538,19 +542,28 @@ class _W:
         self.meta = dict(IS_NF4=False, NESTED=False, BLOCKSIZE=64)
         self.opts = {}
 
+    def _dequant(self, side=None, **rng) -> torch.Tensor:
+        """The dense temporary (of a chunk: row_range / col_range), dequantized on the stream ``side`` when given,
+        for use on the current one (recorded there, so its memory is not reused before that use)."""
+        if side is None:
+            return _dq._launch(*self.state, **rng)
+        main = torch.cuda.current_stream(self.scratch.device)
+        with torch.cuda.stream(side):
+            dense = _dq._launch(*self.state, **rng)
+        dense.record_stream(main)
+        return dense
+
+    def join(self) -> None:
+        """The current stream waits for a dequantization _SIDE_DQ put on the side stream (no-op otherwise)."""
+        if self.forked:
+            self.forked[0].wait_stream(self.forked[1])
+
     def block(self, lo: int, hi: int, side=None) -> "_W":
         """The dense temporary of chunk (lo, hi) of ``chunks`` as its own _W (rows or columns of W); dequantized on
         the stream ``side`` when given (for use on the current one)."""
         rng = dict(row_range=(lo, hi)) if self.along == "rows" else dict(col_range=(lo, hi))
         w = _W.__new__(_W)
-        if side is None:
-            w._dense(_dq._launch(*self.state, **rng), self.scratch)
-            return w
-        main = torch.cuda.current_stream(self.scratch.device)
-        with torch.cuda.stream(side):
-            dense = _dq._launch(*self.state, **rng)
-        dense.record_stream(main)
-        w._dense(dense, self.scratch)
+        w._dense(self._dequant(side, **rng), self.scratch)
         return w
 
 
@@ -561,9 +574,8 @@ def _chunk_gemms(w: _W, m: int, device: torch.device, use_tma, launch) -> None:
     (so two temporaries are alive at a time instead of one); otherwise each temporary is freed before the next is
     made."""
     pipe = _SIDE_DQ and device.type == "cuda" and not _backend.triton_interpreter() and len(w.chunks) > 1
-    main = side = nxt = None
-    if pipe:
-        main, side = torch.cuda.current_stream(device), _side_stream(device)
+    main, side = (torch.cuda.current_stream(device), _side_stream(device)) if pipe else (None, None)
+    nxt = None
     for i, (lo, hi) in enumerate(w.chunks):
         if nxt is None:
             wc = w.block(lo, hi)
@@ -574,7 +586,7 @@ def _chunk_gemms(w: _W, m: int, device: torch.device, use_tma, launch) -> None:
         more = pipe and tma and i + 1 < len(w.chunks)
         if more:
             side.wait_stream(main)
-        launch(wc, lo, hi, tma, _fewest_programs(_tma_tiles(m, hi - lo), _sm_count(device)) if more else None)
+        launch(wc, lo, hi, tma, _narrow_programs(m, hi - lo, device) if more else None)
         del wc
         if more:
             nxt = w.block(*w.chunks[i + 1], side=side)
@@ -735,9 +747,14 @@ def _l_args(l, l_out, scratch):
     return strides, (l_out, l_out.stride(0), l_out.stride(1))
 
 
+def _tma_config(m: int) -> tuple:
+    """(blocks, warps, stages) of the TMA GEMM's config for m rows (_TMA_CONFIGS)."""
+    return next(c_ for c_ in _TMA_CONFIGS if m >= c_[0])[1:]
+
+
 def _tma_tiles(m: int, n: int) -> int:
     """Output tiles of the TMA GEMM's config for an (m, n) output."""
-    blocks = next(c_ for c_ in _TMA_CONFIGS if m >= c_[0])[1]
+    blocks = _tma_config(m)[0]
     return triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"])
 
 
@@ -748,7 +765,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, n = c.shape
     k = sum(t.shape[1] for t in segs) if segs else a.shape[1]
-    _, blocks, warps, stages = next(c_ for c_ in _TMA_CONFIGS if m >= c_[0])
+    blocks, warps, stages = _tma_config(m)
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
     a_d = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
     more = _more([a_d] + [TensorDescriptor(t, list(t.shape), list(t.stride()), [bm, bk]) for t in segs[1:]]
@@ -759,7 +776,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     b = bias if bias is not None else scratch
     (stride_ls, stride_lm, stride_lr), (lo, *stride_lo) = _l_args(lt, l_out, scratch)
     sms = programs or _sm_count(c.device)
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    tiles = _tma_tiles(m, n)
     _TMA_KERNEL(lambda meta: (max(1, min(sms, tiles)),),
                 a_d, w_d, c_d, lt, rt_ptr, b, drop.seed, lo,
                 stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0), *stride_lo,
@@ -789,12 +806,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
     """
     m, k, n, r, group = _check_lora(x, lora_A, lora_B, bias, groups)
     x, lora_A, lora_B, bias = (_narrow(t) for t in (x, lora_A, lora_B, bias))
-    side_dq = _side_dq(x, absmax, n, k, blocksize, "rows")
-    if side_dq:
-        main_stream, side_stream = torch.cuda.current_stream(x.device), _side_stream(x.device)
-        side_stream.wait_stream(main_stream)
-    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x,
-           side=side_stream if side_dq else None)
+    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x)
     drop = _Dropout(dropout_p, seed, x)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     s = torch.empty((m, r), dtype=x.dtype, device=x.device)
@@ -821,8 +833,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.T
         if summed:
             _sum_into(s_part, s)
         no_drop = _Dropout(0.0, None, x)
-        if side_dq:
-            main_stream.wait_stream(side_stream)
+        w.join()
         if w.chunks:
             # y's columns n0:n1 from W's rows n0:n1.
             _chunk_gemms(w, m, x.device, lambda wc, n0, n1: _use_tma(x, wc, y[:, n0:n1], n * k),
@@ -877,12 +888,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         # Sums over zero rows are zero; nothing to launch.
         return (dx, torch.zeros_like(lora_A) if need_dA else dA, torch.zeros_like(lora_B) if need_dB else dB,
                 dy.new_zeros((n,)) if need_dbias else dbias)
-    side_dq = need_dx and _side_dq(x, absmax, n, k, blocksize, "cols")
-    if side_dq:
-        main_stream, side_stream = torch.cuda.current_stream(x.device), _side_stream(x.device)
-        side_stream.wait_stream(main_stream)
-    w = (_W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, "cols",
-            side=side_stream if side_dq else None) if need_dx else None)
+    w = _W(weight, absmax, nested_absmax, nested_code, offset, blocksize, n, k, x, "cols") if need_dx else None
     block_r = _block_r(r)
     r_chunks = triton.cdiv(r, block_r)
     m_bucket = _next_pow2(m)
@@ -958,11 +964,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
         # reads) and joined before the finish launch; its buffers are made on this stream first.
         side = (_SIDE_DA and tma_dx and need_dA and k > 0 and w.chunks is None and (splits_ds == 1 or ds_summed)
                 and dev.type == "cuda" and not _backend.triton_interpreter())
-        if side_dq:
-            main_stream.wait_stream(side_stream)
+        if w is not None:
+            w.join()
         if side:
-            main_stream, side_stream = torch.cuda.current_stream(dev), _side_stream(dev)
-            side_stream.wait_stream(main_stream)
+            main_stream, side_stream = _fork(dev)
         if need_dA and k > 0:
             splits, rows = _splits(m, triton.cdiv(k, 64) * r_chunks, dev)
             da_out = _split_partials(splits, (r, k), dt, dev)
@@ -971,7 +976,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, absma
             _lora_gemm(_DX_KERNEL, dy, w, dx, ds_part if dx_parts else ds, lora_A, lora_A.stride(0), lora_A.stride(1),
                        None, drop, 1.0, False, r, block_r, m_bucket, tma_dx, ds if dx_parts and need_dA else None,
                        group=group, segs=segs, base_mm=base_mm,
-                       programs=_fewest_programs(_tma_tiles(m, k), _sm_count(dev)) if side else None)
+                       programs=_narrow_programs(m, k, dev) if side else None)
         if need_dA:
             if k > 0:
                 with torch.cuda.stream(side_stream) if side else contextlib.nullcontext():
