@@ -94,7 +94,6 @@ struct Settings {
   int64_t ds_members = 0;               // _DS_MEMBERS
   int64_t side_da = 0;                  // _SIDE_DA
   int64_t side_dq = 0;                  // _SIDE_DQ
-  int64_t seed_after = 0;               // _SEED_AFTER
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -470,12 +469,6 @@ bool check_call(Call& c, bool backward) {
   return c.ok;
 }
 
-// lora.py _seed_after_scaling: whether the forward TMA GEMM may divide its product by the scaling and multiply it
-// back (SEED_AFTER, a constexpr of the variants Python registers): calls on either side of it get their own plans.
-bool seed_after_scaling(double s) {
-  return std::isfinite(s) && std::fabs(s) >= std::ldexp(1.0, -64) && std::fabs(s) <= std::ldexp(1.0, 64);
-}
-
 PlanKey make_key(const Call& c, bool backward, bool deterministic) {
   PlanKey key;
   int64_t flags = (c.nf4 ? 1 : 0) | (c.nested ? 2 : 0) | (c.bias.defined() ? 4 : 0) | (c.drop ? 8 : 0)
@@ -483,8 +476,7 @@ PlanKey make_key(const Call& c, bool backward, bool deterministic) {
                   | (c.m >= g_settings.tma_min_m ? 64 : 0) | (c.m >= g_settings.nf4_chunk_min_m ? 4096 : 0)
                   | (c.m <= g_settings.split_sum_max_m ? 8192 : 0)
                   | (c.m * c.n * c.k >= g_settings.tma_min_mnk ? 16384 : 0)
-                  | (static_cast<int64_t>(c.groups.size()) << 15) | (c.dys.empty() ? 0 : 1 << 18)
-                  | (g_settings.seed_after && seed_after_scaling(c.scaling) ? 1 << 19 : 0);
+                  | (static_cast<int64_t>(c.groups.size()) << 15) | (c.dys.empty() ? 0 : 1 << 18);
   if (backward)
     flags |= (c.need_dx ? 128 : 0) | (c.need_dA ? 256 : 0) | (c.need_dB ? 512 : 0) | (c.need_dbias ? 1024 : 0)
              | (deterministic ? 2048 : 0);
@@ -1827,7 +1819,6 @@ void configure(const py::dict& s) {
   get("ds_members", g_settings.ds_members);
   get("side_da", g_settings.side_da);
   get("side_dq", g_settings.side_dq);
-  get("seed_after", g_settings.seed_after);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

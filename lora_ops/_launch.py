@@ -68,7 +68,6 @@ def _settings() -> dict:
                 ds_members=int(L._DS_MEMBERS),
                 side_da=int(L._SIDE_DA),
                 side_dq=int(L._SIDE_DQ),
-                seed_after=int(L._SEED_AFTER),
                 blocksizes=list(_nf4.VALID_BLOCKSIZES))
 
 

@@ -201,47 +201,6 @@ def test_presum_hands_the_tma_gemms_rounded_s_and_ds(dry, monkeypatch, finish):
         assert_rel_close(gv, wv, torch.float16, name)
 
 
-@pytest.mark.parametrize("case", ["layer", "group", "rank64", "scaling0"])
-def test_seed_after_forward(dry, monkeypatch, case):
-    """LORA_OPS_SEED_AFTER: the forward TMA GEMM loads its LoRA tiles before the K loop and multiplies them after
-    it, C = (A @ W^T / s + L @ Rt) * s (+ bias). It applies to a layer and a projection group up to three rank
-    chunks (rank 48) and a scaling in [2^-64, 2^64]; rank 64 and scaling 0 keep the seed before the loop. The C++
-    launch list equals Python's (calls on either side of the scaling bound get their own plans), and y equals
-    the seed-first kernel's and the reference's."""
-    monkeypatch.setenv("LORA_OPS_TMA", "1")
-    g = torch.Generator().manual_seed(31)
-    m, k, n, dt = 64, 128, 128, torch.float16
-    sizes = (64, 32, 32) if case == "group" else ()
-    r = {"group": 48, "rank64": 64}.get(case, 16)
-    scaling = 0.0 if case == "scaling0" else 1.5
-    x = torch.randn(m, k, generator=g).to(dt)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dt)
-    a = (torch.randn(r, k, generator=g) / k ** 0.5).to(dt)
-    b = torch.randn(n, r // max(1, len(sizes)), generator=g).to(dt)
-    bias = torch.randn(n, generator=g).to(dt)
-    fwd = (x, w, None, None, None, None, 0, a, b, scaling, bias, 0.1, torch.tensor(7, dtype=torch.int64))
-    want = L.lora_forward(*fwd, list(sizes) or None)[0]
-    try:
-        monkeypatch.setattr(L, "_SEED_AFTER", True)
-        _launch._sync_settings(dry)
-        if case == "scaling0":  # a plan for scaling 1.5 first: the scaling-0 call must not reuse it
-            _check(dry, 0, fwd[:9] + (1.5,) + fwd[10:], sizes)
-        y, s = _check(dry, 0, fwd, sizes)
-        with L.recording() as records:
-            L.lora_forward(*fwd, list(sizes) or None)
-    finally:
-        monkeypatch.undo()
-        _launch._sync_settings(dry)
-    tma = [rec for rec in records if rec.name == "lora_gemm_tma"]
-    assert len(tma) == 1
-    assert tma[0].named["SEED_AFTER"] == (case in ("layer", "group")), tma[0].named
-    assert_rel_close(y, want, dt, "y against the seed before the K loop")
-    # A group's B stands for block_diag(B_i): member i's rows hold its rank columns only.
-    bd = torch.block_diag(*b.float().split(list(sizes))) if sizes else b.float()
-    ref = x.float() @ w.float().t() + bias.float() + scaling * (s.float() @ bd.t())
-    assert_rel_close(y, ref, dt, "y against the reference on the kernel's S")
-
-
 class _SumCounter(TorchDispatchMode):
     """Counts aten.sum calls (torch reductions) inside the block."""
 

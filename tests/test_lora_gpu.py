@@ -433,34 +433,6 @@ def test_tma_gemm_real_shapes(monkeypatch, case):
 
 
 @pytest.mark.parametrize("launch", ["python", "cpp"])
-@pytest.mark.parametrize("case", ["r48-dropout", "r16-nf4dq-chunks", "r64"])
-def test_seed_after(monkeypatch, case, launch):
-    """LORA_OPS_SEED_AFTER: the forward TMA GEMM loads its LoRA tiles before the K loop and multiplies them after
-    it, up to three rank chunks (r = 48; r = 64 keeps the seed before the loop). Every output matches the oracle
-    on the Python launchers and on the C++ launch path (strict, after its first call registered), with the NF4
-    temporary in chunks too, and the forward's TMA launches took SEED_AFTER exactly where they may."""
-    L = _lora()
-    if launch == "python":
-        monkeypatch.setenv("LORA_OPS_LAUNCH", "python")
-    else:
-        monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
-        monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
-    monkeypatch.setenv("LORA_OPS_TMA", "1")
-    monkeypatch.setattr(L, "_SEED_AFTER", True)
-    r = int(case.split("-")[0][1:])
-    m, weight = (4096, "nf4-dq") if "nf4" in case else (2048, "dense")
-    p = 0.05 if case.endswith("dropout") else 0.0
-    inp = make_inputs(m, 4096, 6144, r, BF16, weight)
-    for _ in range(2):  # the C++ path: the first call registers, the second launches from C++
-        with L.recording() as recs:
-            got, mask = run_layer(inp, 2.0, p, monkeypatch)
-        check_and_report(got, oracle(inp, 2.0, p, mask), BF16, f"seed after the K loop, {case}, {launch}")
-    if launch == "python":
-        fwd = [rec for rec in recs if rec.name == "lora_gemm_tma" and rec.named["TRANS_W"]]
-        assert fwd and all(rec.named["SEED_AFTER"] == (r <= 48) for rec in fwd), [rec.named for rec in fwd]
-
-
-@pytest.mark.parametrize("launch", ["python", "cpp"])
 @pytest.mark.parametrize("case", ["dense-da", "dense-da-dropout", "nf4-dq", "nf4-dq-da", "nf4-chunks"])
 def test_side_stream(monkeypatch, case, launch):
     """LORA_OPS_SIDE_DA: dA on a second stream beside the TMA dX GEMM, which then runs on the fewest programs that

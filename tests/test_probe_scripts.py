@@ -86,11 +86,6 @@ def test_ab_settings_variants_set_and_restore_the_launcher_settings(ab_settings,
     assert (L._SIDE_DA, L._SIDE_DQ) == (sides[0], True)
     ab_settings._use("default")
     assert (L._SIDE_DA, L._SIDE_DQ) == sides
-    after = L._SEED_AFTER
-    ab_settings._use("seed_after=1")
-    assert L._SEED_AFTER is True
-    ab_settings._use("default")
-    assert L._SEED_AFTER == after
 
 
 def test_probe_seed_variants_compute_their_products_in_the_interpreter():

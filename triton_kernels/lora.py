@@ -639,21 +639,6 @@ _TMA_CAPABLE: Dict[int, bool] = {}
 # H200 SM has (OutOfResources, H200 2026-11-29); chunks of 16 need 12 KB.
 _TMA_BLOCK_R = 16
 _TMA_MIN_M, _TMA_MIN_NK, _TMA_MIN_MNK = 2048, 1 << 22, 1 << 35
-# LORA_OPS_SEED_AFTER=1: the forward TMA GEMM loads its LoRA tiles before the K loop and multiplies them after it
-# (SEED_AFTER in _lora_gemm_tma_kernel), so the pointer loads' latency passes under the K loop instead of holding
-# back each tile's first TMA loads (the seed before the loop costs ~21 us of q/k/v's 8192-row forward product,
-# docs/PERF_NOTES.md item 45). The tiles wait in registers: compiled for sm_90 by Triton 3.6 the q/k/v group's
-# three rank chunks take 255 registers without spilling and 213 KB of shared memory, a fourth chunk spills, so it
-# applies up to _SEED_AFTER_CHUNKS chunks (rank 48). The product is divided by the scaling and multiplied back
-# after the LoRA term, so only a scaling in [2^-64, 2^64] takes it (the C++ plans key on that too). Off by default
-# until timed on a GPU.
-_SEED_AFTER = _env_int("LORA_OPS_SEED_AFTER", 0, 0) > 0
-_SEED_AFTER_CHUNKS = 3
-
-
-def _seed_after_scaling(scaling: float) -> bool:
-    """Whether the TMA GEMM may divide its product by ``scaling`` and multiply it back (SEED_AFTER)."""
-    return math.isfinite(scaling) and 2.0 ** -64 <= abs(scaling) <= 2.0 ** 64
 
 
 def _tma_mode() -> str:
@@ -792,19 +777,15 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
     (stride_ls, stride_lm, stride_lr), (lo, *stride_lo) = _l_args(lt, l_out, scratch)
     sms = programs or _sm_count(c.device)
     tiles = _tma_tiles(m, n)
-    r_chunks = triton.cdiv(r, _TMA_BLOCK_R)
-    # _SEED_AFTER: the forward with L in one slice of c's dtype (nothing to sum or store), no dropout in the GEMM.
-    after = (_SEED_AFTER and trans_w and not drop.on and l_out is None and lt.dim() == 2 and lt.dtype == c.dtype
-             and r_chunks <= _SEED_AFTER_CHUNKS and _seed_after_scaling(float(scaling)))
     _TMA_KERNEL(lambda meta: (max(1, min(sms, tiles)),),
                 a_d, w_d, c_d, lt, rt_ptr, b, drop.seed, lo,
                 stride_ls, stride_lm, stride_lr, stride_rr, stride_rn, b.stride(0), *stride_lo,
                 m, n, k, lt.shape[0] if lt.dim() == 3 else 1, float(scaling), drop.threshold, drop.scale, drop_ld,
                 drop_c0, *(group.args() if trans_w or segs else _NO_GROUP.args()), *more,
                 TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_DROPOUT=drop.on, WRITE_L=l_out is not None,
-                GROUPED=group.on and trans_w, SEG_A=segs is not None, R_CHUNKS=r_chunks, R=r,
+                GROUPED=group.on and trans_w, SEG_A=segs is not None, R_CHUNKS=triton.cdiv(r, _TMA_BLOCK_R), R=r,
                 BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
-                FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"), SEED_AFTER=after,
+                FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                 _config=(blocks, warps, stages))
 
 

@@ -236,19 +236,6 @@ def _rt_tile(r_ptr, n0, rr, rn, r_ok, n_ok, ro, rb, stride_rr, stride_rn, GROUPE
                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
 
 
-@triton.jit
-def _seed_tiles(c, l_ptr, r_ptr, m0, n0, rm, rn, m_ok, n_ok, ro, rb, R, stride_lm, stride_lr, stride_rr,
-                stride_rn, BLOCK_R: tl.constexpr, GROUPED: tl.constexpr):
-    """Rank chunk ``c`` of the TMA GEMM's LoRA term: the (BLOCK_M, BLOCK_R) tile of L (one slice, already in
-    C's dtype) and the (BLOCK_R, BLOCK_N) tile of Rt (as _rt_tile), both in L's dtype."""
-    rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = rr < R
-    lt = tl.load((l_ptr + m0 * stride_lm) + (rm[:, None] * stride_lm + rr[None, :] * stride_lr),
-                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    rt = _rt_tile(r_ptr, n0, rr, rn, r_ok, n_ok, ro, rb, stride_rr, stride_rn, GROUPED)
-    return lt, rt.to(lt.dtype)
-
-
 # ---------------------------------------------------------------------------------------------- kernels
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -411,7 +398,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
                           R_CHUNKS: tl.constexpr, R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-                          FLATTEN: tl.constexpr, SEED_AFTER: tl.constexpr = False):
+                          FLATTEN: tl.constexpr):
     """The forward GEMM and the dX GEMM of 16-bit dense weights in one persistent TMA kernel:
 
         C (M, N) = lora + A (M, K) @ op(W),   lora = dropout(scaling * L (M, R) @ Rt (R, N)) (+ bias)
@@ -429,11 +416,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
     tiles of the first column store that rounded L (M, R) to lo_ptr, as the pointer kernel does. GROUPED: Rt is a
     projection group's B_bd^T read from B_rows (N, rb), as in the pointer kernel. SEG_A (dX only): A = dY is a
     projection group's members' own (M, N_i) tensors, one descriptor each (a_desc, a2_desc, ...; an unused one
-    repeats a_desc), read in one K loop per member: a TMA load cannot pick its descriptor per tile.
-
-    SEED_AFTER (the forward with L in one slice, no dropout, R_CHUNKS <= 4, scaling finite and non-zero): the
-    LoRA tiles are loaded before the K loop and multiplied after it, C = (A @ op(W) / scaling + L @ Rt) *
-    scaling (+ bias), so their loads' latency passes under the K loop instead of delaying its first TMA loads."""
+    repeats a_desc), read in one K loop per member: a TMA load cannot pick its descriptor per tile."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -455,35 +438,20 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         if GROUPED:
             ro = _member_rank((n0 + rn).to(tl.int32), rb, nb1, nb2, nb3)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if SEED_AFTER:
-            # Loads only (held in registers across the K loop); up to four rank chunks, unused ones repeat chunk 0.
-            l0, t0 = _seed_tiles(0, l_ptr, r_ptr, m0, n0, rm, rn, m_ok, n_ok, ro, rb, R, stride_lm, stride_lr,
-                                 stride_rr, stride_rn, BLOCK_R, GROUPED)
-            l1, t1, l2, t2, l3, t3 = l0, t0, l0, t0, l0, t0
-            if R_CHUNKS > 1:
-                l1, t1 = _seed_tiles(1, l_ptr, r_ptr, m0, n0, rm, rn, m_ok, n_ok, ro, rb, R, stride_lm, stride_lr,
-                                     stride_rr, stride_rn, BLOCK_R, GROUPED)
-            if R_CHUNKS > 2:
-                l2, t2 = _seed_tiles(2, l_ptr, r_ptr, m0, n0, rm, rn, m_ok, n_ok, ro, rb, R, stride_lm, stride_lr,
-                                     stride_rr, stride_rn, BLOCK_R, GROUPED)
-            if R_CHUNKS > 3:
-                l3, t3 = _seed_tiles(3, l_ptr, r_ptr, m0, n0, rm, rn, m_ok, n_ok, ro, rb, R, stride_lm, stride_lr,
-                                     stride_rr, stride_rn, BLOCK_R, GROUPED)
-        else:
-            for c in tl.static_range(R_CHUNKS):
-                rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
-                r_ok = rr < R
-                lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm,
-                             stride_lr, stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
-                rt = _rt_tile(r_ptr, n0, rr, rn, r_ok, n_ok, ro, rb, stride_rr, stride_rn, GROUPED)
-                acc = tl.dot(lt, rt.to(dtype), acc)
-            acc = acc * scaling
-            if HAS_DROPOUT:
-                acc = _apply_dropout(acc, m0 * drop_ld + drop_c0 + n0, rm[:, None] * drop_ld + rn[None, :], seed,
-                                     threshold, drop_scale)
-            if HAS_BIAS:
-                bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
+        for c in tl.static_range(R_CHUNKS):
+            rr = c * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            lt = _l_tile(l_ptr, lo_ptr, m0, rm, rr, m_ok[:, None] & r_ok[None, :], stride_ls, stride_lm, stride_lr,
+                         stride_lom, stride_lor, L_SPLITS, pid_n, dtype, WRITE_L)
+            rt = _rt_tile(r_ptr, n0, rr, rn, r_ok, n_ok, ro, rb, stride_rr, stride_rn, GROUPED)
+            acc = tl.dot(lt, rt.to(dtype), acc)
+        acc = acc * scaling
+        if HAS_DROPOUT:
+            acc = _apply_dropout(acc, m0 * drop_ld + drop_c0 + n0, rm[:, None] * drop_ld + rn[None, :], seed,
+                                 threshold, drop_scale)
+        if HAS_BIAS:
+            bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         if SEG_A:
@@ -511,20 +479,6 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
                 else:
                     w = w_desc.load([ok, on])
                     acc = tl.dot(a, w, acc)
-        if SEED_AFTER:
-            acc = acc * (1.0 / scaling)
-            live = k_tiles >= 0
-            acc = tl.dot(tl.where(live, l0, 0.0).to(dtype), tl.where(live, t0, 0.0).to(dtype), acc)
-            if R_CHUNKS > 1:
-                acc = tl.dot(tl.where(live, l1, 0.0).to(dtype), tl.where(live, t1, 0.0).to(dtype), acc)
-            if R_CHUNKS > 2:
-                acc = tl.dot(tl.where(live, l2, 0.0).to(dtype), tl.where(live, t2, 0.0).to(dtype), acc)
-            if R_CHUNKS > 3:
-                acc = tl.dot(tl.where(live, l3, 0.0).to(dtype), tl.where(live, t3, 0.0).to(dtype), acc)
-            acc = acc * scaling
-            if HAS_BIAS:
-                bias = tl.load((bias_ptr + n0 * stride_bias) + rn * stride_bias, mask=n_ok, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
         c_desc.store([om, on], acc.to(dtype))
 
 
