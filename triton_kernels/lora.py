@@ -574,22 +574,21 @@ def _chunk_gemms(w: _W, m: int, device: torch.device, use_tma, launch) -> None:
     (so two temporaries are alive at a time instead of one); otherwise each temporary is freed before the next is
     made."""
     pipe = _SIDE_DQ and device.type == "cuda" and not _backend.triton_interpreter() and len(w.chunks) > 1
-    main, side = (torch.cuda.current_stream(device), _side_stream(device)) if pipe else (None, None)
-    nxt = None
+    nxt = forked = None  # the next chunk's _W, dequantized on forked = (current stream, side stream)
     for i, (lo, hi) in enumerate(w.chunks):
         if nxt is None:
             wc = w.block(lo, hi)
         else:
             wc, nxt = nxt, None
-            main.wait_stream(side)
+            forked[0].wait_stream(forked[1])
         tma = use_tma(wc, lo, hi)
         more = pipe and tma and i + 1 < len(w.chunks)
         if more:
-            side.wait_stream(main)
+            forked = _fork(device)  # the next dequantization starts after everything enqueued so far
         launch(wc, lo, hi, tma, _narrow_programs(m, hi - lo, device) if more else None)
         del wc
         if more:
-            nxt = w.block(*w.chunks[i + 1], side=side)
+            nxt = w.block(*w.chunks[i + 1], side=forked[1])
 
 
 class _Dropout:
