@@ -722,6 +722,75 @@ def test_tma_gemm_mainloop_is_pipelined_for_sm90():
         assert r["shared"] <= 232448, f"{name}: {r['shared']} B of shared memory exceeds an H200 SM"
 
 
+_WS_PROBE = r"""
+import json, re, subprocess, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
+from lora_ops.triton_kernels import lora as L
+from lora_ops.triton_kernels import lora_tuning as LT
+from lora_ops.triton_kernels.lora_ws_kernel import _lora_gemm_ws_kernel as K
+blocks, warps, _ = LT.WS_CONFIG
+bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
+ptxas = get_ptxas(90).path
+out = {}
+# (name, TRANS_W, HAS_BIAS, GROUPED, SEG_A, rank): the uses the launchers make of it.
+for name, trans, bias, grouped, seg, r in (("fwd", True, True, False, False, 16),
+                                           ("fwd_group", True, False, True, False, 16),
+                                           ("fwd_r96", True, True, False, False, 96),
+                                           ("dx", False, False, False, False, 16),
+                                           ("dx_segments", False, False, False, True, 48)):
+    dt = torch.bfloat16
+    a, c = torch.empty(1024, 512, dtype=dt), torch.empty(1024, 768, dtype=dt)
+    w = torch.empty((768, 512) if trans else (512, 768), dtype=dt)
+    lt, rt = torch.empty(1024, r, dtype=dt), torch.empty((768, r) if trans else (r, 768), dtype=dt)
+    a_blk, w_blk = (bm, bk), ((bn, bk) if trans else (bk, bn))
+    descs = [L._gluon_desc(t, b) for t, b in ((a, a_blk), (w, w_blk), (c, (bm, bn)), (lt, a_blk), (rt, w_blk))]
+    sig = {n: mangle_type(d) for n, d in zip(K.arg_names[:5], descs)}
+    sig.update(bias_ptr="*bf16", stride_bias="i32", M="i32", N="i32", K="i32", scaling="fp32", rb="i32",
+               nb1="i32", nb2="i32", nb3="i32", a2_desc=sig["a_desc"], a3_desc=sig["a_desc"], a4_desc=sig["a_desc"])
+    consts = dict(blocks, TRANS_W=trans, HAS_BIAS=bias, GROUPED=grouped, SEG_A=seg,
+                  SEED_STEPS=triton.cdiv(r, bk))
+    sig.update({n: "constexpr" for n in consts})
+    ck = triton.compile(GluonASTSource(K, sig, consts), target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=warps, maxnreg=LT.WS_MAXNREG))
+    ptx = ck.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    rep = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"], capture_output=True,
+                         text=True).stderr
+    out[name] = dict(shared=ck.metadata.shared, warps=ck.metadata.num_warps,
+                     spill=sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", rep)),
+                     setmaxnreg=sorted({int(v) for v in re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+)", ptx)}),
+                     wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"),
+                     scratch=getattr(ck.metadata, "global_scratch_size", 0),
+                     tensordesc_meta=[dict(m) for m in ck.metadata.tensordesc_meta])
+print(json.dumps(out))
+"""
+
+
+def test_ws_gemm_compiles_for_sm90():
+    """The Gluon GEMM (lora_ws_kernel.py) in each use the launchers make of it, compiled for sm_90 on the CPU:
+    warp-specialized (the consumers raised to 240 registers, the producer to 40: setmaxnreg), 12 warps, shared
+    memory within an H100 / H200 SM (227 KB), no spills, no global scratch (the C++ launch path sets none), one
+    MMA site per seed step plus the K loop's (4 wgmma each at BLOCK_K = 64), and host metadata for every TMA
+    descriptor (the C++ path encodes them from it)."""
+    res = run_sm90_probe(_WS_PROBE)
+    assert sorted(res) == ["dx", "dx_segments", "fwd", "fwd_group", "fwd_r96"]
+    for name, r in res.items():
+        assert r["warps"] == 12, (name, r)
+        assert r["shared"] <= 232448, (name, r)
+        assert r["spill"] == 0, (name, r)
+        assert 240 in r["setmaxnreg"] and 40 in r["setmaxnreg"], (name, r)
+        assert r["scratch"] == 0, (name, r)
+        assert len(r["tensordesc_meta"]) == 8, (name, r)
+        seed_steps = 2 if name == "fwd_r96" else 1
+        assert r["wgmma"] == 4 * (seed_steps + 1), (name, r)
+        assert r["tma_loads"] >= 4, (name, r)
+
+
 @pytest.mark.parametrize("weight,dtype,p,tma", [("nf4-dq", F32, 0.2, "0"), ("nf4", F16, 0.1, "1")])
 def test_nf4_chunked_temporary_matches_reference(monkeypatch, weight, dtype, p, tma):
     """Past NF4_CHUNK_BYTES the temporary is made chunk by chunk: W's rows for the forward GEMM (y's columns),

@@ -41,7 +41,7 @@ from .lora_kernels import _dropout_mask_kernel
 from .lora_tuning import FINISH_CONFIG as _FINISH_CONFIG
 from .lora_tuning import _FINISH_KERNEL as _FINISH_KERNEL_FN
 from .lora_tuning import (_DA_KERNEL, _DB_KERNEL, _DS_KERNEL, _DX_KERNEL, _FWD_KERNEL, _S_KERNEL, _TMA_CONFIGS,
-                          _TMA_KERNEL, _next_pow2)
+                          _TMA_KERNEL, _WS_KERNEL, WS_CONFIG, WS_MAXNREG, _next_pow2)
 
 # Kernel name -> launches since import, Python launchers and C++ launch path together (records.py).
 LAUNCHES = _rec.LAUNCHES
@@ -759,8 +759,12 @@ def _tma_tiles(m: int, n: int) -> int:
 
 def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, trans_w, r, drop_ld, drop_c0,
               l_out=None, group=_NO_GROUP, segs=None, programs=None):
-    """c = lora + a @ (w^T if trans_w else w) through _lora_gemm_tma_kernel (see there); ``lt`` and ``l_out`` as
-    in _lora_gemm; ``programs``: the persistent grid (default one program per SM)."""
+    """c = lora + a @ (w^T if trans_w else w) through _lora_gemm_tma_kernel (see there), or its Gluon twin where
+    ``_ws_usable``; ``lt`` and ``l_out`` as in _lora_gemm; ``programs``: the persistent grid (default one program
+    per SM)."""
+    if _ws_usable(c, lt, rt_ptr, l_out, trans_w, group, drop):
+        _ws_gemm(a, w, c, lt, rt_ptr, bias, scaling, trans_w, group, segs, programs)
+        return
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, n = c.shape
     k = sum(t.shape[1] for t in segs) if segs else a.shape[1]
@@ -786,6 +790,79 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
                 BLOCK_R=_TMA_BLOCK_R, NUM_SMS=sms,
                 FLATTEN=os.environ.get("LORA_OPS_TMA_FLATTEN", "0") not in ("", "0"),
                 _config=(blocks, warps, stages))
+
+
+# The warp-specialized Gluon GEMM (lora_ws_kernel.py) in place of the TMA kernel: sm_90 only (wgmma), the large
+# tile, L in one slice of C's dtype. Its producer warp keeps the next tile's loads and the LoRA seed in flight
+# during a tile's epilogue, which Triton 3.6 does not arrange for the TMA kernel: on an H100 (scripts/probe_gluon.py,
+# docs/PERF_NOTES.md item 48) q/k/v's forward product at 8192 rows took 0.997x cuBLAS's time with its seed, the
+# TMA kernel 1.051x; the dX product 1.021x against 1.054x; gate/up's forward 1.016x against 1.057x.
+# LORA_OPS_WS=0 keeps the TMA kernel.
+_WS = _env_int("LORA_OPS_WS", 1, 0) > 0
+_WS_CAPABLE: Dict[int, bool] = {}
+_GLUON_LAYOUTS: Dict[tuple, object] = {}
+
+
+def _tma_operand(t: torch.Tensor) -> bool:
+    """TMA's rules for a 2-D operand: 16-bit elements, unit last stride, 16-byte aligned base and row stride."""
+    return (t.dim() == 2 and t.element_size() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * 2) % 16 == 0 and t.shape[0] > 0 and t.shape[1] > 0)
+
+
+def _ws_usable(c: torch.Tensor, lt: torch.Tensor, rt: torch.Tensor, l_out, trans_w: bool, group: "_Group",
+               drop: "_Dropout") -> bool:
+    """Whether a TMA GEMM runs on the Gluon kernel (``_ws_gemm``): LORA_OPS_WS on, a CUDA device of compute
+    capability 9.x (not the interpreter), at least the tile's rows, no dropout, L (M, R) in one slice of C's dtype
+    with no l_out, L and Rt (B (N, R) or A_lora (R, N)) meeting TMA's rules, and with a group's B_rows (forward)
+    every member boundary inside C on a tile edge (a tile reads one member's rank columns)."""
+    blocks = WS_CONFIG[0]
+    if (not _WS or _INTERPRET or drop.on or l_out is not None or c.device.type != "cuda"
+            or c.shape[0] < blocks["BLOCK_M"]
+            or lt.dtype != c.dtype or rt.dtype != c.dtype or not _tma_operand(lt) or not _tma_operand(rt)):
+        return False
+    idx = c.device.index if c.device.index is not None else torch.cuda.current_device()
+    if idx not in _WS_CAPABLE:
+        _WS_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] == 9
+    if not _WS_CAPABLE[idx]:
+        return False
+    if group.on and trans_w:
+        n = c.shape[1]
+        return all(nb % blocks["BLOCK_N"] == 0 for nb in (group.nb1, group.nb2, group.nb3) if 0 < nb < n)
+    return True
+
+
+def _gluon_desc(t: torch.Tensor, block):
+    """A Gluon TMA descriptor of ``t`` with ``block`` tiles in the default NVMMA shared layout."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    key = (t.dtype, tuple(block))
+    layout = _GLUON_LAYOUTS.get(key)
+    if layout is None:
+        gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+        layout = _GLUON_LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for(list(block), gdt)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), layout)
+
+
+def _ws_gemm(a, w, c, lt, rt, bias, scaling, trans_w, group=_NO_GROUP, segs=None, programs=None):
+    """c = scaling * L @ Rt (+ bias) + a @ (w^T if trans_w else w) through ``_lora_gemm_ws_kernel`` (_tma_gemm's
+    contract without dropout, L = ``lt`` in one slice; Rt the 2-D tensor ``rt``: B (N, R) or A_lora (R, N))."""
+    blocks, warps, _ = WS_CONFIG
+    bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
+    m, n = c.shape
+    k = sum(t.shape[1] for t in segs) if segs else a.shape[1]
+    a_blk, w_blk = (bm, bk), ((bn, bk) if trans_w else (bk, bn))
+    a_d = _gluon_desc(a, a_blk)
+    more = _more([a_d] + [_gluon_desc(t, a_blk) for t in segs[1:]] if segs else None, a_d)
+    scratch = _scratch(c.device)
+    b = bias if bias is not None else scratch
+    sms = programs or _sm_count(c.device)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    rank = rt.shape[1] if trans_w else rt.shape[0]
+    _WS_KERNEL(lambda meta: (max(1, min(sms, tiles)),),
+               a_d, _gluon_desc(w, w_blk), _gluon_desc(c, (bm, bn)), _gluon_desc(lt, a_blk), _gluon_desc(rt, w_blk),
+               b, b.stride(0), m, n, k, float(scaling), *(group.args() if trans_w or segs else _NO_GROUP.args()),
+               *more, TRANS_W=trans_w, HAS_BIAS=bias is not None, GROUPED=group.on and trans_w,
+               SEG_A=segs is not None, SEED_STEPS=triton.cdiv(rank, bk), maxnreg=WS_MAXNREG, _config=WS_CONFIG)
 
 
 # ------------------------------------------------------------------------------------------------ launchers

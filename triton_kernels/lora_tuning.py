@@ -21,6 +21,7 @@ import triton
 from triton import knobs as _knobs
 
 from . import records as _rec
+from .lora_ws_kernel import _lora_gemm_ws_kernel
 from .lora_kernels import (MIN_DOT, _lora_bwd_da_kernel, _lora_bwd_db_kernel, _lora_bwd_ds_kernel,
                            _lora_bwd_finish_kernel, _lora_gemm_kernel, _lora_gemm_tma_kernel, _lora_s_kernel)
 
@@ -296,6 +297,14 @@ def _tma_tile(spec: str):
 if os.environ.get("LORA_OPS_TMA_TILE", "").strip():
     _TMA_CONFIGS = _tma_tile(os.environ["LORA_OPS_TMA_TILE"].strip())
 _TMA_KERNEL = _Kernel(_lora_gemm_tma_kernel, "lora_gemm_tma", [], None, None, None)
+# The warp-specialized Gluon twin on sm_90 (lora_ws_kernel.py): one fixed config, passed with each call (WS_CONFIG).
+# 3 stages: 4 (with the output tile stored in halves, 229.6 KB of shared memory) were no faster on an H100
+# (scripts/probe_gluon.py, docs/PERF_NOTES.md item 48).
+_WS_KERNEL = _Kernel(_lora_gemm_ws_kernel, "lora_gemm_ws", [], None, None, None)
+WS_CONFIG = (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, STAGES=3, LOAD_REGS=40), 8, 1)
+# 8 consumer warps + the producer's warpgroup = 12 warps: 168 x 384 threads fit the SM's 65536 registers, and
+# setmaxnreg gives the consumers 240 each (their 128 x 256 fp32 accumulator is 128 a thread), the producer 40.
+WS_MAXNREG = 168
 # An elementwise pass over a few hundred KB: one fixed config, passed with each call (FINISH_CONFIG).
 _FINISH_KERNEL = _Kernel(_lora_bwd_finish_kernel, "lora_bwd_finish", [], None, None, None)
 FINISH_CONFIG = (dict(BLOCK_N=1024), 4, 1)
