@@ -52,11 +52,11 @@ namespace lora_launch {
 
 // ------------------------------------------------------------------------------------------------ kernels
 
-enum Kernel : int { K_DQ = 0, K_S, K_FWD, K_DX, K_TMA, K_DS, K_DB, K_DA, K_FIN, NUM_KERNELS };
+enum Kernel : int { K_DQ = 0, K_S, K_FWD, K_DX, K_TMA, K_DS, K_DB, K_DA, K_FIN, K_WS, NUM_KERNELS };
 // The names of triton_kernels/lora_tuning.py (_Kernel.name) and nf4_dequant.py: records and launch counts use them.
 const char* const kKernelNames[NUM_KERNELS] = {"nf4_dequant", "lora_s",      "lora_fwd",    "lora_bwd_dx",
                                                "lora_gemm_tma", "lora_bwd_ds", "lora_bwd_db", "lora_bwd_da",
-                                               "lora_bwd_finish"};
+                                               "lora_bwd_finish", "lora_gemm_ws"};
 
 int kernel_id(const std::string& name) {
   for (int i = 0; i < NUM_KERNELS; ++i)
@@ -94,6 +94,9 @@ struct Settings {
   int64_t ds_members = 0;               // _DS_MEMBERS
   int64_t side_da = 0;                  // _SIDE_DA
   int64_t side_dq = 0;                  // _SIDE_DQ
+  int64_t ws = 1;                       // _WS
+  int64_t ws_block_m = 128;             // lora_tuning.py WS_CONFIG
+  int64_t ws_block_n = 256;
   std::vector<int64_t> blocksizes;      // nf4.VALID_BLOCKSIZES
 };
 Settings g_settings;
@@ -142,7 +145,8 @@ struct Launch {
   int nargs = 0;
   Arg args[kMaxArgs];
   int ndesc = 0;
-  Desc descs[6];  // the TMA GEMM: a, w, out, then a group's further dY members (or a again)
+  Desc descs[8];  // the TMA GEMM: a, w, out, then a group's further dY members (or a again); the Gluon GEMM: a,
+                  // w, out, L, Rt, then those members
   const Variant* variant = nullptr;
   int64_t want_config = 0;   // which config a variant must have: the TMA tile (0 small, 1 large), dequantize NB
   bool trans_w = false;      // the TMA GEMM: forward (W^T) or dX (W)
@@ -698,7 +702,7 @@ void chunk_gemms(const Call& c, Work& work, const WArgs& w, F gemm_of) {
     gemm_of(wc, lo, hi);
     Launch& g = work.launches.back();
     g.join = beside;
-    beside = pipe && g.kernel == K_TMA && i + 1 < w.chunks.size();
+    beside = pipe && (g.kernel == K_TMA || g.kernel == K_WS) && i + 1 < w.chunks.size();
     g.fork = g.narrow = beside;
   }
 }
@@ -725,6 +729,29 @@ bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tenso
   return !w.nf4_inloop && w.chunks.empty() && out.size(1) > 0 && tma_usable(c, a, w.dense, out, nk);
 }
 
+// lora.py _tma_operand: TMA's rules for a 2-D operand.
+bool tma_operand(const at::Tensor& t) {
+  return t.dim() == 2 && t.element_size() == 2 && t.stride(1) == 1
+         && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * 2) % 16 == 0 && t.size(0) > 0
+         && t.size(1) > 0;
+}
+
+// lora.py _ws_usable: whether a TMA GEMM runs on the Gluon kernel instead (group_n0: the chunk's first column).
+bool ws_usable(const Call& c, const at::Tensor& out, const at::Tensor& lt, const at::Tensor& rt,
+               const at::Tensor* l_out, bool trans_w, const Dropout& drop, int64_t group_n0) {
+  if (!g_settings.ws || drop.on || l_out != nullptr || !c.x.is_cuda() || c.dt->major != 9
+      || out.size(0) < g_settings.ws_block_m || lt.scalar_type() != out.scalar_type()
+      || rt.scalar_type() != out.scalar_type() || !tma_operand(lt) || !tma_operand(rt))
+    return false;
+  if (trans_w && !c.groups.empty()) {
+    for (int i = 0; i < 3; ++i) {
+      const int64_t nb = c.nb[i] - group_n0;
+      if (nb > 0 && nb < out.size(1) && nb % g_settings.ws_block_n) return false;
+    }
+  }
+  return true;
+}
+
 // lora.py _lora_gemm: out (M, N') = dropout(scaling * L @ Rt) (+ bias) + a @ op(W); the forward (trans_w) or dX.
 // l: L (M, r), or (splits, M, r) fp32 partials the kernel sums; l_out (optional) receives the rounded L.
 // drop_ld / drop_c0: x's column count and the window's first column when out is a column window of dX.
@@ -744,6 +771,28 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
   Launch l;
   const bool sliced = lt.dim() == 3;
   const at::Tensor& lo = l_out != nullptr ? *l_out : scratch;
+  if (tma && ws_usable(c, out, lt, rt, l_out, trans_w, drop, group_n0)) {
+    // lora.py _ws_gemm: the Gluon kernel, one persistent program per SM; the descriptors' tiles are its config.
+    l.kernel = K_WS;
+    l.trans_w = trans_w;
+    l.grid[1] = l.grid[2] = 1;
+    l.grid[0] = -1;  // set from the variant's tiles
+    l.desc(a, 0, 0);
+    l.desc(w.dense, 0, 0);
+    l.desc(out, 0, 0);
+    l.desc(lt, 0, 0);
+    l.desc(rt, 0, 0);
+    l.ptr(b);
+    l.i(b.stride(0));
+    l.i(m);
+    l.i(n);
+    l.i(inner);
+    l.f(scaling);
+    group_args(l, c, trans_w || segs, group_n0);
+    for (int i = 1; i < 4; ++i) l.desc(segs && i < static_cast<int>(c.dys.size()) ? c.dys[i] : a, 0, 0);  // _more
+    work.launches.push_back(l);
+    return;
+  }
   if (tma) {
     // lora.py _tma_gemm: one persistent program per SM; the descriptors' tiles are the variant's config.
     l.kernel = K_TMA;
@@ -1289,6 +1338,21 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
         if (l.narrow) l.grid[0] = cdiv(tiles, cdiv(tiles, l.grid[0]));  // lora.py _fewest_programs
         break;
       }
+      case K_WS: {
+        // lora.py _ws_gemm: a, L and the further members [BM, BK]; W and Rt [BN, BK] (forward) or [BK, BN];
+        // out [BM, BN].
+        const int64_t bm = found->block_m, bn = found->block_n, bk = found->block_k;
+        for (int i = 0; i < l.ndesc; ++i) {
+          const bool like_w = i == 1 || i == 4;
+          l.descs[i].block[0] = i == 2 ? bm : like_w ? (l.trans_w ? bn : bk) : bm;
+          l.descs[i].block[1] = i == 2 ? bn : like_w ? (l.trans_w ? bk : bn) : bk;
+        }
+        const int64_t tiles = cdiv(l.descs[2].shape[0], bm) * cdiv(l.descs[2].shape[1], bn);
+        const int64_t sms = c.x.is_cuda() ? c.dt->sms : 4;
+        l.grid[0] = std::max<int64_t>(1, std::min(sms, tiles));
+        if (l.narrow) l.grid[0] = cdiv(tiles, cdiv(tiles, l.grid[0]));  // lora.py _fewest_programs
+        break;
+      }
       default:
         break;
     }
@@ -1367,8 +1431,8 @@ int64_t g_map_hits = 0, g_map_misses = 0;
 void launch_one(const Launch& l, CUstream stream, bool map_cache) {
   if (l.grid[0] * l.grid[1] * l.grid[2] == 0) return;
   const Variant& v = *l.variant;
-  alignas(64) CUtensorMap maps[6];
-  int map_desc[6];  // which of l.descs each map encodes: a descriptor repeated in one launch is encoded once
+  alignas(64) CUtensorMap maps[8];
+  int map_desc[8];  // which of l.descs each map encodes: a descriptor repeated in one launch is encoded once
   uint64_t words[kMaxArgs * 3];  // scalar storage, one 8-byte word per scalar (ints and floats fit)
   void* params[kMaxArgs * 3 + 2];
   int np = 0, nw = 0;
@@ -1819,6 +1883,9 @@ void configure(const py::dict& s) {
   get("ds_members", g_settings.ds_members);
   get("side_da", g_settings.side_da);
   get("side_dq", g_settings.side_dq);
+  get("ws", g_settings.ws);
+  get("ws_block_m", g_settings.ws_block_m);
+  get("ws_block_n", g_settings.ws_block_n);
   if (s.contains("blocksizes")) g_settings.blocksizes = s["blocksizes"].cast<std::vector<int64_t>>();
 }
 

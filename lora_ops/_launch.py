@@ -68,6 +68,8 @@ def _settings() -> dict:
                 ds_members=int(L._DS_MEMBERS),
                 side_da=int(L._SIDE_DA),
                 side_dq=int(L._SIDE_DQ),
+                ws=int(L._WS), ws_block_m=L.WS_CONFIG[0]["BLOCK_M"],
+                ws_block_n=L.WS_CONFIG[0]["BLOCK_N"],
                 blocksizes=list(_nf4.VALID_BLOCKSIZES))
 
 

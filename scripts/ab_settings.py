@@ -7,7 +7,8 @@ TMA GEMM's flattened tile loop, as ``LORA_OPS_TMA_FLATTEN``), ``chunk_mib=N`` an
 temporary's chunk bound in MiB and the fewest rows that chunk it, as ``LORA_OPS_NF4_CHUNK_MIB`` /
 ``LORA_OPS_NF4_CHUNK_MIN_M``), ``side=0|1`` (dA on a second stream beside a narrower dX GEMM, as
 ``LORA_OPS_SIDE_DA``), ``side_dq=0|1`` (NF4 dequantizations on a second stream: a whole weight's beside the S / dS
-pass, a chunk's beside the previous chunk's GEMM, as ``LORA_OPS_SIDE_DQ``), or ``default``. For each variant the
+pass, a chunk's beside the previous chunk's GEMM, as ``LORA_OPS_SIDE_DQ``), ``ws=0|1`` (the warp-specialized Gluon
+GEMM in place of the TMA kernel on sm_90, as ``LORA_OPS_WS``), or ``default``. For each variant the
 grouped providers' fwd+bwd is warmed up and captured in a CUDA graph under it (the launch plans dropped between
 variants, so the C++ path registers its kernels and settings again), and so is the floor's. Then ``--rounds`` rounds
 replay every graph ``--replays`` times, in turn, timed with CUDA events: device time only, the variants interleaved,
@@ -45,7 +46,7 @@ def _use(variant):
     from lora_ops import _launch
     from lora_ops.triton_kernels import lora as L, lora_tuning as T
     names = ("_TMA_CONFIGS", "_BASE_MM", "_PRESUM", "NF4_CHUNK_BYTES", "NF4_CHUNK_MIN_M", "_SIDE_DA",
-             "_SIDE_DQ")
+             "_SIDE_DQ", "_WS")
     if not _DEFAULTS:
         _DEFAULTS.update((n, getattr(L, n)) for n in names)
         _DEFAULTS.update((v, os.environ.get(v)) for v in _ENV)
@@ -72,11 +73,13 @@ def _use(variant):
             L._SIDE_DA = value not in ("", "0")
         elif key == "side_dq":
             L._SIDE_DQ = value not in ("", "0")
+        elif key == "ws":
+            L._WS = value not in ("", "0")
         elif key in _ENV.values():
             os.environ[next(v for v, k in _ENV.items() if k == key)] = value
         elif item != "default":
             raise ValueError(f"variant item {item!r}: use tile=..., base_mm=..., presum=0|1, launch=python, "
-                             "flatten=0|1, chunk_mib=N, chunk_min_m=M, side=0|1, side_dq=0|1 or default")
+                             "flatten=0|1, chunk_mib=N, chunk_min_m=M, side=0|1, side_dq=0|1, ws=0|1 or default")
     _launch.forget_plans()
 
 

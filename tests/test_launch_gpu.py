@@ -11,7 +11,7 @@ import torch
 
 import lora_ops
 from lora_ops import _launch
-from helpers import assert_rel_close, capture_graph
+from helpers import assert_rel_close, capture_graph, tma_launches
 
 pytestmark = pytest.mark.gpu
 
@@ -172,9 +172,9 @@ def test_split_sum_before_the_tma_gemm(monkeypatch, weight, p):
         _launch._sync_settings(mod)
         want = _python_launchers(monkeypatch, lambda: _run(inp, p))
         _run(inp, p)  # the first call of this configuration registers it
-        before = records.LAUNCHES["lora_gemm_tma"]
+        before = tma_launches(records.LAUNCHES)
         got = _run(inp, p)
-        assert weight != "dense" or records.LAUNCHES["lora_gemm_tma"] - before == 2  # forward and dX
+        assert weight != "dense" or tma_launches(records.LAUNCHES) - before == 2  # forward and dX
     finally:
         monkeypatch.undo()  # the defaults again, in Python and (synced) in C++
         _launch._sync_settings(mod)
@@ -189,14 +189,14 @@ def test_layer_without_the_hopper_pieces(monkeypatch):
     GEMM by default: no TMA launch, and the same layer within bf16 rounding."""
     from lora_ops.triton_kernels import records
     inp = _inputs(4096, 4096, 8192, 16, BF16, "dense", True)  # (an NF4 weight this size is chunked: no TMA)
-    before = records.LAUNCHES["lora_gemm_tma"]
+    before = tma_launches(records.LAUNCHES)
     with_tma = _run(inp, 0.0)
-    assert records.LAUNCHES["lora_gemm_tma"] > before, "the default no longer takes the TMA GEMM at this shape"
+    assert tma_launches(records.LAUNCHES) > before, "the default no longer takes the TMA GEMM at this shape"
     monkeypatch.setenv("LORA_OPS_TMA", "0")
-    before = records.LAUNCHES["lora_gemm_tma"]
+    before = tma_launches(records.LAUNCHES)
     for _ in range(2):  # the first call registers the configuration, the second runs it from C++
         without = _run(inp, 0.0)
-    assert records.LAUNCHES["lora_gemm_tma"] == before, "LORA_OPS_TMA=0 still launched the TMA GEMM"
+    assert tma_launches(records.LAUNCHES) == before, "LORA_OPS_TMA=0 still launched the TMA GEMM"
     for name, g, w in zip(("y", "dx", "dA", "dB", "dbias"), without, with_tma):
         assert_rel_close(g, w, BF16, name)
 

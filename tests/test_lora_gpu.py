@@ -21,7 +21,7 @@ import torch
 import lora_ops
 from lora_ops import nf4, reference
 from lora_ops.testing import materialize_dropout_mask, peek_dropout_seed
-from helpers import assert_rel_close, capture_graph, kernels_only, rel_error
+from helpers import assert_rel_close, capture_graph, kernels_only, rel_error, tma_launches
 
 pytestmark = pytest.mark.gpu
 
@@ -420,7 +420,7 @@ def test_tma_gemm_real_shapes(monkeypatch, case):
     m, k, n, r, dtype, weight, p, bias, _ = case
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     L = _lora()
-    before = L.LAUNCHES["lora_gemm_tma"]
+    before = tma_launches(L.LAUNCHES)
     inp = make_inputs(m, k, n, r, dtype, weight, bias=bias)
     got, mask = run_layer(inp, 2.0, p, monkeypatch)
     # An NF4 weight whose dense copy passes NF4_CHUNK_BYTES runs one GEMM per dequantized chunk (rows of W for the
@@ -428,8 +428,113 @@ def test_tma_gemm_real_shapes(monkeypatch, case):
     chunked = weight != "dense" and m >= L.NF4_CHUNK_MIN_M
     elt = torch.tensor([], dtype=dtype).element_size()
     want = sum(len(L._nf4_chunks(n, k, 64, elt, along) or [None]) if chunked else 1 for along in ("rows", "cols"))
-    assert L.LAUNCHES["lora_gemm_tma"] - before == want, "forward and dX should all have run on the TMA kernel"
+    assert tma_launches(L.LAUNCHES) - before == want, "forward and dX should all have run on the TMA kernel"
     check_and_report(got, oracle(inp, 2.0, p, mask), dtype, f"TMA M={m} {k}->{n} r={r} {dtype} {weight} p={p}")
+
+
+def _ws_capable():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.parametrize("launch", ["python", "cpp"])
+@pytest.mark.parametrize("case", ["bf16-r16-bias", "fp16-r96", "bf16-dropout", "bf16-ws-off", "bf16-r4"])
+def test_ws_gemm(monkeypatch, case, launch):
+    """The Gluon GEMM (lora_ws_kernel.py) on sm_90, forced on every shape with LORA_OPS_TMA=1: M, N and K off the
+    tile (300 x 1000 from 1088), bias, fp16, rank 96 (two seed steps); forward and dX run as lora_gemm_ws and
+    every output matches the oracle, on the Python launchers and on the C++ launch path (strict: its launch
+    lists must equal the Python launchers'). With dropout the dX GEMM stays on the TMA kernel (the forward does
+    not), with LORA_OPS_WS=0 both do, and rank 4 (L's rows 8 bytes, not TMA's 16) keeps both there."""
+    if not _ws_capable():
+        pytest.skip("the Gluon GEMM is sm_90's")
+    from lora_ops import _launch
+    L = _lora()
+    if launch == "python":
+        monkeypatch.setenv("LORA_OPS_LAUNCH", "python")
+    else:
+        monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
+        monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    monkeypatch.setattr(L, "_WS", case != "bf16-ws-off")
+    dtype = F16 if case.startswith("fp16") else BF16
+    r = 96 if "r96" in case else 4 if "r4" in case else 16
+    p = 0.1 if "dropout" in case else 0.0
+    inp = make_inputs(300, 1088, 1000, r, dtype, "dense", bias="bias" in case)
+    for rnd in range(2 if launch == "cpp" else 1):  # the C++ path launches itself from its second call on
+        counts = dict(_launch.launch_counts()) if launch == "cpp" else dict(L.LAUNCHES)
+        got, mask = run_layer(inp, 2.0, p, monkeypatch)
+        check_and_report(got, oracle(inp, 2.0, p, mask), dtype, f"ws {case} {launch} call {rnd}")
+        now = _launch.launch_counts() if launch == "cpp" else L.LAUNCHES
+        ws = now.get("lora_gemm_ws", 0) - counts.get("lora_gemm_ws", 0)
+        tma = now.get("lora_gemm_tma", 0) - counts.get("lora_gemm_tma", 0)
+        if launch == "cpp" and rnd == 0:
+            continue
+        want_ws = 0 if case in ("bf16-ws-off", "bf16-r4") else 1 if p else 2
+        assert (ws, tma) == (want_ws, 2 - want_ws), (case, launch, ws, tma)
+
+
+@pytest.mark.parametrize("launch", ["python", "cpp"])
+@pytest.mark.parametrize("sizes", [(512, 256, 256), (512, 384, 256)], ids=["aligned", "unaligned"])
+def test_ws_gemm_group(monkeypatch, sizes, launch):
+    """A projection group's GEMMs on the Gluon kernel: the forward reads B_rows with each tile's L box at its
+    member's rank offset (every member boundary on a 256-column tile edge; "unaligned" puts one off the edge, so
+    the forward stays on the TMA kernel), the dX GEMM reads the members' dY segments. Through the Python
+    launchers (lora_forward / lora_backward with groups=) and the C++ group path (strict); outputs and gradients
+    match the fp32 math of the block-diagonal B and the TMA kernel's within bf16 rounding."""
+    if not _ws_capable():
+        pytest.skip("the Gluon GEMM is sm_90's")
+    from lora_ops import _launch
+    L = _lora()
+    if launch == "cpp":
+        monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
+        monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
+    monkeypatch.setenv("LORA_OPS_TMA", "1")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    m, k, rb = 384, 512, 16
+    n, r = sum(sizes), rb * len(sizes)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    x = rnd(m, k).to(BF16)
+    w = (rnd(n, k) / k ** 0.5).to(BF16)
+    a = (rnd(r, k) / k ** 0.5).to(BF16)
+    b_rows = (rnd(n, rb) / rb ** 0.5).to(BF16)
+    dys = [rnd(m, ni).to(BF16) for ni in sizes]
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+    def run():
+        if launch == "python":
+            y, s = L.lora_forward(x, w, None, None, None, None, 64, a, b_rows, 2.0, None, 0.0, None, groups=sizes)
+            dx, da, db, _ = L.lora_backward(dys, x, w, None, None, None, None, 64, a, b_rows, s, 2.0, 0.0, None,
+                                            True, True, True, False, groups=sizes)
+            return y, dx, da, db
+        x_ = x.detach().clone().requires_grad_(True)
+        a_ = [a[i * rb:(i + 1) * rb].detach().clone().requires_grad_(True) for i in range(len(sizes))]
+        b_ = [b_rows[lo:hi].detach().clone().requires_grad_(True) for lo, hi in zip(bounds, bounds[1:])]
+        ys = _launch.group(x_, w, a_, b_, [2.0] * len(sizes), None, 0.0, True)
+        assert ys is not None, "the C++ group path did not take the call"
+        torch.autograd.backward(list(ys), dys)
+        return (torch.cat([t.detach() for t in ys], 1), x_.grad, torch.cat([t.grad for t in a_]),
+                torch.cat([t.grad for t in b_]))
+
+    outs = {}
+    for ws in (False, True):
+        monkeypatch.setattr(L, "_WS", ws)
+        for call in range(2 if launch == "cpp" else 1):  # the C++ path launches itself from its second call on
+            counts = dict(_launch.launch_counts()) if launch == "cpp" else dict(L.LAUNCHES)
+            outs[ws] = run()
+            now = _launch.launch_counts() if launch == "cpp" else L.LAUNCHES
+            used = now.get("lora_gemm_ws", 0) - counts.get("lora_gemm_ws", 0)
+        want = ((1 if sizes == (512, 256, 256) else 0) + 1) if ws else 0  # the forward where aligned; dX always
+        assert used == want, (sizes, launch, ws, used)
+    bd = torch.zeros(n, r, device="cuda")
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        bd[lo:hi, i * rb:(i + 1) * rb] = b_rows[lo:hi].float()
+    y32 = x.float() @ w.float().t() + 2.0 * (x.float() @ a.float().t()) @ bd.t()
+    dy32 = torch.cat(dys, 1).float()
+    dx32 = dy32 @ w.float() + (2.0 * dy32 @ bd) @ a.float()
+    for ws in (False, True):
+        assert_rel_close(outs[ws][0], y32, BF16, f"group {sizes} {launch} ws={ws} y")
+        assert_rel_close(outs[ws][1], dx32, BF16, f"group {sizes} {launch} ws={ws} dx")
+    for i, name in enumerate(("y", "dx", "dA", "dB")):
+        assert_rel_close(outs[True][i], outs[False][i].float(), BF16, f"group {sizes} {launch} ws vs tma {name}")
 
 
 @pytest.mark.parametrize("launch", ["python", "cpp"])
@@ -488,7 +593,7 @@ def test_side_stream(monkeypatch, case, launch):
         check_and_report(got, oracle(inp, 2.0, p, mask), BF16, f"side stream {case}, eager, C++ path")
         after = _launch.launch_counts()
         assert after.get("lora_bwd_da", 0) > before.get("lora_bwd_da", 0), "the C++ path did not run the backward"
-        assert after.get("lora_gemm_tma", 0) >= before.get("lora_gemm_tma", 0) + 2
+        assert tma_launches(after) >= tma_launches(before) + 2
 
     x, a, b = (inp[t].detach().clone().requires_grad_(True) for t in ("x", "a", "b"))
     bias = inp["bias"].detach().clone().requires_grad_(True)

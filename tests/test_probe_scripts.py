@@ -86,6 +86,11 @@ def test_ab_settings_variants_set_and_restore_the_launcher_settings(ab_settings,
     assert (L._SIDE_DA, L._SIDE_DQ) == (sides[0], True)
     ab_settings._use("default")
     assert (L._SIDE_DA, L._SIDE_DQ) == sides
+    ws = L._WS
+    ab_settings._use("ws=0")
+    assert L._WS is False
+    ab_settings._use("default")
+    assert L._WS == ws
 
 
 def test_probe_seed_variants_compute_their_products_in_the_interpreter():

@@ -763,7 +763,8 @@ for name, trans, bias, grouped, seg, r in (("fwd", True, True, False, False, 16)
                          text=True).stderr
     out[name] = dict(shared=ck.metadata.shared, warps=ck.metadata.num_warps,
                      spill=sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", rep)),
-                     setmaxnreg=sorted({int(v) for v in re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+)", ptx)}),
+                     setmaxnreg=sorted({int(v) for v in
+                                        re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+)", ptx)}),
                      wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"),
                      scratch=getattr(ck.metadata, "global_scratch_size", 0),
                      tensordesc_meta=[dict(m) for m in ck.metadata.tensordesc_meta])

@@ -165,7 +165,8 @@ def _ws_consumer(a_bufs, w_bufs, empty, ready, c_desc, c_smem, bias_ptr, stride_
 @gluon.jit
 def _lora_gemm_ws_kernel(a_desc, w_desc, c_desc, l_desc, rt_desc, bias_ptr, stride_bias, M, N, K, scaling, rb,
                          nb1, nb2, nb3, a2_desc, a3_desc, a4_desc,
-                         TRANS_W: gl.constexpr, HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, SEG_A: gl.constexpr, SEED_STEPS: gl.constexpr,
+                         TRANS_W: gl.constexpr, HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, SEG_A: gl.constexpr,
+                         SEED_STEPS: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
                          STAGES: gl.constexpr, LOAD_REGS: gl.constexpr):
     """See the module docstring. Descriptors' tiles: A, L, A2..A4 [BLOCK_M, BLOCK_K]; W and Rt [BLOCK_N, BLOCK_K]
