@@ -455,6 +455,8 @@ def test_ws_gemm(monkeypatch, case, launch):
         monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     monkeypatch.setattr(L, "_WS", case != "bf16-ws-off")
+    if launch == "cpp":  # plans of this configuration made under the other setting must go
+        _launch._sync_settings(_launch.module())
     dtype = F16 if case.startswith("fp16") else BF16
     r = 96 if "r96" in case else 4 if "r4" in case else 16
     p = 0.1 if "dropout" in case else 0.0
@@ -517,6 +519,8 @@ def test_ws_gemm_group(monkeypatch, sizes, launch):
     outs = {}
     for ws in (False, True):
         monkeypatch.setattr(L, "_WS", ws)
+        if launch == "cpp":  # the setting changed after this configuration's plan was made: send it again
+            _launch._sync_settings(_launch.module())
         for call in range(2 if launch == "cpp" else 1):  # the C++ path launches itself from its second call on
             counts = dict(_launch.launch_counts()) if launch == "cpp" else dict(L.LAUNCHES)
             outs[ws] = run()
