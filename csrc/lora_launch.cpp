@@ -92,8 +92,8 @@ struct Settings {
   int64_t base_mm = 0;                  // _BASE_MM: bit 1 the forward GEMM, bit 2 the dX GEMM
   int64_t presum = 1;                   // _PRESUM
   int64_t ds_members = 0;               // _DS_MEMBERS
-  int64_t side_da = 0;                  // _SIDE_DA
-  int64_t side_dq = 0;                  // _SIDE_DQ
+  int64_t side_da = 1;                  // _SIDE_DA
+  int64_t side_dq = 1;                  // _SIDE_DQ
   int64_t ws = 1;                       // _WS
   int64_t ws_block_m = 128;             // lora_tuning.py WS_CONFIG
   int64_t ws_block_n = 256;

@@ -171,16 +171,17 @@ _DS_MEMBERS = _env_int("LORA_OPS_DS_MEMBERS", 0, 0) > 0
 # LORA_OPS_SIDE_DA=1: the dA pass runs on a second stream beside the TMA dX GEMM, and that GEMM on the fewest
 # programs that keep its wave count (1024 tiles take 8 waves on 132 SMs and on 128 programs), so the SMs it leaves
 # idle serve dA for the GEMM's whole run instead of only its last wave (docs/PERF_NOTES.md item 40 timed the
-# latter). The C++ launch path does the same (its side stream and events made once per device). Off by default
-# (one H100 A/B, PERF_NOTES item 46).
-_SIDE_DA = _env_int("LORA_OPS_SIDE_DA", 0, 0) > 0
+# latter). The C++ launch path does the same (its side stream and events made once per device). On by default
+# (three H100 A/B runs, PERF_NOTES items 46-48, the last with the Gluon GEMM); LORA_OPS_SIDE_DA=0 turns it off.
+_SIDE_DA = _env_int("LORA_OPS_SIDE_DA", 1, 0) > 0
 # LORA_OPS_SIDE_DQ=1: an NF4 weight dequantized whole (below NF4_CHUNK_MIN_M rows) is dequantized on the second
 # stream while the S pass (forward) or the dS pass (backward) runs on this one; the GEMM waits for both. Both passes
 # are memory-bound but at 2048 rows neither fills the memory system alone (S and dS read x / dY at well under
 # the copy bandwidth, PERF_NOTES item 17), so their bytes can overlap. A weight in chunks has its next chunk
 # dequantized there while a chunk's TMA GEMM runs on the fewest programs that keep its waves (_chunk_gemms; two
-# chunk temporaries alive instead of one). Off by default (PERF_NOTES item 46).
-_SIDE_DQ = _env_int("LORA_OPS_SIDE_DQ", 0, 0) > 0
+# chunk temporaries alive instead of one). On by default (three H100 A/B runs, PERF_NOTES items 46-48);
+# LORA_OPS_SIDE_DQ=0 turns it off.
+_SIDE_DQ = _env_int("LORA_OPS_SIDE_DQ", 1, 0) > 0
 _SIDE_STREAMS: dict = {}
 
 
