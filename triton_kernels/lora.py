@@ -799,7 +799,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
 # docs/PERF_NOTES.md item 48) q/k/v's forward product at 8192 rows took 0.997x cuBLAS's time with its seed, the
 # TMA kernel 1.051x; the dX product 1.021x against 1.054x; gate/up's forward 1.016x against 1.057x.
 # LORA_OPS_WS=0 keeps the TMA kernel.
-_WS = _env_int("LORA_OPS_WS", 1, 0) > 0
+_WS = _env_int("LORA_OPS_WS", 1, 0) > 0 and _WS_KERNEL is not None
 _WS_CAPABLE: Dict[int, bool] = {}
 _GLUON_LAYOUTS: Dict[tuple, object] = {}
 

@@ -21,7 +21,11 @@ import triton
 from triton import knobs as _knobs
 
 from . import records as _rec
-from .lora_ws_kernel import _lora_gemm_ws_kernel
+
+try:  # Gluon (triton.experimental.gluon) is Triton's own and may move between releases: without it, no Gluon GEMM
+    from .lora_ws_kernel import _lora_gemm_ws_kernel
+except ImportError:  # pragma: no cover - Triton 3.6 has it
+    _lora_gemm_ws_kernel = None
 from .lora_kernels import (MIN_DOT, _lora_bwd_da_kernel, _lora_bwd_db_kernel, _lora_bwd_ds_kernel,
                            _lora_bwd_finish_kernel, _lora_gemm_kernel, _lora_gemm_tma_kernel, _lora_s_kernel)
 
@@ -300,7 +304,8 @@ _TMA_KERNEL = _Kernel(_lora_gemm_tma_kernel, "lora_gemm_tma", [], None, None, No
 # The warp-specialized Gluon twin on sm_90 (lora_ws_kernel.py): one fixed config, passed with each call (WS_CONFIG).
 # 3 stages: 4 (with the output tile stored in halves, 229.6 KB of shared memory) were no faster on an H100
 # (scripts/probe_gluon.py, docs/PERF_NOTES.md item 48).
-_WS_KERNEL = _Kernel(_lora_gemm_ws_kernel, "lora_gemm_ws", [], None, None, None)
+_WS_KERNEL = (_Kernel(_lora_gemm_ws_kernel, "lora_gemm_ws", [], None, None, None)
+              if _lora_gemm_ws_kernel is not None else None)
 WS_CONFIG = (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, STAGES=3, LOAD_REGS=40), 8, 1)
 # 8 consumer warps + the producer's warpgroup = 12 warps: 168 x 384 threads fit the SM's 65536 registers, and
 # setmaxnreg gives the consumers 240 each (their 128 x 256 fp32 accumulator is 128 a thread), the producer 40.
