@@ -847,7 +847,7 @@ def _gluon_desc(t: torch.Tensor, block):
 def _ws_gemm(a, w, c, lt, rt, bias, scaling, trans_w, group=_NO_GROUP, segs=None, programs=None):
     """c = scaling * L @ Rt (+ bias) + a @ (w^T if trans_w else w) through ``_lora_gemm_ws_kernel`` (_tma_gemm's
     contract without dropout, L = ``lt`` in one slice; Rt the 2-D tensor ``rt``: B (N, R) or A_lora (R, N))."""
-    blocks, warps, _ = WS_CONFIG
+    blocks = WS_CONFIG[0]
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
     m, n = c.shape
     k = sum(t.shape[1] for t in segs) if segs else a.shape[1]
