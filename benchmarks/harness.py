@@ -403,7 +403,7 @@ _NOT_SETTINGS = ("LORA_OPS_GIT_COMMIT", "LORA_OPS_INSTALLED", "LORA_OPS_LAUNCH_S
 
 def launcher_settings() -> Dict[str, str]:
     """The LORA_OPS_* launcher settings set in the environment (name -> value), e.g. an A/B knob such as
-    LORA_OPS_SIDE_DA=1: rows timed under them do not describe the defaults, and the report says so."""
+    LORA_OPS_WS=0: rows timed under them do not describe the defaults, and the report says so."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORA_OPS_") and k not in _NOT_SETTINGS}
 
 

@@ -72,18 +72,18 @@ def test_run_records_launcher_settings_set_in_the_environment(monkeypatch):
     """A LORA_OPS_* setting set for a run (an A/B knob) is recorded with the run and named in the report's run
     line; the commit label and the checking modes are not settings."""
     from benchmarks import harness
-    monkeypatch.setenv("LORA_OPS_SIDE_DA", "1")
+    monkeypatch.setenv("LORA_OPS_SIDE_DA", "0")
     monkeypatch.setenv("LORA_OPS_GIT_COMMIT", "abc")
     monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
     monkeypatch.delenv("LORA_OPS_BACKEND", raising=False)
     got = harness.launcher_settings()
-    assert got.get("LORA_OPS_SIDE_DA") == "1"
+    assert got.get("LORA_OPS_SIDE_DA") == "0"
     assert "LORA_OPS_GIT_COMMIT" not in got and "LORA_OPS_LAUNCH_STRICT" not in got
     row = {"run_id": "r1", "preset": "layer", "case": "c", "provider": "floor", "mode": "fwd_bwd",
            "metric": "time_ms", "value": 1.0, "p20": 1.0, "p80": 1.0, "ratio_to_floor": 1.0, "status": "ok",
            "note": "", "config": "{}", "env": json.dumps({"settings": got, "git_commit": "abc"})}
     md = report.markdown([row])
-    assert "launcher settings LORA_OPS_SIDE_DA=1" in md and "(not the defaults)" in md
+    assert "launcher settings LORA_OPS_SIDE_DA=0" in md and "(not the defaults)" in md
     row["env"] = json.dumps({"settings": {}, "git_commit": "abc"})
     assert "launcher settings" not in report.markdown([row])
 
