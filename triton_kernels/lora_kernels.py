@@ -206,6 +206,20 @@ def _member_rank(n, rb, nb1, nb2, nb3):
 
 
 @triton.jit
+def _a_segment(seg: tl.constexpr, a_desc, a2_desc, a3_desc, a4_desc, nb1, nb2, nb3, K):
+    """(descriptor, first column, end column) of member ``seg`` of A = dY in a group's dX GEMM (``SEG_A``): its
+    own (M, N_i) tensor and its columns [nb_seg, nb_seg+1) of the concatenated dY (K columns in all)."""
+    if seg == 0:
+        return a_desc, 0, nb1
+    elif seg == 1:
+        return a2_desc, nb1, nb2
+    elif seg == 2:
+        return a3_desc, nb2, nb3
+    else:
+        return a4_desc, nb3, K
+
+
+@triton.jit
 def _dy_column(c, p1, p2, p3, p4, stride_m, stride_c, nb1, nb2, nb3, N, SEG: tl.constexpr):
     """(pointer to row 0 of column ``c``, row stride, column stride) of dY (M, N): one tensor p1 with its strides,
     or with SEG (``SEG_DY`` / ``SEG_A``) a projection group's members' own contiguous tensors p1, p2, ..., the one
@@ -456,14 +470,7 @@ def _lora_gemm_tma_kernel(a_desc, w_desc, c_desc, l_ptr, r_ptr, bias_ptr, seed_p
         on = pid_n * BLOCK_N
         if SEG_A:
             for seg in tl.static_range(4):
-                if seg == 0:
-                    d, lo, hi = a_desc, 0, nb1
-                elif seg == 1:
-                    d, lo, hi = a2_desc, nb1, nb2
-                elif seg == 2:
-                    d, lo, hi = a3_desc, nb2, nb3
-                else:
-                    d, lo, hi = a4_desc, nb3, K
+                d, lo, hi = _a_segment(seg, a_desc, a2_desc, a3_desc, a4_desc, nb1, nb2, nb3, K)
                 # A member's last tile may pass its N_i (the last member's): TMA zero-fills those columns of A.
                 for kj in range(0, tl.cdiv(hi - lo, BLOCK_K)):
                     a = d.load([om, kj * BLOCK_K])

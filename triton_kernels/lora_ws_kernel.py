@@ -37,7 +37,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .lora_kernels import _grouped_tile
+from .lora_kernels import _a_segment, _grouped_tile, _member_rank
 
 
 @gluon.jit
@@ -78,7 +78,7 @@ def _ws_producer(a_desc, w_desc, l_desc, rt_desc, a2_desc, a3_desc, a4_desc, a_b
         on = pid_n * BLOCK_N
         ro = 0
         if GROUPED:
-            ro = rb * ((on >= nb1).to(gl.int32) + (on >= nb2).to(gl.int32) + (on >= nb3).to(gl.int32))
+            ro = _member_rank(on, rb, nb1, nb2, nb3)
         for j in gl.static_range(SEED_STEPS):
             if TRANS_W:
                 i = _ws_issue(l_desc, om, ro + j * BLOCK_K, rt_desc, on, j * BLOCK_K, a_bufs, w_bufs, empty, ready, i)
@@ -86,14 +86,7 @@ def _ws_producer(a_desc, w_desc, l_desc, rt_desc, a2_desc, a3_desc, a4_desc, a_b
                 i = _ws_issue(l_desc, om, ro + j * BLOCK_K, rt_desc, j * BLOCK_K, on, a_bufs, w_bufs, empty, ready, i)
         if SEG_A:
             for seg in gl.static_range(4):
-                if seg == 0:
-                    d, lo, hi = a_desc, 0, nb1
-                elif seg == 1:
-                    d, lo, hi = a2_desc, nb1, nb2
-                elif seg == 2:
-                    d, lo, hi = a3_desc, nb2, nb3
-                else:
-                    d, lo, hi = a4_desc, nb3, K
+                d, lo, hi = _a_segment(seg, a_desc, a2_desc, a3_desc, a4_desc, nb1, nb2, nb3, K)
                 for kj in range(0, gl.cdiv(hi - lo, BLOCK_K)):
                     i = _ws_issue(d, om, kj * BLOCK_K, w_desc, lo + kj * BLOCK_K, on, a_bufs, w_bufs, empty, ready, i)
         else:
