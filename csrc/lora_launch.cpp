@@ -707,6 +707,13 @@ void chunk_gemms(const Call& c, Work& work, const WArgs& w, F gemm_of) {
   }
 }
 
+// lora.py _tma_operand: TMA's rules for a 2-D operand.
+bool tma_operand(const at::Tensor& t) {
+  return t.dim() == 2 && t.element_size() == 2 && t.stride(1) == 1
+         && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * 2) % 16 == 0 && t.size(0) > 0
+         && t.size(1) > 0;
+}
+
 // nk: the layer's N*K for the auto rule (-1: out's N times a's K).
 bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const at::Tensor& out, int64_t nk = -1) {
   const int64_t mode = tma_mode();
@@ -716,24 +723,12 @@ bool tma_usable(const Call& c, const at::Tensor& a, const at::Tensor& w, const a
                            || out.size(0) * nk < g_settings.tma_min_mnk))
     return false;
   if (c.x.is_cuda() && c.dt->major < 9) return false;
-  for (const at::Tensor* t : {&a, &w, &out}) {
-    if (t->element_size() != 2 || t->stride(1) != 1 || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16
-        || (t->stride(0) * 2) % 16 || t->size(0) == 0 || t->size(1) == 0)
-      return false;
-  }
-  return true;
+  return tma_operand(a) && tma_operand(w) && tma_operand(out);
 }
 
 // lora.py _use_tma: whether out = a @ op(W) runs on the TMA GEMM; a chunk decides by the layer's nk = N*K.
 bool use_tma(const Call& c, const at::Tensor& a, const WArgs& w, const at::Tensor& out, int64_t nk = -1) {
   return !w.nf4_inloop && w.chunks.empty() && out.size(1) > 0 && tma_usable(c, a, w.dense, out, nk);
-}
-
-// lora.py _tma_operand: TMA's rules for a 2-D operand.
-bool tma_operand(const at::Tensor& t) {
-  return t.dim() == 2 && t.element_size() == 2 && t.stride(1) == 1
-         && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * 2) % 16 == 0 && t.size(0) > 0
-         && t.size(1) > 0;
 }
 
 // lora.py _ws_usable: whether a TMA GEMM runs on the Gluon kernel instead (group_n0: the chunk's first column).

@@ -274,6 +274,17 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+_CC_MAJOR: Dict[int, int] = {}
+
+
+def _cc_major(device: torch.device) -> int:
+    """The compute capability's major version of a CUDA device (read once per device)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CC_MAJOR:
+        _CC_MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
+    return _CC_MAJOR[idx]
+
+
 def _split_partials(splits: int, shape: Tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """Buffer of a kernel that reduces over M in ``splits`` slices: the output itself (``dtype``, slot 0) with
     one split, fp32 partials per split otherwise (summed by ``_Finish.sum``)."""
@@ -633,7 +644,6 @@ class _Dropout:
 # splits). GQA's narrow 4096->1024 (item 17) gained at 8192 rows (dense 1.487x -> 1.423x, NF4 1.694x -> 1.559x)
 # and lost at 2048 (1.743x -> 2.012x). So the rule: M >= _TMA_MIN_M, N*K >= _TMA_MIN_NK and M*N*K >= _TMA_MIN_MNK
 # (2048 rows at 4096 x 4096, 8192 rows at 4096 x 1024: a GEMM of at least 2^35 multiply-adds).
-_TMA_CAPABLE: Dict[int, bool] = {}
 # The LoRA seed is loaded in rank chunks of 16 whatever r is: its two tiles sit in shared memory beside the
 # pipeline's 3 x 48 KB and the 64 KB output tile, and chunks of 64 (r = 64) asked for 262 KB of the 227 KB an
 # H200 SM has (OutOfResources, H200 2026-11-29); chunks of 16 need 12 KB.
@@ -652,6 +662,12 @@ def _tma_mode() -> str:
     raise ValueError(f"LORA_OPS_TMA={v!r}: use 1 (on), 0 (off) or auto (unset: on for the measured-faster shapes)")
 
 
+def _tma_operand(t: torch.Tensor) -> bool:
+    """TMA's rules for a 2-D operand: 16-bit elements, unit last stride, 16-byte aligned base and row stride."""
+    return (t.dim() == 2 and t.element_size() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * 2) % 16 == 0 and t.shape[0] > 0 and t.shape[1] > 0)
+
+
 def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, nk: Optional[int] = None) -> bool:
     """Whether c = a @ op(w) runs on the TMA GEMM: by LORA_OPS_TMA (``_tma_mode``), an sm_90+ device and TMA's
     operand rules. ``nk``: the layer's N*K for the auto rule (default c's N times a's K)."""
@@ -660,20 +676,9 @@ def _tma_usable(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, nk: Optional[
     if mode == "0" or (mode == "auto" and (c.shape[0] < _TMA_MIN_M or nk < _TMA_MIN_NK
                                            or c.shape[0] * nk < _TMA_MIN_MNK)):
         return False
-    if _INTERPRET:
-        usable = True
-    else:
-        idx = a.device.index if a.device.index is not None else torch.cuda.current_device()
-        if idx not in _TMA_CAPABLE:
-            _TMA_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-        usable = _TMA_CAPABLE[idx]
-    if not usable:
+    if not _INTERPRET and _cc_major(a.device) < 9:
         return False
-    for t in (a, w, c):
-        if t.element_size() != 2 or t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * 2) % 16 \
-                or t.shape[0] == 0 or t.shape[1] == 0:
-            return False
-    return True
+    return all(_tma_operand(t) for t in (a, w, c))
 
 
 def _use_tma(a: torch.Tensor, w: "_W", c: torch.Tensor, nk: Optional[int] = None) -> bool:
@@ -800,14 +805,7 @@ def _tma_gemm(a, w, c, lt, rt_ptr, stride_rr, stride_rn, bias, drop, scaling, tr
 # TMA kernel 1.051x; the dX product 1.021x against 1.054x; gate/up's forward 1.016x against 1.057x.
 # LORA_OPS_WS=0 keeps the TMA kernel.
 _WS = _env_int("LORA_OPS_WS", 1, 0) > 0 and _WS_KERNEL is not None
-_WS_CAPABLE: Dict[int, bool] = {}
 _GLUON_LAYOUTS: Dict[tuple, object] = {}
-
-
-def _tma_operand(t: torch.Tensor) -> bool:
-    """TMA's rules for a 2-D operand: 16-bit elements, unit last stride, 16-byte aligned base and row stride."""
-    return (t.dim() == 2 and t.element_size() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
-            and (t.stride(0) * 2) % 16 == 0 and t.shape[0] > 0 and t.shape[1] > 0)
 
 
 def _ws_usable(c: torch.Tensor, lt: torch.Tensor, rt: torch.Tensor, l_out, trans_w: bool, group: "_Group",
@@ -821,10 +819,7 @@ def _ws_usable(c: torch.Tensor, lt: torch.Tensor, rt: torch.Tensor, l_out, trans
             or c.shape[0] < blocks["BLOCK_M"]
             or lt.dtype != c.dtype or rt.dtype != c.dtype or not _tma_operand(lt) or not _tma_operand(rt)):
         return False
-    idx = c.device.index if c.device.index is not None else torch.cuda.current_device()
-    if idx not in _WS_CAPABLE:
-        _WS_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] == 9
-    if not _WS_CAPABLE[idx]:
+    if _cc_major(c.device) != 9:
         return False
     if group.on and trans_w:
         n = c.shape[1]
