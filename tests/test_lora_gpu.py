@@ -432,6 +432,16 @@ def test_tma_gemm_real_shapes(monkeypatch, case):
     check_and_report(got, oracle(inp, 2.0, p, mask), dtype, f"TMA M={m} {k}->{n} r={r} {dtype} {weight} p={p}")
 
 
+def _use_launch_path(monkeypatch, launch):
+    """The launch path a test runs on: "python" (the Python launchers) or "cpp" (the C++ launch path, strict:
+    its launch lists must equal the Python launchers')."""
+    if launch == "python":
+        monkeypatch.setenv("LORA_OPS_LAUNCH", "python")
+    else:
+        monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
+        monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
+
+
 def _ws_capable():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -448,11 +458,7 @@ def test_ws_gemm(monkeypatch, case, launch):
         pytest.skip("the Gluon GEMM is sm_90's")
     from lora_ops import _launch
     L = _lora()
-    if launch == "python":
-        monkeypatch.setenv("LORA_OPS_LAUNCH", "python")
-    else:
-        monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
-        monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
+    _use_launch_path(monkeypatch, launch)
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     monkeypatch.setattr(L, "_WS", case != "bf16-ws-off")
     if launch == "cpp":  # plans of this configuration made under the other setting must go
@@ -486,9 +492,7 @@ def test_ws_gemm_group(monkeypatch, sizes, launch):
         pytest.skip("the Gluon GEMM is sm_90's")
     from lora_ops import _launch
     L = _lora()
-    if launch == "cpp":
-        monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
-        monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
+    _use_launch_path(monkeypatch, launch)  # "python" calls the launchers directly below
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     g = torch.Generator(device="cuda").manual_seed(3)
     m, k, rb = 384, 512, 16
@@ -552,11 +556,7 @@ def test_side_stream(monkeypatch, case, launch):
     capture)."""
     from lora_ops import _launch
     L = _lora()
-    if launch == "python":
-        monkeypatch.setenv("LORA_OPS_LAUNCH", "python")
-    else:
-        monkeypatch.delenv("LORA_OPS_LAUNCH", raising=False)
-        monkeypatch.setenv("LORA_OPS_LAUNCH_STRICT", "1")
+    _use_launch_path(monkeypatch, launch)
     monkeypatch.setenv("LORA_OPS_TMA", "1")
     side_da, side_dq = case.endswith("da") or "da-" in case, case.startswith("nf4")
     monkeypatch.setattr(L, "_SIDE_DA", side_da)
