@@ -5,8 +5,9 @@ variants in interleaved rounds, median of the rounds) of y (M, N) = x (M, K) @ W
 B (N, R)^T] at the forward shapes:
 
 - ``cublas``: torch.mm, no LoRA term (the floor's product);
-- ``tma``: lora.py's ``_lora_gemm_tma_kernel`` at its default tile, the seed (pointer loads of S and B^T in rank
-  chunks, one dot each) before the K loop, as the layer launches it;
+- ``tma``: lora.py's ``_lora_gemm_tma_kernel`` at its default tile (not its Gluon twin, ``tl_tma_kernel``), the seed
+  (pointer loads of S and B^T in rank chunks, one dot each) before the K loop, as the layer launched it before the
+  Gluon GEMM;
 - ``tma_r0``: the same kernel with no rank chunks (no seed): what the seed costs;
 - ``plain``: a minimal persistent TMA kernel (this file) with the same tile and raster, no LoRA term: whether the
   kernel's own loop structure costs beyond Triton's mainloop;
@@ -86,6 +87,18 @@ def _probe_kernel(a_desc, w_desc, c_desc, s_desc, b_desc, M, N, K, scaling, inv_
             c_desc.store([om, on], acc.to(dtype))
 
 
+def tl_tma_kernel(fn):
+    """``fn`` run with the layer's TMA GEMMs on ``_lora_gemm_tma_kernel`` itself (LORA_OPS_WS off for the call):
+    on sm_90 the launcher otherwise takes its Gluon twin where that applies, and only for some of the variants."""
+    def run():
+        ws, L._WS = L._WS, False
+        try:
+            fn()
+        finally:
+            L._WS = ws
+    return run
+
+
 def _variants(x, w, s, b, scaling, y):
     from triton.tools.tensor_descriptor import TensorDescriptor as TD
     m, k = x.shape
@@ -105,10 +118,8 @@ def _variants(x, w, s, b, scaling, y):
     c_full, c_half = TD(y, [m, n], [n, 1], [bm, bn]), TD(y, [m, n], [n, 1], [bm, bn // 2])
 
     def tma(rank):
-        def run():
-            L._tma_gemm(x, w, y, s[:, :rank], b, 1, r, None, L._Dropout(0.0, None, x), scaling, True, rank,
-                        n, 0)
-        return run
+        return tl_tma_kernel(lambda: L._tma_gemm(x, w, y, s[:, :rank], b, 1, r, None, L._Dropout(0.0, None, x),
+                                                 scaling, True, rank, n, 0))
 
     def probe(ext, subtile, st=stages, descs=wide):
         ebk, chunks = (bk, 1) if descs is wide else (eb, triton.cdiv(r, eb))
