@@ -278,11 +278,19 @@ class ProjectionGroup(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The parent converts its children in registration order, the members (registered before the group)
-        # first: each member's weight now has its own storage, so pack them into one buffer again.
+        # first: each member's weight now has its own storage, so pack them into one buffer again. A group that
+        # turned off because its members could not share a buffer (e.g. on the meta device, or on two devices)
+        # turns on again once a move makes them eligible (meta -> to_empty -> load_state_dict).
         super()._apply(fn, recurse)
-        if ineligible_reason(self._members) is None and self._current_signature() != self._signature:
-            self._pack()
-            self.repacks += 1
+        if ineligible_reason(self._members) is None:
+            if self.disabled_reason is not None and self.__dict__.get("_recoverable", False):
+                self._pack()
+                self.repacks += 1
+                self.disabled_reason = None
+                object.__setattr__(self, "_recoverable", False)
+            elif self._current_signature() != self._signature:
+                self._pack()
+                self.repacks += 1
         return self
 
     def _base_for(self, dtype):
@@ -301,7 +309,11 @@ class ProjectionGroup(nn.Module):
             return True
         reason = ineligible_reason(self._members)
         if reason is not None:
-            self._disable(f"the members changed after grouping: {reason}")
+            if not any(params[name].is_meta for params, name in self._base_tensors()):
+                self._disable(f"the members changed after grouping: {reason}; moving the model (.to(), "
+                              ".cuda(), to_empty()) where they can share one buffer turns the group on again",
+                              recoverable=True)
+            # On the meta device (shapes only, e.g. before to_empty) each member computes alone, silently.
             return False
         self._pack()
         self.repacks += 1
@@ -362,9 +374,10 @@ class ProjectionGroup(nn.Module):
             object.__setattr__(self, "_pending", None)
         return ys[i]
 
-    def _disable(self, reason: str) -> None:
+    def _disable(self, reason: str, recoverable: bool = False) -> None:
         self.clear()
         self.disabled_reason = reason
+        object.__setattr__(self, "_recoverable", recoverable)
         warnings.warn(f"lora_ops: projection group {list(self.names)} is off: {reason}", UserWarning, stacklevel=4)
 
     def _compute(self, x: torch.Tensor, training: bool, key: Optional[tuple] = None) -> Tuple[torch.Tensor, ...]:
@@ -474,7 +487,8 @@ def group_projections(model: nn.Module, groups: GroupSpec = True, *,
                       only: Optional[Iterable[int]] = None) -> List[ProjectionGroup]:
     """Group sibling LoRA layers of ``model`` that read one input (``groups``: True for DEFAULT_GROUPS, or a
     list of child-name groups); return the groups made. Siblings that cannot be grouped (``explain_groups``
-    says why) keep computing alone. ``only``: ids of the layers that may be grouped (apply_lora passes the
+    says why) keep computing alone; siblings that already form exactly such a group are left as they are, and
+    siblings of which some already belong to another group raise ValueError. ``only``: ids of the layers that may be grouped (apply_lora passes the
     layers it made); siblings outside it stay as they are."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -487,6 +501,10 @@ def group_projections(model: nn.Module, groups: GroupSpec = True, *,
             if len(keep) < 2:
                 continue
             names, members = tuple(n for n, _ in keep), [m for _, m in keep]
+        owners = {id(getattr(m, "_lora_group", None)) for m in members}
+        g = getattr(members[0], "_lora_group", None)
+        if len(owners) == 1 and g is not None and g.members == tuple(members):
+            continue  # already this group (apply_lora groups by default): calling again changes nothing
         if any(getattr(m, "_lora_group", None) is not None for m in members):
             raise ValueError(f"{pname or type(model).__name__}: {list(names)} already belong to a projection group; "
                              "call ungroup_projections(model) first")

@@ -212,7 +212,7 @@ def _inject(model: nn.Module, plan: List[Tuple[str, nn.Module, str, int, float]]
 def apply_lora(model: nn.Module, target_modules: TargetModules = ("q_proj", "v_proj"), r: int = 8,
                lora_alpha: float = 16, lora_dropout: float = 0.0, quantize: Optional[str] = None,
                use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True,
-               quant_storage: Optional[torch.dtype] = None, group_projections: GroupSpec = False) -> nn.Module:
+               quant_storage: Optional[torch.dtype] = None, group_projections: GroupSpec = True) -> nn.Module:
     """Replace the targeted linear layers of ``model`` in place by LoRA layers; return ``model``.
 
     torch.nn.Linear -> ``LoRALinear`` (or ``QLoRALinear`` quantized on the fly with ``quantize="nf4"``, with
@@ -223,10 +223,13 @@ def apply_lora(model: nn.Module, target_modules: TargetModules = ("q_proj", "v_p
     for layers quantized here and each Linear4bit's own for those; a float dtype (e.g. torch.bfloat16) lets a
     ``fully_shard`` that refuses integer Parameters (torch 2.11's) shard the 4-bit base.
 
-    ``group_projections``: True groups sibling LoRA layers that read one input (``grouped.DEFAULT_GROUPS``:
-    q/k/v and gate/up under one parent), a list of child-name groups names them; each group then runs as one
-    ``lora_linear`` call over one shared base buffer (``lora_ops.grouped``; module names and state_dict keys
-    stay). Siblings that cannot be grouped compute alone (``lora_ops.grouped.explain_groups`` says why).
+    ``group_projections``: True (the default) groups sibling LoRA layers that read one input
+    (``grouped.DEFAULT_GROUPS``: q/k/v and gate/up under one parent), a list of child-name groups names them, False
+    makes none; each group then runs as one ``lora_linear`` call over one shared base buffer (``lora_ops.grouped``;
+    module names and state_dict keys stay, the outputs and gradients are those of the members computed alone).
+    Siblings that cannot be grouped compute alone (``lora_ops.grouped.explain_groups`` says why); a member called
+    with another input than its siblings turns its group off with a warning. With ``lora_dropout`` > 0 a group
+    draws one dropout mask for its members, where separate layers draw one each.
 
     Raises ValueError when nothing matches (or a match is not a linear layer, or is already adapted) and warns
     naming each list entry that matched nothing. Everything is checked before the first module is swapped.
@@ -463,7 +466,7 @@ def _module_of_key(key: str) -> Tuple[Optional[str], Optional[str]]:
 
 
 def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], quantize: Optional[str] = None, *,
-                 blocksize: int = 64, double_quant: bool = True, group_projections: GroupSpec = False) -> nn.Module:
+                 blocksize: int = 64, double_quant: bool = True, group_projections: GroupSpec = True) -> nn.Module:
     """Load a PEFT-format LoRA adapter into ``model``; return ``model``.
 
     A model that already has LoRA layers (``apply_lora``) must match the adapter exactly: the same layers, ranks,
@@ -471,8 +474,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], quantize:
     gets them from the adapter's config, like ``PeftModel.from_pretrained`` (``quantize="nf4"`` quantizes the
     dense targets as ``apply_lora`` does), and only the LoRA parameters are left trainable.
 
-    ``group_projections`` groups the layers it makes as ``apply_lora`` does (a model that already has LoRA
-    layers keeps its grouping as it is).
+    ``group_projections`` (default True) groups the layers it makes as ``apply_lora`` does (a model that already
+    has LoRA layers keeps its grouping as it is).
 
     Everything (config, keys, ranks, shapes, dtypes) is validated before anything changes: a mismatch raises
     ValueError listing the problems and leaves the model untouched.

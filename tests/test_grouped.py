@@ -141,7 +141,7 @@ def test_adapters_are_packed_and_train_like_ungrouped(quantize):
     A_cat / B_rows without a copy; they stay the same Parameter objects with their own version counters, and
     optimizer steps (AdamW, foreach) train the grouped model as the ungrouped one."""
     model = _base("llama")
-    lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, quantize=quantize)
+    lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, quantize=quantize, group_projections=False)
     randomize_adapters(model, scale=0.3)
     ref = copy.deepcopy(model)
     attn = model.model.layers[0].self_attn
@@ -239,7 +239,7 @@ def test_save_adapter_loads_into_ungrouped_model(quantize, tmp_path):
     ids = ids_for()
     lora_ops.save_adapter(grp, tmp_path / "a")
     ref = _base("llama")
-    lora_ops.load_adapter(ref, tmp_path / "a", quantize=quantize)
+    lora_ops.load_adapter(ref, tmp_path / "a", quantize=quantize, group_projections=False)
     assert not projection_groups(ref)
     with torch.no_grad():
         assert_rel_close(grp(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "loaded logits")
@@ -248,8 +248,8 @@ def test_save_adapter_loads_into_ungrouped_model(quantize, tmp_path):
     lora_ops.load_adapter(grp2, tmp_path / "a")
     with torch.no_grad():
         assert_rel_close(grp2(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "grouped reload logits")
-    # load_adapter making the layers itself groups them when asked.
-    grp3 = lora_ops.load_adapter(_base("llama"), tmp_path / "a", quantize=quantize, group_projections=True)
+    # load_adapter making the layers itself groups them (the default).
+    grp3 = lora_ops.load_adapter(_base("llama"), tmp_path / "a", quantize=quantize)
     assert len(projection_groups(grp3)) == 2 * N_LAYERS
     with torch.no_grad():
         assert_rel_close(grp3(input_ids=ids).logits, ref(input_ids=ids).logits, F32, "load_adapter grouped")
@@ -361,8 +361,8 @@ def test_pending_output_is_not_reused_after_x_or_grad_mode_changes():
 def test_different_ranks_alphas_and_biases():
     def make(group):
         mod = Attn()
-        lora_ops.apply_lora(mod, ["q_proj"], r=2, lora_alpha=3)
-        lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=5, lora_alpha=7, use_rslora=True)
+        lora_ops.apply_lora(mod, ["q_proj"], r=2, lora_alpha=3, group_projections=False)
+        lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=5, lora_alpha=7, use_rslora=True, group_projections=False)
         if group:
             assert len(grouped.group_projections(mod)) == 1
         randomize_adapters(mod, scale=0.3)
@@ -386,18 +386,19 @@ def test_mixed_configurations_fall_back():
     assert "in_features" in explain_groups(mod)[0]["reason"]
     # Different dropout.
     mod = Attn()
-    lora_ops.apply_lora(mod, ["q_proj"], r=2, lora_dropout=0.1)
-    lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=2)
+    lora_ops.apply_lora(mod, ["q_proj"], r=2, lora_dropout=0.1, group_projections=False)
+    lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=2, group_projections=False)
     assert grouped.group_projections(mod) == [] and "lora_dropout" in explain_groups(mod)[0]["reason"]
     # Dense and NF4 members.
     mod = Attn()
-    lora_ops.apply_lora(mod, ["q_proj"], r=2)
-    lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=2, quantize="nf4")
+    lora_ops.apply_lora(mod, ["q_proj"], r=2, group_projections=False)
+    lora_ops.apply_lora(mod, ["k_proj", "v_proj"], r=2, quantize="nf4", group_projections=False)
     assert grouped.group_projections(mod) == [] and "base kinds" in explain_groups(mod)[0]["reason"]
     # Different base dtypes.
     mod = Attn()
     mod.k_proj.to(torch.bfloat16)
-    lora_ops.apply_lora(mod, ["q_proj", "k_proj", "v_proj"], r=2)
+    lora_ops.apply_lora(mod, ["q_proj", "k_proj", "v_proj"], r=2)  # grouping (the default) finds none
+    assert not projection_groups(mod)
     assert grouped.group_projections(mod) == [] and "dtype" in explain_groups(mod)[0]["reason"]
     # NF4 blocks that would straddle two members: hidden 42 (42 * 42 elements is not a multiple of 64).
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -409,7 +410,7 @@ def test_mixed_configurations_fall_back():
     assert reasons["model.layers.0.self_attn"]["status"] == "ungrouped"
     assert "blocksize" in reasons["model.layers.0.self_attn"]["reason"]
     torch.manual_seed(0)
-    odd_ref = lora_ops.apply_lora(LlamaForCausalLM(cfg), TARGETS, r=2, quantize="nf4")
+    odd_ref = lora_ops.apply_lora(LlamaForCausalLM(cfg), TARGETS, r=2, quantize="nf4", group_projections=False)
     ids = torch.randint(0, 101, (1, 7))
     with torch.no_grad():
         assert torch.equal(odd(input_ids=ids).logits, odd_ref(input_ids=ids).logits)
@@ -425,8 +426,13 @@ def test_group_spec_validation():
     with pytest.raises(ValueError, match="without '.'"):
         lora_ops.apply_lora(Attn(), ["q_proj"], group_projections=[("a.q_proj", "k_proj")])
     mod = _adapt(Attn(), True)
+    group = mod.lora_group_q_proj_k_proj_v_proj
+    assert grouped.group_projections(mod) == [] and mod.lora_group_q_proj_k_proj_v_proj is group  # idempotent
     with pytest.raises(ValueError, match="already belong"):
-        grouped.group_projections(mod)
+        grouped.group_projections(mod, [("q_proj", "k_proj")])  # another grouping of grouped members
+    # The default: apply_lora groups.
+    assert [g.names for g in projection_groups(lora_ops.apply_lora(Attn(), ["q_proj", "k_proj", "v_proj"]))
+            .values()] == [("q_proj", "k_proj", "v_proj")]
     # A custom grouping by name: only k and v.
     mod = _adapt(Attn(), [("k_proj", "v_proj")])
     assert [g.names for g in projection_groups(mod).values()] == [("k_proj", "v_proj")]
@@ -523,6 +529,53 @@ def test_members_given_new_storage_are_repacked(quantize):
     assert group.repacks == 1 and group.disabled_reason is None
     ptrs = {m.weight.untyped_storage().data_ptr() for m in group.members}
     assert ptrs == {(group._base.data if quantize else group._base).untyped_storage().data_ptr()}
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_meta_then_to_empty_and_load_keeps_the_groups(quantize):
+    """The large-model init: a grouped model moved to the meta device runs there (each member alone, without a
+    warning, the group staying on), then to_empty + load_state_dict gives the grouped model back: groups on,
+    one shared buffer again, the outputs and gradients of the model it was loaded from."""
+    src, grp = build(quantize=quantize, group=True), build(quantize=quantize, group=True)
+    randomize_adapters(src, scale=0.3, seed=11)
+    ids = ids_for()
+    meta = grp.to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = meta(input_ids=ids.to("meta"), labels=ids.to("meta"))
+    out.loss.backward()
+    meta.zero_grad(set_to_none=True)  # to_empty would keep the meta gradients' shapes with uninitialized values
+    groups = projection_groups(meta)
+    assert len(groups) == 2 * N_LAYERS and all(g.disabled_reason is None for g in groups.values())
+    real = meta.to_empty(device="cpu")
+    real.load_state_dict(src.state_dict())
+    for (_, buf), (_, want) in zip(real.named_buffers(), src.named_buffers()):
+        buf.copy_(want)  # Llama's rotary inv_freq: not in the state dict
+    got, want = step(real, ids), step(src, ids)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(got[2][n], want[2][n]) for n in want[2])
+    for g in groups.values():
+        assert g.disabled_reason is None
+        ptrs = {m.weight.untyped_storage().data_ptr() for m in g.members}
+        assert ptrs == {(g._base.data if quantize else g._base).untyped_storage().data_ptr()}
+
+
+def test_group_off_for_a_partial_move_turns_on_after_the_whole_move():
+    """A member moved apart from its siblings (another dtype here; another GPU in practice) turns the group off
+    with a warning that says how to turn it on; moving the whole model then re-packs it and turns it on."""
+    ref, grp = build(), build(group=True)
+    ids = ids_for()
+    attn = grp.model.layers[0].self_attn
+    group = attn.lora_group_q_proj_k_proj_v_proj
+    attn.k_proj.to(torch.bfloat16)
+    x = torch.randn(2, 3, attn.q_proj.in_features)
+    with pytest.warns(UserWarning, match="turns the group on again"):
+        attn.q_proj(x)
+    assert "changed after grouping" in group.disabled_reason
+    assert attn.k_proj(x.bfloat16()).dtype == torch.bfloat16  # each member alone meanwhile
+    grp.float()
+    assert group.disabled_reason is None and group.repacks == 1
+    ref.model.layers[0].self_attn.k_proj.to(torch.bfloat16).float()  # the same rounding of k_proj's tensors
+    assert_same_step(step(grp, ids), step(ref, ids), "after the whole move")
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
