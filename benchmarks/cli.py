@@ -230,9 +230,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"done in {time.time() - t0:.0f}s: {len(rows)} rows ({skipped} skipped) -> {written['csv']} "
           f"({written['rows']} rows after merging), {written['markdown']}, "
           f"{len(written['plots'])} plot(s)")
-    from .readme import DEFAULT_CSV
+    from .readme import default_csvs
 
-    if Path(written["csv"]).resolve() == DEFAULT_CSV.resolve():
-        print("README.md's headline and docs/BENCHMARKS.md are generated from this CSV: run "
-              "`python -m benchmarks.readme` and commit both with it (CI checks that they agree)")
+    # Looked up now, not from readme.DEFAULT_CSVS: a first run on a new GPU has just created its directory.
+    if Path(written["csv"]).resolve() in {p.resolve() for p in default_csvs()}:
+        print("README.md's headline and docs/BENCHMARKS.md are generated from the results CSVs, this one included "
+              "(each preset from the CSV with its newest run): run `python -m benchmarks.readme` and commit both "
+              "with it (CI checks that they agree)")
     return 0

@@ -1,18 +1,23 @@
-"""``python -m benchmarks.readme``: the benchmark numbers users read, generated from the committed results CSV.
+"""``python -m benchmarks.readme``: the benchmark numbers users read, generated from the committed results CSVs.
 
-Two generated blocks, both from ``benchmarks/results/h200/results.csv`` (``--csv``):
+The sources are every single-GPU results directory's CSV, ``benchmarks/results/<gpu>/results.csv`` (``--csv``
+takes one or more paths instead). Each preset is drawn whole from the one CSV holding its newest run (run ids
+start with a UTC timestamp), so the tables describe the newest code whichever GPU ran it and no preset's table
+mixes two GPUs; each table links the plots and results.md of its own CSV's directory (``merged_rows``).
+
+Two generated blocks:
 
 * README.md's headline (between ``<!-- headline:begin -->`` and ``<!-- headline:end -->``): one small table of
   the headline cases, lora_ops against PEFT or PEFT+bitsandbytes measured in the same run, with the commit
-  each row was measured at.
+  each row was measured at, and a GPU column when the rows come from more than one GPU.
 * docs/BENCHMARKS.md's full tables (between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``): layer fwd+bwd
   ratios to the floor, peak memory, the rank and tokens sweeps, the block of one layer's seven projections
   (grouped and not), host cost, decode, NF4 dequantize and the model-level training step, each with the GPU,
   command, date and run id that produced it and its plot. A preset without rows says "not yet measured".
 
 Nothing outside the markers changes; without markers a block is inserted before the file's first ``## ``
-heading. ``--check`` writes nothing: it exits 1 with a unified diff when a block is not what the CSV gives
-(tests/test_readme_headline.py runs it in CI), 0 when both agree.
+heading. ``--check`` writes nothing: it exits 1 with a unified diff when a block is not what the merged CSVs
+give (tests/test_readme_headline.py runs it in CI), 0 when both agree.
 """
 from __future__ import annotations
 
@@ -23,14 +28,28 @@ import os
 import re
 import sys
 from collections import Counter, OrderedDict
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import report
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CSV = REPO / "benchmarks" / "results" / "h200" / "results.csv"
+RESULTS = REPO / "benchmarks" / "results"
+# Result directories that are not one GPU's: the CPU quick mode's (git ignores it, so a local demo run must not
+# reach the README) and the multi-GPU check's (a different CSV format).
+_NOT_SINGLE_GPU = re.compile(r"^(cpu|multigpu.*)$")
+
+
+def default_csvs(results: Path = RESULTS) -> Tuple[Path, ...]:
+    """Every single-GPU results directory's ``results.csv`` under ``results``, sorted by directory name."""
+    return tuple(sorted((p for p in Path(results).glob("*/results.csv")
+                         if not _NOT_SINGLE_GPU.match(p.parent.name)), key=lambda p: p.parent.name))
+
+
+DEFAULT_CSVS = default_csvs()
+# The H200 CSV alone, for code that reads one CSV; the generated blocks draw on DEFAULT_CSVS.
+DEFAULT_CSV = RESULTS / "h200" / "results.csv"
 DEFAULT_README = REPO / "README.md"
 DEFAULT_DOC = REPO / "docs" / "BENCHMARKS.md"
 BEGIN = "<!-- bench:begin -->"
@@ -99,6 +118,60 @@ def _date(env: Dict, run_id: str) -> str:
         except (TypeError, ValueError):
             continue
     return "date unknown"
+
+
+def _run_time(run_id: str, env: Dict) -> Optional[datetime]:
+    """When a run started, in UTC: its id's leading timestamp, else its env's date_utc; None when neither parses."""
+    try:
+        return datetime.strptime(str(run_id).split("-")[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        pass
+    try:
+        d = datetime.fromisoformat(str(env.get("date_utc", "")))
+    except ValueError:
+        return None
+    return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d.astimezone(timezone.utc)
+
+
+def _csv_paths(csv_paths: Union[Path, str, Sequence[Path]]) -> List[Path]:
+    return [Path(csv_paths)] if isinstance(csv_paths, (str, Path)) else [Path(p) for p in csv_paths]
+
+
+def _later(t: Optional[datetime], than: Optional[datetime]) -> bool:
+    """Whether ``t`` is strictly later than ``than``; a known time is later than an unknown one, never the reverse."""
+    return t is not None and (than is None or t > than)
+
+
+def merged_rows(paths: Union[Path, Sequence[Path]]) -> Tuple[List[Dict], Dict[str, Path]]:
+    """The rows the generated blocks draw on, and the CSV each preset was taken from.
+
+    Per preset, the source is the CSV whose newest run of that preset (``_run_time``) is the latest; all that
+    preset's rows (every run of it in that CSV) come from there and none from the others, so one preset's table
+    never mixes GPUs, while different presets may come from different CSVs. Ties, and CSVs whose runs of the preset
+    have no parsable time, go to the first CSV in ``paths``' order. Rows keep their CSV's order, CSVs in
+    ``paths``' order. A path without rows (missing or empty) is an error: the sources must be what was asked for.
+    """
+    paths = _csv_paths(paths)
+    per_csv = []
+    for path in paths:
+        rows = report.read_csv(path)
+        if not rows:
+            raise FileNotFoundError(f"{path} has no benchmark rows (missing or empty)")
+        per_csv.append(rows)
+    best: Dict[str, Tuple[int, Optional[datetime]]] = {}
+    for i, rows in enumerate(per_csv):
+        newest: Dict[str, Optional[datetime]] = {}
+        for r in rows:
+            t = _run_time(r["run_id"], report._env(r))
+            if r["preset"] not in newest or _later(t, newest[r["preset"]]):
+                newest[r["preset"]] = t
+        for preset, t in newest.items():
+            if preset not in best or _later(t, best[preset][1]):
+                best[preset] = (i, t)
+    # Ordered by CSV, then by the preset's first row there: generate() lists the sources in this order.
+    source = {preset: paths[i] for preset, (i, _) in sorted(best.items(), key=lambda kv: kv[1][0])}
+    merged = [r for i, rows in enumerate(per_csv) for r in rows if best[r["preset"]][0] == i]
+    return merged, source
 
 
 class Runs:
@@ -559,7 +632,8 @@ def host_section(idx: Dict, csv_dir: str) -> List[str]:
             if "skipped" in m:
                 cells.append(_skip_note(notes, m["skipped"]["note"]))
             else:
-                cells.append("–" if h is None else f"{_g(h['value'])} ({_x(h['ratio_to_floor'])}){runs.tag(h['run_id'])}")
+                cells.append("–" if h is None
+                             else f"{_g(h['value'])} ({_x(h['ratio_to_floor'])}){runs.tag(h['run_id'])}")
         rep = provs.get("floor_repeat", {}).get(mode, {}).get(metric)
         cells.append(_x(rep["ratio_to_floor"]) if rep else "–")
         out.append("| " + " | ".join(cells) + " |")
@@ -575,31 +649,81 @@ def _link(path: Path, doc_dir: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), Path(doc_dir).resolve())).as_posix()
 
 
-def generate(rows: Sequence[Dict], csv_path: Path = DEFAULT_CSV, doc_dir: Path = DEFAULT_DOC.parent) -> str:
-    """The full tables' block (markers included) for ``rows`` read from ``csv_path``, its links relative to a
-    document in ``doc_dir``."""
-    csv_rel, csv_link = _rel(csv_path), _link(csv_path, doc_dir)
-    csv_dir = csv_link.rsplit("/", 1)[0] if "/" in csv_link else "."
+# The presets in the order of their sections below.
+SECTION_PRESETS = ("layer", "rank", "tokens", "block", "host", "decode", "nf4", report.MODEL_PRESET)
+
+
+def _dir_link(csv_link: str) -> str:
+    return csv_link.rsplit("/", 1)[0] if "/" in csv_link else "."
+
+
+def _with_source(section: List[str], source: str) -> List[str]:
+    """``section`` with a line naming its source CSV under its title, unless it has no rows."""
+    if len(section) < 3 or section[2].startswith(NOT_YET.capitalize()):
+        return section
+    return section[:2] + [source, ""] + section[2:]
+
+
+def generate(rows: Sequence[Dict], csv_path: Union[Path, Mapping[str, Path]] = DEFAULT_CSV,
+             doc_dir: Path = DEFAULT_DOC.parent) -> str:
+    """The full tables' block (markers included) for ``rows``, their links relative to a document in ``doc_dir``.
+    ``csv_path``: the CSV every preset was read from, or preset -> its CSV as ``merged_rows`` gives; each table's
+    plot and results.md links point at its own preset's CSV directory."""
+    if isinstance(csv_path, (str, Path)):
+        by_preset: Dict[str, Path] = {}
+        fallback = Path(csv_path)
+    else:
+        by_preset = {k: Path(v) for k, v in csv_path.items()}
+        fallback = next(iter(by_preset.values()), DEFAULT_CSV)
+    # The sources in the mapping's order (merged_rows': the CSVs' order), each with its presets in section order.
+    used: "OrderedDict[Path, List[str]]" = OrderedDict((p, []) for p in by_preset.values())
+    present = set(r["preset"] for r in rows)
+    for preset in sorted(present, key=lambda q: (SECTION_PRESETS + (q,)).index(q)):
+        used.setdefault(by_preset.get(preset, fallback), []).append(preset)
+    used = OrderedDict((p, ps) for p, ps in used.items() if ps)
+    if not used:
+        used[fallback] = []
+    multi = len(used) > 1
+
+    def link(preset: str) -> str:
+        return _link(by_preset.get(preset, fallback), doc_dir)
+
+    def csv_dir(preset: str) -> str:
+        return _dir_link(link(preset))
+
+    def source(preset: str) -> str:
+        return f"From [`{_rel(by_preset.get(preset, fallback))}`]({link(preset)})."
+
     idx = report._index(rows)
     model_refs = ("model step: PEFT+bitsandbytes and the frozen-base floor"
                   if _has_floor(_cases(idx, report.MODEL_PRESET)) else "model step: PEFT+bitsandbytes")
     gpus = list(OrderedDict.fromkeys(report._env(r).get("gpu", "?") for r in rows))
     title = f"## Headline numbers ({', '.join(gpus)})" if gpus else "## Headline numbers"
+    if multi:
+        sources = " and ".join(f"[`{_rel(p)}`]({_link(p, doc_dir)}) ({', '.join(ps)})" for p, ps in used.items())
+        origin = (f"from {sources}: each preset comes whole from the CSV that holds its newest run, so no table "
+                  "mixes two GPUs (do not edit by hand: CI runs `python -m benchmarks.readme --check`, which fails "
+                  "when this block and the CSVs disagree)")
+        full = ", ".join(f"[`{_rel(p.parent / 'results.md')}`]({_dir_link(_link(p, doc_dir))}/results.md) "
+                         f"({', '.join(ps)})" for p, ps in used.items())
+    else:
+        (only,) = used
+        origin = (f"from [`{_rel(only)}`]({_link(only, doc_dir)}) (do not edit by hand: CI runs "
+                  "`python -m benchmarks.readme --check`, which fails when this block and the CSV disagree)")
+        full = f"[`results.md`]({_dir_link(_link(only, doc_dir))}/results.md)"
     lines = [BEGIN, title, "",
-             f"Generated by `python -m benchmarks.readme` from [`{csv_rel}`]({csv_link}) (do not edit by hand: CI "
-             "runs `python -m benchmarks.readme --check`, which fails when this block and the CSV disagree). "
+             f"Generated by `python -m benchmarks.readme` {origin}. "
              "Each run times all its providers in one process on the same tensors, and every ratio is to the "
              f"floor ({model_refs}) of its own run; a cell marked † comes from another run than "
-             f"its row's floor. Full tables: [`results.md`]({csv_dir}/results.md).", ""]
-    lines += layer_section(idx, csv_dir)
-    lines += memory_section(idx)
+             f"its row's floor. Full tables: {full}.", ""]
+    sections = [("layer", layer_section(idx, csv_dir("layer"))), ("layer", memory_section(idx))]
     for preset, title, plot in SWEEPS[1:]:
-        lines += layer_section(idx, csv_dir, preset, title, plot)
-    lines += block_section(idx, csv_dir)
-    lines += host_section(idx, csv_dir)
-    lines += decode_section(idx, csv_dir)
-    lines += nf4_section(idx, csv_dir)
-    lines += model_section(idx, rows, csv_dir)
+        sections.append((preset, layer_section(idx, csv_dir(preset), preset, title, plot)))
+    sections += [("block", block_section(idx, csv_dir("block"))), ("host", host_section(idx, csv_dir("host"))),
+                 ("decode", decode_section(idx, csv_dir("decode"))), ("nf4", nf4_section(idx, csv_dir("nf4"))),
+                 (report.MODEL_PRESET, model_section(idx, rows, csv_dir(report.MODEL_PRESET)))]
+    for preset, section in sections:
+        lines += _with_source(section, source(preset)) if multi else section
     while lines and lines[-1] == "":
         lines.pop()
     return "\n".join(lines + [END])
@@ -647,9 +771,34 @@ def _value_text(metric: str, value: float, other: float) -> str:
     return _g(value)
 
 
+_VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro"}
+
+
+def gpu_short(gpu: str) -> str:
+    """A GPU's short name for a table column: the vendor words dropped, then the words up to the first one with a
+    digit, that one cut at its first "-" ("NVIDIA H100 80GB HBM3" -> "H100", "NVIDIA A100-SXM4-80GB" -> "A100",
+    "NVIDIA GeForce RTX 4090" -> "RTX 4090"); the name as given when nothing is left."""
+    words = [w for w in str(gpu).split() if w.lower() not in _VENDOR_WORDS]
+    out = []
+    for w in words:
+        if any(ch.isdigit() for ch in w):
+            out.append(w.split("-")[0] or w)
+            break
+        out.append(w)
+    return " ".join(out) or str(gpu)
+
+
+def _gpu_names(gpus: Sequence[str]) -> Dict[str, str]:
+    """Each GPU's name in a GPU column: its short name, or the full names of all when two short names collide."""
+    distinct = list(dict.fromkeys(gpus))
+    short = {g: gpu_short(g) for g in distinct}
+    return short if len(set(short.values())) == len(distinct) else {g: g for g in distinct}
+
+
 def headline(rows: Sequence[Dict]) -> str:
     """README.md's headline block (markers included): one row per ``HEADLINE_ROWS`` entry whose two providers
-    were measured (status ok) in the same run, with that run's commit; rows without data are left out."""
+    were measured (status ok) in the same run, with that run's commit; rows without data are left out. When the
+    rows come from runs on more than one GPU, a GPU column names each row's."""
     idx = report._index(rows)
     lines = [HEAD_BEGIN]
     body, gpus, runs = [], [], []
@@ -669,32 +818,45 @@ def headline(rows: Sequence[Dict]) -> str:
             verdict = f"{a['value'] / b['value']:.2f}× faster"
         else:
             verdict = f"{b['value'] / a['value']:.2f}× the memory"
-        body.append(f"| {label} | {_BASELINE_NAMES.get(base, base)}: {_value_text(metric, a['value'], b['value'])} | "
-                    f"{_value_text(metric, b['value'], a['value'])} | **{verdict}** | {_commit(env) or '?'} |")
-    body = body[:HEADLINE_MAX_ROWS]
+        body.append([label, f"{_BASELINE_NAMES.get(base, base)}: {_value_text(metric, a['value'], b['value'])}",
+                     _value_text(metric, b['value'], a['value']), f"**{verdict}**", _commit(env) or "?"])
+    body, gpus, runs = body[:HEADLINE_MAX_ROWS], gpus[:HEADLINE_MAX_ROWS], runs[:HEADLINE_MAX_ROWS]
     if not body:
         lines += [f"Benchmarks: {NOT_YET}. On the GPU: `python -m benchmarks --preset model layer decode host`."]
+        return "\n".join(lines + [HEAD_END])
+    names = _gpu_names(gpus)
+    where = ("(generated from the committed results by `python -m benchmarks.readme`; every table, command and date: "
+             "[docs/BENCHMARKS.md](docs/BENCHMARKS.md)):")
+    heads = ["case", "baseline", "lora_ops", "lora_ops vs baseline", "commit"]
+    if len(names) == 1:
+        lines += [f"On one {gpus[0]}, bf16, LoRA rank 16; each row's two numbers come from one run at the commit "
+                  f"shown {where}", ""]
     else:
-        gpu = ", ".join(dict.fromkeys(gpus))
-        lines += [f"On one {gpu}, bf16, LoRA rank 16; each row's two numbers come from one run at the commit shown "
-                  "(generated from the committed results by `python -m benchmarks.readme`; every table, command "
-                  "and date: [docs/BENCHMARKS.md](docs/BENCHMARKS.md)):", ""]
-        lines += _head("case", "baseline", "lora_ops", "lora_ops vs baseline", "commit") + body
-        lines += _host_note(rows, dict(runs[:len(body)]))
+        vendor = "NVIDIA GPU" if all(g.startswith("NVIDIA ") for g in names) else "GPU"
+        key = ", ".join(f"{n}: {g}" for g, n in names.items() if n != g)
+        lines += [f"On one {vendor} per run (the GPU column{'; ' + key if key else ''}), bf16, LoRA rank 16; each "
+                  f"row's two numbers come from one run on that GPU at the commit shown {where}", ""]
+        heads.insert(4, "GPU")
+        for cells, g in zip(body, gpus):
+            cells.insert(4, names[g])
+    lines += _head(*heads) + ["| " + " | ".join(cells) + " |" for cells in body]
+    lines += _host_note(rows, dict(runs), dict(zip((rid for rid, _ in runs), (names[g] for g in gpus)))
+                        if len(names) > 1 else None)
     return "\n".join(lines + [HEAD_END])
 
 
-def _host_note(rows: Sequence[Dict], runs: Dict[str, str]) -> List[str]:
+def _host_note(rows: Sequence[Dict], runs: Dict[str, str], gpu_of: Optional[Dict[str, str]] = None) -> List[str]:
     """A sentence giving, for each headline run that timed the host preset, the frozen layer's host time per call:
     the loaned machines' hosts differ by several times, and host-bound rows (small token counts, PEFT) move
-    with them."""
+    with them. ``gpu_of`` (run id -> GPU name), when the headline spans several GPUs, names each run's GPU."""
     preset, case, provider, metric = _HOST_PROBE
     seen = {r["run_id"]: r["value"] for r in rows
             if (r["preset"], r["case"], r["provider"], r["metric"]) == (preset, case, provider, metric)
             and r["status"] == "ok" and r["run_id"] in runs and r["value"]}
     if not seen:
         return []
-    each = ", ".join(f"{_g(v)} µs in the run at {runs[rid]}" for rid, v in seen.items())
+    each = ", ".join(f"{_g(v)} µs in the {gpu_of[rid] + ' ' if gpu_of else ''}run at {runs[rid]}"
+                     for rid, v in seen.items())
     return ["", "Rows bound by host time (small token counts, and PEFT+bitsandbytes) move with the host of the "
                 f"machine each run was lent: a frozen `nn.Linear`'s eager forward + backward ({case}) cost the host "
                 f"{each}."]
@@ -714,33 +876,35 @@ def splice(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
     return readme[:m.start()] + block + "\n\n" + readme[m.start():]
 
 
-def expected_readme(readme_path: Path = DEFAULT_README, csv_path: Path = DEFAULT_CSV) -> Tuple[str, str]:
-    """(README as it is, README with the headline block the CSV gives)."""
+CsvPaths = Union[Path, Sequence[Path]]
+
+
+def expected_readme(readme_path: Path = DEFAULT_README, csv_path: CsvPaths = DEFAULT_CSVS) -> Tuple[str, str]:
+    """(README as it is, README with the headline block the merged CSVs give)."""
     current = Path(readme_path).read_text()
-    return current, splice(current, headline(_rows(csv_path)), HEAD_BEGIN, HEAD_END)
+    rows, _ = merged_rows(csv_path)
+    return current, splice(current, headline(rows), HEAD_BEGIN, HEAD_END)
 
 
-def expected_doc(doc_path: Path = DEFAULT_DOC, csv_path: Path = DEFAULT_CSV) -> Tuple[str, str]:
-    """(docs/BENCHMARKS.md as it is, with the full tables the CSV gives)."""
+def expected_doc(doc_path: Path = DEFAULT_DOC, csv_path: CsvPaths = DEFAULT_CSVS) -> Tuple[str, str]:
+    """(docs/BENCHMARKS.md as it is, with the full tables the merged CSVs give)."""
     current = Path(doc_path).read_text()
-    return current, splice(current, generate(_rows(csv_path), csv_path, Path(doc_path).parent))
+    rows, source = merged_rows(csv_path)
+    return current, splice(current, generate(rows, source, Path(doc_path).parent))
 
 
-def _rows(csv_path: Path) -> List[Dict]:
-    rows = report.read_csv(csv_path)
-    if not rows:
-        raise FileNotFoundError(f"{csv_path} has no benchmark rows (missing or empty)")
-    return rows
+def _names(csv_path: CsvPaths) -> str:
+    return ", ".join(_rel(p) for p in _csv_paths(csv_path))
 
 
-def _diff(path: Path, current: str, want: str, csv_path: Path) -> str:
+def _diff(path: Path, current: str, want: str, csv_path: CsvPaths) -> str:
     return "".join(difflib.unified_diff(current.splitlines(True), want.splitlines(True), f"{_rel(path)} (now)",
-                                        f"{_rel(path)} (from {_rel(csv_path)})"))
+                                        f"{_rel(path)} (from {_names(csv_path)})"))
 
 
-def check(readme_path: Path = DEFAULT_README, csv_path: Path = DEFAULT_CSV,
+def check(readme_path: Path = DEFAULT_README, csv_path: CsvPaths = DEFAULT_CSVS,
           doc_path: Optional[Path] = DEFAULT_DOC) -> Tuple[bool, str]:
-    """(the README's headline and, unless ``doc_path`` is None, the doc's tables are what the CSV gives; a
+    """(the README's headline and, unless ``doc_path`` is None, the doc's tables are what the merged CSVs give; a
     unified diff, or what to run, when they are not)."""
     problems = []
     targets = [(readme_path, HEAD_BEGIN, HEAD_END, expected_readme)]
@@ -759,24 +923,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.readme",
                                  description="Rewrite README.md's headline table (between " + HEAD_BEGIN + " and "
                                              + HEAD_END + ") and docs/BENCHMARKS.md's full tables (between " + BEGIN
-                                             + " and " + END + ") from the committed benchmark CSV.")
-    ap.add_argument("--csv", type=Path, default=DEFAULT_CSV, help=f"results CSV (default {_rel(DEFAULT_CSV)})")
+                                             + " and " + END + ") from the committed benchmark CSVs, each "
+                                             "preset from the CSV holding its newest run.")
+    ap.add_argument("--csv", type=Path, nargs="+", default=list(DEFAULT_CSVS),
+                    help="results CSVs, ties going to the first (default: every single-GPU results directory's, "
+                         f"sorted: {_names(DEFAULT_CSVS) or 'none found'})")
     ap.add_argument("--readme", type=Path, default=DEFAULT_README, help="README to rewrite (default README.md)")
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC,
                     help=f"document of the full tables to rewrite (default {_rel(DEFAULT_DOC)})")
     ap.add_argument("--check", action="store_true",
-                    help="write nothing; exit 1 with a diff when a block differs from what the CSV gives")
+                    help="write nothing; exit 1 with a diff when a block differs from what the CSVs give")
     args = ap.parse_args(argv)
+    if not args.csv:
+        print(f"error: no results CSV under {_rel(RESULTS)}; pass --csv", file=sys.stderr)
+        return 2
+    csvs = _names(args.csv)
     try:
         if args.check:
             ok, diff = check(args.readme, args.csv, args.doc)
             if not ok:
                 sys.stdout.write(diff if diff.endswith("\n") else diff + "\n")
-                print(f"the generated benchmark blocks differ from {_rel(args.csv)}; run "
+                print(f"the generated benchmark blocks differ from {csvs}; run "
                       f"`python -m benchmarks.readme` and commit {_rel(args.readme)} and {_rel(args.doc)}",
                       file=sys.stderr)
                 return 1
-            print(f"{_rel(args.readme)} headline and {_rel(args.doc)} tables match {_rel(args.csv)}")
+            print(f"{_rel(args.readme)} headline and {_rel(args.doc)} tables match {csvs}")
             return 0
         pairs = [(args.readme, expected_readme(args.readme, args.csv)), (args.doc, expected_doc(args.doc, args.csv))]
     except (OSError, ValueError) as e:
@@ -784,10 +955,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     for path, (current, want) in pairs:
         if current == want:
-            print(f"{_rel(path)} already matches {_rel(args.csv)}")
+            print(f"{_rel(path)} already matches {csvs}")
         else:
             Path(path).write_text(want)
-            print(f"rewrote the generated block of {_rel(path)} from {_rel(args.csv)}")
+            print(f"rewrote the generated block of {_rel(path)} from {csvs}")
     return 0
 
 
