@@ -2411,8 +2411,12 @@ py::object group_call(const at::Tensor& x, const at::Tensor& w, const std::optio
   if (!check_call(c, false)) return py::none();
   if (c.nf4 && (w_rows != c.n || w_cols != c.k)) return py::none();
   if (!c.nf4 && w.requires_grad()) return py::none();
-  if (p > 0.0)
+  if (p > 0.0) {
+    // Drawn only once the call is taken (a refused call leaves the generator to the Python path); make_call saw
+    // no seed, so dropout is switched on here: the stacked call's plan must be the one its fallback registers.
     c.seed = at::randint(0, int64_t(1) << 62, {}, at::TensorOptions().device(x.device()).dtype(at::kLong));
+    c.drop = true;
+  }
   const variable_list ys = GroupFunction::apply(x, at::TensorList(As), at::TensorList(Bs), bias, args);
   py::tuple out(g);
   for (size_t i = 0; i < g; ++i) out[i] = py::cast(ys[i]);

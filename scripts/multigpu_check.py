@@ -188,8 +188,10 @@ def build_model(args, device, seed):
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model.to(args.dtype)
+    # Ungrouped: fully_shard turns every member into a DTensor, after which a projection group computes member by
+    # member; the single-process phase must compute what the sharded phases compute, to the rounding.
     lora_ops.apply_lora(model, list(TARGETS), r=size["r"], lora_alpha=size["alpha"], quantize="nf4",
-                        quant_storage=QUANT_STORAGE)
+                        quant_storage=QUANT_STORAGE, group_projections=False)
     # fp32 adapters, as QLoRA recipes train them: each layer casts A and B to its compute dtype differentiably.
     for layer in lora_ops.inject.lora_layers(model).values():
         layer.lora_A.data = layer.lora_A.data.float()

@@ -285,6 +285,51 @@ def test_group_rows_and_dy_segments_equal_block_diag(monkeypatch, tma, weight):
     assert torch.equal(got[1], want[1]), "dx"
 
 
+@pytest.mark.parametrize("sizes,m,k,r,weight", [((64, 32, 32), 512, 64, 8, "nf4"), ((512, 256, 256), 512, 256, 8, "dense"),
+                                                  ((1024, 256, 256), 2048, 512, 16, "dense"),
+                                                  ((1024, 256, 256), 2048, 512, 16, "nf4")])
+def test_group_dropout_equals_block_diag_lora_linear(sizes, m, k, r, weight):
+    """A group with dropout (what apply_lora's default grouping gives a model with lora_dropout > 0): its members'
+    outputs and gradients are those of one lora_linear call over W_cat, cat(A_i), block_diag(B_i) with the same
+    seed (one mask for the group), within bf16's tolerance; a different mask would differ by far more."""
+    inp = _group_inputs(sizes, r, m, k, seed=4)
+    w = inp["w"] if weight == "dense" else lora_ops.quantize_nf4(inp["w"], blocksize=64, double_quant=True)
+    p = 0.2
+
+    def grouped():
+        x = inp["x"].clone().requires_grad_()
+        As = [a.clone().requires_grad_() for a in inp["As"]]
+        Bs = [b.clone().requires_grad_() for b in inp["Bs"]]
+        torch.manual_seed(11)
+        ys = _launch.group(x, w, As, Bs, [2.0] * len(As), None, p, True)
+        assert ys is not None and ys[0].grad_fn.name().endswith("GroupFunction>")
+        torch.autograd.backward(list(ys), inp["dys"])
+        return torch.cat([y.detach() for y in ys], -1), x.grad, [a.grad for a in As], [b.grad for b in Bs]
+
+    def composed():
+        x = inp["x"].clone().requires_grad_()
+        As = [a.clone().requires_grad_() for a in inp["As"]]
+        Bs = [b.clone().requires_grad_() for b in inp["Bs"]]
+        torch.manual_seed(11)
+        y = lora_ops.lora_linear(x, w, torch.cat(As), torch.block_diag(*Bs), 2.0, dropout_p=p, training=True)
+        y.backward(torch.cat(inp["dys"], -1))
+        return y.detach(), x.grad, [a.grad for a in As], [b.grad for b in Bs]
+
+    want = composed()
+    for _ in range(2):  # the first call of a configuration runs the Python launchers, the second the C++ path
+        got = grouped()
+        assert_rel_close(got[0], want[0], BF16, "y")
+        assert_rel_close(got[1], want[1], BF16, "dx")
+        for i in range(len(sizes)):
+            assert_rel_close(got[2][i], want[2][i], BF16, f"dA_{i}")
+            assert_rel_close(got[3][i], want[3][i], BF16, f"dB_{i}")
+    torch.manual_seed(12)  # another mask: far outside the tolerance (the comparison can fail)
+    y_other = lora_ops.lora_linear(inp["x"], w, torch.cat(inp["As"]), torch.block_diag(*inp["Bs"]), 2.0,
+                                   dropout_p=p, training=True)
+    with pytest.raises(AssertionError):
+        assert_rel_close(y_other, want[0], BF16, "y, another mask")
+
+
 @pytest.mark.parametrize("m,tma", [(512, "1"), (512, "0"), (4096, "1")])
 def test_group_ds_members_equal_rank_chunks(monkeypatch, m, tma):
     """LORA_OPS_DS_MEMBERS=1: a B_rows group's dS pass with one program per member over its own columns
