@@ -34,8 +34,9 @@ def _epilog() -> str:
         lines.append(f"  {name:<{width}} {desc}")
     lines.append("  In the model preset: floor = the bf16 model with every parameter frozen and no adapter\n"
                  "  (forward + backward through every layer, no optimizer: the least a step costs), fused = lora_ops\n"
-                 "  LoRA (apply_lora, dense bf16 bases), fused_qlora = lora_ops QLoRA, fused_grouped /\n"
-                 "  fused_qlora_grouped = the same with group_projections=True (q/k/v and gate/up of every layer\n"
+                 "  LoRA (apply_lora, dense bf16 bases, group_projections=False), fused_qlora = lora_ops QLoRA,\n"
+                 "  fused_grouped / fused_qlora_grouped = the same with group_projections=True, apply_lora's\n"
+                 "  default (q/k/v and gate/up of every layer\n"
                  "  one lora_linear call each; skipped when the groups do not form), peft = peft LoRA, peft_bnb =\n"
                  "  bitsandbytes Linear4bit (NF4, double quant) + peft LoRA, full_ft = every parameter trained\n"
                  "  (skipped when it does not fit); LoRA r=16, alpha=32 on q,k,v,o,gate,up,down, adapters in the\n"

@@ -29,9 +29,10 @@ PROVIDERS: Dict[str, str] = {
     "fused": "lora_ops.lora_linear with the default backend (dense W or lora_ops.NF4Weight)",
     "copy": "nf4 preset floor: a device copy moving as many bytes (read + write) as the dequantization must",
     "bnb": "nf4 preset: bitsandbytes.functional.dequantize_4bit",
-    "fused_qlora": "model and block presets: lora_ops QLoRA (apply_lora(..., quantize='nf4'), double quant)",
-    "fused_grouped": "block and model presets: fused with apply_lora(..., group_projections=True): q/k/v and "
-                     "gate/up each one lora_linear call over one shared base buffer",
+    "fused_qlora": "model and block presets: lora_ops QLoRA (apply_lora(..., quantize='nf4', "
+                   "group_projections=False), double quant)",
+    "fused_grouped": "block and model presets: fused with apply_lora(..., group_projections=True) (apply_lora's "
+                     "default): q/k/v and gate/up each one lora_linear call over one shared base buffer",
     "fused_qlora_grouped": "block and model presets: fused_qlora with group_projections=True",
     "floor_grouped": "block preset: the floor with q/k/v and gate/up each one frozen nn.Linear over the "
                      "concatenated weights (the base GEMMs a grouped call runs), outputs split",
