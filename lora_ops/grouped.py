@@ -309,7 +309,11 @@ class ProjectionGroup(nn.Module):
             return True
         reason = ineligible_reason(self._members)
         if reason is not None:
-            if not any(params[name].is_meta for params, name in self._base_tensors()):
+            tensors = [params[name] for params, name in self._base_tensors()]
+            if not all(_plain_tensor(t) for t in tensors):
+                # Sharded (FSDP2's DTensors): no move brings one shared buffer back.
+                self._disable(f"the members changed after grouping: {reason}; each member computes alone")
+            elif not any(t.is_meta for t in tensors):
                 self._disable(f"the members changed after grouping: {reason}; moving the model (.to(), "
                               ".cuda(), to_empty()) where they can share one buffer turns the group on again",
                               recoverable=True)

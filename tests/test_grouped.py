@@ -578,6 +578,30 @@ def test_group_off_for_a_partial_move_turns_on_after_the_whole_move():
     assert_same_step(step(grp, ids), step(ref, ids), "after the whole move")
 
 
+def test_group_off_for_sharded_members_stays_off():
+    """Members whose tensors became a tensor subclass (FSDP2's DTensor shards, here a plain subclass) cannot share
+    one buffer again: the warning says each member computes alone (no move hint), a later move leaves it off, and
+    the outputs stay right."""
+    class Shard(torch.Tensor):
+        pass
+
+    ref, grp = _adapt(Attn(), False), _adapt(Attn(), True)
+    group = grp.lora_group_q_proj_k_proj_v_proj
+    for mod in (ref, grp):
+        mod.k_proj.weight = nn.Parameter(mod.k_proj.weight.detach().clone().as_subclass(Shard), requires_grad=False)
+    x = torch.randn(3, 16)
+    with pytest.warns(UserWarning, match="each member computes alone") as rec:
+        y = grp.q_proj(x)
+    assert not any("turns the group on again" in str(w.message) for w in rec)
+    assert "not plain tensors" in group.disabled_reason
+    grp.float()
+    assert group.disabled_reason is not None and group.repacks == 0
+    for name in ("q_proj", "k_proj", "v_proj"):
+        want = getattr(ref, name)(x)
+        got = y if name == "q_proj" else getattr(grp, name)(x)
+        assert_rel_close(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor), F32, name)
+
+
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_replaced_weight_parameter_is_repacked_and_not_kept_alive(quantize):
     """A member's base Parameter replaced by a new object after grouping: the per-call check notices (its
