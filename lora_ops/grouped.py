@@ -279,8 +279,8 @@ class ProjectionGroup(nn.Module):
     def _apply(self, fn, recurse=True):
         # The parent converts its children in registration order, the members (registered before the group)
         # first: each member's weight now has its own storage, so pack them into one buffer again. A group that
-        # turned off because its members could not share a buffer (e.g. on the meta device, or on two devices)
-        # turns on again once a move makes them eligible (meta -> to_empty -> load_state_dict).
+        # turned off because its members could not share a buffer (one of them moved to another dtype or device)
+        # turns on again once a move of the whole model makes them eligible.
         super()._apply(fn, recurse)
         if ineligible_reason(self._members) is None:
             if self.disabled_reason is not None and self.__dict__.get("_recoverable", False):
@@ -492,8 +492,8 @@ def group_projections(model: nn.Module, groups: GroupSpec = True, *,
     """Group sibling LoRA layers of ``model`` that read one input (``groups``: True for DEFAULT_GROUPS, or a
     list of child-name groups); return the groups made. Siblings that cannot be grouped (``explain_groups``
     says why) keep computing alone; siblings that already form exactly such a group are left as they are, and
-    siblings of which some already belong to another group raise ValueError. ``only``: ids of the layers that may be grouped (apply_lora passes the
-    layers it made); siblings outside it stay as they are."""
+    siblings of which some already belong to another group raise ValueError. ``only``: ids of the layers that may
+    be grouped (apply_lora passes the layers it made); siblings outside it stay as they are."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = check_group_spec(groups)
@@ -505,9 +505,8 @@ def group_projections(model: nn.Module, groups: GroupSpec = True, *,
             if len(keep) < 2:
                 continue
             names, members = tuple(n for n, _ in keep), [m for _, m in keep]
-        owners = {id(getattr(m, "_lora_group", None)) for m in members}
         g = getattr(members[0], "_lora_group", None)
-        if len(owners) == 1 and g is not None and g.members == tuple(members):
+        if g is not None and g.members == tuple(members):
             continue  # already this group (apply_lora groups by default): calling again changes nothing
         if any(getattr(m, "_lora_group", None) is not None for m in members):
             raise ValueError(f"{pname or type(model).__name__}: {list(names)} already belong to a projection group; "

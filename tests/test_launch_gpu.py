@@ -285,7 +285,8 @@ def test_group_rows_and_dy_segments_equal_block_diag(monkeypatch, tma, weight):
     assert torch.equal(got[1], want[1]), "dx"
 
 
-@pytest.mark.parametrize("sizes,m,k,r,weight", [((64, 32, 32), 512, 64, 8, "nf4"), ((512, 256, 256), 512, 256, 8, "dense"),
+@pytest.mark.parametrize("sizes,m,k,r,weight", [((64, 32, 32), 512, 64, 8, "nf4"),
+                                                  ((512, 256, 256), 512, 256, 8, "dense"),
                                                   ((1024, 256, 256), 2048, 512, 16, "dense"),
                                                   ((1024, 256, 256), 2048, 512, 16, "nf4")])
 def test_group_dropout_equals_block_diag_lora_linear(sizes, m, k, r, weight):
