@@ -334,7 +334,7 @@ struct Call {
   double scaling = 1.0, p = 0.0;
   int64_t m = 0, k = 0, n = 0, r = 0;
   bool nf4 = false, nested = false;
-  bool drop = false;  // dropout on: p > 0 with a seed (the launchers' _Dropout)
+  bool drop() const { return p > 0.0 && seed.defined(); }  // dropout on (the launchers' _Dropout)
   bool ok = false;    // passed check_call
   bool need_dx = false, need_dA = false, need_dB = false, need_dbias = false;
   // Leave dB in its fp32 atomic buffer (BwdOut::db_acc, dB undefined) for the caller to cast in blocks: the
@@ -428,7 +428,6 @@ bool check_call(Call& c, bool backward) {
   if (c.seed.defined()
       && (c.seed.numel() != 1 || c.seed.scalar_type() != at::kLong || c.seed.device() != x.device()))
     return false;
-  c.drop = c.p > 0.0 && c.seed.defined();
   c.nf4 = c.absmax.defined();
   if (c.nf4) {
     const int64_t nel = c.n * c.k;
@@ -475,7 +474,7 @@ bool check_call(Call& c, bool backward) {
 
 PlanKey make_key(const Call& c, bool backward, bool deterministic) {
   PlanKey key;
-  int64_t flags = (c.nf4 ? 1 : 0) | (c.nested ? 2 : 0) | (c.bias.defined() ? 4 : 0) | (c.drop ? 8 : 0)
+  int64_t flags = (c.nf4 ? 1 : 0) | (c.nested ? 2 : 0) | (c.bias.defined() ? 4 : 0) | (c.drop() ? 8 : 0)
                   | (c.m >= g_settings.dequant_min_m ? 16 : 0) | (c.m >= g_settings.tma_small_m ? 32 : 0)
                   | (c.m >= g_settings.tma_min_m ? 64 : 0) | (c.m >= g_settings.nf4_chunk_min_m ? 4096 : 0)
                   | (c.m <= g_settings.split_sum_max_m ? 8192 : 0)
@@ -507,7 +506,7 @@ struct Dropout {
 };
 
 Dropout make_dropout(const Call& c, bool on) {
-  if (on && c.drop)
+  if (on && c.drop())
     return Dropout{true, reinterpret_cast<uintptr_t>(c.seed.data_ptr()),
                    std::min<int64_t>(static_cast<int64_t>(c.p * 2147483648.0), 2147483647), 1.0 / (1.0 - c.p)};
   return Dropout{false, reinterpret_cast<uintptr_t>(c.dt->scratch.data_ptr()), 0, 1.0};
@@ -766,60 +765,52 @@ void gemm(const Call& c, Work& work, int pointer_kernel, const at::Tensor& a, co
   Launch l;
   const bool sliced = lt.dim() == 3;
   const at::Tensor& lo = l_out != nullptr ? *l_out : scratch;
-  if (tma && ws_usable(c, out, lt, rt, l_out, trans_w, drop, group_n0)) {
-    // lora.py _ws_gemm: the Gluon kernel, one persistent program per SM; the descriptors' tiles are its config.
-    l.kernel = K_WS;
-    l.trans_w = trans_w;
-    l.grid[1] = l.grid[2] = 1;
-    l.grid[0] = -1;  // set from the variant's tiles
-    l.desc(a, 0, 0);
-    l.desc(w.dense, 0, 0);
-    l.desc(out, 0, 0);
-    l.desc(lt, 0, 0);
-    l.desc(rt, 0, 0);
-    l.ptr(b);
-    l.i(b.stride(0));
-    l.i(m);
-    l.i(n);
-    l.i(inner);
-    l.f(scaling);
-    group_args(l, c, trans_w || segs, group_n0);
-    for (int i = 1; i < 4; ++i) l.desc(segs && i < static_cast<int>(c.dys.size()) ? c.dys[i] : a, 0, 0);  // _more
-    work.launches.push_back(l);
-    return;
-  }
   if (tma) {
-    // lora.py _tma_gemm: one persistent program per SM; the descriptors' tiles are the variant's config.
-    l.kernel = K_TMA;
+    // lora.py _tma_gemm: one persistent program per SM; the descriptors' tiles are the variant's config. Where
+    // ws_usable, its Gluon twin (lora.py _ws_gemm), which reads L and Rt through descriptors too and takes no
+    // dropout.
+    const bool ws = ws_usable(c, out, lt, rt, l_out, trans_w, drop, group_n0);
+    l.kernel = ws ? K_WS : K_TMA;
     l.trans_w = trans_w;
-    l.want_config = m >= g_settings.tma_small_m ? 1 : 0;  // which of _TMA_CONFIGS (checked against the variant)
+    if (!ws) l.want_config = m >= g_settings.tma_small_m ? 1 : 0;  // which of _TMA_CONFIGS (checked against it)
     l.grid[1] = l.grid[2] = 1;
     l.grid[0] = -1;  // set from the variant's tiles
     l.desc(a, 0, 0);
     l.desc(w.dense, 0, 0);
     l.desc(out, 0, 0);
-    l.ptr(lt);
-    l.ptr(rt);
-    l.ptr(b);
-    l.ptr_raw(drop.seed_ptr);
-    l.ptr(lo);
-    l.i(sliced ? lt.stride(0) : 0);
-    l.i(lt.stride(-2));
-    l.i(lt.stride(-1));
-    l.i(stride_rr);
-    l.i(stride_rn);
-    l.i(b.stride(0));
-    l.i(l_out != nullptr ? lo.stride(0) : 0);
-    l.i(l_out != nullptr ? lo.stride(1) : 0);
-    l.i(m);
-    l.i(n);
-    l.i(inner);
-    l.i(sliced ? lt.size(0) : 1);
-    l.f(scaling);
-    l.i(drop.threshold);
-    l.f(drop.scale);
-    l.i(drop_ld);
-    l.i(drop_c0);
+    if (ws) {
+      l.desc(lt, 0, 0);
+      l.desc(rt, 0, 0);
+      l.ptr(b);
+      l.i(b.stride(0));
+      l.i(m);
+      l.i(n);
+      l.i(inner);
+      l.f(scaling);
+    } else {
+      l.ptr(lt);
+      l.ptr(rt);
+      l.ptr(b);
+      l.ptr_raw(drop.seed_ptr);
+      l.ptr(lo);
+      l.i(sliced ? lt.stride(0) : 0);
+      l.i(lt.stride(-2));
+      l.i(lt.stride(-1));
+      l.i(stride_rr);
+      l.i(stride_rn);
+      l.i(b.stride(0));
+      l.i(l_out != nullptr ? lo.stride(0) : 0);
+      l.i(l_out != nullptr ? lo.stride(1) : 0);
+      l.i(m);
+      l.i(n);
+      l.i(inner);
+      l.i(sliced ? lt.size(0) : 1);
+      l.f(scaling);
+      l.i(drop.threshold);
+      l.f(drop.scale);
+      l.i(drop_ld);
+      l.i(drop_c0);
+    }
     group_args(l, c, trans_w || segs, group_n0);
     for (int i = 1; i < 4; ++i) l.desc(segs && i < static_cast<int>(c.dys.size()) ? c.dys[i] : a, 0, 0);  // _more
     work.launches.push_back(l);
@@ -1313,32 +1304,13 @@ bool resolve(const Plan& plan, const Call& c, Work& work, bool any = false) {
         l.grid[0] = cdiv(l.elems[0], found->block_n) + cdiv(l.elems[1], found->block_n)
                     + cdiv(l.elems[2], found->block_n);
         break;
-      case K_TMA: {
-        // The descriptors' tiles: a [BM, BK], W [BN, BK] (forward) or [BK, BN] (dX), out [BM, BN].
-        const bool trans_w = l.trans_w;
-        const int64_t bm = found->block_m, bn = found->block_n, bk = found->block_k;
-        l.descs[0].block[0] = bm;
-        l.descs[0].block[1] = bk;
-        l.descs[1].block[0] = trans_w ? bn : bk;
-        l.descs[1].block[1] = trans_w ? bk : bn;
-        l.descs[2].block[0] = bm;
-        l.descs[2].block[1] = bn;
-        for (int i = 3; i < l.ndesc; ++i) {  // a2, a3, a4: tiles of A
-          l.descs[i].block[0] = bm;
-          l.descs[i].block[1] = bk;
-        }
-        const int64_t tiles = cdiv(l.descs[2].shape[0], bm) * cdiv(l.descs[2].shape[1], bn);
-        const int64_t sms = c.x.is_cuda() ? c.dt->sms : 4;
-        l.grid[0] = std::max<int64_t>(1, std::min(sms, tiles));
-        if (l.narrow) l.grid[0] = cdiv(tiles, cdiv(tiles, l.grid[0]));  // lora.py _fewest_programs
-        break;
-      }
+      case K_TMA:
       case K_WS: {
-        // lora.py _ws_gemm: a, L and the further members [BM, BK]; W and Rt [BN, BK] (forward) or [BK, BN];
-        // out [BM, BN].
+        // The descriptors' tiles: a and a group's further dY members [BM, BK], W [BN, BK] (forward) or [BK, BN]
+        // (dX), out [BM, BN]; the Gluon kernel's L (descriptor 3) like a, its Rt (4) like W.
         const int64_t bm = found->block_m, bn = found->block_n, bk = found->block_k;
         for (int i = 0; i < l.ndesc; ++i) {
-          const bool like_w = i == 1 || i == 4;
+          const bool like_w = i == 1 || (l.kernel == K_WS && i == 4);
           l.descs[i].block[0] = i == 2 ? bm : like_w ? (l.trans_w ? bn : bk) : bm;
           l.descs[i].block[1] = i == 2 ? bn : like_w ? (l.trans_w ? bk : bn) : bk;
         }
@@ -2411,12 +2383,8 @@ py::object group_call(const at::Tensor& x, const at::Tensor& w, const std::optio
   if (!check_call(c, false)) return py::none();
   if (c.nf4 && (w_rows != c.n || w_cols != c.k)) return py::none();
   if (!c.nf4 && w.requires_grad()) return py::none();
-  if (p > 0.0) {
-    // Drawn only once the call is taken (a refused call leaves the generator to the Python path); make_call saw
-    // no seed, so dropout is switched on here: the stacked call's plan must be the one its fallback registers.
+  if (p > 0.0)  // drawn only once the call is taken: a refused call leaves the generator to the Python path
     c.seed = at::randint(0, int64_t(1) << 62, {}, at::TensorOptions().device(x.device()).dtype(at::kLong));
-    c.drop = true;
-  }
   const variable_list ys = GroupFunction::apply(x, at::TensorList(As), at::TensorList(Bs), bias, args);
   py::tuple out(g);
   for (size_t i = 0; i < g; ++i) out[i] = py::cast(ys[i]);
