@@ -7,12 +7,14 @@ For each base (NF4 with double quantization, bf16) and each way (ungrouped; grou
 computing its own forward, ``LORA_OPS_GROUP_FWD=members``, which only the C++ launch path on CUDA reads), one
 forward + backward of the model and three numbers:
 
-* ``weights``: memory allocated once the adapters are on (CUDA only): a double-quantized group keeps its members'
-  absmax decoded to fp32 (4 bytes per 64 weights) beside their codes;
+* ``weights``: the memory the model holds once the adapters are on (CUDA only): a double-quantized group keeps its
+  members' absmax decoded to fp32 (4 bytes per 64 weights) beside their codes;
 * ``saved``: the bytes of the distinct storages autograd saved for the backward, parameters and buffers left out
   (any device): a member output that is a view of the group's (M, sum N_i) output keeps the whole output alive
   when an op after the layer saves it (SDPA saves v);
-* ``peak extra``: the peak of memory allocated during the step above ``weights`` (CUDA only).
+* ``peak extra``: the peak of memory allocated during a second step above what is allocated before it (CUDA only).
+  The first step is a warm-up: it compiles and tunes the kernels (their temporaries) and allocates the launch
+  path's persistent NF4 workspaces, which then count in neither column, whichever way ran first.
 
 The vocabulary is small (1024) so that the logits do not hide the layers' share.
 """
@@ -62,6 +64,7 @@ def measure(size: str, device: torch.device, layers: int, tokens: int, quantize:
     gc.collect()  # the previous model's group and members refer to each other: free it before measuring
     if cuda:
         torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).train()
@@ -79,14 +82,19 @@ def measure(size: str, device: torch.device, layers: int, tokens: int, quantize:
     row: Dict[str, float] = {}
     if cuda:
         torch.cuda.synchronize()
-        row["weights_mib"] = torch.cuda.memory_allocated() / 2**20
+        row["weights_mib"] = (torch.cuda.memory_allocated() - before) / 2**20
+    model(input_ids=ids, labels=ids).loss.backward()  # the warm-up step
+    model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     loss, saved = saved_bytes(lambda: model(input_ids=ids, labels=ids).loss, keep)
     loss.backward()
     row["saved_mib"] = saved / 2**20
     if cuda:
         torch.cuda.synchronize()
-        row["peak_extra_mib"] = torch.cuda.max_memory_allocated() / 2**20 - row["weights_mib"]
+        row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     row["loss"] = loss.item()
     del model, keep, loss
     os.environ.pop("LORA_OPS_GROUP_FWD", None)
