@@ -24,10 +24,12 @@ In a transformer block q/k/v read the same hidden states, and so do the MLP's ga
 Installation does not touch the model's forward code: each member's ``forward`` asks its group, and the first
 member called with an input computes every member's output for it and keeps the siblings' outputs until they
 are asked for (keyed on the input tensor's identity and version, grad mode, autocast and training mode). A
-member called with another input than the one its pending output was computed for (cross-attention, custom
-code) gets its own, ungrouped output, and the group stops grouping (``disabled_reason`` says why). The group
-is an ``nn.Module`` child of the parent with no parameters or buffers (state_dict unchanged); its forward hooks
-on the parent drop pending outputs when the parent's forward starts and ends, and its ``_apply`` re-packs the
+member called, inside the parent's forward, with another input than the one its pending output was computed for
+(cross-attention, custom code) gets its own, ungrouped output, and the group stops grouping (``disabled_reason``
+says why); outside the parent's forward (a member called on its own) another input is simply computed afresh.
+The group is an ``nn.Module`` child of the parent with no parameters or buffers (state_dict unchanged); its
+forward hooks on the parent drop pending outputs when the parent's forward starts and ends (and tell the group
+whether it is inside that forward), and its ``_apply`` re-packs the
 shared buffer after ``.to()`` / ``.cuda()`` / ``.half()`` gave each member's weight its own storage.
 
 Dropout: one mask for the whole group (one S pass over x): every member's LoRA branch still sees dropout p,
@@ -173,6 +175,7 @@ class ProjectionGroup(nn.Module):
         self.disabled_reason: Optional[str] = None
         self.repacks = 0
         object.__setattr__(self, "_pending", None)
+        object.__setattr__(self, "_in_parent", False)  # inside the parent's forward (its hooks set it)
         object.__setattr__(self, "_hooks", [])
         self._pack()
 
@@ -365,10 +368,12 @@ class ProjectionGroup(nn.Module):
                         if not outs:
                             object.__setattr__(self, "_pending", None)
                         return y
-                else:
+                elif self.__dict__.get("_in_parent", False):
                     self._disable(f"{self.names[i]} was called with another input than its siblings "
                                   "(cross-attention or custom code); each member now computes its own output")
                     return None
+                # Outside the parent's forward (a member called on its own, as a test or a probe does), another
+                # input is another call: the group computes it afresh and stays on.
         if not self._base_is_current():
             return None
         ys = self._compute(x, training, key)
@@ -434,10 +439,19 @@ class ProjectionGroup(nn.Module):
             object.__setattr__(m, "_lora_group", self)
             object.__setattr__(m, "_lora_group_index", i)
         # Bound methods, not closures: deepcopy rebinds them to the copied group, and pickle can store them.
-        self._hooks.extend([parent.register_forward_pre_hook(self._clear_hook),
-                            parent.register_forward_hook(self._clear_hook)])
+        # always_call: a parent forward that raises still leaves the group outside it.
+        self._hooks.extend([parent.register_forward_pre_hook(self._enter_hook),
+                            parent.register_forward_hook(self._exit_hook, always_call=True)])
 
-    def _clear_hook(self, *args) -> None:
+    def _enter_hook(self, *args) -> None:
+        self.clear()
+        object.__setattr__(self, "_in_parent", True)
+
+    def _exit_hook(self, *args) -> None:
+        self.clear()
+        object.__setattr__(self, "_in_parent", False)
+
+    def _clear_hook(self, *args) -> None:  # the one hook of groups pickled by earlier versions
         self.clear()
 
     def _detach(self) -> None:

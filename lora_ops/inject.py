@@ -228,7 +228,8 @@ def apply_lora(model: nn.Module, target_modules: TargetModules = ("q_proj", "v_p
     makes none; each group then runs as one ``lora_linear`` call over one shared base buffer (``lora_ops.grouped``;
     module names and state_dict keys stay, the outputs and gradients are those of the members computed alone).
     Siblings that cannot be grouped compute alone (``lora_ops.grouped.explain_groups`` says why); a member called
-    with another input than its siblings turns its group off with a warning. With ``lora_dropout`` > 0 a group
+    with another input than its siblings inside their parent's forward (cross-attention) turns its group off with
+    a warning. With ``lora_dropout`` > 0 a group
     draws one dropout mask for its members, where separate layers draw one each.
 
     Raises ValueError when nothing matches (or a match is not a linear layer, or is already adapted) and warns

@@ -340,6 +340,28 @@ def test_member_called_with_another_input_gets_its_own_output():
     assert_rel_close(grp(x), ref(x), F32, "self-attention after the group turned off")
 
 
+def test_members_called_on_their_own_with_other_inputs_keep_the_group_on():
+    # Outside the parent's forward (a test or a probe calling one projection), another input is another call:
+    # the right output, no warning, and the group stays on for the model's next forward.
+    ref, grp = _adapt(Attn(), False), _adapt(Attn(), True)
+    x1, x2, x3 = torch.randn(3, 16), torch.randn(3, 16), torch.randn(3, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_rel_close(grp.q_proj(x1), ref.q_proj(x1), F32, "q alone")
+        assert_rel_close(grp.k_proj(x2), ref.k_proj(x2), F32, "k alone on another input")
+        assert_rel_close(grp.v_proj(x3), ref.v_proj(x3), F32, "v alone on a third input")
+        assert_rel_close(grp.v_proj(x2), ref.v_proj(x2), F32, "v on k's input")
+    group = grp.lora_group_q_proj_k_proj_v_proj
+    assert group.disabled_reason is None and not group._in_parent
+    assert_rel_close(grp(x1), ref(x1), F32, "the parent's forward, grouped")
+    # A parent forward that raises leaves the group outside it (always_call), so direct calls stay lenient.
+    with pytest.raises(ValueError, match="in_features"):
+        grp(torch.randn(3, 5))  # the members cannot read 5 features
+    assert not group._in_parent
+    assert_rel_close(grp.k_proj(x3), ref.k_proj(x3), F32, "k alone after a failed forward")
+    assert group.disabled_reason is None
+
+
 def test_pending_output_is_not_reused_after_x_or_grad_mode_changes():
     ref, grp = _adapt(Attn(), False), _adapt(Attn(), True)
     x = torch.randn(4, 16)
