@@ -443,8 +443,9 @@ bool check_call(Call& c, bool backward) {
       if (c.absmax.scalar_type() != at::kByte) return false;
       for (const at::Tensor* t : {&c.nested_absmax, &c.nested_code, &c.offset})
         if (t->scalar_type() != at::kFloat || !t->is_contiguous() || t->device() != x.device()) return false;
+      // offset: one, or one per nested block (a projection group's stacked weight; the kernels' NESTED_OFFSETS)
       if (c.nested_absmax.numel() != cdiv(nblocks, g_settings.nested_blocksize) || c.nested_code.numel() != 256
-          || c.offset.numel() != 1)
+          || (c.offset.numel() != 1 && c.offset.numel() != c.nested_absmax.numel()))
         return false;
     } else if (c.absmax.scalar_type() != at::kFloat) {
       return false;
@@ -479,7 +480,8 @@ PlanKey make_key(const Call& c, bool backward, bool deterministic) {
                   | (c.m >= g_settings.tma_min_m ? 64 : 0) | (c.m >= g_settings.nf4_chunk_min_m ? 4096 : 0)
                   | (c.m <= g_settings.split_sum_max_m ? 8192 : 0)
                   | (c.m * c.n * c.k >= g_settings.tma_min_mnk ? 16384 : 0)
-                  | (static_cast<int64_t>(c.groups.size()) << 15) | (c.dys.empty() ? 0 : 1 << 18);
+                  | (static_cast<int64_t>(c.groups.size()) << 15) | (c.dys.empty() ? 0 : 1 << 18)
+                  | (c.nested && c.offset.numel() > 1 ? 1 << 19 : 0);
   if (backward)
     flags |= (c.need_dx ? 128 : 0) | (c.need_dA ? 256 : 0) | (c.need_dB ? 512 : 0) | (c.need_dbias ? 1024 : 0)
              | (deterministic ? 2048 : 0);

@@ -110,7 +110,10 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
     else:
         wargs = (weight, None, None, None, None)
         blocksize = 0
-    if _decode.use_decode(x2, lora_A, lora_B, bias, p):
+    # The decode kernel takes one nested offset; a projection group's stacked weight may carry one per nested
+    # block (lora_ops.grouped), which only the training path's kernels read.
+    offsets = isinstance(weight, NF4Weight) and weight.offset is not None and weight.offset.numel() > 1
+    if not offsets and _decode.use_decode(x2, lora_A, lora_B, bias, p):
         # Inference at small M (no gradient possible, dropout off): one CUDA kernel for the whole layer instead
         # of the training path's launches; decode.py says when (the threshold is a committed GPU measurement).
         if (impl := _backend.eager_decode_impl(x2)) is not None:  # eager: the kernel without the op's dispatch

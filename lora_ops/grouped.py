@@ -7,9 +7,11 @@ In a transformer block q/k/v read the same hidden states, and so do the MLP's ga
 
 * ``W_cat`` (sum N_i, K): the members' frozen bases stacked along out_features in ONE buffer; every member's
   ``weight`` Parameter becomes a view into it (the base is stored once; names and state_dict keys stay).
-  NF4 bases: the packed bytes (and a plain fp32 absmax) are concatenated the same way; a double-quantized
-  absmax cannot be (each member has its own offset), so the group keeps the members' absmax decoded to fp32
-  (exactly the values the kernels decode: ``nf4.reference_absmax``), nblocks * 4 bytes per group.
+  NF4 bases: the packed bytes (and a plain fp32 absmax) are concatenated the same way. A double-quantized
+  absmax has one offset per member: with ``LORA_OPS_GROUP_ABSMAX=codes`` the members' uint8 codes and nested
+  absmax are concatenated too (views, as the bytes) and the group keeps their offsets as one fp32 per nested
+  block (the kernels' NESTED_OFFSETS; 4 bytes per 16384 weights); by default it keeps the members' absmax
+  decoded to fp32 (exactly the values the kernels decode: ``nf4.reference_absmax``), nblocks * 4 bytes.
 * ``A_cat`` (sum r_i, K): the members' lora_A stacked; ``B_bd`` (sum N_i, sum r_i): block diagonal with member
   i's block s_i * B_i (or B_i with ``scaling`` = s when every member has the same scaling), built from the
   members' Parameters in every call, so autograd hands each member's lora_A / lora_B its own gradient. The
@@ -44,10 +46,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+import os
+
 from . import _launch
+from . import decode as _decode
 from .functional import lora_linear
 from .modules import LoRALayerBase, LoRALinear, QLoRALinear, _autocast_on_type
-from .nf4 import FLOAT_DTYPES, NF4Weight, reference_absmax
+from .nf4 import FLOAT_DTYPES, NESTED_BLOCKSIZE, NF4Weight, reference_absmax
 
 __all__ = ["DEFAULT_GROUPS", "ProjectionGroup", "group_projections", "ungroup_projections", "projection_groups",
            "explain_groups", "check_group_spec"]
@@ -145,6 +150,19 @@ def ineligible_reason(members: Sequence[LoRALayerBase]) -> Optional[str]:
     return None
 
 
+def _codes_way(ws: Sequence[NF4Weight]) -> bool:
+    """Whether a group of double-quantized members keeps their codes (``LORA_OPS_GROUP_ABSMAX=codes``) rather
+    than their decoded fp32 absmax: every member but the last ends on a nested block (256 quantization blocks),
+    so that each nested block, and its offset, belongs to one member; one nested code table (by value)."""
+    if os.environ.get("LORA_OPS_GROUP_ABSMAX", "fp32") != "codes":
+        return False
+    nb = NESTED_BLOCKSIZE
+    if any(w.absmax.numel() % nb for w in ws[:-1]):
+        return False
+    code = ws[0].nested_code
+    return all(w.nested_code is code or torch.equal(w.nested_code, code) for w in ws[1:])
+
+
 # ------------------------------------------------------------------------------------------------ the group
 
 class _Pending:
@@ -204,16 +222,25 @@ class ProjectionGroup(nn.Module):
                 ws = [m.nf4_weight for m in ms]
                 data = torch.cat([w.data.reshape(-1) for w in ws]).reshape(-1, 1)
                 self._view_into(data, "weight", [w.data.shape[0] for w in ws])
-                if ws[0].nested:
-                    # Each member has its own offset, so the nested codes cannot be concatenated; the decoded fp32
-                    # absmax is what the kernels compute from them, product then sum.
+                shape = torch.Size((sum(self.sizes), ms[0].in_features))
+                nested = {}
+                if ws[0].nested and _codes_way(ws):
+                    absmax = torch.cat([w.absmax.reshape(-1) for w in ws])
+                    self._view_into(absmax, "weight_absmax", [w.absmax.numel() for w in ws])
+                    nabs = torch.cat([w.nested_absmax.reshape(-1) for w in ws])
+                    self._view_into(nabs, "weight_nested_absmax", [w.nested_absmax.numel() for w in ws])
+                    # Member i's offset over its nested blocks, which end on its last block (_codes_way).
+                    offsets = torch.cat([w.offset.reshape(1).expand(w.nested_absmax.numel()) for w in ws])
+                    nested = dict(nested_absmax=nabs, nested_code=ws[0].nested_code, offset=offsets)
+                elif ws[0].nested:
+                    # The decoded fp32 absmax: what the kernels compute from the codes, product then sum.
                     absmax = torch.cat([reference_absmax(w.absmax, w.nested_absmax, w.nested_code, w.offset)
                                         for w in ws])
                 else:
                     absmax = torch.cat([w.absmax.reshape(-1) for w in ws])
                     self._view_into(absmax, "weight_absmax", [w.absmax.numel() for w in ws])
-                shape = torch.Size((sum(self.sizes), ms[0].in_features))
-                object.__setattr__(self, "_base", NF4Weight(data, absmax, shape, ws[0].dtype, ws[0].blocksize))
+                object.__setattr__(self, "_base", NF4Weight(data, absmax, shape, ws[0].dtype, ws[0].blocksize,
+                                                            **nested))
             self._pack_adapters()
         self._remember_signature()
 
@@ -374,7 +401,7 @@ class ProjectionGroup(nn.Module):
                     return None
                 # Outside the parent's forward (a member called on its own, as a test or a probe does), another
                 # input is another call: the group computes it afresh and stays on.
-        if not self._base_is_current():
+        if not self._base_is_current() or self._decodes_alone(x, training):
             return None
         ys = self._compute(x, training, key)
         if len(ys) > 1:
@@ -382,6 +409,17 @@ class ProjectionGroup(nn.Module):
         else:
             object.__setattr__(self, "_pending", None)
         return ys[i]
+
+    def _decodes_alone(self, x: torch.Tensor, training: bool) -> bool:
+        """Whether the members compute alone because this call is a decode step (inference at a few rows) and the
+        stacked base carries one offset per nested block, which the decode kernel does not take: each member's
+        own decode kernel then runs with its one offset, as ungrouped."""
+        base = self._base
+        if not (isinstance(base, NF4Weight) and base.offset is not None and base.offset.numel() > 1):
+            return False
+        x2 = x.reshape(-1, x.shape[-1])
+        p = self._members[0].lora_dropout if training else 0.0
+        return any(_decode.use_decode(x2, m.lora_A, m.lora_B, m.bias, p) for m in self._members)
 
     def _disable(self, reason: str, recoverable: bool = False) -> None:
         self.clear()

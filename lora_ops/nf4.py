@@ -222,12 +222,16 @@ def reference_quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, 
 
 
 def reference_absmax(absmax, nested_absmax, nested_code, offset, blocksize_unused: int = 0) -> torch.Tensor:
-    """The fp32 per-block absmax, reconstructed from double quantization when nested."""
+    """The fp32 per-block absmax, reconstructed from double quantization when nested: block b's is
+    ``nested_code[absmax[b]] * nested_absmax[b // 256] + offset`` (a rounded product, then a rounded sum), with
+    ``offset`` one value or one per nested block (``offset[b // 256]``: a projection group's stacked weight, whose
+    members each bring their own)."""
     if nested_absmax is None:
         return absmax.to(torch.float32)
     idx = torch.arange(absmax.numel(), device=absmax.device) // NESTED_BLOCKSIZE
     prod = nested_code.to(torch.float32)[absmax.long()] * nested_absmax.to(torch.float32)[idx]
-    return prod + offset.to(torch.float32)
+    offset = offset.to(torch.float32)
+    return prod + (offset.reshape(-1)[idx] if offset.numel() > 1 else offset)
 
 
 _BYTE_PAIRS: Dict[torch.device, torch.Tensor] = {}
@@ -292,6 +296,10 @@ class NF4Weight:
     data: uint8 ((n+1)//2, 1) packed codes. absmax: fp32 (nblocks,) or, when ``nested``, uint8 codes of
     (absmax - offset) with ``nested_absmax`` fp32 (ceil(nblocks/256),), ``nested_code`` fp32 (256,) and
     ``offset`` a fp32 0-d tensor. ``dtype`` is the original weight dtype (dequantize's default).
+
+    A projection group's stacked weight (``lora_ops.grouped``) may carry ``offset`` as one fp32 value per nested
+    block (ceil(nblocks/256),): its members' own offsets, each repeated over its nested blocks. The kernels and the
+    reference take that form; bitsandbytes' format and ``to_bnb_quant_state`` do not.
     """
 
     data: torch.Tensor

@@ -1,14 +1,17 @@
 """What projection grouping costs in memory: a Llama model trained without checkpointing, grouped and ungrouped.
 
-    python scripts/group_memory.py                      # CUDA: Llama-3-8B-shaped layers, 1 x 2048 tokens, QLoRA and LoRA
+    python scripts/group_memory.py       # CUDA: Llama-3-8B-shaped layers, 1 x 2048 tokens, QLoRA and LoRA
     python scripts/group_memory.py --size tiny --device cpu
 
 For each base (NF4 with double quantization, bf16) and each way (ungrouped; grouped; grouped with every member
-computing its own forward, ``LORA_OPS_GROUP_FWD=members``, which only the C++ launch path on CUDA reads), one
-forward + backward of the model and three numbers:
+computing its own forward, ``LORA_OPS_GROUP_FWD=members``, which only the C++ launch path on CUDA reads; for NF4
+also grouped with ``LORA_OPS_GROUP_ABSMAX=codes``, the members' codes kept instead of their decoded fp32 absmax),
+one forward + backward of the model and three numbers:
 
 * ``weights``: the memory the model holds once the adapters are on (CUDA only): a double-quantized group keeps its
   members' absmax decoded to fp32 (4 bytes per 64 weights) beside their codes;
+* ``group-held``: the bytes the projection groups hold that no member's parameter shares (any device): the
+  decoded fp32 absmax, or with ``codes`` one offset per 256 quantization blocks; nothing for a bf16 base;
 * ``saved``: the bytes of the distinct storages autograd saved for the backward, parameters and buffers left out
   (any device): a member output that is a view of the group's (M, sum N_i) output keeps the whole output alive
   when an op after the layer saves it (SDPA saves v);
@@ -49,15 +52,35 @@ def saved_bytes(step: Callable[[], torch.Tensor], exclude=()) -> tuple:
     return out, sum(seen.values())
 
 
+def group_held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the storages that the model's projection groups hold beyond their members' parameters."""
+    from lora_ops.grouped import projection_groups
+
+    total = 0
+    for group in projection_groups(model).values():
+        shared = {p.untyped_storage().data_ptr() for m in group.members for p in m.parameters()}
+        base = group._base
+        tensors = [base] if isinstance(base, torch.Tensor) else [
+            t for t in vars(base).values() if isinstance(t, torch.Tensor)]  # an NF4Weight's fields
+        seen = set()
+        for t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in shared and ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
 def measure(size: str, device: torch.device, layers: int, tokens: int, quantize: Optional[str], group: bool,
-            members_fwd: bool) -> Dict[str, float]:
+            members_fwd: bool, codes: bool = False) -> Dict[str, float]:
     import lora_ops
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if members_fwd:
-        os.environ["LORA_OPS_GROUP_FWD"] = "members"
-    else:
-        os.environ.pop("LORA_OPS_GROUP_FWD", None)
+    for var, on, value in (("LORA_OPS_GROUP_FWD", members_fwd, "members"), ("LORA_OPS_GROUP_ABSMAX", codes, "codes")):
+        if on:
+            os.environ[var] = value
+        else:
+            os.environ.pop(var, None)
     cfg = LlamaConfig(vocab_size=1024, num_hidden_layers=layers, use_cache=False, attn_implementation="sdpa",
                       tie_word_embeddings=False, **SIZES[size])
     cuda = device.type == "cuda"
@@ -79,7 +102,7 @@ def measure(size: str, device: torch.device, layers: int, tokens: int, quantize:
             elif isinstance(v, torch.Tensor):
                 keep.append(v)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=device)
-    row: Dict[str, float] = {}
+    row: Dict[str, float] = {"group_mib": group_held_bytes(model) / 2**20}
     if cuda:
         torch.cuda.synchronize()
         row["weights_mib"] = (torch.cuda.memory_allocated() - before) / 2**20
@@ -98,6 +121,7 @@ def measure(size: str, device: torch.device, layers: int, tokens: int, quantize:
     row["loss"] = loss.item()
     del model, keep, loss
     os.environ.pop("LORA_OPS_GROUP_FWD", None)
+    os.environ.pop("LORA_OPS_GROUP_ABSMAX", None)
     return row
 
 
@@ -110,13 +134,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     tokens = args.tokens or (64 if args.size == "tiny" else 2048)
     device = torch.device(args.device)
-    print(f"| base | way | weights MiB | saved MiB | peak extra MiB | loss |  ({args.layers} layers of {args.size}, "
-          f"1 x {tokens} tokens, {device.type}, no checkpointing)")
+    print(f"| base | way | weights MiB | group-held MiB | saved MiB | peak extra MiB | loss |  ({args.layers} "
+          f"layers of {args.size}, 1 x {tokens} tokens, {device.type}, no checkpointing)")
     for quantize in ("nf4", None):
-        for way, group, members in (("ungrouped", False, False), ("grouped", True, False),
-                                    ("grouped, members' forward", True, True)):
-            r = measure(args.size, device, args.layers, tokens, quantize, group, members)
-            cells = [f"{r[k]:.2f}" if k in r else "–" for k in ("weights_mib", "saved_mib", "peak_extra_mib")]
+        ways = [("ungrouped", False, False, False), ("grouped", True, False, False),
+                ("grouped, members' forward", True, True, False)]
+        if quantize:
+            ways.append(("grouped, codes", True, False, True))
+        for way, group, members, codes in ways:
+            r = measure(args.size, device, args.layers, tokens, quantize, group, members, codes)
+            cells = [f"{r[k]:.2f}" if k in r else "–"
+                     for k in ("weights_mib", "group_mib", "saved_mib", "peak_extra_mib")]
             print(f"| {quantize or 'bf16'} | {way} | " + " | ".join(cells) + f" | {r['loss']:.4f} |", flush=True)
     return 0
 

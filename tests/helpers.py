@@ -187,3 +187,26 @@ class OpSpy(TorchDispatchMode):
         if name.startswith("lora_ops."):
             self.ops.append(name.split(".")[1])
         return func(*args, **(kwargs or {}))
+
+
+def stacked_nf4_with_offsets(rows, cols, seed=0, dtype=torch.float32):
+    """Members of shapes (rows[i], cols), each quantized on its own with double quantization (its own offset), and
+    their stack as a projection group keeps it with ``LORA_OPS_GROUP_ABSMAX=codes``: bytes, uint8 codes and nested
+    absmax concatenated, the offsets one per nested block. Returns (stacked NF4Weight, [member NF4Weights]); every
+    member but the last must span whole nested blocks (rows[i] * cols a multiple of 64 * 256)."""
+    from lora_ops import NF4Weight, quantize_nf4
+    from lora_ops.nf4 import NESTED_BLOCKSIZE
+
+    g = torch.Generator().manual_seed(seed)
+    members = []
+    for i, r in enumerate(rows):
+        w = torch.randn(r, cols, generator=g) * (0.02 * (i + 1)) + 0.01 * i  # other scales, other offsets
+        members.append(quantize_nf4(w.to(dtype), blocksize=64, double_quant=True))
+    assert all(w.absmax.numel() % NESTED_BLOCKSIZE == 0 for w in members[:-1]), "members must end on a nested block"
+    data = torch.cat([w.data.reshape(-1) for w in members]).reshape(-1, 1)
+    codes = torch.cat([w.absmax.reshape(-1) for w in members])
+    nabs = torch.cat([w.nested_absmax.reshape(-1) for w in members])
+    offsets = torch.cat([w.offset.reshape(1).expand(w.nested_absmax.numel()) for w in members])
+    stacked = NF4Weight(data, codes, torch.Size((sum(rows), cols)), members[0].dtype, 64, nabs,
+                        members[0].nested_code, offsets)
+    return stacked, members

@@ -38,10 +38,17 @@ def test_script_runs_on_a_tiny_model(capsys):
     gm = _script()
     assert gm.main(["--size", "tiny", "--device", "cpu", "--layers", "1", "--tokens", "16"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| (nf4|bf16) \|", line)]
-    assert len(rows) == 6
+    assert len(rows) == 7  # NF4: four ways (codes too), bf16: three
+    held = {}
     for base in ("nf4", "bf16"):
         cells = [r.split("|") for r in rows if r.startswith(f"| {base} |")]
-        losses = {c[6].strip() for c in cells}
+        losses = {c[7].strip() for c in cells}
         assert len(losses) == 1, f"{base}: grouped and ungrouped losses differ: {losses}"
-        assert all(float(c[4]) > 0 for c in cells)
-        assert all(c[3].strip() == "–" and c[5].strip() == "–" for c in cells)  # CUDA-only columns on the CPU
+        assert all(float(c[5]) > 0 for c in cells)
+        assert all(c[3].strip() == "–" and c[6].strip() == "–" for c in cells)  # CUDA-only columns on the CPU
+        held.update({(base, c[2].strip()): float(c[4]) for c in cells})
+    # What the groups hold beyond their members: nothing dense; NF4's decoded fp32 absmax (1 layer of tiny:
+    # (512 + 1024) * 256 / 64 blocks * 4 bytes = 24 KiB), with the codes only one offset per nested block.
+    assert held[("bf16", "grouped")] == 0 and held[("nf4", "ungrouped")] == 0
+    assert held[("nf4", "grouped")] == pytest.approx(24 / 1024, abs=0.005)
+    assert held[("nf4", "grouped, codes")] < held[("nf4", "grouped")] / 50

@@ -948,3 +948,102 @@ def test_gpu_torch_compile_reduce_overhead(gpu, quantize):
     for i in range(4):  # warm-up, recording, then replays
         assert_same_bf16_step(step(compiled, ids), want, oracle, f"reduce-overhead grouped, step {i}", layers)
     assert {e["status"] for e in explain_groups(grp)} == {"grouped"}
+
+
+def test_double_quant_group_keeps_codes_with_offsets_per_nested_block(monkeypatch):
+    """LORA_OPS_GROUP_ABSMAX=codes: a double-quantized group concatenates its members' uint8 codes and nested absmax
+    (views, like the bytes) and keeps one offset per nested block, not their absmax decoded to fp32. The step
+    equals the default group's bit for bit (the same decoded values) and the ungrouped model's; the state dict is
+    the ungrouped one; at decode sizes each member computes alone (the decode kernel takes one offset)."""
+    def make(group):
+        # hidden 256: every member but the last ends on a nested block (256 blocks of 64 weights)
+        model = _base("llama", hidden=256, intermediate=256)
+        lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, quantize="nf4", group_projections=group)
+        randomize_adapters(model, scale=0.3)
+        return model
+
+    ref, fp32 = make(False), make(True)
+    monkeypatch.setenv("LORA_OPS_GROUP_ABSMAX", "codes")
+    grp = make(True)
+    # Members that do not end on a nested block (hidden 64: q holds 64 blocks) keep the decoded fp32 absmax.
+    small = build("llama", "nf4", group=True)
+    assert all(g._base.absmax.dtype == F32 and not g._base.nested for g in projection_groups(small).values())
+    groups = projection_groups(grp)
+    assert len(groups) == 2 * N_LAYERS
+    assert all(g._base.absmax.dtype == F32 and not g._base.nested for g in projection_groups(fp32).values())
+    for g in groups.values():
+        base = g._base
+        assert base.nested and base.absmax.dtype == torch.uint8
+        assert base.offset.numel() == base.nested_absmax.numel() > len(g.members)
+        assert len({float(m.weight_offset) for m in g.members}) == len(g.members)
+        for m in g.members:  # the members' codes and nested absmax live in the group's buffers
+            for pname, buf in (("weight_absmax", base.absmax), ("weight_nested_absmax", base.nested_absmax)):
+                assert m._parameters[pname].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+    ids = ids_for()
+    got, want_fp32, want = step(grp, ids), step(fp32, ids), step(ref, ids)
+    assert torch.equal(got[0], want_fp32[0]) and torch.equal(got[1], want_fp32[1])
+    assert all(torch.equal(got[2][n], want_fp32[2][n]) for n in want_fp32[2])
+    # Against the ungrouped step: the stacked products sum in other orders (tiles over sum N_i, K = 256), which
+    # at these widths moves fp32 gradients past its tightest tolerance; the fp16 one bounds them.
+    assert_same_step(got, want, "codes", dtype=torch.float16)
+    sd_ref, sd_grp = ref.state_dict(), grp.state_dict()
+    assert list(sd_grp) == list(sd_ref) and all(torch.equal(sd_grp[k], sd_ref[k]) for k in sd_ref)
+    # A member's offset changed in place: the group re-packs its offsets.
+    attn, attn_ref = grp.model.layers[0].self_attn, ref.model.layers[0].self_attn
+    group = attn.lora_group_q_proj_k_proj_v_proj
+    with torch.no_grad():
+        attn.k_proj.weight_offset.add_(0.5)
+        attn_ref.k_proj.weight_offset.add_(0.5)
+        x = torch.randn(2, 5, 256)
+        assert_rel_close(attn.k_proj(x), attn_ref.k_proj(x), F32, "k after its offset moved")
+    assert group.repacks == 1 and group.disabled_reason is None
+    # Decode sizes (inference at a few rows; a CUDA kernel, so forced here): each member alone on its own weight.
+    from lora_ops import decode
+    monkeypatch.setattr(decode, "use_decode", lambda x2, *a: x2.shape[0] <= 2)
+    computed = []
+    real_compute = ProjectionGroup._compute
+
+    def compute(self, *a, **k):
+        computed.append(self.names)
+        return real_compute(self, *a, **k)
+
+    monkeypatch.setattr(ProjectionGroup, "_compute", compute)
+    grp.eval()
+    ref.eval()
+    with torch.no_grad():
+        short = torch.randint(0, 97, (1, 2))
+        assert_rel_close(grp(input_ids=short).logits, ref(input_ids=short).logits, F32, "decode step")
+        assert computed == []
+        prompt = torch.randint(0, 97, (1, 9))
+        assert_rel_close(grp(input_ids=prompt).logits, ref(input_ids=prompt).logits, F32, "prefill")
+        assert len(computed) == 2 * N_LAYERS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [9, 96])  # the NF4 weight decoded in the K loop; dequantized first (64+ rows)
+def test_gpu_codes_group_equals_fp32_group(gpu, monkeypatch, tokens):
+    """On the GPU (C++ launch path, strict): a double-quantized group that keeps its members' codes and one offset
+    per nested block (LORA_OPS_GROUP_ABSMAX=codes; the kernels' NESTED_OFFSETS) gives the step of the default group
+    (the decoded fp32 absmax) bit for bit: the kernels decode the same absmax values."""
+    shape = dict(hidden=256, intermediate=256)  # every member but the last ends on a nested block
+
+    def make():
+        model = _base("llama", layers=2, **shape).to(device=gpu, dtype=BF16)
+        lora_ops.apply_lora(model, TARGETS, r=4, lora_alpha=8, quantize="nf4")
+        _randomize_scaled(model)
+        return model
+
+    fp32 = make()
+    monkeypatch.setenv("LORA_OPS_GROUP_ABSMAX", "codes")
+    codes = make()
+    assert all(g._base.nested and g._base.offset.numel() > 1 for g in projection_groups(codes).values())
+    assert all(not g._base.nested for g in projection_groups(fp32).values())
+    ids = torch.randint(0, 97, (1, tokens), generator=torch.Generator().manual_seed(5)).to(gpu)
+    got, want = step(codes, ids), step(fp32, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert sorted(got[2]) == sorted(want[2]) and all(torch.equal(got[2][n], want[2][n]) for n in want[2])
+    with torch.no_grad():  # a decode step: each member on its own decode kernel, as ungrouped
+        codes.eval()
+        fp32.eval()
+        one = ids[:, :1]
+        assert_rel_close(codes(input_ids=one).logits.float(), fp32(input_ids=one).logits.float(), BF16, "decode")

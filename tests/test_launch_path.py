@@ -1275,3 +1275,39 @@ def test_group_host_ops_with_b_rows_and_dy_segments(dry, monkeypatch):
     assert bd.get("aten::_to_copy") == 4 and rows.get("aten::_to_copy") == 2  # dB: three block casts, then one
     assert "aten::_to_copy" not in fin and "aten::sum" not in fin, fin
     assert sum(bd.values()) > sum(rows.values()) > sum(segs.values()) > sum(fin.values()), (bd, rows, segs, fin)
+
+
+@pytest.mark.parametrize("dequant", [False, True])
+def test_per_nested_block_offsets_launch_lists_and_values(dry, monkeypatch, dequant):
+    """A projection group's stacked double-quantized weight with one offset per nested block (the kernels'
+    NESTED_OFFSETS, ``LORA_OPS_GROUP_ABSMAX=codes``): the C++ dry run makes the Python launchers' launches, in a
+    plan of its own (not the one-offset weight's), forward and backward, with the weight decoded in the K loop or
+    dequantized first; the values equal those of the same weight with its absmax decoded to fp32, bit for bit."""
+    from helpers import stacked_nf4_with_offsets
+    from lora_ops.nf4 import NF4Weight, reference_absmax
+
+    try:
+        monkeypatch.setattr(L, "_DEQUANT_ON_CPU", dequant)
+        _launch._sync_settings(dry)
+        w4, _ = stacked_nf4_with_offsets((256, 128, 128), 128, seed=2)
+        fp32 = NF4Weight(w4.data, reference_absmax(*w4.tensors()[1:]), w4.shape, w4.dtype, 64)
+        g = torch.Generator().manual_seed(4)
+        m, k, n, r = 64, 128, 512, 8
+        x = torch.randn(m, k, generator=g)
+        a, b = torch.randn(r, k, generator=g) / k ** 0.5, torch.randn(n, r, generator=g) / r ** 0.5
+        dy = torch.randn(m, n, generator=g)
+        outs = []
+        for weight in (w4, fp32):
+            fwd = (x, *weight.tensors(), 64, a, b, 1.5, None, 0.0, None)
+            y, s = _check(dry, 0, fwd)
+            plan = dry.launch_fwd(*fwd, [], True)[0]
+            dx, da, db, _ = _check(dry, 1, (dy, x, *weight.tensors(), 64, a, b, s, 1.5, 0.0, None,
+                                            True, True, True, False))
+            outs.append(((y, s, dx, da, db), plan))
+        assert outs[0][1] != outs[1][1], "the per-block offsets must not reuse the one-offset weight's plan"
+        for name, got, want in zip(("y", "s", "dx", "dA", "dB"), outs[0][0], outs[1][0]):
+            assert torch.equal(got, want), name
+        names = [rec[0] for rec in dry.launch_fwd(x, *w4.tensors(), 64, a, b, 1.5, None, 0.0, None, [], True)[1]]
+        assert ("nf4_dequant" in names) == dequant, names
+    finally:
+        _launch._sync_settings(dry)

@@ -421,3 +421,36 @@ def test_dequant_timing_4096x14336(cuda):
                                         num_warps=nw))
             print(f"    sweep bytes_per_program={bpp:5d} num_warps={nw}: {t:.4f} ms "
                   f"({(in_bytes + out_bytes) / t / 1e6:.0f} GB/s)")
+
+
+def test_triton_dequant_per_nested_block_offsets_interpreter(monkeypatch):
+    """A projection group's stacked double-quantized weight keeps each member's offset, one per nested block
+    (NESTED_OFFSETS): the Triton dequantize equals the reference and the members' own dequantizations stacked,
+    bit for bit, whole and in row / column windows; one offset for all would differ."""
+    from helpers import stacked_nf4_with_offsets
+    from lora_ops.triton_kernels.nf4_dequant import _launch, dequantize_nf4
+
+    rows, cols = (512, 256, 256), 128  # 1024, 512 and 512 blocks: 4, 2 and 2 nested blocks
+    w4, members = stacked_nf4_with_offsets(rows, cols, seed=7)
+    assert len({float(m.offset) for m in members}) == 3
+    n = sum(rows)
+    want = torch.cat([m.dequantize(torch.float32) for m in members])
+    ref = REF_DEQUANT(*w4.tensors(), 64, n, cols, torch.float32)
+    assert_same_bits(ref, want, "reference with per-nested-block offsets")
+    _cpu_triton(monkeypatch)
+    for dtype in (torch.float32, torch.float16):
+        ref = REF_DEQUANT(*w4.tensors(), 64, n, cols, dtype)
+        assert_same_bits(dequantize_nf4(*w4.tensors(), 64, n, cols, dtype), ref, f"Triton {dtype}")
+        assert_same_bits(w4.dequantize(dtype), ref, f"NF4Weight.dequantize {dtype}")
+    ref = REF_DEQUANT(*w4.tensors(), 64, n, cols, torch.float32)
+    assert_same_bits(_launch(*w4.tensors(), 64, n, cols, torch.float32, row_range=(256, 768)), ref[256:768],
+                     "row window across two members")
+    assert_same_bits(_launch(*w4.tensors(), 64, n, cols, torch.float32, col_range=(64, 128)), ref[:, 64:128],
+                     "column window")
+    one = w4.offset[:1].clone()
+    with pytest.raises(AssertionError, match="differ"):
+        assert_same_bits(dequantize_nf4(w4.data, w4.absmax, w4.nested_absmax, w4.nested_code, one, 64, n, cols,
+                                        torch.float32), ref)
+    with pytest.raises(ValueError, match="one per nested block"):
+        dequantize_nf4(w4.data, w4.absmax, w4.nested_absmax, w4.nested_code, w4.offset[:3], 64, n, cols,
+                       torch.float32)

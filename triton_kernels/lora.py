@@ -539,7 +539,7 @@ class _W:
             return
         if nested:
             self.ptrs = (packed, absmax.reshape(-1), nested_absmax.reshape(-1).float(),
-                         nested_code.reshape(-1).float(), offset.reshape(1).float(), _dq._codebook(x.device))
+                         nested_code.reshape(-1).float(), offset.reshape(-1).float(), _dq._codebook(x.device))
             # The nested scale is a rounded product then a rounded sum; fp fusion would make it one fma.
             self.opts = dict(enable_fp_fusion=False)
         else:
@@ -547,6 +547,8 @@ class _W:
             self.opts = {}
         self.strides = (0, 0)
         self.meta = dict(IS_NF4=True, NESTED=nested, BLOCKSIZE=blocksize)
+        if nested and offset.numel() > 1:  # a projection group's stacked weight: one offset per nested block
+            self.meta["NESTED_OFFSETS"] = True
 
     def _dense(self, w: torch.Tensor, scratch: torch.Tensor) -> None:
         self.ptrs = (w, scratch, scratch, scratch, scratch, scratch)

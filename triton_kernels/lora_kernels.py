@@ -124,14 +124,19 @@ def _apply_dropout(v, base, local, seed, threshold, drop_scale):
 
 
 @triton.jit
-def _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blk0, blk, mask, NESTED: tl.constexpr):
-    """fp32 scale of quantization blocks ``blk0 + blk`` (blk0: int64 scalar, blk: int32 tensor)."""
+def _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr, blk0, blk, mask,
+               NESTED: tl.constexpr, NESTED_OFFSETS: tl.constexpr):
+    """fp32 scale of quantization blocks ``blk0 + blk`` (blk0: int64 scalar, blk: int32 tensor). ``offset``: the
+    weight's one offset, or (NESTED_OFFSETS, a projection group's stacked weight) one per nested block at
+    ``offset_ptr``."""
     if NESTED:
         q = tl.load((absmax_ptr + blk0) + blk, mask=mask, other=0).to(tl.int32)
         code = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
         g0 = blk0 // _NESTED_BS
         g = ((blk0 % _NESTED_BS).to(tl.int32) + blk) // _NESTED_BS
         nabs = tl.load((nested_absmax_ptr + g0) + g, mask=mask, other=0.0)
+        if NESTED_OFFSETS:
+            offset = tl.load((offset_ptr + g0) + g, mask=mask, other=0.0)
         scale = code * nabs + offset
     else:
         scale = tl.load((absmax_ptr + blk0) + blk, mask=mask, other=0.0)
@@ -148,10 +153,10 @@ def _nf4_decode(byte, low, scale, codebook):
 
 
 @triton.jit
-def _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook,
+def _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr, codebook,
             stride_wn, stride_wk, n0, k0, rn, rk, n_ok, k_ok, K,
             IS_NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, K_TILE: tl.constexpr,
-            DTYPE: tl.constexpr):
+            DTYPE: tl.constexpr, NESTED_OFFSETS: tl.constexpr):
     """W[n0 + rn, k0 + rk] as ``DTYPE``, zero where masked. n0, k0: int64 tile origin; rn, rk (and their masks
     n_ok, k_ok): int32 offsets shaped (1, X) / (X, 1), whose layout decides whether the tile is W or W^T;
     K_TILE: the tile's extent along k."""
@@ -173,8 +178,8 @@ def _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codeb
         rel = (rem0 + local) // BLOCKSIZE - line_first
         scale = tl.zeros(local.shape, dtype=tl.float32)
         for j in tl.static_range(SPAN):
-            s_j = _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blk0, line_first + j,
-                             n_ok & (line_first + j <= line_last), NESTED)
+            s_j = _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr, blk0, line_first + j,
+                             n_ok & (line_first + j <= line_last), NESTED, NESTED_OFFSETS)
             scale = tl.where(rel == j, s_j, scale)
         w = _nf4_decode(byte, (local & 1) == 1, scale, codebook)
     else:
@@ -322,7 +327,7 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
                       HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_L: tl.constexpr,
                       GROUPED: tl.constexpr, SEG_A: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      GROUP_M: tl.constexpr, NESTED_OFFSETS: tl.constexpr = False):
     """The forward GEMM and the dX GEMM (pointer loads; dense or NF4 W decoded tile by tile):
 
         C tile (BLOCK_M, BLOCK_N) = lora + A (M, K) @ op(W),  lora = dropout(scaling * L (M, R) @ Rt (R, N)) (+ bias)
@@ -376,7 +381,7 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
 
     offset = 0.0
     codebook = tl.zeros((16,), dtype=tl.float32)
-    if NESTED:
+    if NESTED and not NESTED_OFFSETS:
         offset = tl.load(offset_ptr)
     if IS_NF4:
         codebook = tl.load(codebook_ptr + tl.arange(0, 16))  # exactly 16 entries: in bounds, no mask
@@ -390,13 +395,13 @@ def _lora_gemm_kernel(a_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
         # (BLOCK_K, BLOCK_N) tile of op(W). _w_tile addresses W as stored (row origin, column origin, offsets
         # shaped so the tile comes out as op(W), the stored column count, the tile's extent along the columns).
         if TRANS_W:
-            wt = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook,
+            wt = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr, codebook,
                          stride_wn, stride_wk, n0, k0, rn[None, :], rk[:, None], n_ok[None, :], k_ok[:, None], K,
-                         IS_NF4, NESTED, BLOCKSIZE, BLOCK_K, dtype)
+                         IS_NF4, NESTED, BLOCKSIZE, BLOCK_K, dtype, NESTED_OFFSETS)
         else:
-            wt = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codebook,
+            wt = _w_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr, codebook,
                          stride_wn, stride_wk, k0, n0, rk[:, None], rn[None, :], k_ok[:, None], n_ok[None, :], N,
-                         IS_NF4, NESTED, BLOCKSIZE, BLOCK_N, dtype)
+                         IS_NF4, NESTED, BLOCKSIZE, BLOCK_N, dtype, NESTED_OFFSETS)
         acc = tl.dot(a, wt, acc, input_precision="ieee")
     tl.store((c_ptr + (m0 * stride_cm + n0 * stride_cn)) + (rm[:, None] * stride_cm + rn[None, :] * stride_cn),
              acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

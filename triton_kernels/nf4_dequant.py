@@ -2,7 +2,8 @@
 
 Bit-exact to ``lora_ops.nf4.reference_dequantize_nf4``: every output is ``(fp32(codebook[q]) * fp32(absmax[b]))``
 rounded once to the output dtype, and with double quantization
-``absmax[b] = nested_code[qa[b]] * nested_absmax[b // 256] + offset`` as a rounded product THEN a rounded sum.
+``absmax[b] = nested_code[qa[b]] * nested_absmax[b // 256] + offset`` as a rounded product THEN a rounded sum
+(``offset[b // 256]`` with ``NESTED_OFFSETS``: a projection group's stacked weight, one offset per member).
 
 Design (bandwidth bound: 0.5 byte in, 2-4 bytes out per element):
 
@@ -48,7 +49,7 @@ NUM_WARPS = 4
 def _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
                       out_ptr, blk0, out_blk0, n_elements, n_bytes, n_blocks,
                       HALF_BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
-                      VEC: tl.constexpr, MASKED: tl.constexpr):
+                      VEC: tl.constexpr, MASKED: tl.constexpr, NESTED_OFFSETS: tl.constexpr):
     # Blocks blk0 .. blk0 + NB of the packed weight go to output blocks out_blk0 .. (the same unless a column
     # window is dequantized). The masks (MASKED: the last program of a whole-weight dequantize, where the two
     # are equal) bound blocks, bytes and elements.
@@ -62,17 +63,24 @@ def _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
         blk_ok = blk < n_blocks
         if NESTED:
             qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+            if NESTED_OFFSETS:
+                off = tl.load(offset_ptr + blk // NESTED_BS, mask=blk_ok, other=0.0)
+            else:
+                off = tl.load(offset_ptr)
             scale = (tl.load(nested_code_ptr + qa)
                      * tl.load(nested_absmax_ptr + blk // NESTED_BS, mask=blk_ok, other=0.0)
-                     + tl.load(offset_ptr))
+                     + off)
         else:
             scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
         b = tl.load(packed_base + byte_local, mask=byte_local < n_bytes - blk0 * HALF_BS, other=0).to(tl.int32)
     else:
         if NESTED:
             qa = tl.load(absmax_ptr + blk).to(tl.int32)
-            scale = (tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BS)
-                     + tl.load(offset_ptr))
+            if NESTED_OFFSETS:
+                off = tl.load(offset_ptr + blk // NESTED_BS)
+            else:
+                off = tl.load(offset_ptr)
+            scale = tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BS) + off
         else:
             scale = tl.load(absmax_ptr + blk)
         b = tl.load(packed_base + byte_local).to(tl.int32)
@@ -92,7 +100,7 @@ def _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
                         out_ptr, n_elements, n_bytes, n_blocks, n_full_programs, win_blocks, row_blocks, col0_blocks,
                         HALF_BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
-                        VEC: tl.constexpr):
+                        VEC: tl.constexpr, NESTED_OFFSETS: tl.constexpr = False):
     """Output block ``o`` (NB per program) is block ``(o // win_blocks) * row_blocks + col0_blocks + o %
     win_blocks`` of the packed weight: the whole weight with win_blocks = row_blocks = n_blocks and col0_blocks =
     0, or a column window of whole blocks (win_blocks per row out of row_blocks, from col0_blocks; NB divides
@@ -103,11 +111,11 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     if pid < n_full_programs:
         _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
                           out_ptr, blk0, out_blk0, n_elements, n_bytes, n_blocks, HALF_BS, NB, NESTED, NESTED_BS,
-                          VEC, False)
+                          VEC, False, NESTED_OFFSETS)
     else:
         _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, codebook_ptr,
                           out_ptr, blk0, out_blk0, n_elements, n_bytes, n_blocks, HALF_BS, NB, NESTED, NESTED_BS,
-                          VEC, True)
+                          VEC, True, NESTED_OFFSETS)
 
 
 _CODEBOOKS: Dict[torch.device, torch.Tensor] = {}
@@ -149,9 +157,9 @@ def check_state(packed, absmax, nested_absmax, nested_code, offset, blocksize, r
         if nested_absmax.numel() != -(-nblocks // _nf4.NESTED_BLOCKSIZE):
             raise ValueError(f"nested_absmax has {nested_absmax.numel()} entries, {nblocks} blocks need "
                              f"{-(-nblocks // _nf4.NESTED_BLOCKSIZE)}")
-        if nested_code.numel() != 256 or offset.numel() != 1:
-            raise ValueError(f"nested_code must have 256 entries (has {nested_code.numel()}) and offset 1 "
-                             f"(has {offset.numel()})")
+        if nested_code.numel() != 256 or offset.numel() not in (1, nested_absmax.numel()):
+            raise ValueError(f"nested_code must have 256 entries (has {nested_code.numel()}) and offset 1, or one "
+                             f"per nested block ({nested_absmax.numel()}; has {offset.numel()})")
         tensors += [nested_absmax, nested_code, offset]
     elif not absmax.is_floating_point():
         raise TypeError(f"absmax must be float32 without double quantization, got {absmax.dtype}")
@@ -190,7 +198,7 @@ def _launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
         absmax = absmax.reshape(-1).contiguous()
         nested_absmax = nested_absmax.reshape(-1).to(torch.float32).contiguous()
         nested_code = nested_code.reshape(-1).to(torch.float32).contiguous()
-        offset = offset.reshape(1).to(torch.float32)
+        offset = offset.reshape(-1).to(torch.float32).contiguous()
     else:
         absmax = absmax.reshape(-1).to(torch.float32).contiguous()
         # Never read (NESTED is a constexpr False): any valid pointer will do.
@@ -217,6 +225,8 @@ def _launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows,
     vec = 16 // (2 * out.element_size())
     kwargs = dict(HALF_BS=half_bs, NB=nb, NESTED=nested, NESTED_BS=_nf4.NESTED_BLOCKSIZE, VEC=vec,
                   num_warps=num_warps, enable_fp_fusion=False)
+    if nested and offset.numel() > 1:
+        kwargs["NESTED_OFFSETS"] = True  # only then: the single weight's launch and its record stay as they were
     args = (packed, absmax, nested_absmax, nested_code, offset, _codebook(device), out,
             n, n_bytes, n_blocks, n // (2 * nb * half_bs), win, row_blocks, col0_blocks)
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -236,7 +246,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Op
 
     packed: ((rows*cols + 1) // 2,) bytes (any shape/dtype holding them: bitsandbytes' quant_storage);
     absmax: fp32 (nblocks,), or uint8 codes (nblocks,) with nested_absmax fp32 (ceil(nblocks/256),),
-    nested_code fp32 (256,) and offset fp32 (one element) for double quantization.
+    nested_code fp32 (256,) and offset fp32 (one element, or one per nested block) for double quantization.
     """
     _check(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype)
     return _launch(packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, dtype)
