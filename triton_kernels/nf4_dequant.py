@@ -63,24 +63,18 @@ def _nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
         blk_ok = blk < n_blocks
         if NESTED:
             qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
-            if NESTED_OFFSETS:
-                off = tl.load(offset_ptr + blk // NESTED_BS, mask=blk_ok, other=0.0)
-            else:
-                off = tl.load(offset_ptr)
             scale = (tl.load(nested_code_ptr + qa)
                      * tl.load(nested_absmax_ptr + blk // NESTED_BS, mask=blk_ok, other=0.0)
-                     + off)
+                     + (tl.load(offset_ptr + blk // NESTED_BS, mask=blk_ok, other=0.0) if NESTED_OFFSETS
+                        else tl.load(offset_ptr)))
         else:
             scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
         b = tl.load(packed_base + byte_local, mask=byte_local < n_bytes - blk0 * HALF_BS, other=0).to(tl.int32)
     else:
         if NESTED:
             qa = tl.load(absmax_ptr + blk).to(tl.int32)
-            if NESTED_OFFSETS:
-                off = tl.load(offset_ptr + blk // NESTED_BS)
-            else:
-                off = tl.load(offset_ptr)
-            scale = tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BS) + off
+            scale = (tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BS)
+                     + (tl.load(offset_ptr + blk // NESTED_BS) if NESTED_OFFSETS else tl.load(offset_ptr)))
         else:
             scale = tl.load(absmax_ptr + blk)
         b = tl.load(packed_base + byte_local).to(tl.int32)
