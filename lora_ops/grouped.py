@@ -231,7 +231,10 @@ class ProjectionGroup(nn.Module):
                     self._view_into(nabs, "weight_nested_absmax", [w.nested_absmax.numel() for w in ws])
                     # Member i's offset over its nested blocks, which end on its last block (_codes_way).
                     offsets = torch.cat([w.offset.reshape(1).expand(w.nested_absmax.numel()) for w in ws])
-                    nested = dict(nested_absmax=nabs, nested_code=ws[0].nested_code, offset=offsets)
+                    # A detached alias of the code table, not the member's Parameter: nn.Module._apply swaps a
+                    # Parameter's data in place (to bf16 under .to(torch.bfloat16)) before QLoRALinear restores
+                    # the fp32 table under a new Parameter, which would leave the group with the cast one.
+                    nested = dict(nested_absmax=nabs, nested_code=ws[0].nested_code.detach(), offset=offsets)
                 elif ws[0].nested:
                     # The decoded fp32 absmax: what the kernels compute from the codes, product then sum.
                     absmax = torch.cat([reference_absmax(w.absmax, w.nested_absmax, w.nested_code, w.offset)

@@ -988,6 +988,15 @@ def test_double_quant_group_keeps_codes_with_offsets_per_nested_block(monkeypatc
     assert_same_step(got, want, "codes", dtype=torch.float16)
     sd_ref, sd_grp = ref.state_dict(), grp.state_dict()
     assert list(sd_grp) == list(sd_ref) and all(torch.equal(sd_grp[k], sd_ref[k]) for k in sd_ref)
+    # A dtype move (nn.Module._apply swaps each Parameter's data in place, then QLoRALinear puts its fp32 quant
+    # state back under new Parameters): the codes group still decodes the members' values.
+    monkeypatch.delenv("LORA_OPS_GROUP_ABSMAX")
+    fp32_16 = make(True).to(torch.bfloat16)
+    monkeypatch.setenv("LORA_OPS_GROUP_ABSMAX", "codes")
+    grp_16 = make(True).to(torch.bfloat16)
+    assert all(g._base.nested and g.repacks == 0 for g in projection_groups(grp_16).values())
+    with torch.no_grad():
+        assert torch.equal(grp_16(input_ids=ids).logits, fp32_16(input_ids=ids).logits)
     # A member's offset changed in place: the group re-packs its offsets.
     attn, attn_ref = grp.model.layers[0].self_attn, ref.model.layers[0].self_attn
     group = attn.lora_group_q_proj_k_proj_v_proj
