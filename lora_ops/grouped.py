@@ -40,13 +40,12 @@ but the members' masks are the same, where separate layers draw independent mask
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-
-import os
 
 from . import _launch
 from . import decode as _decode
