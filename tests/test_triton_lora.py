@@ -452,17 +452,23 @@ for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
     for wk in ("dense", "nf4", "nf4dq"):
         group_runs = [(n, LT.KERNELS[n], f) for n, f in GROUP_FLAGS.items()] + [
             ("lora_bwd_ds", LT.KERNELS["lora_bwd_ds"], dict(GROUP_FLAGS["lora_bwd_ds"], MEMBER_R=True))]
+        # A codes group's stacked weight: one nested offset per nested block (bf16, double-quantized GEMMs).
+        offset_runs = [(n, LT.KERNELS[n], dict(NESTED_OFFSETS=True)) for n in ("lora_fwd", "lora_bwd_dx")]
         for kname, kernel, group in [(n, k, None) for n, k in LT.KERNELS.items()] + [
-                run for run in group_runs if dt == "bf16" and wk == "dense"]:
+                run for run in group_runs if dt == "bf16" and wk == "dense"] + [
+                run for run in offset_runs if dt == "bf16" and wk == "nf4dq"]:
             gemm = kname in ("lora_fwd", "lora_bwd_dx")
             if wk != "dense" and not gemm:
                 continue
-            cfg = kernel.prune(kernel.configs, {"M": 8192, "x_ptr": torch.empty(1, dtype=tdt)}, IS_NF4=wk != "dense")[0]
+            # NESTED_OFFSETS: at the config of 63 rows, the most that decode NF4 in the K loop on a GPU (from
+            # NF4_DEQUANT_MIN_M rows the weight is dequantized first and the GEMM reads it dense).
+            rows = 63 if group and group.get("NESTED_OFFSETS") else 8192
+            cfg = kernel.prune(kernel.configs, {"M": rows, "x_ptr": torch.empty(1, dtype=tdt)}, IS_NF4=wk != "dense")[0]
             # With MEMBER_R a program's rank columns are one member's (rank 16 each).
             consts = dict(cfg.kwargs, BLOCK_R=16 if group and group.get("MEMBER_R") else 64)
             flags = dict(IS_NF4=wk != "dense", NESTED=wk == "nf4dq", BLOCKSIZE=64, HAS_BIAS=True, HAS_DROPOUT=True,
                          DO_DB=True, DO_DBIAS=True, WRITE_L=True, GROUPED=False, SEG_DY=False, SEG_A=False,
-                         MEMBER_R=False)
+                         MEMBER_R=False, NESTED_OFFSETS=False)
             flags.update(GEMM_FLAGS.get(kname, {}))
             if group:
                 flags.update(group)
@@ -494,7 +500,8 @@ for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             if wk == "nf4dq":
                 opts["enable_fp_fusion"] = False
-            suffix = (" grouped" + (" members" if group.get("MEMBER_R") else "")) if group else ""
+            suffix = (" nested offsets" if group.get("NESTED_OFFSETS") else
+                      " grouped" + (" members" if group.get("MEMBER_R") else "")) if group else ""
             build(kernel.fn, sig, consts, attrs, opts, kernel=kname + suffix, dtype=dt, weight=wk, config=str(cfg))
     # The finish kernel (fp32 sources, outputs of the layer's dtype) in its one config.
     fin = LT._FINISH_KERNEL.fn
@@ -510,8 +517,9 @@ print(json.dumps(res))
 
 def test_kernels_compile_for_sm90_without_spilling():
     res = run_sm90_probe(_SM90_PROBE, timeout=900)
-    # + the bf16 dense group variants of fwd, dx, dS, dB and dS per member, + the finish kernel per dtype
-    assert len(res) == 2 * (6 + 2 * 2) + 5 + 2
+    # + the bf16 dense group variants of fwd, dx, dS, dB and dS per member, + the finish kernel per dtype, + the
+    # bf16 double-quantized fwd and dx with one nested offset per nested block
+    assert len(res) == 2 * (6 + 2 * 2) + 5 + 2 + 2
     # The configs used with autotuning off were chosen spill-free (a few bytes at most) for triton 3.6's
     # ptxas; hundreds of bytes would mean a kernel change pushed them over the register file.
     heavy = [r for r in res if r["spill"] > 64]
