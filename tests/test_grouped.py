@@ -994,6 +994,7 @@ def test_double_quant_group_keeps_codes_with_offsets_per_nested_block(monkeypatc
     fp32_16 = make(True).to(torch.bfloat16)
     monkeypatch.setenv("LORA_OPS_GROUP_ABSMAX", "codes")
     grp_16 = make(True).to(torch.bfloat16)
+    # No re-pack (the members' tensors kept their addresses): the group's own references must still be right.
     assert all(g._base.nested and g.repacks == 0 for g in projection_groups(grp_16).values())
     with torch.no_grad():
         assert torch.equal(grp_16(input_ids=ids).logits, fp32_16(input_ids=ids).logits)
