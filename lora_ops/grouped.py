@@ -155,8 +155,7 @@ def _codes_way(ws: Sequence[NF4Weight]) -> bool:
     so that each nested block, and its offset, belongs to one member; one nested code table (by value)."""
     if os.environ.get("LORA_OPS_GROUP_ABSMAX", "fp32") != "codes":
         return False
-    nb = NESTED_BLOCKSIZE
-    if any(w.absmax.numel() % nb for w in ws[:-1]):
+    if any(w.absmax.numel() % NESTED_BLOCKSIZE for w in ws[:-1]):
         return False
     code = ws[0].nested_code
     return all(w.nested_code is code or torch.equal(w.nested_code, code) for w in ws[1:])
@@ -221,11 +220,16 @@ class ProjectionGroup(nn.Module):
                 ws = [m.nf4_weight for m in ms]
                 data = torch.cat([w.data.reshape(-1) for w in ws]).reshape(-1, 1)
                 self._view_into(data, "weight", [w.data.shape[0] for w in ws])
-                shape = torch.Size((sum(self.sizes), ms[0].in_features))
+                codes = ws[0].nested and _codes_way(ws)
                 nested = {}
-                if ws[0].nested and _codes_way(ws):
+                if ws[0].nested and not codes:
+                    # The decoded fp32 absmax: what the kernels compute from the codes, product then sum.
+                    absmax = torch.cat([reference_absmax(w.absmax, w.nested_absmax, w.nested_code, w.offset)
+                                        for w in ws])
+                else:  # a plain fp32 absmax, or the uint8 codes: concatenated like the bytes
                     absmax = torch.cat([w.absmax.reshape(-1) for w in ws])
                     self._view_into(absmax, "weight_absmax", [w.absmax.numel() for w in ws])
+                if codes:
                     nabs = torch.cat([w.nested_absmax.reshape(-1) for w in ws])
                     self._view_into(nabs, "weight_nested_absmax", [w.nested_absmax.numel() for w in ws])
                     # Member i's offset over its nested blocks, which end on its last block (_codes_way).
@@ -234,13 +238,7 @@ class ProjectionGroup(nn.Module):
                     # Parameter's data in place (to bf16 under .to(torch.bfloat16)) before QLoRALinear restores
                     # the fp32 table under a new Parameter, which would leave the group with the cast one.
                     nested = dict(nested_absmax=nabs, nested_code=ws[0].nested_code.detach(), offset=offsets)
-                elif ws[0].nested:
-                    # The decoded fp32 absmax: what the kernels compute from the codes, product then sum.
-                    absmax = torch.cat([reference_absmax(w.absmax, w.nested_absmax, w.nested_code, w.offset)
-                                        for w in ws])
-                else:
-                    absmax = torch.cat([w.absmax.reshape(-1) for w in ws])
-                    self._view_into(absmax, "weight_absmax", [w.absmax.numel() for w in ws])
+                shape = torch.Size((sum(self.sizes), ms[0].in_features))
                 object.__setattr__(self, "_base", NF4Weight(data, absmax, shape, ws[0].dtype, ws[0].blocksize,
                                                             **nested))
             self._pack_adapters()
