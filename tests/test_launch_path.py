@@ -1310,4 +1310,5 @@ def test_per_nested_block_offsets_launch_lists_and_values(dry, monkeypatch, dequ
         names = [rec[0] for rec in dry.launch_fwd(x, *w4.tensors(), 64, a, b, 1.5, None, 0.0, None, [], True)[1]]
         assert ("nf4_dequant" in names) == dequant, names
     finally:
+        monkeypatch.undo()
         _launch._sync_settings(dry)
